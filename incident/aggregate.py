@@ -1,0 +1,206 @@
+"""Aggregate: a registry of pure ``execute`` and ``apply`` functions.
+
+``decide(state, command) -> events`` and ``evolve(state, event) -> state`` are the whole
+domain contract; ``fold`` is ``functools.reduce`` over ``evolve``. Nothing here does I/O,
+reads the clock or draws randomness: ids, dates and positions come from the store.
+"""
+
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar, get_type_hints, overload
+
+from . import _fp
+from .errors import RegistrationError, RoutingError
+from .messages import Command, Event, Recorded, event_type_name
+
+__all__ = ["Aggregate"]
+
+S = TypeVar("S")
+M = TypeVar("M")
+F = TypeVar("F", bound=Callable[..., Any])
+
+Decision = Event | Iterable[Event]
+
+
+def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
+    """The type annotated on a decorated function's second parameter."""
+    name = getattr(function, "__qualname__", repr(function))
+    params = list(inspect.signature(function).parameters.values())
+    if len(params) != 2:
+        raise RegistrationError(
+            f"{role} function {name} must take two parameters (state, message), "
+            f"it takes {len(params)}"
+        )
+    try:
+        hints = get_type_hints(function)
+    except Exception as error:  # an annotation naming something not importable
+        raise RegistrationError(f"Cannot read the annotations of {name}: {error}") from error
+    annotated = hints.get(params[1].name)
+    if annotated is None:
+        raise RegistrationError(
+            f"{role} function {name} has no annotation on its parameter {params[1].name!r}; "
+            f"annotate it with a {base.__name__} subclass or use the explicit form "
+            f"@aggregate.{role}(MessageType)"
+        )
+    if not (isinstance(annotated, type) and issubclass(annotated, base)):
+        raise RegistrationError(
+            f"{role} function {name} is annotated with {annotated!r}, "
+            f"which is not an incident.{base.__name__} subclass"
+        )
+    return annotated
+
+
+class Aggregate(Generic[S]):
+    """A named registry of a state's pure decision and evolution functions.
+
+    >>> import msgspec
+    >>> class Add(Command):
+    ...     aggregate_id: str
+    ...     n: int
+    >>> class Added(Event):
+    ...     n: int
+    >>> counter = Aggregate("counter", initial=0)
+    >>> @counter.execute
+    ... def add(total: int, cmd: Add) -> Added:
+    ...     return Added(n=cmd.n)
+    >>> @counter.apply
+    ... def added(total: int, event: Added) -> int:
+    ...     return total + event.n
+    >>> counter.decide(0, Add(aggregate_id="c", n=2))
+    [Added(n=2)]
+    >>> counter.fold([Added(n=2), Added(n=3)])
+    5
+    >>> list(counter.history([Added(n=2), Added(n=3)]))
+    [2, 5]
+    """
+
+    def __init__(self, name: str, *, initial: S) -> None:
+        self.name = name
+        self.initial = initial
+        self._executors: dict[type[Command], Callable[[S, Any], Any]] = {}
+        self._appliers: dict[type[Event], Callable[[S, Any], S]] = {}
+
+    def __repr__(self) -> str:
+        return f"Aggregate({self.name!r})"
+
+    # -- registration -------------------------------------------------------
+
+    @overload
+    def execute(self, target: type[Command]) -> Callable[[F], F]: ...
+    @overload
+    def execute(self, target: F) -> F: ...
+    def execute(self, target: Any) -> Any:
+        """Register ``fn(state, command) -> event | [events] | ()`` for the annotated command."""
+        return self._register(target, Command, "execute", self._executors)
+
+    @overload
+    def apply(self, target: type[Event]) -> Callable[[F], F]: ...
+    @overload
+    def apply(self, target: F) -> F: ...
+    def apply(self, target: Any) -> Any:
+        """Register ``fn(state, event) -> state`` for the annotated event type."""
+        return self._register(target, Event, "apply", self._appliers)
+
+    def _register(
+        self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]
+    ) -> Any:
+        def add(function: F, message: type[Any]) -> F:
+            existing = registry.get(message)
+            if existing is not None:
+                raise RegistrationError(
+                    f"{self.name}: {message.__name__} is already handled by "
+                    f"{existing.__qualname__}; cannot also register {function.__qualname__}"
+                )
+            registry[message] = function
+            return function
+
+        if isinstance(target, type):
+            if not issubclass(target, base):
+                raise RegistrationError(
+                    f"@{self.name}.{role}({target.__name__}): "
+                    f"not an incident.{base.__name__} subclass"
+                )
+            return lambda function: add(function, target)
+        if not callable(target):
+            raise RegistrationError(f"@{self.name}.{role} needs a function or a message type")
+        return add(target, message_type(target, base, role))
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def command_types(self) -> tuple[type[Command], ...]:
+        return tuple(self._executors)
+
+    @property
+    def event_types(self) -> tuple[type[Event], ...]:
+        return tuple(self._appliers)
+
+    def registered_functions(self) -> dict[str, str]:
+        """Message name -> function qualname, for every registration (stable order)."""
+        pairs = [*self._executors.items(), *self._appliers.items()]
+        return {message.__name__: function.__qualname__ for message, function in pairs}
+
+    # -- the pure domain contract -------------------------------------------
+
+    def decide(self, state: S, command: Command) -> list[Event]:
+        """Run the registered execute function; raises ``Rejected`` when a rule says no."""
+        executor = self._executors.get(type(command))
+        if executor is None:
+            raise RoutingError(
+                f"{self.name} has no execute function for {type(command).__name__}; "
+                f"it handles: {_names(self._executors)}"
+            )
+        decided = executor(state, command)
+        if decided is None:
+            raise RegistrationError(
+                f"{executor.__qualname__} returned None; return an event, a list of events, "
+                "or () to decide nothing"
+            )
+        events = [decided] if isinstance(decided, Event) else list(decided)
+        for event in events:
+            if not isinstance(event, Event):
+                raise RegistrationError(
+                    f"{executor.__qualname__} returned {event!r}, which is not an incident.Event"
+                )
+            if type(event) not in self._appliers:
+                raise RoutingError(
+                    f"{executor.__qualname__} decided {type(event).__name__}, but {self.name} "
+                    f"has no apply function for it; it applies: {_names(self._appliers)}"
+                )
+        return events
+
+    def evolve(self, state: S, event: Event | Recorded[Event]) -> S:
+        """Apply one event (or a Recorded envelope) to a state."""
+        data = event.data if isinstance(event, Recorded) else event
+        applier = self._appliers.get(type(data))
+        if applier is None:
+            raise RoutingError(
+                f"{self.name} has no apply function for {type(data).__name__}; "
+                f"it applies: {_names(self._appliers)}"
+            )
+        return applier(state, data)
+
+    def fold(self, events: Iterable[Event | Recorded[Event]], state: S | None = None) -> S:
+        """The state after all ``events``, from ``state`` or the initial state."""
+        start = self.initial if state is None else state
+        return functools.reduce(self.evolve, events, start)
+
+    def history(self, events: Iterable[Event | Recorded[Event]]) -> Iterator[S]:
+        """One state per event: the state right after each of them."""
+        states = _fp.accumulate(self.evolve, events, self.initial)
+        next(states)  # the initial state comes before any event
+        return states
+
+    def handles(self, command: Command) -> bool:
+        return type(command) in self._executors
+
+
+def _names(registry: dict[Any, Any]) -> str:
+    names = sorted(message.__name__ for message in registry)
+    return ", ".join(names) if names else "nothing yet"
+
+
+def event_names(aggregate: Aggregate[Any]) -> list[str]:
+    return [event_type_name(event_type) for event_type in aggregate.event_types]

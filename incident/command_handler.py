@@ -1,0 +1,210 @@
+"""CommandHandler: the write side's only I/O loop.
+
+validate -> route -> load and fold -> decide -> append (expected version, bounded retries)
+-> inline event handlers (their projections commit with the events when the stores share
+a database) -> dispatch the commands they returned -> return the recorded events.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .aggregate import Aggregate
+from .codec import validate_command
+from .errors import ConcurrencyError, RegistrationError, Rejected, RoutingError
+from .event_handler import Attempt, EventHandler, Output
+from .messages import Command, Projection, Recorded
+from .stores import EventStore, ProjectionStore, open_event_store, open_projection_store
+
+__all__ = ["CommandHandler"]
+
+log = logging.getLogger("incident")
+
+# A follow-up to run after the command commits: what to do, and the event that caused it.
+FollowUp = tuple[Recorded[Any], Command | Attempt]
+
+
+class CommandHandler:
+    """Dispatches commands to aggregates and runs event handlers inline.
+
+    ``event_store`` and ``projection_store`` may be store objects or URLs;
+    ``projection_store=None`` means the same database as the event store, so a command's
+    events and the projections its handlers return commit in one transaction.
+    ``retries`` bounds how often a command is decided again after a version conflict.
+    """
+
+    def __init__(
+        self,
+        event_store: EventStore | str = "memory://",
+        projection_store: ProjectionStore | str | None = None,
+        *,
+        aggregates: Sequence[Aggregate[Any]] = (),
+        event_handlers: Sequence[EventHandler] = (),
+        retries: int = 10,
+        backoff: float = 0.002,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.event_store: EventStore = (
+            open_event_store(event_store) if isinstance(event_store, str) else event_store
+        )
+        if projection_store is None:
+            projection_store = self.event_store.projections()
+        elif isinstance(projection_store, str):
+            projection_store = open_projection_store(projection_store)
+        self.projection_store: ProjectionStore = projection_store
+        self.aggregates = tuple(aggregates)
+        self.event_handlers = tuple(event_handlers)
+        self.retries = retries
+        self.backoff = backoff
+        self._routes = _routes(self.aggregates)
+        self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
+        for aggregate in self.aggregates:
+            self.event_store.types.register(*aggregate.event_types)
+
+    def __repr__(self) -> str:
+        names = ", ".join(aggregate.name for aggregate in self.aggregates)
+        return f"CommandHandler([{names}], event_store={self.event_store!r})"
+
+    # -- reading -----------------------------------------------------------
+
+    def aggregate_for(self, command: Command) -> Aggregate[Any]:
+        aggregate = self._routes.get(type(command))
+        if aggregate is None:
+            handled = ", ".join(sorted(t.__name__ for t in self._routes)) or "nothing"
+            raise RoutingError(
+                f"No aggregate handles {type(command).__name__}; this command handler "
+                f"routes: {handled}"
+            )
+        return aggregate
+
+    def _aggregate(self, aggregate: Aggregate[Any] | str) -> Aggregate[Any]:
+        if isinstance(aggregate, Aggregate):
+            return aggregate
+        found = self._by_name.get(aggregate)
+        if found is None:
+            raise RoutingError(
+                f"No aggregate named {aggregate!r}; known: {', '.join(sorted(self._by_name))}"
+            )
+        return found
+
+    def state(self, aggregate: Aggregate[Any] | str, aggregate_id: str) -> Any:
+        """The current state of one aggregate, folded from its stream."""
+        return self._load(self._aggregate(aggregate), aggregate_id)[0]
+
+    def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
+        stream = self.event_store.get(aggregate_id)
+        state = aggregate.fold(stream)
+        return state, (stream[-1].version if stream else 0)
+
+    # -- writing -----------------------------------------------------------
+
+    def dispatch(
+        self, command: Command, metadata: Mapping[str, Any] | None = None
+    ) -> list[Recorded[Any]]:
+        """Validate, decide, append and react; returns this command's recorded events
+        (``[]`` when the aggregate decided nothing). Raises InvalidCommand, Rejected,
+        ConcurrencyError (after ``retries``), RoutingError or StoreError."""
+        validate_command(command)
+        aggregate = self.aggregate_for(command)
+        meta = dict(metadata or {})
+        meta.setdefault("correlation_id", str(uuid.uuid4()))
+        meta.setdefault("causation_id", None)
+        recorded, follow_ups = self._decide_and_append(aggregate, command, meta)
+        for cause, reaction in follow_ups:
+            self._react(reaction, cause, meta)
+        return recorded
+
+    def _decide_and_append(
+        self, aggregate: Aggregate[Any], command: Command, metadata: dict[str, Any]
+    ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
+        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        for attempt in range(self.retries + 1):
+            state, version = self._load(aggregate, aggregate_id)
+            events = aggregate.decide(state, command)
+            if not events:
+                return [], []
+            follow_ups: list[FollowUp] = []
+
+            def project(recorded: list[Recorded[Any]], state: Any = state) -> list[Projection]:
+                follow_ups.clear()  # the store may call this again after a retry
+                projections: list[Projection] = []
+                for record in recorded:
+                    state = aggregate.evolve(state, record)
+                    for output in self._handle(record, state):
+                        if isinstance(output, Projection):
+                            projections.append(output)
+                        else:
+                            follow_ups.append((record, output))
+                return projections
+
+            try:
+                recorded = self.event_store.append_and_project(
+                    aggregate_id,
+                    events,
+                    expected_version=version,
+                    aggregate=aggregate.name,
+                    metadata=metadata,
+                    projection_store=self.projection_store,
+                    project=project,
+                )
+            except ConcurrencyError:
+                if attempt == self.retries:
+                    raise
+                # jittered, growing pause so racing writers stop colliding in lockstep
+                time.sleep(random.uniform(0, min(0.05, self.backoff * 2**attempt)))
+                continue
+            return recorded, follow_ups
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _handle(self, record: Recorded[Any], state: Any) -> Iterable[Output]:
+        for handler in self.event_handlers:
+            yield from handler.handle(record, state)
+
+    def _react(self, reaction: Any, cause: Recorded[Any], root: Mapping[str, Any]) -> None:
+        """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``."""
+        if isinstance(reaction, tuple):
+            for step in reaction:
+                self._react(step, cause, root)
+            return
+        metadata = {**root, "causation_id": cause.event_id}
+        command = reaction.command if isinstance(reaction, Attempt) else reaction
+        if not isinstance(command, Command):
+            raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
+        try:
+            recorded = self.dispatch(command, metadata)
+        except Rejected as rejection:
+            if isinstance(reaction, Attempt):
+                self._react(reaction.on_rejected, cause, root)
+            else:
+                log.warning(
+                    "%s, dispatched by a listener on %s #%s, was rejected: %s",
+                    type(command).__name__, cause.event_type, cause.position, rejection.reason,
+                )
+            return
+        if isinstance(reaction, Attempt):
+            # what follows a success was caused by the attempted command's last event
+            self._react(reaction.on_success, recorded[-1] if recorded else cause, root)
+
+
+def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:
+    routes: dict[type[Command], Aggregate[Any]] = {}
+    names: dict[str, Aggregate[Any]] = {}
+    for aggregate in aggregates:
+        if aggregate.name in names:
+            raise RegistrationError(f"Two aggregates are named {aggregate.name!r}")
+        names[aggregate.name] = aggregate
+        for command_type in aggregate.command_types:
+            other = routes.get(command_type)
+            if other is not None:
+                raise RegistrationError(
+                    f"{command_type.__name__} is handled by both {other.name} and "
+                    f"{aggregate.name}; a command type must belong to one aggregate"
+                )
+            routes[command_type] = aggregate
+    return routes

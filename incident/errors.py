@@ -1,0 +1,115 @@
+"""The error hierarchy: one base class, subclasses that say what went wrong and where.
+
+Every error raised by incident is an :class:`IncidentError`. Bad command data is
+also a :class:`ValueError`, so code that already catches ``ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "ConcurrencyError",
+    "CorruptEvent",
+    "IncidentError",
+    "InvalidCommand",
+    "RegistrationError",
+    "Rejected",
+    "RoutingError",
+    "StoreError",
+    "UnknownEventType",
+]
+
+
+class IncidentError(Exception):
+    """Base class of every error raised by incident."""
+
+
+class InvalidCommand(IncidentError, ValueError):
+    """A command's data does not match its own type (wrong type, constraint, missing field).
+
+    >>> str(InvalidCommand("DepositMoney", "amount", "Expected `int >= 1`, got `0`"))
+    'Invalid DepositMoney: Expected `int >= 1`, got `0` - at `amount`'
+    """
+
+    def __init__(self, command_type: str, field: str | None, problem: str) -> None:
+        self.command_type = command_type
+        self.field = field
+        self.problem = problem
+        where = f" - at `{field}`" if field else ""
+        super().__init__(f"Invalid {command_type}: {problem}{where}")
+
+
+class Rejected(IncidentError):
+    """A business rule said no. ``reason`` is a short snake_case string.
+
+    >>> Rejected("no_enough_balance").reason
+    'no_enough_balance'
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(reason if detail is None else f"{reason}: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.detail))
+
+
+class ConcurrencyError(IncidentError):
+    """An append expected one stream version and found another; nothing was written."""
+
+    def __init__(self, aggregate_id: str, expected: object, actual: int) -> None:
+        self.aggregate_id = aggregate_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"Stream {aggregate_id!r} is at version {actual}, expected {expected}; "
+            "nothing was written"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.aggregate_id, self.expected, self.actual))
+
+
+class UnknownEventType(IncidentError, LookupError):
+    """A stored event names a type that no registered Event class carries."""
+
+    def __init__(self, event_type: str, registered: Iterable[str], position: int | None = None):
+        self.event_type = event_type
+        self.registered = sorted(registered)
+        self.position = position
+        at = f" at position {position}" if position is not None else ""
+        known = ", ".join(self.registered) or "none"
+        super().__init__(f"Unknown event type {event_type!r}{at}; registered types: {known}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.event_type, self.registered, self.position))
+
+
+class CorruptEvent(IncidentError):
+    """A stored event could not be decoded; names where it lives."""
+
+    def __init__(self, position: int | None, aggregate_id: str, problem: str) -> None:
+        self.position = position
+        self.aggregate_id = aggregate_id
+        self.problem = problem
+        super().__init__(
+            f"Corrupt event at position {position} of aggregate {aggregate_id!r}: {problem}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.position, self.aggregate_id, self.problem))
+
+
+class StoreError(IncidentError):
+    """The database driver failed; the original exception is chained as ``__cause__``."""
+
+
+class RegistrationError(IncidentError, TypeError):
+    """A decorator was used wrongly: a duplicate, a missing annotation, a wrong type."""
+
+
+class RoutingError(IncidentError, LookupError):
+    """No aggregate handles this command, or no function handles this event."""

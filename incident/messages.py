@@ -1,0 +1,101 @@
+"""Messages: commands, events, projections and the stored envelope. Pure data, no I/O."""
+
+
+import datetime as dt
+from typing import Any, ClassVar, Final, Generic, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ANY",
+    "Command",
+    "Event",
+    "Projection",
+    "Recorded",
+    "event_type_name",
+]
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of commands: an imperative request aimed at one aggregate by ``aggregate_id``.
+
+    Subclasses declare ``aggregate_id: str`` plus their own fields; ``msgspec.Meta``
+    constraints on the fields are enforced when the command is dispatched.
+    """
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Base of events: a fact in the past tense.
+
+    The stored type name is the class name, or the explicit ``tag`` given at class
+    definition (``class Deposited(Event, tag="MoneyDeposited")``), which lets a
+    class be renamed without touching stored data. ``schema_version`` is bumped when
+    the payload's shape changes; upcasters bring older payloads up to it.
+    """
+
+    schema_version: ClassVar[int] = 1
+
+
+class Projection(msgspec.Struct, kw_only=True):
+    """Base of read models, keyed by their ``aggregate_id`` field.
+
+    A projection with an integer ``version`` field is never replaced by one with a
+    lower version, so racing writers cannot move a read model backwards.
+    """
+
+
+E = TypeVar("E", bound=Event, covariant=True)
+
+
+class Recorded(msgspec.Struct, Generic[E], frozen=True, kw_only=True):
+    """The stored envelope of one event, stamped by the store.
+
+    ``position`` is global, gapless and in commit order (from 1); ``version`` counts
+    the events of one aggregate (from 1); ``event_date`` is UTC.
+    """
+
+    position: int
+    event_id: str
+    aggregate_id: str
+    aggregate: str
+    version: int
+    event_type: str
+    event_date: dt.datetime
+    data: E
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _Any:
+    """Sentinel for ``expected_version``: append whatever the stream's version is."""
+
+    _instance: ClassVar["_Any | None"] = None
+
+    def __new__(cls) -> "_Any":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+    def __reduce__(self) -> str:
+        return "ANY"
+
+
+ANY: Final = _Any()
+
+
+def event_type_name(event_type: type[Event]) -> str:
+    """The stable name under which events of this class are stored.
+
+    >>> class Opened(Event):
+    ...     number: str
+    >>> class Renamed(Event, tag="AccountClosed"):
+    ...     pass
+    >>> event_type_name(Opened), event_type_name(Renamed)
+    ('Opened', 'AccountClosed')
+    """
+    tag = event_type.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{event_type.__qualname__} is not an incident.Event subclass")
+    return tag

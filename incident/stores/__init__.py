@@ -1,0 +1,79 @@
+"""Opening stores from URLs. Each backend lives in its own module with the same verbs.
+
+``memory://`` (a fresh in-process store), ``sqlite:///relative.db``,
+``sqlite:////absolute/path.db``, ``sqlite://`` (in memory), ``postgresql://...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..errors import IncidentError
+from .memory import MemoryEventStore, MemoryProjectionStore
+from .protocols import EventStore, ProjectFn, ProjectionStore
+
+__all__ = [
+    "EventStore",
+    "MemoryEventStore",
+    "MemoryProjectionStore",
+    "ProjectFn",
+    "ProjectionStore",
+    "open_event_store",
+    "open_projection_store",
+    "open_stores",
+]
+
+# scheme -> "module:function"; the function takes (url, **options) and returns an
+# EventStore whose .projections() shares its database. Imported lazily so that the
+# Postgres driver is only needed by those who use it.
+_BACKENDS = {
+    "memory": "incident.stores.memory:open_memory",
+    "sqlite": "incident.stores.sqlite:open_sqlite",
+    "postgresql": "incident.stores.postgres:open_postgres",
+    "postgres": "incident.stores.postgres:open_postgres",
+}
+
+
+def _scheme(url: str) -> str:
+    if not isinstance(url, str) or "://" not in url:
+        raise IncidentError(
+            f"Not a store URL: {url!r}; expected memory://, sqlite:///path.db or postgresql://..."
+        )
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+def open_event_store(url: str, **options: Any) -> EventStore:
+    """Open the event store a URL names.
+
+    >>> open_event_store("memory://")
+    MemoryEventStore(0 events)
+    """
+    scheme = _scheme(url)
+    target = _BACKENDS.get(scheme)
+    if target is None:
+        known = ", ".join(sorted(f"{name}://" for name in _BACKENDS))
+        raise IncidentError(f"No store for {url!r}; known schemes: {known}")
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        extra = " (pip install 'incident[postgres]')" if scheme.startswith("postgres") else ""
+        raise IncidentError(f"Cannot open {scheme}:// stores: {error}{extra}") from error
+    store: EventStore = getattr(module, function_name)(url, **options)
+    return store
+
+
+def open_projection_store(url: str, **options: Any) -> ProjectionStore:
+    """Open the projection store a URL names.
+
+    >>> open_projection_store("memory://")
+    MemoryProjectionStore()
+    """
+    return open_event_store(url, **options).projections()
+
+
+def open_stores(url: str, **options: Any) -> tuple[EventStore, ProjectionStore]:
+    """An event store and a projection store in the same database (one commit per command)."""
+    events = open_event_store(url, **options)
+    return events, events.projections()

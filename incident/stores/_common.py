@@ -1,0 +1,114 @@
+"""Pure helpers every store backend shares: expected-version matching, stamping envelopes,
+projection keys. Backends differ only in how they persist."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..codec import encode
+from ..errors import ConcurrencyError, IncidentError
+from ..messages import ANY, Event, Projection, Recorded, event_type_name
+
+__all__ = [
+    "check_expected_version",
+    "checked_events",
+    "new_event_id",
+    "projection_key",
+    "projection_version",
+    "stamp",
+    "utc_now",
+]
+
+
+def check_expected_version(aggregate_id: str, expected: object, actual: int) -> None:
+    """Raise ConcurrencyError unless ``expected`` is ANY or equals ``actual``.
+
+    >>> check_expected_version("a", ANY, 3)
+    >>> check_expected_version("a", 2, 3)
+    Traceback (most recent call last):
+    ...
+    incident.errors.ConcurrencyError: Stream 'a' is at version 3, expected 2; nothing was written
+    """
+    if expected is ANY:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise IncidentError(
+            f"expected_version must be an int >= 0 or incident.ANY, got {expected!r}"
+        )
+    if expected != actual:
+        raise ConcurrencyError(aggregate_id, expected, actual)
+
+
+def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
+    """The events as a list, refusing anything that is not an Event or does not encode,
+    so a bad batch fails before anything is written."""
+    if not isinstance(aggregate_id, str) or not aggregate_id:
+        raise IncidentError(f"aggregate_id must be a non-empty str, got {aggregate_id!r}")
+    checked = list(events)
+    for event in checked:
+        if not isinstance(event, Event):
+            raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
+    return checked
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stamp(
+    aggregate_id: str,
+    aggregate: str | None,
+    events: list[Event],
+    *,
+    first_position: int,
+    first_version: int,
+    metadata: Mapping[str, Any] | None,
+    event_date: dt.datetime | None = None,
+) -> list[Recorded[Any]]:
+    """Wrap events in envelopes numbered from the given position and version."""
+    when = event_date or utc_now()
+    meta = dict(metadata or {})
+    encode(meta)  # metadata must be JSON-encodable on every store, memory included
+    return [
+        Recorded(
+            position=first_position + offset,
+            event_id=new_event_id(),
+            aggregate_id=aggregate_id,
+            aggregate=aggregate or "",
+            version=first_version + offset,
+            event_type=event_type_name(type(event)),
+            event_date=when,
+            data=event,
+            metadata=dict(meta),
+        )
+        for offset, event in enumerate(events)
+    ]
+
+
+def projection_key(projection: Projection) -> str:
+    key = getattr(projection, "aggregate_id", None)
+    if not isinstance(key, str) or not key:
+        raise IncidentError(
+            f"{type(projection).__name__} needs a non-empty str aggregate_id field to be stored"
+        )
+    return key
+
+
+def projection_version(projection: Projection) -> int | None:
+    version = getattr(projection, "version", None)
+    return version if isinstance(version, int) else None
+
+
+def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
+    """Whether ``candidate`` may replace ``stored`` (never move a read model backwards)."""
+    if stored is None:
+        return True
+    new, old = projection_version(candidate), projection_version(stored)
+    return new is None or old is None or new >= old

@@ -1,0 +1,188 @@
+"""Memory stores: the playground and test backend, thread-safe, same semantics as the
+durable stores (atomic appends, expected versions, gapless positions, version-guarded
+upserts)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..codec import EventTypes, encode
+from ..errors import IncidentError
+from ..messages import Event, Projection, Recorded
+from ._common import (
+    check_expected_version,
+    checked_events,
+    newer_or_equal,
+    projection_key,
+    stamp,
+)
+from .protocols import ProjectFn, ProjectionStore
+
+__all__ = ["MemoryEventStore", "MemoryProjectionStore", "open_memory"]
+
+P = TypeVar("P", bound=Projection)
+
+
+class MemoryProjectionStore:
+    """Projections in a dict per type, guarded by one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._tables: dict[type[Projection], dict[str, Projection]] = {}
+
+    def __repr__(self) -> str:
+        return "MemoryProjectionStore()"
+
+    def _check(self, projection: Projection) -> str:
+        key = projection_key(projection)
+        encode(projection)  # what a durable store could not write, memory refuses too
+        return key
+
+    def project(self, projection: P) -> P:
+        key = self._check(projection)
+        with self._lock:
+            table = self._tables.setdefault(type(projection), {})
+            stored = table.get(key)
+            if newer_or_equal(projection, stored):
+                table[key] = msgspec.structs.replace(projection)  # a private copy
+                return projection
+            assert isinstance(stored, type(projection))
+            return msgspec.structs.replace(stored)
+
+    def project_many(self, projections: Iterable[Projection]) -> None:
+        checked = [(self._check(p), p) for p in projections]
+        with self._lock:
+            for _, projection in checked:
+                self.project(projection)
+
+    def get(self, projection_type: type[P], key: str) -> P | None:
+        with self._lock:
+            stored = self._tables.get(projection_type, {}).get(key)
+        return None if stored is None else msgspec.structs.replace(stored)  # type: ignore[return-value]
+
+    def all(self, projection_type: type[P]) -> list[P]:
+        with self._lock:
+            rows = list(self._tables.get(projection_type, {}).values())
+        return [msgspec.structs.replace(row) for row in rows]  # type: ignore[misc]
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryEventStore:
+    """An in-process event log. ``projections()`` gives a projection store that commits
+    together with it (both are guarded by this store's lock)."""
+
+    def __init__(self, *, types: EventTypes | None = None) -> None:
+        self.types = types or EventTypes()
+        self._lock = threading.RLock()
+        self._log: list[Recorded[Any]] = []
+        self._streams: dict[str, list[Recorded[Any]]] = {}
+        self._projections: MemoryProjectionStore | None = None
+
+    def __repr__(self) -> str:
+        return f"MemoryEventStore({len(self._log)} events)"
+
+    def append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Recorded[Any]]:
+        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
+
+    def append_and_project(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore,
+        project: ProjectFn,
+    ) -> list[Recorded[Any]]:
+        return self._append(
+            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+        )
+
+    def _append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+    ) -> list[Recorded[Any]]:
+        batch = checked_events(aggregate_id, events)
+        for event in batch:
+            encode(event)
+        with self._lock:
+            stream = self._streams.get(aggregate_id, [])
+            check_expected_version(aggregate_id, expected_version, len(stream))
+            if not batch:
+                return []
+            recorded = stamp(
+                aggregate_id,
+                aggregate,
+                batch,
+                first_position=len(self._log) + 1,
+                first_version=len(stream) + 1,
+                metadata=metadata,
+            )
+            projections = list(project(recorded)) if project is not None else []
+            if projection_store is not None and not self.shares_database_with(projection_store):
+                # another database: the events commit first, the projections right after
+                self._commit(aggregate_id, recorded)
+                for projection in projections:
+                    projection_store.project(projection)
+                return recorded
+            if isinstance(projection_store, MemoryProjectionStore):
+                projection_store.project_many(projections)  # checks all before writing any
+            self._commit(aggregate_id, recorded)
+            return recorded
+
+    def _commit(self, aggregate_id: str, recorded: list[Recorded[Any]]) -> None:
+        self._log.extend(recorded)
+        self._streams.setdefault(aggregate_id, []).extend(recorded)
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return isinstance(projection_store, MemoryProjectionStore)
+
+    def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
+        with self._lock:
+            return list(self._streams.get(aggregate_id, [])[after:])
+
+    def version(self, aggregate_id: str) -> int:
+        with self._lock:
+            return len(self._streams.get(aggregate_id, []))
+
+    def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
+        with self._lock:
+            end = len(self._log) if limit is None else min(len(self._log), after + limit)
+            chunk = self._log[max(after, 0) : end]
+        return iter(chunk)
+
+    def projections(self) -> MemoryProjectionStore:
+        if self._projections is None:
+            self._projections = MemoryProjectionStore()
+        return self._projections
+
+    def close(self) -> None:
+        pass
+
+
+def open_memory(url: str, **options: Any) -> MemoryEventStore:
+    """``memory://``: a fresh in-process store per call."""
+    if url.rstrip("/") != "memory:" or options:
+        raise IncidentError(f"memory:// takes no path or options, got {url!r} {options or ''}")
+    return MemoryEventStore()
