@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import CorruptEvent, InvalidCommand, UnknownEventType
+from .errors import CorruptEvent, IncidentError, InvalidCommand, UnknownEventType
 from .messages import Command, Event, event_type_name
 
 __all__ = [
@@ -26,7 +26,10 @@ _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 def encode(value: Any) -> bytes:
     """JSON bytes for an event, a projection or metadata (msgspec only; never pickle)."""
-    return _encoder.encode(value)
+    try:
+        return _encoder.encode(value)
+    except (TypeError, msgspec.EncodeError) as error:
+        raise IncidentError(f"Cannot store {value!r} as JSON: {error}") from error
 
 
 class EventTypes:
