@@ -5,7 +5,6 @@ domain contract; ``fold`` is ``functools.reduce`` over ``evolve``. Nothing here 
 reads the clock or draws randomness: ids, dates and positions come from the store.
 """
 
-
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator
@@ -103,9 +102,7 @@ class Aggregate(Generic[S]):
         """Register ``fn(state, event) -> state`` for the annotated event type."""
         return self._register(target, Event, "apply", self._appliers)
 
-    def _register(
-        self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]
-    ) -> Any:
+    def _register(self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]) -> Any:
         def add(function: F, message: type[Any]) -> F:
             existing = registry.get(message)
             if existing is not None:

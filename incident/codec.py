@@ -1,7 +1,6 @@
 """msgspec encoding of events, the registry that turns stored names back into types,
 and validation of commands (msgspec constructors check neither types nor constraints)."""
 
-
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -101,8 +100,9 @@ def _invalid(command_type: type[Any], error: msgspec.ValidationError) -> Invalid
     match = _PATH.search(message)
     field = match.group("path") if match else None
     problem = message[: match.start()] if match else message
-    if field is None and (missing := re.search(r"missing required field `([^`]+)`", message)):
-        field = missing.group(1)
+    if missing := re.search(r"missing required field `([^`]+)`", message):
+        field = ".".join(filter(None, [field, missing.group(1)]))
+        problem = f"missing required field `{field}`"
     return InvalidCommand(command_type.__name__, field or None, problem)
 
 
@@ -137,7 +137,7 @@ def decode_command(command_type: type[C], data: bytes | str | Mapping[str, Any])
     >>> decode_command(Open, {})
     Traceback (most recent call last):
     ...
-    incident.errors.InvalidCommand: Invalid Open: Object missing required field `aggregate_id` - at `aggregate_id`
+    incident.errors.InvalidCommand: Invalid Open: missing required field `aggregate_id`
     """
     try:
         if isinstance(data, bytes | str):

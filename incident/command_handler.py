@@ -19,7 +19,13 @@ from .codec import validate_command
 from .errors import ConcurrencyError, RegistrationError, Rejected, RoutingError
 from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
-from .stores import EventStore, ProjectionStore, open_event_store, open_projection_store
+from .stores import (
+    EventStore,
+    ProjectFn,
+    ProjectionStore,
+    open_event_store,
+    open_projection_store,
+)
 
 __all__ = ["CommandHandler"]
 
@@ -130,19 +136,7 @@ class CommandHandler:
             if not events:
                 return [], []
             follow_ups: list[FollowUp] = []
-
-            def project(recorded: list[Recorded[Any]], state: Any = state) -> list[Projection]:
-                follow_ups.clear()  # the store may call this again after a retry
-                projections: list[Projection] = []
-                for record in recorded:
-                    state = aggregate.evolve(state, record)
-                    for output in self._handle(record, state):
-                        if isinstance(output, Projection):
-                            projections.append(output)
-                        else:
-                            follow_ups.append((record, output))
-                return projections
-
+            project = self._projector(aggregate, state, follow_ups)
             try:
                 recorded = self.event_store.append_and_project(
                     aggregate_id,
@@ -161,6 +155,27 @@ class CommandHandler:
                 continue
             return recorded, follow_ups
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _projector(
+        self, aggregate: Aggregate[Any], state: Any, follow_ups: list[FollowUp]
+    ) -> ProjectFn:
+        """What runs inside the append's transaction: the inline handlers, pure. It
+        returns the projections to commit with the events and collects the commands."""
+
+        def project(recorded: list[Recorded[Any]]) -> list[Projection]:
+            follow_ups.clear()  # the store may call this more than once
+            projections: list[Projection] = []
+            current = state
+            for record in recorded:
+                current = aggregate.evolve(current, record)
+                for output in self._handle(record, current):
+                    if isinstance(output, Projection):
+                        projections.append(output)
+                    else:
+                        follow_ups.append((record, output))
+            return projections
+
+        return project
 
     def _handle(self, record: Recorded[Any], state: Any) -> Iterable[Output]:
         for handler in self.event_handlers:
@@ -184,7 +199,10 @@ class CommandHandler:
             else:
                 log.warning(
                     "%s, dispatched by a listener on %s #%s, was rejected: %s",
-                    type(command).__name__, cause.event_type, cause.position, rejection.reason,
+                    type(command).__name__,
+                    cause.event_type,
+                    cause.position,
+                    rejection.reason,
                 )
             return
         if isinstance(reaction, Attempt):

@@ -37,7 +37,7 @@ class InvalidCommand(IncidentError, ValueError):
         self.command_type = command_type
         self.field = field
         self.problem = problem
-        where = f" - at `{field}`" if field else ""
+        where = f" - at `{field}`" if field and f"`{field}`" not in problem else ""
         super().__init__(f"Invalid {command_type}: {problem}{where}")
 
 

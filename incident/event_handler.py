@@ -5,7 +5,6 @@ where ``state`` is the aggregate's state right after the event. Listeners only d
 what should happen; the command handler (or a subscription) carries it out.
 """
 
-
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 

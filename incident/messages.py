@@ -1,8 +1,7 @@
 """Messages: commands, events, projections and the stored envelope. Pure data, no I/O."""
 
-
 import datetime as dt
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
@@ -16,6 +15,8 @@ __all__ = [
 ]
 
 
+# Subclasses inherit frozen and kw_only at runtime; dataclass_transform tells type checkers.
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
 class Command(msgspec.Struct, frozen=True, kw_only=True):
     """Base of commands: an imperative request aimed at one aggregate by ``aggregate_id``.
 
@@ -24,6 +25,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     """
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Base of events: a fact in the past tense.
 
@@ -36,6 +38,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     schema_version: ClassVar[int] = 1
 
 
+@dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
 class Projection(msgspec.Struct, kw_only=True):
     """Base of read models, keyed by their ``aggregate_id`` field.
 

@@ -128,8 +128,11 @@ def test_commands_from_outside_data_missing_a_field(app: incident.CommandHandler
 def test_transfer_that_completes(app: incident.CommandHandler) -> None:
     open_with(app, "A", 100)
     open_with(app, "B")
-    app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="A",
-                                 destination_account_number="B", amount=40))
+    app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=40
+        )
+    )
     assert types_of(app, "T1") == ["TransferRequested", "TransferInitiated", "TransferCompleted"]
     assert transfer_row(app, "T1").status == "completed"
     assert transfer_row(app, "T1").version == 3
@@ -139,8 +142,11 @@ def test_transfer_that_completes(app: incident.CommandHandler) -> None:
 def test_transfer_cancelled_for_lack_of_funds(app: incident.CommandHandler) -> None:
     open_with(app, "A", 10)
     open_with(app, "B")
-    app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="A",
-                                 destination_account_number="B", amount=40))
+    app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=40
+        )
+    )
     assert types_of(app, "T1") == ["TransferRequested", "TransferCancelled"]
     assert transfer_row(app, "T1").status == "cancelled"
     assert (account(app, "A").balance, account(app, "B").balance) == (10, 0)
@@ -148,18 +154,34 @@ def test_transfer_cancelled_for_lack_of_funds(app: incident.CommandHandler) -> N
 
 def test_transfer_cancelled_for_a_missing_source(app: incident.CommandHandler) -> None:
     open_with(app, "B")
-    app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="GHOST",
-                                 destination_account_number="B", amount=5))
+    app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1",
+            source_account_number="GHOST",
+            destination_account_number="B",
+            amount=5,
+        )
+    )
     assert types_of(app, "T1") == ["TransferRequested", "TransferCancelled"]
     assert app.event_store.version("GHOST") == 0
 
 
 def test_transfer_reverted_for_a_missing_destination(app: incident.CommandHandler) -> None:
     open_with(app, "A", 100)
-    app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="A",
-                                 destination_account_number="GHOST", amount=30))
+    app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1",
+            source_account_number="A",
+            destination_account_number="GHOST",
+            amount=30,
+        )
+    )
     assert types_of(app, "T1") == [
-        "TransferRequested", "TransferInitiated", "TransferReverted", "TransferCancelled"]
+        "TransferRequested",
+        "TransferInitiated",
+        "TransferReverted",
+        "TransferCancelled",
+    ]
     assert transfer_row(app, "T1").status == "cancelled"
     assert types_of(app, "A")[-2:] == ["MoneySent", "MoneySentReverted"]
     assert account(app, "A").balance == 100
@@ -168,8 +190,9 @@ def test_transfer_reverted_for_a_missing_destination(app: incident.CommandHandle
 def test_requesting_a_transfer_twice_is_rejected(app: incident.CommandHandler) -> None:
     open_with(app, "A", 100)
     open_with(app, "B")
-    request = RequestTransfer(aggregate_id="T1", source_account_number="A",
-                              destination_account_number="B", amount=1)
+    request = RequestTransfer(
+        aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=1
+    )
     app.dispatch(request)
     with pytest.raises(incident.Rejected) as caught:
         app.dispatch(request)
@@ -192,8 +215,11 @@ def test_transfer_status_rules(
 ) -> None:
     open_with(app, "A", 100)
     open_with(app, "B")
-    app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="A",
-                                 destination_account_number="B", amount=1))
+    app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=1
+        )
+    )
     with pytest.raises(incident.Rejected) as caught:
         app.dispatch(command)
     assert caught.value.reason == reason
@@ -202,14 +228,22 @@ def test_transfer_status_rules(
 def test_every_event_of_a_transfer_shares_its_correlation_id(app: incident.CommandHandler) -> None:
     open_with(app, "A", 100)
     open_with(app, "B")
-    root = app.dispatch(RequestTransfer(aggregate_id="T1", source_account_number="A",
-                                        destination_account_number="B", amount=5))
+    root = app.dispatch(
+        RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=5
+        )
+    )
     correlation = root[0].metadata["correlation_id"]
-    story = [r for r in app.event_store.read_all()
-             if r.metadata.get("correlation_id") == correlation]
+    story = [
+        r for r in app.event_store.read_all() if r.metadata.get("correlation_id") == correlation
+    ]
     assert [r.event_type for r in story] == [
-        "TransferRequested", "MoneySent", "TransferInitiated", "MoneyReceived",
-        "TransferCompleted"]
+        "TransferRequested",
+        "MoneySent",
+        "TransferInitiated",
+        "MoneyReceived",
+        "TransferCompleted",
+    ]
     by_id = {r.event_id: r for r in story}
     assert story[0].metadata["causation_id"] is None
     for event in story[1:]:
@@ -241,8 +275,14 @@ def test_concurrent_transfers(app: incident.CommandHandler) -> None:
     open_with(app, "B")
 
     def request(i: int) -> None:
-        app.dispatch(RequestTransfer(aggregate_id=f"T{i}", source_account_number="A",
-                                     destination_account_number="B", amount=24))
+        app.dispatch(
+            RequestTransfer(
+                aggregate_id=f"T{i}",
+                source_account_number="A",
+                destination_account_number="B",
+                amount=24,
+            )
+        )
 
     with ThreadPoolExecutor(5) as pool:
         list(pool.map(request, range(5)))

@@ -17,8 +17,13 @@ def deposited(*amounts: int) -> list[incident.Event]:
 
 def test_append_then_get_returns_events_in_version_order(event_store: incident.EventStore) -> None:
     """Events come back as appended, versions 1..n, with the envelope filled in."""
-    recorded = event_store.append("acc-1", deposited(1, 2, 3), expected_version=0,
-                                  aggregate="bank_account", metadata={"user": "ann"})
+    recorded = event_store.append(
+        "acc-1",
+        deposited(1, 2, 3),
+        expected_version=0,
+        aggregate="bank_account",
+        metadata={"user": "ann"},
+    )
     got = event_store.get("acc-1")
     assert [r.data for r in got] == deposited(1, 2, 3)
     assert [r.version for r in got] == [1, 2, 3]
@@ -50,7 +55,10 @@ def test_stale_expected_version_raises_and_writes_nothing(
     with pytest.raises(incident.ConcurrencyError) as caught:
         event_store.append("acc-1", deposited(2, 3), expected_version=0)
     assert (caught.value.aggregate_id, caught.value.expected, caught.value.actual) == (
-        "acc-1", 0, 1)
+        "acc-1",
+        0,
+        1,
+    )
     with pytest.raises(incident.ConcurrencyError):
         event_store.append("acc-1", deposited(2), expected_version=5)
     assert [r.data for r in event_store.get("acc-1")] == deposited(1)
@@ -66,11 +74,13 @@ def test_any_appends_whatever_the_version(event_store: incident.EventStore) -> N
 def test_a_batch_with_a_bad_event_writes_nothing(event_store: incident.EventStore) -> None:
     """An append is atomic: one bad item and none of the batch is stored."""
     with pytest.raises(incident.IncidentError):
-        event_store.append("acc-1", [MoneyDeposited(amount=1), "not an event"],  # type: ignore[list-item]
-                           expected_version=0)
+        event_store.append(
+            "acc-1",
+            [MoneyDeposited(amount=1), "not an event"],  # type: ignore[list-item]
+            expected_version=0,
+        )
     with pytest.raises(incident.IncidentError):
-        event_store.append("acc-1", deposited(1), expected_version=0,
-                           metadata={"bad": object()})
+        event_store.append("acc-1", deposited(1), expected_version=0, metadata={"bad": object()})
     assert event_store.get("acc-1") == []
     assert list(event_store.read_all()) == []
 
@@ -103,13 +113,25 @@ def test_read_all_is_gapless_in_commit_order_and_pages(event_store: incident.Eve
 def test_projection_upsert_get_all(store_url: str) -> None:
     projections = incident.open_projection_store(store_url)
     now = dt.datetime.now(dt.UTC)
-    row = BankAccount(aggregate_id="A", account_number="A", balance=10, version=1,
-                      event_id=str(uuid.uuid4()), event_date=now)
+    row = BankAccount(
+        aggregate_id="A",
+        account_number="A",
+        balance=10,
+        version=1,
+        event_id=str(uuid.uuid4()),
+        event_date=now,
+    )
     assert projections.get(BankAccount, "A") is None
     assert projections.project(row) == row
     assert projections.get(BankAccount, "A") == row
-    newer = BankAccount(aggregate_id="A", account_number="A", balance=20, version=2,
-                        event_id=str(uuid.uuid4()), event_date=now)
+    newer = BankAccount(
+        aggregate_id="A",
+        account_number="A",
+        balance=20,
+        version=2,
+        event_id=str(uuid.uuid4()),
+        event_date=now,
+    )
     projections.project(newer)
     assert projections.get(BankAccount, "A") == newer
     assert projections.all(BankAccount) == [newer]
@@ -121,9 +143,17 @@ def test_projection_never_moves_backwards(store_url: str) -> None:
     """A projection of a lower version never replaces a stored newer one."""
     projections = incident.open_projection_store(store_url)
     now = dt.datetime.now(dt.UTC)
+
     def row(version: int, balance: int) -> BankAccount:
-        return BankAccount(aggregate_id="A", account_number="A", balance=balance,
-                           version=version, event_id=str(uuid.uuid4()), event_date=now)
+        return BankAccount(
+            aggregate_id="A",
+            account_number="A",
+            balance=balance,
+            version=version,
+            event_id=str(uuid.uuid4()),
+            event_date=now,
+        )
+
     projections.project(row(5, 50))
     winner = projections.project(row(3, 30))
     assert winner.version == 5

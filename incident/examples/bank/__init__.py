@@ -30,8 +30,8 @@ from .messages import (
     TransferCancelled,
     TransferCompleted,
     TransferInitiated,
-    TransferReverted,
     TransferRequested,
+    TransferReverted,
     WithdrawMoney,
 )
 from .process import money_transfer

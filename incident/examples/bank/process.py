@@ -13,8 +13,8 @@ from .messages import (
     RevertTransfer,
     SendMoney,
     TransferInitiated,
-    TransferReverted,
     TransferRequested,
+    TransferReverted,
 )
 from .transfer import TransferState
 

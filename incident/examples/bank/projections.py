@@ -16,8 +16,8 @@ from .messages import (
     TransferCancelled,
     TransferCompleted,
     TransferInitiated,
-    TransferReverted,
     TransferRequested,
+    TransferReverted,
 )
 from .transfer import TransferState
 

@@ -16,8 +16,8 @@ from .messages import (
     TransferCancelled,
     TransferCompleted,
     TransferInitiated,
-    TransferReverted,
     TransferRequested,
+    TransferReverted,
 )
 
 Status = Literal["requested", "initiated", "completed", "reverted", "cancelled"]
