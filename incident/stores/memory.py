@@ -172,6 +172,9 @@ class MemoryEventStore:
             chunk = self._log[max(after, 0) : end]
         return iter(chunk)
 
+    def initialize(self) -> list[str]:
+        return []  # nothing to create: memory has no schema
+
     def projections(self) -> MemoryProjectionStore:
         if self._projections is None:
             self._projections = MemoryProjectionStore()

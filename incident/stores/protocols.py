@@ -86,4 +86,9 @@ class EventStore(Protocol):
         """A projection store in the same database as this event store."""
         ...
 
+    def initialize(self) -> list[str]:
+        """Create or migrate the tables, idempotently; returns what was done, one line per
+        step (empty when everything was already in place). ``incident init`` prints it."""
+        ...
+
     def close(self) -> None: ...
