@@ -19,6 +19,7 @@ from .codec import validate_command
 from .errors import ConcurrencyError, RegistrationError, Rejected, RoutingError
 from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
+from .state_cache import StateCache
 from .stores import (
     EventStore,
     ProjectFn,
@@ -42,6 +43,8 @@ class CommandHandler:
     ``projection_store=None`` means the same database as the event store, so a command's
     events and the projections its handlers return commit in one transaction.
     ``retries`` bounds how often a command is decided again after a version conflict.
+    ``cache_size`` bounds the LRU of (state, version) per aggregate that lets a command
+    read only the events after the version it last saw (0 turns the cache off).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class CommandHandler:
         event_handlers: Sequence[EventHandler] = (),
         retries: int = 10,
         backoff: float = 0.002,
+        cache_size: int = 10_000,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -68,6 +72,7 @@ class CommandHandler:
         self.event_handlers = tuple(event_handlers)
         self.retries = retries
         self.backoff = backoff
+        self.cache = StateCache(cache_size)
         self._routes = _routes(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
@@ -104,9 +109,14 @@ class CommandHandler:
         return self._load(self._aggregate(aggregate), aggregate_id)[0]
 
     def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
-        stream = self.event_store.get(aggregate_id)
-        state = aggregate.fold(stream)
-        return state, (stream[-1].version if stream else 0)
+        """(state, version): from the cache plus the events after it, else the whole stream."""
+        key = (aggregate.name, aggregate_id)
+        state, version = self.cache.get(key) or (aggregate.initial, 0)
+        newer = self.event_store.get(aggregate_id, after=version)
+        if newer:
+            state, version = aggregate.fold(newer, state), newer[-1].version
+            self.cache.put(key, state, version)
+        return state, version
 
     # -- writing -----------------------------------------------------------
 
@@ -153,6 +163,11 @@ class CommandHandler:
                 # jittered, growing pause so racing writers stop colliding in lockstep
                 time.sleep(random.uniform(0, min(0.05, self.backoff * 2**attempt)))
                 continue
+            self.cache.put(
+                (aggregate.name, aggregate_id),
+                aggregate.fold(recorded, state),
+                recorded[-1].version,
+            )
             return recorded, follow_ups
         raise AssertionError("unreachable")  # pragma: no cover
 
