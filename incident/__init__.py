@@ -12,6 +12,7 @@ from .aggregate import Aggregate
 from .codec import EventTypes, decode_command, validate_command
 from .command_handler import CommandHandler
 from .errors import (
+    CheckpointConflict,
     ConcurrencyError,
     CorruptEvent,
     IncidentError,
@@ -25,12 +26,15 @@ from .errors import (
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
 from .stores import (
+    CheckpointStore,
     EventStore,
+    Parked,
     ProjectionStore,
     open_event_store,
     open_projection_store,
     open_stores,
 )
+from .subscriptions import Subscription, SubscriptionFailed, Subscriptions
 
 __version__ = "0.1.0"
 
@@ -38,6 +42,8 @@ __all__ = [
     "ANY",
     "Aggregate",
     "Attempt",
+    "CheckpointConflict",
+    "CheckpointStore",
     "Command",
     "CommandHandler",
     "ConcurrencyError",
@@ -48,6 +54,7 @@ __all__ = [
     "EventTypes",
     "IncidentError",
     "InvalidCommand",
+    "Parked",
     "Projection",
     "ProjectionStore",
     "Recorded",
@@ -55,6 +62,9 @@ __all__ = [
     "Rejected",
     "RoutingError",
     "StoreError",
+    "Subscription",
+    "SubscriptionFailed",
+    "Subscriptions",
     "UnknownEventType",
     "__version__",
     "decode_command",

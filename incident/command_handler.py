@@ -21,12 +21,14 @@ from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
 from .state_cache import StateCache
 from .stores import (
+    CheckpointStore,
     EventStore,
     ProjectFn,
     ProjectionStore,
     open_event_store,
     open_projection_store,
 )
+from .subscriptions import Subscription, Subscriptions
 
 __all__ = ["CommandHandler"]
 
@@ -45,6 +47,12 @@ class CommandHandler:
     ``retries`` bounds how often a command is decided again after a version conflict.
     ``cache_size`` bounds the LRU of (state, version) per aggregate that lets a command
     read only the events after the version it last saw (0 turns the cache off).
+
+    ``event_handlers`` run inline, inside ``dispatch``; ``subscriptions`` run durably,
+    each following the log from its checkpoint in ``checkpoint_store`` (by default the
+    one beside the event store), once they are started: ``self.subscriptions`` is a
+    :class:`~incident.Subscriptions` (``start()``, ``catch_up()``,
+    ``wait_until_caught_up()``).
     """
 
     def __init__(
@@ -54,6 +62,8 @@ class CommandHandler:
         *,
         aggregates: Sequence[Aggregate[Any]] = (),
         event_handlers: Sequence[EventHandler] = (),
+        subscriptions: Sequence[EventHandler] = (),
+        checkpoint_store: CheckpointStore | None = None,
         retries: int = 10,
         backoff: float = 0.002,
         cache_size: int = 10_000,
@@ -77,6 +87,14 @@ class CommandHandler:
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
             self.event_store.types.register(*aggregate.event_types)
+        both = {h.name for h in self.event_handlers} & {h.name for h in subscriptions}
+        if both:
+            raise RegistrationError(
+                f"{', '.join(sorted(both))} cannot run both inline and as a subscription"
+            )
+        self.subscriptions = Subscriptions(
+            Subscription(handler, self, checkpoints=checkpoint_store) for handler in subscriptions
+        )
 
     def __repr__(self) -> str:
         names = ", ".join(aggregate.name for aggregate in self.aggregates)
@@ -133,7 +151,7 @@ class CommandHandler:
         meta.setdefault("causation_id", None)
         recorded, follow_ups = self._decide_and_append(aggregate, command, meta)
         for cause, reaction in follow_ups:
-            self._react(reaction, cause, meta)
+            self.react(reaction, cause, meta)
         return recorded
 
     def _decide_and_append(
@@ -196,11 +214,19 @@ class CommandHandler:
         for handler in self.event_handlers:
             yield from handler.handle(record, state)
 
-    def _react(self, reaction: Any, cause: Recorded[Any], root: Mapping[str, Any]) -> None:
-        """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``."""
+    def react(
+        self, reaction: Any, cause: Recorded[Any], root: Mapping[str, Any] | None = None
+    ) -> None:
+        """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``.
+
+        ``root`` is the metadata the dispatched commands inherit (the correlation id and
+        user keys); by default the cause's own, which is what a subscription wants.
+        """
+        if root is None:
+            root = {**cause.metadata, "causation_id": cause.event_id}
         if isinstance(reaction, tuple):
             for step in reaction:
-                self._react(step, cause, root)
+                self.react(step, cause, root)
             return
         metadata = {**root, "causation_id": cause.event_id}
         command = reaction.command if isinstance(reaction, Attempt) else reaction
@@ -210,7 +236,7 @@ class CommandHandler:
             recorded = self.dispatch(command, metadata)
         except Rejected as rejection:
             if isinstance(reaction, Attempt):
-                self._react(reaction.on_rejected, cause, root)
+                self.react(reaction.on_rejected, cause, root)
             else:
                 log.warning(
                     "%s, dispatched by a listener on %s #%s, was rejected: %s",
@@ -222,7 +248,7 @@ class CommandHandler:
             return
         if isinstance(reaction, Attempt):
             # what follows a success was caused by the attempted command's last event
-            self._react(reaction.on_success, recorded[-1] if recorded else cause, root)
+            self.react(reaction.on_success, recorded[-1] if recorded else cause, root)
 
 
 def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:

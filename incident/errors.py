@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "CheckpointConflict",
     "ConcurrencyError",
     "CorruptEvent",
     "IncidentError",
@@ -71,6 +72,21 @@ class ConcurrencyError(IncidentError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.aggregate_id, self.expected, self.actual))
+
+
+class CheckpointConflict(IncidentError):
+    """A subscription's checkpoint was not where it left it: another runner moved it.
+    Nothing was written; the subscription stops rather than apply events twice."""
+
+    def __init__(self, handler: str, expected: int, actual: int) -> None:
+        self.handler, self.expected, self.actual = handler, expected, actual
+        super().__init__(
+            f"The checkpoint of {handler!r} is at {actual}, expected {expected}: another "
+            "runner is processing this handler; nothing was written"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.handler, self.expected, self.actual))
 
 
 class UnknownEventType(IncidentError, LookupError):

@@ -10,15 +10,31 @@ import importlib
 from typing import Any
 
 from ..errors import IncidentError
-from .memory import MemoryEventStore, MemoryProjectionStore
-from .protocols import EventStore, ProjectFn, ProjectionStore
+from .memory import MemoryCheckpointStore, MemoryEventStore, MemoryProjectionStore
+from .protocols import (
+    AppendNotifier,
+    CheckpointStore,
+    EventStore,
+    HandlerLock,
+    Parked,
+    ProjectFn,
+    ProjectionStore,
+    ReplaceableProjectionStore,
+)
 
 __all__ = [
+    "AppendNotifier",
+    "CheckpointStore",
     "EventStore",
+    "HandlerLock",
+    "MemoryCheckpointStore",
     "MemoryEventStore",
     "MemoryProjectionStore",
+    "Parked",
     "ProjectFn",
     "ProjectionStore",
+    "ReplaceableProjectionStore",
+    "checkpoint_store_for",
     "open_event_store",
     "open_projection_store",
     "open_stores",
@@ -77,3 +93,18 @@ def open_stores(url: str, **options: Any) -> tuple[EventStore, ProjectionStore]:
     """An event store and a projection store in the same database (one commit per command)."""
     events = open_event_store(url, **options)
     return events, events.projections()
+
+
+def checkpoint_store_for(event_store: EventStore) -> CheckpointStore:
+    """The checkpoint store in the same database as ``event_store`` (its ``checkpoints()``).
+
+    >>> checkpoint_store_for(open_event_store("memory://"))
+    MemoryCheckpointStore({})
+    """
+    checkpoints = getattr(event_store, "checkpoints", None)
+    if not callable(checkpoints):
+        raise IncidentError(
+            f"{event_store!r} keeps no checkpoints; give the subscription a checkpoint store"
+        )
+    store: CheckpointStore = checkpoints()
+    return store

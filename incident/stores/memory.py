@@ -5,13 +5,13 @@ upserts)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
 from ..codec import EventTypes, encode
-from ..errors import IncidentError
+from ..errors import CheckpointConflict, IncidentError
 from ..messages import Event, Projection, Recorded
 from ._common import (
     check_expected_version,
@@ -20,9 +20,15 @@ from ._common import (
     projection_key,
     stamp,
 )
-from .protocols import ProjectFn, ProjectionStore
+from .protocols import Parked, ProjectFn, ProjectionStore
 
-__all__ = ["MemoryEventStore", "MemoryProjectionStore", "open_memory"]
+__all__ = [
+    "MemoryCheckpointStore",
+    "MemoryEventStore",
+    "MemoryHandlerLock",
+    "MemoryProjectionStore",
+    "open_memory",
+]
 
 P = TypeVar("P", bound=Projection)
 
@@ -59,6 +65,12 @@ class MemoryProjectionStore:
             for _, projection in checked:
                 self.project(projection)
 
+    def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        table = {self._check(p): msgspec.structs.replace(p) for p in projections}
+        with self._lock:
+            self._tables[projection_type] = dict(table)
+        return len(table)
+
     def get(self, projection_type: type[P], key: str) -> P | None:
         with self._lock:
             stored = self._tables.get(projection_type, {}).get(key)
@@ -80,9 +92,11 @@ class MemoryEventStore:
     def __init__(self, *, types: EventTypes | None = None) -> None:
         self.types = types or EventTypes()
         self._lock = threading.RLock()
+        self._appended = threading.Condition(self._lock)
         self._log: list[Recorded[Any]] = []
         self._streams: dict[str, list[Recorded[Any]]] = {}
         self._projections: MemoryProjectionStore | None = None
+        self._checkpoints: MemoryCheckpointStore | None = None
 
     def __repr__(self) -> str:
         return f"MemoryEventStore({len(self._log)} events)"
@@ -154,6 +168,17 @@ class MemoryEventStore:
     def _commit(self, aggregate_id: str, recorded: list[Recorded[Any]]) -> None:
         self._log.extend(recorded)
         self._streams.setdefault(aggregate_id, []).extend(recorded)
+        self._appended.notify_all()
+
+    def wait_for_append(self, after: int, timeout: float) -> bool:
+        with self._appended:
+            if len(self._log) <= after:
+                self._appended.wait(timeout)
+            return len(self._log) > after
+
+    def last_position(self) -> int:
+        with self._lock:
+            return len(self._log)
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, MemoryProjectionStore)
@@ -179,6 +204,116 @@ class MemoryEventStore:
         if self._projections is None:
             self._projections = MemoryProjectionStore()
         return self._projections
+
+    def checkpoints(self) -> MemoryCheckpointStore:
+        """The checkpoint store beside this log (one per store, like ``projections()``)."""
+        if self._checkpoints is None:
+            self._checkpoints = MemoryCheckpointStore()
+        return self._checkpoints
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryHandlerLock:
+    """A per-handler lock shared by everything that uses one MemoryCheckpointStore."""
+
+    def __init__(self, handler: str, lock: threading.Lock) -> None:
+        self.handler = handler
+        self._lock = lock
+        self._held = False
+
+    def __repr__(self) -> str:
+        return f"MemoryHandlerLock({self.handler!r}, held={self._held})"
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if self._held:
+            return True
+        if timeout is None:
+            self._held = self._lock.acquire()
+        elif timeout <= 0:
+            self._held = self._lock.acquire(blocking=False)
+        else:
+            self._held = self._lock.acquire(timeout=timeout)
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def held(self) -> bool:
+        return self._held
+
+
+class MemoryCheckpointStore:
+    """Checkpoints, dead letters and handler locks in dicts, for one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._positions: dict[str, int] = {}
+        self._parked: dict[tuple[str, int], Parked] = {}
+        self._handler_locks: dict[str, threading.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryCheckpointStore({self._positions})"
+
+    def load(self, handler: str) -> int:
+        with self._lock:
+            return self._positions.get(handler, 0)
+
+    def save(
+        self,
+        handler: str,
+        position: int,
+        *,
+        expected: int,
+        projections: Sequence[Projection] = (),
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        with self._lock:
+            actual = self._positions.get(handler, 0)
+            if actual != expected:
+                raise CheckpointConflict(handler, expected, actual)
+            if projections and projection_store is not None:
+                if isinstance(projection_store, MemoryProjectionStore):
+                    projection_store.project_many(projections)
+                else:
+                    for projection in projections:
+                        projection_store.project(projection)
+            self._positions[handler] = position
+
+    def reset(self, handler: str, position: int = 0) -> None:
+        with self._lock:
+            self._positions[handler] = position
+
+    def checkpoints(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._positions)
+
+    def park(self, parked: Parked) -> None:
+        with self._lock:
+            self._parked[parked.handler, parked.position] = parked
+
+    def parked(self, handler: str | None = None) -> list[Parked]:
+        with self._lock:
+            found = [p for p in self._parked.values() if handler in (None, p.handler)]
+        return sorted(found, key=lambda p: (p.handler, p.position))
+
+    def unpark(self, handler: str, position: int) -> None:
+        with self._lock:
+            self._parked.pop((handler, position), None)
+
+    def lock(self, handler: str) -> MemoryHandlerLock:
+        with self._lock:
+            shared = self._handler_locks.setdefault(handler, threading.Lock())
+        return MemoryHandlerLock(handler, shared)
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return isinstance(projection_store, MemoryProjectionStore)
+
+    def initialize(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         pass

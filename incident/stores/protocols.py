@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import msgspec
 
 from ..codec import EventTypes
 from ..messages import Event, Projection, Recorded
 
-__all__ = ["EventStore", "ProjectFn", "ProjectionStore"]
+__all__ = [
+    "AppendNotifier",
+    "CheckpointStore",
+    "EventStore",
+    "HandlerLock",
+    "Parked",
+    "ProjectFn",
+    "ProjectionStore",
+    "ReplaceableProjectionStore",
+]
 
 P = TypeVar("P", bound=Projection)
 
@@ -90,5 +102,115 @@ class EventStore(Protocol):
         """Create or migrate the tables, idempotently; returns what was done, one line per
         step (empty when everything was already in place). ``incident init`` prints it."""
         ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AppendNotifier(Protocol):
+    """An event store that can wake a tailing reader when something is appended
+    (memory: a condition variable; Postgres: LISTEN/NOTIFY). Stores without it are polled."""
+
+    def wait_for_append(self, after: int, timeout: float) -> bool:
+        """Block until the log holds a position ``> after`` or ``timeout`` seconds pass;
+        True when there is something new (spurious wake-ups are allowed)."""
+        ...
+
+
+@runtime_checkable
+class ReplaceableProjectionStore(Protocol):
+    """A projection store that can swap a whole table at once, which ``replay`` needs:
+    version guards would refuse a rebuilt read model that is older than a stored one."""
+
+    def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        """Atomically delete every stored ``projection_type`` and write ``projections``;
+        returns how many were written."""
+        ...
+
+
+class Parked(msgspec.Struct, frozen=True, kw_only=True):
+    """An event a subscription gave up on: it stays in the dead-letter store, with the
+    last error, until it is retried successfully or dropped."""
+
+    handler: str
+    position: int
+    event_id: str
+    aggregate_id: str
+    event_type: str
+    error: str
+    attempts: int
+    parked_at: dt.datetime
+
+
+@runtime_checkable
+class HandlerLock(Protocol):
+    """Exclusive right to run one handler, across threads, processes and (on Postgres)
+    machines. It is held by something that dies with its holder (a session, an open
+    file), never by a row with an expiry time."""
+
+    handler: str
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take the lock: wait up to ``timeout`` seconds (None: forever, 0: just try)."""
+        ...
+
+    def release(self) -> None: ...
+
+    def held(self) -> bool:
+        """Whether this holder still has the lock (a dropped Postgres session loses it)."""
+        ...
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Where subscriptions keep their position in the global log, their dead letters and
+    their locks. Checkpoints move by compare-and-set, so two runners that somehow hold
+    the same handler cannot both advance it."""
+
+    def load(self, handler: str) -> int:
+        """The last position ``handler`` has fully processed (0: none yet)."""
+        ...
+
+    def save(
+        self,
+        handler: str,
+        position: int,
+        *,
+        expected: int,
+        projections: Sequence[Projection] = (),
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        """Write ``projections`` and move the checkpoint from ``expected`` to ``position``:
+        in one transaction when the projection store shares this database, else the
+        projections first (so a crash in between re-applies idempotent upserts, never
+        skips). Raises CheckpointConflict, writing nothing, if the stored checkpoint is
+        not ``expected``."""
+        ...
+
+    def reset(self, handler: str, position: int = 0) -> None:
+        """Set the checkpoint unconditionally (replay; the caller holds the lock)."""
+        ...
+
+    def checkpoints(self) -> dict[str, int]:
+        """Every known handler and its checkpoint."""
+        ...
+
+    def park(self, parked: Parked) -> None:
+        """Keep a failed event (replacing an earlier record of the same one)."""
+        ...
+
+    def parked(self, handler: str | None = None) -> list[Parked]:
+        """Parked events, in position order, of one handler or all."""
+        ...
+
+    def unpark(self, handler: str, position: int) -> None: ...
+
+    def lock(self, handler: str) -> HandlerLock:
+        """A new, unacquired lock object for ``handler``."""
+        ...
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool: ...
+
+    def initialize(self) -> list[str]: ...
 
     def close(self) -> None: ...

@@ -76,16 +76,22 @@ __all__ = [
 def build(
     event_store: EventStore | str = "memory://",
     projection_store: ProjectionStore | str | None = None,
+    *,
+    subscriptions: bool = False,
     **options: int | float,
 ) -> CommandHandler:
-    """A CommandHandler running the Bank with its projections and transfer process inline.
+    """A CommandHandler running the Bank with its projections and transfer process inline,
+    or, with ``subscriptions=True``, as durable subscriptions (``.subscriptions``) that
+    catch up once started.
 
     ``projection_store=None`` puts the read models in the event store's database.
     """
+    handlers = [bank_projections, money_transfer]
     return CommandHandler(
         event_store,
         projection_store,
         aggregates=[bank_account, transfer],
-        event_handlers=[bank_projections, money_transfer],
+        event_handlers=[] if subscriptions else handlers,
+        subscriptions=handlers if subscriptions else [],
         **options,  # type: ignore[arg-type]
     )

@@ -1,0 +1,466 @@
+"""Subscriptions: event handlers run durably, following the global log from a checkpoint.
+
+Inline handlers run inside ``dispatch``; a subscription runs one handler on its own:
+
+    read_all(after=checkpoint) in batches
+      -> the aggregate's state after each event (a fold, cached per aggregate)
+      -> the listeners (pure) -> projections buffered, commands dispatched
+      -> checkpoint saved with the buffered projections (one transaction when they share
+         a database, else projections first: upserts are version-guarded, so replaying
+         them after a crash changes nothing)
+
+A listener that raises is retried with backoff; after ``retries`` the event is parked in
+the dead-letter store and the subscription goes on (or stops, with ``on_failure="stop"``).
+Commands are dispatched at least once: after a crash, the events since the last checkpoint
+are handled again, so the checkpoint is saved right after every event that dispatched
+something, to keep that window to one event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from .aggregate import Aggregate
+from .errors import CheckpointConflict, IncidentError, RegistrationError, RoutingError
+from .event_handler import EventHandler
+from .messages import Projection, Recorded
+from .state_cache import StateCache
+from .stores import CheckpointStore, EventStore, Parked, checkpoint_store_for
+from .stores._common import newer_or_equal, projection_key, utc_now
+
+if TYPE_CHECKING:
+    from .command_handler import CommandHandler
+
+__all__ = ["Subscription", "SubscriptionFailed", "Subscriptions", "last_position"]
+
+log = logging.getLogger("incident.subscriptions")
+
+OnFailure = Literal["park", "stop"]
+Pending = dict[tuple[type[Projection], str], Projection]
+
+
+class SubscriptionFailed(IncidentError):
+    """A listener kept failing on one event and the subscription was told to stop there.
+    Everything before that event is checkpointed; the cause is chained."""
+
+    def __init__(self, handler: str, position: int, error: BaseException) -> None:
+        self.handler, self.position = handler, position
+        super().__init__(
+            f"{handler} stopped at position {position}: {type(error).__name__}: {error}"
+        )
+
+
+def last_position(event_store: EventStore, after: int = 0) -> int:
+    """The position of the last event in the log (0 when it is empty)."""
+    known = getattr(event_store, "last_position", None)
+    if callable(known):
+        return int(known())
+    position = after
+    for recorded in event_store.read_all(after=after):
+        position = recorded.position
+    return position
+
+
+class Subscription:
+    """Runs one EventHandler over the global log, durably.
+
+    ``command_handler`` supplies the stores, the aggregates (to compute the state each
+    listener receives) and the dispatching of returned commands. ``checkpoints`` defaults
+    to the checkpoint store beside the event store.
+    """
+
+    def __init__(
+        self,
+        handler: EventHandler,
+        command_handler: CommandHandler,
+        *,
+        checkpoints: CheckpointStore | None = None,
+        batch_size: int = 1000,
+        retries: int = 3,
+        backoff: float = 0.05,
+        on_failure: OnFailure = "park",
+        cache_size: int = 10_000,
+        idle: float = 0.25,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_failure not in ("park", "stop"):
+            raise ValueError(f"on_failure must be 'park' or 'stop', got {on_failure!r}")
+        self.handler = handler
+        self.name = handler.name
+        self.command_handler = command_handler
+        self.event_store = command_handler.event_store
+        self.projection_store = command_handler.projection_store
+        self.checkpoints = checkpoints or checkpoint_store_for(self.event_store)
+        self.batch_size, self.retries, self.backoff = batch_size, retries, backoff
+        self.on_failure: OnFailure = on_failure
+        self.idle = idle
+        self._aggregates = _aggregates_for(handler, command_handler.aggregates)
+        self._cache = StateCache(cache_size)
+        self._position: int | None = None
+        self._progress = threading.Condition()
+        self._lock = self.checkpoints.lock(self.name)
+        self.error: BaseException | None = None  # why run() ended, if it failed
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.name!r}, position={self.position})"
+
+    @property
+    def position(self) -> int:
+        """The last position this subscription has processed and checkpointed."""
+        if self._position is None:
+            self._position = self.checkpoints.load(self.name)
+        return self._position
+
+    # -- processing ----------------------------------------------------------
+
+    def catch_up(self, until: int | None = None) -> int:
+        """Process batches until the end of the log (or ``until``); returns how many
+        events were read. Runs in the calling thread; ``run`` adds the lock and waiting."""
+        total = 0
+        while until is None or self.position < until:
+            read = self.step()
+            if not read:
+                break
+            total += read
+        return total
+
+    def step(self) -> int:
+        """Process one batch and checkpoint it; returns how many events were read."""
+        batch = list(self.event_store.read_all(after=self.position, limit=self.batch_size))
+        pending: Pending = {}
+        done = self.position
+        for recorded in batch:
+            if not self.handler.handles(recorded.data):
+                self._follow(recorded)
+                done = recorded.position
+                continue
+            try:
+                projections, dispatched = self._process(recorded)
+            except SubscriptionFailed:
+                self._commit(done, pending)
+                raise
+            _merge(pending, projections)
+            done = recorded.position
+            if dispatched:  # commands went out: checkpoint now, so a crash re-sends less
+                self._commit(done, pending)
+                pending = {}
+        self._commit(done, pending)
+        return len(batch)
+
+    def _process(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
+        """The listeners' projections for one event, after dispatching their commands;
+        retried with backoff, then parked (or SubscriptionFailed)."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self._handle(recorded)
+            except Exception as error:
+                if attempts <= self.retries:
+                    log.warning(
+                        "%s failed on #%s (%s), try %s of %s: %s",
+                        self.name,
+                        recorded.position,
+                        recorded.event_type,
+                        attempts,
+                        self.retries + 1,
+                        error,
+                    )
+                    time.sleep(self.backoff * 2 ** (attempts - 1))
+                    continue
+                if self.on_failure == "stop":
+                    raise SubscriptionFailed(self.name, recorded.position, error) from error
+                log.error("%s parked #%s after %s tries: %s", self.name, recorded.position,
+                          attempts, error)  # fmt: skip
+                self.checkpoints.park(_parked(self.name, recorded, error, attempts))
+                return [], False
+
+    def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
+        projections: list[Projection] = []
+        dispatched = False
+        for output in self.handler.handle(recorded, self._state_at(recorded)):
+            if isinstance(output, Projection):
+                projections.append(output)
+            else:
+                self.command_handler.react(output, recorded)
+                dispatched = True
+        return projections, dispatched
+
+    def _commit(self, position: int, pending: Pending) -> None:
+        if position == self.position and not pending:
+            return
+        try:
+            self.checkpoints.save(
+                self.name,
+                position,
+                expected=self.position,
+                projections=list(pending.values()),
+                projection_store=self.projection_store,
+            )
+        except CheckpointConflict:
+            self._position = None  # reload: whoever moved it knows better
+            self._cache.clear()
+            raise
+        with self._progress:
+            self._position = position
+            self._progress.notify_all()
+
+    # -- aggregate state -------------------------------------------------------
+
+    def _state_at(self, recorded: Recorded[Any]) -> Any:
+        """The aggregate's state right after ``recorded``: the cached state evolved by one
+        event, or a fold of the stream up to it when the cache has no usable entry."""
+        aggregate = self._aggregates.get(recorded.aggregate)
+        if aggregate is None:
+            raise RoutingError(
+                f"{self.name} handles {recorded.event_type} of aggregate "
+                f"{recorded.aggregate!r}, which is not among this subscription's aggregates"
+            )
+        key = (aggregate.name, recorded.aggregate_id)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] == recorded.version - 1:
+            state = aggregate.evolve(cached[0], recorded)
+        else:
+            if cached is not None and cached[1] >= recorded.version:
+                self._cache.discard(key)  # handled again (a retry or a reset): start over
+                cached = None
+            base, version = cached or (aggregate.initial, 0)
+            missing = (
+                r
+                for r in self.event_store.get(recorded.aggregate_id, after=version)
+                if r.version < recorded.version
+            )
+            state = aggregate.evolve(aggregate.fold(missing, base), recorded)
+        self._cache.put(key, state, recorded.version)
+        return state
+
+    def _follow(self, recorded: Recorded[Any]) -> None:
+        """Keep a cached state current through an event no listener wants (cheap: no I/O;
+        an aggregate that is not cached is folded from its stream when it is needed)."""
+        aggregate = self._aggregates.get(recorded.aggregate)
+        if aggregate is None:
+            return
+        key = (aggregate.name, recorded.aggregate_id)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] == recorded.version - 1:
+            self._cache.put(key, aggregate.evolve(cached[0], recorded), recorded.version)
+
+    # -- running -------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Take the handler's lock (waiting while another runner holds it), then follow
+        the log until ``stop`` is set: wake-ups from the store where it can notify,
+        polling with backoff otherwise."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if not self._lock.acquire(timeout=self.idle):
+                continue
+            try:
+                self._position = None  # whoever held the lock before may have moved it
+                self._cache.clear()
+                self._follow_log(stop)
+            finally:
+                self._lock.release()
+
+    def _follow_log(self, stop: threading.Event) -> None:
+        pause = 0.001
+        while not stop.is_set():
+            if not self._lock.held():
+                log.warning("%s lost its lock; waiting to take it again", self.name)
+                return
+            try:
+                read = self.step()
+            except CheckpointConflict as conflict:
+                log.warning("%s", conflict)
+                return
+            if read:
+                pause = 0.001
+                continue
+            wait_for_append = getattr(self.event_store, "wait_for_append", None)
+            if callable(wait_for_append):
+                wait_for_append(self.position, min(self.idle, 0.1))
+            else:
+                stop.wait(pause)
+                pause = min(pause * 2, self.idle)
+
+    def wait_until_caught_up(self, position: int, timeout: float = 10.0) -> None:
+        """Block until this subscription has processed ``position`` (wherever it runs:
+        the checkpoint store is read too). Raises TimeoutError, or the runner's error."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                stored = self.checkpoints.load(self.name)
+                if max(stored, self._position or 0) >= position:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{self.name} is at {stored}, not {position}, after {timeout}s"
+                    )
+                self._progress.wait(min(remaining, 0.05))
+
+    # -- dead letters --------------------------------------------------------
+
+    def parked(self) -> list[Parked]:
+        return self.checkpoints.parked(self.name)
+
+    def retry_parked(self, position: int | None = None) -> list[int]:
+        """Handle parked events again (one, or all); those that succeed leave the
+        dead-letter store and their projections are written (version-guarded). Returns
+        the positions that succeeded."""
+        succeeded = []
+        for parked in self.parked():
+            if position is not None and parked.position != position:
+                continue
+            recorded = next(iter(self.event_store.read_all(after=parked.position - 1, limit=1)))
+            try:
+                projections, _ = self._handle(recorded)
+            except Exception as error:
+                self.checkpoints.park(_parked(self.name, recorded, error, parked.attempts + 1))
+                continue
+            for projection in projections:
+                self.projection_store.project(projection)
+            self.checkpoints.unpark(self.name, parked.position)
+            succeeded.append(parked.position)
+        return succeeded
+
+
+class Subscriptions(Mapping[str, Subscription]):
+    """A set of subscriptions, by handler name, run on background threads.
+
+    >>> subscriptions = Subscriptions([])
+    >>> with subscriptions:  # start(), then stop() on the way out
+    ...     subscriptions.wait_until_caught_up()
+    """
+
+    def __init__(self, subscriptions: Iterable[Subscription] = ()) -> None:
+        self._by_name: dict[str, Subscription] = {}
+        for subscription in subscriptions:
+            if subscription.name in self._by_name:
+                raise RegistrationError(f"Two subscriptions are named {subscription.name!r}")
+            self._by_name[subscription.name] = subscription
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __getitem__(self, name: str) -> Subscription:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __repr__(self) -> str:
+        return f"Subscriptions({list(self._by_name.values())})"
+
+    def __enter__(self) -> Subscriptions:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Run every subscription on its own daemon thread until ``stop()``."""
+        if self._threads:
+            return
+        self._stop.clear()
+        for subscription in self._by_name.values():
+            thread = threading.Thread(
+                target=_run_recording_errors,
+                args=(subscription, self._stop),
+                name=f"incident-subscription-{subscription.name}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def catch_up(self) -> int:
+        """Run every subscription in this thread until none has anything left (commands
+        one dispatches may give another more to do); returns how many events were read."""
+        total = 0
+        while True:
+            read = sum(subscription.catch_up() for subscription in self._by_name.values())
+            if not read:
+                return total
+            total += read
+
+    def wait_until_caught_up(self, position: int | None = None, timeout: float = 10.0) -> None:
+        """Block until every subscription has processed ``position``; by default the end
+        of the log, waited for again until commands the subscriptions dispatch stop
+        adding events (read-your-writes for tests and request handlers)."""
+        deadline = time.monotonic() + timeout
+        settled = position is not None
+        target = position or 0
+        while True:
+            if not settled:
+                target = max((last_position(s.event_store) for s in self.values()), default=0)
+            for subscription in self._by_name.values():
+                subscription.wait_until_caught_up(target, max(0.0, deadline - time.monotonic()))
+            if settled:
+                return
+            again = max((last_position(s.event_store) for s in self.values()), default=0)
+            if again == target:
+                return
+
+    def parked(self) -> list[Parked]:
+        return [parked for s in self._by_name.values() for parked in s.parked()]
+
+
+def _run_recording_errors(subscription: Subscription, stop: threading.Event) -> None:
+    try:
+        subscription.run(stop)
+    except BaseException as error:
+        subscription.error = error
+        log.exception("subscription %s stopped", subscription.name)
+
+
+def _merge(pending: Pending, projections: list[Projection]) -> None:
+    """Keep one projection per key, by the rule the stores apply: never move backwards."""
+    for projection in projections:
+        key = (type(projection), projection_key(projection))
+        if newer_or_equal(projection, pending.get(key)):
+            pending[key] = projection
+
+
+def _parked(handler: str, recorded: Recorded[Any], error: BaseException, attempts: int) -> Parked:
+    return Parked(
+        handler=handler,
+        position=recorded.position,
+        event_id=recorded.event_id,
+        aggregate_id=recorded.aggregate_id,
+        event_type=recorded.event_type,
+        error=f"{type(error).__name__}: {error}",
+        attempts=attempts,
+        parked_at=utc_now(),
+    )
+
+
+def _aggregates_for(
+    handler: EventHandler, aggregates: Iterable[Aggregate[Any]]
+) -> dict[str, Aggregate[Any]]:
+    """The aggregates by name, refusing a handler that listens to an event none of them
+    produces (its listeners could never be given a state)."""
+    by_name = {aggregate.name: aggregate for aggregate in aggregates}
+    produced = {t for aggregate in by_name.values() for t in aggregate.event_types}
+    orphans = [t.__name__ for t in handler.event_types if t not in produced]
+    if orphans:
+        raise RegistrationError(
+            f"{handler.name} listens to {', '.join(orphans)}, which no aggregate of this "
+            f"command handler applies ({', '.join(sorted(by_name)) or 'none'})"
+        )
+    return by_name
