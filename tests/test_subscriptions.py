@@ -1,0 +1,264 @@
+"""Subscriptions: event handlers run durably from a checkpoint, on every store backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import (
+    AccountState,
+    BankAccount,
+    DepositMoney,
+    MoneyDeposited,
+    OpenAccount,
+    RequestTransfer,
+    Transfer,
+    WithdrawMoney,
+)
+
+
+def run_scenario(app: incident.CommandHandler, settle: Callable[[], None] = lambda: None) -> None:
+    """Accounts, deposits, withdrawals and every kind of transfer outcome; ``settle`` runs
+    after each command (transfers depend on balances that earlier transfers change)."""
+    for number, balance in (("A", 100), ("B", 50), ("C", 0)):
+        app.dispatch(OpenAccount(aggregate_id=number))
+        if balance:
+            app.dispatch(DepositMoney(aggregate_id=number, amount=balance))
+    app.dispatch(WithdrawMoney(aggregate_id="A", amount=10))
+    transfers = [
+        ("T-ok", "A", "B", 30),  # completes
+        ("T-poor", "C", "A", 5),  # cancelled: C cannot pay
+        ("T-nosrc", "Z", "A", 5),  # cancelled: no source
+        ("T-nodst", "B", "Z", 20),  # reverted, then cancelled: no destination
+        ("T-ok2", "B", "C", 40),
+    ]
+    for transfer_id, source, destination, amount in transfers:
+        app.dispatch(
+            RequestTransfer(
+                aggregate_id=transfer_id,
+                source_account_number=source,
+                destination_account_number=destination,
+                amount=amount,
+            )
+        )
+        settle()
+
+
+def read_models(app: incident.CommandHandler) -> tuple[dict[str, int], dict[str, str]]:
+    balances = {row.aggregate_id: row.balance for row in app.projection_store.all(BankAccount)}
+    statuses = {row.aggregate_id: row.status for row in app.projection_store.all(Transfer)}
+    return balances, statuses
+
+
+@pytest.fixture
+def durable(store_url: str) -> Iterator[incident.CommandHandler]:
+    app = bank.build(store_url, subscriptions=True)
+    yield app
+    app.subscriptions.stop()
+    app.event_store.close()
+
+
+# A handler whose listener can be told to fail, and which records what it saw.
+class Seen(incident.Projection):
+    aggregate_id: str
+    balance: int
+    version: int
+
+
+def recording_handler(
+    fail_on: set[int] | None = None, seen: list[tuple[int, int, str]] | None = None
+) -> incident.EventHandler:
+    handler = incident.EventHandler("recorder")
+
+    @handler.listen(bank.AccountOpened, MoneyDeposited)
+    def record(recorded: incident.Recorded[Any], state: AccountState) -> Seen:
+        if fail_on is not None and recorded.position in fail_on:
+            raise RuntimeError(f"cannot handle #{recorded.position}")
+        if seen is not None:
+            seen.append((recorded.position, state.balance, threading.current_thread().name))
+        return Seen(
+            aggregate_id=recorded.aggregate_id, balance=state.balance, version=recorded.version
+        )
+
+    return handler
+
+
+def writer(
+    store_url: str, handler: incident.EventHandler, **options: Any
+) -> incident.CommandHandler:
+    return incident.CommandHandler(
+        store_url,
+        aggregates=[bank.bank_account, bank.transfer],
+        subscriptions=[handler],
+        **options,
+    )
+
+
+def test_bank_with_subscriptions_reaches_the_same_read_models_as_inline(
+    store_url: str, durable: incident.CommandHandler, tmp_path: Any
+) -> None:
+    """The Bank with its handlers as subscriptions ends with the balances and transfer
+    statuses it has when they run inline."""
+    inline = bank.build("memory://")
+    run_scenario(inline)
+    with durable.subscriptions:
+        run_scenario(durable, lambda: durable.subscriptions.wait_until_caught_up(timeout=30))
+    assert read_models(durable) == read_models(inline)
+    balances, statuses = read_models(durable)
+    assert statuses == {
+        "T-ok": "completed",
+        "T-poor": "cancelled",
+        "T-nosrc": "cancelled",
+        "T-nodst": "cancelled",
+        "T-ok2": "completed",
+    }
+    assert sum(balances.values()) == 100 + 50 - 10
+
+
+def test_catch_up_runs_the_subscriptions_in_the_calling_thread(
+    durable: incident.CommandHandler,
+) -> None:
+    """Nothing is projected until the subscriptions run; catch_up drains them, including
+    the events that the transfer process dispatches along the way."""
+    run_scenario(durable)
+    assert durable.projection_store.all(BankAccount) == []
+    read = durable.subscriptions.catch_up()
+    assert read > 0
+    head = incident.subscriptions.last_position(durable.event_store)
+    assert {s.position for s in durable.subscriptions.values()} == {head}
+    assert read_models(durable)[1]["T-nodst"] == "cancelled"
+
+
+def test_listeners_get_the_state_after_each_event_even_from_a_mid_log_checkpoint(
+    store_url: str,
+) -> None:
+    """The state a listener receives is the aggregate's right after that event, also when
+    the subscription starts from a checkpoint with nothing cached."""
+    seen: list[tuple[int, int, str]] = []
+    app = writer(store_url, recording_handler(seen=seen))
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    app.dispatch(DepositMoney(aggregate_id="A", amount=5))
+    app.subscriptions.catch_up()
+    app.dispatch(DepositMoney(aggregate_id="A", amount=7))
+    restarted = writer(app.event_store, recording_handler(seen=seen))  # type: ignore[arg-type]
+    restarted.subscriptions.catch_up()
+    assert [(position, balance) for position, balance, _ in seen] == [(1, 0), (2, 5), (3, 12)]
+
+
+def test_a_restarted_subscription_resumes_from_its_checkpoint(store_url: str) -> None:
+    """A new subscription for the same handler handles only the events after the
+    checkpoint the previous one saved."""
+    seen: list[tuple[int, int, str]] = []
+    first = writer(store_url, recording_handler(seen=seen))
+    first.dispatch(OpenAccount(aggregate_id="A"))
+    first.subscriptions.catch_up()
+    first.dispatch(DepositMoney(aggregate_id="A", amount=1))
+    first.dispatch(DepositMoney(aggregate_id="A", amount=2))
+    again = writer(first.event_store, recording_handler(seen=seen))  # type: ignore[arg-type]
+    assert again.subscriptions["recorder"].position == 1
+    again.subscriptions.catch_up()
+    assert [position for position, _, _ in seen] == [1, 2, 3]
+    row = again.projection_store.get(Seen, "A")
+    assert row is not None and (row.balance, row.version) == (3, 3)
+
+
+def test_a_failing_event_is_parked_and_the_rest_are_processed(store_url: str) -> None:
+    """A listener that keeps failing on one event is retried, then that event is parked
+    with its error, and the events after it are still handled."""
+    fail_on = {2}
+    app = writer(store_url, recording_handler(fail_on=fail_on))
+    subscription = app.subscriptions["recorder"]
+    subscription.backoff = 0.0
+    for number in ("A", "B"):
+        app.dispatch(OpenAccount(aggregate_id=number))
+    app.dispatch(DepositMoney(aggregate_id="B", amount=9))
+    app.subscriptions.catch_up()
+
+    [parked] = subscription.parked()
+    assert (parked.position, parked.aggregate_id, parked.event_type) == (2, "B", "AccountOpened")
+    assert parked.attempts == subscription.retries + 1
+    assert "cannot handle #2" in parked.error
+    assert subscription.position == 3
+    row = app.projection_store.get(Seen, "B")
+    assert row is not None and row.balance == 9  # the deposit after it was handled
+
+    fail_on.clear()  # the bug is fixed: retrying empties the dead-letter store
+    assert subscription.retry_parked() == [2]
+    assert subscription.parked() == []
+
+
+def test_a_subscription_told_to_stop_stops_at_the_failing_event(store_url: str) -> None:
+    """With on_failure="stop", the events before the failing one are checkpointed and
+    the subscription raises SubscriptionFailed naming the position."""
+    app = incident.CommandHandler(store_url, aggregates=[bank.bank_account, bank.transfer])
+    subscription = incident.Subscription(
+        recording_handler(fail_on={3}), app, on_failure="stop", retries=1, backoff=0.0
+    )
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    app.dispatch(DepositMoney(aggregate_id="A", amount=1))
+    app.dispatch(DepositMoney(aggregate_id="A", amount=2))
+    with pytest.raises(incident.SubscriptionFailed, match="position 3"):
+        subscription.catch_up()
+    assert subscription.position == 2
+    assert subscription.checkpoints.load("recorder") == 2
+    assert subscription.parked() == []
+
+
+def test_checkpoints_move_by_compare_and_set(event_store: incident.EventStore) -> None:
+    """A save that expects a checkpoint another runner has moved writes nothing."""
+    checkpoints = incident.stores.checkpoint_store_for(event_store)
+    checkpoints.save("h", 5, expected=0)
+    with pytest.raises(incident.CheckpointConflict, match="at 5, expected 0"):
+        checkpoints.save("h", 7, expected=0)
+    assert checkpoints.load("h") == 5
+    assert checkpoints.checkpoints()["h"] == 5
+
+
+def test_one_runner_per_handler(store_url: str) -> None:
+    """Two runners of one handler: only the one holding the lock handles events; when it
+    stops, the other takes over from the checkpoint."""
+    seen: list[tuple[int, int, str]] = []
+    app = writer(store_url, recording_handler(seen=seen))
+    other = writer(app.event_store, recording_handler(seen=seen))  # type: ignore[arg-type]
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    with app.subscriptions:
+        app.subscriptions.wait_until_caught_up()
+        other.subscriptions.start()
+        for amount in range(1, 6):
+            app.dispatch(DepositMoney(aggregate_id="A", amount=amount))
+        app.subscriptions.wait_until_caught_up()
+        first_runner = {name for _, _, name in seen}
+    # the first runner stopped: the second one holds the lock now and continues
+    app.dispatch(DepositMoney(aggregate_id="A", amount=100))
+    other.subscriptions.wait_until_caught_up()
+    other.subscriptions.stop()
+    assert [position for position, _, _ in seen] == list(range(1, 8))
+    assert len(first_runner) == 1
+    assert seen[-1][1] == 115
+
+
+def test_waiting_for_a_subscription_that_does_not_run_times_out(
+    durable: incident.CommandHandler,
+) -> None:
+    durable.dispatch(OpenAccount(aggregate_id="A"))
+    with pytest.raises(TimeoutError, match="bank_projections is at 0, not 1"):
+        durable.subscriptions["bank_projections"].wait_until_caught_up(1, timeout=0.01)
+
+
+def test_a_handler_runs_either_inline_or_as_a_subscription() -> None:
+    with pytest.raises(incident.RegistrationError, match="both inline and as a subscription"):
+        incident.CommandHandler(
+            aggregates=[bank.bank_account, bank.transfer],
+            event_handlers=[bank.bank_projections],
+            subscriptions=[bank.bank_projections],
+        )
+
+
+def test_a_subscription_needs_the_aggregates_of_its_events() -> None:
+    with pytest.raises(incident.RegistrationError, match="TransferRequested"):
+        incident.CommandHandler(aggregates=[bank.bank_account], subscriptions=[bank.money_transfer])
