@@ -1,4 +1,4 @@
-"""The ``incident`` command: init, demo, events.
+"""The ``incident`` command: init, demo, events, replay, subscriptions.
 
 The CLI is the one place that may read the environment; the library never does.
 """
@@ -6,6 +6,7 @@ The CLI is the one place that may read the environment; the library never does.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import itertools
 import uuid
 from collections.abc import Iterable
@@ -13,12 +14,17 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
 from . import errors
+from .aggregate import Aggregate
 from .codec import encode
+from .command_handler import CommandHandler
+from .event_handler import EventHandler
 from .messages import Recorded
-from .stores import open_event_store
+from .stores import checkpoint_store_for, open_event_store
+from .subscriptions import Subscription, last_position
 
 DEFAULT_DEMO_STORE = "sqlite:///incident-demo.db"
 
@@ -110,6 +116,113 @@ def demo(url: str) -> None:
         bank_demo.run(url, console=console, run_id=uuid.uuid4().hex[:4].upper())
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--handler",
+    "handler_path",
+    required=True,
+    help="The EventHandler to rebuild, as module:object "
+    "(e.g. incident.examples.bank:bank_projections).",
+)
+@click.option(
+    "--aggregate",
+    "aggregate_paths",
+    multiple=True,
+    help="An Aggregate whose state the listeners receive, as module:object (repeatable); "
+    "by default every Aggregate in the handler's module.",
+)
+def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> None:
+    """Rebuild a handler's projections from the start of the log at URL.
+
+    The rebuilt tables replace the old ones when the replay is done, and the handler's
+    checkpoint moves to the end of the log. The handler must not be running elsewhere.
+    """
+    handler = _load(handler_path, EventHandler)
+    aggregates = [_load(path, Aggregate) for path in aggregate_paths] or _aggregates_beside(
+        handler_path
+    )
+    store = _open(url)
+    try:
+        app = CommandHandler(store, aggregates=aggregates)
+        subscription = Subscription(handler, app)
+        total = last_position(store)
+        with Progress(
+            *Progress.get_default_columns()[:-1],
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(f"replaying {handler.name}", total=total)
+            done = subscription.replay(lambda read: progress.advance(task, read))
+    except errors.IncidentError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        store.close()
+    rows = ", ".join(f"{count} {name}" for name, count in done.written.items()) or "no rows"
+    console.print(f"[green]✓[/] {handler.name}: rebuilt {rows} up to position {done.position}")
+    if done.skipped_commands:
+        console.print(
+            f"  {done.skipped_commands} commands for events it had already handled were "
+            "not dispatched again"
+        )
+
+
+@main.command()
+@click.argument("url")
+@click.option("--parked", "show_parked", is_flag=True, help="Also list the parked events.")
+def subscriptions(url: str, show_parked: bool) -> None:
+    """List the subscriptions of the store at URL: checkpoint, lag and parked events."""
+    store = _open(url)
+    try:
+        checkpoints = checkpoint_store_for(store)
+        head = last_position(store)
+        positions = checkpoints.checkpoints()
+        parked = checkpoints.parked()
+    except errors.IncidentError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        store.close()
+    table = Table(title=f"{url}: log at position {head}")
+    for column in ("handler", "checkpoint", "lag", "parked"):
+        table.add_column(column, justify="left" if column == "handler" else "right")
+    for name in sorted(positions.keys() | {p.handler for p in parked}):
+        position = positions.get(name, 0)
+        count = sum(1 for p in parked if p.handler == name)
+        table.add_row(name, str(position), str(max(head - position, 0)), str(count))
+    console.print(table)
+    if show_parked and parked:
+        detail = Table(title="parked events")
+        for column in ("handler", "pos", "aggregate id", "type", "tries", "error"):
+            detail.add_column(column)
+        for p in parked:
+            detail.add_row(
+                p.handler, str(p.position), p.aggregate_id, p.event_type, str(p.attempts), p.error
+            )
+        console.print(detail)
+
+
+def _load(path: str, kind: type[Any]) -> Any:
+    module_name, _, attribute = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise click.ClickException(f"Cannot load {path!r} (module:object): {error}") from error
+    if not isinstance(found, kind):
+        raise click.ClickException(f"{path} is a {type(found).__name__}, not a {kind.__name__}")
+    return found
+
+
+def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:
+    module = importlib.import_module(handler_path.partition(":")[0])
+    found = [value for value in vars(module).values() if isinstance(value, Aggregate)]
+    if not found:
+        raise click.ClickException(
+            f"No Aggregate in {module.__name__}; name them with --aggregate module:object"
+        )
+    return found
 
 
 def _open(url: str) -> Any:

@@ -21,21 +21,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from ._fp import partition_all
 from .aggregate import Aggregate
 from .errors import CheckpointConflict, IncidentError, RegistrationError, RoutingError
 from .event_handler import EventHandler
 from .messages import Projection, Recorded
 from .state_cache import StateCache
-from .stores import CheckpointStore, EventStore, Parked, checkpoint_store_for
+from .stores import (
+    CheckpointStore,
+    EventStore,
+    Parked,
+    ReplaceableProjectionStore,
+    checkpoint_store_for,
+)
 from .stores._common import newer_or_equal, projection_key, utc_now
 
 if TYPE_CHECKING:
     from .command_handler import CommandHandler
 
-__all__ = ["Subscription", "SubscriptionFailed", "Subscriptions", "last_position"]
+__all__ = ["Replayed", "Subscription", "SubscriptionFailed", "Subscriptions", "last_position"]
 
 log = logging.getLogger("incident.subscriptions")
 
@@ -306,6 +313,56 @@ class Subscription:
                     )
                 self._progress.wait(min(remaining, 0.05))
 
+    # -- replay --------------------------------------------------------------
+
+    def replay(self, progress: Callable[[int], object] | None = None) -> Replayed:
+        """Rebuild this handler's projections from the start of the log, then swap each
+        projection type's table for the rebuilt one and move the checkpoint to the end.
+
+        Commands the listeners return for events the subscription had already handled
+        are not dispatched again (a replay rebuilds read models, it does not re-run a
+        process); for events past the old checkpoint they are, as running would have.
+        Takes the handler's lock, so nothing else runs this handler meanwhile; a
+        listener error aborts the replay with nothing replaced. ``progress`` is called
+        with the number of events read after each batch.
+        """
+        target = self.projection_store
+        if not isinstance(target, ReplaceableProjectionStore):
+            raise IncidentError(f"{target!r} cannot replace tables, so it cannot be replayed into")
+        if not self._lock.acquire(timeout=0):
+            raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
+        try:
+            already = self._position = self.checkpoints.load(self.name)
+            self._cache.clear()
+            rebuilt: Pending = {}
+            position, skipped = 0, 0
+            for batch in partition_all(self.batch_size, self.event_store.read_all()):
+                for recorded in batch:
+                    if not self.handler.handles(recorded.data):
+                        self._follow(recorded)
+                        continue
+                    for output in self.handler.handle(recorded, self._state_at(recorded)):
+                        if isinstance(output, Projection):
+                            _merge(rebuilt, [output])
+                        elif recorded.position > already:
+                            self.command_handler.react(output, recorded)
+                        else:
+                            skipped += 1
+                position = batch[-1].position
+                if progress is not None:
+                    progress(len(batch))
+            tables: dict[type[Projection], list[Projection]] = {}
+            for (projection_type, _), projection in rebuilt.items():
+                tables.setdefault(projection_type, []).append(projection)
+            written = {t.__name__: target.replace_all(t, rows) for t, rows in tables.items()}
+            self.checkpoints.reset(self.name, position)
+            with self._progress:
+                self._position = position
+                self._progress.notify_all()
+            return Replayed(self.name, position, written, skipped)
+        finally:
+            self._lock.release()
+
     # -- dead letters --------------------------------------------------------
 
     def parked(self) -> list[Parked]:
@@ -419,6 +476,16 @@ class Subscriptions(Mapping[str, Subscription]):
 
     def parked(self) -> list[Parked]:
         return [parked for s in self._by_name.values() for parked in s.parked()]
+
+
+class Replayed(NamedTuple):
+    """What a replay did: the position it ended at, the rows written per projection type,
+    and how many commands it did not dispatch again."""
+
+    handler: str
+    position: int
+    written: dict[str, int]
+    skipped_commands: int
 
 
 def _run_recording_errors(subscription: Subscription, stop: threading.Event) -> None:
