@@ -29,7 +29,6 @@ from .aggregate import Aggregate
 from .errors import CheckpointConflict, IncidentError, RegistrationError, RoutingError
 from .event_handler import EventHandler
 from .messages import Projection, Recorded
-from .state_cache import StateCache
 from .stores import (
     CheckpointStore,
     EventStore,
@@ -107,7 +106,10 @@ class Subscription:
         self.on_failure: OnFailure = on_failure
         self.idle = idle
         self._aggregates = _aggregates_for(handler, command_handler.aggregates)
-        self._cache = StateCache(cache_size)
+        # (state, version) per aggregate, least recently used first: a dict keeps insertion
+        # order, and this subscription's one thread is its only user, so no lock
+        self._states: dict[tuple[str, str], tuple[Any, int]] = {}
+        self.cache_size = cache_size
         self._position: int | None = None
         self._progress = threading.Condition()
         self._lock = self.checkpoints.lock(self.name)
@@ -211,7 +213,7 @@ class Subscription:
             )
         except CheckpointConflict:
             self._position = None  # reload: whoever moved it knows better
-            self._cache.clear()
+            self._states.clear()
             raise
         with self._progress:
             self._position = position
@@ -229,22 +231,25 @@ class Subscription:
                 f"{recorded.aggregate!r}, which is not among this subscription's aggregates"
             )
         key = (aggregate.name, recorded.aggregate_id)
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] == recorded.version - 1:
-            state = aggregate.evolve(cached[0], recorded)
-        else:
-            if cached is not None and cached[1] >= recorded.version:
-                self._cache.discard(key)  # handled again (a retry or a reset): start over
-                cached = None
-            base, version = cached or (aggregate.initial, 0)
+        cached = self._states.pop(key, None)
+        if cached is not None and cached[1] >= recorded.version:
+            cached = None  # handled again (a retry or a reset): start over
+        base, version = cached or (aggregate.initial, 0)
+        if version < recorded.version - 1:  # not cached, or evicted: read what is missing
             missing = (
                 r
                 for r in self.event_store.get(recorded.aggregate_id, after=version)
                 if r.version < recorded.version
             )
-            state = aggregate.evolve(aggregate.fold(missing, base), recorded)
-        self._cache.put(key, state, recorded.version)
+            base = aggregate.fold(missing, base)
+        state = aggregate.evolve(base, recorded)
+        self._remember(key, state, recorded.version)
         return state
+
+    def _remember(self, key: tuple[str, str], state: Any, version: int) -> None:
+        self._states[key] = (state, version)  # popped first: now the most recently used
+        if len(self._states) > self.cache_size:
+            del self._states[next(iter(self._states))]
 
     def _follow(self, recorded: Recorded[Any]) -> None:
         """Keep a cached state current through an event no listener wants (cheap: no I/O;
@@ -253,9 +258,9 @@ class Subscription:
         if aggregate is None:
             return
         key = (aggregate.name, recorded.aggregate_id)
-        cached = self._cache.get(key)
+        cached = self._states.pop(key, None)
         if cached is not None and cached[1] == recorded.version - 1:
-            self._cache.put(key, aggregate.evolve(cached[0], recorded), recorded.version)
+            self._remember(key, aggregate.evolve(cached[0], recorded), recorded.version)
 
     # -- running -------------------------------------------------------------
 
@@ -269,7 +274,7 @@ class Subscription:
                 continue
             try:
                 self._position = None  # whoever held the lock before may have moved it
-                self._cache.clear()
+                self._states.clear()
                 self._follow_log(stop)
             finally:
                 self._lock.release()
@@ -333,7 +338,7 @@ class Subscription:
             raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
         try:
             already = self._position = self.checkpoints.load(self.name)
-            self._cache.clear()
+            self._states.clear()
             rebuilt: Pending = {}
             position, skipped = 0, 0
             for batch in partition_all(self.batch_size, self.event_store.read_all()):
@@ -500,7 +505,15 @@ def _merge(pending: Pending, projections: list[Projection]) -> None:
     """Keep one projection per key, by the rule the stores apply: never move backwards."""
     for projection in projections:
         key = (type(projection), projection_key(projection))
-        if newer_or_equal(projection, pending.get(key)):
+        stored = pending.get(key)
+        if stored is None:
+            pending[key] = projection
+            continue
+        new, old = getattr(projection, "version", None), getattr(stored, "version", None)
+        if type(new) is int and type(old) is int:  # the common case, without a call
+            if new >= old:
+                pending[key] = projection
+        elif newer_or_equal(projection, stored):
             pending[key] = projection
 
 
