@@ -77,6 +77,8 @@ class CommandHandler:
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
             self.event_store.types.register(*aggregate.event_types)
+            for (name, version), upcaster in aggregate.upcasters.items():
+                self.event_store.types.register_upcaster(name, version, upcaster)
 
     def __repr__(self) -> str:
         names = ", ".join(aggregate.name for aggregate in self.aggregates)
