@@ -16,7 +16,14 @@ from typing import Any
 
 from .aggregate import Aggregate
 from .codec import validate_command
-from .errors import ConcurrencyError, RegistrationError, Rejected, RoutingError
+from .errors import (
+    ConcurrencyError,
+    DuplicateCommand,
+    InvalidCommand,
+    RegistrationError,
+    Rejected,
+    RoutingError,
+)
 from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
 from .state_cache import StateCache
@@ -31,6 +38,8 @@ from .stores import (
 __all__ = ["CommandHandler"]
 
 log = logging.getLogger("incident")
+
+IDEMPOTENCY_KEY = "idempotency_key"
 
 # A follow-up to run after the command commits: what to do, and the event that caused it.
 FollowUp = tuple[Recorded[Any], Command | Attempt]
@@ -133,13 +142,23 @@ class CommandHandler:
         meta = dict(metadata or {})
         meta.setdefault("correlation_id", str(uuid.uuid4()))
         meta.setdefault("causation_id", None)
-        recorded, follow_ups = self._decide_and_append(aggregate, command, meta)
+        key = idempotency_key(command, meta)
+        if key is not None:
+            meta[IDEMPOTENCY_KEY] = key
+            earlier = self.event_store.recorded_for(key)
+            if earlier is not None:
+                return earlier  # done before: store nothing new, react to nothing
+        recorded, follow_ups = self._decide_and_append(aggregate, command, meta, key)
         for cause, reaction in follow_ups:
             self._react(reaction, cause, meta)
         return recorded
 
     def _decide_and_append(
-        self, aggregate: Aggregate[Any], command: Command, metadata: dict[str, Any]
+        self,
+        aggregate: Aggregate[Any],
+        command: Command,
+        metadata: dict[str, Any],
+        key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
         for attempt in range(self.retries + 1):
@@ -158,7 +177,10 @@ class CommandHandler:
                     metadata=metadata,
                     projection_store=self.projection_store,
                     project=project,
+                    idempotency_key=key,
                 )
+            except DuplicateCommand as duplicate:
+                return duplicate.recorded, []  # a racing twin committed first
             except ConcurrencyError:
                 if attempt == self.retries:
                     raise
@@ -205,6 +227,7 @@ class CommandHandler:
                 self._react(step, cause, root)
             return
         metadata = {**root, "causation_id": cause.event_id}
+        metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
         command = reaction.command if isinstance(reaction, Attempt) else reaction
         if not isinstance(command, Command):
             raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
@@ -225,6 +248,14 @@ class CommandHandler:
         if isinstance(reaction, Attempt):
             # what follows a success was caused by the attempted command's last event
             self._react(reaction.on_success, recorded[-1] if recorded else cause, root)
+
+
+def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None:
+    """The command's idempotency key: its ``idempotency_key`` field, else the metadata's."""
+    key = getattr(command, IDEMPOTENCY_KEY, None) or metadata.get(IDEMPOTENCY_KEY)
+    if key is not None and not isinstance(key, str):
+        raise InvalidCommand(type(command).__name__, IDEMPOTENCY_KEY, "must be a str")
+    return key or None
 
 
 def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:
