@@ -26,4 +26,4 @@ def test_typed_usage_examples_run() -> None:
     """tests/typing_examples.py is checked by mypy and must also run."""
     import typing_examples
 
-    assert typing_examples.use() == 2
+    assert typing_examples.use() == 3  # balance 1, row balance 1, one row
