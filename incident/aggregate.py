@@ -170,6 +170,10 @@ class Aggregate(Generic[S]):
         return tuple(self._appliers)
 
     @property
+    def appliers(self) -> dict[type[Event], Callable[[S, Any], S]]:
+        return dict(self._appliers)
+
+    @property
     def upcasters(self) -> dict[tuple[str, int], Upcaster]:
         """(stored type name, from schema version) -> upcaster."""
         return dict(self._upcasters)

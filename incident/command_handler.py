@@ -26,6 +26,7 @@ from .errors import (
 )
 from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
+from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
 from .state_cache import StateCache
 from .stores import (
     EventStore,
@@ -54,6 +55,8 @@ class CommandHandler:
     ``retries`` bounds how often a command is decided again after a version conflict.
     ``cache_size`` bounds the LRU of (state, version) per aggregate that lets a command
     read only the events after the version it last saw (0 turns the cache off).
+    ``snapshot_every=N`` stores the state every N events (with the events, in the
+    projection store) so a cold start reads the latest snapshot and what follows it.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class CommandHandler:
         retries: int = 10,
         backoff: float = 0.002,
         cache_size: int = 10_000,
+        snapshot_every: int | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -82,6 +86,10 @@ class CommandHandler:
         self.retries = retries
         self.backoff = backoff
         self.cache = StateCache(cache_size)
+        if snapshot_every is not None and snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
+        self.snapshot_every = snapshot_every
+        self._codes = {aggregate.name: code_key(aggregate) for aggregate in aggregates}
         self._routes = _routes(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
@@ -119,10 +127,22 @@ class CommandHandler:
         """The current state of one aggregate, folded from its stream."""
         return self._load(self._aggregate(aggregate), aggregate_id)[0]
 
+    def _from_snapshot(
+        self, aggregate: Aggregate[Any], aggregate_id: str
+    ) -> tuple[Any, int] | None:
+        if self.snapshot_every is None:
+            return None
+        stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
+        return load_snapshot(aggregate, stored, self._codes[aggregate.name])
+
     def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
         """(state, version): from the cache plus the events after it, else the whole stream."""
         key = (aggregate.name, aggregate_id)
-        state, version = self.cache.get(key) or (aggregate.initial, 0)
+        state, version = (
+            self.cache.get(key)
+            or self._from_snapshot(aggregate, aggregate_id)
+            or (aggregate.initial, 0)
+        )
         newer = self.event_store.get(aggregate_id, after=version)
         if newer:
             state, version = aggregate.fold(newer, state), newer[-1].version
@@ -167,7 +187,7 @@ class CommandHandler:
             if not events:
                 return [], []
             follow_ups: list[FollowUp] = []
-            project = self._projector(aggregate, state, follow_ups)
+            project = self._projector(aggregate, aggregate_id, state, follow_ups)
             try:
                 recorded = self.event_store.append_and_project(
                     aggregate_id,
@@ -196,7 +216,11 @@ class CommandHandler:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _projector(
-        self, aggregate: Aggregate[Any], state: Any, follow_ups: list[FollowUp]
+        self,
+        aggregate: Aggregate[Any],
+        aggregate_id: str,
+        state: Any,
+        follow_ups: list[FollowUp],
     ) -> ProjectFn:
         """What runs inside the append's transaction: the inline handlers, pure. It
         returns the projections to commit with the events and collects the commands."""
@@ -212,6 +236,12 @@ class CommandHandler:
                         projections.append(output)
                     else:
                         follow_ups.append((record, output))
+                every = self.snapshot_every
+                if every is not None and record.version % every == 0:
+                    code = self._codes[aggregate.name]
+                    snapshot = take_snapshot(aggregate, aggregate_id, current, record.version, code)
+                    if snapshot is not None:
+                        projections.append(snapshot)
             return projections
 
         return project
