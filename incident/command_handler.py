@@ -269,21 +269,31 @@ class CommandHandler:
             yield from handler.handle(record, state)
 
     def react(
-        self, reaction: Any, cause: Recorded[Any], root: Mapping[str, Any] | None = None
+        self,
+        reaction: Any,
+        cause: Recorded[Any],
+        root: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
     ) -> None:
         """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``.
 
         ``root`` is the metadata the dispatched commands inherit (the correlation id and
         user keys); by default the cause's own, which is what a subscription wants.
+        ``key`` makes every command dispatched an idempotent one, keyed by ``key`` and
+        its place in the reaction: a subscription that handles an event again after a
+        crash gets the first run's events back instead of, say, sending money twice.
         """
         if root is None:
             root = {**cause.metadata, "causation_id": cause.event_id}
         if isinstance(reaction, tuple):
-            for step in reaction:
-                self.react(step, cause, root)
+            for index, step in enumerate(reaction):
+                self.react(step, cause, root, key=_branch(key, str(index)))
             return
         metadata = {**root, "causation_id": cause.event_id}
         metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
+        if key is not None:
+            metadata[IDEMPOTENCY_KEY] = key
         command = reaction.command if isinstance(reaction, Attempt) else reaction
         if not isinstance(command, Command):
             raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
@@ -291,7 +301,7 @@ class CommandHandler:
             recorded = self.dispatch(command, metadata)
         except Rejected as rejection:
             if isinstance(reaction, Attempt):
-                self.react(reaction.on_rejected, cause, root)
+                self.react(reaction.on_rejected, cause, root, key=_branch(key, "rejected"))
             else:
                 log.warning(
                     "%s, dispatched by a listener on %s #%s, was rejected: %s",
@@ -303,7 +313,12 @@ class CommandHandler:
             return
         if isinstance(reaction, Attempt):
             # what follows a success was caused by the attempted command's last event
-            self.react(reaction.on_success, recorded[-1] if recorded else cause, root)
+            after = recorded[-1] if recorded else cause
+            self.react(reaction.on_success, after, root, key=_branch(key, "succeeded"))
+
+
+def _branch(key: str | None, step: str) -> str | None:
+    return None if key is None else f"{key}/{step}"
 
 
 def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None:

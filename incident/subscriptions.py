@@ -11,9 +11,12 @@ Inline handlers run inside ``dispatch``; a subscription runs one handler on its 
 
 A listener that raises is retried with backoff; after ``retries`` the event is parked in
 the dead-letter store and the subscription goes on (or stops, with ``on_failure="stop"``).
-Commands are dispatched at least once: after a crash, the events since the last checkpoint
-are handled again, so the checkpoint is saved right after every event that dispatched
-something, to keep that window to one event.
+
+After a crash, the events since the last checkpoint are handled again. Projections do not
+mind (version-guarded upserts). Commands carry an idempotency key made of the handler,
+the event and the command's place in the reaction, so dispatching one again returns the
+first run's events instead of deciding anew; and the checkpoint is saved right after
+every event that dispatched something, so little is handled twice at all.
 """
 
 from __future__ import annotations
@@ -192,11 +195,14 @@ class Subscription:
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         projections: list[Projection] = []
         dispatched = False
-        for output in self.handler.handle(recorded, self._state_at(recorded)):
+        outputs = self.handler.handle(recorded, self._state_at(recorded))
+        for index, output in enumerate(outputs):
             if isinstance(output, Projection):
                 projections.append(output)
             else:
-                self.command_handler.react(output, recorded)
+                # keyed by handler, event and place: handled again, it sends nothing twice
+                key = f"{self.name}:{recorded.event_id}:{index}"
+                self.command_handler.react(output, recorded, key=key)
                 dispatched = True
         return projections, dispatched
 
@@ -346,11 +352,13 @@ class Subscription:
                     if not self.handler.handles(recorded.data):
                         self._follow(recorded)
                         continue
-                    for output in self.handler.handle(recorded, self._state_at(recorded)):
+                    outputs = self.handler.handle(recorded, self._state_at(recorded))
+                    for index, output in enumerate(outputs):
                         if isinstance(output, Projection):
                             _merge(rebuilt, [output])
                         elif recorded.position > already:
-                            self.command_handler.react(output, recorded)
+                            key = f"{self.name}:{recorded.event_id}:{index}"
+                            self.command_handler.react(output, recorded, key=key)
                         else:
                             skipped += 1
                 position = batch[-1].position

@@ -298,3 +298,38 @@ def test_replay_does_not_dispatch_commands_again(store_url: str) -> None:
     # five requests, three initiations, one reversion (which returns two commands)
     assert done.skipped_commands == 5 + 3 + 2
     assert incident.subscriptions.last_position(app.event_store) == events
+
+
+def test_a_process_handling_events_again_sends_nothing_twice(store_url: str) -> None:
+    """After a crash a subscription handles events again; the commands it dispatches are
+    keyed by event, so a transfer does not move money twice. (A command rejected the
+    first time is decided again: only what was stored can be given back.)"""
+    app = bank.build(store_url, subscriptions=True)
+    opening = [OpenAccount(aggregate_id="A"), OpenAccount(aggregate_id="B")]
+    for command in [*opening, DepositMoney(aggregate_id="A", amount=100)]:
+        app.dispatch(command)
+    for transfer_id, destination in (("T1", "B"), ("T2", "nowhere"), ("T3", "B")):
+        app.dispatch(
+            RequestTransfer(
+                aggregate_id=transfer_id,
+                source_account_number="A",
+                destination_account_number=destination,
+                amount=30,
+            )
+        )
+        app.subscriptions.catch_up()
+    before = read_models(app)
+    head = incident.subscriptions.last_position(app.event_store)
+    app.subscriptions["money_transfer"].checkpoints.reset("money_transfer", 0)
+    again = incident.CommandHandler(
+        app.event_store,
+        aggregates=[bank.bank_account, bank.transfer],
+        subscriptions=[bank.money_transfer],
+    )
+    again.subscriptions.catch_up()
+    assert incident.subscriptions.last_position(app.event_store) == head
+    assert (
+        read_models(app)
+        == before
+        == ({"A": 40, "B": 60}, {"T1": "completed", "T2": "cancelled", "T3": "completed"})
+    )
