@@ -44,6 +44,8 @@ def init(url: str) -> None:
     store = _open(url)
     try:
         done = store.initialize()
+        if callable(getattr(store, "checkpoints", None)):  # the subscriptions' tables too
+            done += checkpoint_store_for(store).initialize()
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
     finally:

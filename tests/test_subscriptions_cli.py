@@ -1,0 +1,75 @@
+"""The CLI's subscription commands, on the durable stores (memory:// lives in one call)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from click.testing import CliRunner
+from conftest import STORE_BACKENDS
+
+import incident
+from incident.cli import main
+from incident.examples import bank
+
+DURABLE = sorted(name for name in STORE_BACKENDS if name != "memory")
+
+
+@pytest.fixture(params=DURABLE)
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield STORE_BACKENDS[request.param](tmp_path, request)
+
+
+def test_replay_rebuilds_a_handlers_read_models(durable_url: str) -> None:
+    """`incident replay URL --handler module:object` fixes a damaged read model."""
+    app = bank.build(durable_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=70))
+    row = app.projection_store.get(bank.BankAccount, "A")
+    assert row is not None
+    app.projection_store.project(msgspec.structs.replace(row, balance=0, version=99))
+
+    result = CliRunner().invoke(
+        main, ["replay", durable_url, "--handler", "incident.examples.bank:bank_projections"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "rebuilt 1 BankAccount up to position 2" in result.output
+    fixed = app.projection_store.get(bank.BankAccount, "A")
+    assert fixed is not None and (fixed.balance, fixed.version) == (70, 2)
+    app.event_store.close()
+
+
+def test_subscriptions_lists_checkpoints_lag_and_parked_events(durable_url: str) -> None:
+    app = bank.build(durable_url, subscriptions=True)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    app.subscriptions["bank_projections"].catch_up()
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))
+    checkpoints = incident.stores.checkpoint_store_for(app.event_store)
+    checkpoints.park(
+        incident.Parked(
+            handler="money_transfer",
+            position=2,
+            event_id="e",
+            aggregate_id="A",
+            event_type="MoneyDeposited",
+            error="RuntimeError: boom",
+            attempts=4,
+            parked_at=incident.stores._common.utc_now(),
+        )
+    )
+    result = CliRunner().invoke(main, ["subscriptions", durable_url, "--parked"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("bank_projections" in line and "│ 1 " in line for line in lines), result.output
+    assert "RuntimeError: boom" in result.output
+    app.event_store.close()
+
+
+def test_replay_refuses_a_handler_that_is_not_one() -> None:
+    result = CliRunner().invoke(
+        main, ["replay", "memory://", "--handler", "incident.examples.bank:build"]
+    )
+    assert result.exit_code != 0
+    assert "not a EventHandler" in result.output
