@@ -88,7 +88,7 @@ class Subscription:
         command_handler: CommandHandler,
         *,
         checkpoints: CheckpointStore | None = None,
-        batch_size: int = 1000,
+        batch_size: int = 5000,
         retries: int = 3,
         backoff: float = 0.05,
         on_failure: OnFailure = "park",
