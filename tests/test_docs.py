@@ -27,3 +27,4 @@ def test_typed_usage_examples_run() -> None:
     import typing_examples
 
     assert typing_examples.use() == 3  # balance 1, row balance 1, one row
+    assert typing_examples.use_subscriptions() == 1 + 0 + 0 + 2  # checkpoint, row balance

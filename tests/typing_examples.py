@@ -75,3 +75,18 @@ def use() -> int:
         reason: str = rejection.reason
         del reason
     return state.balance + (row.balance if row else 0) + len(rows)
+
+
+def use_subscriptions() -> int:
+    """The same handler run durably: started, waited for, its dead letters listed."""
+    durable = incident.CommandHandler("memory://", aggregates=[account], subscriptions=[balances])
+    durable.dispatch(Deposit(aggregate_id="a", amount=2))
+    subscriptions: incident.Subscriptions = durable.subscriptions
+    with subscriptions:
+        subscriptions.wait_until_caught_up(timeout=10.0)
+    subscription: incident.Subscription = subscriptions["typed_balances"]
+    parked: list[incident.Parked] = subscription.parked()
+    read: int = subscription.catch_up()
+    checkpoints: incident.CheckpointStore = subscription.checkpoints
+    row = durable.projection_store.get(Balance, "a")
+    return checkpoints.load("typed_balances") + read + len(parked) + (row.balance if row else 0)
