@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ._fp import partition_all
 from .aggregate import Aggregate
-from .errors import CheckpointConflict, IncidentError, RegistrationError, RoutingError
+from .errors import (
+    CheckpointConflict,
+    IncidentError,
+    RegistrationError,
+    RoutingError,
+    StoreError,
+)
 from .event_handler import EventHandler
 from .messages import Projection, Recorded
 from .stores import (
@@ -94,6 +100,7 @@ class Subscription:
         on_failure: OnFailure = "park",
         cache_size: int = 10_000,
         idle: float = 0.25,
+        outage_backoff: float = 5.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -107,7 +114,7 @@ class Subscription:
         self.checkpoints = checkpoints or checkpoint_store_for(self.event_store)
         self.batch_size, self.retries, self.backoff = batch_size, retries, backoff
         self.on_failure: OnFailure = on_failure
-        self.idle = idle
+        self.idle, self.outage_backoff = idle, outage_backoff
         self._aggregates = _aggregates_for(handler, command_handler.aggregates)
         # (state, version) per aggregate, least recently used first: a dict keeps insertion
         # order, and this subscription's one thread is its only user, so no lock
@@ -172,6 +179,8 @@ class Subscription:
             attempts += 1
             try:
                 return self._handle(recorded)
+            except StoreError:
+                raise  # the database, not this event: run() waits for it, nothing is parked
             except Exception as error:
                 if attempts <= self.retries:
                     log.warning(
@@ -273,17 +282,26 @@ class Subscription:
     def run(self, stop: threading.Event | None = None) -> None:
         """Take the handler's lock (waiting while another runner holds it), then follow
         the log until ``stop`` is set: wake-ups from the store where it can notify,
-        polling with backoff otherwise."""
+        polling with backoff otherwise. A database that goes away (StoreError) is waited
+        for, with backoff up to ``outage_backoff`` seconds, and the lock taken again;
+        a listener error is not a StoreError: it is retried, then parked."""
         stop = stop or threading.Event()
+        pause = self.backoff
         while not stop.is_set():
-            if not self._lock.acquire(timeout=self.idle):
-                continue
             try:
-                self._position = None  # whoever held the lock before may have moved it
-                self._states.clear()
-                self._follow_log(stop)
-            finally:
-                self._lock.release()
+                if not self._lock.acquire(timeout=self.idle):
+                    continue
+                try:
+                    self._position = None  # whoever held the lock before may have moved it
+                    self._states.clear()
+                    self._follow_log(stop)
+                    pause = self.backoff
+                finally:
+                    self._lock.release()
+            except StoreError as error:
+                log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
+                stop.wait(pause)
+                pause = min(max(pause, 0.01) * 2, self.outage_backoff)
 
     def _follow_log(self, stop: threading.Event) -> None:
         pause = 0.001

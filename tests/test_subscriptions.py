@@ -333,3 +333,27 @@ def test_a_process_handling_events_again_sends_nothing_twice(store_url: str) -> 
         == before
         == ({"A": 40, "B": 60}, {"T1": "completed", "T2": "cancelled", "T3": "completed"})
     )
+
+
+def test_a_database_failure_is_not_blamed_on_the_event(store_url: str) -> None:
+    """A StoreError while handling an event (the database went away) parks nothing and
+    moves no checkpoint: the subscription raises, and handles the event once it is back."""
+    down = [True]
+    handler = incident.EventHandler("fragile")
+
+    @handler.listen(bank.AccountOpened)
+    def opened(recorded: incident.Recorded[Any], state: AccountState) -> Seen:
+        if down[0]:
+            raise incident.StoreError("the database is down")
+        return Seen(aggregate_id=recorded.aggregate_id, balance=0, version=recorded.version)
+
+    app = writer(store_url, handler)
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    subscription = app.subscriptions["fragile"]
+    with pytest.raises(incident.StoreError):
+        subscription.catch_up()
+    assert (subscription.position, subscription.parked()) == (0, [])
+    down[0] = False
+    subscription.catch_up()
+    assert subscription.position == 1
+    assert app.projection_store.get(Seen, "A") is not None
