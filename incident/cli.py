@@ -1,4 +1,4 @@
-"""The ``incident`` command: init, demo, events, replay, subscriptions.
+"""The ``incident`` command: init, demo, events, replay, subscriptions, retry.
 
 The CLI is the one place that may read the environment; the library never does.
 """
@@ -204,6 +204,36 @@ def subscriptions(url: str, show_parked: bool) -> None:
                 p.handler, str(p.position), p.aggregate_id, p.event_type, str(p.attempts), p.error
             )
         console.print(detail)
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--handler", "handler_path", required=True, help="The EventHandler, as module:object."
+)
+@click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
+@click.option("--position", type=int, default=None, help="Retry this parked event only.")
+def retry(
+    url: str, handler_path: str, aggregate_paths: tuple[str, ...], position: int | None
+) -> None:
+    """Handle a handler's parked events again; those that succeed leave the dead letters."""
+    handler = _load(handler_path, EventHandler)
+    aggregates = [_load(path, Aggregate) for path in aggregate_paths] or _aggregates_beside(
+        handler_path
+    )
+    store = _open(url)
+    try:
+        subscription = Subscription(handler, CommandHandler(store, aggregates=aggregates))
+        waiting = len(subscription.parked())
+        done = subscription.retry_parked(position)
+        left = subscription.parked()
+    except errors.IncidentError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        store.close()
+    console.print(f"{handler.name}: {len(done)} of {waiting} parked events handled")
+    for parked in left:
+        console.print(f"  still parked: #{parked.position} {parked.event_type}: {parked.error}")
 
 
 def _load(path: str, kind: type[Any]) -> Any:

@@ -79,3 +79,31 @@ def test_replay_refuses_a_handler_that_is_not_one() -> None:
     )
     assert result.exit_code != 0
     assert "not a EventHandler" in result.output
+
+
+def test_retry_handles_parked_events_again(durable_url: str) -> None:
+    """`incident retry URL --handler module:object` empties the dead letters it can."""
+    app = bank.build(durable_url, subscriptions=True)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    checkpoints = incident.stores.checkpoint_store_for(app.event_store)
+    [recorded] = app.event_store.get("A")
+    checkpoints.park(
+        incident.Parked(
+            handler="bank_projections",
+            position=recorded.position,
+            event_id=recorded.event_id,
+            aggregate_id="A",
+            event_type=recorded.event_type,
+            error="RuntimeError: a bug since fixed",
+            attempts=4,
+            parked_at=recorded.event_date,
+        )
+    )
+    result = CliRunner().invoke(
+        main, ["retry", durable_url, "--handler", "incident.examples.bank:bank_projections"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 parked events handled" in result.output
+    assert checkpoints.parked() == []
+    assert app.projection_store.get(bank.BankAccount, "A") is not None
+    app.event_store.close()
