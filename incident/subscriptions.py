@@ -207,6 +207,7 @@ class Subscription:
         outputs = self.handler.handle(recorded, self._state_at(recorded))
         for index, output in enumerate(outputs):
             if isinstance(output, Projection):
+                projection_key(output)  # a row that cannot be stored is this event's failure
                 projections.append(output)
             else:
                 # keyed by handler, event and place: handled again, it sends nothing twice

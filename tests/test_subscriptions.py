@@ -357,3 +357,38 @@ def test_a_database_failure_is_not_blamed_on_the_event(store_url: str) -> None:
     subscription.catch_up()
     assert subscription.position == 1
     assert app.projection_store.get(Seen, "A") is not None
+
+
+class Marked(incident.Projection):
+    aggregate_id: str
+    by: str
+
+
+def marking_handler(by: str) -> incident.EventHandler:
+    handler = incident.EventHandler("marker")
+
+    @handler.listen(bank.AccountOpened)
+    def mark(recorded: incident.Recorded[Any], state: AccountState) -> Marked:
+        return Marked(aggregate_id=recorded.aggregate_id, by=by)
+
+    return handler
+
+
+def test_a_batch_and_its_checkpoint_commit_together(store_url: str) -> None:
+    """A runner whose checkpoint was moved under it writes none of its batch's
+    projections: they commit with the checkpoint or not at all."""
+    app = incident.CommandHandler(store_url, aggregates=[bank.bank_account, bank.transfer])
+    first = incident.Subscription(marking_handler("first"), app)
+    stale = incident.Subscription(marking_handler("stale"), app)
+    assert stale.position == 0  # read before the first one moves on
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    first.catch_up()
+    app.dispatch(OpenAccount(aggregate_id="B"))
+    with pytest.raises(incident.CheckpointConflict):
+        stale.catch_up()
+    assert [row.by for row in app.projection_store.all(Marked)] == ["first"]
+    first.catch_up()
+    assert {row.aggregate_id: row.by for row in app.projection_store.all(Marked)} == {
+        "A": "first",
+        "B": "first",
+    }
