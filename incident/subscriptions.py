@@ -139,7 +139,9 @@ class Subscription:
 
     def catch_up(self, until: int | None = None) -> int:
         """Process batches until the end of the log (or ``until``); returns how many
-        events were read. Runs in the calling thread; ``run`` adds the lock and waiting."""
+        events were read. Runs in the calling thread and takes no lock (``run`` does): if
+        a runner elsewhere moves the checkpoint meanwhile, the save's compare-and-set
+        raises CheckpointConflict and writes nothing."""
         total = 0
         while until is None or self.position < until:
             read = self.step()
@@ -196,8 +198,13 @@ class Subscription:
                     continue
                 if self.on_failure == "stop":
                     raise SubscriptionFailed(self.name, recorded.position, error) from error
-                log.error("%s parked #%s after %s tries: %s", self.name, recorded.position,
-                          attempts, error)  # fmt: skip
+                log.error(
+                    "%s parked #%s after %s tries: %s",
+                    self.name,
+                    recorded.position,
+                    attempts,
+                    error,
+                )
                 self.checkpoints.park(_parked(self.name, recorded, error, attempts))
                 return [], False
 
