@@ -1,4 +1,4 @@
-"""The ``incident`` command: init, demo, events, replay, subscriptions, retry.
+"""The ``incident`` command: init, demo, events, subscribe, replay, subscriptions, retry.
 
 The CLI is the one place that may read the environment; the library never does.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import itertools
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -24,7 +25,7 @@ from .command_handler import CommandHandler
 from .event_handler import EventHandler
 from .messages import Recorded
 from .stores import checkpoint_store_for, open_event_store
-from .subscriptions import Subscription, last_position
+from .subscriptions import Subscription, Subscriptions, last_position
 
 DEFAULT_DEMO_STORE = "sqlite:///incident-demo.db"
 
@@ -234,6 +235,52 @@ def retry(
     console.print(f"{handler.name}: {len(done)} of {waiting} parked events handled")
     for parked in left:
         console.print(f"  still parked: #{parked.position} {parked.event_type}: {parked.error}")
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--handler",
+    "handler_paths",
+    required=True,
+    multiple=True,
+    help="An EventHandler to run, as module:object (repeatable).",
+)
+@click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
+@click.option("--batch-size", type=int, default=5000, show_default=True)
+def subscribe(
+    url: str, handler_paths: tuple[str, ...], aggregate_paths: tuple[str, ...], batch_size: int
+) -> None:
+    """Run handlers as durable subscriptions on the store at URL until interrupted.
+
+    Start as many of these as you like, on as many machines: for each handler one
+    process works and the others wait to take over.
+    """
+    handlers = [_load(path, EventHandler) for path in handler_paths]
+    found = [_load(path, Aggregate) for path in aggregate_paths] or [
+        aggregate for path in handler_paths for aggregate in _aggregates_beside(path)
+    ]
+    aggregates = list({aggregate.name: aggregate for aggregate in found}.values())
+    store = _open(url)
+    try:
+        app = CommandHandler(store, aggregates=aggregates)
+        running = Subscriptions(Subscription(h, app, batch_size=batch_size) for h in handlers)
+        console.print(f"running {', '.join(running)} on {url} (Ctrl-C stops)")
+        running.start()
+        try:
+            while all(s.error is None for s in running.values()):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            running.stop()
+        failed = [s for s in running.values() if s.error is not None]
+        if failed:
+            raise click.ClickException(f"{failed[0].name} stopped: {failed[0].error}")
+    except errors.IncidentError as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        store.close()
 
 
 def _load(path: str, kind: type[Any]) -> Any:

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from audit_handler import Handled, app, audit
 from conftest import STORE_BACKENDS
-from subscriber_process import Handled, app, audit
 
 import incident
 from incident.examples import bank
 from incident.stores import MemoryCheckpointStore, MemoryProjectionStore
 
-SCRIPT = Path(__file__).with_name("subscriber_process.py")
+TESTS = Path(__file__).resolve().parent
 DURABLE = sorted(name for name in STORE_BACKENDS if name != "memory")
 
 pytestmark = pytest.mark.slow
@@ -36,13 +36,18 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 
 class Subscriber:
-    """A subscriber process, started and killed by the test."""
+    """An ``incident subscribe`` process running the audit handler, killed by the test."""
 
     def __init__(self, url: str, batch_size: int = 100, delay: float = 0.0) -> None:
-        root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path, "INCIDENT_TEST_LISTENER_DELAY": str(delay)}
+        aggregates = ["incident.examples.bank:bank_account", "incident.examples.bank:transfer"]
         self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), url, str(batch_size), str(delay)], env=env
+            [sys.executable, "-m", "incident", "subscribe", url, "--handler", "audit_handler:audit"]
+            + [arg for aggregate in aggregates for arg in ("--aggregate", aggregate)]
+            + ["--batch-size", str(batch_size)],
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
 
     def kill(self) -> None:

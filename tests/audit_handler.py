@@ -1,22 +1,23 @@
-"""A subscriber process for the multi-process tests: runs the ``audit`` handler over the
-Bank's log at the URL given on the command line until it is killed.
+"""The handler the multi-process tests run in subscriber processes, started as
 
-    python tests/subscriber_process.py URL [BATCH_SIZE] [DELAY]
+    incident subscribe URL --handler audit_handler:audit --aggregate ... --batch-size N
 
-DELAY (seconds per event, default 0) slows the listener down, so that a test killing the
-process at a random moment is likely to catch it in the middle of a batch.
+with this folder on PYTHONPATH. INCIDENT_TEST_LISTENER_DELAY (seconds per event) slows the
+listener down, so that a test killing the process at a random moment is likely to catch
+it in the middle of a batch.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
 import incident
 from incident.examples import bank
 from incident.examples.bank.projections import account_row
+
+DELAY = float(os.environ.get("INCIDENT_TEST_LISTENER_DELAY", "0"))
 
 
 class Handled(incident.Projection):
@@ -27,7 +28,6 @@ class Handled(incident.Projection):
 
 
 audit = incident.EventHandler("audit")
-DELAY = 0.0
 
 
 @audit.listen(bank.AccountOpened, bank.MoneyDeposited, bank.MoneyWithdrawn)
@@ -43,13 +43,3 @@ def audited(recorded: incident.Recorded[Any], state: bank.AccountState) -> list[
 
 def app(url: str) -> incident.CommandHandler:
     return incident.CommandHandler(url, aggregates=[bank.bank_account, bank.transfer])
-
-
-def main(url: str, batch_size: int = 100, delay: float = 0.0) -> None:
-    global DELAY
-    DELAY = delay
-    incident.Subscription(audit, app(url), batch_size=batch_size, idle=0.05).run()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], *(int(sys.argv[2]), float(sys.argv[3]))[: len(sys.argv) - 2])
