@@ -306,6 +306,7 @@ class Subscription:
                     pause = self.backoff
                 finally:
                     self._lock.release()
+                stop.wait(self.idle)  # lost it: let a runner that kept its session go first
             except StoreError as error:
                 log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
                 stop.wait(pause)

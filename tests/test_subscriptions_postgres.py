@@ -1,0 +1,77 @@
+"""Subscriptions on Postgres: the handler lock lives and dies with a database session."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from conftest import STORE_BACKENDS
+
+import incident
+from incident.examples import bank
+
+if "postgres" not in STORE_BACKENDS:
+    pytest.skip("no Postgres backend in this build", allow_module_level=True)
+
+import psycopg
+from incident.stores.postgres import _lock_key
+
+
+class Seen(incident.Projection):
+    aggregate_id: str
+    thread: int
+    version: int
+
+
+def recorder(seen: list[tuple[int, int]]) -> incident.EventHandler:
+    handler = incident.EventHandler("recorder")
+
+    @handler.listen(bank.AccountOpened, bank.MoneyDeposited)
+    def record(recorded: incident.Recorded[Any], state: bank.AccountState) -> Seen:
+        seen.append((recorded.position, threading.get_ident()))
+        return Seen(
+            aggregate_id=recorded.aggregate_id,
+            thread=threading.get_ident(),
+            version=recorded.version,
+        )
+
+    return handler
+
+
+def app(url: str, handler: incident.EventHandler) -> incident.CommandHandler:
+    return incident.CommandHandler(
+        url, aggregates=[bank.bank_account, bank.transfer], subscriptions=[handler]
+    )
+
+
+def test_a_runner_whose_session_dies_loses_the_lock(
+    postgres_url: str, postgres_admin: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server ends the session holding the handler's advisory lock (as when the
+    holder's machine drops off the network): the runner notices and stops, the lock is
+    free for whichever runner takes it first, and no event is handled twice."""
+    seen: list[tuple[int, int]] = []
+    first, second = app(postgres_url, recorder(seen)), app(postgres_url, recorder(seen))
+    schema = parse_qs(urlsplit(postgres_url).query)["schema"][0]
+    key = _lock_key(schema, "handler recorder") & 0xFFFF_FFFF_FFFF_FFFF  # as pg_locks shows it
+    first.dispatch(bank.OpenAccount(aggregate_id="A"))
+    try:
+        first.subscriptions.start()
+        first.subscriptions.wait_until_caught_up()
+        second.subscriptions.start()
+        holders = postgres_admin.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+            [key >> 32, key & 0xFFFF_FFFF],
+        ).fetchall()
+        assert len(holders) == 1, f"the handler's lock is held by {holders}"
+        postgres_admin.execute("SELECT pg_terminate_backend(%s)", [holders[0][0]])
+        first.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))
+        second.subscriptions.wait_until_caught_up(timeout=30)
+    finally:
+        first.subscriptions.stop()
+        second.subscriptions.stop()
+    assert [position for position, _ in seen] == [1, 2]  # each event once, in order
+    assert "recorder lost its lock" in caplog.text
