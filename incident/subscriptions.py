@@ -361,8 +361,9 @@ class Subscription:
         are not dispatched again (a replay rebuilds read models, it does not re-run a
         process); for events past the old checkpoint they are, as running would have.
         Takes the handler's lock, so nothing else runs this handler meanwhile; a
-        listener error aborts the replay with nothing replaced. ``progress`` is called
-        with the number of events read after each batch.
+        listener error aborts the replay with nothing replaced, and success empties the
+        handler's dead letters. ``progress`` is called with the number of events read
+        after each batch. The rebuilt rows are held in memory until the swap.
         """
         target = self.projection_store
         if not isinstance(target, ReplaceableProjectionStore):
@@ -396,6 +397,9 @@ class Subscription:
                 tables.setdefault(projection_type, []).append(projection)
             written = {t.__name__: target.replace_all(t, rows) for t, rows in tables.items()}
             self.checkpoints.reset(self.name, position)
+            for parked in self.parked():  # every event was handled this time
+                if parked.position <= position:
+                    self.checkpoints.unpark(self.name, parked.position)
             with self._progress:
                 self._position = position
                 self._progress.notify_all()

@@ -287,6 +287,7 @@ def test_replay_rebuilds_projections_from_the_start(store_url: str) -> None:
     )
     assert done.written == {"BankAccount": 3, "Transfer": 5}
     assert read_models(app) == expected
+    assert replayer.parked() == []
 
 
 def test_replay_does_not_dispatch_commands_again(store_url: str) -> None:
