@@ -23,8 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 Decision = Event | Iterable[Event]
 
 
-def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
-    """The type annotated on a decorated function's second parameter."""
+def _parameters(function: Callable[..., Any], role: str) -> list[inspect.Parameter]:
+    """The (state, message) parameters of a decorated function, or RegistrationError."""
     name = getattr(function, "__qualname__", repr(function))
     params = list(inspect.signature(function).parameters.values())
     if len(params) != 2:
@@ -32,6 +32,13 @@ def message_type(function: Callable[..., Any], base: type[M], role: str) -> type
             f"{role} function {name} must take two parameters (state, message), "
             f"it takes {len(params)}"
         )
+    return params
+
+
+def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
+    """The type annotated on a decorated function's second parameter."""
+    name = getattr(function, "__qualname__", repr(function))
+    params = _parameters(function, role)
     try:
         hints = get_type_hints(function)
     except Exception as error:  # an annotation naming something not importable
@@ -104,6 +111,7 @@ class Aggregate(Generic[S]):
 
     def _register(self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]) -> Any:
         def add(function: F, message: type[Any]) -> F:
+            _parameters(function, role)
             existing = registry.get(message)
             if existing is not None:
                 raise RegistrationError(
@@ -154,6 +162,11 @@ class Aggregate(Generic[S]):
             raise RegistrationError(
                 f"{executor.__qualname__} returned None; return an event, a list of events, "
                 "or () to decide nothing"
+            )
+        if not isinstance(decided, Event | Iterable):
+            raise RegistrationError(
+                f"{executor.__qualname__} returned {decided!r}; return an event, a list of "
+                "events, or () to decide nothing"
             )
         events = [decided] if isinstance(decided, Event) else list(decided)
         for event in events:
