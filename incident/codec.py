@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from . import messages
 from .errors import CorruptEvent, IncidentError, InvalidCommand, UnknownEventType
 from .messages import Command, Event, event_type_name
 
@@ -41,14 +42,13 @@ class EventTypes:
 
     def __init__(self, types: Iterable[type[Event]] = ()) -> None:
         self._types: dict[str, type[Event]] = {}
-        self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
         for event_type in types:
             name = event_type_name(event_type)
             self._types[name] = event_type
-            self._decoders.pop(name, None)
 
     def resolve(self, name: str) -> type[Event] | None:
         found = self._types.get(name)
@@ -60,12 +60,15 @@ class EventTypes:
         return set(self._types) | set(_defined_event_types())
 
     def decoder(self, name: str, *, position: int | None = None) -> msgspec.json.Decoder[Any]:
-        decoder = self._decoders.get(name)
-        if decoder is None:
-            event_type = self.resolve(name)
+        event_type = self._types.get(name)
+        if event_type is None:
+            # not registered: resolve again every time, so a redefinition is picked up
+            event_type = _defined_event_types().get(name)
             if event_type is None:
                 raise UnknownEventType(name, self.names(), position)
-            decoder = self._decoders[name] = msgspec.json.Decoder(event_type)
+        decoder = self._decoders.get(event_type)
+        if decoder is None:
+            decoder = self._decoders[event_type] = msgspec.json.Decoder(event_type)
         return decoder
 
     def decode(
@@ -86,13 +89,22 @@ def _subclasses(cls: type[Event]) -> Iterable[type[Event]]:
         yield from _subclasses(sub)
 
 
+_defined: tuple[int, dict[str, type[Event]]] = (-1, {})
+
+
 def _defined_event_types() -> dict[str, type[Event]]:
-    found: dict[str, type[Event]] = {}
-    for sub in _subclasses(Event):
-        tag = sub.__struct_config__.tag
-        if isinstance(tag, str):
-            found[tag] = sub  # later definitions win
-    return found
+    """Stored name -> the Event subclass defined last under it (recomputed only after a new
+    Event subclass has been defined)."""
+    global _defined
+    generation = messages._event_classes_defined
+    if _defined[0] != generation:
+        found: dict[str, type[Event]] = {}
+        for sub in _subclasses(Event):
+            tag = sub.__struct_config__.tag
+            if isinstance(tag, str):
+                found[tag] = sub  # later definitions win
+        _defined = (generation, found)
+    return _defined[1]
 
 
 def _invalid(command_type: type[Any], error: msgspec.ValidationError) -> InvalidCommand:
@@ -124,7 +136,25 @@ def validate_command(command: C) -> C:
         msgspec.convert(msgspec.to_builtins(command), type(command))
     except msgspec.ValidationError as error:
         raise _invalid(type(command), error) from None
+    except (TypeError, msgspec.EncodeError) as error:  # a value msgspec cannot represent
+        field = next(
+            (
+                name
+                for name in command.__struct_fields__
+                if not _representable(getattr(command, name))
+            ),
+            None,
+        )
+        raise InvalidCommand(type(command).__name__, field, str(error)) from None
     return command
+
+
+def _representable(value: Any) -> bool:
+    try:
+        msgspec.to_builtins(value)
+    except (TypeError, msgspec.EncodeError):
+        return False
+    return True
 
 
 def decode_command(command_type: type[C], data: bytes | str | Mapping[str, Any]) -> C:

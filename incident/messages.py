@@ -15,6 +15,10 @@ __all__ = [
 ]
 
 
+# How many Event subclasses have been defined in this process (see Event.__init_subclass__).
+_event_classes_defined = 0
+
+
 # Subclasses inherit frozen and kw_only at runtime; dataclass_transform tells type checkers.
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
 class Command(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +40,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """
 
     schema_version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        global _event_classes_defined
+        _event_classes_defined += 1  # lets codec cache its name -> class map until this moves
 
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
