@@ -40,6 +40,9 @@ class InvalidCommand(IncidentError, ValueError):
         where = f" - at `{field}`" if field and f"`{field}`" not in problem else ""
         super().__init__(f"Invalid {command_type}: {problem}{where}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command_type, self.field, self.problem))
+
 
 class Rejected(IncidentError):
     """A business rule said no. ``reason`` is a short snake_case string.
