@@ -136,10 +136,12 @@ class Aggregate(Generic[S]):
 
     @property
     def command_types(self) -> tuple[type[Command], ...]:
+        """The command types this aggregate executes, in registration order."""
         return tuple(self._executors)
 
     @property
     def event_types(self) -> tuple[type[Event], ...]:
+        """The event types this aggregate applies, in registration order."""
         return tuple(self._appliers)
 
     def registered_functions(self) -> dict[str, str]:
@@ -204,6 +206,7 @@ class Aggregate(Generic[S]):
         return states
 
     def handles(self, command: Command) -> bool:
+        """Whether an execute function is registered for this command's exact type."""
         return type(command) in self._executors
 
 

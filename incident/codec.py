@@ -46,20 +46,24 @@ class EventTypes:
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
+        """Register event classes under their stored names; a later registration wins."""
         for event_type in types:
             name = event_type_name(event_type)
             self._types[name] = event_type
 
     def resolve(self, name: str) -> type[Event] | None:
+        """The class for a stored name: registered first, else the latest defined, else None."""
         found = self._types.get(name)
         if found is None:
             found = _defined_event_types().get(name)
         return found
 
     def names(self) -> set[str]:
+        """Every stored name this registry can resolve."""
         return set(self._types) | set(_defined_event_types())
 
     def decoder(self, name: str, *, position: int | None = None) -> msgspec.json.Decoder[Any]:
+        """A reusable JSON decoder for a stored name; UnknownEventType if nothing resolves it."""
         event_type = self._types.get(name)
         if event_type is None:
             # not registered: resolve again every time, so a redefinition is picked up

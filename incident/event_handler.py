@@ -126,9 +126,11 @@ class EventHandler:
 
     @property
     def event_types(self) -> tuple[type[Event], ...]:
+        """The event types some listener here listens to, in registration order."""
         return tuple(self._listeners)
 
     def handles(self, event: Event) -> bool:
+        """Whether a listener is registered for this event's exact type."""
         return type(event) in self._listeners
 
     def handle(self, recorded: Recorded[Any], state: Any) -> list[Output]:
