@@ -5,6 +5,8 @@ from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
+from .errors import RegistrationError
+
 __all__ = [
     "ANY",
     "Command",
@@ -110,4 +112,13 @@ def event_type_name(event_type: type[Event]) -> str:
     tag = event_type.__struct_config__.tag
     if not isinstance(tag, str):
         raise TypeError(f"{event_type.__qualname__} is not an incident.Event subclass")
+    # msgspec hands an explicit tag down to subclasses: two classes of one lineage stored
+    # under one name would read back as whichever of them was registered last.
+    for base in event_type.__mro__[1:]:
+        if base is not Event and issubclass(base, Event) and base.__struct_config__.tag == tag:
+            raise RegistrationError(
+                f"{event_type.__qualname__} would be stored as {tag!r}, like its base "
+                f"{base.__qualname__}; give it its own name: "
+                f"class {event_type.__name__}({base.__name__}, tag=...)"
+            )
     return tag
