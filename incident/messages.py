@@ -21,9 +21,20 @@ __all__ = [
 _event_classes_defined = 0
 
 
-# Subclasses inherit frozen and kw_only at runtime; dataclass_transform tells type checkers.
+class _KeywordOnly(msgspec.StructMeta):
+    """Makes every subclass keyword-only too: msgspec's ``kw_only`` covers only the fields
+    of the class that says it (``frozen`` is inherited on its own)."""
+
+    def __new__(
+        mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **options: Any
+    ) -> "_KeywordOnly":
+        options.setdefault("kw_only", True)
+        return super().__new__(mcls, name, bases, namespace, **options)
+
+
+# Subclasses are frozen and keyword-only at runtime; dataclass_transform tells type checkers.
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
-class Command(msgspec.Struct, frozen=True, kw_only=True):
+class Command(msgspec.Struct, frozen=True, metaclass=_KeywordOnly):
     """Base of commands: an imperative request aimed at one aggregate by ``aggregate_id``.
 
     Subclasses declare ``aggregate_id: str`` plus their own fields; ``msgspec.Meta``
@@ -32,7 +43,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Event(msgspec.Struct, frozen=True, tag=True, metaclass=_KeywordOnly):
     """Base of events: a fact in the past tense.
 
     The stored type name is the class name, or the explicit ``tag`` given at class
@@ -50,7 +61,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
-class Projection(msgspec.Struct, kw_only=True):
+class Projection(msgspec.Struct, metaclass=_KeywordOnly):
     """Base of read models, keyed by their ``aggregate_id`` field.
 
     A projection with an integer ``version`` field is never replaced by one with a
