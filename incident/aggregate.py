@@ -127,10 +127,25 @@ class Aggregate(Generic[S]):
                     f"@{self.name}.{role}({target.__name__}): "
                     f"not an incident.{base.__name__} subclass"
                 )
+            self._check_message(target, base, role)
             return lambda function: add(function, target)
         if not callable(target):
             raise RegistrationError(f"@{self.name}.{role} needs a function or a message type")
-        return add(target, message_type(target, base, role))
+        message = message_type(target, base, role)
+        self._check_message(message, base, role)
+        return add(target, message)
+
+    def _check_message(self, message: type[Any], base: type[Any], role: str) -> None:
+        if message is base:
+            raise RegistrationError(
+                f"@{self.name}.{role}: messages are routed by their exact type, so a function "
+                f"for incident.{base.__name__} itself would never run; name a subclass"
+            )
+        if base is Command and "aggregate_id" not in message.__struct_fields__:
+            raise RegistrationError(
+                f"@{self.name}.{role}: {message.__name__} has no aggregate_id field, so it "
+                "cannot name the stream it targets; add `aggregate_id: str`"
+            )
 
     # -- introspection ------------------------------------------------------
 

@@ -110,6 +110,11 @@ class EventHandler:
                 raise RegistrationError(
                     f"{self.name}.listen({event_type!r}): not an incident.Event subclass"
                 )
+            if event_type is Event:
+                raise RegistrationError(
+                    f"{self.name}.listen(Event): listeners are matched by exact event type, "
+                    "so one for incident.Event itself would never run; name the event types"
+                )
 
         def register(listener: F) -> F:
             for event_type in event_types:
