@@ -389,3 +389,38 @@ def test_pure_functions_never_mutate_the_initial_state() -> None:
     agg = counter()
     assert agg.fold(EVENTS) == agg.fold(EVENTS)
     assert agg.initial == Total()
+
+
+@pytest.mark.parametrize(
+    ("role", "base"), [("execute", incident.Command), ("apply", incident.Event)]
+)
+def test_the_base_classes_themselves_are_refused(role: str, base: type[Any]) -> None:
+    """Routing is by exact type, so a function for incident.Command/Event would never run."""
+    agg: incident.Aggregate[int] = incident.Aggregate("a", initial=0)
+    with pytest.raises(incident.RegistrationError, match=base.__name__):
+        getattr(agg, role)(base)
+
+    def annotated(state: int, message: base) -> Any:  # type: ignore[valid-type]
+        return state
+
+    annotated.__annotations__["message"] = base  # what the annotation resolves to
+    with pytest.raises(incident.RegistrationError, match=base.__name__):
+        getattr(agg, role)(annotated)
+
+
+class Broadcast(incident.Command):
+    text: str
+
+
+def test_a_command_without_aggregate_id_is_refused() -> None:
+    """Commands name their target by aggregate_id; a command type without one cannot be routed
+    to a stream, so registering it is an error naming the field."""
+    agg: incident.Aggregate[int] = incident.Aggregate("a", initial=0)
+
+    def shout(state: int, cmd: Broadcast) -> tuple[()]:
+        return ()
+
+    with pytest.raises(incident.RegistrationError, match="aggregate_id"):
+        agg.execute(shout)
+    with pytest.raises(incident.RegistrationError, match="Broadcast"):
+        agg.execute(Broadcast)(shout)

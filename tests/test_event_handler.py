@@ -226,3 +226,9 @@ def test_an_attempt_with_a_bad_part_is_refused_when_returned(attempt: incident.A
     """A bad command inside an Attempt is caught where the listener returns it, not later."""
     with pytest.raises(incident.RegistrationError, match="listener"):
         handler_returning(attempt).handle(recorded(Opened(number="1")), None)
+
+
+def test_listening_to_the_event_base_class_is_refused() -> None:
+    """Listeners are matched by exact type: listen(incident.Event) would never run."""
+    with pytest.raises(incident.RegistrationError, match="Event"):
+        incident.EventHandler("h").listen(incident.Event)
