@@ -644,3 +644,13 @@ def test_an_unrouted_follow_up_command_fails_before_its_cause_commits() -> None:
     with pytest.raises(incident.RoutingError, match="Unrouted"):
         app.dispatch(Open(aggregate_id="W1"))
     assert log_of(app) == []
+
+
+def test_metadata_that_cannot_be_stored_is_refused_and_nothing_stored(
+    app: incident.CommandHandler,
+) -> None:
+    """Metadata must be JSON on every store; memory refuses what a database could not hold."""
+    with pytest.raises(incident.IncidentError, match="JSON"):
+        app.dispatch(Open(aggregate_id="W1"), metadata={"user": object()})
+    assert log_of(app) == []
+    assert app.projection_store.all(WalletRow) == []
