@@ -42,7 +42,11 @@ def message_type(function: Callable[..., Any], base: type[M], role: str) -> type
     try:
         hints = get_type_hints(function)
     except Exception as error:  # an annotation naming something not importable
-        raise RegistrationError(f"Cannot read the annotations of {name}: {error}") from error
+        raise RegistrationError(
+            f"Cannot read the annotations of {name}: {error}. String annotations (as under "
+            "`from __future__ import annotations`) resolve in the module's globals only: define "
+            f"the types at module level, or use the explicit form @aggregate.{role}(MessageType)"
+        ) from error
     annotated = hints.get(params[1].name)
     if annotated is None:
         raise RegistrationError(
