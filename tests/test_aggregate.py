@@ -424,3 +424,20 @@ def test_a_command_without_aggregate_id_is_refused() -> None:
         agg.execute(shout)
     with pytest.raises(incident.RegistrationError, match="Broadcast"):
         agg.execute(Broadcast)(shout)
+
+
+def test_an_annotation_that_cannot_be_resolved_suggests_the_explicit_form() -> None:
+    """A string annotation naming a local class cannot be resolved; the error says what to do."""
+    agg: incident.Aggregate[int] = incident.Aggregate("a", initial=0)
+
+    class LocalCommand(incident.Command):
+        aggregate_id: str
+
+    def local(state: int, cmd: LocalCommand) -> tuple[()]:  # a string under __future__
+        return ()
+
+    with pytest.raises(incident.RegistrationError) as caught:
+        agg.execute(local)
+    assert "LocalCommand" in str(caught.value)
+    assert "@aggregate.execute(MessageType)" in str(caught.value)
+    assert agg.execute(LocalCommand)(local) is local  # the explicit form works
