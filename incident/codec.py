@@ -137,7 +137,7 @@ def validate_command(command: C) -> C:
     if not isinstance(command, Command):
         raise InvalidCommand(type(command).__name__, None, "not an incident.Command")
     try:
-        msgspec.convert(msgspec.to_builtins(command), type(command))
+        converted = msgspec.convert(msgspec.to_builtins(command), type(command))
     except msgspec.ValidationError as error:
         raise _invalid(type(command), error) from None
     except (TypeError, msgspec.EncodeError) as error:  # a value msgspec cannot represent
@@ -150,7 +150,38 @@ def validate_command(command: C) -> C:
             None,
         )
         raise InvalidCommand(type(command).__name__, field, str(error)) from None
+    if converted != command:
+        # a value that only passed because JSON spells it as a string (a str for a date,
+        # a UUID or a Decimal) or as an array (a list for a tuple): the type is still wrong
+        path, value, expected = _mismatch(command, converted, "")
+        problem = f"Expected `{type(expected).__name__}`, got `{type(value).__name__}`"
+        raise InvalidCommand(type(command).__name__, path or None, problem)
     return command
+
+
+def _mismatch(original: Any, converted: Any, path: str) -> tuple[str, Any, Any]:
+    """The path to the first value that converting to the declared type changed."""
+    if type(original) is type(converted):
+        if isinstance(original, msgspec.Struct):
+            pairs: Iterable[tuple[str, Any, Any]] = (
+                (
+                    f"{path}.{name}" if path else name,
+                    getattr(original, name),
+                    getattr(converted, name),
+                )
+                for name in original.__struct_fields__
+            )
+        elif isinstance(original, list | tuple):
+            pairs = (
+                (f"{path}[{i}]", a, b)
+                for i, (a, b) in enumerate(zip(original, converted, strict=False))
+            )
+        else:
+            pairs = ()
+        for where, a, b in pairs:
+            if a is not b and a != b:
+                return _mismatch(a, b, where)
+    return path, original, converted
 
 
 def _representable(value: Any) -> bool:
