@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Annotated, Any
 
 import msgspec
@@ -65,6 +66,49 @@ def test_a_command_that_breaks_its_own_type_names_the_field(
     assert f"`{field}`" in str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert isinstance(caught.value, incident.IncidentError)
+
+
+class Booked(incident.Command):
+    aggregate_id: str
+    on: dt.date
+    ref: uuid.UUID
+    tags: tuple[str, ...] = ()
+    stops: list[Address] = msgspec.field(default_factory=list)
+    price: float = 0.0
+
+
+def booked(**changes: Any) -> Booked:
+    valid: dict[str, Any] = {
+        "aggregate_id": "B1",
+        "on": dt.date(2026, 1, 2),
+        "ref": uuid.UUID(int=1),
+        "tags": ("a",),
+        "stops": [Address("Main", 1)],
+    }
+    return Booked(**{**valid, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "problem"),
+    [
+        ({"on": "2026-01-02"}, "on", "Expected `date`, got `str`"),
+        ({"ref": str(uuid.UUID(int=1))}, "ref", "Expected `UUID`, got `str`"),
+        ({"tags": ["a"]}, "tags", "Expected `tuple`, got `list`"),
+        ({"stops": [Address("Main", 1), Address("Side", "2")]}, "stops[1].number", None),
+    ],
+)
+def test_values_that_only_look_right_as_json_are_refused(
+    changes: dict[str, Any], field: str, problem: str | None
+) -> None:
+    """A str where a date or UUID belongs (or a list for a tuple) is still the wrong type,
+    even though its JSON spelling would convert: InvalidCommand names the field."""
+    assert incident.validate_command(booked()) == booked()
+    assert incident.validate_command(booked(price=1)).price == 1  # an int is a fine float
+    with pytest.raises(incident.InvalidCommand) as caught:
+        incident.validate_command(booked(**changes))
+    assert caught.value.field == field
+    if problem is not None:
+        assert caught.value.problem == problem
 
 
 def test_a_value_that_cannot_be_encoded_is_an_invalid_command() -> None:
