@@ -150,38 +150,43 @@ def validate_command(command: C) -> C:
             None,
         )
         raise InvalidCommand(type(command).__name__, field, str(error)) from None
-    if converted != command:
+    mismatch = _mismatch(command, converted, "") if converted != command else None
+    if mismatch is not None:
         # a value that only passed because JSON spells it as a string (a str for a date,
         # a UUID or a Decimal) or as an array (a list for a tuple): the type is still wrong
-        path, value, expected = _mismatch(command, converted, "")
+        path, value, expected = mismatch
         problem = f"Expected `{type(expected).__name__}`, got `{type(value).__name__}`"
         raise InvalidCommand(type(command).__name__, path or None, problem)
     return command
 
 
-def _mismatch(original: Any, converted: Any, path: str) -> tuple[str, Any, Any]:
-    """The path to the first value that converting to the declared type changed."""
-    if type(original) is type(converted):
-        if isinstance(original, msgspec.Struct):
-            pairs: Iterable[tuple[str, Any, Any]] = (
-                (
-                    f"{path}.{name}" if path else name,
-                    getattr(original, name),
-                    getattr(converted, name),
-                )
-                for name in original.__struct_fields__
-            )
-        elif isinstance(original, list | tuple):
-            pairs = (
-                (f"{path}[{i}]", a, b)
-                for i, (a, b) in enumerate(zip(original, converted, strict=False))
-            )
-        else:
-            pairs = ()
-        for where, a, b in pairs:
-            if a is not b and a != b:
-                return _mismatch(a, b, where)
-    return path, original, converted
+# What a loosely declared field (Any, object, dict[str, Any]) converts back into: when the
+# round trip lands on one of these, the declared type did not ask for anything richer.
+_JSON_TYPES = (str, int, float, bool, type(None), list, dict)
+
+
+def _mismatch(original: Any, converted: Any, path: str) -> tuple[str, Any, Any] | None:
+    """The path to the first value that converting to its declared type turned into a richer
+    type (a date from a str, a tuple from a list), with both values; None if there is none."""
+    if type(original) is not type(converted):
+        return None if type(converted) in _JSON_TYPES else (path, original, converted)
+    pairs: Iterable[tuple[str, Any, Any]] = ()
+    if isinstance(original, msgspec.Struct):
+        pairs = (
+            (f"{path}.{name}" if path else name, getattr(original, name), getattr(converted, name))
+            for name in original.__struct_fields__
+        )
+    elif isinstance(original, list | tuple):
+        pairs = (
+            (f"{path}[{i}]", a, b)
+            for i, (a, b) in enumerate(zip(original, converted, strict=False))
+        )
+    elif isinstance(original, dict):
+        pairs = ((f"{path}[{k!r}]", original[k], converted[k]) for k in original if k in converted)
+    for where, a, b in pairs:
+        if a is not b and a != b and (found := _mismatch(a, b, where)) is not None:
+            return found
+    return None
 
 
 def _representable(value: Any) -> bool:
