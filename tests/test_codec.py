@@ -111,6 +111,22 @@ def test_values_that_only_look_right_as_json_are_refused(
         assert caught.value.problem == problem
 
 
+class Loose(incident.Command):
+    aggregate_id: str
+    payload: Any = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [(1, 2), {1, 2}, dt.date(2026, 1, 2), uuid.UUID(int=3), {"when": dt.date(2026, 1, 1)}],
+)
+def test_loosely_typed_fields_accept_any_representable_value(payload: Any) -> None:
+    """Fields declared Any or dict[str, Any] take tuples, sets, dates as they are."""
+    command = Loose(aggregate_id="L1", payload=payload, extra={"x": payload})
+    assert incident.validate_command(command) is command
+
+
 def test_a_value_that_cannot_be_encoded_is_an_invalid_command() -> None:
     """A field holding an arbitrary object is InvalidCommand naming it, not a bare TypeError."""
     with pytest.raises(incident.InvalidCommand) as caught:
