@@ -654,3 +654,38 @@ def test_metadata_that_cannot_be_stored_is_refused_and_nothing_stored(
         app.dispatch(Open(aggregate_id="W1"), metadata={"user": object()})
     assert log_of(app) == []
     assert app.projection_store.all(WalletRow) == []
+
+
+class ProjectsTwice:
+    """Wraps a store that runs the inline handlers twice, as a store retrying a transaction may."""
+
+    def __init__(self, inner: MemoryEventStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def append_and_project(self, aggregate_id: str, events: Any, *, project: Any, **kw: Any) -> Any:
+        def twice(recorded: list[incident.Recorded[Any]]) -> Any:
+            project(recorded)
+            return project(recorded)
+
+        return self.inner.append_and_project(aggregate_id, events, project=twice, **kw)
+
+
+def test_follow_ups_are_not_duplicated_when_a_store_reruns_the_handlers() -> None:
+    """Inline handlers may run more than once per append; their follow-ups run once."""
+    store = ProjectsTwice(MemoryEventStore())
+    app = incident.CommandHandler(
+        store,  # type: ignore[arg-type]
+        aggregates=[wallet_aggregate()],
+        event_handlers=[
+            rows(),
+            reacting(Opened, lambda r: Deposit(aggregate_id=r.aggregate_id, amount=3)),
+        ],
+    )
+    app.dispatch(Open(aggregate_id="W1"))
+    assert [r.event_type for r in app.event_store.get("W1")] == ["Opened", "Deposited"]
+    assert app.projection_store.get(WalletRow, "W1") == WalletRow(
+        aggregate_id="W1", balance=3, version=2
+    )
