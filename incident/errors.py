@@ -116,6 +116,9 @@ class DuplicateCommand(IncidentError):
         self.recorded = recorded
         super().__init__(f"Idempotency key {key!r} was already used; nothing was written")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.recorded))
+
 
 class StoreError(IncidentError):
     """The database driver failed; the original exception is chained as ``__cause__``."""
