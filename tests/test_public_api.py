@@ -94,18 +94,27 @@ def test_error_families_are_also_builtin_errors() -> None:
     assert issubclass(incident.RegistrationError, TypeError)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        incident.InvalidCommand("Deposit", "amount", "Expected `int` >= 1"),
-        incident.Rejected("no_enough_balance", "balance 3"),
-        incident.ConcurrencyError("A1", 2, 3),
-        incident.UnknownEventType("Gone", ["A", "B"], position=9),
-        incident.CorruptEvent(9, "A1", "truncated"),
-        incident.StoreError("disk full"),
-    ],
-    ids=lambda error: type(error).__name__,
-)
+ERROR_SAMPLES: list[incident.IncidentError] = [
+    incident.IncidentError("base"),
+    incident.InvalidCommand("Deposit", "amount", "Expected `int` >= 1"),
+    incident.Rejected("no_enough_balance", "balance 3"),
+    incident.ConcurrencyError("A1", 2, 3),
+    incident.UnknownEventType("Gone", ["A", "B"], position=9),
+    incident.CorruptEvent(9, "A1", "truncated"),
+    incident.StoreError("disk full"),
+    incident.DuplicateCommand("key-1", []),
+    incident.RoutingError("no route"),
+    incident.RegistrationError("twice"),
+]
+
+
+def test_every_error_class_has_a_pickling_sample() -> None:
+    """A new error class must join ERROR_SAMPLES, so its pickling is checked too."""
+    sampled = {type(error).__name__ for error in ERROR_SAMPLES}
+    assert sampled == set(incident.errors.__all__)
+
+
+@pytest.mark.parametrize("error", ERROR_SAMPLES, ids=lambda error: type(error).__name__)
 def test_errors_survive_pickling(error: incident.IncidentError) -> None:
     """Errors cross process boundaries (multiprocessing, pytest-xdist) with their fields."""
     copy = pickle.loads(pickle.dumps(error))
