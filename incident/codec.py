@@ -130,7 +130,15 @@ class EventTypes:
                     f"{name} is stored at schema version {version} and no upcaster brings it "
                     f"to {version + 1}; register one with @aggregate.upcast({name!r}, {version})",
                 )
-            payload = upcaster(payload)
+            try:
+                payload = upcaster(payload)
+            except Exception as error:  # the stored payload is not what the upcaster expects
+                raise CorruptEvent(
+                    position,
+                    aggregate_id,
+                    f"{getattr(upcaster, '__qualname__', upcaster)} could not bring {name} from "
+                    f"schema version {version} to {version + 1}: {error!r}",
+                ) from error
         event: Event = msgspec.convert(payload, event_type)
         return event
 
