@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import pytest
@@ -308,3 +308,28 @@ def test_encode_then_decode_round_trips() -> None:
     """What encode writes, EventTypes reads back equal."""
     event = Stored(n=5, note="five")
     assert incident.EventTypes([Stored]).decode("Stored", encode(event)) == event
+
+
+class Priced(incident.Event):
+    schema_version: ClassVar[int] = 2
+    amount: int
+    currency: str
+
+
+def test_an_upcaster_that_fails_on_a_payload_is_a_corrupt_event() -> None:
+    """A stored payload an upcaster cannot handle is reported as a CorruptEvent naming the
+    position, the aggregate and the upcaster, with the upcaster's error chained."""
+    types = incident.EventTypes([Priced])
+
+    def add_currency(payload: dict[str, Any]) -> dict[str, Any]:
+        return {**payload, "currency": payload["unit"]}  # KeyError on payloads without a unit
+
+    types.register_upcaster("Priced", 1, add_currency)
+    upcast = types.decode("Priced", b'{"amount": 5, "unit": "EUR"}', schema_version=1)
+    assert upcast == Priced(amount=5, currency="EUR")
+    with pytest.raises(incident.CorruptEvent) as caught:
+        types.decode("Priced", b'{"amount": 5}', position=3, aggregate_id="A1", schema_version=1)
+    error = caught.value
+    assert (error.position, error.aggregate_id) == (3, "A1")
+    assert "add_currency" in str(error) and "schema version 1 to 2" in str(error)
+    assert isinstance(error.__cause__, KeyError)
