@@ -29,6 +29,9 @@ class _KeywordOnly(msgspec.StructMeta):
         mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **options: Any
     ) -> "_KeywordOnly":
         options.setdefault("kw_only", True)
+        # msgspec.defstruct hands a custom metaclass its field names as __slots__, which
+        # StructMeta itself then refuses; the fields are in __annotations__ all the same
+        namespace = {key: value for key, value in namespace.items() if key != "__slots__"}
         return super().__new__(mcls, name, bases, namespace, **options)
 
 
