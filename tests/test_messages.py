@@ -137,3 +137,18 @@ def test_recorded_round_trips_through_json() -> None:
     decoded = msgspec.json.decode(encode(recorded), type=incident.Recorded[Opened])
     assert decoded == recorded
     assert incident.Recorded(**{**msgspec.structs.asdict(recorded), "metadata": {}}).metadata == {}
+
+
+def test_messages_can_be_defined_dynamically() -> None:
+    """msgspec.defstruct works with the message bases (generated types, test factories)."""
+    dynamic = msgspec.defstruct(
+        "Dynamic", [("aggregate_id", str), ("n", int, 3)], bases=(incident.Command,)
+    )
+    command = dynamic(aggregate_id="A")
+    assert (command.aggregate_id, command.n) == ("A", 3)
+    assert incident.validate_command(command) is command
+    with pytest.raises(AttributeError):
+        command.n = 4
+    happened = msgspec.defstruct("Happened", [("n", int)], bases=(incident.Event,))
+    assert incident.event_type_name(happened) == "Happened"
+    assert msgspec.json.decode(encode(happened(n=1))) == {"type": "Happened", "n": 1}
