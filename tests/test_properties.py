@@ -191,3 +191,23 @@ def test_a_rejected_or_invalid_command_stores_nothing(
         assert snapshot() == before
     else:
         assert len(snapshot()[0]) > len(before[0])
+
+
+@PROPERTIES
+@given(scenarios, st.data())
+def test_two_command_handlers_over_one_store_agree_with_the_rules(
+    sequence: list[incident.Command], data: st.DataObject
+) -> None:
+    """Two handlers sharing one store, each with its own state cache (so each is often stale),
+    still decide every command exactly as the rules say."""
+    store = incident.open_event_store("memory://")
+    handlers = [bank.build(store), bank.build(store)]
+    model = Model()
+    for command in sequence:
+        app = handlers[data.draw(st.integers(0, 1), label="handler")]
+        assert run(app, command) == model.expect(command), command
+    for number in ACCOUNTS:
+        for app in handlers:
+            assert app.state("bank_account", number).balance == model.balances.get(number, 0)
+    rows = handlers[0].projection_store.all(BankAccount)
+    assert {row.aggregate_id: row.balance for row in rows} == model.balances
