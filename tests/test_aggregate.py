@@ -384,13 +384,6 @@ def test_history_yields_one_state_per_event() -> None:
     assert list(agg.history([])) == []
 
 
-def test_pure_functions_never_mutate_the_initial_state() -> None:
-    """Folding twice from the same initial state gives the same answer."""
-    agg = counter()
-    assert agg.fold(EVENTS) == agg.fold(EVENTS)
-    assert agg.initial == Total()
-
-
 @pytest.mark.parametrize(
     ("role", "base"), [("execute", incident.Command), ("apply", incident.Event)]
 )
