@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import os
 import sqlite3
+import textwrap
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,19 +63,20 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
         [
             (
                 "created table events",
-                """CREATE TABLE events (
-                    position INTEGER PRIMARY KEY,
-                    event_id TEXT NOT NULL UNIQUE,
-                    aggregate_id TEXT NOT NULL,
-                    aggregate TEXT NOT NULL,
-                    version INTEGER NOT NULL,
-                    event_type TEXT NOT NULL,
-                    schema_version INTEGER NOT NULL DEFAULT 1,
-                    event_date TEXT NOT NULL,
-                    data TEXT NOT NULL,
-                    metadata TEXT NOT NULL DEFAULT '{}',
-                    UNIQUE (aggregate_id, version)
-                )""",
+                textwrap.dedent("""\
+                    CREATE TABLE events (
+                        position INTEGER PRIMARY KEY,
+                        event_id TEXT NOT NULL UNIQUE,
+                        aggregate_id TEXT NOT NULL,
+                        aggregate TEXT NOT NULL,
+                        version INTEGER NOT NULL,
+                        event_type TEXT NOT NULL,
+                        schema_version INTEGER NOT NULL DEFAULT 1,
+                        event_date TEXT NOT NULL,
+                        data TEXT NOT NULL,
+                        metadata TEXT NOT NULL DEFAULT '{}',
+                        UNIQUE (aggregate_id, version)
+                    )"""),
             ),
             # streams are read through the UNIQUE index, the log through the primary key
             (
