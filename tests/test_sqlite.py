@@ -87,10 +87,10 @@ def test_durable_by_default_and_relaxed_on_request(url: str) -> None:
 
     def pragmas(store: incident.EventStore) -> tuple[str, int]:
         assert isinstance(store, SQLiteEventStore)
-        with store._db.connection() as conn:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            sync = conn.execute("PRAGMA synchronous").fetchone()[0]
-        return mode, sync
+        conn = store._db.conn()
+        return conn.execute("PRAGMA journal_mode").fetchone()[0], conn.execute(
+            "PRAGMA synchronous"
+        ).fetchone()[0]
 
     assert pragmas(incident.open_event_store(url)) == ("wal", 2)
     assert pragmas(incident.open_event_store(url, synchronous="NORMAL")) == ("wal", 1)
@@ -183,10 +183,10 @@ def test_one_command_is_one_commit(url: str) -> None:
     handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))  # tables exist from here on
     assert isinstance(handler.event_store, SQLiteEventStore)
     statements: list[str] = []
-    with handler.event_store._db.connection() as conn:
-        conn.set_trace_callback(statements.append)
-        handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=5))
-        conn.set_trace_callback(None)
+    conn = handler.event_store._db.conn()
+    conn.set_trace_callback(statements.append)
+    handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=5))
+    conn.set_trace_callback(None)
     assert [s for s in statements if s in {"BEGIN IMMEDIATE", "COMMIT"}] == [
         "BEGIN IMMEDIATE",
         "COMMIT",
