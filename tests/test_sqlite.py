@@ -458,6 +458,20 @@ def deposit_in_process(url: str, count: int, start: Any, results: Any) -> None:
     results.put(done)
 
 
+def initialize_in_process(url: str, start: Any, results: Any) -> None:
+    store = incident.open_event_store(url)
+    start.wait()
+    results.put(store.initialize())
+
+
+def append_after_fork(store: SQLiteEventStore, results: Any) -> None:
+    try:
+        store.append("forked", deposits(1), expected_version=0)
+        results.put([r.aggregate_id for r in store.read_all()])
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
 def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(processes), context.Queue()
@@ -511,6 +525,37 @@ def test_processes_depositing_at_once_lose_nothing(url: str) -> None:
     assert len({r.event_id for r in stream}) == 601
     row = check.projection_store.get(BankAccount, "ACC1")
     assert row is not None and (row.balance, row.version) == (600, 601)
+
+
+@pytest.mark.slow
+def test_processes_initializing_at_once_take_turns(url: str) -> None:
+    """One process creates the tables and says so; the others find nothing to do."""
+    outcomes = run_processes(initialize_in_process, url, processes=3)
+    assert sorted(outcomes, key=len) == [
+        [],
+        [],
+        [
+            "created table incident_schema",
+            "created table events",
+            "created index events_by_type",
+            "recorded schema version 1 (the event log)",
+        ],
+    ]
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_connection(store: SQLiteEventStore) -> None:
+    """A store used before a fork keeps working in the child and in the parent."""
+    store.append("parent", deposits(1), expected_version=0)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=append_after_fork, args=(store, results))
+    child.start()
+    assert results.get(timeout=60) == ["parent", "forked"]
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    store.append("parent", deposits(2), expected_version=1)
+    assert [r.aggregate_id for r in store.read_all()] == ["parent", "forked", "parent"]
 
 
 def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, url: str) -> None:

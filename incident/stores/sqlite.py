@@ -150,6 +150,16 @@ class _Database:
         self.guard: AbstractContextManager[Any] = (
             self._lock if self._shared is not None else nullcontext()
         )
+        _open_databases.add(self)
+
+    def _forget_connections(self) -> None:
+        """In a forked child: SQLite connections must not cross a fork, so the child opens
+        its own (the parent's are left alone, not closed: they are still the parent's)."""
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.RLock()
+        if self._shared is not None:
+            self.guard = self._lock
 
     @property
     def in_memory(self) -> bool:
@@ -335,6 +345,18 @@ class _Database:
         for table, row in zip(tables, rows, strict=True):
             self.ensure_table(conn, table)
             conn.execute(table.upsert_sql, row)
+
+
+_open_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for database in list(_open_databases):
+        database._forget_connections()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _qualified(cls: type[Any]) -> str:
@@ -641,5 +663,8 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
         timeout = float(settings.get("timeout", 30.0))
     except ValueError as error:
         raise IncidentError(f"timeout must be a number of seconds: {error}") from error
+    types = settings.get("types")
+    if types is not None and not isinstance(types, EventTypes):
+        raise IncidentError(f"types must be an incident.EventTypes, got {types!r}")
     database = _Database(path, synchronous=synchronous, timeout=timeout)
-    return SQLiteEventStore(database, types=settings.get("types"))
+    return SQLiteEventStore(database, types=types)
