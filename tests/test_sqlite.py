@@ -310,6 +310,38 @@ def test_a_field_added_later_gets_its_column(url: str) -> None:
     ]
 
 
+def test_a_table_created_in_a_rolled_back_transaction_is_made_again(url: str) -> None:
+    """Creating a projection table is part of the command's transaction: undone with it,
+    and done again by the next command."""
+
+    class Fresh(incident.Projection):
+        aggregate_id: str
+
+    class Misfit(incident.Projection):
+        aggregate_id: str
+
+    raw(url, "CREATE TABLE misfit (aggregate_id TEXT)")  # no key: cannot take upserts
+    store = open_sqlite(url)
+
+    def append(*projections: incident.Projection) -> None:
+        store.append_and_project(
+            "a",
+            deposits(1),
+            expected_version=incident.ANY,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=lambda recorded: projections,
+        )
+
+    with pytest.raises(incident.IncidentError, match="not keyed by"):
+        append(Fresh(aggregate_id="a"), Misfit(aggregate_id="a"))
+    assert raw(url, "SELECT name FROM sqlite_master WHERE name = 'fresh'") == []
+    assert store.get("a") == []
+    append(Fresh(aggregate_id="a"))
+    assert store.projections().all(Fresh) == [Fresh(aggregate_id="a")]
+
+
 def test_the_version_guard_holds_across_store_objects(url: str) -> None:
     """Two store objects (as two processes would have) cannot move a row backwards."""
     first, second = incident.open_projection_store(url), incident.open_projection_store(url)

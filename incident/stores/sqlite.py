@@ -222,13 +222,15 @@ class _Database:
         with self.guard:
             conn = self.conn()
             conn.execute("BEGIN IMMEDIATE")
+            changed: list[str] = []
+            self._local.changed_tables = changed
             try:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                # tables created in this transaction are gone again: forget them first,
-                # before another writer can take the lock
-                self._ready_tables.clear()
+                # tables created or altered in this transaction are undone: forget them
+                # before the lock is released, so the next writer makes them again
+                self._ready_tables.difference_update(changed)
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -327,7 +329,8 @@ class _Database:
     def ensure_table(self, conn: sqlite3.Connection, table: ProjectionTable) -> None:
         """Inside a write transaction: create or migrate the table once per process."""
         if table.name not in self._ready_tables:
-            table.ensure(conn)
+            if table.ensure(conn):
+                self._local.changed_tables.append(table.name)
             self._ready_tables.add(table.name)
 
     def ready(self, table: ProjectionTable) -> None:
