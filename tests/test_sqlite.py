@@ -294,14 +294,14 @@ def test_a_field_added_later_gets_its_column(url: str) -> None:
         aggregate_id: str
         balance: int
 
-    incident.open_projection_store(url).project(Account(aggregate_id="A", balance=1))
+    projections = incident.open_projection_store(url)
+    projections.project(Account(aggregate_id="A", balance=1))
 
-    class Account(incident.Projection):  # type: ignore[no-redef]
+    class Account(incident.Projection):  # type: ignore[no-redef]  # as in a notebook
         aggregate_id: str
         balance: int
         owner: str = "nobody"
 
-    projections = incident.open_projection_store(url)
     projections.project(Account(aggregate_id="B", balance=2, owner="Bo"))
     assert projections.get(Account, "B") == Account(aggregate_id="B", balance=2, owner="Bo")
     assert raw(url, "SELECT aggregate_id, owner FROM account ORDER BY 1") == [
@@ -340,6 +340,18 @@ def test_a_table_created_in_a_rolled_back_transaction_is_made_again(url: str) ->
     assert store.get("a") == []
     append(Fresh(aggregate_id="a"))
     assert store.projections().all(Fresh) == [Fresh(aggregate_id="a")]
+
+
+def test_the_key_column_need_not_come_first(url: str) -> None:
+    class Late(incident.Projection):
+        version: int
+        label: str
+        aggregate_id: str
+
+    projections = incident.open_projection_store(url)
+    projections.project(Late(version=2, label="new", aggregate_id="k"))
+    assert projections.project(Late(version=1, label="old", aggregate_id="k")).label == "new"
+    assert projections.get(Late, "k") == Late(version=2, label="new", aggregate_id="k")
 
 
 def test_the_version_guard_holds_across_store_objects(url: str) -> None:

@@ -41,7 +41,7 @@ import msgspec
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
 from ..messages import Event, Projection, Recorded
-from ._common import check_expected_version, checked_events, stamp
+from ._common import check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable
 from .protocols import ProjectFn, ProjectionStore
 
@@ -322,7 +322,10 @@ class _Database:
                     f"{_qualified(projection_type)} and {_qualified(owner)} would both be "
                     f"stored in table {table.name!r}; give one a table_name: ClassVar[str]"
                 )
-            self._table_owners[table.name] = projection_type  # a redefinition replaces it
+            if owner is not None and owner is not projection_type:
+                # a class redefined (in a notebook, say) may have new fields: check again
+                self._ready_tables.discard(table.name)
+            self._table_owners[table.name] = projection_type
             self._tables[projection_type] = table
         return table
 
@@ -384,7 +387,7 @@ class SQLiteProjectionStore:
             if conn.execute(table.upsert_sql, row).rowcount:
                 return projection
             # a newer version is stored: say which one won
-            stored = conn.execute(table.select_one_sql, (row[0],)).fetchone()
+            stored = conn.execute(table.select_one_sql, (projection_key(projection),)).fetchone()
         winner: P = table.decode(stored)
         return winner
 
