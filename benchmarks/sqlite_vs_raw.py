@@ -95,7 +95,7 @@ def raw_load(path: Path, events: int, synchronous: str) -> float:
         assert state.balance == events - 1
         return state
 
-    seconds = best_of(5, load)
+    seconds = best_of(20, load)
     conn.close()
     return seconds
 
@@ -127,7 +127,7 @@ def raw_load_envelopes(path: Path, events: int, synchronous: str) -> float:
         assert state.balance == events - 1
         return state
 
-    seconds = best_of(5, load)
+    seconds = best_of(20, load)
     conn.close()
     return seconds
 
@@ -176,7 +176,7 @@ def incident_load(path: Path, events: int, synchronous: str) -> float:
         assert state.balance == events - 1
         return state
 
-    seconds = best_of(5, load)
+    seconds = best_of(20, load)
     store.close()
     return seconds
 
