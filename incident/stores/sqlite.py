@@ -97,6 +97,10 @@ _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
+_PAYLOADS = (
+    "SELECT position, event_type, data FROM events WHERE aggregate_id = ? AND version > ? "
+    "ORDER BY version"
+)
 _LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -587,6 +591,22 @@ class SQLiteEventStore:
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream in version order, read in one snapshot."""
         return self._decode(self._rows(_STREAM, (aggregate_id, after)), aggregate_id)
+
+    def events(self, aggregate_id: str, *, after: int = 0) -> list[Event]:
+        """The stream's events without their envelopes, in version order: all a fold
+        needs, read at close to the cost of raw SQL (envelopes cost as much again as the
+        payloads). Versions are gapless, so the stream is at ``after + len(result)``."""
+        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        events = []
+        for position, event_type, data in self._rows(_PAYLOADS, (aggregate_id, after)):
+            decoder = decoders.get(event_type)
+            if decoder is None:
+                decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
+            try:
+                events.append(decoder.decode(data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                raise CorruptEvent(position, aggregate_id, str(error)) from error
+        return events
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
