@@ -19,10 +19,16 @@ from typing import Any, ClassVar
 import msgspec
 import pytest
 import sqlite_utils
+from sqlite_workers import (
+    append_after_fork,
+    deposit_in_process,
+    initialize_in_process,
+    withdraw_in_process,
+)
 
 import incident
 from incident.examples import bank
-from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, WithdrawMoney
+from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited
 from incident.stores import sqlite as sqlite_store
 from incident.stores.sqlite import SQLiteEventStore, SQLiteProjectionStore, open_sqlite
 
@@ -483,52 +489,6 @@ def test_racing_threads_get_concurrency_errors_not_locks(url: str, where: str) -
 
 
 # -- processes (spawned, so each has its own SQLite connections and locks) -------------
-
-
-def withdraw_in_process(url: str, start: Any, results: Any) -> None:
-    handler = bank.build(url)
-    start.wait()
-    try:
-        handler.dispatch(WithdrawMoney(aggregate_id="ACC1", amount=24))
-    except incident.Rejected as rejected:
-        results.put(rejected.reason)
-    except Exception as error:  # reported to the test rather than lost in a child
-        results.put(f"{type(error).__name__}: {error}")
-    else:
-        results.put("ok")
-
-
-def deposit_in_process(url: str, count: int, start: Any, results: Any) -> None:
-    handler = bank.build(url)
-    start.wait()
-    conflicts = 0
-    done = 0
-    try:
-        while done < count:
-            try:
-                handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=1))
-            except incident.ConcurrencyError:
-                conflicts += 1  # nothing was written: try again
-                continue
-            done += 1
-    except Exception as error:
-        results.put(f"{type(error).__name__}: {error}")
-        return
-    results.put(done)
-
-
-def initialize_in_process(url: str, start: Any, results: Any) -> None:
-    store = incident.open_event_store(url)
-    start.wait()
-    results.put(store.initialize())
-
-
-def append_after_fork(store: SQLiteEventStore, results: Any) -> None:
-    try:
-        store.append("forked", deposits(1), expected_version=0)
-        results.put([r.aggregate_id for r in store.read_all()])
-    except Exception as error:
-        results.put(f"{type(error).__name__}: {error}")
 
 
 def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
