@@ -30,6 +30,7 @@ import os
 import sqlite3
 import textwrap
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -186,12 +187,28 @@ class _Database:
             )
             try:
                 if self.path != MEMORY:
-                    conn.execute("PRAGMA journal_mode = WAL")
+                    self._use_wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             except sqlite3.Error:
                 conn.close()
                 raise
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite answers "locked"
+        # at once instead of waiting (it avoids a deadlock that way) when several
+        # processes open the file together: wait here instead, within the same timeout.
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _thread_connection(self) -> sqlite3.Connection:
         conn = self._connect()
@@ -242,7 +259,7 @@ class _Database:
     def store_error(self, error: sqlite3.Error) -> StoreError:
         hint = ""
         if "locked" in str(error) or "busy" in str(error):
-            hint = f" (another writer held the lock longer than the {self.timeout} s timeout)"
+            hint = f" (another connection holds the lock; writers wait up to {self.timeout} s)"
         return StoreError(f"SQLite failed on {self.path!r}: {error}{hint}")
 
     @contextmanager
