@@ -80,6 +80,8 @@ def test_relative_absolute_and_memory_urls(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_bad_urls_and_options_are_clear_errors() -> None:
+    """A URL with a host, an unknown option or a bad value is refused with a message that says
+    what is expected."""
     with pytest.raises(incident.IncidentError, match=re.escape("sqlite:///relative.db")):
         incident.open_event_store("sqlite://host/x.db")
     with pytest.raises(incident.IncidentError, match="Unknown SQLite store options"):
@@ -104,6 +106,8 @@ def test_durable_by_default_and_relaxed_on_request(url: str) -> None:
 
 
 def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
+    """initialize() reports each step it takes, and nothing the second time (also from another
+    store object)."""
     store = incident.open_event_store(url)
     assert store.initialize() == [
         "created table incident_schema",
@@ -119,12 +123,14 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
 
 
 def test_tables_are_created_on_first_use(url: str) -> None:
+    """A fresh file works without initialize(): the first use creates the tables."""
     store = incident.open_event_store(url)
     assert store.get("nobody") == []
     assert store.initialize() == []
 
 
 def test_a_file_from_a_newer_release_is_refused(url: str) -> None:
+    """A schema version this release does not know is a StoreError, not a silent misread."""
     incident.open_event_store(url).initialize()
     raw(url, "INSERT INTO incident_schema VALUES (99, 'the future', '2100-01-01')")
     with pytest.raises(incident.StoreError, match="schema version 99"):
@@ -202,6 +208,8 @@ def test_one_command_is_one_commit(url: str) -> None:
 
 
 def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: str) -> None:
+    """Same file (even through another object) means one transaction; other files, memory
+    stores and separate in-memory databases do not."""
     events = open_sqlite(url)
     same_file = incident.open_projection_store(url)
     other_file = incident.open_projection_store(url.replace("bank.db", "other.db"))
@@ -212,6 +220,8 @@ def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: 
 
 
 def test_projections_in_another_store_follow_the_commit(url: str) -> None:
+    """With the read models in another store, the events commit first and the projections
+    follow; the SQLite file gets no projection table."""
     handler = bank.build(url, "memory://")
     handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
     handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=7))
@@ -282,6 +292,7 @@ def test_projection_tables_have_typed_columns(url: str) -> None:
 
 
 def test_projections_round_trip_exactly(url: str) -> None:
+    """Every field comes back equal, datetimes with their UTC offset."""
     projections = incident.open_projection_store(url)
     oslo = dt.timezone(dt.timedelta(hours=2))
     for row in (
@@ -296,6 +307,8 @@ def test_projections_round_trip_exactly(url: str) -> None:
 
 
 def test_a_field_added_later_gets_its_column(url: str) -> None:
+    """A Projection class redefined with a new field gets its column, even in the same process."""
+
     class Account(incident.Projection):
         aggregate_id: str
         balance: int
@@ -349,6 +362,8 @@ def test_a_table_created_in_a_rolled_back_transaction_is_made_again(url: str) ->
 
 
 def test_the_key_column_need_not_come_first(url: str) -> None:
+    """The version guard and the winner lookup use aggregate_id wherever the field is declared."""
+
     class Late(incident.Projection):
         version: int
         label: str
@@ -370,6 +385,8 @@ def test_the_version_guard_holds_across_store_objects(url: str) -> None:
 
 
 def test_two_projection_types_cannot_share_a_table(url: str) -> None:
+    """Two classes mapping to one table, or to the event store's tables, are refused;
+    table_name chooses another."""
     projections = incident.open_projection_store(url)
 
     class Customer(incident.Projection):  # same name as the module's, another module path
@@ -394,6 +411,8 @@ def test_two_projection_types_cannot_share_a_table(url: str) -> None:
 
 
 def test_a_projection_that_cannot_be_stored_writes_nothing(url: str) -> None:
+    """A value that does not encode is refused before anything is written."""
+
     class Loose(incident.Projection):
         aggregate_id: str
         extra: Any
@@ -440,6 +459,7 @@ def test_events_reads_payloads_only(store: SQLiteEventStore, url: str) -> None:
 
 
 def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> None:
+    """A broken envelope (not only a broken payload) names its position and aggregate."""
     store.append("a", deposits(1), expected_version=0)
     raw(url, "UPDATE events SET metadata = '[1, 2' WHERE position = 1")
     with pytest.raises(incident.CorruptEvent, match="position 1 of aggregate 'a'"):
@@ -450,6 +470,7 @@ def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> N
 
 
 def test_driver_errors_are_store_errors(tmp_path: Path) -> None:
+    """A failure inside sqlite3 surfaces as StoreError with the driver's error chained."""
     missing = incident.open_event_store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
     with pytest.raises(incident.StoreError) as caught:
         missing.get("a")
@@ -457,6 +478,7 @@ def test_driver_errors_are_store_errors(tmp_path: Path) -> None:
 
 
 def test_a_closed_store_says_so(url: str) -> None:
+    """Using a closed store is a StoreError that says it is closed."""
     store = incident.open_event_store(url)
     store.close()
     with pytest.raises(incident.StoreError, match="closed"):
@@ -578,6 +600,7 @@ def test_a_forked_child_opens_its_own_connection(store: SQLiteEventStore) -> Non
 
 
 def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, url: str) -> None:
+    """Event ids are UUIDs, and the table refuses a duplicate."""
     store.append("a", deposits(1, 2), expected_version=0)
     ids = [row[0] for row in raw(url, "SELECT event_id FROM events ORDER BY position")]
     assert len(set(ids)) == 2 and all(uuid.UUID(i) for i in ids)
@@ -586,6 +609,7 @@ def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, u
 
 
 def test_the_projection_store_type(url: str) -> None:
+    """The SQLite stores satisfy the runtime-checkable protocols."""
     assert isinstance(incident.open_projection_store(url), SQLiteProjectionStore)
     assert isinstance(incident.open_projection_store(url), incident.ProjectionStore)
     assert isinstance(incident.open_event_store(url), incident.EventStore)

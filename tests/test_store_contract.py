@@ -231,6 +231,8 @@ def test_a_row_of_the_wrong_shape_is_a_corrupt_event(
 def test_an_unknown_event_type_names_it_and_the_registered_ones(
     event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
 ) -> None:
+    """A stored type name no class carries raises UnknownEventType naming it, its position
+    and the registered types."""
     event_store.append("acc-1", deposited(1), expected_version=0)
     write_raw_event(
         RawEvent(position=2, aggregate_id="acc-1", version=2, event_type="MoneyVanished", data="{}")
