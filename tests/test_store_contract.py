@@ -107,9 +107,9 @@ def test_events_and_stream_read_one_stream(event_store: incident.EventStore) -> 
     event_store.append("a", deposited(1, 2), expected_version=0)
     event_store.append("b", deposited(5), expected_version=0)
     event_store.append("a", deposited(3), expected_version=2)
-    assert event_store.events("a") == deposited(1, 2, 3)
-    assert event_store.events("a", after=2) == deposited(3)
-    assert event_store.events("nobody") == []
+    assert list(event_store.events("a")) == deposited(1, 2, 3)
+    assert list(event_store.events("a", after=2)) == deposited(3)
+    assert list(event_store.events("nobody")) == []
     assert list(event_store.stream("a", after=1)) == event_store.get("a", after=1)
 
 
