@@ -612,7 +612,7 @@ class SQLiteEventStore:
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order and in batches:
         all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
-        raw SQL and in constant memory. Envelopes cost as much again as the payloads.
+        raw SQL and in constant memory (full envelopes cost two to three times as much).
         Versions are gapless, so the stream is at ``after`` + the number of events."""
         decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         while True:
