@@ -617,15 +617,17 @@ class SQLiteEventStore:
         decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         while True:
             rows = self._rows(_PAYLOADS, (aggregate_id, after, BATCH))
+            batch = []
             for position, _, event_type, data in rows:
                 decoder = decoders.get(event_type)
                 if decoder is None:
                     decoder = self.types.decoder(event_type, position=position)
                     decoders[event_type] = decoder
                 try:
-                    yield decoder.decode(data)
+                    batch.append(decoder.decode(data))
                 except (msgspec.DecodeError, msgspec.ValidationError) as error:
                     raise CorruptEvent(position, aggregate_id, str(error)) from error
+            yield from batch  # decoded a batch at a time: the tight loop stays tight
             if len(rows) < BATCH:
                 return
             after = rows[-1][1]
