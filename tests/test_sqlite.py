@@ -217,6 +217,11 @@ def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: 
     assert not events.shares_database_with(other_file)
     assert not events.shares_database_with(incident.open_projection_store("memory://"))
     assert not open_sqlite("sqlite://").shares_database_with(open_sqlite("sqlite://").projections())
+    app = bank.build(url, url)  # two URLs naming one file: still one transaction
+    assert app.event_store.shares_database_with(app.projection_store)
+    app.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    row = app.projection_store.get(BankAccount, "ACC1")
+    assert row is not None and row.version == 1
 
 
 def test_projections_in_another_store_follow_the_commit(url: str) -> None:
