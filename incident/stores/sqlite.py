@@ -228,6 +228,14 @@ class _Database:
         self._local.conn = conn
         return conn
 
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        if conn is self._shared:
+            return  # an in-memory database cannot be reopened; SQLite rolls it back itself
+        self._local.conn = None
+        with self._lock:
+            self._connections = [(t, c) for t, c in self._connections if c is not conn]
+        conn.close()
+
     def conn(self) -> sqlite3.Connection:
         """This thread's connection; use it inside ``with self.guard``."""
         if self.closed:
@@ -253,7 +261,10 @@ class _Database:
                 # before the lock is released, so the next writer makes them again
                 self._ready_tables.difference_update(changed)
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        self._discard(conn)  # unusable now: the next use reconnects
                 raise
 
     def store_error(self, error: sqlite3.Error) -> StoreError:
