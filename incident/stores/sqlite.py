@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -43,8 +43,11 @@ from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
 from ..messages import Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
-from ._sqlite_projections import ProjectionTable
+from ._sqlite_projections import ProjectionTable, _quote
 from .protocols import ProjectFn, ProjectionStore
+
+if TYPE_CHECKING:
+    from .sqlite_checkpoints import SQLiteCheckpointStore
 
 __all__ = ["SQLiteEventStore", "SQLiteProjectionStore", "open_sqlite", "sqlite_path"]
 
@@ -423,6 +426,16 @@ class SQLiteProjectionStore:
         winner: P = table.decode(stored)
         return winner
 
+    def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        """Swap the whole table for ``projections`` in one transaction (replay)."""
+        table = self._db.table(projection_type)
+        rows = [table.row(p) for p in projections]
+        with self._db.errors(), self._db.transaction() as conn:
+            self._db.ensure_table(conn, table)
+            conn.execute(f"DELETE FROM {_quote(table.name)}")
+            conn.executemany(table.upsert_sql, rows)
+        return len(rows)
+
     def get(self, projection_type: type[P], key: str) -> P | None:
         table = self._db.table(projection_type)
         with self._db.errors():
@@ -676,6 +689,16 @@ class SQLiteEventStore:
         if self._projections is None:
             self._projections = SQLiteProjectionStore(self._db)
         return self._projections
+
+    def checkpoints(self) -> SQLiteCheckpointStore:
+        """Subscription checkpoints in this file (beside the projections: one commit)."""
+        from .sqlite_checkpoints import SQLiteCheckpointStore
+
+        return SQLiteCheckpointStore(self._db)
+
+    def last_position(self) -> int:
+        position: int = self._rows("SELECT coalesce(max(position), 0) FROM events", ())[0][0]
+        return position
 
     def initialize(self) -> list[str]:
         """Create or migrate the tables; returns what was done (nothing the second time).

@@ -1,0 +1,268 @@
+"""Subscription checkpoints, dead letters and handler locks in an SQLite file.
+
+The tables live beside the events, so when the read models do too, a subscription's
+projection upserts and its checkpoint commit in one ``BEGIN IMMEDIATE`` transaction: a
+crash leaves both before or both after a batch, never one without the other.
+
+The lock that keeps two processes from running one handler is an ``flock`` on a file
+beside the database (``<db>.<handler>.lock``): the kernel drops it when its holder exits,
+however it dies, so nothing ever has to expire.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import IO, Any
+
+from ..errors import CheckpointConflict, StoreError
+from ..messages import Projection
+from .protocols import Parked, ProjectionStore
+from .sqlite import SQLiteProjectionStore, _Database
+
+__all__ = ["SQLiteCheckpointStore", "SQLiteHandlerLock", "lock_path"]
+
+_TABLES = [
+    (
+        "incident_checkpoints",
+        "CREATE TABLE incident_checkpoints ("
+        " handler TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at TEXT NOT NULL)",
+    ),
+    (
+        "incident_parked",
+        "CREATE TABLE incident_parked ("
+        " handler TEXT NOT NULL, position INTEGER NOT NULL, event_id TEXT NOT NULL,"
+        " aggregate_id TEXT NOT NULL, event_type TEXT NOT NULL, error TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL, parked_at TEXT NOT NULL, PRIMARY KEY (handler, position))",
+    ),
+]
+_PARKED = "handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at"
+_PARK = f"INSERT OR REPLACE INTO incident_parked ({_PARKED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_LOAD = "SELECT position FROM incident_checkpoints WHERE handler = ?"
+_SAVE = (
+    "INSERT INTO incident_checkpoints (handler, position, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (handler) DO UPDATE SET position = excluded.position,"
+    " updated_at = excluded.updated_at"
+)
+
+# an in-memory database lives in one process: its handler locks are plain thread locks
+_memory_locks: weakref.WeakKeyDictionary[_Database, dict[str, threading.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+_memory_locks_guard = threading.Lock()
+
+
+class SQLiteCheckpointStore:
+    """Checkpoints and dead letters in the SQLite file of an event store."""
+
+    def __init__(self, database: _Database) -> None:
+        self._db = database
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteCheckpointStore({self._db.path!r})"
+
+    def initialize(self) -> list[str]:
+        done = []
+        with self._db.errors(), self._db.transaction() as conn:
+            for name, statement in _TABLES:
+                exists = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+                ).fetchone()
+                if exists is None:
+                    conn.execute(statement)
+                    done.append(f"created table {name}")
+        self._ready = True
+        return done
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            self.initialize()
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        self._ensure()
+        with self._db.errors(), self._db.guard:
+            rows: list[tuple[Any, ...]] = self._db.conn().execute(sql, params).fetchall()
+        return rows
+
+    def load(self, handler: str) -> int:
+        rows = self._query(_LOAD, (handler,))
+        return int(rows[0][0]) if rows else 0
+
+    def save(
+        self,
+        handler: str,
+        position: int,
+        *,
+        expected: int,
+        projections: Sequence[Projection] = (),
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        self._ensure()
+        shared = projection_store is not None and self.shares_database_with(projection_store)
+        if projections and projection_store is not None and not shared:
+            # another database: projections first, so a crash re-applies, never skips
+            for projection in projections:
+                projection_store.project(projection)
+        with self._db.errors(), self._db.transaction() as conn:
+            row = conn.execute(_LOAD, (handler,)).fetchone()
+            actual = int(row[0]) if row else 0
+            if actual != expected:
+                raise CheckpointConflict(handler, expected, actual)
+            if shared and projections:
+                self._db.write_projections(conn, projections)
+            conn.execute(_SAVE, (handler, position, _now()))
+
+    def reset(self, handler: str, position: int = 0) -> None:
+        self._ensure()
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(_SAVE, (handler, position, _now()))
+
+    def checkpoints(self) -> dict[str, int]:
+        rows = self._query("SELECT handler, position FROM incident_checkpoints")
+        return {handler: int(position) for handler, position in rows}
+
+    def park(self, parked: Parked) -> None:
+        self._ensure()
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(
+                _PARK,
+                (
+                    parked.handler,
+                    parked.position,
+                    parked.event_id,
+                    parked.aggregate_id,
+                    parked.event_type,
+                    parked.error,
+                    parked.attempts,
+                    parked.parked_at.isoformat(),
+                ),
+            )
+
+    def parked(self, handler: str | None = None) -> list[Parked]:
+        rows = self._query(
+            f"SELECT {_PARKED} FROM incident_parked WHERE ? IS NULL OR handler = ? "
+            "ORDER BY handler, position",
+            (handler, handler),
+        )
+        return [_parked(row) for row in rows]
+
+    def unpark(self, handler: str, position: int) -> None:
+        self._ensure()
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM incident_parked WHERE handler = ? AND position = ?",
+                (handler, position),
+            )
+
+    def lock(self, handler: str) -> SQLiteHandlerLock:
+        if self._db.in_memory:
+            with _memory_locks_guard:
+                locks = _memory_locks.setdefault(self._db, {})
+                shared = locks.setdefault(handler, threading.Lock())
+            return SQLiteHandlerLock(handler, None, shared)
+        return SQLiteHandlerLock(handler, lock_path(self._db.path, handler), None)
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
+            projection_store._db
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class SQLiteHandlerLock:
+    """An exclusive ``flock`` on ``<db>.<handler>.lock`` (a thread lock for in-memory
+    databases). Each lock object opens its own file description, so two runners in one
+    process exclude each other just as two processes do."""
+
+    def __init__(self, handler: str, path: str | None, thread_lock: threading.Lock | None):
+        self.handler = handler
+        self.path = path
+        self._thread_lock = thread_lock
+        self._file: IO[bytes] | None = None
+        self._held = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteHandlerLock({self.handler!r}, held={self._held})"
+
+    def _try(self) -> bool:
+        if self._thread_lock is not None:
+            return self._thread_lock.acquire(blocking=False)
+        assert self.path is not None
+        if self._file is None:
+            try:
+                self._file = open(self.path, "ab")  # noqa: SIM115 - held open while locked
+            except OSError as error:
+                raise StoreError(f"Cannot open the lock file {self.path!r}: {error}") from error
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if self._held:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while not self._try():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            left = pause if deadline is None else min(pause, deadline - time.monotonic())
+            time.sleep(max(left, 0.0))
+            pause = min(pause * 2, 0.1)
+        self._held = True
+        return True
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        if self._thread_lock is not None:
+            self._thread_lock.release()
+        elif self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def held(self) -> bool:
+        return self._held
+
+
+def lock_path(database_path: str, handler: str) -> str:
+    """The lock file of one handler: readable when the name is, hashed when it is not.
+
+    >>> lock_path("/data/bank.db", "bank_projections")
+    '/data/bank.db.bank_projections.lock'
+    """
+    safe = handler if re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", handler) else None
+    if safe is None:
+        safe = hashlib.blake2b(handler.encode(), digest_size=8).hexdigest()
+    return f"{os.path.abspath(database_path)}.{safe}.lock"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def _parked(row: tuple[Any, ...]) -> Parked:
+    handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at = row
+    return Parked(
+        handler=handler,
+        position=position,
+        event_id=event_id,
+        aggregate_id=aggregate_id,
+        event_type=event_type,
+        error=error,
+        attempts=attempts,
+        parked_at=dt.datetime.fromisoformat(parked_at),
+    )
