@@ -25,6 +25,7 @@ See Also: :class:`Scenario`, :func:`commands`, :func:`events`, :func:`invalid_co
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import difflib
 import math
@@ -622,7 +623,9 @@ def aggregate_machine(
 
     - each of ``invariants`` on every stream's state: an invariant takes a state and
       fails by returning False or raising AssertionError (give a dict to name them);
-    - that folding each stream's whole history gives the state reached step by step;
+    - that folding each stream's whole history gives the state reached step by step,
+      and that no execute or apply function changed the state it was given in place
+      (states must compare by value, as msgspec Structs and dataclasses do);
     - that deciding the same command on the same state again gives the same events
       (an execute function that reads the clock or draws randomness fails this).
 
@@ -660,34 +663,36 @@ def aggregate_machine(
                 return
             key: str = command.aggregate_id  # type: ignore[attr-defined]
             state = self.states.get(key, aggregate.initial)
+            before = copy.deepcopy(state)
             try:
                 decided = aggregate.decide(state, command)
             except Rejected:
+                _unchanged(state, before, f"executing {type(command).__name__}")
                 return
+            _unchanged(state, before, f"executing {type(command).__name__}")
             again = aggregate.decide(state, command)
             assert again == decided, (
                 f"{aggregate.name} decided differently on the same state and command:\n"
                 f"first  {decided!r}\nsecond {again!r}"
             )
             for event in decided:
-                state = aggregate.evolve(state, event)
+                before = copy.deepcopy(state)
+                evolved = aggregate.evolve(state, event)
+                _unchanged(state, before, f"applying {type(event).__name__}")
+                state = evolved
             self.states[key] = state
             self.histories.setdefault(key, []).extend(decided)
 
         @invariant()
-        def folding_equals_stepping(self) -> None:
+        def check(self) -> None:
             for key, state in self.states.items():
                 folded = aggregate.fold(self.histories[key])
                 assert folded == state, (
                     f"{aggregate.name} {key!r}: folding its history gives\n  {folded!r}\n"
                     f"but step by step it reached\n  {state!r}"
                 )
-
-        @invariant()
-        def user_invariants(self) -> None:
-            for key, state in self.states.items():
-                for name, check in checks:
-                    if check(state) is False:
+                for name, holds in checks:
+                    if holds(state) is False:
                         raise AssertionError(
                             f"invariant {name} failed for {aggregate.name} {key!r}: {state!r}"
                         )
@@ -697,6 +702,13 @@ def aggregate_machine(
         max_examples=50, stateful_step_count=25, deadline=None
     )
     return Machine
+
+
+def _unchanged(state: Any, before: Any, doing: str) -> None:
+    # a state changed in place corrupts every state that shares it (the initial one too)
+    assert state == before, (
+        f"{doing} changed its input state in place:\n  before {before!r}\n  after  {state!r}"
+    )
 
 
 _derive_commands = commands  # aggregate_machine's parameter of that name hides the function
