@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, get_type_hints, overload
 
 from . import _fp
-from .errors import RegistrationError, RoutingError
+from .errors import RegistrationError, Rejected, RoutingError
 from .messages import Command, Event, Recorded, event_type_name
 
 __all__ = ["Aggregate"]
@@ -19,6 +19,9 @@ __all__ = ["Aggregate"]
 S = TypeVar("S")
 M = TypeVar("M")
 F = TypeVar("F", bound=Callable[..., Any])
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+U = TypeVar("U", bound=Upcaster)
+T = TypeVar("T", bound=Callable[[Any], bool])
 
 Decision = Event | Iterable[Event]
 
@@ -80,6 +83,8 @@ class Aggregate(Generic[S]):
         self.initial = initial
         self._executors: dict[type[Command], Callable[[S, Any], Any]] = {}
         self._appliers: dict[type[Event], Callable[[S, Any], S]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._terminal: Callable[[S], bool] | None = None
 
     def __repr__(self) -> str:
         return f"Aggregate({self.name!r})"
@@ -124,6 +129,36 @@ class Aggregate(Generic[S]):
             raise RegistrationError(f"@{self.name}.{role} needs a function or a message type")
         return add(target, message_type(target, base, role))
 
+    def upcast(self, event_type: str | type[Event], from_version: int) -> Callable[[U], U]:
+        """Register ``fn(payload: dict) -> dict`` that turns a stored payload of schema
+        version ``from_version`` into the shape of ``from_version + 1``. Chains apply in
+        order on read, so version 1 data reaches version 3 through two upcasters."""
+        name = event_type if isinstance(event_type, str) else event_type_name(event_type)
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
+            raise RegistrationError(f"{self.name}.upcast: from_version must be an int >= 1")
+
+        def register(function: U) -> U:
+            existing = self._upcasters.get((name, from_version))
+            if existing is not None:
+                raise RegistrationError(
+                    f"{self.name}: {name} v{from_version} is already upcast by "
+                    f"{existing.__qualname__}; cannot also register {function.__qualname__}"
+                )
+            self._upcasters[(name, from_version)] = function
+            return function
+
+        return register
+
+    def terminal(self, predicate: T) -> T:
+        """Register ``fn(state) -> bool``; once true, every command is rejected with
+        ``aggregate_terminated`` (the stream is closed for good)."""
+        if self._terminal is not None:
+            raise RegistrationError(
+                f"{self.name} already has the terminal predicate {self._terminal.__qualname__}"
+            )
+        self._terminal = predicate
+        return predicate
+
     # -- introspection ------------------------------------------------------
 
     @property
@@ -133,6 +168,15 @@ class Aggregate(Generic[S]):
     @property
     def event_types(self) -> tuple[type[Event], ...]:
         return tuple(self._appliers)
+
+    @property
+    def appliers(self) -> dict[type[Event], Callable[[S, Any], S]]:
+        return dict(self._appliers)
+
+    @property
+    def upcasters(self) -> dict[tuple[str, int], Upcaster]:
+        """(stored type name, from schema version) -> upcaster."""
+        return dict(self._upcasters)
 
     def registered_functions(self) -> dict[str, str]:
         """Message name -> function qualname, for every registration (stable order)."""
@@ -148,6 +192,12 @@ class Aggregate(Generic[S]):
             raise RoutingError(
                 f"{self.name} has no execute function for {type(command).__name__}; "
                 f"it handles: {_names(self._executors)}"
+            )
+        if self._terminal is not None and self._terminal(state):
+            target = getattr(command, "aggregate_id", "?")
+            raise Rejected(
+                "aggregate_terminated",
+                f"{self.name} {target} has reached a terminal state and takes no commands",
             )
         decided = executor(state, command)
         if decided is None:
@@ -197,7 +247,3 @@ class Aggregate(Generic[S]):
 def _names(registry: dict[Any, Any]) -> str:
     names = sorted(message.__name__ for message in registry)
     return ", ".join(names) if names else "nothing yet"
-
-
-def event_names(aggregate: Aggregate[Any]) -> list[str]:
-    return [event_type_name(event_type) for event_type in aggregate.event_types]

@@ -2,7 +2,7 @@
 and validation of commands (msgspec constructors check neither types nor constraints)."""
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -42,6 +42,7 @@ class EventTypes:
     def __init__(self, types: Iterable[type[Event]] = ()) -> None:
         self._types: dict[str, type[Event]] = {}
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
@@ -49,6 +50,11 @@ class EventTypes:
             name = event_type_name(event_type)
             self._types[name] = event_type
             self._decoders.pop(name, None)
+
+    def register_upcaster(
+        self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        self._upcasters[(name, from_version)] = upcaster
 
     def resolve(self, name: str) -> type[Event] | None:
         found = self._types.get(name)
@@ -69,14 +75,55 @@ class EventTypes:
         return decoder
 
     def decode(
-        self, name: str, data: bytes | str, *, position: int | None = None, aggregate_id: str = ""
+        self,
+        name: str,
+        data: bytes | str,
+        *,
+        position: int | None = None,
+        aggregate_id: str = "",
+        schema_version: int | None = None,
     ) -> Event:
-        """Decode one stored payload; a bad payload raises CorruptEvent naming where it is."""
+        """Decode one stored payload, upcasting it first when it was stored at an older
+        schema version; a bad payload raises CorruptEvent naming where it is."""
         decoder = self.decoder(name, position=position)
         try:
+            if schema_version is not None:
+                current = self._types.get(name) or self.resolve(name)
+                if current is not None and schema_version != current.schema_version:
+                    return self._upcast(name, data, schema_version, current, position, aggregate_id)
             event: Event = decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise CorruptEvent(position, aggregate_id, str(error)) from error
+        return event
+
+    def _upcast(
+        self,
+        name: str,
+        data: bytes | str,
+        stored: int,
+        event_type: type[Event],
+        position: int | None,
+        aggregate_id: str,
+    ) -> Event:
+        target = event_type.schema_version
+        if stored > target:
+            raise CorruptEvent(
+                position,
+                aggregate_id,
+                f"{name} was stored at schema version {stored}, newer than this code's {target}",
+            )
+        payload = msgspec.json.decode(data)
+        for version in range(stored, target):
+            upcaster = self._upcasters.get((name, version))
+            if upcaster is None:
+                raise CorruptEvent(
+                    position,
+                    aggregate_id,
+                    f"{name} is stored at schema version {version} and no upcaster brings it "
+                    f"to {version + 1}; register one with @aggregate.upcast({name!r}, {version})",
+                )
+            payload = upcaster(payload)
+        event: Event = msgspec.convert(payload, event_type)
         return event
 
 

@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "ConcurrencyError",
     "CorruptEvent",
+    "DuplicateCommand",
     "IncidentError",
     "InvalidCommand",
     "RegistrationError",
@@ -101,6 +102,16 @@ class CorruptEvent(IncidentError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.position, self.aggregate_id, self.problem))
+
+
+class DuplicateCommand(IncidentError):
+    """An append carried an idempotency key that was already used; nothing was written.
+    ``recorded`` holds the events stored the first time (the command handler returns them)."""
+
+    def __init__(self, key: str, recorded: list[Any]) -> None:
+        self.key = key
+        self.recorded = recorded
+        super().__init__(f"Idempotency key {key!r} was already used; nothing was written")
 
 
 class StoreError(IncidentError):
