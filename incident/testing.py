@@ -28,23 +28,36 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import difflib
+import importlib.util
 import math
 import re
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
-from hypothesis import settings as Settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from hypothesis.strategies import SearchStrategy
 
 from .aggregate import Aggregate
 from .codec import validate_command
 from .errors import InvalidCommand, Rejected
 from .messages import Command, Event
+
+# Specs need nothing more; strategies and the machine need hypothesis (incident[testing]).
+_HAVE_HYPOTHESIS = importlib.util.find_spec("hypothesis") is not None
+if TYPE_CHECKING or _HAVE_HYPOTHESIS:
+    from hypothesis import settings as Settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+    from hypothesis.strategies import SearchStrategy
+
+
+def _require_hypothesis(what: str) -> None:
+    if not _HAVE_HYPOTHESIS:
+        raise ImportError(
+            f"incident.testing.{what} needs hypothesis: pip install 'incident[testing]'"
+        )
+
 
 __all__ = [
     "Scenario",
@@ -304,6 +317,7 @@ def commands(*sources: Aggregate[Any] | type[Command], **fields: Any) -> SearchS
     ...     assert validate_command(command).aggregate_id == "A1"
     >>> test()
     """
+    _require_hypothesis("commands")
     types = _types(sources, Command, lambda aggregate: aggregate.command_types)
     _check_fields(types, fields)
     return st.one_of(*(_struct(t, fields) for t in types))
@@ -312,6 +326,7 @@ def commands(*sources: Aggregate[Any] | type[Command], **fields: Any) -> SearchS
 def events(*sources: Aggregate[Any] | type[Event], **fields: Any) -> SearchStrategy[Any]:
     """Events derived from their types: every event an aggregate applies, or the types
     given; keywords override fields as in :func:`commands`."""
+    _require_hypothesis("events")
     types = _types(sources, Event, lambda aggregate: aggregate.event_types)
     _check_fields(types, fields)
     return st.one_of(*(_struct(t, fields) for t in types))
@@ -337,6 +352,7 @@ def invalid_commands(
     ...     raise AssertionError(command)
     >>> test()
     """
+    _require_hypothesis("invalid_commands")
     types = _types(sources, Command, lambda aggregate: aggregate.command_types)
     _check_fields(types, fields)
     options = [
@@ -639,6 +655,7 @@ def aggregate_machine(
     >>> Machine = aggregate_machine(bank_account, invariants=[lambda s: s.balance >= 0])
     >>> run_state_machine_as_test(Machine)
     """
+    _require_hypothesis("aggregate_machine")
     chosen: SearchStrategy[Any] = (
         commands
         if commands is not None

@@ -6,6 +6,8 @@ import datetime as dt
 import enum
 import itertools
 import re
+import subprocess
+import sys
 from typing import Annotated, Literal
 
 import msgspec
@@ -496,3 +498,23 @@ def test_the_machine_catches_an_apply_with_hidden_state() -> None:
 
     with pytest.raises(AssertionError, match="folding its history gives"):
         run_state_machine_as_test(aggregate_machine(numbered, commands(Add)), settings=MACHINE)
+
+
+def test_specs_work_without_hypothesis() -> None:
+    """given/when/then needs only incident; strategies say which extra to install."""
+    script = """
+import importlib.util
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "hypothesis" else real(name, *a)
+from incident.examples.bank import AccountOpened, OpenAccount, bank_account
+from incident.testing import commands, given
+given(bank_account).when(OpenAccount(aggregate_id="A")).then(AccountOpened(account_number="A"))
+try:
+    commands(bank_account)
+except ImportError as error:
+    print(error)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'incident[testing]'" in done.stdout
