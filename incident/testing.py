@@ -43,6 +43,19 @@ from .codec import validate_command
 from .errors import InvalidCommand, Rejected
 from .messages import Command, Event
 
+__all__ = [
+    "Outcome",
+    "Scenario",
+    "ScenarioFailed",
+    "aggregate_machine",
+    "commands",
+    "diff_events",
+    "events",
+    "given",
+    "invalid_commands",
+]
+
+
 # Specs need nothing more; strategies and the machine need hypothesis (incident[testing]).
 _HAVE_HYPOTHESIS = importlib.util.find_spec("hypothesis") is not None
 if TYPE_CHECKING or _HAVE_HYPOTHESIS:
@@ -59,19 +72,7 @@ def _require_hypothesis(what: str) -> None:
         )
 
 
-__all__ = [
-    "Scenario",
-    "ScenarioFailed",
-    "aggregate_machine",
-    "commands",
-    "diff_events",
-    "events",
-    "given",
-    "invalid_commands",
-]
-
 S = TypeVar("S")
-M = TypeVar("M", bound=msgspec.Struct)
 
 # how many of the given events a failure message shows; older ones are summarised
 _SHOWN_GIVEN = 12
