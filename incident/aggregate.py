@@ -26,8 +26,8 @@ T = TypeVar("T", bound=Callable[[Any], bool])
 Decision = Event | Iterable[Event]
 
 
-def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
-    """The type annotated on a decorated function's second parameter."""
+def _parameters(function: Callable[..., Any], role: str) -> list[inspect.Parameter]:
+    """The (state, message) parameters of a decorated function, or RegistrationError."""
     name = getattr(function, "__qualname__", repr(function))
     params = list(inspect.signature(function).parameters.values())
     if len(params) != 2:
@@ -35,10 +35,21 @@ def message_type(function: Callable[..., Any], base: type[M], role: str) -> type
             f"{role} function {name} must take two parameters (state, message), "
             f"it takes {len(params)}"
         )
+    return params
+
+
+def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
+    """The type annotated on a decorated function's second parameter."""
+    name = getattr(function, "__qualname__", repr(function))
+    params = _parameters(function, role)
     try:
         hints = get_type_hints(function)
     except Exception as error:  # an annotation naming something not importable
-        raise RegistrationError(f"Cannot read the annotations of {name}: {error}") from error
+        raise RegistrationError(
+            f"Cannot read the annotations of {name}: {error}. String annotations (as under "
+            "`from __future__ import annotations`) resolve in the module's globals only: define "
+            f"the types at module level, or use the explicit form @aggregate.{role}(MessageType)"
+        ) from error
     annotated = hints.get(params[1].name)
     if annotated is None:
         raise RegistrationError(
@@ -109,6 +120,7 @@ class Aggregate(Generic[S]):
 
     def _register(self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]) -> Any:
         def add(function: F, message: type[Any]) -> F:
+            _parameters(function, role)
             existing = registry.get(message)
             if existing is not None:
                 raise RegistrationError(
@@ -124,10 +136,25 @@ class Aggregate(Generic[S]):
                     f"@{self.name}.{role}({target.__name__}): "
                     f"not an incident.{base.__name__} subclass"
                 )
+            self._check_message(target, base, role)
             return lambda function: add(function, target)
         if not callable(target):
             raise RegistrationError(f"@{self.name}.{role} needs a function or a message type")
-        return add(target, message_type(target, base, role))
+        message = message_type(target, base, role)
+        self._check_message(message, base, role)
+        return add(target, message)
+
+    def _check_message(self, message: type[Any], base: type[Any], role: str) -> None:
+        if message is base:
+            raise RegistrationError(
+                f"@{self.name}.{role}: messages are routed by their exact type, so a function "
+                f"for incident.{base.__name__} itself would never run; name a subclass"
+            )
+        if base is Command and "aggregate_id" not in message.__struct_fields__:
+            raise RegistrationError(
+                f"@{self.name}.{role}: {message.__name__} has no aggregate_id field, so it "
+                "cannot name the stream it targets; add `aggregate_id: str`"
+            )
 
     def upcast(self, event_type: str | type[Event], from_version: int) -> Callable[[U], U]:
         """Register ``fn(payload: dict) -> dict`` that turns a stored payload of schema
@@ -163,14 +190,17 @@ class Aggregate(Generic[S]):
 
     @property
     def command_types(self) -> tuple[type[Command], ...]:
+        """The command types this aggregate executes, in registration order."""
         return tuple(self._executors)
 
     @property
     def event_types(self) -> tuple[type[Event], ...]:
+        """The event types this aggregate applies, in registration order."""
         return tuple(self._appliers)
 
     @property
     def appliers(self) -> dict[type[Event], Callable[[S, Any], S]]:
+        """Event type -> its apply function (a copy)."""
         return dict(self._appliers)
 
     @property
@@ -204,6 +234,11 @@ class Aggregate(Generic[S]):
             raise RegistrationError(
                 f"{executor.__qualname__} returned None; return an event, a list of events, "
                 "or () to decide nothing"
+            )
+        if not isinstance(decided, Event | Iterable):
+            raise RegistrationError(
+                f"{executor.__qualname__} returned {decided!r}; return an event, a list of "
+                "events, or () to decide nothing"
             )
         events = [decided] if isinstance(decided, Event) else list(decided)
         for event in events:
@@ -241,6 +276,7 @@ class Aggregate(Generic[S]):
         return states
 
     def handles(self, command: Command) -> bool:
+        """Whether an execute function is registered for this command's exact type."""
         return type(command) in self._executors
 
 

@@ -235,6 +235,7 @@ class CommandHandler:
                     if isinstance(output, Projection):
                         projections.append(output)
                     else:
+                        self._check_reaction(output)
                         follow_ups.append((record, output))
                 every = self.snapshot_every
                 if every is not None and record.version % every == 0:
@@ -245,6 +246,18 @@ class CommandHandler:
             return projections
 
         return project
+
+    def _check_reaction(self, reaction: Any) -> None:
+        """Validate and route a listener's commands (every branch) inside the transaction,
+        so a listener bug stores nothing rather than failing after its cause committed."""
+        if isinstance(reaction, tuple):
+            for step in reaction:
+                self._check_reaction(step)
+        elif isinstance(reaction, Attempt):
+            for part in (reaction.command, reaction.on_success, reaction.on_rejected):
+                self._check_reaction(part)
+        else:
+            self.aggregate_for(validate_command(reaction))
 
     def _handle(self, record: Recorded[Any], state: Any) -> Iterable[Output]:
         for handler in self.event_handlers:

@@ -41,6 +41,9 @@ class InvalidCommand(IncidentError, ValueError):
         where = f" - at `{field}`" if field and f"`{field}`" not in problem else ""
         super().__init__(f"Invalid {command_type}: {problem}{where}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command_type, self.field, self.problem))
+
 
 class Rejected(IncidentError):
     """A business rule said no. ``reason`` is a short snake_case string.
@@ -112,6 +115,9 @@ class DuplicateCommand(IncidentError):
         self.key = key
         self.recorded = recorded
         super().__init__(f"Idempotency key {key!r} was already used; nothing was written")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.recorded))
 
 
 class StoreError(IncidentError):
