@@ -114,10 +114,15 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
         "created table events",
         "created index events_by_type",
         "recorded schema version 1 (the event log)",
+        "created table incident_idempotency",
+        "recorded schema version 2 (idempotency keys)",
     ]
     assert store.initialize() == []
     assert incident.open_event_store(url).initialize() == []
-    assert raw(url, "SELECT version, description FROM incident_schema") == [(1, "the event log")]
+    assert raw(url, "SELECT version, description FROM incident_schema") == [
+        (1, "the event log"),
+        (2, "idempotency keys"),
+    ]
     indexes = {row[0] for row in raw(url, "SELECT name FROM sqlite_master WHERE type='index'")}
     assert "events_by_type" in indexes
 
@@ -590,6 +595,8 @@ def test_processes_initializing_at_once_take_turns(url: str) -> None:
             "created table events",
             "created index events_by_type",
             "recorded schema version 1 (the event log)",
+            "created table incident_idempotency",
+            "recorded schema version 2 (idempotency keys)",
         ],
     ]
 
@@ -623,3 +630,25 @@ def test_the_projection_store_type(url: str) -> None:
     assert isinstance(incident.open_projection_store(url), SQLiteProjectionStore)
     assert isinstance(incident.open_projection_store(url), incident.ProjectionStore)
     assert isinstance(incident.open_event_store(url), incident.EventStore)
+
+
+def test_a_version_1_file_is_migrated_to_the_current_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file made by the first release (schema 1, no idempotency table) keeps its events
+    and gains the new table when opened by this release."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with monkeypatch.context() as first_release:
+        first_release.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:1])
+        first_release.setattr(sqlite_store, "SCHEMA_VERSION", 1)
+        old = incident.open_event_store(url)
+        assert old.initialize()[-1] == "recorded schema version 1 (the event log)"
+        old.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+        old.close()
+    store = incident.open_event_store(url)
+    assert store.initialize() == [
+        "created table incident_idempotency",
+        "recorded schema version 2 (idempotency keys)",
+    ]
+    assert [r.event_type for r in store.get("A")] == ["AccountOpened"]
+    store.close()

@@ -40,7 +40,13 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
+from ..errors import (
+    ConcurrencyError,
+    CorruptEvent,
+    DuplicateCommand,
+    IncidentError,
+    StoreError,
+)
 from ..messages import Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable, _quote
@@ -89,10 +95,29 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
         ],
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        "idempotency keys",
+        [
+            (
+                "created table incident_idempotency",
+                textwrap.dedent("""\
+                    CREATE TABLE incident_idempotency (
+                        key TEXT PRIMARY KEY,
+                        first_position INTEGER NOT NULL,
+                        last_position INTEGER NOT NULL
+                    )"""),
+            )
+        ],
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
-_ENVELOPE = "position, version, event_type, data, event_id, event_date, metadata, aggregate"
+_ENVELOPE = (
+    "position, version, event_type, data, event_id, event_date, metadata, aggregate, schema_version"
+)
 _INSERT = (
     "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, event_type, "
     "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -102,10 +127,13 @@ _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
 _PAYLOADS = (
-    "SELECT position, version, event_type, data FROM events "
+    "SELECT position, version, event_type, data, schema_version FROM events "
     "WHERE aggregate_id = ? AND version > ? ORDER BY version LIMIT ?"
 )
 _LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_BETWEEN = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ?"
+_KEY = "SELECT first_position, last_position FROM incident_idempotency WHERE key = ?"
+_ADD_KEY = "INSERT INTO incident_idempotency (key, first_position, last_position) VALUES (?, ?, ?)"
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -497,9 +525,17 @@ class SQLiteEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         return self._append(
-            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
         )
 
     def _append(
@@ -511,6 +547,7 @@ class SQLiteEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         batch = checked_events(aggregate_id, events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
@@ -523,6 +560,10 @@ class SQLiteEventStore:
         with self._db.errors():
             try:
                 with self._db.transaction() as conn:
+                    if idempotency_key is not None:
+                        earlier = self._recorded_for(conn, idempotency_key)
+                        if earlier is not None:
+                            raise DuplicateCommand(idempotency_key, earlier)
                     actual, last = conn.execute(_HEAD, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
@@ -554,6 +595,9 @@ class SQLiteEventStore:
                             for r, (data, schema_version) in zip(recorded, payloads, strict=True)
                         ],
                     )
+                    if idempotency_key is not None:
+                        keyed = (idempotency_key, recorded[0].position, recorded[-1].position)
+                        conn.execute(_ADD_KEY, keyed)
                     if project is not None:
                         projections = list(project(recorded))
                         if together:
@@ -571,6 +615,16 @@ class SQLiteEventStore:
                 projection_store.project(projection)
         return recorded
 
+    def _recorded_for(self, conn: sqlite3.Connection, key: str) -> list[Recorded[Any]] | None:
+        found = conn.execute(_KEY, (key,)).fetchone()
+        if found is None:
+            return None
+        return self._decode(conn.execute(_BETWEEN, found).fetchall(), None)
+
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        found = self._rows(_KEY, (idempotency_key,))
+        return self._decode(self._rows(_BETWEEN, found[0]), None) if found else None
+
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
             projection_store._db
@@ -582,18 +636,28 @@ class SQLiteEventStore:
         """Rows (``_ENVELOPE`` columns, without aggregate_id when reading one stream) back
         as envelopes. This is the hot loop of every load, hence the local caches: events of
         one append share their date and metadata text, and a stream few event types."""
-        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
         metadata_cache: dict[str, dict[str, Any]] = {}
         last_date, event_date = "", _EPOCH
         recorded = []
         for row in rows:
-            position, version, event_type, data, event_id, date, meta, aggregate = row[:8]
-            stream = aggregate_id if aggregate_id is not None else row[8]
-            decoder = decoders.get(event_type)
-            if decoder is None:
-                decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
+            position, version, event_type, data, event_id, date, meta, aggregate, schema = row[:9]
+            stream = aggregate_id if aggregate_id is not None else row[9]
+            known = decoders.get(event_type)
+            if known is None:
+                known = decoders[event_type] = self._decoder(event_type, position)
+            decoder, current = known
             try:
-                event = decoder.decode(data)
+                if schema == current:
+                    event = decoder.decode(data)
+                else:  # stored by older code: the aggregate's upcasters bring it up to date
+                    event = self.types.decode(
+                        event_type,
+                        data,
+                        position=position,
+                        aggregate_id=stream,
+                        schema_version=schema,
+                    )
                 if date != last_date:
                     last_date, event_date = date, dt.datetime.fromisoformat(date)
                 metadata = metadata_cache.get(meta)
@@ -618,6 +682,12 @@ class SQLiteEventStore:
             )
         return recorded
 
+    def _decoder(self, event_type: str, position: int) -> tuple[msgspec.json.Decoder[Any], int]:
+        """The reusable decoder for a stored type and the schema version it reads directly."""
+        decoder = self.types.decoder(event_type, position=position)
+        resolved = self.types.resolve(event_type)
+        return decoder, resolved.schema_version if resolved is not None else 1
+
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         db = self._db
         if not db.schema_ready:
@@ -638,17 +708,28 @@ class SQLiteEventStore:
         all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
         raw SQL and in constant memory (full envelopes cost two to three times as much).
         Versions are gapless, so the stream is at ``after`` + the number of events."""
-        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
         while True:
             rows = self._rows(_PAYLOADS, (aggregate_id, after, BATCH))
             batch = []
-            for position, _, event_type, data in rows:
-                decoder = decoders.get(event_type)
-                if decoder is None:
-                    decoder = self.types.decoder(event_type, position=position)
-                    decoders[event_type] = decoder
+            for position, _, event_type, data, schema in rows:
+                known = decoders.get(event_type)
+                if known is None:
+                    known = decoders[event_type] = self._decoder(event_type, position)
+                decoder, current = known
                 try:
-                    batch.append(decoder.decode(data))
+                    if schema == current:
+                        batch.append(decoder.decode(data))
+                    else:
+                        batch.append(
+                            self.types.decode(
+                                event_type,
+                                data,
+                                position=position,
+                                aggregate_id=aggregate_id,
+                                schema_version=schema,
+                            )
+                        )
                 except (msgspec.DecodeError, msgspec.ValidationError) as error:
                     raise CorruptEvent(position, aggregate_id, str(error)) from error
             yield from batch  # decoded a batch at a time: the tight loop stays tight
@@ -710,6 +791,8 @@ class SQLiteEventStore:
         created table events
         created index events_by_type
         recorded schema version 1 (the event log)
+        created table incident_idempotency
+        recorded schema version 2 (idempotency keys)
         >>> store.initialize()
         []
         """
