@@ -383,6 +383,7 @@ class Subscription:
                     outputs = self.handler.handle(recorded, self._state_at(recorded))
                     for index, output in enumerate(outputs):
                         if isinstance(output, Projection):
+                            projection_key(output)
                             _merge(rebuilt, [output])
                         elif recorded.position > already:
                             key = f"{self.name}:{recorded.event_id}:{index}"
@@ -543,7 +544,8 @@ def _run_recording_errors(subscription: Subscription, stop: threading.Event) -> 
 def _merge(pending: Pending, projections: list[Projection]) -> None:
     """Keep one projection per key, by the rule the stores apply: never move backwards."""
     for projection in projections:
-        key = (type(projection), projection_key(projection))
+        # the key was checked when the listener returned it (_handle, replay)
+        key = (type(projection), projection.aggregate_id)  # type: ignore[attr-defined]
         stored = pending.get(key)
         if stored is None:
             pending[key] = projection
