@@ -10,18 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import incident
-
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
-
-
-def sqlite_available() -> bool:
-    try:
-        incident.open_event_store("sqlite://").close()
-    except Exception:
-        return False
-    return True
 
 
 def test_the_notebooks_are_there() -> None:
@@ -33,8 +23,6 @@ def test_the_notebooks_are_there() -> None:
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     """Run in a scratch copy of the repository layout: databases and the saved figure
     land in the temporary directory, never in the checkout."""
-    if "sqlite:" in path.read_text() and not sqlite_available():
-        pytest.skip("this notebook runs on the SQLite store, which is not installed here")
     work = tmp_path / "notebooks"
     work.mkdir()
     (tmp_path / "docs").mkdir()
