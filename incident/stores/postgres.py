@@ -351,16 +351,6 @@ class PostgresProjectionStore:
         for projection_type in types:
             self._db.tables.setdefault(projection_type, _Table(self._db, projection_type))
 
-    def _write(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
-        """Upsert inside the caller's transaction; True where the given row won."""
-        won = []
-        for projection in projections:
-            cursor = conn.execute(
-                self._table(type(projection)).upsert, [encode(projection).decode()]
-            )
-            won.append(cursor.fetchone() is not None)
-        return won
-
     @staticmethod
     def _check(projection: Projection) -> str:
         key = projection_key(projection)
@@ -387,11 +377,14 @@ class PostgresProjectionStore:
         newer: P = table.decode(stored)
         return newer
 
-    def project_many(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
-        """Inside an append's transaction: checks every row, then writes them all."""
+    def _queue(self, conn: Connection, projections: Sequence[Projection]) -> None:
+        """Inside an append's transaction: checks every row, then sends the upserts."""
+        rows = []
         for projection in projections:
             self._check(projection)
-        return self._write(conn, projections)
+            rows.append((self._table(type(projection)), encode(projection).decode()))
+        for table, payload in rows:
+            conn.execute(table.upsert, [payload])
 
     def _rows(self, projection_type: type[Projection], where: str, *params: Any) -> list[Any]:
         table = self._table(projection_type)
@@ -519,9 +512,12 @@ class PostgresEventStore:
         doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
         with self._db.connection(doing) as conn:
             try:
-                with conn.transaction():
+                # Pipelined: BEGIN, the lock and the heads travel together, then the
+                # inserts, upserts and COMMIT, so the lock is held for about two round trips.
+                with conn.pipeline(), conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
-                    version, last_position = conn.execute(self._heads, [aggregate_id]).fetchone()  # type: ignore[misc]
+                    heads = conn.execute(self._heads, [aggregate_id])
+                    version, last_position = heads.fetchone()  # type: ignore[misc]
                     check_expected_version(aggregate_id, expected_version, version)
                     recorded = stamp(
                         aggregate_id,
@@ -540,7 +536,7 @@ class PostgresEventStore:
                         projections = list(project(recorded))
                     if shared:
                         fresh = self._projections._prepare(conn, map(type, projections))
-                        self._projections.project_many(conn, projections)
+                        self._projections._queue(conn, projections)
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
