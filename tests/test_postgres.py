@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -538,3 +542,32 @@ def test_a_tail_reader_sees_every_event_once_in_order(postgres_url: str) -> None
             range(1, sum(r.aggregate_id == stream for r in seen) + 1)
         )
     reader.close()
+
+
+# -- CI ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"),
+    [("true", "1 error"), ("", "1 skipped")],
+)
+def test_an_unreachable_server_fails_under_ci_and_skips_elsewhere(ci: str, outcome: str) -> None:
+    """CI must not pass by skipping the Postgres tests; a laptop without Postgres may."""
+    root = Path(__file__).resolve().parent.parent
+    test = "tests/test_store_contract.py::test_an_empty_append_writes_nothing[postgres]"
+    env = {
+        **os.environ,
+        "CI": ci,
+        "INCIDENT_TEST_POSTGRES_URL": "postgresql://nobody@127.0.0.1:1/none",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", test],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert outcome in run.stdout, run.stdout
+    assert (run.returncode != 0) == bool(ci)
+    assert "cannot reach INCIDENT_TEST_POSTGRES_URL" in run.stdout
