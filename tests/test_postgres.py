@@ -230,6 +230,15 @@ def test_a_field_added_later_becomes_a_new_column(postgres_url: str) -> None:
     second.close()
 
 
+def test_a_projection_cannot_take_the_events_table(store: PostgresEventStore) -> None:
+    class Events(incident.Projection):
+        aggregate_id: str
+
+    with pytest.raises(incident.IncidentError, match="rename"):
+        store.projections().project(Events(aggregate_id="x"))
+    assert list(store.read_all()) == []
+
+
 def test_projections_that_fail_to_write_take_the_events_with_them(
     store: PostgresEventStore,
 ) -> None:

@@ -71,6 +71,9 @@ _EVENT_COLUMNS = (
 )
 
 
+_RESERVED = {"events", "incident_migrations"}
+
+
 def _lock_key(schema: str, purpose: str) -> int:
     """A stable 64-bit advisory lock key per schema, so applications in other schemas of
     the same database never wait on each other."""
@@ -255,6 +258,11 @@ class _Table:
                 f"{projection_type.__name__} needs a str aggregate_id field to be stored"
             )
         self.name = _snake(projection_type.__name__)
+        if self.name in _RESERVED:
+            raise IncidentError(
+                f"{projection_type.__name__} would be stored in table {self.name!r}, which "
+                "incident uses itself; rename the projection class"
+            )
         self.table = db.table(self.name)
         self.ddl_lock = _lock_key(db.schema, f"table {self.name}")  # racing creators queue
         self.decoder = msgspec.json.Decoder(projection_type)
