@@ -298,8 +298,19 @@ def test_a_connection_killed_mid_append_leaves_nothing_and_recovers(
     store = incident.open_event_store(f"{postgres_url}&application_name={name}")
     store.append("other", deposited(5), expected_version=0)
     killed: list[int] = []
+    running: list[str] = []
 
     def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        # wait until the server has the batch's INSERT (sent, not committed), then kill
+        deadline = time.monotonic() + 30
+        while not any(q.startswith("INSERT INTO") for q in running):
+            assert time.monotonic() < deadline, running
+            running[:] = [
+                query
+                for (query,) in postgres_admin.execute(
+                    "SELECT query FROM pg_stat_activity WHERE application_name = %s", [name]
+                )
+            ]
         killed.append(kill_backends(postgres_admin, name))
         return []
 
