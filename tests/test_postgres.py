@@ -80,6 +80,53 @@ def test_without_create_tables_a_missing_table_is_a_clear_error(postgres_url: st
     store.close()
 
 
+def test_a_role_without_ddl_rights_works_on_tables_made_by_init(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """Production roles may only read and write: once `incident init` (and a first use
+    of each projection) made the tables, such a role runs the Bank, with create_tables
+    on or off, and never attempts DDL."""
+    schema = schema_of(postgres_url)
+    owner = bank.build(postgres_url)
+    owner.event_store.initialize()
+    owner.projection_store.all(BankAccount)
+    owner.projection_store.all(bank.Transfer)
+    owner.event_store.close()
+    role = f"incident_app_{uuid.uuid4().hex[:8]}"
+    postgres_admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        postgres_admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        postgres_admin.execute(
+            f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
+        )
+        for create_tables in (False, True):
+            app = bank.build(
+                incident.open_event_store(
+                    f"{postgres_url}&user={role}", create_tables=create_tables
+                )
+            )
+            a, b = f"A{create_tables}", f"B{create_tables}"
+            app.dispatch(bank.OpenAccount(aggregate_id=a))
+            app.dispatch(bank.DepositMoney(aggregate_id=a, amount=10))
+            app.dispatch(bank.OpenAccount(aggregate_id=b))
+            app.dispatch(RequestTransfer(
+                aggregate_id=f"T{create_tables}", source_account_number=a,
+                destination_account_number=b, amount=4,
+            ))  # fmt: skip
+            row = app.projection_store.get(BankAccount, b)
+            assert row is not None and row.balance == 4
+            app.event_store.close()
+        with pytest.raises(incident.StoreError, match="permission denied"):
+            locked = incident.open_projection_store(f"{postgres_url}&user={role}")
+            try:
+                locked.project(Profile(aggregate_id="p", version=1, score=1.0, active=True))
+            finally:
+                locked.close()
+    finally:
+        postgres_admin.execute(f'DROP OWNED BY "{role}"')
+        postgres_admin.execute(f'DROP ROLE "{role}"')
+
+
 def test_url_options_and_schema_conflicts(postgres_url: str) -> None:
     """The schema may come from the URL or the options, not from both in disagreement;
     postgres:// and postgresql+psycopg:// URLs open the same store."""

@@ -266,7 +266,7 @@ class _Table:
         self.table = db.table(self.name)
         self.ddl_lock = _lock_key(db.schema, f"table {self.name}")  # racing creators queue
         self.decoder = msgspec.json.Decoder(projection_type)
-        self.create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        self.create = sql.SQL("CREATE TABLE {} ({})").format(
             self.table,
             sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(kind))
@@ -295,7 +295,9 @@ class _Table:
     def ensure(self, conn: Connection) -> None:
         """Create the table, or add the columns of fields added since (nullable)."""
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [self.ddl_lock])
-        conn.execute(self.create)
+        # DDL only when something is missing: a role without CREATE works on tables in place
+        if _fetch_value(conn, "SELECT to_regclass(%s)", self.table.as_string(conn)) is None:
+            conn.execute(self.create)
         existing = {
             name
             for (name,) in conn.execute(
