@@ -191,6 +191,47 @@ def test_a_corrupt_or_unknown_row_names_its_position(
     assert unknown.value.position == 2
 
 
+def test_read_all_pages_across_batches(postgres_url: str) -> None:
+    """read_all fetches in batches (here 2 rows); pages and limits line up across them."""
+    store = incident.open_event_store(postgres_url, batch_size=2)
+    store.append("a", deposited(1, 2, 3), expected_version=0)
+    store.append("b", deposited(4, 5, 6, 7), expected_version=0)
+    assert [r.position for r in store.read_all()] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r.position for r in store.read_all(after=1, limit=3)] == [2, 3, 4]
+    assert [r.position for r in store.read_all(after=2, limit=4)] == [3, 4, 5, 6]
+    assert [r.position for r in store.read_all(after=5)] == [6, 7]
+    assert list(store.read_all(limit=0)) == []
+    stream = store.read_all()
+    assert next(stream).position == 1
+    store.append("c", deposited(8), expected_version=0)  # a reader mid-stream sees it too
+    assert [r.position for r in stream] == [2, 3, 4, 5, 6, 7, 8]
+    store.close()
+
+
+def test_failed_appends_leave_no_hole_in_positions(store: PostgresEventStore) -> None:
+    """A conflict or a failing projection rolls back before anything is numbered for good:
+    the next event takes the next position (a sequence would have burnt some)."""
+    store.append("a", deposited(1), expected_version=0)
+    with pytest.raises(incident.ConcurrencyError):
+        store.append("a", deposited(2), expected_version=0)
+
+    def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise RuntimeError("a listener failed")
+
+    with pytest.raises(RuntimeError):
+        store.append_and_project(
+            "b",
+            deposited(3, 4),
+            expected_version=0,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=broken,
+        )
+    assert store.append("c", deposited(5), expected_version=0)[0].position == 2
+    assert [(r.aggregate_id, r.position) for r in store.read_all()] == [("a", 1), ("c", 2)]
+
+
 # -- projection tables -------------------------------------------------------------------
 
 
