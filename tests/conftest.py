@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 import incident
+from incident.examples import bank
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
 StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
@@ -50,6 +51,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def event_store(store_url: str) -> Iterator[incident.EventStore]:
     store = incident.open_event_store(store_url)
+    # Stores that decode by name resolve unregistered names to the Event class defined
+    # last; other tests (the README's) define their own MoneyDeposited, so say which.
+    store.types.register(*bank.bank_account.event_types, *bank.transfer.event_types)
     yield store
     store.close()
 

@@ -36,13 +36,21 @@ def deposited(*amounts: int) -> list[incident.Event]:
     return [MoneyDeposited(amount=a) for a in amounts]
 
 
+def open_store(url: str, **options: Any) -> incident.EventStore:
+    """A store that decodes the Bank's events as the Bank's classes (other tests define
+    classes under the same names)."""
+    store = incident.open_event_store(url, **options)
+    store.types.register(*bank.bank_account.event_types, *bank.transfer.event_types)
+    return store
+
+
 def schema_of(url: str) -> str:
     return url.rsplit("schema=", 1)[1]
 
 
 @pytest.fixture
 def store(postgres_url: str) -> Iterator[PostgresEventStore]:
-    opened = incident.open_event_store(postgres_url)
+    opened = open_store(postgres_url)
     assert isinstance(opened, PostgresEventStore)
     yield opened
     opened.close()
@@ -53,24 +61,45 @@ def store(postgres_url: str) -> Iterator[PostgresEventStore]:
 
 def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgres_admin: Admin):
     """`incident init` is idempotent: the second run finds everything in place."""
-    first = incident.open_event_store(postgres_url)
+    first = open_store(postgres_url)
     done = first.initialize()
     assert done[0] == f"created schema {schema_of(postgres_url)}"
     assert any(line.startswith("applied migration 0001_events") for line in done)
     assert first.initialize() == []
-    second = incident.open_event_store(postgres_url)
+    second = open_store(postgres_url)
     assert second.initialize() == []
     ran = postgres_admin.execute(
         f'SELECT name FROM "{schema_of(postgres_url)}".incident_migrations'
     ).fetchall()
-    assert ran == [("0001_events",)]
+    assert ran == [("0001_events",), ("0002_idempotency_keys",)]
     first.close()
     second.close()
 
 
+def test_initialize_applies_only_the_missing_migrations(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """A database made by an older release (here: only 0001) is brought up to date,
+    its events kept."""
+    store = open_store(postgres_url)
+    store.append("a", deposited(1), expected_version=0)
+    schema = schema_of(postgres_url)
+    postgres_admin.execute(f'DROP TABLE "{schema}".idempotency_keys')
+    postgres_admin.execute(
+        f"DELETE FROM \"{schema}\".incident_migrations WHERE name = '0002_idempotency_keys'"
+    )
+    older = open_store(postgres_url)
+    assert [line.split(":")[0] for line in older.initialize()] == [
+        "applied migration 0002_idempotency_keys"
+    ]
+    assert [r.data for r in older.get("a")] == deposited(1)
+    older.close()
+    store.close()
+
+
 def test_without_create_tables_a_missing_table_is_a_clear_error(postgres_url: str) -> None:
     """A locked-down role gets a StoreError pointing at `incident init`, not a driver error."""
-    store = incident.open_event_store(postgres_url, create_tables=False)
+    store = open_store(postgres_url, create_tables=False)
     with pytest.raises(incident.StoreError, match="incident init") as caught:
         store.append("a", deposited(1), expected_version=0)
     assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedTable)
@@ -100,11 +129,7 @@ def test_a_role_without_ddl_rights_works_on_tables_made_by_init(
             f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
         )
         for create_tables in (False, True):
-            app = bank.build(
-                incident.open_event_store(
-                    f"{postgres_url}&user={role}", create_tables=create_tables
-                )
-            )
+            app = bank.build(open_store(f"{postgres_url}&user={role}", create_tables=create_tables))
             a, b = f"A{create_tables}", f"B{create_tables}"
             app.dispatch(bank.OpenAccount(aggregate_id=a))
             app.dispatch(bank.DepositMoney(aggregate_id=a, amount=10))
@@ -133,11 +158,11 @@ def test_url_options_and_schema_conflicts(postgres_url: str) -> None:
     schema = schema_of(postgres_url)
     same = postgres_url.replace("postgresql://", "postgres://", 1)
     with pytest.raises(incident.IncidentError, match="schemas"):
-        incident.open_event_store(postgres_url, schema="other")
-    writer = incident.open_event_store(postgres_url)
+        open_store(postgres_url, schema="other")
+    writer = open_store(postgres_url)
     writer.append("a", deposited(1), expected_version=0)
     for url in (same, postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)):
-        reader = incident.open_event_store(url)
+        reader = open_store(url)
         assert [r.data for r in reader.get("a")] == deposited(1)
         assert schema in repr(reader)
         reader.close()
@@ -145,8 +170,8 @@ def test_url_options_and_schema_conflicts(postgres_url: str) -> None:
 
 
 def test_schemas_keep_applications_apart(postgres_url: str, postgres_admin: Admin) -> None:
-    one = incident.open_event_store(postgres_url)
-    other = incident.open_event_store(f"{postgres_url}_b")
+    one = open_store(postgres_url)
+    other = open_store(f"{postgres_url}_b")
     one.append("a", deposited(1), expected_version=0)
     assert other.get("a") == []
     assert list(other.read_all()) == []
@@ -193,7 +218,7 @@ def test_a_corrupt_or_unknown_row_names_its_position(
 
 def test_read_all_pages_across_batches(postgres_url: str) -> None:
     """read_all fetches in batches (here 2 rows); pages and limits line up across them."""
-    store = incident.open_event_store(postgres_url, batch_size=2)
+    store = open_store(postgres_url, batch_size=2)
     store.append("a", deposited(1, 2, 3), expected_version=0)
     store.append("b", deposited(4, 5, 6, 7), expected_version=0)
     assert [r.position for r in store.read_all()] == [1, 2, 3, 4, 5, 6, 7]
@@ -383,7 +408,7 @@ def test_a_connection_killed_mid_append_leaves_nothing_and_recovers(
     """pg_terminate_backend while the events are inserted but not committed: a StoreError
     saying what failed, no partial batch, and the next append works on a new connection."""
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    store = incident.open_event_store(f"{postgres_url}&application_name={name}")
+    store = open_store(f"{postgres_url}&application_name={name}")
     store.append("other", deposited(5), expected_version=0)
     killed: list[int] = []
     running: list[str] = []
@@ -426,7 +451,7 @@ def test_idle_connections_the_server_dropped_are_replaced(
     """After a server restart or an admin's kill, the next call checks out a live
     connection instead of failing once per dead one."""
     name = f"idle-{uuid.uuid4().hex[:8]}"
-    store = incident.open_event_store(f"{postgres_url}&application_name={name}", pool_size=4)
+    store = open_store(f"{postgres_url}&application_name={name}", pool_size=4)
     store.append("a", deposited(1), expected_version=0)
     assert kill_backends(postgres_admin, name) >= 1
     assert [r.data for r in store.get("a")] == deposited(1)
@@ -435,7 +460,7 @@ def test_idle_connections_the_server_dropped_are_replaced(
 
 
 def test_an_unreachable_server_is_a_store_error() -> None:
-    store = incident.open_event_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
+    store = open_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
     with pytest.raises(incident.StoreError, match="Postgres failed") as caught:
         store.version("a")
     assert isinstance(caught.value.__cause__, psycopg.Error)
@@ -540,7 +565,7 @@ def _transfer(url: str, start: Any, results: Any, index: int) -> None:
 
 
 def _write(url: str, start: Any, results: Any, writer: int, batches: int) -> None:
-    store = incident.open_event_store(url)
+    store = open_store(url)
     try:
         start.wait()
         versions = [0, 0, 0]
@@ -615,7 +640,7 @@ def test_five_processes_transfer_from_one_account(postgres_url: str) -> None:
 def test_a_tail_reader_sees_every_event_once_in_order(postgres_url: str) -> None:
     """Eight writer processes append while a reader polls read_all(after=last): it sees
     every committed event exactly once, at gapless positions."""
-    reader = incident.open_event_store(postgres_url)
+    reader = open_store(postgres_url)
     reader.initialize()
     writers, batches = 8, 30
     start = spawn.Barrier(writers)

@@ -29,7 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
+from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from .protocols import ProjectFn, ProjectionStore
@@ -59,6 +59,19 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
                 data jsonb NOT NULL,
                 metadata jsonb NOT NULL DEFAULT '{{}}',
                 CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)
+            )
+            """,
+        ],
+    ),
+    (
+        "0002_idempotency_keys",
+        "the idempotency keys table: which positions each keyed command stored",
+        [
+            """
+            CREATE TABLE {schema}.idempotency_keys (
+                key text PRIMARY KEY,
+                first_position bigint NOT NULL,
+                last_position bigint NOT NULL
             )
             """,
         ],
@@ -461,6 +474,14 @@ class PostgresEventStore:
             " WHERE aggregate_id = %s AND version > %s ORDER BY version"
         )
         self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
+        self._span = select + sql.SQL(" WHERE position BETWEEN %s AND %s ORDER BY position")
+        keys = db.table("idempotency_keys")
+        self._key = sql.SQL("SELECT first_position, last_position FROM {} WHERE key = %s").format(
+            keys
+        )
+        self._remember_key = sql.SQL(
+            "INSERT INTO {} (key, first_position, last_position) VALUES (%s, %s, %s)"
+        ).format(keys)
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
@@ -486,9 +507,17 @@ class PostgresEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         return self._append(
-            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
         )
 
     def _append(
@@ -500,6 +529,7 @@ class PostgresEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         # everything that can be refused is refused before the database is touched
         batch = checked_events(aggregate_id, events)
@@ -527,6 +557,13 @@ class PostgresEventStore:
                 with conn.pipeline(), conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
                     heads = conn.execute(self._heads, [aggregate_id])
+                    if idempotency_key is not None:
+                        earlier = conn.execute(self._key, [idempotency_key]).fetchone()
+                        if earlier is not None:
+                            rows = conn.execute(self._span, earlier).fetchall()
+                            raise DuplicateCommand(
+                                idempotency_key, [self._recorded(row) for row in rows]
+                            )
                     version, last_position = heads.fetchone()  # type: ignore[misc]
                     check_expected_version(aggregate_id, expected_version, version)
                     recorded = stamp(
@@ -541,6 +578,11 @@ class PostgresEventStore:
                         cursor.executemany(
                             self._insert,
                             [_row(r, p) for r, p in zip(recorded, payloads, strict=True)],
+                        )
+                    if idempotency_key is not None:
+                        conn.execute(
+                            self._remember_key,
+                            [idempotency_key, recorded[0].position, recorded[-1].position],
                         )
                     if project is not None:
                         projections = list(project(recorded))
@@ -560,6 +602,15 @@ class PostgresEventStore:
                 projection_store.project(projection)
         return recorded
 
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        """The events an earlier append with this key stored (positions of one append are
+        consecutive: appends commit one at a time), or None."""
+        doing = f"looking up idempotency key {idempotency_key!r}"
+        span = self._fetch(doing, self._key, idempotency_key)
+        if not span:
+            return None
+        return [self._recorded(row) for row in self._fetch(doing, self._span, *span[0])]
+
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         """True for a Postgres projection store on the same server, database and schema
         (even with a pool of its own): this store's transaction can write its tables."""
@@ -575,9 +626,15 @@ class PostgresEventStore:
             return conn.execute(query, params).fetchall()
 
     def _recorded(self, row: tuple[Any, ...]) -> Recorded[Any]:
-        (position, event_id, aggregate_id, aggregate, version, event_type, _schema_version,
+        (position, event_id, aggregate_id, aggregate, version, event_type, schema_version,
          event_date, data, metadata) = row  # fmt: skip
-        event = self.types.decode(event_type, data, position=position, aggregate_id=aggregate_id)
+        event = self.types.decode(
+            event_type,
+            data,
+            position=position,
+            aggregate_id=aggregate_id,
+            schema_version=schema_version,
+        )
         try:
             meta = msgspec.json.decode(metadata, type=dict[str, Any])
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
