@@ -461,9 +461,20 @@ def test_idle_connections_the_server_dropped_are_replaced(
 
 def test_an_unreachable_server_is_a_store_error() -> None:
     store = open_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
-    with pytest.raises(incident.StoreError, match="Postgres failed") as caught:
+    with pytest.raises(incident.StoreError, match=r"Postgres failed .*connection") as caught:
         store.version("a")
     assert isinstance(caught.value.__cause__, psycopg.Error)
+    store.close()
+
+
+def test_an_exhausted_pool_says_so(postgres_url: str) -> None:
+    store = open_store(postgres_url, pool_size=1, timeout=0.2)
+    assert isinstance(store, PostgresEventStore)
+    store.initialize()
+    # the only connection, held elsewhere
+    with store._db.pool.connection(), pytest.raises(incident.StoreError, match="raise pool_size"):
+        store.version("a")
+    assert store.version("a") == 0
     store.close()
 
 

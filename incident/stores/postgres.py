@@ -26,7 +26,7 @@ import msgspec
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
@@ -145,8 +145,21 @@ class _Database:
                 f"Postgres failed {doing}: {_first_line(error)}. Create the tables with "
                 f"`incident init URL`, or open the store with create_tables=True"
             ) from error
+        except PoolTimeout as error:
+            raise StoreError(f"Postgres failed {doing}: {self._why_no_connection()}") from error
         except psycopg.Error as error:
             raise StoreError(f"Postgres failed {doing}: {_first_line(error)}") from error
+
+    def _why_no_connection(self) -> str:
+        """The pool only says it timed out; one direct attempt tells why."""
+        try:
+            psycopg.connect(self.conninfo, connect_timeout=5).close()
+        except psycopg.Error as error:
+            return _first_line(error)
+        return (
+            f"all {self.pool.max_size} pooled connections stayed busy for {self.pool.timeout}s;"
+            " raise pool_size or timeout"
+        )
 
     def ready(self) -> None:
         """Create or migrate the tables once per process, when allowed to."""
