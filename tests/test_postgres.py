@@ -478,6 +478,37 @@ def test_an_exhausted_pool_says_so(postgres_url: str) -> None:
     store.close()
 
 
+def _use_after_fork(store: incident.EventStore, results: Any) -> None:
+    try:
+        store.append("child", deposited(2), expected_version=0)
+        with store._db.connection("asking for the backend") as conn:  # type: ignore[attr-defined]
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        results.put(("ok", backend, [r.aggregate_id for r in store.read_all()]))
+    except Exception as error:
+        results.put((repr(error), None, []))
+
+
+def test_a_store_opened_before_fork_works_in_parent_and_child(postgres_url: str) -> None:
+    """A forked child (multiprocessing's default on Linux, gunicorn --preload) gets a
+    pool of its own instead of sharing the parent's sockets; the parent carries on."""
+    store = open_store(postgres_url)
+    assert isinstance(store, PostgresEventStore)
+    store.append("parent", deposited(1), expected_version=0)
+    with store._db.connection("asking for the backend") as conn:
+        parents = {conn.execute("SELECT pg_backend_pid()").fetchone()[0]}  # type: ignore[index]
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=_use_after_fork, args=(store, results))
+    child.start()
+    outcome, backend, seen = results.get(timeout=120)
+    child.join()
+    assert (outcome, seen) == ("ok", ["parent", "child"])
+    assert backend not in parents
+    store.append("parent", deposited(3), expected_version=1)
+    assert [r.aggregate_id for r in store.read_all()] == ["parent", "child", "parent"]
+    store.close()
+
+
 # -- commit order ------------------------------------------------------------------------
 
 

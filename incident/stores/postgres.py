@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -98,6 +100,17 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_databases):
+        db.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Database:
     """One pool and one schema: what an event store and its projection store share."""
 
@@ -111,20 +124,48 @@ class _Database:
         self.migrate_lock = _lock_key(schema, "migrate")
         self._lock = threading.Lock()
         self._initialized = False
+        self._closed = False
         self.tables: dict[type[Projection], _Table] = {}
+        self._pool_options = {"max_size": pool_size, "timeout": timeout}
+        self._pool: ConnectionPool[Connection] | None = self._open_pool()
+        self._inherited: list[ConnectionPool[Connection]] = []
+        _databases.add(self)
+
+    def _open_pool(self) -> ConnectionPool[Connection]:
         # check: a connection the server dropped while idle (a restart, a kill) is
         # replaced on checkout instead of failing the next call; broken connections
         # returned to the pool are discarded by the pool itself.
-        self.pool: ConnectionPool[Connection] = ConnectionPool(
-            conninfo,
+        return ConnectionPool(
+            self.conninfo,
             min_size=1,
-            max_size=pool_size,
+            max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True},
             check=ConnectionPool.check_connection,
-            timeout=timeout,
+            timeout=self._pool_options["timeout"],
             open=True,
-            name=f"incident:{schema}",
+            name=f"incident:{self.schema}",
         )
+
+    @property
+    def pool(self) -> ConnectionPool[Connection]:
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = self._open_pool()
+                pool = self._pool
+        return pool
+
+    def forked(self) -> None:
+        """In a child process after fork(): the pool's threads are gone and its
+        connections are the parent's sessions. Keep them referenced and unused (collecting
+        the pool would try to stop threads that do not exist) and open a new pool on
+        first use, so stores opened before a fork (gunicorn --preload, multiprocessing)
+        work in every process."""
+        self._lock = threading.Lock()
+        if self._pool is not None and not self._closed:
+            self._inherited.append(self._pool)
+            self._pool = None
 
     def describe(self) -> str:
         params = conninfo_to_dict(self.conninfo)
@@ -208,7 +249,9 @@ class _Database:
         return done
 
     def close(self) -> None:
-        self.pool.close()
+        self._closed = True
+        if self._pool is not None:
+            self._pool.close()
 
 
 def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
