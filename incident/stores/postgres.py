@@ -122,7 +122,8 @@ class _Database:
         self.create_tables = create_tables
         self.append_lock = _lock_key(schema, "append")
         self.migrate_lock = _lock_key(schema, "migrate")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards initialization
+        self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self._initialized = False
         self._closed = False
         self.tables: dict[type[Projection], _Table] = {}
@@ -150,7 +151,7 @@ class _Database:
     def pool(self) -> ConnectionPool[Connection]:
         pool = self._pool
         if pool is None:
-            with self._lock:
+            with self._pool_lock:
                 if self._pool is None:
                     self._pool = self._open_pool()
                 pool = self._pool
@@ -162,7 +163,7 @@ class _Database:
         the pool would try to stop threads that do not exist) and open a new pool on
         first use, so stores opened before a fork (gunicorn --preload, multiprocessing)
         work in every process."""
-        self._lock = threading.Lock()
+        self._lock, self._pool_lock = threading.Lock(), threading.Lock()
         if self._pool is not None and not self._closed:
             self._inherited.append(self._pool)
             self._pool = None
