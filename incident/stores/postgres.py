@@ -8,6 +8,11 @@ projections commit in one transaction. Options: ``schema``, ``pool_size`` (defau
 for roles that may not run DDL, and run ``incident init URL`` with one that may),
 ``timeout`` (seconds to wait for a pooled connection) and ``batch_size`` (rows per
 round trip when ``read_all`` streams the log).
+
+Tables, in the store's schema: ``incident_migrations`` (what ran), ``events``,
+``idempotency_keys``, and one table per Projection type named after the class in
+snake_case. Stores are thread-safe, and a store opened before ``fork()`` opens a pool of
+its own in the child.
 """
 
 from __future__ import annotations
