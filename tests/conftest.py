@@ -7,17 +7,22 @@ with a visible reason, except under CI (CI=true), where they fail instead.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
+import msgspec
 import psycopg
 import pytest
 
 import incident
-from incident.examples import bank
+from incident.stores.postgres import _split_url
+from incident.stores.sqlite import sqlite_path
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
 StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
@@ -25,6 +30,10 @@ StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
 
 def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return "memory://"
+
+
+def _sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
 
 
 def _postgres(tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -38,7 +47,75 @@ def _postgres(tmp_path: Path, request: pytest.FixtureRequest) -> str:
 
 STORE_BACKENDS: dict[str, StoreFactory] = {
     "memory": _memory,
+    "sqlite": _sqlite,
     "postgres": _postgres,
+}
+
+
+class RawEvent(msgspec.Struct, kw_only=True):
+    """An event row as the database holds it, written behind the store's back."""
+
+    position: int
+    aggregate_id: str
+    version: int
+    event_type: str
+    data: str
+    aggregate: str = "bank_account"
+    metadata: str = "{}"
+
+
+# backend name -> a function (store URL, row) that inserts the row directly into the event
+# table (which initialize() has created), to test how stores read bad data. Backends
+# without raw rows leave themselves out.
+RawEventWriter = Callable[[str, RawEvent], None]
+
+
+def _write_sqlite_row(url: str, row: RawEvent) -> None:
+    with closing(sqlite3.connect(sqlite_path(url))) as conn, conn:
+        conn.execute(
+            "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, "
+            "event_type, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.position,
+                str(uuid.uuid4()),
+                row.aggregate_id,
+                row.aggregate,
+                row.version,
+                row.event_type,
+                dt.datetime.now(dt.UTC).isoformat(),
+                row.data,
+                row.metadata,
+            ),
+        )
+
+
+def _write_postgres_row(url: str, row: RawEvent) -> None:
+    try:
+        msgspec.json.decode(row.data)
+    except msgspec.DecodeError:
+        pytest.skip("a jsonb column cannot hold invalid JSON: Postgres refuses it on write")
+    conninfo, schema = _split_url(url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".events (position, event_id, aggregate_id, aggregate,'
+            " version, event_type, event_date, data, metadata)"
+            " VALUES (%s, %s, %s, %s, %s, %s, now(), %s::jsonb, %s::jsonb)",
+            (
+                row.position,
+                uuid.uuid4(),
+                row.aggregate_id,
+                row.aggregate,
+                row.version,
+                row.event_type,
+                row.data,
+                row.metadata,
+            ),
+        )
+
+
+RAW_EVENT_WRITERS: dict[str, RawEventWriter] = {
+    "sqlite": _write_sqlite_row,
+    "postgres": _write_postgres_row,
 }
 
 
@@ -49,11 +126,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def write_raw_event(request: pytest.FixtureRequest, store_url: str) -> Callable[[RawEvent], None]:
+    """Writes a row straight into the current backend's event table (skips where a
+    backend has no raw rows)."""
+    backend = request.node.callspec.params["store_url"]
+    writer = RAW_EVENT_WRITERS.get(backend)
+    if writer is None:
+        pytest.skip(
+            "the memory store keeps Python objects, not rows that could be corrupt"
+            if backend == "memory"
+            else f"no raw-row writer for the {backend} store in RAW_EVENT_WRITERS yet"
+        )
+    return lambda row: writer(store_url, row)
+
+
+@pytest.fixture
 def event_store(store_url: str) -> Iterator[incident.EventStore]:
     store = incident.open_event_store(store_url)
-    # Stores that decode by name resolve unregistered names to the Event class defined
-    # last; other tests (the README's) define their own MoneyDeposited, so say which.
-    store.types.register(*bank.bank_account.event_types, *bank.transfer.event_types)
     yield store
     store.close()
 

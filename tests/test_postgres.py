@@ -217,7 +217,8 @@ def test_a_corrupt_or_unknown_row_names_its_position(
 
 
 def test_read_all_pages_across_batches(postgres_url: str) -> None:
-    """read_all fetches in batches (here 2 rows); pages and limits line up across them."""
+    """read_all, stream and events fetch in batches (here 2 rows); pages and limits line up
+    across them."""
     store = open_store(postgres_url, batch_size=2)
     store.append("a", deposited(1, 2, 3), expected_version=0)
     store.append("b", deposited(4, 5, 6, 7), expected_version=0)
@@ -226,6 +227,8 @@ def test_read_all_pages_across_batches(postgres_url: str) -> None:
     assert [r.position for r in store.read_all(after=2, limit=4)] == [3, 4, 5, 6]
     assert [r.position for r in store.read_all(after=5)] == [6, 7]
     assert list(store.read_all(limit=0)) == []
+    assert [r.version for r in store.stream("b", after=1)] == [2, 3, 4]
+    assert list(store.events("b")) == deposited(4, 5, 6, 7)
     stream = store.read_all()
     assert next(stream).position == 1
     store.append("c", deposited(8), expected_version=0)  # a reader mid-stream sees it too

@@ -183,6 +183,14 @@ class MemoryEventStore:
         with self._lock:
             return list(self._streams.get(aggregate_id, [])[after:])
 
+    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
+        """The stream's events without their envelopes: what a fold needs."""
+        return iter([recorded.data for recorded in self.get(aggregate_id, after=after)])
+
+    def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
+        """The stream as an iterator (durable stores fetch it in batches)."""
+        return iter(self.get(aggregate_id, after=after))
+
     def version(self, aggregate_id: str) -> int:
         with self._lock:
             return len(self._streams.get(aggregate_id, []))

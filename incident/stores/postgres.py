@@ -537,6 +537,11 @@ class PostgresEventStore:
         )
         self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
         self._span = select + sql.SQL(" WHERE position BETWEEN %s AND %s ORDER BY position")
+        self._stream_page = self._stream + sql.SQL(" LIMIT %s")
+        self._payloads = sql.SQL(
+            "SELECT position, version, event_type, schema_version, data::text FROM {}"
+            " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
+        ).format(events)
         keys = db.table("idempotency_keys")
         self._key = sql.SQL("SELECT first_position, last_position FROM {} WHERE key = %s").format(
             keys
@@ -716,6 +721,46 @@ class PostgresEventStore:
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         rows = self._fetch(f"reading stream {aggregate_id!r}", self._stream, aggregate_id, after)
         return [self._recorded(row) for row in rows]
+
+    def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
+        """The stream in version order, fetched in batches, so a stream of any length
+        folds in constant memory (``aggregate.fold(store.stream(id))``)."""
+        while True:
+            rows = self._fetch(
+                f"reading stream {aggregate_id!r}",
+                self._stream_page,
+                aggregate_id,
+                after,
+                self._batch_size,
+            )
+            for row in rows:
+                yield self._recorded(row)
+            if len(rows) < self._batch_size:
+                return
+            after = rows[-1][4]
+
+    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
+        """The stream's events without their envelopes, in version order and in batches:
+        all a fold needs, without decoding ids, dates and metadata."""
+        while True:
+            rows = self._fetch(
+                f"reading stream {aggregate_id!r}",
+                self._payloads,
+                aggregate_id,
+                after,
+                self._batch_size,
+            )
+            for position, _, event_type, schema_version, data in rows:
+                yield self.types.decode(
+                    event_type,
+                    data,
+                    position=position,
+                    aggregate_id=aggregate_id,
+                    schema_version=schema_version,
+                )
+            if len(rows) < self._batch_size:
+                return
+            after = rows[-1][1]
 
     def version(self, aggregate_id: str) -> int:
         rows = self._fetch(f"reading the version of {aggregate_id!r}", self._version, aggregate_id)
