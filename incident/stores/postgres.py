@@ -361,10 +361,15 @@ class _Table:
             if self.columns.get("version") == "bigint"
             else sql.SQL("")
         )
-        self.upsert = sql.SQL(
-            "INSERT INTO {0} AS stored SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
-            " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
-        ).format(self.table, updates, guard)
+        self.upsert = (
+            sql.SQL(
+                "INSERT INTO {0} AS stored"
+                " SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
+                " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
+            )
+            .format(self.table, updates, guard)
+            .as_string()
+        )
         self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
 
     def ensure(self, conn: Connection) -> None:
@@ -518,37 +523,32 @@ class PostgresEventStore:
         self._db = db
         self._batch_size = batch_size
         self._projections = PostgresProjectionStore(db)
-        events = db.table("events")
-        self._insert = sql.SQL(
-            "INSERT INTO {} (position, event_id, aggregate_id, aggregate, version, event_type,"
-            " schema_version, event_date, data, metadata)"
+        # Plain strings, rendered once: the schema is the only variable, quoted by psycopg.
+        events = db.table("events").as_string()
+        keys = db.table("idempotency_keys").as_string()
+        self._insert = (
+            f"INSERT INTO {events} (position, event_id, aggregate_id, aggregate, version,"
+            " event_type, schema_version, event_date, data, metadata)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
-        ).format(events)
-        self._heads = sql.SQL(
-            "SELECT (SELECT coalesce(max(version), 0) FROM {0} WHERE aggregate_id = %s),"
-            " (SELECT coalesce(max(position), 0) FROM {0})"
-        ).format(events)
-        self._version = sql.SQL(
-            "SELECT coalesce(max(version), 0) FROM {} WHERE aggregate_id = %s"
-        ).format(events)
-        select = sql.SQL("SELECT " + _EVENT_COLUMNS + " FROM {}").format(events)
-        self._stream = select + sql.SQL(
-            " WHERE aggregate_id = %s AND version > %s ORDER BY version"
         )
-        self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
-        self._span = select + sql.SQL(" WHERE position BETWEEN %s AND %s ORDER BY position")
-        self._stream_page = self._stream + sql.SQL(" LIMIT %s")
-        self._payloads = sql.SQL(
-            "SELECT position, version, event_type, schema_version, data::text FROM {}"
+        self._heads = (
+            f"SELECT (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s),"
+            f" (SELECT coalesce(max(position), 0) FROM {events})"
+        )
+        self._version = f"SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s"
+        select = f"SELECT {_EVENT_COLUMNS} FROM {events}"
+        self._stream = f"{select} WHERE aggregate_id = %s AND version > %s ORDER BY version"
+        self._stream_page = f"{self._stream} LIMIT %s"
+        self._page = f"{select} WHERE position > %s ORDER BY position LIMIT %s"
+        self._span = f"{select} WHERE position BETWEEN %s AND %s ORDER BY position"
+        self._payloads = (
+            f"SELECT position, version, event_type, schema_version, data::text FROM {events}"
             " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
-        ).format(events)
-        keys = db.table("idempotency_keys")
-        self._key = sql.SQL("SELECT first_position, last_position FROM {} WHERE key = %s").format(
-            keys
         )
-        self._remember_key = sql.SQL(
-            "INSERT INTO {} (key, first_position, last_position) VALUES (%s, %s, %s)"
-        ).format(keys)
+        self._key = f"SELECT first_position, last_position FROM {keys} WHERE key = %s"
+        self._remember_key = (
+            f"INSERT INTO {keys} (key, first_position, last_position) VALUES (%s, %s, %s)"
+        )
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
