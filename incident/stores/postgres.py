@@ -26,7 +26,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -40,6 +40,9 @@ from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentE
 from ..messages import ANY, Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from .protocols import ProjectFn, ProjectionStore
+
+if TYPE_CHECKING:
+    from .postgres_checkpoints import PostgresCheckpointStore
 
 __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
 
@@ -467,6 +470,21 @@ class PostgresProjectionStore:
         newer: P = table.decode(stored)
         return newer
 
+    def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        """Swap the whole table for ``projections`` in one transaction (replay)."""
+        rows = list(projections)
+        for projection in rows:
+            self._check(projection)
+        table = self._table(projection_type)
+        self._db.ready()
+        with self._db.connection(f"replacing {table.name}") as conn:
+            with conn.transaction():
+                fresh = self._prepare(conn, [projection_type])
+                conn.execute(sql.SQL("DELETE FROM {}").format(table.table))
+                self._queue(conn, rows)
+            self._remember(fresh)
+        return len(rows)
+
     def _queue(self, conn: Connection, projections: Sequence[Projection]) -> None:
         """Inside an append's transaction: checks every row, then sends the upserts."""
         rows = []
@@ -535,6 +553,11 @@ class PostgresEventStore:
             f"SELECT (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s),"
             f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
+        self._last_position = f"SELECT coalesce(max(position), 0) FROM {events}"
+        # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
+        self._channel = f"incident_events:{db.schema}"
+        self._listeners = threading.local()
+        self._listening: list[psycopg.Connection[Any]] = []  # closed with the store
         self._version = f"SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s"
         select = f"SELECT {_EVENT_COLUMNS} FROM {events}"
         self._stream = f"{select} WHERE aggregate_id = %s AND version > %s ORDER BY version"
@@ -656,6 +679,10 @@ class PostgresEventStore:
                     if shared:
                         fresh = self._projections._prepare(conn, map(type, projections))
                         self._projections._queue(conn, projections)
+                    # delivered when (and only if) this transaction commits
+                    conn.execute(
+                        "SELECT pg_notify(%s, %s)", [self._channel, str(recorded[-1].position)]
+                    )
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
@@ -792,8 +819,39 @@ class PostgresEventStore:
     def projections(self) -> PostgresProjectionStore:
         return self._projections
 
+    def checkpoints(self) -> PostgresCheckpointStore:
+        """Subscription checkpoints in this schema (beside the projections: one commit)."""
+        from .postgres_checkpoints import PostgresCheckpointStore
+
+        return PostgresCheckpointStore(self._db)
+
+    def last_position(self) -> int:
+        position: int = self._fetch("reading the last position", self._last_position)[0][0]
+        return position
+
+    def wait_for_append(self, after: int, timeout: float) -> bool:
+        """Wait for an append's NOTIFY (each thread LISTENs on a connection of its own)."""
+        conn: psycopg.Connection[Any] | None = getattr(self._listeners, "conn", None)
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(self._db.conninfo, autocommit=True)
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                self._listeners.conn = conn
+                self._listening.append(conn)
+            # listening first, then looking: an append in between still wakes us
+            if self.last_position() > after:
+                return True
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error as error:
+            self._listeners.conn = None
+            raise StoreError(f"Postgres failed waiting for appends: {error}") from error
+        return self.last_position() > after
+
     def close(self) -> None:
         """Closes the pool, which this store's projections() share."""
+        for conn in self._listening:
+            conn.close()
         self._db.close()
 
 

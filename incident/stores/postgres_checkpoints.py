@@ -1,0 +1,270 @@
+"""Subscription checkpoints, dead letters and handler locks in Postgres.
+
+The tables live in the event store's schema, so when the read models do too, a
+subscription's projection upserts and its checkpoint commit in one transaction.
+
+One runner per handler, across processes and machines: a session-level advisory lock
+(``pg_try_advisory_lock``) taken on a connection the runner keeps open. Postgres drops it
+when that session ends, however the runner dies, and a runner waiting for it takes over
+from the checkpoint: nothing has to expire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..codec import encode
+from ..errors import CheckpointConflict, StoreError
+from ..messages import Projection
+from .postgres import PostgresProjectionStore, _Database, _lock_key
+from .protocols import Parked, ProjectionStore
+
+__all__ = ["PostgresCheckpointStore", "PostgresHandlerLock"]
+
+_PARKED = "handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at"
+_TABLES = {
+    "incident_checkpoints": (
+        "handler text PRIMARY KEY, position bigint NOT NULL, updated_at timestamptz NOT NULL"
+    ),
+    "incident_parked": (
+        "handler text NOT NULL, position bigint NOT NULL, event_id text NOT NULL,"
+        " aggregate_id text NOT NULL, event_type text NOT NULL, error text NOT NULL,"
+        " attempts integer NOT NULL, parked_at timestamptz NOT NULL,"
+        " PRIMARY KEY (handler, position)"
+    ),
+}
+
+
+class PostgresCheckpointStore:
+    """Checkpoints and dead letters in the schema of a Postgres event store."""
+
+    def __init__(self, database: _Database) -> None:
+        self._db = database
+        self._ready = False
+        checkpoints, self._parked = (
+            database.table("incident_checkpoints"),
+            database.table("incident_parked"),
+        )
+        self._load = sql.SQL("SELECT position FROM {} WHERE handler = %s").format(checkpoints)
+        self._all = sql.SQL("SELECT handler, position FROM {}").format(checkpoints)
+        self._save = sql.SQL(
+            "INSERT INTO {} (handler, position, updated_at) VALUES (%s, %s, now())"
+            " ON CONFLICT (handler) DO UPDATE SET position = EXCLUDED.position,"
+            " updated_at = EXCLUDED.updated_at"
+        ).format(checkpoints)
+
+    def __repr__(self) -> str:
+        return f"PostgresCheckpointStore({self._db.describe()})"
+
+    def initialize(self) -> list[str]:
+        done = []
+        self._db.ready()
+        doing = "creating the subscription tables"
+        with self._db.connection(doing) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.migrate_lock])
+            for name, columns in _TABLES.items():
+                table = self._db.table(name)
+                row = conn.execute("SELECT to_regclass(%s)", [table.as_string(conn)]).fetchone()
+                if row is None or row[0] is None:
+                    conn.execute(sql.SQL("CREATE TABLE {} ({})").format(table, sql.SQL(columns)))
+                    done.append(f"created table {self._db.schema}.{name}")
+        self._ready = True
+        return done
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            self.initialize()
+
+    def load(self, handler: str) -> int:
+        self._ensure()
+        with self._db.connection(f"loading the checkpoint of {handler}") as conn:
+            row = conn.execute(self._load, [handler]).fetchone()
+        return int(row[0]) if row else 0
+
+    def save(
+        self,
+        handler: str,
+        position: int,
+        *,
+        expected: int,
+        projections: Sequence[Projection] = (),
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        self._ensure()
+        shared = isinstance(projection_store, PostgresProjectionStore) and (
+            self.shares_database_with(projection_store)
+        )
+        if projections and projection_store is not None and not shared:
+            # another database: projections first, so a crash re-applies, never skips
+            for projection in projections:
+                projection_store.project(projection)
+        fresh: list[type[Projection]] = []
+        doing = f"saving the checkpoint of {handler}"
+        with self._db.connection(doing) as conn, conn.transaction():
+            row = conn.execute(self._load + sql.SQL(" FOR UPDATE"), [handler]).fetchone()
+            actual = int(row[0]) if row else 0
+            if actual != expected:
+                raise CheckpointConflict(handler, expected, actual)
+            if shared and projections:
+                assert isinstance(projection_store, PostgresProjectionStore)
+                fresh = projection_store._prepare(conn, map(type, projections))
+                _write_many(conn, projection_store, projections)
+            conn.execute(self._save, [handler, position])
+        if fresh:
+            assert isinstance(projection_store, PostgresProjectionStore)
+            projection_store._remember(fresh)
+
+    def reset(self, handler: str, position: int = 0) -> None:
+        self._ensure()
+        with self._db.connection(f"resetting the checkpoint of {handler}") as conn:
+            conn.execute(self._save, [handler, position])
+
+    def checkpoints(self) -> dict[str, int]:
+        self._ensure()
+        with self._db.connection("listing checkpoints") as conn:
+            rows = conn.execute(self._all).fetchall()
+        return {handler: int(position) for handler, position in rows}
+
+    def park(self, parked: Parked) -> None:
+        self._ensure()
+        with self._db.connection(f"parking #{parked.position} of {parked.handler}") as conn:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (" + _PARKED + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (handler, position) DO UPDATE SET error = EXCLUDED.error,"
+                    " attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at"
+                ).format(self._parked),
+                [
+                    parked.handler,
+                    parked.position,
+                    parked.event_id,
+                    parked.aggregate_id,
+                    parked.event_type,
+                    parked.error,
+                    parked.attempts,
+                    parked.parked_at,
+                ],
+            )
+
+    def parked(self, handler: str | None = None) -> list[Parked]:
+        self._ensure()
+        with self._db.connection("listing parked events") as conn:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT " + _PARKED + " FROM {} WHERE %s::text IS NULL OR handler = %s"
+                    " ORDER BY handler, position"
+                ).format(self._parked),
+                [handler, handler],
+            ).fetchall()
+        return [_parked(row) for row in rows]
+
+    def unpark(self, handler: str, position: int) -> None:
+        self._ensure()
+        with self._db.connection(f"unparking #{position} of {handler}") as conn:
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE handler = %s AND position = %s").format(self._parked),
+                [handler, position],
+            )
+
+    def lock(self, handler: str) -> PostgresHandlerLock:
+        key = _lock_key(self._db.schema, f"handler {handler}")
+        return PostgresHandlerLock(handler, self._db.conninfo, key)
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        if not isinstance(projection_store, PostgresProjectionStore):
+            return False
+        other = projection_store._db
+        return other is self._db or (
+            other.conninfo == self._db.conninfo and other.schema == self._db.schema
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresHandlerLock:
+    """A session-level advisory lock on a connection of its own, held while it is open."""
+
+    def __init__(self, handler: str, conninfo: str, key: int) -> None:
+        self.handler = handler
+        self._conninfo = conninfo
+        self._key = key
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresHandlerLock({self.handler!r}, held={self._conn is not None})"
+
+    def _try(self) -> bool:
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
+        except psycopg.Error as error:
+            raise StoreError(f"Postgres failed locking {self.handler}: {error}") from error
+        if row is not None and row[0]:
+            self._conn = conn
+            return True
+        conn.close()
+        return False
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if self._conn is not None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.01
+        while not self._try():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            left = pause if deadline is None else min(pause, deadline - time.monotonic())
+            time.sleep(max(left, 0.0))
+            pause = min(pause * 2, 0.25)
+        return True
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # ending the session releases its advisory locks
+
+    def held(self) -> bool:
+        """Still ours: the session holding the lock answers (a dropped one lost it)."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self.release()
+            return False
+        return True
+
+
+def _write_many(
+    conn: psycopg.Connection[Any],
+    projection_store: PostgresProjectionStore,
+    projections: Sequence[Projection],
+) -> None:
+    """Upsert a batch's projections, one pipelined ``executemany`` per table rather than
+    a round trip per row (a catch-up may write tens of thousands)."""
+    by_type: dict[type[Projection], list[list[str]]] = {}
+    for projection in projections:
+        by_type.setdefault(type(projection), []).append([encode(projection).decode()])
+    for projection_type, rows in by_type.items():
+        with conn.cursor() as cursor:
+            cursor.executemany(projection_store._table(projection_type).upsert, rows)
+
+
+def _parked(row: tuple[Any, ...]) -> Parked:
+    handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at = row
+    return Parked(
+        handler=handler,
+        position=position,
+        event_id=event_id,
+        aggregate_id=aggregate_id,
+        event_type=event_type,
+        error=error,
+        attempts=attempts,
+        parked_at=parked_at,
+    )
