@@ -214,7 +214,9 @@ class Subscription:
         outputs = self.handler.handle(recorded, self._state_at(recorded))
         for index, output in enumerate(outputs):
             if isinstance(output, Projection):
-                projection_key(output)  # a row that cannot be stored is this event's failure
+                key = getattr(output, "aggregate_id", None)
+                if type(key) is not str or not key:
+                    projection_key(output)  # raises: a row that cannot be stored fails the event
                 projections.append(output)
             else:
                 # keyed by handler, event and place: handled again, it sends nothing twice
