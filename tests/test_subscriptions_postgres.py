@@ -16,6 +16,7 @@ if "postgres" not in STORE_BACKENDS:
     pytest.skip("no Postgres backend in this build", allow_module_level=True)
 
 import psycopg
+
 from incident.stores.postgres import _lock_key
 
 
@@ -75,3 +76,27 @@ def test_a_runner_whose_session_dies_loses_the_lock(
         second.subscriptions.stop()
     assert [position for position, _ in seen] == [1, 2]  # each event once, in order
     assert "recorder lost its lock" in caplog.text
+
+
+def test_an_append_wakes_a_waiting_subscriber(postgres_url: str) -> None:
+    """A subscriber waiting for new events is woken by the append's NOTIFY, not by the
+    end of its wait (which here is a minute)."""
+    waiter = incident.open_event_store(postgres_url)
+    writer = incident.open_event_store(postgres_url)
+    writer.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+    woke: list[bool] = []
+    ready = threading.Event()
+
+    def wait() -> None:
+        waiter.wait_for_append(1, 0.01)  # type: ignore[attr-defined] - now LISTENing
+        ready.set()
+        woke.append(waiter.wait_for_append(1, 60.0))  # type: ignore[attr-defined]
+
+    listening = threading.Thread(target=wait)
+    listening.start()
+    ready.wait(30)
+    writer.append("A", [bank.MoneyDeposited(amount=1)], expected_version=1)
+    listening.join(30)
+    assert woke == [True]
+    waiter.close()
+    writer.close()
