@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import itertools
+import signal
 import time
 import uuid
 from collections.abc import Iterable
@@ -302,6 +303,7 @@ def subscribe(
         app = CommandHandler(store, aggregates=aggregates)
         running = Subscriptions(Subscription(h, app, batch_size=batch_size) for h in handlers)
         console.print(f"running {', '.join(running)} on {url} (Ctrl-C stops)")
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same
         running.start()
         try:
             while all(s.error is None for s in running.values()):
@@ -317,6 +319,10 @@ def subscribe(
         raise click.ClickException(str(error)) from error
     finally:
         store.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _load(path: str, kind: type[Any]) -> Any:
