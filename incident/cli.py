@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import itertools
+import logging
 import signal
 import time
 import uuid
@@ -40,6 +41,8 @@ def _console() -> Console:
 @click.version_option(package_name="incident")
 def main() -> None:
     """Event Sourcing and CQRS with pure, decorated functions."""
+    # the pool logs every failed reconnection attempt; our StoreError says it once, clearly
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 
 @main.command()

@@ -25,6 +25,7 @@ from sqlite_workers import (
     initialize_in_process,
     withdraw_in_process,
 )
+from workers import run_processes
 
 import incident
 from incident.examples import bank
@@ -526,21 +527,6 @@ def test_racing_threads_get_concurrency_errors_not_locks(url: str, where: str) -
 
 
 # -- processes (spawned, so each has its own SQLite connections and locks) -------------
-
-
-def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
-    context = multiprocessing.get_context("spawn")
-    start, results = context.Barrier(processes), context.Queue()
-    workers = [
-        context.Process(target=target, args=(*args, start, results)) for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    return outcomes
 
 
 @pytest.mark.slow
