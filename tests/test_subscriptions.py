@@ -407,3 +407,15 @@ def test_a_batch_and_its_checkpoint_commit_together(store_url: str) -> None:
         "A": "first",
         "B": "first",
     }
+
+
+def test_projections_in_another_database_catch_up_too(store_url: str) -> None:
+    """With the read models in another database the projections are written before the
+    checkpoint (at least once, version-guarded); the outcome is the same."""
+    inline = bank.build("memory://")
+    run_scenario(inline)
+    elsewhere = incident.open_projection_store("memory://")
+    app = bank.build(store_url, elsewhere, subscriptions=True)
+    run_scenario(app, app.subscriptions.catch_up)
+    assert read_models(app) == read_models(inline)
+    assert app.projection_store is elsewhere
