@@ -68,10 +68,13 @@ class Contender(Protocol):
     def close(self) -> None: ...
 
 
+SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
 def _sqlite_durability(connection: sqlite3.Connection) -> str:
     journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
     synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
-    return f"journal={journal} synchronous={ {0: 'OFF', 1: 'NORMAL', 2: 'FULL', 3: 'EXTRA'}[synchronous] }"
+    return f"journal={journal} synchronous={SYNCHRONOUS[synchronous]}"
 
 
 class Incident:
@@ -207,8 +210,7 @@ class EventSourcing:
             return "server defaults"
         assert self.db is not None
         journal = sqlite3.connect(self.db).execute("PRAGMA journal_mode").fetchone()[0]
-        names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
-        seen = sorted({names[value] for value in _synchronous_seen}) or ["?"]
+        seen = sorted({SYNCHRONOUS[value] for value in _synchronous_seen}) or ["?"]
         return f"journal={journal} synchronous={'/'.join(seen)}"
 
     def close(self) -> None:
