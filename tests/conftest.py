@@ -7,13 +7,19 @@ with a visible reason, except under CI (CI=true), where they fail instead.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import incident
+from incident.stores.sqlite import sqlite_path
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
 StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
@@ -23,13 +29,68 @@ def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return "memory://"
 
 
-STORE_BACKENDS: dict[str, StoreFactory] = {"memory": _memory}
+def _sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+STORE_BACKENDS: dict[str, StoreFactory] = {"memory": _memory, "sqlite": _sqlite}
+
+
+class RawEvent(msgspec.Struct, kw_only=True):
+    """An event row as the database holds it, written behind the store's back."""
+
+    position: int
+    aggregate_id: str
+    version: int
+    event_type: str
+    data: str
+    aggregate: str = "bank_account"
+    metadata: str = "{}"
+
+
+# backend name -> a function (store URL, row) that inserts the row directly into the event
+# table (which initialize() has created), to test how stores read bad data. Backends
+# without raw rows leave themselves out.
+RawEventWriter = Callable[[str, RawEvent], None]
+
+
+def _write_sqlite_row(url: str, row: RawEvent) -> None:
+    with closing(sqlite3.connect(sqlite_path(url))) as conn, conn:
+        conn.execute(
+            "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, "
+            "event_type, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.position,
+                str(uuid.uuid4()),
+                row.aggregate_id,
+                row.aggregate,
+                row.version,
+                row.event_type,
+                dt.datetime.now(dt.UTC).isoformat(),
+                row.data,
+                row.metadata,
+            ),
+        )
+
+
+RAW_EVENT_WRITERS: dict[str, RawEventWriter] = {"sqlite": _write_sqlite_row}
 
 
 @pytest.fixture(params=sorted(STORE_BACKENDS))
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL naming a fresh, empty database on each backend in turn."""
     yield STORE_BACKENDS[request.param](tmp_path, request)
+
+
+@pytest.fixture
+def write_raw_event(request: pytest.FixtureRequest, store_url: str) -> Callable[[RawEvent], None]:
+    """Writes a row straight into the current backend's event table (skips where a
+    backend has no raw rows)."""
+    backend = request.node.callspec.params["store_url"]
+    writer = RAW_EVENT_WRITERS.get(backend)
+    if writer is None:
+        pytest.skip(f"the {backend} store keeps Python objects, not rows that could be corrupt")
+    return lambda row: writer(store_url, row)
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 
 import pytest
+from conftest import RawEvent
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited, MoneyWithdrawn, Transfer
@@ -172,3 +174,58 @@ def test_projection_without_key_is_refused(store_url: str) -> None:
     with pytest.raises(incident.IncidentError, match="aggregate_id"):
         projections.project(Keyless(name="x"))
     projections.close()
+
+
+def test_a_row_that_does_not_decode_is_a_corrupt_event(
+    event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
+) -> None:
+    """Bad JSON in the store raises CorruptEvent naming the position and the aggregate."""
+    event_store.append("acc-1", deposited(1), expected_version=0)
+    write_raw_event(
+        RawEvent(
+            position=2, aggregate_id="acc-1", version=2, event_type="MoneyDeposited", data="{oops"
+        )
+    )
+    with pytest.raises(incident.CorruptEvent) as caught:
+        event_store.get("acc-1")
+    assert (caught.value.position, caught.value.aggregate_id) == (2, "acc-1")
+    assert "position 2" in str(caught.value) and "'acc-1'" in str(caught.value)
+    with pytest.raises(incident.CorruptEvent):
+        list(event_store.read_all())
+    assert [r.position for r in event_store.read_all(limit=1)] == [1]
+
+
+def test_a_row_of_the_wrong_shape_is_a_corrupt_event(
+    event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
+) -> None:
+    """Valid JSON that does not match the event's fields is corrupt too, and says why."""
+    event_store.initialize()
+    write_raw_event(
+        RawEvent(
+            position=1,
+            aggregate_id="acc-9",
+            version=1,
+            event_type="MoneyDeposited",
+            data='{"type": "MoneyDeposited", "amount": "lots"}',
+        )
+    )
+    with pytest.raises(incident.CorruptEvent, match="amount") as caught:
+        event_store.get("acc-9")
+    assert (caught.value.position, caught.value.aggregate_id) == (1, "acc-9")
+
+
+def test_an_unknown_event_type_names_it_and_the_registered_ones(
+    event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
+) -> None:
+    event_store.append("acc-1", deposited(1), expected_version=0)
+    write_raw_event(
+        RawEvent(position=2, aggregate_id="acc-1", version=2, event_type="MoneyVanished", data="{}")
+    )
+    with pytest.raises(incident.UnknownEventType) as caught:
+        event_store.get("acc-1")
+    assert caught.value.event_type == "MoneyVanished"
+    assert caught.value.position == 2
+    assert "MoneyDeposited" in caught.value.registered
+    assert "MoneyVanished" in str(caught.value) and "MoneyDeposited" in str(caught.value)
+    with pytest.raises(incident.UnknownEventType):
+        list(event_store.read_all())
