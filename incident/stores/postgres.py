@@ -1,0 +1,665 @@
+"""Postgres stores: the server backend, for many processes on many machines sharing one
+database. psycopg 3 with a psycopg_pool connection pool; the same verbs as memory.py.
+
+``postgresql://user@host:5432/db?schema=bank`` opens the event store of schema ``bank``
+(default ``public``); its ``projections()`` share the pool, so a command's events and its
+projections commit in one transaction. Options: ``schema``, ``pool_size`` (default 10),
+``create_tables`` (default True: create or migrate missing tables on first use; turn it off
+for roles that may not run DDL, and run ``incident init URL`` with one that may),
+``timeout`` (seconds to wait for a pooled connection) and ``batch_size`` (rows per
+round trip when ``read_all`` streams the log).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from ..codec import EventTypes, encode
+from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
+from ..messages import ANY, Event, Projection, Recorded
+from ._common import check_expected_version, checked_events, projection_key, stamp
+from .protocols import ProjectFn, ProjectionStore
+
+__all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
+
+P = TypeVar("P", bound=Projection)
+Connection = psycopg.Connection[tuple[Any, ...]]
+Query = str | sql.SQL | sql.Composed
+
+# name, what it does (printed by `incident init`), statements ({schema} is filled in)
+MIGRATIONS: list[tuple[str, str, list[str]]] = [
+    (
+        "0001_events",
+        "the events table, unique per (aggregate_id, version), indexed for stream reads",
+        [
+            """
+            CREATE TABLE {schema}.events (
+                position bigint PRIMARY KEY,
+                event_id uuid NOT NULL CONSTRAINT events_event_id UNIQUE,
+                aggregate_id text NOT NULL,
+                aggregate text NOT NULL,
+                version integer NOT NULL CHECK (version > 0),
+                event_type text NOT NULL,
+                schema_version integer NOT NULL DEFAULT 1,
+                event_date timestamptz NOT NULL,
+                data jsonb NOT NULL,
+                metadata jsonb NOT NULL DEFAULT '{{}}',
+                CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)
+            )
+            """,
+        ],
+    ),
+]
+
+_EVENT_COLUMNS = (
+    "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
+    " event_date, data::text, metadata::text"
+)
+
+
+def _lock_key(schema: str, purpose: str) -> int:
+    """A stable 64-bit advisory lock key per schema, so applications in other schemas of
+    the same database never wait on each other."""
+    digest = hashlib.blake2b(f"incident:{schema}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class _Database:
+    """One pool and one schema: what an event store and its projection store share."""
+
+    def __init__(
+        self, conninfo: str, *, schema: str, pool_size: int, create_tables: bool, timeout: float
+    ) -> None:
+        self.conninfo = conninfo
+        self.schema = schema
+        self.create_tables = create_tables
+        self.append_lock = _lock_key(schema, "append")
+        self.migrate_lock = _lock_key(schema, "migrate")
+        self._lock = threading.Lock()
+        self._initialized = False
+        self.tables: dict[type[Projection], _Table] = {}
+        # check: a connection the server dropped while idle (a restart, a kill) is
+        # replaced on checkout instead of failing the next call; broken connections
+        # returned to the pool are discarded by the pool itself.
+        self.pool: ConnectionPool[Connection] = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            timeout=timeout,
+            open=True,
+            name=f"incident:{schema}",
+        )
+
+    def describe(self) -> str:
+        params = conninfo_to_dict(self.conninfo)
+        where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        return f"{where}/{params.get('dbname', '')}, schema={self.schema!r}"
+
+    def table(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+    @contextmanager
+    def connection(self, doing: str) -> Iterator[Connection]:
+        """A pooled connection; driver failures become StoreError saying what failed."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.errors.UndefinedTable as error:
+            raise StoreError(
+                f"Postgres failed {doing}: {_first_line(error)}. Create the tables with "
+                f"`incident init URL`, or open the store with create_tables=True"
+            ) from error
+        except psycopg.Error as error:
+            raise StoreError(f"Postgres failed {doing}: {_first_line(error)}") from error
+
+    def ready(self) -> None:
+        """Create or migrate the tables once per process, when allowed to."""
+        if self._initialized or not self.create_tables:
+            return
+        with self._lock:
+            if not self._initialized:
+                self.initialize()
+
+    def initialize(self) -> list[str]:
+        done: list[str] = []
+        schema = sql.Identifier(self.schema)
+        migrations = self.table("incident_migrations")
+        with self.connection("creating the tables") as conn, conn.transaction():
+            # one migrator per schema at a time, across processes and machines
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [self.migrate_lock])
+            if not _fetch_value(
+                conn, "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", self.schema
+            ):
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+                done.append(f"created schema {self.schema}")
+            if _fetch_value(conn, "SELECT to_regclass(%s)", migrations.as_string(conn)) is None:
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE {} (name text PRIMARY KEY, description text NOT NULL,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(migrations)
+                )
+                done.append(f"created table {self.schema}.incident_migrations")
+            applied = {
+                name for (name,) in conn.execute(sql.SQL("SELECT name FROM {}").format(migrations))
+            }
+            for name, description, statements in MIGRATIONS:
+                if name in applied:
+                    continue
+                for statement in statements:
+                    conn.execute(sql.SQL(statement.strip()).format(schema=schema))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (name, description) VALUES (%s, %s)").format(
+                        migrations
+                    ),
+                    [name, description],
+                )
+                done.append(f"applied migration {name}: {description}")
+        self._initialized = True
+        return done
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+# -- projections -------------------------------------------------------------------------
+
+
+def _snake(name: str) -> str:
+    """
+    >>> _snake("BankAccount"), _snake("HTTPLog")
+    ('bank_account', 'http_log')
+    """
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def _column_type(field_type: msgspec.inspect.Type) -> str:
+    """The Postgres type of a projection field; jsonb for anything nested or mixed.
+
+    >>> from typing import Optional
+    >>> _column_type(msgspec.inspect.type_info(Optional[int]))
+    'bigint'
+    >>> _column_type(msgspec.inspect.type_info(list[str]))
+    'jsonb'
+    """
+    inspect = msgspec.inspect
+    if isinstance(field_type, inspect.Metadata):
+        return _column_type(field_type.type)
+    if isinstance(field_type, inspect.UnionType):
+        others = [t for t in field_type.types if not isinstance(t, inspect.NoneType)]
+        return _column_type(others[0]) if len(others) == 1 else "jsonb"
+    if isinstance(field_type, inspect.DateTimeType):
+        return "timestamp" if field_type.tz is False else "timestamptz"
+    if isinstance(field_type, inspect.LiteralType) and all(
+        isinstance(value, str) for value in field_type.values
+    ):
+        return "text"
+    simple = {
+        inspect.StrType: "text",
+        inspect.IntType: "bigint",
+        inspect.FloatType: "double precision",
+        inspect.BoolType: "boolean",
+        inspect.DateType: "date",
+        inspect.UUIDType: "uuid",
+    }
+    return simple.get(type(field_type), "jsonb")
+
+
+class _Table:
+    """How one Projection type maps to its table: typed columns named like the struct's
+    encoded fields. Rows travel as JSON both ways (jsonb_populate_record in, to_jsonb out),
+    so msgspec alone converts values, exactly as it does for events."""
+
+    def __init__(self, db: _Database, projection_type: type[Projection]) -> None:
+        info = msgspec.inspect.type_info(projection_type)
+        assert isinstance(info, msgspec.inspect.StructType)
+        self.columns = {field.encode_name: _column_type(field.type) for field in info.fields}
+        if self.columns.get("aggregate_id") != "text":
+            raise IncidentError(
+                f"{projection_type.__name__} needs a str aggregate_id field to be stored"
+            )
+        self.name = _snake(projection_type.__name__)
+        self.table = db.table(self.name)
+        self.ddl_lock = _lock_key(db.schema, f"table {self.name}")  # racing creators queue
+        self.decoder = msgspec.json.Decoder(projection_type)
+        self.create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            self.table,
+            sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(kind))
+                + sql.SQL(" PRIMARY KEY" if column == "aggregate_id" else "")
+                for column, kind in self.columns.items()
+            ),
+        )
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(column)) for column in self.columns
+        )
+        # A row of a higher version is never replaced: racing writers cannot move it back.
+        guard = (
+            sql.SQL(
+                " WHERE stored.version IS NULL OR EXCLUDED.version IS NULL"
+                " OR stored.version <= EXCLUDED.version"
+            )
+            if self.columns.get("version") == "bigint"
+            else sql.SQL("")
+        )
+        self.upsert = sql.SQL(
+            "INSERT INTO {0} AS stored SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
+            " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
+        ).format(self.table, updates, guard)
+        self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
+
+    def ensure(self, conn: Connection) -> None:
+        """Create the table, or add the columns of fields added since (nullable)."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [self.ddl_lock])
+        conn.execute(self.create)
+        existing = {
+            name
+            for (name,) in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass"
+                " AND attnum > 0 AND NOT attisdropped",
+                [self.table.as_string(conn)],
+            )
+        }
+        for column, kind in self.columns.items():
+            if column not in existing:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        self.table, sql.Identifier(column), sql.SQL(kind)
+                    )
+                )
+
+    def decode(self, text: str) -> Any:
+        try:
+            return self.decoder.decode(text)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise StoreError(
+                f"A row of {self.name} does not fit its projection: {error}"
+            ) from error
+
+
+class PostgresProjectionStore:
+    """Read models, one table per Projection type (snake_case of the class name)."""
+
+    def __init__(self, db: _Database) -> None:
+        self._db = db
+
+    def __repr__(self) -> str:
+        return f"PostgresProjectionStore({self._db.describe()})"
+
+    def _table(self, projection_type: type[Projection]) -> _Table:
+        table = self._db.tables.get(projection_type)
+        if table is None:
+            table = _Table(self._db, projection_type)
+        return table
+
+    def _prepare(
+        self, conn: Connection, types: Iterable[type[Projection]]
+    ) -> list[type[Projection]]:
+        """Create missing tables inside the caller's transaction; returns the types to
+        remember as ready once that transaction has committed."""
+        fresh = [t for t in dict.fromkeys(types) if t not in self._db.tables]
+        if self._db.create_tables:
+            for projection_type in fresh:
+                self._table(projection_type).ensure(conn)
+        return fresh
+
+    def _remember(self, types: Iterable[type[Projection]]) -> None:
+        for projection_type in types:
+            self._db.tables.setdefault(projection_type, _Table(self._db, projection_type))
+
+    def _write(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
+        """Upsert inside the caller's transaction; True where the given row won."""
+        won = []
+        for projection in projections:
+            cursor = conn.execute(
+                self._table(type(projection)).upsert, [encode(projection).decode()]
+            )
+            won.append(cursor.fetchone() is not None)
+        return won
+
+    @staticmethod
+    def _check(projection: Projection) -> str:
+        key = projection_key(projection)
+        if not isinstance(projection, Projection):
+            raise IncidentError(f"Cannot store {projection!r}: not an incident.Projection")
+        return key
+
+    def project(self, projection: P) -> P:
+        key = self._check(projection)
+        table = self._table(type(projection))
+        payload = encode(projection).decode()
+        self._db.ready()
+        with self._db.connection(f"projecting {table.name} {key!r}") as conn:
+            with conn.transaction():
+                fresh = self._prepare(conn, [type(projection)])
+                stored = None
+                if conn.execute(table.upsert, [payload]).fetchone() is None:
+                    stored = _fetch_value(
+                        conn, table.select + sql.SQL(" WHERE aggregate_id = %s"), key
+                    )
+            self._remember(fresh)
+        if stored is None:
+            return projection
+        newer: P = table.decode(stored)
+        return newer
+
+    def project_many(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
+        """Inside an append's transaction: checks every row, then writes them all."""
+        for projection in projections:
+            self._check(projection)
+        return self._write(conn, projections)
+
+    def _rows(self, projection_type: type[Projection], where: str, *params: Any) -> list[Any]:
+        table = self._table(projection_type)
+        self._db.ready()
+        with self._db.connection(f"reading {table.name}") as conn:
+            if projection_type not in self._db.tables:
+                with conn.transaction():
+                    fresh = self._prepare(conn, [projection_type])
+                self._remember(fresh)
+            rows = conn.execute(table.select + sql.SQL(where), params).fetchall()
+        return [table.decode(text) for (text,) in rows]
+
+    def get(self, projection_type: type[P], key: str) -> P | None:
+        rows: list[P] = self._rows(projection_type, " WHERE aggregate_id = %s", key)
+        return rows[0] if rows else None
+
+    def all(self, projection_type: type[P]) -> list[P]:
+        rows: list[P] = self._rows(projection_type, " ORDER BY aggregate_id")
+        return rows
+
+    def close(self) -> None:
+        """Closes the pool this store shares with its event store."""
+        self._db.close()
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+class PostgresEventStore:
+    """The event log in one Postgres table; thread-safe, many processes may share it.
+
+    Positions are gapless and in commit order. A bigserial is neither: a sequence value
+    is taken when a row is inserted, not when its transaction commits, so a transaction
+    that took 7 can commit after one that took 8, and a reader tailing the log that has
+    already seen 8 never looks back for 7 (and rolled-back transactions leave holes).
+    So every append takes a transaction-scoped advisory lock (one per schema) before it
+    reads the last position, and holds it until its commit: appends to one schema commit
+    one at a time, each numbered after the last committed one, and a reader's snapshot
+    always holds a gapless prefix of the log. The lock is taken in a statement of its
+    own: under READ COMMITTED each statement takes a fresh snapshot, so the statement
+    after the lock sees every append committed before it was granted.
+    """
+
+    def __init__(self, db: _Database, *, types: EventTypes | None = None, batch_size: int) -> None:
+        self.types = types or EventTypes()
+        self._db = db
+        self._batch_size = batch_size
+        self._projections = PostgresProjectionStore(db)
+        events = db.table("events")
+        self._insert = sql.SQL(
+            "INSERT INTO {} (position, event_id, aggregate_id, aggregate, version, event_type,"
+            " schema_version, event_date, data, metadata)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+        ).format(events)
+        self._heads = sql.SQL(
+            "SELECT (SELECT coalesce(max(version), 0) FROM {0} WHERE aggregate_id = %s),"
+            " (SELECT coalesce(max(position), 0) FROM {0})"
+        ).format(events)
+        self._version = sql.SQL(
+            "SELECT coalesce(max(version), 0) FROM {} WHERE aggregate_id = %s"
+        ).format(events)
+        select = sql.SQL("SELECT " + _EVENT_COLUMNS + " FROM {}").format(events)
+        self._stream = select + sql.SQL(
+            " WHERE aggregate_id = %s AND version > %s ORDER BY version"
+        )
+        self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
+
+    def __repr__(self) -> str:
+        return f"PostgresEventStore({self._db.describe()})"
+
+    def append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Recorded[Any]]:
+        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
+
+    def append_and_project(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore,
+        project: ProjectFn,
+    ) -> list[Recorded[Any]]:
+        return self._append(
+            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+        )
+
+    def _append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+    ) -> list[Recorded[Any]]:
+        # everything that can be refused is refused before the database is touched
+        batch = checked_events(aggregate_id, events)
+        if expected_version is not ANY and (
+            isinstance(expected_version, bool)
+            or not isinstance(expected_version, int)
+            or expected_version < 0
+        ):
+            check_expected_version(aggregate_id, expected_version, 0)  # raises: not a version
+        payloads = [encode(event).decode() for event in batch]
+        encode(dict(metadata or {}))
+        if not batch:
+            if expected_version is not ANY:
+                check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
+            return []
+        shared = projection_store is not None and self.shares_database_with(projection_store)
+        projections: list[Projection] = []
+        fresh: list[type[Projection]] = []
+        self._db.ready()
+        doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
+        with self._db.connection(doing) as conn:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+                    version, last_position = conn.execute(self._heads, [aggregate_id]).fetchone()  # type: ignore[misc]
+                    check_expected_version(aggregate_id, expected_version, version)
+                    recorded = stamp(
+                        aggregate_id,
+                        aggregate,
+                        batch,
+                        first_position=last_position + 1,
+                        first_version=version + 1,
+                        metadata=metadata,
+                    )
+                    with conn.cursor() as cursor:
+                        cursor.executemany(
+                            self._insert,
+                            [_row(r, p) for r, p in zip(recorded, payloads, strict=True)],
+                        )
+                    if project is not None:
+                        projections = list(project(recorded))
+                    if shared:
+                        fresh = self._projections._prepare(conn, map(type, projections))
+                        self._projections.project_many(conn, projections)
+            except psycopg.errors.UniqueViolation as error:
+                # only a writer that bypassed the lock could get here; still a clean conflict
+                if error.diag.constraint_name != "events_stream_version":
+                    raise
+                actual = _fetch_value(conn, self._version, aggregate_id)
+                raise ConcurrencyError(aggregate_id, expected_version, actual) from error
+        self._projections._remember(fresh)
+        if projection_store is not None and not shared:
+            # another database: the events have committed, the projections follow
+            for projection in projections:
+                projection_store.project(projection)
+        return recorded
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        """True for a Postgres projection store on the same server, database and schema
+        (even with a pool of its own): this store's transaction can write its tables."""
+        return (
+            isinstance(projection_store, PostgresProjectionStore)
+            and projection_store._db.conninfo == self._db.conninfo
+            and projection_store._db.schema == self._db.schema
+        )
+
+    def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
+        self._db.ready()
+        with self._db.connection(doing) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _recorded(self, row: tuple[Any, ...]) -> Recorded[Any]:
+        (position, event_id, aggregate_id, aggregate, version, event_type, _schema_version,
+         event_date, data, metadata) = row  # fmt: skip
+        event = self.types.decode(event_type, data, position=position, aggregate_id=aggregate_id)
+        try:
+            meta = msgspec.json.decode(metadata, type=dict[str, Any])
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise CorruptEvent(position, aggregate_id, f"metadata: {error}") from error
+        return Recorded(
+            position=position,
+            event_id=event_id,
+            aggregate_id=aggregate_id,
+            aggregate=aggregate,
+            version=version,
+            event_type=event_type,
+            event_date=event_date.astimezone(dt.UTC),
+            data=event,
+            metadata=meta,
+        )
+
+    def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
+        rows = self._fetch(f"reading stream {aggregate_id!r}", self._stream, aggregate_id, after)
+        return [self._recorded(row) for row in rows]
+
+    def version(self, aggregate_id: str) -> int:
+        rows = self._fetch(f"reading the version of {aggregate_id!r}", self._version, aggregate_id)
+        return int(rows[0][0])
+
+    def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
+        """The log after ``after``, fetched in batches (one short checkout each), so a slow
+        consumer holds no connection and every batch starts where the last one ended."""
+        if limit is not None and limit < 0:
+            raise IncidentError(f"limit must be None or >= 0, got {limit}")
+        return self._pages(after, limit)
+
+    def _pages(self, after: int, limit: int | None) -> Iterator[Recorded[Any]]:
+        remaining = limit
+        while remaining is None or remaining > 0:
+            size = self._batch_size if remaining is None else min(self._batch_size, remaining)
+            rows = self._fetch("reading the log", self._page, after, size)
+            for row in rows:
+                yield self._recorded(row)
+            if len(rows) < size:
+                return
+            after = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def initialize(self) -> list[str]:
+        return self._db.initialize()
+
+    def projections(self) -> PostgresProjectionStore:
+        return self._projections
+
+    def close(self) -> None:
+        """Closes the pool, which this store's projections() share."""
+        self._db.close()
+
+
+def _row(recorded: Recorded[Any], payload: str) -> tuple[Any, ...]:
+    return (
+        recorded.position,
+        uuid.UUID(recorded.event_id),
+        recorded.aggregate_id,
+        recorded.aggregate,
+        recorded.version,
+        recorded.event_type,
+        getattr(type(recorded.data), "schema_version", 1),
+        recorded.event_date,
+        payload,
+        encode(recorded.metadata).decode(),
+    )
+
+
+def _split_url(url: str) -> tuple[str, str | None]:
+    """A libpq URL without incident's own query parameters, and the schema it named.
+
+    >>> _split_url("postgresql+psycopg://u@h/db?schema=bank&sslmode=disable")
+    ('postgresql://u@h/db?sslmode=disable', 'bank')
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((value for key, value in query if key == "schema"), None)
+    rest = urlencode([(key, value) for key, value in query if key != "schema"])
+    return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), schema
+
+
+def open_postgres(
+    url: str,
+    *,
+    schema: str | None = None,
+    pool_size: int = 10,
+    create_tables: bool = True,
+    timeout: float = 10.0,
+    batch_size: int = 1000,
+    types: EventTypes | None = None,
+) -> PostgresEventStore:
+    """``postgresql://user:password@host:port/dbname?schema=name``: an event store whose
+    ``projections()`` share its pool. Nothing is created until first use (or ``initialize``)."""
+    conninfo, url_schema = _split_url(url)
+    if schema is not None and url_schema is not None and schema != url_schema:
+        raise IncidentError(f"Two schemas for one store: {url_schema!r} in the URL, {schema!r}")
+    schema = schema or url_schema or "public"
+    if pool_size < 1 or batch_size < 1:
+        raise IncidentError(f"pool_size and batch_size must be >= 1, got {pool_size}, {batch_size}")
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.Error as error:
+        raise StoreError(f"Not a usable Postgres URL: {_first_line(error)}") from error
+    db = _Database(
+        conninfo, schema=schema, pool_size=pool_size, create_tables=create_tables, timeout=timeout
+    )
+    return PostgresEventStore(db, types=types, batch_size=batch_size)
