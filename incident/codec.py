@@ -3,7 +3,7 @@ and validation of commands (msgspec constructors check neither types nor constra
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import msgspec
 
@@ -42,6 +42,7 @@ class EventTypes:
     def __init__(self, types: Iterable[type[Event]] = ()) -> None:
         self._types: dict[str, type[Event]] = {}
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        self._batch_decoder: msgspec.json.Decoder[list[Any]] | None = None
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
@@ -49,6 +50,7 @@ class EventTypes:
             name = event_type_name(event_type)
             self._types[name] = event_type
             self._decoders.pop(name, None)
+            self._batch_decoder = None
 
     def resolve(self, name: str) -> type[Event] | None:
         found = self._types.get(name)
@@ -67,6 +69,36 @@ class EventTypes:
                 raise UnknownEventType(name, self.names(), position)
             decoder = self._decoders[name] = msgspec.json.Decoder(event_type)
         return decoder
+
+    def decode_batch(self, payloads: list[str]) -> list[Event] | None:
+        """Decode many stored payloads in one call: one reused decoder of a JSON array of
+        the tagged union of the registered types (each payload carries its tag). None when
+        any payload is not one of them or is damaged: the caller then decodes row by row,
+        which resolves other names and says exactly where the damage is.
+
+        >>> class Opened(Event):
+        ...     number: str
+        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'])
+        [Opened(number='A1')]
+        >>> EventTypes([Opened]).decode_batch(['{"type":"Closed"}']) is None
+        True
+        """
+        decoder = self._batch_decoder
+        if decoder is None:
+            if not self._types:
+                return None
+            union = Union[tuple(self._types.values())]  # type: ignore[valid-type]  # noqa: UP007
+            try:
+                decoder = msgspec.json.Decoder(list[union])  # type: ignore[valid-type]
+            except TypeError:  # types that cannot share one union (different tag fields)
+                return None
+            self._batch_decoder = decoder
+        try:
+            events: list[Event] = decoder.decode("[" + ",".join(payloads) + "]")
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
+            return None
+        # a damaged payload could merge with or split its neighbours: the count must hold
+        return events if len(events) == len(payloads) else None
 
     def decode(
         self, name: str, data: bytes | str, *, position: int | None = None, aggregate_id: str = ""

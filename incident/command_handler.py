@@ -112,9 +112,11 @@ class CommandHandler:
         """(state, version): from the cache plus the events after it, else the whole stream."""
         key = (aggregate.name, aggregate_id)
         state, version = self.cache.get(key) or (aggregate.initial, 0)
-        newer = self.event_store.get(aggregate_id, after=version)
-        if newer:
-            state, version = aggregate.fold(newer, state), newer[-1].version
+        # the events alone (no envelopes), streamed from one query; versions have no gaps
+        newer = self.event_store.events(aggregate_id, after=version)
+        state, count = aggregate.fold_count(newer, state)
+        if count:
+            version += count
             self.cache.put(key, state, version)
         return state, version
 

@@ -162,6 +162,11 @@ class MemoryEventStore:
         with self._lock:
             return list(self._streams.get(aggregate_id, [])[after:])
 
+    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
+        with self._lock:
+            chunk = self._streams.get(aggregate_id, [])[after:]
+        return (recorded.data for recorded in chunk)
+
     def version(self, aggregate_id: str) -> int:
         with self._lock:
             return len(self._streams.get(aggregate_id, []))
