@@ -193,7 +193,7 @@ class Aggregate(Generic[S]):
         """
         appliers = self._appliers
         count = 0
-        for count, event in enumerate(events, 1):  # noqa: B007  # the count is returned
+        for count, event in enumerate(events, 1):  # the count is returned
             data = event.data if isinstance(event, Recorded) else event
             applier = appliers.get(type(data))
             if applier is None:
