@@ -95,6 +95,11 @@ _INSERT = (
     "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
+# the stream's version and the log's last position, in one statement under the write lock
+_HEADS = (
+    "SELECT (SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?),"
+    " (SELECT coalesce(max(position), 0) FROM events)"
+)
 _STREAM = f"SELECT {_COLUMNS} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
 _PAYLOADS = "SELECT data FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
 _LOG = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
@@ -449,13 +454,12 @@ class SQLiteEventStore:
         with self._db.errors():
             try:
                 with self._db.transaction() as conn:
-                    actual: int = conn.execute(_VERSION, (aggregate_id,)).fetchone()[0]
+                    actual: int
+                    last: int
+                    actual, last = conn.execute(_HEADS, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
                         return []
-                    last: int = conn.execute(
-                        "SELECT coalesce(max(position), 0) FROM events"
-                    ).fetchone()[0]
                     recorded = stamp(
                         aggregate_id,
                         aggregate,
