@@ -38,7 +38,19 @@ __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
 
 P = TypeVar("P", bound=Projection)
 Connection = psycopg.Connection[tuple[Any, ...]]
-Query = str | sql.SQL | sql.Composed
+Query = str | bytes | sql.SQL | sql.Composed
+
+
+def _rendered(query: sql.Composable) -> Query:
+    """The query as bytes, rendered once: psycopg otherwise composes a Composed query
+    again on every execute, which costs more than the rest of a command's Python work.
+    Falls back to the Composed where the driver cannot render without a connection."""
+    try:
+        return query.as_bytes(None)
+    except (TypeError, psycopg.Error):  # psycopg < 3.2 needs a connection for this
+        assert isinstance(query, sql.SQL | sql.Composed)
+        return query
+
 
 # name, what it does (printed by `incident init`), statements ({schema} is filled in)
 MIGRATIONS: list[tuple[str, str, list[str]]] = [
@@ -268,10 +280,13 @@ class _Table:
             if self.columns.get("version") == "bigint"
             else sql.SQL("")
         )
-        self.upsert = sql.SQL(
-            "INSERT INTO {0} AS stored SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
-            " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
-        ).format(self.table, updates, guard)
+        self.upsert = _rendered(
+            sql.SQL(
+                "INSERT INTO {0} AS stored"
+                " SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
+                " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
+            ).format(self.table, updates, guard)
+        )
         self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
 
     def ensure(self, conn: Connection) -> None:
@@ -423,25 +438,34 @@ class PostgresEventStore:
         self._batch_size = batch_size
         self._projections = PostgresProjectionStore(db)
         events = db.table("events")
-        self._insert = sql.SQL(
-            "INSERT INTO {} (position, event_id, aggregate_id, aggregate, version, event_type,"
-            " schema_version, event_date, data, metadata)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
-        ).format(events)
-        self._heads = sql.SQL(
-            "SELECT (SELECT coalesce(max(version), 0) FROM {0} WHERE aggregate_id = %s),"
-            " (SELECT coalesce(max(position), 0) FROM {0})"
-        ).format(events)
-        self._version = sql.SQL(
-            "SELECT coalesce(max(version), 0) FROM {} WHERE aggregate_id = %s"
-        ).format(events)
+        self._insert = _rendered(
+            sql.SQL(
+                "INSERT INTO {} (position, event_id, aggregate_id, aggregate, version, event_type,"
+                " schema_version, event_date, data, metadata)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+            ).format(events)
+        )
+        self._heads = _rendered(
+            sql.SQL(
+                "SELECT (SELECT coalesce(max(version), 0) FROM {0} WHERE aggregate_id = %s),"
+                " (SELECT coalesce(max(position), 0) FROM {0})"
+            ).format(events)
+        )
+        self._version = _rendered(
+            sql.SQL("SELECT coalesce(max(version), 0) FROM {} WHERE aggregate_id = %s").format(
+                events
+            )
+        )
         select = sql.SQL("SELECT " + _EVENT_COLUMNS + " FROM {}").format(events)
         self._stream = select + sql.SQL(
             " WHERE aggregate_id = %s AND version > %s ORDER BY version"
         )
-        self._payloads = sql.SQL(
-            "SELECT data::text FROM {} WHERE aggregate_id = %s AND version > %s ORDER BY version"
-        ).format(events)
+        self._payloads = _rendered(
+            sql.SQL(
+                "SELECT data::text FROM {}"
+                " WHERE aggregate_id = %s AND version > %s ORDER BY version"
+            ).format(events)
+        )
         self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
 
     def __repr__(self) -> str:
@@ -516,11 +540,12 @@ class PostgresEventStore:
                         first_version=version + 1,
                         metadata=metadata,
                     )
-                    with conn.cursor() as cursor:
-                        cursor.executemany(
-                            self._insert,
-                            [_row(r, p) for r, p in zip(recorded, payloads, strict=True)],
-                        )
+                    rows = [_row(r, p) for r, p in zip(recorded, payloads, strict=True)]
+                    if len(rows) == 1:  # most commands: one round trip, no pipeline
+                        conn.execute(self._insert, rows[0])
+                    else:
+                        with conn.cursor() as cursor:
+                            cursor.executemany(self._insert, rows)
                     if project is not None:
                         projections = list(project(recorded))
                     if shared:
