@@ -552,9 +552,9 @@ class SQLiteEventStore:
                 while rows := cursor.fetchmany(EVENTS_BATCH):
                     payloads = [data for (data,) in rows]
                     events = self.types.decode_batch(payloads)
-                    if events is None:
-                        events = [r.data for r in self.get(aggregate_id, after=after)]
-                        events = events[: len(payloads)]
+                    if events is None:  # this batch again, whole rows, one by one
+                        again = conn.execute(f"{_STREAM} LIMIT ?", (aggregate_id, after, len(rows)))
+                        events = [self._recorded(row).data for row in again.fetchall()]
                     yield from events
                     after += len(payloads)
             finally:
