@@ -114,7 +114,12 @@ class CommandHandler:
         state, version = self.cache.get(key) or (aggregate.initial, 0)
         # the events alone (no envelopes), streamed from one query; versions have no gaps
         newer = self.event_store.events(aggregate_id, after=version)
-        state, count = aggregate.fold_count(newer, state)
+        try:
+            state, count = aggregate.fold_count(newer, state)
+        finally:
+            close = getattr(newer, "close", None)
+            if close is not None:  # a fold that raised leaves no cursor (or lock) behind
+                close()
         if count:
             version += count
             self.cache.put(key, state, version)
