@@ -8,6 +8,7 @@ with a visible reason, except under CI (CI=true), where they fail instead.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import sqlite3
 import uuid
@@ -16,6 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 import msgspec
+import psycopg
 import pytest
 
 import incident
@@ -31,9 +33,6 @@ def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> str:
 
 def _sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
-
-
-STORE_BACKENDS: dict[str, StoreFactory] = {"memory": _memory, "sqlite": _sqlite}
 
 
 class RawEvent(msgspec.Struct, kw_only=True):
@@ -76,6 +75,22 @@ def _write_sqlite_row(url: str, row: RawEvent) -> None:
 RAW_EVENT_WRITERS: dict[str, RawEventWriter] = {"sqlite": _write_sqlite_row}
 
 
+def _postgres(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh schema of its own in the test database, dropped after the test, so tests
+    (and engineers) sharing one server never see each other's rows."""
+    server = postgres_server()
+    schema = f"incident_test_{uuid.uuid4().hex[:12]}"
+    request.addfinalizer(functools.partial(_drop_schema, server, schema))
+    return f"{server}{'&' if '?' in server else '?'}schema={schema}"
+
+
+STORE_BACKENDS: dict[str, StoreFactory] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "postgres": _postgres,
+}
+
+
 @pytest.fixture(params=sorted(STORE_BACKENDS))
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL naming a fresh, empty database on each backend in turn."""
@@ -102,3 +117,44 @@ def event_store(store_url: str) -> Iterator[incident.EventStore]:
 
 def running_under_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@functools.cache
+def _postgres_reachable() -> tuple[str | None, str]:
+    url = os.environ.get("INCIDENT_TEST_POSTGRES_URL")
+    if not url:
+        return None, "INCIDENT_TEST_POSTGRES_URL is not set (see DEVELOPERS.md)"
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.Error as error:
+        return None, f"cannot reach INCIDENT_TEST_POSTGRES_URL={url}: {error}"
+    return url, ""
+
+
+def postgres_server() -> str:
+    """The test server's URL; skips the test when there is none, fails it under CI."""
+    url, reason = _postgres_reachable()
+    if url is None:
+        if running_under_ci():
+            pytest.fail(f"Postgres is required under CI: {reason}", pytrace=False)
+        pytest.skip(f"Postgres tests skipped: {reason}")
+    return url
+
+
+def _drop_schema(server: str, schema: str) -> None:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A Postgres store URL naming a fresh schema (see ``_postgres``)."""
+    return _postgres(tmp_path, request)
+
+
+@pytest.fixture
+def postgres_admin() -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """A plain autocommit psycopg connection to the test server, for inspecting and
+    killing the store's backends."""
+    with psycopg.connect(postgres_server(), autocommit=True) as conn:
+        yield conn

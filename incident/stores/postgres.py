@@ -243,6 +243,15 @@ def _column_type(field_type: msgspec.inspect.Type) -> str:
     return simple.get(type(field_type), "jsonb")
 
 
+def _accepts_none(field_type: msgspec.inspect.Type) -> bool:
+    inspect = msgspec.inspect
+    if isinstance(field_type, inspect.Metadata):
+        return _accepts_none(field_type.type)
+    if isinstance(field_type, inspect.UnionType):
+        return any(_accepts_none(t) for t in field_type.types)
+    return isinstance(field_type, inspect.NoneType | inspect.AnyType)
+
+
 class _Table:
     """How one Projection type maps to its table: typed columns named like the struct's
     encoded fields. Rows travel as JSON both ways (jsonb_populate_record in, to_jsonb out),
@@ -252,6 +261,7 @@ class _Table:
         info = msgspec.inspect.type_info(projection_type)
         assert isinstance(info, msgspec.inspect.StructType)
         self.columns = {field.encode_name: _column_type(field.type) for field in info.fields}
+        self.not_null = {f.encode_name for f in info.fields if not _accepts_none(f.type)}
         if self.columns.get("aggregate_id") != "text":
             raise IncidentError(
                 f"{projection_type.__name__} needs a str aggregate_id field to be stored"
@@ -312,6 +322,14 @@ class _Table:
     def decode(self, text: str) -> Any:
         try:
             return self.decoder.decode(text)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+        # A column added after its rows were written holds NULL; where the field cannot
+        # be None, NULL means "missing" and the field's default applies.
+        row = msgspec.json.decode(text)
+        fixed = {k: v for k, v in row.items() if v is not None or k not in self.not_null}
+        try:
+            return self.decoder.decode(msgspec.json.encode(fixed))
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise StoreError(
                 f"A row of {self.name} does not fit its projection: {error}"

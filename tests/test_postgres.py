@@ -1,0 +1,540 @@
+"""Postgres-only behaviour: migrations, typed projection tables, lost connections, commit
+order, and many OS processes sharing one database. The store contract and the Bank suite
+also run on Postgres (see conftest.STORE_BACKENDS)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import BankAccount, MoneyDeposited, RequestTransfer, WithdrawMoney
+from incident.stores.postgres import PostgresEventStore, _lock_key
+
+pytestmark = pytest.mark.postgres
+
+Admin = psycopg.Connection[tuple[Any, ...]]
+spawn = multiprocessing.get_context("spawn")
+
+
+def deposited(*amounts: int) -> list[incident.Event]:
+    return [MoneyDeposited(amount=a) for a in amounts]
+
+
+def schema_of(url: str) -> str:
+    return url.rsplit("schema=", 1)[1]
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresEventStore]:
+    opened = incident.open_event_store(postgres_url)
+    assert isinstance(opened, PostgresEventStore)
+    yield opened
+    opened.close()
+
+
+# -- tables and migrations ---------------------------------------------------------------
+
+
+def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgres_admin: Admin):
+    """`incident init` is idempotent: the second run finds everything in place."""
+    first = incident.open_event_store(postgres_url)
+    done = first.initialize()
+    assert done[0] == f"created schema {schema_of(postgres_url)}"
+    assert any(line.startswith("applied migration 0001_events") for line in done)
+    assert first.initialize() == []
+    second = incident.open_event_store(postgres_url)
+    assert second.initialize() == []
+    ran = postgres_admin.execute(
+        f'SELECT name FROM "{schema_of(postgres_url)}".incident_migrations'
+    ).fetchall()
+    assert ran == [("0001_events",)]
+    first.close()
+    second.close()
+
+
+def test_without_create_tables_a_missing_table_is_a_clear_error(postgres_url: str) -> None:
+    """A locked-down role gets a StoreError pointing at `incident init`, not a driver error."""
+    store = incident.open_event_store(postgres_url, create_tables=False)
+    with pytest.raises(incident.StoreError, match="incident init") as caught:
+        store.append("a", deposited(1), expected_version=0)
+    assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedTable)
+    assert store.initialize()  # explicit initialization still works
+    store.append("a", deposited(1), expected_version=0)
+    assert store.version("a") == 1
+    store.close()
+
+
+def test_url_options_and_schema_conflicts(postgres_url: str) -> None:
+    """The schema may come from the URL or the options, not from both in disagreement;
+    postgres:// and postgresql+psycopg:// URLs open the same store."""
+    schema = schema_of(postgres_url)
+    same = postgres_url.replace("postgresql://", "postgres://", 1)
+    with pytest.raises(incident.IncidentError, match="schemas"):
+        incident.open_event_store(postgres_url, schema="other")
+    writer = incident.open_event_store(postgres_url)
+    writer.append("a", deposited(1), expected_version=0)
+    for url in (same, postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)):
+        reader = incident.open_event_store(url)
+        assert [r.data for r in reader.get("a")] == deposited(1)
+        assert schema in repr(reader)
+        reader.close()
+    writer.close()
+
+
+def test_schemas_keep_applications_apart(postgres_url: str, postgres_admin: Admin) -> None:
+    one = incident.open_event_store(postgres_url)
+    other = incident.open_event_store(f"{postgres_url}_b")
+    one.append("a", deposited(1), expected_version=0)
+    assert other.get("a") == []
+    assert list(other.read_all()) == []
+    assert not one.shares_database_with(other.projections())
+    one.close()
+    other.close()
+    postgres_admin.execute(f'DROP SCHEMA "{schema_of(postgres_url)}_b" CASCADE')
+
+
+def test_events_row_holds_typed_columns(store: PostgresEventStore, postgres_admin: Admin) -> None:
+    class Rescheduled(incident.Event):
+        schema_version = 3
+        when: dt.date
+
+    recorded = store.append(
+        "a", [Rescheduled(when=dt.date(2026, 1, 2))], expected_version=0, metadata={"k": [1]}
+    )
+    columns = "event_id, schema_version, data, metadata, event_date"
+    row = postgres_admin.execute(f'SELECT {columns} FROM "{store._db.schema}".events').fetchone()
+    assert row == (
+        uuid.UUID(recorded[0].event_id),
+        3,
+        {"type": "Rescheduled", "when": "2026-01-02"},
+        {"k": [1]},
+        recorded[0].event_date,
+    )
+    assert store.get("a")[0].data == Rescheduled(when=dt.date(2026, 1, 2))
+
+
+def test_a_corrupt_or_unknown_row_names_its_position(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    store.append("a", deposited(1, 2), expected_version=0)
+    events = f'"{store._db.schema}".events'
+    postgres_admin.execute(f"""UPDATE {events} SET data = '{{"amount": "x"}}' WHERE position = 2""")
+    with pytest.raises(incident.CorruptEvent) as corrupt:
+        store.get("a")
+    assert corrupt.value.position == 2
+    postgres_admin.execute(f"UPDATE {events} SET event_type = 'Vanished' WHERE position = 2")
+    with pytest.raises(incident.UnknownEventType) as unknown:
+        list(store.read_all())
+    assert unknown.value.position == 2
+
+
+# -- projection tables -------------------------------------------------------------------
+
+
+class Profile(incident.Projection):
+    aggregate_id: str
+    version: int
+    score: float
+    active: bool
+    nickname: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    address: dict[str, str] = msgspec.field(default_factory=dict)
+    born: dt.date | None = None
+
+
+def test_projection_tables_have_typed_columns(store: PostgresEventStore, postgres_admin: Admin):
+    projections = store.projections()
+    row = Profile(
+        aggregate_id="p1",
+        version=1,
+        score=2.5,
+        active=True,
+        tags=["a", "b"],
+        address={"city": "Oslo"},
+        born=dt.date(2000, 2, 29),
+    )
+    projections.project(row)
+    assert projections.get(Profile, "p1") == row
+    columns = dict(
+        postgres_admin.execute(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'profile'",
+            [store._db.schema],
+        ).fetchall()
+    )
+    assert columns == {
+        "aggregate_id": "text",
+        "version": "bigint",
+        "score": "double precision",
+        "active": "boolean",
+        "nickname": "text",
+        "tags": "jsonb",
+        "address": "jsonb",
+        "born": "date",
+    }
+    projections.project(BankAccount(
+        aggregate_id="A", account_number="A", balance=1, version=1,
+        event_id=str(uuid.uuid4()), event_date=dt.datetime.now(dt.UTC),
+    ))  # fmt: skip
+    kinds = dict(
+        postgres_admin.execute(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'bank_account'",
+            [store._db.schema],
+        ).fetchall()
+    )
+    assert kinds["event_date"] == "timestamp with time zone"
+    assert kinds["balance"] == "bigint"
+
+
+def test_a_field_added_later_becomes_a_new_column(postgres_url: str) -> None:
+    """Projection types grow: the missing column is added on first use, old rows read
+    back with the field's default."""
+
+    class Counter(incident.Projection):
+        aggregate_id: str
+        count: int
+
+    first = incident.open_projection_store(postgres_url)
+    first.project(Counter(aggregate_id="c", count=1))
+    first.close()
+
+    class Counter(incident.Projection):  # type: ignore[no-redef]
+        aggregate_id: str
+        count: int
+        label: str = "none"
+
+    second = incident.open_projection_store(postgres_url)
+    assert second.get(Counter, "c") == Counter(aggregate_id="c", count=1)
+    second.project(Counter(aggregate_id="d", count=2, label="two"))
+    assert second.all(Counter) == [
+        Counter(aggregate_id="c", count=1),
+        Counter(aggregate_id="d", count=2, label="two"),
+    ]
+    second.close()
+
+
+def test_projections_that_fail_to_write_take_the_events_with_them(
+    store: PostgresEventStore,
+) -> None:
+    """Events and projections are one transaction: a projection Postgres refuses (a
+    balance past bigint) leaves no event behind."""
+    now = dt.datetime.now(dt.UTC)
+
+    def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        return [
+            BankAccount(
+                aggregate_id="A", account_number="A", balance=2**70, version=1,
+                event_id=recorded[0].event_id, event_date=now,
+            )
+        ]  # fmt: skip
+
+    with pytest.raises(incident.StoreError):
+        store.append_and_project(
+            "A",
+            deposited(1),
+            expected_version=0,
+            aggregate="bank_account",
+            metadata=None,
+            projection_store=store.projections(),
+            project=project,
+        )
+    assert store.get("A") == []
+    assert store.projections().get(BankAccount, "A") is None
+
+
+def test_a_projection_store_of_its_own_pool_still_shares_the_transaction(
+    store: PostgresEventStore, postgres_url: str
+) -> None:
+    other = incident.open_projection_store(postgres_url)
+    assert store.shares_database_with(other)
+    assert not store.shares_database_with(incident.open_projection_store("memory://"))
+    other.close()
+
+
+# -- lost connections --------------------------------------------------------------------
+
+
+def kill_backends(admin: Admin, application_name: str) -> int:
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+        " WHERE application_name = %s AND pid <> pg_backend_pid()",
+        [application_name],
+    ).fetchall()
+    return len(rows)
+
+
+def test_a_connection_killed_mid_append_leaves_nothing_and_recovers(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """pg_terminate_backend while the events are inserted but not committed: a StoreError
+    saying what failed, no partial batch, and the next append works on a new connection."""
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    store = incident.open_event_store(f"{postgres_url}&application_name={name}")
+    store.append("other", deposited(5), expected_version=0)
+    killed: list[int] = []
+
+    def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        killed.append(kill_backends(postgres_admin, name))
+        return []
+
+    with pytest.raises(incident.StoreError, match="appending 3 event") as caught:
+        store.append_and_project(
+            "acc",
+            deposited(1, 2, 3),
+            expected_version=0,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=project,
+        )
+    assert killed and killed[0] >= 1
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    assert store.get("acc") == []
+    assert store.append("acc", deposited(7), expected_version=0)[0].position == 2
+    assert [(r.aggregate_id, r.position) for r in store.read_all()] == [("other", 1), ("acc", 2)]
+    store.close()
+
+
+def test_idle_connections_the_server_dropped_are_replaced(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """After a server restart or an admin's kill, the next call checks out a live
+    connection instead of failing once per dead one."""
+    name = f"idle-{uuid.uuid4().hex[:8]}"
+    store = incident.open_event_store(f"{postgres_url}&application_name={name}", pool_size=4)
+    store.append("a", deposited(1), expected_version=0)
+    assert kill_backends(postgres_admin, name) >= 1
+    assert [r.data for r in store.get("a")] == deposited(1)
+    store.append("a", deposited(2), expected_version=1)
+    store.close()
+
+
+def test_an_unreachable_server_is_a_store_error() -> None:
+    store = incident.open_event_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
+    with pytest.raises(incident.StoreError, match="Postgres failed") as caught:
+        store.version("a")
+    assert isinstance(caught.value.__cause__, psycopg.Error)
+    store.close()
+
+
+# -- commit order ------------------------------------------------------------------------
+
+
+def waiting_on_append_lock(admin: Admin, schema: str) -> int:
+    key = _lock_key(schema, "append") & 0xFFFF_FFFF_FFFF_FFFF
+    row = admin.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid::bigint = %s AND objid::bigint = %s",
+        [key >> 32, key & 0xFFFF_FFFF],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_later_append_waits_for_an_earlier_commit(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """While one append is open, a second one cannot take the next position or commit
+    first, and readers see neither: positions follow commit order."""
+    store.append("seed", deposited(1), expected_version=0)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        inside.set()
+        release.wait()
+        return []
+
+    def first() -> list[incident.Recorded[Any]]:
+        return store.append_and_project(
+            "first",
+            deposited(1, 2),
+            expected_version=0,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=slow,
+        )
+
+    results: dict[str, list[incident.Recorded[Any]]] = {}
+    a = threading.Thread(target=lambda: results.setdefault("first", first()))
+    a.start()
+    assert inside.wait(30)
+    b = threading.Thread(
+        target=lambda: results.setdefault(
+            "second", store.append("second", deposited(3), expected_version=0)
+        )
+    )
+    b.start()
+    while waiting_on_append_lock(postgres_admin, store._db.schema) == 0:
+        assert b.is_alive()
+        time.sleep(0.01)
+    assert [r.aggregate_id for r in store.read_all()] == ["seed"]
+    release.set()
+    a.join()
+    b.join()
+    assert [r.position for r in results["first"]] == [2, 3]
+    assert [r.position for r in results["second"]] == [4]
+    assert [r.position for r in store.read_all()] == [1, 2, 3, 4]
+
+
+# -- many processes ----------------------------------------------------------------------
+# Workers are top-level functions, run in spawned interpreters: one pool each.
+
+
+def _withdraw(url: str, start: Any, results: Any) -> None:
+    app = bank.build(url)
+    try:
+        start.wait()
+        app.dispatch(WithdrawMoney(aggregate_id="ACC1", amount=24))
+        results.put("ok")
+    except incident.Rejected as rejected:
+        results.put(rejected.reason)
+    except Exception as error:
+        results.put(f"error: {error!r}")
+    finally:
+        app.event_store.close()
+
+
+def _transfer(url: str, start: Any, results: Any, index: int) -> None:
+    app = bank.build(url)
+    try:
+        start.wait()
+        app.dispatch(
+            RequestTransfer(
+                aggregate_id=f"T{index}",
+                source_account_number="A",
+                destination_account_number="B",
+                amount=24,
+            )
+        )
+        results.put("ok")
+    except Exception as error:
+        results.put(f"error: {error!r}")
+    finally:
+        app.event_store.close()
+
+
+def _write(url: str, start: Any, results: Any, writer: int, batches: int) -> None:
+    store = incident.open_event_store(url)
+    try:
+        start.wait()
+        versions = [0, 0, 0]
+        for batch in range(batches):
+            stream = batch % 3
+            events = deposited(*range(1, batch % 4 + 2))
+            recorded = store.append(
+                f"w{writer}-{stream}", events, expected_version=versions[stream]
+            )
+            versions[stream] += len(recorded)
+            # a stream every writer appends to as well
+            store.append("shared", deposited(batch + 1), expected_version=incident.ANY)
+        results.put("ok")
+    except Exception as error:
+        results.put(f"error: {error!r}")
+    finally:
+        store.close()
+
+
+def run_processes(target: Any, url: str, count: int, *extra: Any) -> list[Any]:
+    start = spawn.Barrier(count)
+    results = spawn.Queue()
+    processes = [
+        spawn.Process(target=target, args=(url, start, results, *(e(i) for e in extra)))
+        for i in range(count)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join()
+        assert process.exitcode == 0
+    return outcomes
+
+
+@pytest.mark.slow
+def test_five_processes_withdraw_concurrently(postgres_url: str) -> None:
+    """Five OS processes withdraw 24 from 100: exactly four succeed, the balance is 4."""
+    app = bank.build(postgres_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    app.dispatch(bank.DepositMoney(aggregate_id="ACC1", amount=100))
+    outcomes = sorted(run_processes(_withdraw, postgres_url, 5))
+    assert outcomes == ["no_enough_balance", "ok", "ok", "ok", "ok"]
+    row = app.projection_store.get(BankAccount, "ACC1")
+    assert row is not None
+    assert (row.balance, row.version) == (4, 6)
+    assert app.state("bank_account", "ACC1").balance == 4
+    app.event_store.close()
+
+
+@pytest.mark.slow
+def test_five_processes_transfer_from_one_account(postgres_url: str) -> None:
+    """Five concurrent transfers of 24 from A (100) to B: A ends at 4, B at 96."""
+    app = bank.build(postgres_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=100))
+    app.dispatch(bank.OpenAccount(aggregate_id="B"))
+    assert run_processes(_transfer, postgres_url, 5, lambda i: i) == ["ok"] * 5
+    statuses = sorted(app.projection_store.get(bank.Transfer, f"T{i}").status for i in range(5))  # type: ignore[union-attr]
+    assert statuses == ["cancelled", "completed", "completed", "completed", "completed"]
+    a, b = (app.projection_store.get(BankAccount, n) for n in "AB")
+    assert a is not None and b is not None
+    assert (a.balance, b.balance) == (4, 96)
+    assert (app.state("bank_account", "A").balance, app.state("bank_account", "B").balance) == (
+        4,
+        96,
+    )
+    app.event_store.close()
+
+
+@pytest.mark.slow
+def test_a_tail_reader_sees_every_event_once_in_order(postgres_url: str) -> None:
+    """Eight writer processes append while a reader polls read_all(after=last): it sees
+    every committed event exactly once, at gapless positions."""
+    reader = incident.open_event_store(postgres_url)
+    reader.initialize()
+    writers, batches = 8, 30
+    start = spawn.Barrier(writers)
+    results = spawn.Queue()
+    processes = [
+        spawn.Process(target=_write, args=(postgres_url, start, results, w, batches))
+        for w in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    seen: list[incident.Recorded[Any]] = []
+    outcomes: list[Any] = []
+    while len(outcomes) < writers:
+        last = seen[-1].position if seen else 0
+        seen.extend(reader.read_all(after=last))
+        try:
+            outcomes.append(results.get_nowait())
+        except queue.Empty:
+            time.sleep(0.002)
+    for process in processes:
+        process.join()
+        assert process.exitcode == 0
+    assert outcomes == ["ok"] * writers
+    seen.extend(reader.read_all(after=seen[-1].position if seen else 0))
+    everything = list(reader.read_all())
+    assert [r.position for r in seen] == list(range(1, len(everything) + 1))
+    assert [r.event_id for r in seen] == [r.event_id for r in everything]
+    per_writer = sum(batch % 4 + 1 + 1 for batch in range(batches))
+    assert len(seen) == writers * per_writer
+    for stream in {r.aggregate_id for r in seen}:
+        assert [r.version for r in seen if r.aggregate_id == stream] == list(
+            range(1, sum(r.aggregate_id == stream for r in seen) + 1)
+        )
+    reader.close()
