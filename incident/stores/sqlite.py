@@ -26,13 +26,13 @@ crash of the process) may lose the last transactions that had returned. See
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import os
 import sqlite3
+import textwrap
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -41,7 +41,7 @@ import msgspec
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
 from ..messages import Event, Projection, Recorded
-from ._common import check_expected_version, checked_events, stamp
+from ._common import check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable
 from .protocols import ProjectFn, ProjectionStore
 
@@ -52,7 +52,6 @@ P = TypeVar("P", bound=Projection)
 MEMORY = ":memory:"
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 BATCH = 1000  # rows per query when streaming; bounds memory whatever the log's size
-EVENTS_BATCH = 4096  # payloads decoded per call when folding a stream
 
 # The layout, one entry per schema version: (version, what it is, [(line, statement)]).
 # A later release appends entries; initialize() applies the ones a file lacks.
@@ -63,19 +62,20 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
         [
             (
                 "created table events",
-                """CREATE TABLE events (
-                    position INTEGER PRIMARY KEY,
-                    event_id TEXT NOT NULL UNIQUE,
-                    aggregate_id TEXT NOT NULL,
-                    aggregate TEXT NOT NULL,
-                    version INTEGER NOT NULL,
-                    event_type TEXT NOT NULL,
-                    schema_version INTEGER NOT NULL DEFAULT 1,
-                    event_date TEXT NOT NULL,
-                    data TEXT NOT NULL,
-                    metadata TEXT NOT NULL DEFAULT '{}',
-                    UNIQUE (aggregate_id, version)
-                )""",
+                textwrap.dedent("""\
+                    CREATE TABLE events (
+                        position INTEGER PRIMARY KEY,
+                        event_id TEXT NOT NULL UNIQUE,
+                        aggregate_id TEXT NOT NULL,
+                        aggregate TEXT NOT NULL,
+                        version INTEGER NOT NULL,
+                        event_type TEXT NOT NULL,
+                        schema_version INTEGER NOT NULL DEFAULT 1,
+                        event_date TEXT NOT NULL,
+                        data TEXT NOT NULL,
+                        metadata TEXT NOT NULL DEFAULT '{}',
+                        UNIQUE (aggregate_id, version)
+                    )"""),
             ),
             # streams are read through the UNIQUE index, the log through the primary key
             (
@@ -87,22 +87,21 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_COLUMNS = (
-    "position, event_id, aggregate_id, aggregate, version, event_type, event_date, data, metadata"
-)
+# the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
+_ENVELOPE = "position, version, event_type, data, event_id, event_date, metadata, aggregate"
 _INSERT = (
     "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, event_type, "
     "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
-# the stream's version and the log's last position, in one statement under the write lock
-_HEADS = (
-    "SELECT (SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?),"
-    " (SELECT coalesce(max(position), 0) FROM events)"
+# inside the write lock: the stream's version and the log's last position, in one step
+_HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
+_STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
+_PAYLOADS = (
+    "SELECT position, event_type, data FROM events WHERE aggregate_id = ? AND version > ? "
+    "ORDER BY version"
 )
-_STREAM = f"SELECT {_COLUMNS} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-_PAYLOADS = "SELECT data FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-_LOG = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -129,10 +128,7 @@ def _date_text(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_date(text: str) -> dt.datetime:
-    # the events of one append share a date: caching makes long streams cheap to read
-    return dt.datetime.fromisoformat(text)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class _Database:
@@ -148,12 +144,26 @@ class _Database:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
-        self._schema_ready = False
+        self.schema_ready = False
         self._tables: dict[type[Projection], ProjectionTable] = {}
         self._table_owners: dict[str, type[Projection]] = {}
         self._ready_tables: set[str] = set()
-        # an in-memory database lives in its connection: one, shared under the lock
+        # an in-memory database lives in its connection: one, shared under the lock;
+        # a file gets one connection per thread, which need no lock
         self._shared = self._connect() if path == MEMORY else None
+        self.guard: AbstractContextManager[Any] = (
+            self._lock if self._shared is not None else nullcontext()
+        )
+        _open_databases.add(self)
+
+    def _forget_connections(self) -> None:
+        """In a forked child: SQLite connections must not cross a fork, so the child opens
+        its own (the parent's are left alone, not closed: they are still the parent's)."""
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.RLock()
+        if self._shared is not None:
+            self.guard = self._lock
 
     @property
     def in_memory(self) -> bool:
@@ -201,32 +211,39 @@ class _Database:
         self._local.conn = conn
         return conn
 
-    @contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection; use it inside ``with self.guard``."""
         if self.closed:
             raise StoreError(f"The SQLite store {self.path!r} is closed")
         if self._shared is not None:
-            with self._lock:
-                yield self._shared
-            return
+            return self._shared
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        yield conn if conn is not None else self._thread_connection()
+        return conn if conn is not None else self._thread_connection()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding SQLite's write lock from its first statement."""
-        with self.connection() as conn:
+        with self.guard:
+            conn = self.conn()
             conn.execute("BEGIN IMMEDIATE")
+            changed: list[str] = []
+            self._local.changed_tables = changed
             try:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                # tables created in this transaction are gone again: forget them first,
-                # before another writer can take the lock
-                self._ready_tables.clear()
+                # tables created or altered in this transaction are undone: forget them
+                # before the lock is released, so the next writer makes them again
+                self._ready_tables.difference_update(changed)
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def store_error(self, error: sqlite3.Error) -> StoreError:
+        hint = ""
+        if "locked" in str(error) or "busy" in str(error):
+            hint = f" (another writer held the lock longer than the {self.timeout} s timeout)"
+        return StoreError(f"SQLite failed on {self.path!r}: {error}{hint}")
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -234,10 +251,7 @@ class _Database:
         try:
             yield
         except sqlite3.Error as error:
-            hint = ""
-            if "locked" in str(error) or "busy" in str(error):
-                hint = f" (another writer held the lock longer than the {self.timeout} s timeout)"
-            raise StoreError(f"SQLite failed on {self.path!r}: {error}{hint}") from error
+            raise self.store_error(error) from error
 
     def close(self) -> None:
         with self._lock:
@@ -265,9 +279,9 @@ class _Database:
     def migrate(self) -> list[str]:
         """Create or migrate the event tables; returns one line per step taken."""
         with self.errors():
-            with self.connection() as conn:
-                if self.schema_version(conn) == SCHEMA_VERSION:
-                    self._schema_ready = True
+            with self.guard:
+                if self.schema_version(self.conn()) == SCHEMA_VERSION:
+                    self.schema_ready = True
                     return []
             lines: list[str] = []
             with self.transaction() as conn:  # two processes initializing take turns
@@ -295,12 +309,8 @@ class _Database:
                         (version, description, _date_text(dt.datetime.now(dt.UTC))),
                     )
                     lines.append(f"recorded schema version {version} ({description})")
-        self._schema_ready = True
+        self.schema_ready = True
         return lines
-
-    def ensure_schema(self) -> None:
-        if not self._schema_ready:
-            self.migrate()
 
     # -- projection tables ------------------------------------------------------
 
@@ -316,14 +326,18 @@ class _Database:
                     f"{_qualified(projection_type)} and {_qualified(owner)} would both be "
                     f"stored in table {table.name!r}; give one a table_name: ClassVar[str]"
                 )
-            self._table_owners[table.name] = projection_type  # a redefinition replaces it
+            if owner is not None and owner is not projection_type:
+                # a class redefined (in a notebook, say) may have new fields: check again
+                self._ready_tables.discard(table.name)
+            self._table_owners[table.name] = projection_type
             self._tables[projection_type] = table
         return table
 
     def ensure_table(self, conn: sqlite3.Connection, table: ProjectionTable) -> None:
         """Inside a write transaction: create or migrate the table once per process."""
         if table.name not in self._ready_tables:
-            table.ensure(conn)
+            if table.ensure(conn):
+                self._local.changed_tables.append(table.name)
             self._ready_tables.add(table.name)
 
     def ready(self, table: ProjectionTable) -> None:
@@ -333,13 +347,26 @@ class _Database:
                 self.ensure_table(conn, table)
 
     def write_projections(
-        self, conn: sqlite3.Connection, projections: Iterable[Projection]
+        self, conn: sqlite3.Connection, projections: Sequence[Projection]
     ) -> None:
         """Upsert inside the caller's transaction; everything is encoded before any write."""
-        rows = [(self.table(type(p)), self.table(type(p)).row(p)) for p in projections]
-        for table, row in rows:
+        tables = [self.table(type(p)) for p in projections]
+        rows = [table.row(p) for table, p in zip(tables, projections, strict=True)]
+        for table, row in zip(tables, rows, strict=True):
             self.ensure_table(conn, table)
             conn.execute(table.upsert_sql, row)
+
+
+_open_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for database in list(_open_databases):
+        database._forget_connections()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _qualified(cls: type[Any]) -> str:
@@ -364,7 +391,7 @@ class SQLiteProjectionStore:
             if conn.execute(table.upsert_sql, row).rowcount:
                 return projection
             # a newer version is stored: say which one won
-            stored = conn.execute(table.select_one_sql, (row[0],)).fetchone()
+            stored = conn.execute(table.select_one_sql, (projection_key(projection),)).fetchone()
         winner: P = table.decode(stored)
         return winner
 
@@ -372,8 +399,8 @@ class SQLiteProjectionStore:
         table = self._db.table(projection_type)
         with self._db.errors():
             self._db.ready(table)
-            with self._db.connection() as conn:
-                row = conn.execute(table.select_one_sql, (key,)).fetchone()
+            with self._db.guard:
+                row = self._db.conn().execute(table.select_one_sql, (key,)).fetchone()
         found: P | None = None if row is None else table.decode(row)
         return found
 
@@ -381,8 +408,8 @@ class SQLiteProjectionStore:
         table = self._db.table(projection_type)
         with self._db.errors():
             self._db.ready(table)
-            with self._db.connection() as conn:
-                rows = conn.execute(f"{table.select_sql} ORDER BY rowid").fetchall()
+            with self._db.guard:
+                rows = self._db.conn().execute(f"{table.select_sql} ORDER BY rowid").fetchall()
         return [table.decode(row) for row in rows]
 
     def close(self) -> None:
@@ -450,13 +477,12 @@ class SQLiteEventStore:
         metadata_json = encode(dict(metadata or {})).decode()
         together = projection_store is not None and self.shares_database_with(projection_store)
         projections: list[Projection] = []
-        self._db.ensure_schema()
+        if not self._db.schema_ready:
+            self._db.migrate()
         with self._db.errors():
             try:
                 with self._db.transaction() as conn:
-                    actual: int
-                    last: int
-                    actual, last = conn.execute(_HEADS, (aggregate_id,)).fetchone()
+                    actual, last = conn.execute(_HEAD, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
                         return []
@@ -511,65 +537,86 @@ class SQLiteEventStore:
 
     # -- reading ------------------------------------------------------------------
 
-    def _recorded(self, row: tuple[Any, ...]) -> Recorded[Any]:
-        position, event_id, aggregate_id, aggregate, version, event_type, date, data, meta = row
-        event = self.types.decode(event_type, data, position=position, aggregate_id=aggregate_id)
-        try:
-            event_date = _parse_date(date)
-            metadata = _metadata_decoder.decode(meta)
-        except (ValueError, TypeError, msgspec.DecodeError) as error:
-            raise CorruptEvent(position, aggregate_id, f"bad envelope: {error}") from error
-        return Recorded(
-            position=position,
-            event_id=event_id,
-            aggregate_id=aggregate_id,
-            aggregate=aggregate,
-            version=version,
-            event_type=event_type,
-            event_date=event_date,
-            data=event,
-            metadata=metadata,
-        )
+    def _decode(self, rows: list[tuple[Any, ...]], aggregate_id: str | None) -> list[Recorded[Any]]:
+        """Rows (``_ENVELOPE`` columns, without aggregate_id when reading one stream) back
+        as envelopes. This is the hot loop of every load, hence the local caches: events of
+        one append share their date and metadata text, and a stream few event types."""
+        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        metadata_cache: dict[str, dict[str, Any]] = {}
+        last_date, event_date = "", _EPOCH
+        recorded = []
+        for row in rows:
+            position, version, event_type, data, event_id, date, meta, aggregate = row[:8]
+            stream = aggregate_id if aggregate_id is not None else row[8]
+            decoder = decoders.get(event_type)
+            if decoder is None:
+                decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
+            try:
+                event = decoder.decode(data)
+                if date != last_date:
+                    last_date, event_date = date, dt.datetime.fromisoformat(date)
+                metadata = metadata_cache.get(meta)
+                if metadata is None:
+                    metadata = metadata_cache[meta] = _metadata_decoder.decode(meta)
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                raise CorruptEvent(position, stream, str(error)) from error
+            except (ValueError, TypeError) as error:
+                raise CorruptEvent(position, stream, f"bad envelope: {error}") from error
+            recorded.append(
+                Recorded(
+                    position=position,
+                    event_id=event_id,
+                    aggregate_id=stream,
+                    aggregate=aggregate,
+                    version=version,
+                    event_type=event_type,
+                    event_date=event_date,
+                    data=event,
+                    metadata=metadata.copy(),  # each envelope owns its dict, as on append
+                )
+            )
+        return recorded
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        self._db.ensure_schema()
-        with self._db.errors(), self._db.connection() as conn:
-            rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
+        db = self._db
+        if not db.schema_ready:
+            db.migrate()
+        try:
+            with db.guard:
+                rows: list[tuple[Any, ...]] = db.conn().execute(sql, params).fetchall()
+        except sqlite3.Error as error:
+            raise db.store_error(error) from error
         return rows
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream in version order, read in one snapshot."""
-        return [self._recorded(row) for row in self._rows(_STREAM, (aggregate_id, after))]
+        return self._decode(self._rows(_STREAM, (aggregate_id, after)), aggregate_id)
 
-    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
-        """The stream's events alone, from one query read in batches, each batch decoded
-        in one call; a batch the fast decoder refuses is read again row by row (which
-        raises CorruptEvent or UnknownEventType naming the position)."""
-        self._db.ensure_schema()
-        with self._db.errors(), self._db.connection() as conn:
-            cursor = conn.execute(_PAYLOADS, (aggregate_id, after))
+    def events(self, aggregate_id: str, *, after: int = 0) -> list[Event]:
+        """The stream's events without their envelopes, in version order: all a fold
+        needs, read at close to the cost of raw SQL (envelopes cost as much again as the
+        payloads). Versions are gapless, so the stream is at ``after + len(result)``."""
+        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        events = []
+        for position, event_type, data in self._rows(_PAYLOADS, (aggregate_id, after)):
+            decoder = decoders.get(event_type)
+            if decoder is None:
+                decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
             try:
-                while rows := cursor.fetchmany(EVENTS_BATCH):
-                    payloads = [data for (data,) in rows]
-                    events = self.types.decode_batch(payloads)
-                    if events is None:  # this batch again, whole rows, one by one
-                        again = conn.execute(f"{_STREAM} LIMIT ?", (aggregate_id, after, len(rows)))
-                        events = [self._recorded(row).data for row in again.fetchall()]
-                    yield from events
-                    after += len(payloads)
-            finally:
-                cursor.close()
+                events.append(decoder.decode(data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                raise CorruptEvent(position, aggregate_id, str(error)) from error
+        return events
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
         (``aggregate.fold(store.stream(id))``) without holding it in memory."""
         while True:
             rows = self._rows(f"{_STREAM} LIMIT {BATCH}", (aggregate_id, after))
-            for row in rows:
-                yield self._recorded(row)
+            yield from self._decode(rows, aggregate_id)
             if len(rows) < BATCH:
                 return
-            after = rows[-1][4]
+            after = rows[-1][1]
 
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
         """The log in position order, fetched in batches as it is consumed."""
@@ -577,8 +624,7 @@ class SQLiteEventStore:
         while remaining is None or remaining > 0:
             size = BATCH if remaining is None else min(BATCH, remaining)
             rows = self._rows(_LOG, (after, size))
-            for row in rows:
-                yield self._recorded(row)
+            yield from self._decode(rows, None)
             if len(rows) < size:
                 return
             after = rows[-1][0]
@@ -643,5 +689,8 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
         timeout = float(settings.get("timeout", 30.0))
     except ValueError as error:
         raise IncidentError(f"timeout must be a number of seconds: {error}") from error
+    types = settings.get("types")
+    if types is not None and not isinstance(types, EventTypes):
+        raise IncidentError(f"types must be an incident.EventTypes, got {types!r}")
     database = _Database(path, synchronous=synchronous, timeout=timeout)
-    return SQLiteEventStore(database, types=settings.get("types"))
+    return SQLiteEventStore(database, types=types)

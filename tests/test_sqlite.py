@@ -1,0 +1,631 @@
+"""What the SQLite stores promise beyond the contract suite: URLs and options, the schema,
+one transaction per command, typed projection tables, streaming reads, driver errors,
+and several threads and OS processes writing to one file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+import pytest
+import sqlite_utils
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, WithdrawMoney
+from incident.stores import sqlite as sqlite_store
+from incident.stores.sqlite import SQLiteEventStore, SQLiteProjectionStore, open_sqlite
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'bank.db'}"
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[SQLiteEventStore]:
+    opened = open_sqlite(url)
+    yield opened
+    opened.close()
+
+
+def raw(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run SQL on the file with a plain sqlite3 connection, as another program would."""
+    with closing(sqlite3.connect(sqlite_store.sqlite_path(url))) as conn, conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def deposits(*amounts: int) -> list[incident.Event]:
+    return [MoneyDeposited(amount=a) for a in amounts]
+
+
+# -- URLs, options, schema ----------------------------------------------------------
+
+
+def test_relative_absolute_and_memory_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite:///name is relative to the working directory, sqlite://// is absolute,
+    sqlite:// is a private in-memory database."""
+    monkeypatch.chdir(tmp_path)
+    relative = incident.open_event_store("sqlite:///rel.db")
+    relative.append("a", deposits(1), expected_version=0)
+    relative.close()
+    assert (tmp_path / "rel.db").exists()
+
+    absolute = incident.open_event_store(f"sqlite:////{tmp_path.as_posix().lstrip('/')}/abs.db")
+    absolute.append("a", deposits(1), expected_version=0)
+    absolute.close()
+    assert (tmp_path / "abs.db").exists()
+
+    memory = incident.open_event_store("sqlite://")
+    memory.append("a", deposits(1, 2), expected_version=0)
+    assert memory.version("a") == 2
+    assert incident.open_event_store("sqlite://").version("a") == 0  # each one is private
+    memory.close()
+
+
+def test_bad_urls_and_options_are_clear_errors() -> None:
+    with pytest.raises(incident.IncidentError, match=re.escape("sqlite:///relative.db")):
+        incident.open_event_store("sqlite://host/x.db")
+    with pytest.raises(incident.IncidentError, match="Unknown SQLite store options"):
+        incident.open_event_store("sqlite://", journal="off")
+    with pytest.raises(incident.IncidentError, match="synchronous must be one of"):
+        incident.open_event_store("sqlite://?synchronous=sometimes")
+
+
+def test_durable_by_default_and_relaxed_on_request(url: str) -> None:
+    """WAL with synchronous FULL unless NORMAL is asked for, by keyword or in the URL."""
+
+    def pragmas(store: incident.EventStore) -> tuple[str, int]:
+        assert isinstance(store, SQLiteEventStore)
+        conn = store._db.conn()
+        return conn.execute("PRAGMA journal_mode").fetchone()[0], conn.execute(
+            "PRAGMA synchronous"
+        ).fetchone()[0]
+
+    assert pragmas(incident.open_event_store(url)) == ("wal", 2)
+    assert pragmas(incident.open_event_store(url, synchronous="NORMAL")) == ("wal", 1)
+    assert pragmas(incident.open_event_store(f"{url}?synchronous=normal")) == ("wal", 1)
+
+
+def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
+    store = incident.open_event_store(url)
+    assert store.initialize() == [
+        "created table incident_schema",
+        "created table events",
+        "created index events_by_type",
+        "recorded schema version 1 (the event log)",
+    ]
+    assert store.initialize() == []
+    assert incident.open_event_store(url).initialize() == []
+    assert raw(url, "SELECT version, description FROM incident_schema") == [(1, "the event log")]
+    indexes = {row[0] for row in raw(url, "SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "events_by_type" in indexes
+
+
+def test_tables_are_created_on_first_use(url: str) -> None:
+    store = incident.open_event_store(url)
+    assert store.get("nobody") == []
+    assert store.initialize() == []
+
+
+def test_a_file_from_a_newer_release_is_refused(url: str) -> None:
+    incident.open_event_store(url).initialize()
+    raw(url, "INSERT INTO incident_schema VALUES (99, 'the future', '2100-01-01')")
+    with pytest.raises(incident.StoreError, match="schema version 99"):
+        incident.open_event_store(url).get("a")
+
+
+def test_the_event_row_holds_readable_columns(store: SQLiteEventStore, url: str) -> None:
+    """Plain SQL sees the envelope: JSON text payloads, ISO dates, the schema version."""
+
+    class Renamed(incident.Event, tag="AccountRenamed"):
+        name: str
+        schema_version: ClassVar[int] = 3
+
+    [recorded] = store.append(
+        "acc-1", [Renamed(name="Ann")], expected_version=0, aggregate="bank_account"
+    )
+    [row] = raw(
+        url,
+        "SELECT position, event_id, aggregate, version, event_type, schema_version, "
+        "event_date, json_extract(data, '$.name'), metadata FROM events",
+    )
+    assert row == (
+        1,
+        recorded.event_id,
+        "bank_account",
+        1,
+        "AccountRenamed",
+        3,
+        recorded.event_date.isoformat(timespec="microseconds"),
+        "Ann",
+        "{}",
+    )
+
+
+# -- one transaction per command -------------------------------------------------------
+
+
+def test_events_and_projections_commit_together(url: str) -> None:
+    """If writing the projections fails, the events are not stored either."""
+    store = open_sqlite(url)
+
+    def failing_projection(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise RuntimeError("handler bug")
+
+    with pytest.raises(RuntimeError, match="handler bug"):
+        store.append_and_project(
+            "ACC1",
+            deposits(5),
+            expected_version=0,
+            aggregate="bank_account",
+            metadata=None,
+            projection_store=store.projections(),
+            project=failing_projection,
+        )
+    assert store.get("ACC1") == []
+    assert store.projections().get(BankAccount, "ACC1") is None
+
+
+def test_one_command_is_one_commit(url: str) -> None:
+    """The events and the projections of a command share one write transaction."""
+    handler = bank.build(url)
+    handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))  # tables exist from here on
+    assert isinstance(handler.event_store, SQLiteEventStore)
+    statements: list[str] = []
+    conn = handler.event_store._db.conn()
+    conn.set_trace_callback(statements.append)
+    handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=5))
+    conn.set_trace_callback(None)
+    assert [s for s in statements if s in {"BEGIN IMMEDIATE", "COMMIT"}] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    assert any(s.startswith("INSERT INTO events") for s in statements)
+    assert any(s.startswith('INSERT INTO "bank_account"') for s in statements)
+
+
+def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: str) -> None:
+    events = open_sqlite(url)
+    same_file = incident.open_projection_store(url)
+    other_file = incident.open_projection_store(url.replace("bank.db", "other.db"))
+    assert events.shares_database_with(same_file)
+    assert not events.shares_database_with(other_file)
+    assert not events.shares_database_with(incident.open_projection_store("memory://"))
+    assert not open_sqlite("sqlite://").shares_database_with(open_sqlite("sqlite://").projections())
+
+
+def test_projections_in_another_store_follow_the_commit(url: str) -> None:
+    handler = bank.build(url, "memory://")
+    handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=7))
+    row = handler.projection_store.get(BankAccount, "ACC1")
+    assert row is not None and row.balance == 7
+    assert raw(url, "SELECT name FROM sqlite_master WHERE name = 'bank_account'") == []
+
+
+# -- projection tables ---------------------------------------------------------------
+
+
+class Address(msgspec.Struct):
+    street: str
+    city: str
+
+
+class Customer(incident.Projection):
+    aggregate_id: str
+    name: str
+    score: float
+    vip: bool
+    version: int
+    since: dt.datetime
+    tags: list[str]
+    address: Address
+    nickname: str | None = None
+    blob: bytes = b""
+
+
+def customer(version: int = 1, **changes: Any) -> Customer:
+    fields: dict[str, Any] = {
+        "aggregate_id": "C1",
+        "name": "Ann",
+        "score": 4.5,
+        "vip": True,
+        "version": version,
+        "since": dt.datetime(2024, 2, 29, 12, 30, 15, 123456, tzinfo=dt.UTC),
+        "tags": ["a", "b"],
+        "address": Address(street="1 Main St", city="Oslo"),
+        "blob": b"\x00\x01",
+    }
+    return Customer(**{**fields, **changes})
+
+
+def test_projection_tables_have_typed_columns(url: str) -> None:
+    """One table per Projection type, typed from its fields, keyed by aggregate_id; nested
+    values are JSON text that SQL can reach into."""
+    projections = incident.open_projection_store(url)
+    projections.project(customer())
+    table = sqlite_utils.Database(sqlite_store.sqlite_path(url))["customer"]
+    assert table.pks == ["aggregate_id"]
+    types = {c.name: c.type for c in table.columns}
+    assert types == {
+        "aggregate_id": "TEXT",
+        "name": "TEXT",
+        "score": "REAL",
+        "vip": "INTEGER",
+        "version": "INTEGER",
+        "since": "TEXT",
+        "tags": "TEXT",
+        "address": "TEXT",
+        "nickname": "TEXT",
+        "blob": "BLOB",
+    }
+    assert raw(url, "SELECT json_extract(address, '$.city'), vip, since FROM customer") == [
+        ("Oslo", 1, "2024-02-29T12:30:15.123456Z")
+    ]
+
+
+def test_projections_round_trip_exactly(url: str) -> None:
+    projections = incident.open_projection_store(url)
+    oslo = dt.timezone(dt.timedelta(hours=2))
+    for row in (
+        customer(),
+        customer(version=2, nickname="A", tags=[], since=dt.datetime(2025, 1, 1, tzinfo=oslo)),
+    ):
+        projections.project(row)
+        stored = projections.get(Customer, "C1")
+        assert stored == row
+        assert stored is not None and stored.since.utcoffset() == row.since.utcoffset()
+    assert projections.all(Customer) == [stored]
+
+
+def test_a_field_added_later_gets_its_column(url: str) -> None:
+    class Account(incident.Projection):
+        aggregate_id: str
+        balance: int
+
+    projections = incident.open_projection_store(url)
+    projections.project(Account(aggregate_id="A", balance=1))
+
+    class Account(incident.Projection):  # type: ignore[no-redef]  # as in a notebook
+        aggregate_id: str
+        balance: int
+        owner: str = "nobody"
+
+    projections.project(Account(aggregate_id="B", balance=2, owner="Bo"))
+    assert projections.get(Account, "B") == Account(aggregate_id="B", balance=2, owner="Bo")
+    assert raw(url, "SELECT aggregate_id, owner FROM account ORDER BY 1") == [
+        ("A", None),
+        ("B", "Bo"),
+    ]
+
+
+def test_a_table_created_in_a_rolled_back_transaction_is_made_again(url: str) -> None:
+    """Creating a projection table is part of the command's transaction: undone with it,
+    and done again by the next command."""
+
+    class Fresh(incident.Projection):
+        aggregate_id: str
+
+    class Misfit(incident.Projection):
+        aggregate_id: str
+
+    raw(url, "CREATE TABLE misfit (aggregate_id TEXT)")  # no key: cannot take upserts
+    store = open_sqlite(url)
+
+    def append(*projections: incident.Projection) -> None:
+        store.append_and_project(
+            "a",
+            deposits(1),
+            expected_version=incident.ANY,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=lambda recorded: projections,
+        )
+
+    with pytest.raises(incident.IncidentError, match="not keyed by"):
+        append(Fresh(aggregate_id="a"), Misfit(aggregate_id="a"))
+    assert raw(url, "SELECT name FROM sqlite_master WHERE name = 'fresh'") == []
+    assert store.get("a") == []
+    append(Fresh(aggregate_id="a"))
+    assert store.projections().all(Fresh) == [Fresh(aggregate_id="a")]
+
+
+def test_the_key_column_need_not_come_first(url: str) -> None:
+    class Late(incident.Projection):
+        version: int
+        label: str
+        aggregate_id: str
+
+    projections = incident.open_projection_store(url)
+    projections.project(Late(version=2, label="new", aggregate_id="k"))
+    assert projections.project(Late(version=1, label="old", aggregate_id="k")).label == "new"
+    assert projections.get(Late, "k") == Late(version=2, label="new", aggregate_id="k")
+
+
+def test_the_version_guard_holds_across_store_objects(url: str) -> None:
+    """Two store objects (as two processes would have) cannot move a row backwards."""
+    first, second = incident.open_projection_store(url), incident.open_projection_store(url)
+    first.project(customer(version=5, name="newest"))
+    winner = second.project(customer(version=4, name="stale"))
+    assert (winner.version, winner.name) == (5, "newest")
+    assert raw(url, "SELECT version, name FROM customer") == [(5, "newest")]
+
+
+def test_two_projection_types_cannot_share_a_table(url: str) -> None:
+    projections = incident.open_projection_store(url)
+
+    class Customer(incident.Projection):  # same name as the module's, another module path
+        aggregate_id: str
+
+    projections.project(customer())
+    with pytest.raises(incident.IncidentError, match="both be stored in table 'customer'"):
+        projections.project(Customer(aggregate_id="x"))
+
+    class Events(incident.Projection):
+        aggregate_id: str
+
+    with pytest.raises(incident.IncidentError, match="the event store owns"):
+        projections.project(Events(aggregate_id="x"))
+
+    class Renamed(incident.Projection):
+        aggregate_id: str
+        table_name: ClassVar[str] = "customer_names"
+
+    projections.project(Renamed(aggregate_id="x"))
+    assert raw(url, "SELECT aggregate_id FROM customer_names") == [("x",)]
+
+
+def test_a_projection_that_cannot_be_stored_writes_nothing(url: str) -> None:
+    class Loose(incident.Projection):
+        aggregate_id: str
+        extra: Any
+
+    projections = incident.open_projection_store(url)
+    with pytest.raises(incident.IncidentError, match="Cannot store"):
+        projections.project(Loose(aggregate_id="x", extra=object()))
+    assert projections.all(Loose) == []
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def test_reads_stream_in_batches(store: SQLiteEventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_all and stream() fetch a batch at a time as they are consumed, so a reader
+    holds one batch, not the log (it also sees what commits while it reads)."""
+    monkeypatch.setattr(sqlite_store, "BATCH", 3)
+    store.append("a", deposits(*range(1, 8)), expected_version=0)
+    log = store.read_all()
+    assert [next(log).position for _ in range(3)] == [1, 2, 3]
+    store.append("a", deposits(8), expected_version=7)
+    assert [r.position for r in log] == [4, 5, 6, 7, 8]
+    assert [r.version for r in store.stream("a", after=2)] == [3, 4, 5, 6, 7, 8]
+    assert [r.position for r in store.read_all(after=1, limit=5)] == [2, 3, 4, 5, 6]
+    assert [r.position for r in store.read_all(limit=6)] == [1, 2, 3, 4, 5, 6]
+    assert bank.bank_account.fold(
+        store.stream("a"), bank.AccountState(account_number="a")
+    ).balance == sum(range(1, 9))
+
+
+def test_events_reads_payloads_only(store: SQLiteEventStore, url: str) -> None:
+    """events() is what a fold needs: the payloads in version order; bad rows still raise."""
+    store.append("a", deposits(1, 2, 3), expected_version=0)
+    store.append("b", deposits(9), expected_version=0)
+    assert store.events("a") == deposits(1, 2, 3)
+    assert store.events("a", after=1) == deposits(2, 3)
+    assert store.events("nobody") == []
+    raw(url, "UPDATE events SET data = '{' WHERE position = 2")
+    with pytest.raises(incident.CorruptEvent, match="position 2 of aggregate 'a'"):
+        store.events("a")
+    raw(url, "UPDATE events SET event_type = 'Gone' WHERE position = 3")
+    with pytest.raises(incident.UnknownEventType, match="Gone"):
+        store.events("a", after=2)
+
+
+def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> None:
+    store.append("a", deposits(1), expected_version=0)
+    raw(url, "UPDATE events SET metadata = '[1, 2' WHERE position = 1")
+    with pytest.raises(incident.CorruptEvent, match="position 1 of aggregate 'a'"):
+        store.get("a")
+
+
+# -- driver errors -----------------------------------------------------------------------
+
+
+def test_driver_errors_are_store_errors(tmp_path: Path) -> None:
+    missing = incident.open_event_store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
+    with pytest.raises(incident.StoreError) as caught:
+        missing.get("a")
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+def test_a_closed_store_says_so(url: str) -> None:
+    store = incident.open_event_store(url)
+    store.close()
+    with pytest.raises(incident.StoreError, match="closed"):
+        store.get("a")
+
+
+# -- threads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_racing_threads_get_concurrency_errors_not_locks(url: str, where: str) -> None:
+    """Eight threads append to a new stream at once: one wins, seven get ConcurrencyError."""
+    store = open_sqlite(url if where == "file" else "sqlite://")
+    store.initialize()
+    start = threading.Barrier(8)
+
+    def race(i: int) -> str:
+        start.wait()
+        try:
+            store.append("acc", deposits(i + 1), expected_version=0)
+        except incident.ConcurrencyError:
+            return "conflict"
+        return "ok"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(race, range(8)))
+    assert outcomes == ["conflict"] * 7 + ["ok"]
+    assert [r.version for r in store.get("acc")] == [1]
+    store.close()
+
+
+# -- processes (spawned, so each has its own SQLite connections and locks) -------------
+
+
+def withdraw_in_process(url: str, start: Any, results: Any) -> None:
+    handler = bank.build(url)
+    start.wait()
+    try:
+        handler.dispatch(WithdrawMoney(aggregate_id="ACC1", amount=24))
+    except incident.Rejected as rejected:
+        results.put(rejected.reason)
+    except Exception as error:  # reported to the test rather than lost in a child
+        results.put(f"{type(error).__name__}: {error}")
+    else:
+        results.put("ok")
+
+
+def deposit_in_process(url: str, count: int, start: Any, results: Any) -> None:
+    handler = bank.build(url)
+    start.wait()
+    conflicts = 0
+    done = 0
+    try:
+        while done < count:
+            try:
+                handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=1))
+            except incident.ConcurrencyError:
+                conflicts += 1  # nothing was written: try again
+                continue
+            done += 1
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+        return
+    results.put(done)
+
+
+def initialize_in_process(url: str, start: Any, results: Any) -> None:
+    store = incident.open_event_store(url)
+    start.wait()
+    results.put(store.initialize())
+
+
+def append_after_fork(store: SQLiteEventStore, results: Any) -> None:
+    try:
+        store.append("forked", deposits(1), expected_version=0)
+        results.put([r.aggregate_id for r in store.read_all()])
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(target=target, args=(*args, start, results)) for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    return outcomes
+
+
+@pytest.mark.slow
+def test_five_processes_withdraw_24_from_100(url: str) -> None:
+    """Exactly four withdrawals succeed; the balance is 4, on disk and in the projection."""
+    setup = bank.build(url)
+    setup.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    setup.dispatch(DepositMoney(aggregate_id="ACC1", amount=100))
+    setup.event_store.close()
+
+    outcomes = run_processes(withdraw_in_process, url, processes=5)
+
+    assert sorted(outcomes) == ["no_enough_balance", "ok", "ok", "ok", "ok"]
+    check = bank.build(url)
+    row = check.projection_store.get(BankAccount, "ACC1")
+    assert row is not None and (row.balance, row.version) == (4, 6)
+    assert check.state("bank_account", "ACC1").balance == 4
+    assert [r.version for r in check.event_store.get("ACC1")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_processes_depositing_at_once_lose_nothing(url: str) -> None:
+    """Four processes make 150 deposits each on one account: all 600 are there, versions
+    and positions gapless, and the projection agrees. (synchronous=NORMAL keeps the run
+    short; durability does not change who wins the lock.)"""
+    fast = f"{url}?synchronous=normal"
+    setup = bank.build(fast)
+    setup.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    setup.event_store.close()
+
+    outcomes = run_processes(deposit_in_process, fast, 150, processes=4)
+
+    assert outcomes == [150, 150, 150, 150]
+    check = bank.build(fast)
+    stream = check.event_store.get("ACC1")
+    assert [r.version for r in stream] == list(range(1, 602))
+    assert [r.position for r in check.event_store.read_all()] == list(range(1, 602))
+    assert len({r.event_id for r in stream}) == 601
+    row = check.projection_store.get(BankAccount, "ACC1")
+    assert row is not None and (row.balance, row.version) == (600, 601)
+
+
+@pytest.mark.slow
+def test_processes_initializing_at_once_take_turns(url: str) -> None:
+    """One process creates the tables and says so; the others find nothing to do."""
+    outcomes = run_processes(initialize_in_process, url, processes=3)
+    assert sorted(outcomes, key=len) == [
+        [],
+        [],
+        [
+            "created table incident_schema",
+            "created table events",
+            "created index events_by_type",
+            "recorded schema version 1 (the event log)",
+        ],
+    ]
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_connection(store: SQLiteEventStore) -> None:
+    """A store used before a fork keeps working in the child and in the parent."""
+    store.append("parent", deposits(1), expected_version=0)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=append_after_fork, args=(store, results))
+    child.start()
+    assert results.get(timeout=60) == ["parent", "forked"]
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    store.append("parent", deposits(2), expected_version=1)
+    assert [r.aggregate_id for r in store.read_all()] == ["parent", "forked", "parent"]
+
+
+def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, url: str) -> None:
+    store.append("a", deposits(1, 2), expected_version=0)
+    ids = [row[0] for row in raw(url, "SELECT event_id FROM events ORDER BY position")]
+    assert len(set(ids)) == 2 and all(uuid.UUID(i) for i in ids)
+    with pytest.raises(sqlite3.IntegrityError):
+        raw(url, "UPDATE events SET event_id = ? WHERE position = 2", ids[0])
+
+
+def test_the_projection_store_type(url: str) -> None:
+    assert isinstance(incident.open_projection_store(url), SQLiteProjectionStore)
+    assert isinstance(incident.open_projection_store(url), incident.ProjectionStore)
+    assert isinstance(incident.open_event_store(url), incident.EventStore)
