@@ -422,15 +422,15 @@ def test_events_reads_payloads_only(store: SQLiteEventStore, url: str) -> None:
     """events() is what a fold needs: the payloads in version order; bad rows still raise."""
     store.append("a", deposits(1, 2, 3), expected_version=0)
     store.append("b", deposits(9), expected_version=0)
-    assert store.events("a") == deposits(1, 2, 3)
-    assert store.events("a", after=1) == deposits(2, 3)
-    assert store.events("nobody") == []
+    assert list(store.events("a")) == deposits(1, 2, 3)
+    assert list(store.events("a", after=1)) == deposits(2, 3)
+    assert list(store.events("nobody")) == []
     raw(url, "UPDATE events SET data = '{' WHERE position = 2")
     with pytest.raises(incident.CorruptEvent, match="position 2 of aggregate 'a'"):
-        store.events("a")
+        list(store.events("a"))
     raw(url, "UPDATE events SET event_type = 'Gone' WHERE position = 3")
     with pytest.raises(incident.UnknownEventType, match="Gone"):
-        store.events("a", after=2)
+        list(store.events("a", after=2))
 
 
 def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> None:

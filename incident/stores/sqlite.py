@@ -52,6 +52,7 @@ P = TypeVar("P", bound=Projection)
 MEMORY = ":memory:"
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 BATCH = 1000  # rows per query when streaming; bounds memory whatever the log's size
+EVENTS_BATCH = 4096  # payloads fetched and decoded at a time when folding a stream
 
 # The layout, one entry per schema version: (version, what it is, [(line, statement)]).
 # A later release appends entries; initialize() applies the ones a file lacks.
@@ -592,13 +593,38 @@ class SQLiteEventStore:
         """The stream in version order, read in one snapshot."""
         return self._decode(self._rows(_STREAM, (aggregate_id, after)), aggregate_id)
 
-    def events(self, aggregate_id: str, *, after: int = 0) -> list[Event]:
+    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order: all a fold
         needs, read at close to the cost of raw SQL (envelopes cost as much again as the
-        payloads). Versions are gapless, so the stream is at ``after + len(result)``."""
+        payloads). Versions are gapless, so the stream is at ``after`` plus the count.
+
+        One query, read in batches of ``EVENTS_BATCH`` rows, so a stream of any length
+        folds in bounded memory; each batch is decoded in one call by the registered
+        types' union decoder (``EventTypes.decode_batch``). A batch it refuses (a type not
+        registered, a damaged payload) is decoded row by row by type name, which names
+        the position of whatever is wrong.
+        """
+        db = self._db
+        if not db.schema_ready:
+            db.migrate()
+        with db.guard:
+            try:
+                cursor = db.conn().execute(_PAYLOADS, (aggregate_id, after))
+                try:
+                    while rows := cursor.fetchmany(EVENTS_BATCH):
+                        events = self.types.decode_batch([data for _, _, data in rows])
+                        yield from (
+                            events if events is not None else self._one_by_one(rows, aggregate_id)
+                        )
+                finally:
+                    cursor.close()
+            except sqlite3.Error as error:
+                raise db.store_error(error) from error
+
+    def _one_by_one(self, rows: list[tuple[Any, ...]], aggregate_id: str) -> list[Event]:
         decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         events = []
-        for position, event_type, data in self._rows(_PAYLOADS, (aggregate_id, after)):
+        for position, event_type, data in rows:
             decoder = decoders.get(event_type)
             if decoder is None:
                 decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
