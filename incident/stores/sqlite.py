@@ -26,6 +26,7 @@ crash of the process) may lose the last transactions that had returned. See
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import sqlite3
 import textwrap
@@ -98,6 +99,7 @@ _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
+_DATA = "SELECT data FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
 _PAYLOADS = (
     "SELECT position, event_type, data FROM events WHERE aggregate_id = ? AND version > ? "
     "ORDER BY version"
@@ -604,18 +606,27 @@ class SQLiteEventStore:
         registered, a damaged payload) is decoded row by row by type name, which names
         the position of whatever is wrong.
         """
+        return itertools.chain.from_iterable(self._batches(aggregate_id, after))
+
+    def _batches(self, aggregate_id: str, after: int) -> Iterator[list[Event]]:
+        # whole batches, so the caller's loop runs through each list at C speed
         db = self._db
         if not db.schema_ready:
             db.migrate()
         with db.guard:
             try:
-                cursor = db.conn().execute(_PAYLOADS, (aggregate_id, after))
+                conn = db.conn()
+                cursor = conn.execute(_DATA, (aggregate_id, after))
                 try:
                     while rows := cursor.fetchmany(EVENTS_BATCH):
-                        events = self.types.decode_batch([data for _, _, data in rows])
-                        yield from (
-                            events if events is not None else self._one_by_one(rows, aggregate_id)
-                        )
+                        events = self.types.decode_batch([data for (data,) in rows])
+                        if events is None:  # the same rows again, with what names them
+                            again = conn.execute(
+                                f"{_PAYLOADS} LIMIT ?", (aggregate_id, after, len(rows))
+                            )
+                            events = self._one_by_one(again.fetchall(), aggregate_id)
+                        yield events
+                        after += len(rows)
                 finally:
                     cursor.close()
             except sqlite3.Error as error:
