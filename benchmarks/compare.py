@@ -132,8 +132,7 @@ def _store_connection(store: Any) -> Any:
     database = getattr(store, "_db", None)
     if database is None or not hasattr(database, "in_memory"):
         return None
-    with database.connection() as connection:
-        return connection
+    return database.conn()  # this thread's connection, the one the store writes with
 
 
 @functools.cache  # eventsourcing refuses a second class under the same topic
