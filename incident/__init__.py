@@ -14,6 +14,7 @@ from .command_handler import CommandHandler
 from .errors import (
     ConcurrencyError,
     CorruptEvent,
+    DuplicateCommand,
     IncidentError,
     InvalidCommand,
     RegistrationError,
@@ -42,6 +43,7 @@ __all__ = [
     "CommandHandler",
     "ConcurrencyError",
     "CorruptEvent",
+    "DuplicateCommand",
     "Event",
     "EventHandler",
     "EventStore",

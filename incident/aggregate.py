@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, get_type_hints, overload
 
 from . import _fp
-from .errors import RegistrationError, RoutingError
+from .errors import RegistrationError, Rejected, RoutingError
 from .messages import Command, Event, Recorded, event_type_name
 
 __all__ = ["Aggregate"]
@@ -18,12 +18,15 @@ __all__ = ["Aggregate"]
 S = TypeVar("S")
 M = TypeVar("M")
 F = TypeVar("F", bound=Callable[..., Any])
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+U = TypeVar("U", bound=Upcaster)
+T = TypeVar("T", bound=Callable[[Any], bool])
 
 Decision = Event | Iterable[Event]
 
 
-def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
-    """The type annotated on a decorated function's second parameter."""
+def _parameters(function: Callable[..., Any], role: str) -> list[inspect.Parameter]:
+    """The (state, message) parameters of a decorated function, or RegistrationError."""
     name = getattr(function, "__qualname__", repr(function))
     params = list(inspect.signature(function).parameters.values())
     if len(params) != 2:
@@ -31,10 +34,21 @@ def message_type(function: Callable[..., Any], base: type[M], role: str) -> type
             f"{role} function {name} must take two parameters (state, message), "
             f"it takes {len(params)}"
         )
+    return params
+
+
+def message_type(function: Callable[..., Any], base: type[M], role: str) -> type[M]:
+    """The type annotated on a decorated function's second parameter."""
+    name = getattr(function, "__qualname__", repr(function))
+    params = _parameters(function, role)
     try:
         hints = get_type_hints(function)
     except Exception as error:  # an annotation naming something not importable
-        raise RegistrationError(f"Cannot read the annotations of {name}: {error}") from error
+        raise RegistrationError(
+            f"Cannot read the annotations of {name}: {error}. String annotations (as under "
+            "`from __future__ import annotations`) resolve in the module's globals only: define "
+            f"the types at module level, or use the explicit form @aggregate.{role}(MessageType)"
+        ) from error
     annotated = hints.get(params[1].name)
     if annotated is None:
         raise RegistrationError(
@@ -79,6 +93,8 @@ class Aggregate(Generic[S]):
         self.initial = initial
         self._executors: dict[type[Command], Callable[[S, Any], Any]] = {}
         self._appliers: dict[type[Event], Callable[[S, Any], S]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._terminal: Callable[[S], bool] | None = None
 
     def __repr__(self) -> str:
         return f"Aggregate({self.name!r})"
@@ -103,6 +119,7 @@ class Aggregate(Generic[S]):
 
     def _register(self, target: Any, base: type[Any], role: str, registry: dict[Any, Any]) -> Any:
         def add(function: F, message: type[Any]) -> F:
+            _parameters(function, role)
             existing = registry.get(message)
             if existing is not None:
                 raise RegistrationError(
@@ -118,20 +135,77 @@ class Aggregate(Generic[S]):
                     f"@{self.name}.{role}({target.__name__}): "
                     f"not an incident.{base.__name__} subclass"
                 )
+            self._check_message(target, base, role)
             return lambda function: add(function, target)
         if not callable(target):
             raise RegistrationError(f"@{self.name}.{role} needs a function or a message type")
-        return add(target, message_type(target, base, role))
+        message = message_type(target, base, role)
+        self._check_message(message, base, role)
+        return add(target, message)
+
+    def _check_message(self, message: type[Any], base: type[Any], role: str) -> None:
+        if message is base:
+            raise RegistrationError(
+                f"@{self.name}.{role}: messages are routed by their exact type, so a function "
+                f"for incident.{base.__name__} itself would never run; name a subclass"
+            )
+        if base is Command and "aggregate_id" not in message.__struct_fields__:
+            raise RegistrationError(
+                f"@{self.name}.{role}: {message.__name__} has no aggregate_id field, so it "
+                "cannot name the stream it targets; add `aggregate_id: str`"
+            )
+
+    def upcast(self, event_type: str | type[Event], from_version: int) -> Callable[[U], U]:
+        """Register ``fn(payload: dict) -> dict`` that turns a stored payload of schema
+        version ``from_version`` into the shape of ``from_version + 1``. Chains apply in
+        order on read, so version 1 data reaches version 3 through two upcasters."""
+        name = event_type if isinstance(event_type, str) else event_type_name(event_type)
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
+            raise RegistrationError(f"{self.name}.upcast: from_version must be an int >= 1")
+
+        def register(function: U) -> U:
+            existing = self._upcasters.get((name, from_version))
+            if existing is not None:
+                raise RegistrationError(
+                    f"{self.name}: {name} v{from_version} is already upcast by "
+                    f"{existing.__qualname__}; cannot also register {function.__qualname__}"
+                )
+            self._upcasters[(name, from_version)] = function
+            return function
+
+        return register
+
+    def terminal(self, predicate: T) -> T:
+        """Register ``fn(state) -> bool``; once true, every command is rejected with
+        ``aggregate_terminated`` (the stream is closed for good)."""
+        if self._terminal is not None:
+            raise RegistrationError(
+                f"{self.name} already has the terminal predicate {self._terminal.__qualname__}"
+            )
+        self._terminal = predicate
+        return predicate
 
     # -- introspection ------------------------------------------------------
 
     @property
     def command_types(self) -> tuple[type[Command], ...]:
+        """The command types this aggregate executes, in registration order."""
         return tuple(self._executors)
 
     @property
     def event_types(self) -> tuple[type[Event], ...]:
+        """The event types this aggregate applies, in registration order."""
         return tuple(self._appliers)
+
+    @property
+    def appliers(self) -> dict[type[Event], Callable[[S, Any], S]]:
+        """Event type -> its apply function (a copy)."""
+        return dict(self._appliers)
+
+    @property
+    def upcasters(self) -> dict[tuple[str, int], Upcaster]:
+        """(stored type name, from schema version) -> upcaster."""
+        return dict(self._upcasters)
 
     def registered_functions(self) -> dict[str, str]:
         """Message name -> function qualname, for every registration (stable order)."""
@@ -148,11 +222,22 @@ class Aggregate(Generic[S]):
                 f"{self.name} has no execute function for {type(command).__name__}; "
                 f"it handles: {_names(self._executors)}"
             )
+        if self._terminal is not None and self._terminal(state):
+            target = getattr(command, "aggregate_id", "?")
+            raise Rejected(
+                "aggregate_terminated",
+                f"{self.name} {target} has reached a terminal state and takes no commands",
+            )
         decided = executor(state, command)
         if decided is None:
             raise RegistrationError(
                 f"{executor.__qualname__} returned None; return an event, a list of events, "
                 "or () to decide nothing"
+            )
+        if not isinstance(decided, Event | Iterable):
+            raise RegistrationError(
+                f"{executor.__qualname__} returned {decided!r}; return an event, a list of "
+                "events, or () to decide nothing"
             )
         events = [decided] if isinstance(decided, Event) else list(decided)
         for event in events:
@@ -208,13 +293,10 @@ class Aggregate(Generic[S]):
         return states
 
     def handles(self, command: Command) -> bool:
+        """Whether an execute function is registered for this command's exact type."""
         return type(command) in self._executors
 
 
 def _names(registry: dict[Any, Any]) -> str:
     names = sorted(message.__name__ for message in registry)
     return ", ".join(names) if names else "nothing yet"
-
-
-def event_names(aggregate: Aggregate[Any]) -> list[str]:
-    return [event_type_name(event_type) for event_type in aggregate.event_types]

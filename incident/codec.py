@@ -2,11 +2,12 @@
 and validation of commands (msgspec constructors check neither types nor constraints)."""
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import msgspec
 
+from . import messages
 from .errors import CorruptEvent, IncidentError, InvalidCommand, UnknownEventType
 from .messages import Command, Event, event_type_name
 
@@ -41,74 +42,104 @@ class EventTypes:
 
     def __init__(self, types: Iterable[type[Event]] = ()) -> None:
         self._types: dict[str, type[Event]] = {}
-        self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
-        self._batch_decoder: msgspec.json.Decoder[list[Any]] | None = None
+        self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
+        self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
+        """Register event classes under their stored names; a later registration wins."""
         for event_type in types:
             name = event_type_name(event_type)
             self._types[name] = event_type
-            self._decoders.pop(name, None)
-            self._batch_decoder = None
+
+    def register_upcaster(
+        self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        """Use ``upcaster`` on payloads of ``name`` stored at schema version ``from_version``."""
+        self._upcasters[(name, from_version)] = upcaster
 
     def resolve(self, name: str) -> type[Event] | None:
+        """The class for a stored name: registered first, else the latest defined, else None."""
         found = self._types.get(name)
         if found is None:
             found = _defined_event_types().get(name)
         return found
 
     def names(self) -> set[str]:
+        """Every stored name this registry can resolve."""
         return set(self._types) | set(_defined_event_types())
 
     def decoder(self, name: str, *, position: int | None = None) -> msgspec.json.Decoder[Any]:
-        decoder = self._decoders.get(name)
-        if decoder is None:
-            event_type = self.resolve(name)
+        """A reusable JSON decoder for a stored name; UnknownEventType if nothing resolves it."""
+        event_type = self._types.get(name)
+        if event_type is None:
+            # not registered: resolve again every time, so a redefinition is picked up
+            event_type = _defined_event_types().get(name)
             if event_type is None:
                 raise UnknownEventType(name, self.names(), position)
-            decoder = self._decoders[name] = msgspec.json.Decoder(event_type)
+        decoder = self._decoders.get(event_type)
+        if decoder is None:
+            decoder = self._decoders[event_type] = msgspec.json.Decoder(event_type)
         return decoder
 
-    def decode_batch(self, payloads: list[str]) -> list[Event] | None:
-        """Decode many stored payloads in one call: one reused decoder of a JSON array of
-        the tagged union of the registered types (each payload carries its tag). None when
-        any payload is not one of them or is damaged: the caller then decodes row by row,
-        which resolves other names and says exactly where the damage is.
-
-        >>> class Opened(Event):
-        ...     number: str
-        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'])
-        [Opened(number='A1')]
-        >>> EventTypes([Opened]).decode_batch(['{"type":"Closed"}']) is None
-        True
-        """
-        decoder = self._batch_decoder
-        if decoder is None:
-            if not self._types:
-                return None
-            union = Union[tuple(self._types.values())]  # type: ignore[valid-type]  # noqa: UP007
-            try:
-                decoder = msgspec.json.Decoder(list[union])  # type: ignore[valid-type]
-            except TypeError:  # types that cannot share one union (different tag fields)
-                return None
-            self._batch_decoder = decoder
-        try:
-            events: list[Event] = decoder.decode("[" + ",".join(payloads) + "]")
-        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
-            return None
-        # a damaged payload could merge with or split its neighbours: the count must hold
-        return events if len(events) == len(payloads) else None
-
     def decode(
-        self, name: str, data: bytes | str, *, position: int | None = None, aggregate_id: str = ""
+        self,
+        name: str,
+        data: bytes | str,
+        *,
+        position: int | None = None,
+        aggregate_id: str = "",
+        schema_version: int | None = None,
     ) -> Event:
-        """Decode one stored payload; a bad payload raises CorruptEvent naming where it is."""
+        """Decode one stored payload, upcasting it first when it was stored at an older
+        schema version; a bad payload raises CorruptEvent naming where it is."""
         decoder = self.decoder(name, position=position)
         try:
+            if schema_version is not None:
+                current = self._types.get(name) or self.resolve(name)
+                if current is not None and schema_version != current.schema_version:
+                    return self._upcast(name, data, schema_version, current, position, aggregate_id)
             event: Event = decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise CorruptEvent(position, aggregate_id, str(error)) from error
+        return event
+
+    def _upcast(
+        self,
+        name: str,
+        data: bytes | str,
+        stored: int,
+        event_type: type[Event],
+        position: int | None,
+        aggregate_id: str,
+    ) -> Event:
+        target = event_type.schema_version
+        if stored > target:
+            raise CorruptEvent(
+                position,
+                aggregate_id,
+                f"{name} was stored at schema version {stored}, newer than this code's {target}",
+            )
+        payload = msgspec.json.decode(data)
+        for version in range(stored, target):
+            upcaster = self._upcasters.get((name, version))
+            if upcaster is None:
+                raise CorruptEvent(
+                    position,
+                    aggregate_id,
+                    f"{name} is stored at schema version {version} and no upcaster brings it "
+                    f"to {version + 1}; register one with @aggregate.upcast({name!r}, {version})",
+                )
+            try:
+                payload = upcaster(payload)
+            except Exception as error:  # the stored payload is not what the upcaster expects
+                raise CorruptEvent(
+                    position,
+                    aggregate_id,
+                    f"{getattr(upcaster, '__qualname__', upcaster)} could not bring {name} from "
+                    f"schema version {version} to {version + 1}: {error!r}",
+                ) from error
+        event: Event = msgspec.convert(payload, event_type)
         return event
 
 
@@ -118,13 +149,22 @@ def _subclasses(cls: type[Event]) -> Iterable[type[Event]]:
         yield from _subclasses(sub)
 
 
+_defined: tuple[int, dict[str, type[Event]]] = (-1, {})
+
+
 def _defined_event_types() -> dict[str, type[Event]]:
-    found: dict[str, type[Event]] = {}
-    for sub in _subclasses(Event):
-        tag = sub.__struct_config__.tag
-        if isinstance(tag, str):
-            found[tag] = sub  # later definitions win
-    return found
+    """Stored name -> the Event subclass defined last under it (recomputed only after a new
+    Event subclass has been defined)."""
+    global _defined
+    generation = messages._event_classes_defined
+    if _defined[0] != generation:
+        found: dict[str, type[Event]] = {}
+        for sub in _subclasses(Event):
+            tag = sub.__struct_config__.tag
+            if isinstance(tag, str):
+                found[tag] = sub  # later definitions win
+        _defined = (generation, found)
+    return _defined[1]
 
 
 def _invalid(command_type: type[Any], error: msgspec.ValidationError) -> InvalidCommand:
@@ -153,10 +193,64 @@ def validate_command(command: C) -> C:
     if not isinstance(command, Command):
         raise InvalidCommand(type(command).__name__, None, "not an incident.Command")
     try:
-        msgspec.convert(msgspec.to_builtins(command), type(command))
+        converted = msgspec.convert(msgspec.to_builtins(command), type(command))
     except msgspec.ValidationError as error:
         raise _invalid(type(command), error) from None
+    except (TypeError, msgspec.EncodeError) as error:  # a value msgspec cannot represent
+        field = next(
+            (
+                name
+                for name in command.__struct_fields__
+                if not _representable(getattr(command, name))
+            ),
+            None,
+        )
+        raise InvalidCommand(type(command).__name__, field, str(error)) from None
+    mismatch = _mismatch(command, converted, "") if converted != command else None
+    if mismatch is not None:
+        # a value that only passed because JSON spells it as a string (a str for a date,
+        # a UUID or a Decimal) or as an array (a list for a tuple): the type is still wrong
+        path, value, expected = mismatch
+        problem = f"Expected `{type(expected).__name__}`, got `{type(value).__name__}`"
+        raise InvalidCommand(type(command).__name__, path or None, problem)
     return command
+
+
+# What a loosely declared field (Any, object, dict[str, Any]) converts back into: when the
+# round trip lands on one of these, the declared type did not ask for anything richer.
+_JSON_TYPES = (str, int, float, bool, type(None), list, dict)
+
+
+def _mismatch(original: Any, converted: Any, path: str) -> tuple[str, Any, Any] | None:
+    """The path to the first value that converting to its declared type turned into a richer
+    type (a date from a str, a tuple from a list), with both values; None if there is none."""
+    if type(original) is not type(converted):
+        return None if type(converted) in _JSON_TYPES else (path, original, converted)
+    pairs: Iterable[tuple[str, Any, Any]] = ()
+    if isinstance(original, msgspec.Struct):
+        pairs = (
+            (f"{path}.{name}" if path else name, getattr(original, name), getattr(converted, name))
+            for name in original.__struct_fields__
+        )
+    elif isinstance(original, list | tuple):
+        pairs = (
+            (f"{path}[{i}]", a, b)
+            for i, (a, b) in enumerate(zip(original, converted, strict=False))
+        )
+    elif isinstance(original, dict):
+        pairs = ((f"{path}[{k!r}]", original[k], converted[k]) for k in original if k in converted)
+    for where, a, b in pairs:
+        if a is not b and a != b and (found := _mismatch(a, b, where)) is not None:
+            return found
+    return None
+
+
+def _representable(value: Any) -> bool:
+    try:
+        msgspec.to_builtins(value)
+    except (TypeError, msgspec.EncodeError):
+        return False
+    return True
 
 
 def decode_command(command_type: type[C], data: bytes | str | Mapping[str, Any]) -> C:

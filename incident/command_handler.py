@@ -16,9 +16,17 @@ from typing import Any
 
 from .aggregate import Aggregate
 from .codec import validate_command
-from .errors import ConcurrencyError, RegistrationError, Rejected, RoutingError
+from .errors import (
+    ConcurrencyError,
+    DuplicateCommand,
+    InvalidCommand,
+    RegistrationError,
+    Rejected,
+    RoutingError,
+)
 from .event_handler import Attempt, EventHandler, Output
 from .messages import Command, Projection, Recorded
+from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
 from .state_cache import StateCache
 from .stores import (
     EventStore,
@@ -31,6 +39,8 @@ from .stores import (
 __all__ = ["CommandHandler"]
 
 log = logging.getLogger("incident")
+
+IDEMPOTENCY_KEY = "idempotency_key"
 
 # A follow-up to run after the command commits: what to do, and the event that caused it.
 FollowUp = tuple[Recorded[Any], Command | Attempt]
@@ -45,6 +55,8 @@ class CommandHandler:
     ``retries`` bounds how often a command is decided again after a version conflict.
     ``cache_size`` bounds the LRU of (state, version) per aggregate that lets a command
     read only the events after the version it last saw (0 turns the cache off).
+    ``snapshot_every=N`` stores the state every N events (with the events, in the
+    projection store) so a cold start reads the latest snapshot and what follows it.
     """
 
     def __init__(
@@ -57,6 +69,7 @@ class CommandHandler:
         retries: int = 10,
         backoff: float = 0.002,
         cache_size: int = 10_000,
+        snapshot_every: int | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -73,10 +86,16 @@ class CommandHandler:
         self.retries = retries
         self.backoff = backoff
         self.cache = StateCache(cache_size)
+        if snapshot_every is not None and snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
+        self.snapshot_every = snapshot_every
+        self._codes = {aggregate.name: code_key(aggregate) for aggregate in aggregates}
         self._routes = _routes(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
             self.event_store.types.register(*aggregate.event_types)
+            for (name, version), upcaster in aggregate.upcasters.items():
+                self.event_store.types.register_upcaster(name, version, upcaster)
 
     def __repr__(self) -> str:
         names = ", ".join(aggregate.name for aggregate in self.aggregates)
@@ -108,11 +127,23 @@ class CommandHandler:
         """The current state of one aggregate, folded from its stream."""
         return self._load(self._aggregate(aggregate), aggregate_id)[0]
 
+    def _from_snapshot(
+        self, aggregate: Aggregate[Any], aggregate_id: str
+    ) -> tuple[Any, int] | None:
+        if self.snapshot_every is None:
+            return None
+        stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
+        return load_snapshot(aggregate, stored, self._codes[aggregate.name])
+
     def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
         """(state, version): from the cache plus the events after it, else the whole stream."""
         key = (aggregate.name, aggregate_id)
-        state, version = self.cache.get(key) or (aggregate.initial, 0)
-        # the events alone (no envelopes), streamed from one query; versions have no gaps
+        state, version = (
+            self.cache.get(key)
+            or self._from_snapshot(aggregate, aggregate_id)
+            or (aggregate.initial, 0)
+        )
+        # the events alone (no envelopes), streamed; versions have no gaps
         newer = self.event_store.events(aggregate_id, after=version)
         try:
             state, count = aggregate.fold_count(newer, state)
@@ -138,13 +169,23 @@ class CommandHandler:
         meta = dict(metadata or {})
         meta.setdefault("correlation_id", str(uuid.uuid4()))
         meta.setdefault("causation_id", None)
-        recorded, follow_ups = self._decide_and_append(aggregate, command, meta)
+        key = idempotency_key(command, meta)
+        if key is not None:
+            meta[IDEMPOTENCY_KEY] = key
+            earlier = self.event_store.recorded_for(key)
+            if earlier is not None:
+                return earlier  # done before: store nothing new, react to nothing
+        recorded, follow_ups = self._decide_and_append(aggregate, command, meta, key)
         for cause, reaction in follow_ups:
             self._react(reaction, cause, meta)
         return recorded
 
     def _decide_and_append(
-        self, aggregate: Aggregate[Any], command: Command, metadata: dict[str, Any]
+        self,
+        aggregate: Aggregate[Any],
+        command: Command,
+        metadata: dict[str, Any],
+        key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
         for attempt in range(self.retries + 1):
@@ -153,7 +194,7 @@ class CommandHandler:
             if not events:
                 return [], []
             follow_ups: list[FollowUp] = []
-            project = self._projector(aggregate, state, follow_ups)
+            project = self._projector(aggregate, aggregate_id, state, follow_ups)
             try:
                 recorded = self.event_store.append_and_project(
                     aggregate_id,
@@ -163,7 +204,10 @@ class CommandHandler:
                     metadata=metadata,
                     projection_store=self.projection_store,
                     project=project,
+                    idempotency_key=key,
                 )
+            except DuplicateCommand as duplicate:
+                return duplicate.recorded, []  # a racing twin committed first
             except ConcurrencyError:
                 if attempt == self.retries:
                     raise
@@ -179,7 +223,11 @@ class CommandHandler:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _projector(
-        self, aggregate: Aggregate[Any], state: Any, follow_ups: list[FollowUp]
+        self,
+        aggregate: Aggregate[Any],
+        aggregate_id: str,
+        state: Any,
+        follow_ups: list[FollowUp],
     ) -> ProjectFn:
         """What runs inside the append's transaction: the inline handlers, pure. It
         returns the projections to commit with the events and collects the commands."""
@@ -194,10 +242,29 @@ class CommandHandler:
                     if isinstance(output, Projection):
                         projections.append(output)
                     else:
+                        self._check_reaction(output)
                         follow_ups.append((record, output))
+                every = self.snapshot_every
+                if every is not None and record.version % every == 0:
+                    code = self._codes[aggregate.name]
+                    snapshot = take_snapshot(aggregate, aggregate_id, current, record.version, code)
+                    if snapshot is not None:
+                        projections.append(snapshot)
             return projections
 
         return project
+
+    def _check_reaction(self, reaction: Any) -> None:
+        """Validate and route a listener's commands (every branch) inside the transaction,
+        so a listener bug stores nothing rather than failing after its cause committed."""
+        if isinstance(reaction, tuple):
+            for step in reaction:
+                self._check_reaction(step)
+        elif isinstance(reaction, Attempt):
+            for part in (reaction.command, reaction.on_success, reaction.on_rejected):
+                self._check_reaction(part)
+        else:
+            self.aggregate_for(validate_command(reaction))
 
     def _handle(self, record: Recorded[Any], state: Any) -> Iterable[Output]:
         for handler in self.event_handlers:
@@ -210,6 +277,7 @@ class CommandHandler:
                 self._react(step, cause, root)
             return
         metadata = {**root, "causation_id": cause.event_id}
+        metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
         command = reaction.command if isinstance(reaction, Attempt) else reaction
         if not isinstance(command, Command):
             raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
@@ -230,6 +298,14 @@ class CommandHandler:
         if isinstance(reaction, Attempt):
             # what follows a success was caused by the attempted command's last event
             self._react(reaction.on_success, recorded[-1] if recorded else cause, root)
+
+
+def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None:
+    """The command's idempotency key: its ``idempotency_key`` field, else the metadata's."""
+    key = getattr(command, IDEMPOTENCY_KEY, None) or metadata.get(IDEMPOTENCY_KEY)
+    if key is not None and not isinstance(key, str):
+        raise InvalidCommand(type(command).__name__, IDEMPOTENCY_KEY, "must be a str")
+    return key or None
 
 
 def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:

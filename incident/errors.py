@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "ConcurrencyError",
     "CorruptEvent",
+    "DuplicateCommand",
     "IncidentError",
     "InvalidCommand",
     "RegistrationError",
@@ -39,6 +40,9 @@ class InvalidCommand(IncidentError, ValueError):
         self.problem = problem
         where = f" - at `{field}`" if field and f"`{field}`" not in problem else ""
         super().__init__(f"Invalid {command_type}: {problem}{where}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.command_type, self.field, self.problem))
 
 
 class Rejected(IncidentError):
@@ -101,6 +105,19 @@ class CorruptEvent(IncidentError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.position, self.aggregate_id, self.problem))
+
+
+class DuplicateCommand(IncidentError):
+    """An append carried an idempotency key that was already used; nothing was written.
+    ``recorded`` holds the events stored the first time (the command handler returns them)."""
+
+    def __init__(self, key: str, recorded: list[Any]) -> None:
+        self.key = key
+        self.recorded = recorded
+        super().__init__(f"Idempotency key {key!r} was already used; nothing was written")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.recorded))
 
 
 class StoreError(IncidentError):

@@ -46,13 +46,36 @@ def flatten(returned: object, source: str = "listener") -> list[Output]:
     """Normalise what a listener returned into a flat list of outputs, in order."""
     if returned is None:
         return []
-    if isinstance(returned, Projection | Command | Attempt):
+    if isinstance(returned, Attempt):
+        _check_reaction(returned, source)
+        return [returned]
+    if isinstance(returned, Projection | Command):
         return [returned]
     if isinstance(returned, Iterable) and not isinstance(returned, str | bytes | dict):
         return [out for item in returned for out in flatten(item, source)]
     raise RegistrationError(
         f"{source} returned {returned!r}; a listener returns None, a Projection, "
         "a Command, an Attempt, or an iterable of them"
+    )
+
+
+def _check_reaction(reaction: object, source: str) -> None:
+    """Refuse a malformed Attempt where the listener returns it (inside the transaction),
+    rather than after the command that caused it has committed."""
+    if isinstance(reaction, Command):
+        return
+    if isinstance(reaction, Attempt) and isinstance(reaction.command, Command):
+        _check_reaction(reaction.on_success, source)
+        _check_reaction(reaction.on_rejected, source)
+        return
+    if isinstance(reaction, tuple):
+        for step in reaction:
+            _check_reaction(step, source)
+        return
+    what = reaction.command if isinstance(reaction, Attempt) else reaction
+    raise RegistrationError(
+        f"{source} returned an Attempt containing {what!r}; an Attempt holds a Command, "
+        "and its branches are a Command, an Attempt, or a tuple of them (() for nothing)"
     )
 
 
@@ -87,6 +110,11 @@ class EventHandler:
                 raise RegistrationError(
                     f"{self.name}.listen({event_type!r}): not an incident.Event subclass"
                 )
+            if event_type is Event:
+                raise RegistrationError(
+                    f"{self.name}.listen(Event): listeners are matched by exact event type, "
+                    "so one for incident.Event itself would never run; name the event types"
+                )
 
         def register(listener: F) -> F:
             for event_type in event_types:
@@ -103,9 +131,11 @@ class EventHandler:
 
     @property
     def event_types(self) -> tuple[type[Event], ...]:
+        """The event types some listener here listens to, in registration order."""
         return tuple(self._listeners)
 
     def handles(self, event: Event) -> bool:
+        """Whether a listener is registered for this event's exact type."""
         return type(event) in self._listeners
 
     def handle(self, recorded: Recorded[Any], state: Any) -> list[Output]:

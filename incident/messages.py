@@ -5,6 +5,8 @@ from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
+from .errors import RegistrationError
+
 __all__ = [
     "ANY",
     "Command",
@@ -15,9 +17,27 @@ __all__ = [
 ]
 
 
-# Subclasses inherit frozen and kw_only at runtime; dataclass_transform tells type checkers.
+# How many Event subclasses have been defined in this process (see Event.__init_subclass__).
+_event_classes_defined = 0
+
+
+class _KeywordOnly(msgspec.StructMeta):
+    """Makes every subclass keyword-only too: msgspec's ``kw_only`` covers only the fields
+    of the class that says it (``frozen`` is inherited on its own)."""
+
+    def __new__(
+        mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **options: Any
+    ) -> "_KeywordOnly":
+        options.setdefault("kw_only", True)
+        # msgspec.defstruct hands a custom metaclass its field names as __slots__, which
+        # StructMeta itself then refuses; the fields are in __annotations__ all the same
+        namespace = {key: value for key, value in namespace.items() if key != "__slots__"}
+        return super().__new__(mcls, name, bases, namespace, **options)
+
+
+# Subclasses are frozen and keyword-only at runtime; dataclass_transform tells type checkers.
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
-class Command(msgspec.Struct, frozen=True, kw_only=True):
+class Command(msgspec.Struct, frozen=True, metaclass=_KeywordOnly):
     """Base of commands: an imperative request aimed at one aggregate by ``aggregate_id``.
 
     Subclasses declare ``aggregate_id: str`` plus their own fields; ``msgspec.Meta``
@@ -26,7 +46,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Event(msgspec.Struct, frozen=True, tag=True, metaclass=_KeywordOnly):
     """Base of events: a fact in the past tense.
 
     The stored type name is the class name, or the explicit ``tag`` given at class
@@ -37,9 +57,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     schema_version: ClassVar[int] = 1
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        global _event_classes_defined
+        _event_classes_defined += 1  # lets codec cache its name -> class map until this moves
+
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
-class Projection(msgspec.Struct, kw_only=True):
+class Projection(msgspec.Struct, metaclass=_KeywordOnly):
     """Base of read models, keyed by their ``aggregate_id`` field.
 
     A projection with an integer ``version`` field is never replaced by one with a
@@ -101,4 +126,13 @@ def event_type_name(event_type: type[Event]) -> str:
     tag = event_type.__struct_config__.tag
     if not isinstance(tag, str):
         raise TypeError(f"{event_type.__qualname__} is not an incident.Event subclass")
+    # msgspec hands an explicit tag down to subclasses: two classes of one lineage stored
+    # under one name would read back as whichever of them was registered last.
+    for base in event_type.__mro__[1:]:
+        if base is not Event and issubclass(base, Event) and base.__struct_config__.tag == tag:
+            raise RegistrationError(
+                f"{event_type.__qualname__} would be stored as {tag!r}, like its base "
+                f"{base.__qualname__}; give it its own name: "
+                f"class {event_type.__name__}({base.__name__}, tag=...)"
+            )
     return tag

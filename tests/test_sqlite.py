@@ -19,10 +19,16 @@ from typing import Any, ClassVar
 import msgspec
 import pytest
 import sqlite_utils
+from sqlite_workers import (
+    append_after_fork,
+    deposit_in_process,
+    initialize_in_process,
+    withdraw_in_process,
+)
 
 import incident
 from incident.examples import bank
-from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, WithdrawMoney
+from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited
 from incident.stores import sqlite as sqlite_store
 from incident.stores.sqlite import SQLiteEventStore, SQLiteProjectionStore, open_sqlite
 
@@ -74,6 +80,8 @@ def test_relative_absolute_and_memory_urls(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_bad_urls_and_options_are_clear_errors() -> None:
+    """A URL with a host, an unknown option or a bad value is refused with a message that says
+    what is expected."""
     with pytest.raises(incident.IncidentError, match=re.escape("sqlite:///relative.db")):
         incident.open_event_store("sqlite://host/x.db")
     with pytest.raises(incident.IncidentError, match="Unknown SQLite store options"):
@@ -98,6 +106,8 @@ def test_durable_by_default_and_relaxed_on_request(url: str) -> None:
 
 
 def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
+    """initialize() reports each step it takes, and nothing the second time (also from another
+    store object)."""
     store = incident.open_event_store(url)
     assert store.initialize() == [
         "created table incident_schema",
@@ -113,12 +123,14 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
 
 
 def test_tables_are_created_on_first_use(url: str) -> None:
+    """A fresh file works without initialize(): the first use creates the tables."""
     store = incident.open_event_store(url)
     assert store.get("nobody") == []
     assert store.initialize() == []
 
 
 def test_a_file_from_a_newer_release_is_refused(url: str) -> None:
+    """A schema version this release does not know is a StoreError, not a silent misread."""
     incident.open_event_store(url).initialize()
     raw(url, "INSERT INTO incident_schema VALUES (99, 'the future', '2100-01-01')")
     with pytest.raises(incident.StoreError, match="schema version 99"):
@@ -196,6 +208,8 @@ def test_one_command_is_one_commit(url: str) -> None:
 
 
 def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: str) -> None:
+    """Same file (even through another object) means one transaction; other files, memory
+    stores and separate in-memory databases do not."""
     events = open_sqlite(url)
     same_file = incident.open_projection_store(url)
     other_file = incident.open_projection_store(url.replace("bank.db", "other.db"))
@@ -203,9 +217,16 @@ def test_a_projection_store_opened_on_the_same_file_shares_the_transaction(url: 
     assert not events.shares_database_with(other_file)
     assert not events.shares_database_with(incident.open_projection_store("memory://"))
     assert not open_sqlite("sqlite://").shares_database_with(open_sqlite("sqlite://").projections())
+    app = bank.build(url, url)  # two URLs naming one file: still one transaction
+    assert app.event_store.shares_database_with(app.projection_store)
+    app.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    row = app.projection_store.get(BankAccount, "ACC1")
+    assert row is not None and row.version == 1
 
 
 def test_projections_in_another_store_follow_the_commit(url: str) -> None:
+    """With the read models in another store, the events commit first and the projections
+    follow; the SQLite file gets no projection table."""
     handler = bank.build(url, "memory://")
     handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
     handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=7))
@@ -276,6 +297,7 @@ def test_projection_tables_have_typed_columns(url: str) -> None:
 
 
 def test_projections_round_trip_exactly(url: str) -> None:
+    """Every field comes back equal, datetimes with their UTC offset."""
     projections = incident.open_projection_store(url)
     oslo = dt.timezone(dt.timedelta(hours=2))
     for row in (
@@ -290,6 +312,8 @@ def test_projections_round_trip_exactly(url: str) -> None:
 
 
 def test_a_field_added_later_gets_its_column(url: str) -> None:
+    """A Projection class redefined with a new field gets its column, even in the same process."""
+
     class Account(incident.Projection):
         aggregate_id: str
         balance: int
@@ -343,6 +367,8 @@ def test_a_table_created_in_a_rolled_back_transaction_is_made_again(url: str) ->
 
 
 def test_the_key_column_need_not_come_first(url: str) -> None:
+    """The version guard and the winner lookup use aggregate_id wherever the field is declared."""
+
     class Late(incident.Projection):
         version: int
         label: str
@@ -364,6 +390,8 @@ def test_the_version_guard_holds_across_store_objects(url: str) -> None:
 
 
 def test_two_projection_types_cannot_share_a_table(url: str) -> None:
+    """Two classes mapping to one table, or to the event store's tables, are refused;
+    table_name chooses another."""
     projections = incident.open_projection_store(url)
 
     class Customer(incident.Projection):  # same name as the module's, another module path
@@ -388,6 +416,8 @@ def test_two_projection_types_cannot_share_a_table(url: str) -> None:
 
 
 def test_a_projection_that_cannot_be_stored_writes_nothing(url: str) -> None:
+    """A value that does not encode is refused before anything is written."""
+
     class Loose(incident.Projection):
         aggregate_id: str
         extra: Any
@@ -418,12 +448,17 @@ def test_reads_stream_in_batches(store: SQLiteEventStore, monkeypatch: pytest.Mo
     ).balance == sum(range(1, 9))
 
 
-def test_events_reads_payloads_only(store: SQLiteEventStore, url: str) -> None:
-    """events() is what a fold needs: the payloads in version order; bad rows still raise."""
-    store.append("a", deposits(1, 2, 3), expected_version=0)
+def test_events_reads_payloads_only(
+    store: SQLiteEventStore, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """events() is what a fold needs: the payloads in version order, in batches; bad rows
+    still raise."""
+    monkeypatch.setattr(sqlite_store, "BATCH", 2)
+    store.append("a", deposits(1, 2, 3, 4, 5), expected_version=0)
     store.append("b", deposits(9), expected_version=0)
-    assert list(store.events("a")) == deposits(1, 2, 3)
-    assert list(store.events("a", after=1)) == deposits(2, 3)
+    assert list(store.events("a")) == deposits(1, 2, 3, 4, 5)
+    assert list(store.events("a", after=1)) == deposits(2, 3, 4, 5)
+    assert list(store.events("a", after=3)) == deposits(4, 5)
     assert list(store.events("nobody")) == []
     raw(url, "UPDATE events SET data = '{' WHERE position = 2")
     with pytest.raises(incident.CorruptEvent, match="position 2 of aggregate 'a'"):
@@ -434,6 +469,7 @@ def test_events_reads_payloads_only(store: SQLiteEventStore, url: str) -> None:
 
 
 def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> None:
+    """A broken envelope (not only a broken payload) names its position and aggregate."""
     store.append("a", deposits(1), expected_version=0)
     raw(url, "UPDATE events SET metadata = '[1, 2' WHERE position = 1")
     with pytest.raises(incident.CorruptEvent, match="position 1 of aggregate 'a'"):
@@ -444,6 +480,7 @@ def test_bad_metadata_is_a_corrupt_event(store: SQLiteEventStore, url: str) -> N
 
 
 def test_driver_errors_are_store_errors(tmp_path: Path) -> None:
+    """A failure inside sqlite3 surfaces as StoreError with the driver's error chained."""
     missing = incident.open_event_store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
     with pytest.raises(incident.StoreError) as caught:
         missing.get("a")
@@ -451,6 +488,7 @@ def test_driver_errors_are_store_errors(tmp_path: Path) -> None:
 
 
 def test_a_closed_store_says_so(url: str) -> None:
+    """Using a closed store is a StoreError that says it is closed."""
     store = incident.open_event_store(url)
     store.close()
     with pytest.raises(incident.StoreError, match="closed"):
@@ -483,52 +521,6 @@ def test_racing_threads_get_concurrency_errors_not_locks(url: str, where: str) -
 
 
 # -- processes (spawned, so each has its own SQLite connections and locks) -------------
-
-
-def withdraw_in_process(url: str, start: Any, results: Any) -> None:
-    handler = bank.build(url)
-    start.wait()
-    try:
-        handler.dispatch(WithdrawMoney(aggregate_id="ACC1", amount=24))
-    except incident.Rejected as rejected:
-        results.put(rejected.reason)
-    except Exception as error:  # reported to the test rather than lost in a child
-        results.put(f"{type(error).__name__}: {error}")
-    else:
-        results.put("ok")
-
-
-def deposit_in_process(url: str, count: int, start: Any, results: Any) -> None:
-    handler = bank.build(url)
-    start.wait()
-    conflicts = 0
-    done = 0
-    try:
-        while done < count:
-            try:
-                handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=1))
-            except incident.ConcurrencyError:
-                conflicts += 1  # nothing was written: try again
-                continue
-            done += 1
-    except Exception as error:
-        results.put(f"{type(error).__name__}: {error}")
-        return
-    results.put(done)
-
-
-def initialize_in_process(url: str, start: Any, results: Any) -> None:
-    store = incident.open_event_store(url)
-    start.wait()
-    results.put(store.initialize())
-
-
-def append_after_fork(store: SQLiteEventStore, results: Any) -> None:
-    try:
-        store.append("forked", deposits(1), expected_version=0)
-        results.put([r.aggregate_id for r in store.read_all()])
-    except Exception as error:
-        results.put(f"{type(error).__name__}: {error}")
 
 
 def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
@@ -618,6 +610,7 @@ def test_a_forked_child_opens_its_own_connection(store: SQLiteEventStore) -> Non
 
 
 def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, url: str) -> None:
+    """Event ids are UUIDs, and the table refuses a duplicate."""
     store.append("a", deposits(1, 2), expected_version=0)
     ids = [row[0] for row in raw(url, "SELECT event_id FROM events ORDER BY position")]
     assert len(set(ids)) == 2 and all(uuid.UUID(i) for i in ids)
@@ -626,6 +619,7 @@ def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, u
 
 
 def test_the_projection_store_type(url: str) -> None:
+    """The SQLite stores satisfy the runtime-checkable protocols."""
     assert isinstance(incident.open_projection_store(url), SQLiteProjectionStore)
     assert isinstance(incident.open_projection_store(url), incident.ProjectionStore)
     assert isinstance(incident.open_event_store(url), incident.EventStore)

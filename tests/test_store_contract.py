@@ -99,6 +99,20 @@ def test_an_empty_append_writes_nothing(event_store: incident.EventStore) -> Non
     assert event_store.version("acc-1") == 0
 
 
+def test_events_and_stream_read_one_stream(event_store: incident.EventStore) -> None:
+    """events() gives a stream's payloads (what a fold needs), stream() its envelopes
+    lazily; both in version order, both honour ``after``."""
+    if not hasattr(event_store, "events") or not hasattr(event_store, "stream"):
+        pytest.skip(f"{type(event_store).__name__} has no events()/stream() yet")
+    event_store.append("a", deposited(1, 2), expected_version=0)
+    event_store.append("b", deposited(5), expected_version=0)
+    event_store.append("a", deposited(3), expected_version=2)
+    assert list(event_store.events("a")) == deposited(1, 2, 3)
+    assert list(event_store.events("a", after=2)) == deposited(3)
+    assert list(event_store.events("nobody")) == []
+    assert list(event_store.stream("a", after=1)) == event_store.get("a", after=1)
+
+
 def test_read_all_is_gapless_in_commit_order_and_pages(event_store: incident.EventStore) -> None:
     event_store.append("a", deposited(1, 2), expected_version=0)
     event_store.append("b", [MoneyWithdrawn(amount=5)], expected_version=0)
@@ -217,6 +231,8 @@ def test_a_row_of_the_wrong_shape_is_a_corrupt_event(
 def test_an_unknown_event_type_names_it_and_the_registered_ones(
     event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
 ) -> None:
+    """A stored type name no class carries raises UnknownEventType naming it, its position
+    and the registered types."""
     event_store.append("acc-1", deposited(1), expected_version=0)
     write_raw_event(
         RawEvent(position=2, aggregate_id="acc-1", version=2, event_type="MoneyVanished", data="{}")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..codec import EventTypes, encode
-from ..errors import IncidentError
+from ..errors import DuplicateCommand, IncidentError
 from ..messages import Event, Projection, Recorded
 from ._common import (
     check_expected_version,
@@ -83,6 +83,7 @@ class MemoryEventStore:
         self._log: list[Recorded[Any]] = []
         self._streams: dict[str, list[Recorded[Any]]] = {}
         self._projections: MemoryProjectionStore | None = None
+        self._keys: dict[str, list[Recorded[Any]]] = {}  # idempotency key -> first events
 
     def __repr__(self) -> str:
         return f"MemoryEventStore({len(self._log)} events)"
@@ -108,9 +109,17 @@ class MemoryEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         return self._append(
-            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
         )
 
     def _append(
@@ -122,11 +131,14 @@ class MemoryEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         batch = checked_events(aggregate_id, events)
         for event in batch:
             encode(event)
         with self._lock:
+            if idempotency_key is not None and idempotency_key in self._keys:
+                raise DuplicateCommand(idempotency_key, self._keys[idempotency_key])
             stream = self._streams.get(aggregate_id, [])
             check_expected_version(aggregate_id, expected_version, len(stream))
             if not batch:
@@ -142,30 +154,42 @@ class MemoryEventStore:
             projections = list(project(recorded)) if project is not None else []
             if projection_store is not None and not self.shares_database_with(projection_store):
                 # another database: the events commit first, the projections right after
-                self._commit(aggregate_id, recorded)
+                self._commit(aggregate_id, recorded, idempotency_key)
                 for projection in projections:
                     projection_store.project(projection)
                 return recorded
             if isinstance(projection_store, MemoryProjectionStore):
                 projection_store.project_many(projections)  # checks all before writing any
-            self._commit(aggregate_id, recorded)
+            self._commit(aggregate_id, recorded, idempotency_key)
             return recorded
 
-    def _commit(self, aggregate_id: str, recorded: list[Recorded[Any]]) -> None:
+    def _commit(
+        self, aggregate_id: str, recorded: list[Recorded[Any]], idempotency_key: str | None
+    ) -> None:
+        if idempotency_key is not None:
+            self._keys[idempotency_key] = recorded
         self._log.extend(recorded)
         self._streams.setdefault(aggregate_id, []).extend(recorded)
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, MemoryProjectionStore)
 
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        with self._lock:
+            found = self._keys.get(idempotency_key)
+        return None if found is None else list(found)
+
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         with self._lock:
             return list(self._streams.get(aggregate_id, [])[after:])
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
-        with self._lock:
-            chunk = self._streams.get(aggregate_id, [])[after:]
-        return (recorded.data for recorded in chunk)
+        """The stream's events without their envelopes: what a fold needs."""
+        return iter([recorded.data for recorded in self.get(aggregate_id, after=after)])
+
+    def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
+        """The stream as an iterator (durable stores fetch it in batches)."""
+        return iter(self.get(aggregate_id, after=after))
 
     def version(self, aggregate_id: str) -> int:
         with self._lock:

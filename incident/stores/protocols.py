@@ -63,9 +63,17 @@ class EventStore(Protocol):
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         """Append, then write ``project(recorded)`` to ``projection_store``: in one
-        transaction when :meth:`shares_database_with` says so, else right after."""
+        transaction when :meth:`shares_database_with` says so, else right after.
+
+        With an ``idempotency_key``, the key is recorded in the same transaction; a key
+        already used raises DuplicateCommand carrying the first time's events."""
+        ...
+
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        """The events an earlier append with this idempotency key stored, or None."""
         ...
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool: ...

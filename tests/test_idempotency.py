@@ -1,0 +1,73 @@
+"""Idempotent commands: one key, one set of events, however often and however racing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import incident
+from incident.examples import bank
+
+
+@pytest.fixture
+def app(store_url: str) -> Iterator[incident.CommandHandler]:
+    handler = bank.build(store_url)
+    handler.dispatch(bank.OpenAccount(aggregate_id="A"))
+    yield handler
+    handler.event_store.close()
+
+
+def deposit(app: incident.CommandHandler, key: str) -> list[incident.Recorded[object]]:
+    return app.dispatch(
+        bank.DepositMoney(aggregate_id="A", amount=10), metadata={"idempotency_key": key}
+    )
+
+
+def test_the_same_key_twice_stores_once_and_returns_the_first_events(
+    app: incident.CommandHandler,
+) -> None:
+    first = deposit(app, "pay-1")
+    again = deposit(app, "pay-1")
+    assert again == first
+    assert app.state("bank_account", "A").balance == 10
+    assert first[0].metadata["idempotency_key"] == "pay-1"
+    deposit(app, "pay-2")
+    assert app.state("bank_account", "A").balance == 20
+
+
+def test_racing_duplicates_store_one_set_of_events(app: incident.CommandHandler) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: deposit(app, "race"), range(6)))
+    assert all(result == results[0] for result in results)
+    assert app.event_store.version("A") == 2
+    assert app.state("bank_account", "A").balance == 10
+
+
+def test_a_rejected_command_does_not_use_up_its_key(app: incident.CommandHandler) -> None:
+    withdraw = bank.WithdrawMoney(aggregate_id="A", amount=5)
+    with pytest.raises(incident.Rejected):
+        app.dispatch(withdraw, metadata={"idempotency_key": "w-1"})
+    deposit(app, "d-1")
+    app.dispatch(withdraw, metadata={"idempotency_key": "w-1"})
+    assert app.state("bank_account", "A").balance == 5
+
+
+def test_follow_up_commands_do_not_inherit_the_key(app: incident.CommandHandler) -> None:
+    """A transfer's follow-ups are new commands; only the root carries the key."""
+    app.dispatch(bank.OpenAccount(aggregate_id="B"))
+    deposit(app, "d-1")
+    request = bank.RequestTransfer(
+        aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=4
+    )
+    app.dispatch(request, metadata={"idempotency_key": "t-1"})
+    app.dispatch(request, metadata={"idempotency_key": "t-1"})
+    assert [r.event_type for r in app.event_store.get("T1")] == [
+        "TransferRequested",
+        "TransferInitiated",
+        "TransferCompleted",
+    ]
+    keys = [r.metadata.get("idempotency_key") for r in app.event_store.read_all()]
+    assert keys.count("t-1") == 1
+    assert app.state("bank_account", "B").balance == 4

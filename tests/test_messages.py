@@ -1,0 +1,154 @@
+"""Messages: frozen keyword-only structs, stable event type names, ANY, Recorded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+
+import msgspec
+import pytest
+
+import incident
+from incident.codec import encode
+
+
+class Open(incident.Command):
+    aggregate_id: str
+
+
+class Opened(incident.Event):
+    number: str
+
+
+class Renamed(incident.Event, tag="AccountClosed"):
+    pass
+
+
+class Row(incident.Projection):
+    aggregate_id: str
+    balance: int = 0
+
+
+def test_commands_and_events_are_frozen() -> None:
+    """Messages are facts and requests: they cannot be changed after construction."""
+    with pytest.raises(AttributeError):
+        Open(aggregate_id="A").aggregate_id = "B"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        Opened(number="1").number = "2"  # type: ignore[misc]
+
+
+def test_commands_and_events_are_keyword_only() -> None:
+    """Positional construction is refused, so field order never silently matters."""
+    with pytest.raises(TypeError):
+        Open("A")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Opened("1")  # type: ignore[misc]
+
+
+def test_keyword_only_reaches_grandchildren_and_projections() -> None:
+    """Every level of subclassing stays keyword-only, projections included."""
+
+    class Child(Opened):
+        extra: int = 0
+
+    with pytest.raises(TypeError):
+        Child("1", 2)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Row("A")  # type: ignore[misc]
+    assert Child(number="1", extra=2).extra == 2
+
+
+def test_projections_are_mutable_read_models() -> None:
+    """A projection is plain data a listener may build step by step."""
+    row = Row(aggregate_id="A")
+    row.balance = 5
+    assert row == Row(aggregate_id="A", balance=5)
+
+
+def test_messages_pickle_by_reference() -> None:
+    """Messages cross process boundaries (process pools) unchanged."""
+    for message in (Open(aggregate_id="A"), Opened(number="1"), Row(aggregate_id="A")):
+        assert pickle.loads(pickle.dumps(message)) == message
+
+
+def test_event_type_names_are_the_class_name_or_the_explicit_tag() -> None:
+    """The stored name is the class name unless a tag was given."""
+    assert incident.event_type_name(Opened) == "Opened"
+    assert incident.event_type_name(Renamed) == "AccountClosed"
+    assert msgspec.json.decode(encode(Renamed())) == {"type": "AccountClosed"}
+
+
+def test_event_type_name_refuses_non_events() -> None:
+    """Commands and projections have no stored event name."""
+    with pytest.raises(TypeError, match=r"not an incident\.Event"):
+        incident.event_type_name(Open)  # type: ignore[arg-type]
+
+
+def test_a_subclass_of_an_explicitly_tagged_event_needs_its_own_name() -> None:
+    """msgspec passes an explicit tag down to subclasses; incident refuses the collision
+    instead of reading the parent's stored events back as the child."""
+
+    class Base(incident.Event, tag="Contested2"):
+        n: int
+
+    class Child(Base):
+        extra: int = 0
+
+    class Named(Base, tag="Named2"):
+        pass
+
+    with pytest.raises(incident.RegistrationError, match=r"Child.*'Contested2'.*Base"):
+        incident.event_type_name(Child)
+    with pytest.raises(incident.RegistrationError):
+        incident.EventTypes([Base, Child])
+    assert incident.event_type_name(Named) == "Named2"
+    assert incident.event_type_name(Base) == "Contested2"
+
+
+def test_subclasses_of_plainly_named_events_keep_their_own_names() -> None:
+    """Without an explicit tag, each subclass is stored under its own class name."""
+
+    class Child(Opened):
+        pass
+
+    assert incident.event_type_name(Child) == "Child"
+
+
+def test_any_is_a_singleton_that_survives_pickling() -> None:
+    """ANY compares by identity, so it must stay the same object across a pickle."""
+    assert pickle.loads(pickle.dumps(incident.ANY)) is incident.ANY
+    assert type(incident.ANY)() is incident.ANY
+    assert repr(incident.ANY) == "ANY"
+
+
+def test_recorded_round_trips_through_json() -> None:
+    """The envelope encodes and decodes with its event and metadata intact."""
+    recorded = incident.Recorded(
+        position=1,
+        event_id="e1",
+        aggregate_id="A",
+        aggregate="account",
+        version=1,
+        event_type="Opened",
+        event_date=dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC),
+        data=Opened(number="A"),
+        metadata={"correlation_id": "c", "causation_id": None},
+    )
+    decoded = msgspec.json.decode(encode(recorded), type=incident.Recorded[Opened])
+    assert decoded == recorded
+    assert incident.Recorded(**{**msgspec.structs.asdict(recorded), "metadata": {}}).metadata == {}
+
+
+def test_messages_can_be_defined_dynamically() -> None:
+    """msgspec.defstruct works with the message bases (generated types, test factories)."""
+    dynamic = msgspec.defstruct(
+        "Dynamic", [("aggregate_id", str), ("n", int, 3)], bases=(incident.Command,)
+    )
+    command = dynamic(aggregate_id="A")
+    assert (command.aggregate_id, command.n) == ("A", 3)
+    assert incident.validate_command(command) is command
+    with pytest.raises(AttributeError):
+        command.n = 4
+    happened = msgspec.defstruct("Happened", [("n", int)], bases=(incident.Event,))
+    assert incident.event_type_name(happened) == "Happened"
+    assert msgspec.json.decode(encode(happened(n=1))) == {"type": "Happened", "n": 1}

@@ -1,0 +1,77 @@
+"""Typed usage of the public API: mypy --strict must accept this file as written.
+
+Public types are tested like behaviour; a signature change that breaks users breaks this.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+import incident
+
+
+class Deposit(incident.Command):
+    aggregate_id: str
+    amount: Annotated[int, msgspec.Meta(gt=0)]
+
+
+class Deposited(incident.Event):
+    amount: int
+
+
+class Balance(incident.Projection):
+    aggregate_id: str
+    balance: int
+    version: int
+
+
+class State(msgspec.Struct, frozen=True):
+    balance: int = 0
+
+
+account: incident.Aggregate[State] = incident.Aggregate("typed_account", initial=State())
+
+
+@account.execute
+def deposit(state: State, cmd: Deposit) -> Deposited:
+    return Deposited(amount=cmd.amount)
+
+
+@account.apply
+def deposited(state: State, event: Deposited) -> State:
+    return msgspec.structs.replace(state, balance=state.balance + event.amount)
+
+
+balances = incident.EventHandler("typed_balances")
+
+
+@balances.listen(Deposited)
+def balance_row(recorded: incident.Recorded[Deposited], state: State) -> Balance:
+    return Balance(
+        aggregate_id=recorded.aggregate_id, balance=state.balance, version=recorded.version
+    )
+
+
+def use() -> int:
+    handler = incident.CommandHandler(
+        "memory://", aggregates=[account], event_handlers=[balances], retries=3
+    )
+    recorded: list[incident.Recorded[Any]] = handler.dispatch(
+        Deposit(aggregate_id="a", amount=1), metadata={"user": "ann"}
+    )
+    state: State = account.fold(r.data for r in recorded)
+    row: Balance | None = handler.projection_store.get(Balance, "a")
+    rows: list[Balance] = handler.projection_store.all(Balance)
+    store: incident.EventStore = incident.open_event_store("memory://")
+    store.append("b", [Deposited(amount=2)], expected_version=incident.ANY)
+    try:
+        handler.dispatch(incident.decode_command(Deposit, {"aggregate_id": "a", "amount": 0}))
+    except incident.InvalidCommand as error:
+        field: str | None = error.field
+        del field
+    except incident.Rejected as rejection:
+        reason: str = rejection.reason
+        del reason
+    return state.balance + (row.balance if row else 0) + len(rows)
