@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 import incident
+from incident.examples import bank
 from incident.stores.sqlite import sqlite_path
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
@@ -115,6 +116,9 @@ def write_raw_event(request: pytest.FixtureRequest, store_url: str) -> Callable[
 @pytest.fixture
 def event_store(store_url: str) -> Iterator[incident.EventStore]:
     store = incident.open_event_store(store_url)
+    # Stores that decode by name resolve unregistered names to the Event class defined
+    # last; other tests (the README's) define their own MoneyDeposited, so say which.
+    store.types.register(*bank.bank_account.event_types, *bank.transfer.event_types)
     yield store
     store.close()
 

@@ -26,10 +26,10 @@ import msgspec
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
+from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from .protocols import ProjectFn, ProjectionStore
@@ -75,12 +75,28 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        "0002_idempotency_keys",
+        "the idempotency keys table: which positions each keyed command stored",
+        [
+            """
+            CREATE TABLE {schema}.idempotency_keys (
+                key text PRIMARY KEY,
+                first_position bigint NOT NULL,
+                last_position bigint NOT NULL
+            )
+            """,
+        ],
+    ),
 ]
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
     " event_date, data::text, metadata::text"
 )
+
+
+_RESERVED = {"events", "incident_migrations"}
 
 
 def _lock_key(schema: str, purpose: str) -> int:
@@ -141,8 +157,21 @@ class _Database:
                 f"Postgres failed {doing}: {_first_line(error)}. Create the tables with "
                 f"`incident init URL`, or open the store with create_tables=True"
             ) from error
+        except PoolTimeout as error:
+            raise StoreError(f"Postgres failed {doing}: {self._why_no_connection()}") from error
         except psycopg.Error as error:
             raise StoreError(f"Postgres failed {doing}: {_first_line(error)}") from error
+
+    def _why_no_connection(self) -> str:
+        """The pool only says it timed out; one direct attempt tells why."""
+        try:
+            psycopg.connect(self.conninfo, connect_timeout=5).close()
+        except psycopg.Error as error:
+            return _first_line(error)
+        return (
+            f"all {self.pool.max_size} pooled connections stayed busy for {self.pool.timeout}s;"
+            " raise pool_size or timeout"
+        )
 
     def ready(self) -> None:
         """Create or migrate the tables once per process, when allowed to."""
@@ -267,10 +296,15 @@ class _Table:
                 f"{projection_type.__name__} needs a str aggregate_id field to be stored"
             )
         self.name = _snake(projection_type.__name__)
+        if self.name in _RESERVED:
+            raise IncidentError(
+                f"{projection_type.__name__} would be stored in table {self.name!r}, which "
+                "incident uses itself; rename the projection class"
+            )
         self.table = db.table(self.name)
         self.ddl_lock = _lock_key(db.schema, f"table {self.name}")  # racing creators queue
         self.decoder = msgspec.json.Decoder(projection_type)
-        self.create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        self.create = sql.SQL("CREATE TABLE {} ({})").format(
             self.table,
             sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(kind))
@@ -302,7 +336,9 @@ class _Table:
     def ensure(self, conn: Connection) -> None:
         """Create the table, or add the columns of fields added since (nullable)."""
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [self.ddl_lock])
-        conn.execute(self.create)
+        # DDL only when something is missing: a role without CREATE works on tables in place
+        if _fetch_value(conn, "SELECT to_regclass(%s)", self.table.as_string(conn)) is None:
+            conn.execute(self.create)
         existing = {
             name
             for (name,) in conn.execute(
@@ -366,16 +402,6 @@ class PostgresProjectionStore:
         for projection_type in types:
             self._db.tables.setdefault(projection_type, _Table(self._db, projection_type))
 
-    def _write(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
-        """Upsert inside the caller's transaction; True where the given row won."""
-        won = []
-        for projection in projections:
-            cursor = conn.execute(
-                self._table(type(projection)).upsert, [encode(projection).decode()]
-            )
-            won.append(cursor.fetchone() is not None)
-        return won
-
     @staticmethod
     def _check(projection: Projection) -> str:
         key = projection_key(projection)
@@ -402,11 +428,14 @@ class PostgresProjectionStore:
         newer: P = table.decode(stored)
         return newer
 
-    def project_many(self, conn: Connection, projections: Sequence[Projection]) -> list[bool]:
-        """Inside an append's transaction: checks every row, then writes them all."""
+    def _queue(self, conn: Connection, projections: Sequence[Projection]) -> None:
+        """Inside an append's transaction: checks every row, then sends the upserts."""
+        rows = []
         for projection in projections:
             self._check(projection)
-        return self._write(conn, projections)
+            rows.append((self._table(type(projection)), encode(projection).decode()))
+        for table, payload in rows:
+            conn.execute(table.upsert, [payload])
 
     def _rows(self, projection_type: type[Projection], where: str, *params: Any) -> list[Any]:
         table = self._table(projection_type)
@@ -485,6 +514,14 @@ class PostgresEventStore:
             ).format(events)
         )
         self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
+        self._span = select + sql.SQL(" WHERE position BETWEEN %s AND %s ORDER BY position")
+        keys = db.table("idempotency_keys")
+        self._key = sql.SQL("SELECT first_position, last_position FROM {} WHERE key = %s").format(
+            keys
+        )
+        self._remember_key = sql.SQL(
+            "INSERT INTO {} (key, first_position, last_position) VALUES (%s, %s, %s)"
+        ).format(keys)
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
@@ -510,9 +547,17 @@ class PostgresEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         return self._append(
-            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
         )
 
     def _append(
@@ -524,6 +569,7 @@ class PostgresEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         # everything that can be refused is refused before the database is touched
         batch = checked_events(aggregate_id, events)
@@ -546,9 +592,19 @@ class PostgresEventStore:
         doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
         with self._db.connection(doing) as conn:
             try:
-                with conn.transaction():
+                # Pipelined: BEGIN, the lock and the heads travel together, then the
+                # inserts, upserts and COMMIT, so the lock is held for about two round trips.
+                with conn.pipeline(), conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
-                    version, last_position = conn.execute(self._heads, [aggregate_id]).fetchone()  # type: ignore[misc]
+                    heads = conn.execute(self._heads, [aggregate_id])
+                    if idempotency_key is not None:
+                        earlier = conn.execute(self._key, [idempotency_key]).fetchone()
+                        if earlier is not None:
+                            rows = conn.execute(self._span, earlier).fetchall()
+                            raise DuplicateCommand(
+                                idempotency_key, [self._recorded(row) for row in rows]
+                            )
+                    version, last_position = heads.fetchone()  # type: ignore[misc]
                     check_expected_version(aggregate_id, expected_version, version)
                     recorded = stamp(
                         aggregate_id,
@@ -564,11 +620,16 @@ class PostgresEventStore:
                     else:
                         with conn.cursor() as cursor:
                             cursor.executemany(self._insert, rows)
+                    if idempotency_key is not None:
+                        conn.execute(
+                            self._remember_key,
+                            [idempotency_key, recorded[0].position, recorded[-1].position],
+                        )
                     if project is not None:
                         projections = list(project(recorded))
                     if shared:
                         fresh = self._projections._prepare(conn, map(type, projections))
-                        self._projections.project_many(conn, projections)
+                        self._projections._queue(conn, projections)
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
@@ -581,6 +642,15 @@ class PostgresEventStore:
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        """The events an earlier append with this key stored (positions of one append are
+        consecutive: appends commit one at a time), or None."""
+        doing = f"looking up idempotency key {idempotency_key!r}"
+        span = self._fetch(doing, self._key, idempotency_key)
+        if not span:
+            return None
+        return [self._recorded(row) for row in self._fetch(doing, self._span, *span[0])]
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         """True for a Postgres projection store on the same server, database and schema
@@ -597,9 +667,15 @@ class PostgresEventStore:
             return conn.execute(query, params).fetchall()
 
     def _recorded(self, row: tuple[Any, ...]) -> Recorded[Any]:
-        (position, event_id, aggregate_id, aggregate, version, event_type, _schema_version,
+        (position, event_id, aggregate_id, aggregate, version, event_type, schema_version,
          event_date, data, metadata) = row  # fmt: skip
-        event = self.types.decode(event_type, data, position=position, aggregate_id=aggregate_id)
+        event = self.types.decode(
+            event_type,
+            data,
+            position=position,
+            aggregate_id=aggregate_id,
+            schema_version=schema_version,
+        )
         try:
             meta = msgspec.json.decode(metadata, type=dict[str, Any])
         except (msgspec.DecodeError, msgspec.ValidationError) as error:

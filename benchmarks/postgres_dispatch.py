@@ -1,0 +1,152 @@
+"""Dispatch throughput on Postgres with 1 and 8 worker processes, against the raw psycopg
+insert ceiling measured in the same run on the same server.
+
+    python benchmarks/postgres_dispatch.py [--url postgresql://...] [--commands 500]
+
+Every worker is its own OS process with its own pool, as application servers would be.
+A dispatch is a DepositMoney on one of the worker's own accounts: read the stream, decide,
+append the event and upsert the BankAccount projection in one transaction (one commit).
+The ceiling is one single-row INSERT of the same JSON payload per commit, through plain
+psycopg into a bigserial table: no reads, no lock, no projection. Runs in a scratch
+schema that is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+import incident
+from incident.examples import bank
+
+spawn = multiprocessing.get_context("spawn")
+WARMUP = 20
+ACCOUNTS = 25
+
+
+def _dispatch_worker(url: str, prefix: str, commands: int, start: Any, results: Any) -> None:
+    app = bank.build(url)
+    # Round robin over a few accounts: short streams, as most aggregates have, so the
+    # numbers measure the store and not folding one ever-longer stream.
+    accounts = [f"{prefix}-{n}" for n in range(ACCOUNTS)]
+    for account in accounts:
+        app.dispatch(bank.OpenAccount(aggregate_id=account))
+    for n in range(WARMUP):
+        app.dispatch(bank.DepositMoney(aggregate_id=accounts[n % ACCOUNTS], amount=1))
+    start.wait()
+    began = time.perf_counter()
+    for n in range(commands):
+        app.dispatch(bank.DepositMoney(aggregate_id=accounts[n % ACCOUNTS], amount=1))
+    results.put((began, time.perf_counter()))
+    app.event_store.close()
+
+
+def _insert_worker(conninfo: str, schema: str, commands: int, start: Any, results: Any) -> None:
+    payload = '{"type":"MoneyDeposited","amount":1}'
+    query = f'INSERT INTO "{schema}".raw (aggregate_id, data) VALUES (%s, %s::jsonb)'
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for _ in range(WARMUP):
+            conn.execute(query, ["warmup", payload])
+        start.wait()
+        began = time.perf_counter()
+        for _ in range(commands):
+            conn.execute(query, ["bench", payload])  # autocommit: one commit per insert
+        results.put((began, time.perf_counter()))
+
+
+def run(target: Any, args: Callable[[int], tuple[Any, ...]], workers: int, commands: int) -> float:
+    """Operations per second over all workers, from the first start to the last finish."""
+    start = spawn.Barrier(workers, timeout=600)
+    results = spawn.Queue()
+    processes = [
+        spawn.Process(target=target, args=(*args(worker), commands, start, results))
+        for worker in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    spans: list[tuple[float, float]] = []
+    while len(spans) < workers:
+        try:
+            spans.append(results.get(timeout=1))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in processes):
+                for process in processes:
+                    process.kill()
+                raise SystemExit("a worker failed; see its traceback above") from None
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"a worker failed with exit code {process.exitcode}")
+    began = min(span[0] for span in spans)
+    ended = max(span[1] for span in spans)
+    return workers * commands / (ended - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(
+            "INCIDENT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    parser.add_argument("--commands", type=int, default=500, help="per worker")
+    parser.add_argument("--workers", default="1,8", help="comma-separated process counts")
+    options = parser.parse_args()
+    counts = [int(n) for n in options.workers.split(",")]
+    schema = f"incident_bench_{uuid.uuid4().hex[:8]}"
+    conninfo = options.url
+    url = f"{conninfo}{'&' if '?' in conninfo else '?'}schema={schema}"
+
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        server = admin.execute("SHOW server_version").fetchone()
+        sync = admin.execute("SHOW synchronous_commit").fetchone()
+        fsync = admin.execute("SHOW fsync").fetchone()
+    store = incident.open_event_store(url)
+    store.initialize()
+    store.close()
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute(
+            f'CREATE TABLE "{schema}".raw (id bigserial PRIMARY KEY, aggregate_id text, data jsonb)'
+        )
+    print(
+        f"Postgres {server and server[0]}, synchronous_commit={sync and sync[0]},"
+        f" fsync={fsync and fsync[0]}, {os.cpu_count()} CPUs"
+    )
+    print(f"{options.commands} commands per worker, after {WARMUP} warm-up commands each\n")
+
+    try:
+        raw = {
+            n: run(_insert_worker, lambda _: (conninfo, schema), n, options.commands)
+            for n in counts
+        }
+        dispatch = {
+            n: run(_dispatch_worker, lambda w, n=n: (url, f"run{n}-{w}"), n, options.commands)
+            for n in counts
+        }
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+    print(f"{'workers':>8} {'dispatch/s':>12} {'raw insert/s':>14} {'dispatch/raw':>13}")
+    for n in counts:
+        print(f"{n:>8} {dispatch[n]:>12.0f} {raw[n]:>14.0f} {dispatch[n] / raw[n]:>13.2f}")
+    first, last = counts[0], counts[-1]
+    if first != last:
+        speedup = dispatch[last] / dispatch[first]
+        print(
+            f"\nscaling {first} -> {last} workers: dispatch x{speedup:.2f},"
+            f" raw insert x{raw[last] / raw[first]:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
