@@ -114,10 +114,15 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
         "created table events",
         "created index events_by_type",
         "recorded schema version 1 (the event log)",
+        "created table idempotency_keys",
+        "recorded schema version 2 (idempotency keys)",
     ]
     assert store.initialize() == []
     assert incident.open_event_store(url).initialize() == []
-    assert raw(url, "SELECT version, description FROM incident_schema") == [(1, "the event log")]
+    assert raw(url, "SELECT version, description FROM incident_schema") == [
+        (1, "the event log"),
+        (2, "idempotency keys"),
+    ]
     indexes = {row[0] for row in raw(url, "SELECT name FROM sqlite_master WHERE type='index'")}
     assert "events_by_type" in indexes
 
@@ -590,6 +595,8 @@ def test_processes_initializing_at_once_take_turns(url: str) -> None:
             "created table events",
             "created index events_by_type",
             "recorded schema version 1 (the event log)",
+            "created table idempotency_keys",
+            "recorded schema version 2 (idempotency keys)",
         ],
     ]
 

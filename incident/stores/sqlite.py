@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError, StoreError
+from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable
@@ -85,6 +85,17 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
             ),
         ],
     ),
+    (
+        2,
+        "idempotency keys",
+        [
+            (
+                "created table idempotency_keys",
+                "CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, "
+                "first_position INTEGER NOT NULL, last_position INTEGER NOT NULL)",
+            ),
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -95,6 +106,11 @@ _INSERT = (
     "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
+_KEY = "SELECT first_position, last_position FROM idempotency_keys WHERE key = ?"
+_REMEMBER_KEY = "INSERT INTO idempotency_keys (key, first_position, last_position) VALUES (?, ?, ?)"
+_SPAN = (
+    f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
+)
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
@@ -484,9 +500,17 @@ class SQLiteEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore,
         project: ProjectFn,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         return self._append(
-            aggregate_id, events, expected_version, aggregate, metadata, projection_store, project
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
         )
 
     def _append(
@@ -498,6 +522,7 @@ class SQLiteEventStore:
         metadata: Mapping[str, Any] | None,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         batch = checked_events(aggregate_id, events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
@@ -510,6 +535,11 @@ class SQLiteEventStore:
         with self._db.errors():
             try:
                 with self._db.transaction() as conn:
+                    if idempotency_key is not None:
+                        earlier = conn.execute(_KEY, (idempotency_key,)).fetchone()
+                        if earlier is not None:  # under the write lock: racing twins wait
+                            rows = conn.execute(_SPAN, earlier).fetchall()
+                            raise DuplicateCommand(idempotency_key, self._decode(rows, None))
                     actual, last = conn.execute(_HEAD, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
@@ -541,6 +571,11 @@ class SQLiteEventStore:
                             for r, (data, schema_version) in zip(recorded, payloads, strict=True)
                         ],
                     )
+                    if idempotency_key is not None:
+                        conn.execute(
+                            _REMEMBER_KEY,
+                            (idempotency_key, recorded[0].position, recorded[-1].position),
+                        )
                     if project is not None:
                         projections = list(project(recorded))
                         if together:
@@ -557,6 +592,11 @@ class SQLiteEventStore:
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+        """The events an earlier append with this idempotency key stored, or None."""
+        span = self._rows(_KEY, (idempotency_key,))
+        return self._decode(self._rows(_SPAN, span[0]), None) if span else None
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
@@ -687,6 +727,8 @@ class SQLiteEventStore:
         created table events
         created index events_by_type
         recorded schema version 1 (the event log)
+        created table idempotency_keys
+        recorded schema version 2 (idempotency keys)
         >>> store.initialize()
         []
         """
