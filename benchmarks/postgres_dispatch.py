@@ -1,7 +1,7 @@
 """Dispatch throughput on Postgres with 1 and 8 worker processes, against the raw psycopg
 insert ceiling measured in the same run on the same server.
 
-    python benchmarks/postgres_dispatch.py [--url postgresql://...] [--commands 500]
+    python benchmarks/postgres_dispatch.py [--url postgresql://...] [--commands 500] [--rounds 3]
 
 Every worker is its own OS process with its own pool, as application servers would be.
 A dispatch is a DepositMoney on one of the worker's own accounts: read the stream, decide,
@@ -17,6 +17,7 @@ import argparse
 import multiprocessing
 import os
 import queue
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -100,6 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--commands", type=int, default=500, help="per worker")
     parser.add_argument("--workers", default="1,8", help="comma-separated process counts")
+    parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     counts = [int(n) for n in options.workers.split(",")]
     schema = f"incident_bench_{uuid.uuid4().hex[:8]}"
@@ -123,29 +125,45 @@ def main() -> None:
     )
     print(f"{options.commands} commands per worker, after {WARMUP} warm-up commands each\n")
 
+    # Rounds alternate the two measurements, and the median of each is reported, so a
+    # busy moment on a shared machine skews neither side alone.
+    raw: dict[int, list[float]] = {n: [] for n in counts}
+    dispatch: dict[int, list[float]] = {n: [] for n in counts}
     try:
-        raw = {
-            n: run(_insert_worker, lambda _: (conninfo, schema), n, options.commands)
-            for n in counts
-        }
-        dispatch = {
-            n: run(_dispatch_worker, lambda w, n=n: (url, f"run{n}-{w}"), n, options.commands)
-            for n in counts
-        }
+        for round_ in range(options.rounds):
+            for n in counts:
+                raw[n].append(
+                    run(_insert_worker, lambda _: (conninfo, schema), n, options.commands)
+                )
+                prefix = f"r{round_}-n{n}"
+                dispatch[n].append(
+                    run(
+                        _dispatch_worker, lambda w, p=prefix: (url, f"{p}-{w}"), n, options.commands
+                    )
+                )
     finally:
         with psycopg.connect(conninfo, autocommit=True) as admin:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-    print(f"{'workers':>8} {'dispatch/s':>12} {'raw insert/s':>14} {'dispatch/raw':>13}")
+    print(f"medians of {options.rounds} rounds (all rounds, per second, in brackets)\n")
     for n in counts:
-        print(f"{n:>8} {dispatch[n]:>12.0f} {raw[n]:>14.0f} {dispatch[n] / raw[n]:>13.2f}")
+        print(f"{n} worker(s): dispatch {_spread(dispatch[n])}   raw insert {_spread(raw[n])}")
+    medians = {n: (statistics.median(dispatch[n]), statistics.median(raw[n])) for n in counts}
+
+    print(f"\n{'workers':>8} {'dispatch/s':>12} {'raw insert/s':>14} {'dispatch/raw':>13}")
+    for n in counts:
+        d, r = medians[n]
+        print(f"{n:>8} {d:>12.0f} {r:>14.0f} {d / r:>13.2f}")
     first, last = counts[0], counts[-1]
     if first != last:
-        speedup = dispatch[last] / dispatch[first]
         print(
-            f"\nscaling {first} -> {last} workers: dispatch x{speedup:.2f},"
-            f" raw insert x{raw[last] / raw[first]:.2f}"
+            f"\nscaling {first} -> {last} workers: dispatch"
+            f" x{medians[last][0] / medians[first][0]:.2f},"
+            f" raw insert x{medians[last][1] / medians[first][1]:.2f}"
         )
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.0f} [{', '.join(f'{v:.0f}' for v in values)}]"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and validation of commands (msgspec constructors check neither types nor constraints)."""
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, Union
 
@@ -97,19 +98,19 @@ class EventTypes:
         """The class for a stored name: registered first, else the latest defined, else None."""
         found = self._types.get(name)
         if found is None:
-            found = _defined_event_types().get(name)
+            found = _defined_event_type(name)
         return found
 
     def names(self) -> set[str]:
         """Every stored name this registry can resolve."""
-        return set(self._types) | set(_defined_event_types())
+        return set(self._types) | set(_candidates())
 
     def decoder(self, name: str, *, position: int | None = None) -> msgspec.json.Decoder[Any]:
         """A reusable JSON decoder for a stored name; UnknownEventType if nothing resolves it."""
         event_type = self._types.get(name)
         if event_type is None:
             # not registered: resolve again every time, so a redefinition is picked up
-            event_type = _defined_event_types().get(name)
+            event_type = _defined_event_type(name)
             if event_type is None:
                 raise UnknownEventType(name, self.names(), position)
         decoder = self._decoders.get(event_type)
@@ -184,22 +185,45 @@ def _subclasses(cls: type[Event]) -> Iterable[type[Event]]:
         yield from _subclasses(sub)
 
 
-_defined: tuple[int, dict[str, type[Event]]] = (-1, {})
+_defined: tuple[int, dict[str, list[type[Event]]]] = (-1, {})
 
 
-def _defined_event_types() -> dict[str, type[Event]]:
-    """Stored name -> the Event subclass defined last under it (recomputed only after a new
-    Event subclass has been defined)."""
+def _reachable(cls: type[Event]) -> bool:
+    """Whether the class is still what its module exports under its name: false for a
+    class a notebook cell has since redefined, or whose module has gone away."""
+    module = sys.modules.get(cls.__module__)
+    if module is None:
+        return False
+    if "<locals>" in cls.__qualname__:
+        return True  # defined in a function: nothing to compare it with
+    found: Any = module
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
+
+
+def _candidates() -> dict[str, list[type[Event]]]:
+    """Stored name -> every Event subclass defined under it, oldest first (recomputed only
+    after a new Event subclass has been defined)."""
     global _defined
     generation = messages._event_classes_defined
     if _defined[0] != generation:
-        found: dict[str, type[Event]] = {}
+        found: dict[str, list[type[Event]]] = {}
         for sub in _subclasses(Event):
             tag = sub.__struct_config__.tag
             if isinstance(tag, str):
-                found[tag] = sub  # later definitions win
+                found.setdefault(tag, []).append(sub)
         _defined = (generation, found)
     return _defined[1]
+
+
+def _defined_event_type(name: str) -> type[Event] | None:
+    """The class to read a stored name as: the latest defined among those still reachable
+    from their module, else the latest defined, else None."""
+    candidates = _candidates().get(name)
+    if not candidates:
+        return None
+    return next((c for c in reversed(candidates) if _reachable(c)), candidates[-1])
 
 
 def _invalid(command_type: type[Any], error: msgspec.ValidationError) -> InvalidCommand:

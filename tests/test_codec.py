@@ -333,3 +333,24 @@ def test_an_upcaster_that_fails_on_a_payload_is_a_corrupt_event() -> None:
     assert (error.position, error.aggregate_id) == (3, "A1")
     assert "add_currency" in str(error) and "schema version 1 to 2" in str(error)
     assert isinstance(error.__cause__, KeyError)
+
+
+def test_a_class_whose_module_is_gone_does_not_shadow_a_live_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A README example or a finished test defining its own MoneyDeposited must not change
+    how an unregistered store reads the Bank's MoneyDeposited afterwards."""
+    import sys
+    import types as pytypes
+
+    from incident.examples.bank import MoneyDeposited
+
+    module = pytypes.ModuleType("gone_example")
+    monkeypatch.setitem(sys.modules, "gone_example", module)
+    exec(
+        "import incident\nclass MoneyDeposited(incident.Event):\n    cents: int = 0\n",
+        module.__dict__,
+    )
+    assert incident.EventTypes().resolve("MoneyDeposited") is module.MoneyDeposited
+    monkeypatch.delitem(sys.modules, "gone_example")
+    assert incident.EventTypes().resolve("MoneyDeposited") is MoneyDeposited

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from workers import deposit_with_key_in_process, run_processes
 
 import incident
 from incident.examples import bank
@@ -71,3 +72,23 @@ def test_follow_up_commands_do_not_inherit_the_key(app: incident.CommandHandler)
     keys = [r.metadata.get("idempotency_key") for r in app.event_store.read_all()]
     assert keys.count("t-1") == 1
     assert app.state("bank_account", "B").balance == 4
+
+
+@pytest.mark.slow
+def test_racing_processes_with_one_key_store_one_set_of_events(store_url: str) -> None:
+    """Four OS processes send the same keyed command at once: one set of events is stored
+    and every process gets it back."""
+    if store_url.startswith("memory"):
+        pytest.skip("a memory store lives in one process")
+    setup = bank.build(store_url)
+    setup.dispatch(bank.OpenAccount(aggregate_id="A"))
+    setup.event_store.close()
+
+    outcomes = run_processes(deposit_with_key_in_process, store_url, "once", processes=4)
+
+    assert all(isinstance(outcome, list) for outcome in outcomes), outcomes
+    assert len({tuple(outcome) for outcome in outcomes}) == 1
+    check = bank.build(store_url)
+    assert check.event_store.version("A") == 2
+    assert check.state("bank_account", "A").balance == 10
+    check.event_store.close()

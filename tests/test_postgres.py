@@ -170,6 +170,7 @@ def test_url_options_and_schema_conflicts(postgres_url: str) -> None:
 
 
 def test_schemas_keep_applications_apart(postgres_url: str, postgres_admin: Admin) -> None:
+    """Two schemas in one database are two separate logs and never share a transaction."""
     one = open_store(postgres_url)
     other = open_store(f"{postgres_url}_b")
     one.append("a", deposited(1), expected_version=0)
@@ -182,6 +183,9 @@ def test_schemas_keep_applications_apart(postgres_url: str, postgres_admin: Admi
 
 
 def test_events_row_holds_typed_columns(store: PostgresEventStore, postgres_admin: Admin) -> None:
+    """The events row holds a uuid, the class's schema_version, jsonb data and metadata and
+    a timestamptz, and reads back as the event."""
+
     class Rescheduled(incident.Event):
         schema_version = 3
         when: dt.date
@@ -204,6 +208,8 @@ def test_events_row_holds_typed_columns(store: PostgresEventStore, postgres_admi
 def test_a_corrupt_or_unknown_row_names_its_position(
     store: PostgresEventStore, postgres_admin: Admin
 ) -> None:
+    """Rows edited behind the store's back: CorruptEvent or UnknownEventType naming the
+    position."""
     store.append("a", deposited(1, 2), expected_version=0)
     events = f'"{store._db.schema}".events'
     postgres_admin.execute(f"""UPDATE {events} SET data = '{{"amount": "x"}}' WHERE position = 2""")
@@ -217,7 +223,8 @@ def test_a_corrupt_or_unknown_row_names_its_position(
 
 
 def test_read_all_pages_across_batches(postgres_url: str) -> None:
-    """read_all fetches in batches (here 2 rows); pages and limits line up across them."""
+    """read_all, stream and events fetch in batches (here 2 rows); pages and limits line up
+    across them."""
     store = open_store(postgres_url, batch_size=2)
     store.append("a", deposited(1, 2, 3), expected_version=0)
     store.append("b", deposited(4, 5, 6, 7), expected_version=0)
@@ -226,6 +233,8 @@ def test_read_all_pages_across_batches(postgres_url: str) -> None:
     assert [r.position for r in store.read_all(after=2, limit=4)] == [3, 4, 5, 6]
     assert [r.position for r in store.read_all(after=5)] == [6, 7]
     assert list(store.read_all(limit=0)) == []
+    assert [r.version for r in store.stream("b", after=1)] == [2, 3, 4]
+    assert list(store.events("b")) == deposited(4, 5, 6, 7)
     stream = store.read_all()
     assert next(stream).position == 1
     store.append("c", deposited(8), expected_version=0)  # a reader mid-stream sees it too
@@ -272,6 +281,8 @@ class Profile(incident.Projection):
 
 
 def test_projection_tables_have_typed_columns(store: PostgresEventStore, postgres_admin: Admin):
+    """Each projection field gets a column of its own type (jsonb for nested values), and
+    rows round-trip exactly."""
     projections = store.projections()
     row = Profile(
         aggregate_id="p1",
@@ -344,6 +355,8 @@ def test_a_field_added_later_becomes_a_new_column(postgres_url: str) -> None:
 
 
 def test_a_projection_cannot_take_the_events_table(store: PostgresEventStore) -> None:
+    """A projection class whose table name is one incident uses is refused, not merged in."""
+
     class Events(incident.Projection):
         aggregate_id: str
 
@@ -384,6 +397,8 @@ def test_projections_that_fail_to_write_take_the_events_with_them(
 def test_a_projection_store_of_its_own_pool_still_shares_the_transaction(
     store: PostgresEventStore, postgres_url: str
 ) -> None:
+    """A projection store opened separately on the same database and schema still
+    commits with the events (the event store's connection writes its tables)."""
     other = incident.open_projection_store(postgres_url)
     assert store.shares_database_with(other)
     assert not store.shares_database_with(incident.open_projection_store("memory://"))
@@ -460,6 +475,7 @@ def test_idle_connections_the_server_dropped_are_replaced(
 
 
 def test_an_unreachable_server_is_a_store_error() -> None:
+    """No server: a StoreError carrying the driver's reason, chained."""
     store = open_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
     with pytest.raises(incident.StoreError, match=r"Postgres failed .*connection") as caught:
         store.version("a")
@@ -468,6 +484,8 @@ def test_an_unreachable_server_is_a_store_error() -> None:
 
 
 def test_an_exhausted_pool_says_so(postgres_url: str) -> None:
+    """Every pooled connection busy past the timeout: a StoreError that says so, and the
+    next call works once one is free."""
     store = open_store(postgres_url, pool_size=1, timeout=0.2)
     assert isinstance(store, PostgresEventStore)
     store.initialize()
@@ -475,6 +493,42 @@ def test_an_exhausted_pool_says_so(postgres_url: str) -> None:
     with store._db.pool.connection(), pytest.raises(incident.StoreError, match="raise pool_size"):
         store.version("a")
     assert store.version("a") == 0
+    store.close()
+
+
+def _use_after_fork(store: incident.EventStore, results: Any) -> None:
+    try:
+        store.append("child", deposited(2), expected_version=0)
+        with store._db.connection("asking for the backend") as conn:  # type: ignore[attr-defined]
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        results.put(("ok", backend, [r.aggregate_id for r in store.read_all()]))
+    except Exception as error:
+        results.put((repr(error), None, []))
+
+
+@pytest.mark.parametrize("used_before", [True, False], ids=["used", "unused"])
+def test_a_store_opened_before_fork_works_in_parent_and_child(
+    postgres_url: str, used_before: bool
+) -> None:
+    """A forked child (multiprocessing's default on Linux, gunicorn --preload) gets a
+    pool of its own instead of sharing the parent's sockets; the parent carries on."""
+    store = open_store(postgres_url)
+    assert isinstance(store, PostgresEventStore)
+    parents = set()
+    if used_before:
+        store.append("parent", deposited(1), expected_version=0)
+        with store._db.connection("asking for the backend") as conn:
+            parents.add(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=_use_after_fork, args=(store, results))
+    child.start()
+    outcome, backend, seen = results.get(timeout=120)
+    child.join()
+    assert (outcome, seen) == ("ok", ["parent", "child"] if used_before else ["child"])
+    assert backend not in parents
+    store.append("parent", deposited(3), expected_version=incident.ANY)
+    assert [r.aggregate_id for r in store.read_all()][-2:] == ["child", "parent"]
     store.close()
 
 

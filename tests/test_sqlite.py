@@ -25,6 +25,7 @@ from sqlite_workers import (
     initialize_in_process,
     withdraw_in_process,
 )
+from workers import run_processes
 
 import incident
 from incident.examples import bank
@@ -114,7 +115,7 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
         "created table events",
         "created index events_by_type",
         "recorded schema version 1 (the event log)",
-        "created table idempotency_keys",
+        "created table incident_idempotency",
         "recorded schema version 2 (idempotency keys)",
     ]
     assert store.initialize() == []
@@ -528,21 +529,6 @@ def test_racing_threads_get_concurrency_errors_not_locks(url: str, where: str) -
 # -- processes (spawned, so each has its own SQLite connections and locks) -------------
 
 
-def run_processes(target: Any, *args: Any, processes: int) -> list[Any]:
-    context = multiprocessing.get_context("spawn")
-    start, results = context.Barrier(processes), context.Queue()
-    workers = [
-        context.Process(target=target, args=(*args, start, results)) for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    return outcomes
-
-
 @pytest.mark.slow
 def test_five_processes_withdraw_24_from_100(url: str) -> None:
     """Exactly four withdrawals succeed; the balance is 4, on disk and in the projection."""
@@ -595,7 +581,7 @@ def test_processes_initializing_at_once_take_turns(url: str) -> None:
             "created table events",
             "created index events_by_type",
             "recorded schema version 1 (the event log)",
-            "created table idempotency_keys",
+            "created table incident_idempotency",
             "recorded schema version 2 (idempotency keys)",
         ],
     ]
@@ -630,3 +616,25 @@ def test_the_projection_store_type(url: str) -> None:
     assert isinstance(incident.open_projection_store(url), SQLiteProjectionStore)
     assert isinstance(incident.open_projection_store(url), incident.ProjectionStore)
     assert isinstance(incident.open_event_store(url), incident.EventStore)
+
+
+def test_a_version_1_file_is_migrated_to_the_current_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file made by the first release (schema 1, no idempotency table) keeps its events
+    and gains the new table when opened by this release."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with monkeypatch.context() as first_release:
+        first_release.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:1])
+        first_release.setattr(sqlite_store, "SCHEMA_VERSION", 1)
+        old = incident.open_event_store(url)
+        assert old.initialize()[-1] == "recorded schema version 1 (the event log)"
+        old.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+        old.close()
+    store = incident.open_event_store(url)
+    assert store.initialize() == [
+        "created table incident_idempotency",
+        "recorded schema version 2 (idempotency keys)",
+    ]
+    assert [r.event_type for r in store.get("A")] == ["AccountOpened"]
+    store.close()

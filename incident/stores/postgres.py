@@ -8,15 +8,22 @@ projections commit in one transaction. Options: ``schema``, ``pool_size`` (defau
 for roles that may not run DDL, and run ``incident init URL`` with one that may),
 ``timeout`` (seconds to wait for a pooled connection) and ``batch_size`` (rows per
 round trip when ``read_all`` streams the log).
+
+Tables, in the store's schema: ``incident_migrations`` (what ran), ``events``,
+``idempotency_keys``, and one table per Projection type named after the class in
+snake_case. Stores are thread-safe, and a store opened before ``fork()`` opens a pool of
+its own in the child.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -38,19 +45,7 @@ __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
 
 P = TypeVar("P", bound=Projection)
 Connection = psycopg.Connection[tuple[Any, ...]]
-Query = str | bytes | sql.SQL | sql.Composed
-
-
-def _rendered(query: sql.Composable) -> Query:
-    """The query as bytes, rendered once: psycopg otherwise composes a Composed query
-    again on every execute, which costs more than the rest of a command's Python work.
-    Falls back to the Composed where the driver cannot render without a connection."""
-    try:
-        return query.as_bytes(None)
-    except (TypeError, psycopg.Error):  # psycopg < 3.2 needs a connection for this
-        assert isinstance(query, sql.SQL | sql.Composed)
-        return query
-
+Query = str | sql.SQL | sql.Composed
 
 # name, what it does (printed by `incident init`), statements ({schema} is filled in)
 MIGRATIONS: list[tuple[str, str, list[str]]] = [
@@ -110,6 +105,17 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_databases):
+        db.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Database:
     """One pool and one schema: what an event store and its projection store share."""
 
@@ -121,22 +127,51 @@ class _Database:
         self.create_tables = create_tables
         self.append_lock = _lock_key(schema, "append")
         self.migrate_lock = _lock_key(schema, "migrate")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards initialization
+        self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self._initialized = False
+        self._closed = False
         self.tables: dict[type[Projection], _Table] = {}
+        self._pool_options = {"max_size": pool_size, "timeout": timeout}
+        self._pool: ConnectionPool[Connection] | None = self._open_pool()
+        self._inherited: list[ConnectionPool[Connection]] = []
+        _databases.add(self)
+
+    def _open_pool(self) -> ConnectionPool[Connection]:
         # check: a connection the server dropped while idle (a restart, a kill) is
         # replaced on checkout instead of failing the next call; broken connections
         # returned to the pool are discarded by the pool itself.
-        self.pool: ConnectionPool[Connection] = ConnectionPool(
-            conninfo,
+        return ConnectionPool(
+            self.conninfo,
             min_size=1,
-            max_size=pool_size,
+            max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True},
             check=ConnectionPool.check_connection,
-            timeout=timeout,
+            timeout=self._pool_options["timeout"],
             open=True,
-            name=f"incident:{schema}",
+            name=f"incident:{self.schema}",
         )
+
+    @property
+    def pool(self) -> ConnectionPool[Connection]:
+        pool = self._pool
+        if pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = self._open_pool()
+                pool = self._pool
+        return pool
+
+    def forked(self) -> None:
+        """In a child process after fork(): the pool's threads are gone and its
+        connections are the parent's sessions. Keep them referenced and unused (collecting
+        the pool would try to stop threads that do not exist) and open a new pool on
+        first use, so stores opened before a fork (gunicorn --preload, multiprocessing)
+        work in every process."""
+        self._lock, self._pool_lock = threading.Lock(), threading.Lock()
+        if self._pool is not None and not self._closed:
+            self._inherited.append(self._pool)
+            self._pool = None
 
     def describe(self) -> str:
         params = conninfo_to_dict(self.conninfo)
@@ -220,7 +255,9 @@ class _Database:
         return done
 
     def close(self) -> None:
-        self.pool.close()
+        self._closed = True
+        if self._pool is not None:
+            self._pool.close()
 
 
 def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
@@ -324,12 +361,14 @@ class _Table:
             if self.columns.get("version") == "bigint"
             else sql.SQL("")
         )
-        self.upsert = _rendered(
+        self.upsert = (
             sql.SQL(
                 "INSERT INTO {0} AS stored"
                 " SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
                 " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
-            ).format(self.table, updates, guard)
+            )
+            .format(self.table, updates, guard)
+            .as_string()
         )
         self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
 
@@ -484,50 +523,32 @@ class PostgresEventStore:
         self._db = db
         self._batch_size = batch_size
         self._projections = PostgresProjectionStore(db)
-        events = db.table("events")
-        self._insert = _rendered(
-            sql.SQL(
-                "INSERT INTO {} (position, event_id, aggregate_id, aggregate, version, event_type,"
-                " schema_version, event_date, data, metadata)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
-            ).format(events)
+        # Plain strings, rendered once: the schema is the only variable, quoted by psycopg.
+        events = db.table("events").as_string()
+        keys = db.table("idempotency_keys").as_string()
+        self._insert = (
+            f"INSERT INTO {events} (position, event_id, aggregate_id, aggregate, version,"
+            " event_type, schema_version, event_date, data, metadata)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
         )
-        self._heads = _rendered(
-            sql.SQL(
-                "SELECT (SELECT coalesce(max(version), 0) FROM {0} WHERE aggregate_id = %s),"
-                " (SELECT coalesce(max(position), 0) FROM {0})"
-            ).format(events)
+        self._heads = (
+            f"SELECT (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s),"
+            f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
-        self._version = _rendered(
-            sql.SQL("SELECT coalesce(max(version), 0) FROM {} WHERE aggregate_id = %s").format(
-                events
-            )
+        self._version = f"SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s"
+        select = f"SELECT {_EVENT_COLUMNS} FROM {events}"
+        self._stream = f"{select} WHERE aggregate_id = %s AND version > %s ORDER BY version"
+        self._stream_page = f"{self._stream} LIMIT %s"
+        self._page = f"{select} WHERE position > %s ORDER BY position LIMIT %s"
+        self._span = f"{select} WHERE position BETWEEN %s AND %s ORDER BY position"
+        self._payloads = (
+            f"SELECT position, version, event_type, schema_version, data::text FROM {events}"
+            " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
         )
-        select = sql.SQL("SELECT " + _EVENT_COLUMNS + " FROM {}").format(events)
-        self._stream = select + sql.SQL(
-            " WHERE aggregate_id = %s AND version > %s ORDER BY version"
+        self._key = f"SELECT first_position, last_position FROM {keys} WHERE key = %s"
+        self._remember_key = (
+            f"INSERT INTO {keys} (key, first_position, last_position) VALUES (%s, %s, %s)"
         )
-        self._payloads = _rendered(
-            sql.SQL(
-                "SELECT CASE schema_version WHEN 1 THEN data::text END FROM {}"
-                " WHERE aggregate_id = %s AND version > %s ORDER BY version"
-            ).format(events)
-        )
-        self._typed_payloads = _rendered(
-            sql.SQL(
-                "SELECT position, event_type, schema_version, data::text FROM {}"
-                " WHERE aggregate_id = %s AND version > %s ORDER BY version"
-            ).format(events)
-        )
-        self._page = select + sql.SQL(" WHERE position > %s ORDER BY position LIMIT %s")
-        self._span = select + sql.SQL(" WHERE position BETWEEN %s AND %s ORDER BY position")
-        keys = db.table("idempotency_keys")
-        self._key = sql.SQL("SELECT first_position, last_position FROM {} WHERE key = %s").format(
-            keys
-        )
-        self._remember_key = sql.SQL(
-            "INSERT INTO {} (key, first_position, last_position) VALUES (%s, %s, %s)"
-        ).format(keys)
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
@@ -620,12 +641,11 @@ class PostgresEventStore:
                         first_version=version + 1,
                         metadata=metadata,
                     )
-                    rows = [_row(r, p) for r, p in zip(recorded, payloads, strict=True)]
-                    if len(rows) == 1:  # most commands: one round trip, no pipeline
-                        conn.execute(self._insert, rows[0])
-                    else:
-                        with conn.cursor() as cursor:
-                            cursor.executemany(self._insert, rows)
+                    with conn.cursor() as cursor:
+                        cursor.executemany(
+                            self._insert,
+                            [_row(r, p) for r, p in zip(recorded, payloads, strict=True)],
+                        )
                     if idempotency_key is not None:
                         conn.execute(
                             self._remember_key,
@@ -702,48 +722,45 @@ class PostgresEventStore:
         rows = self._fetch(f"reading stream {aggregate_id!r}", self._stream, aggregate_id, after)
         return [self._recorded(row) for row in rows]
 
-    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
-        """The stream's events without their envelopes, in version order: all a fold needs.
+    def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
+        """The stream in version order, fetched in batches, so a stream of any length
+        folds in constant memory (``aggregate.fold(store.stream(id))``)."""
+        while True:
+            rows = self._fetch(
+                f"reading stream {aggregate_id!r}",
+                self._stream_page,
+                aggregate_id,
+                after,
+                self._batch_size,
+            )
+            for row in rows:
+                yield self._recorded(row)
+            if len(rows) < self._batch_size:
+                return
+            after = rows[-1][4]
 
-        One query of the payloads alone, decoded in one call by the registered types'
-        union decoder (``EventTypes.decode_batch``). When it stands aside (a type not
-        registered, a damaged payload, a schema version other than the first, which the
-        query hands back as NULL), the stream is read again with the type names and
-        decoded row by row, upcasting as get() does and naming any damaged position."""
-        doing = f"reading stream {aggregate_id!r}"
-        payloads = [data for (data,) in self._fetch(doing, self._payloads, aggregate_id, after)]
-        fast = self.types.decode_batch(payloads) if payloads else []
-        if fast is not None:
-            return iter(fast)
-        rows = self._fetch(doing, self._typed_payloads, aggregate_id, after)
-        decoders: dict[tuple[str, int], msgspec.json.Decoder[Any]] = {}
-        older: set[tuple[str, int]] = set()
-        events = []
-        for position, event_type, schema_version, data in rows:
-            key = (event_type, schema_version)
-            decoder = decoders.get(key)
-            if decoder is None and key not in older:
-                current = self.types.resolve(event_type)
-                if current is not None and current.schema_version != schema_version:
-                    older.add(key)
-                else:
-                    decoder = decoders[key] = self.types.decoder(event_type, position=position)
-            if decoder is None:  # stored at another schema version: the upcasting path
-                events.append(
-                    self.types.decode(
-                        event_type,
-                        data,
-                        position=position,
-                        aggregate_id=aggregate_id,
-                        schema_version=schema_version,
-                    )
+    def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
+        """The stream's events without their envelopes, in version order and in batches:
+        all a fold needs, without decoding ids, dates and metadata."""
+        while True:
+            rows = self._fetch(
+                f"reading stream {aggregate_id!r}",
+                self._payloads,
+                aggregate_id,
+                after,
+                self._batch_size,
+            )
+            for position, _, event_type, schema_version, data in rows:
+                yield self.types.decode(
+                    event_type,
+                    data,
+                    position=position,
+                    aggregate_id=aggregate_id,
+                    schema_version=schema_version,
                 )
-                continue
-            try:
-                events.append(decoder.decode(data))
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise CorruptEvent(position, aggregate_id, str(error)) from error
-        return iter(events)
+            if len(rows) < self._batch_size:
+                return
+            after = rows[-1][1]
 
     def version(self, aggregate_id: str) -> int:
         rows = self._fetch(f"reading the version of {aggregate_id!r}", self._version, aggregate_id)

@@ -26,7 +26,6 @@ crash of the process) may lose the last transactions that had returned. See
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import os
 import sqlite3
 import textwrap
@@ -41,7 +40,13 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
+from ..errors import (
+    ConcurrencyError,
+    CorruptEvent,
+    DuplicateCommand,
+    IncidentError,
+    StoreError,
+)
 from ..messages import Event, Projection, Recorded
 from ._common import check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable
@@ -54,7 +59,6 @@ P = TypeVar("P", bound=Projection)
 MEMORY = ":memory:"
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 BATCH = 1000  # rows per query when streaming; bounds memory whatever the log's size
-EVENTS_BATCH = 4096  # rows fetched and decoded at a time when folding a stream
 
 # The layout, one entry per schema version: (version, what it is, [(line, statement)]).
 # A later release appends entries; initialize() applies the ones a file lacks.
@@ -87,46 +91,46 @@ MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
             ),
         ],
     ),
+]
+MIGRATIONS.append(
     (
         2,
         "idempotency keys",
         [
             (
-                "created table idempotency_keys",
-                "CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, "
-                "first_position INTEGER NOT NULL, last_position INTEGER NOT NULL)",
-            ),
+                "created table incident_idempotency",
+                textwrap.dedent("""\
+                    CREATE TABLE incident_idempotency (
+                        key TEXT PRIMARY KEY,
+                        first_position INTEGER NOT NULL,
+                        last_position INTEGER NOT NULL
+                    )"""),
+            )
         ],
-    ),
-]
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
-_ENVELOPE = "position, version, event_type, data, event_id, event_date, metadata, aggregate"
+_ENVELOPE = (
+    "position, version, event_type, data, event_id, event_date, metadata, aggregate, schema_version"
+)
 _INSERT = (
     "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, event_type, "
     "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
-_KEY = "SELECT first_position, last_position FROM idempotency_keys WHERE key = ?"
-_REMEMBER_KEY = "INSERT INTO idempotency_keys (key, first_position, last_position) VALUES (?, ?, ?)"
-_SPAN = (
-    f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
-)
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-# a payload stored at a later schema version than the first comes back NULL, which sends
-# its batch down the row-by-row path (the one that knows about schema versions)
-_DATA = (
-    "SELECT CASE schema_version WHEN 1 THEN data END FROM events "
-    "WHERE aggregate_id = ? AND version > ? ORDER BY version"
-)
 _PAYLOADS = (
-    "SELECT position, version, event_type, data FROM events "
+    "SELECT position, version, event_type, data, schema_version FROM events "
     "WHERE aggregate_id = ? AND version > ? ORDER BY version LIMIT ?"
 )
 _LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_BETWEEN = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ?"
+_KEY = "SELECT first_position, last_position FROM incident_idempotency WHERE key = ?"
+_ADD_KEY = "INSERT INTO incident_idempotency (key, first_position, last_position) VALUES (?, ?, ?)"
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -544,10 +548,9 @@ class SQLiteEventStore:
             try:
                 with self._db.transaction() as conn:
                     if idempotency_key is not None:
-                        earlier = conn.execute(_KEY, (idempotency_key,)).fetchone()
-                        if earlier is not None:  # under the write lock: racing twins wait
-                            rows = conn.execute(_SPAN, earlier).fetchall()
-                            raise DuplicateCommand(idempotency_key, self._decode(rows, None))
+                        earlier = self._recorded_for(conn, idempotency_key)
+                        if earlier is not None:
+                            raise DuplicateCommand(idempotency_key, earlier)
                     actual, last = conn.execute(_HEAD, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
@@ -580,10 +583,8 @@ class SQLiteEventStore:
                         ],
                     )
                     if idempotency_key is not None:
-                        conn.execute(
-                            _REMEMBER_KEY,
-                            (idempotency_key, recorded[0].position, recorded[-1].position),
-                        )
+                        keyed = (idempotency_key, recorded[0].position, recorded[-1].position)
+                        conn.execute(_ADD_KEY, keyed)
                     if project is not None:
                         projections = list(project(recorded))
                         if together:
@@ -601,10 +602,15 @@ class SQLiteEventStore:
                 projection_store.project(projection)
         return recorded
 
+    def _recorded_for(self, conn: sqlite3.Connection, key: str) -> list[Recorded[Any]] | None:
+        found = conn.execute(_KEY, (key,)).fetchone()
+        if found is None:
+            return None
+        return self._decode(conn.execute(_BETWEEN, found).fetchall(), None)
+
     def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
-        """The events an earlier append with this idempotency key stored, or None."""
-        span = self._rows(_KEY, (idempotency_key,))
-        return self._decode(self._rows(_SPAN, span[0]), None) if span else None
+        found = self._rows(_KEY, (idempotency_key,))
+        return self._decode(self._rows(_BETWEEN, found[0]), None) if found else None
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
@@ -617,18 +623,28 @@ class SQLiteEventStore:
         """Rows (``_ENVELOPE`` columns, without aggregate_id when reading one stream) back
         as envelopes. This is the hot loop of every load, hence the local caches: events of
         one append share their date and metadata text, and a stream few event types."""
-        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
         metadata_cache: dict[str, dict[str, Any]] = {}
         last_date, event_date = "", _EPOCH
         recorded = []
         for row in rows:
-            position, version, event_type, data, event_id, date, meta, aggregate = row[:8]
-            stream = aggregate_id if aggregate_id is not None else row[8]
-            decoder = decoders.get(event_type)
-            if decoder is None:
-                decoder = decoders[event_type] = self.types.decoder(event_type, position=position)
+            position, version, event_type, data, event_id, date, meta, aggregate, schema = row[:9]
+            stream = aggregate_id if aggregate_id is not None else row[9]
+            known = decoders.get(event_type)
+            if known is None:
+                known = decoders[event_type] = self._decoder(event_type, position)
+            decoder, current = known
             try:
-                event = decoder.decode(data)
+                if schema == current:
+                    event = decoder.decode(data)
+                else:  # stored by older code: the aggregate's upcasters bring it up to date
+                    event = self.types.decode(
+                        event_type,
+                        data,
+                        position=position,
+                        aggregate_id=stream,
+                        schema_version=schema,
+                    )
                 if date != last_date:
                     last_date, event_date = date, dt.datetime.fromisoformat(date)
                 metadata = metadata_cache.get(meta)
@@ -653,6 +669,12 @@ class SQLiteEventStore:
             )
         return recorded
 
+    def _decoder(self, event_type: str, position: int) -> tuple[msgspec.json.Decoder[Any], int]:
+        """The reusable decoder for a stored type and the schema version it reads directly."""
+        decoder = self.types.decoder(event_type, position=position)
+        resolved = self.types.resolve(event_type)
+        return decoder, resolved.schema_version if resolved is not None else 1
+
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         db = self._db
         if not db.schema_ready:
@@ -672,51 +694,35 @@ class SQLiteEventStore:
         """The stream's events without their envelopes, in version order and in batches:
         all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
         raw SQL and in constant memory (full envelopes cost two to three times as much).
-        Versions are gapless, so the stream is at ``after`` + the number of events.
-
-        One query, fetched ``EVENTS_BATCH`` rows at a time; each batch of payloads is
-        decoded in one call by the registered types' union decoder. A batch it refuses
-        (a type not registered, a damaged payload, a schema version other than the
-        first) is read again and decoded row by row by type name, which names the
-        position of whatever is wrong.
-        """
-        # chained lists: the caller's loop steps through each batch at C speed
-        return itertools.chain.from_iterable(self._event_batches(aggregate_id, after))
-
-    def _event_batches(self, aggregate_id: str, after: int) -> Iterator[list[Event]]:
-        db = self._db
-        if not db.schema_ready:
-            db.migrate()
-        with db.guard:
-            try:
-                conn = db.conn()
-                cursor = conn.execute(_DATA, (aggregate_id, after))
+        Versions are gapless, so the stream is at ``after`` + the number of events."""
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
+        while True:
+            rows = self._rows(_PAYLOADS, (aggregate_id, after, BATCH))
+            batch = []
+            for position, _, event_type, data, schema in rows:
+                known = decoders.get(event_type)
+                if known is None:
+                    known = decoders[event_type] = self._decoder(event_type, position)
+                decoder, current = known
                 try:
-                    while rows := cursor.fetchmany(EVENTS_BATCH):
-                        events = self.types.decode_batch([data for (data,) in rows])
-                        if events is None:
-                            again = conn.execute(_PAYLOADS, (aggregate_id, after, len(rows)))
-                            events = self._one_by_one(again.fetchall(), aggregate_id)
-                        yield events
-                        after += len(rows)
-                finally:
-                    cursor.close()
-            except sqlite3.Error as error:
-                raise db.store_error(error) from error
-
-    def _one_by_one(self, rows: list[tuple[Any, ...]], aggregate_id: str) -> list[Event]:
-        decoders: dict[str, msgspec.json.Decoder[Any]] = {}
-        batch = []
-        for position, _, event_type, data in rows:
-            decoder = decoders.get(event_type)
-            if decoder is None:
-                decoder = self.types.decoder(event_type, position=position)
-                decoders[event_type] = decoder
-            try:
-                batch.append(decoder.decode(data))
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise CorruptEvent(position, aggregate_id, str(error)) from error
-        return batch
+                    if schema == current:
+                        batch.append(decoder.decode(data))
+                    else:
+                        batch.append(
+                            self.types.decode(
+                                event_type,
+                                data,
+                                position=position,
+                                aggregate_id=aggregate_id,
+                                schema_version=schema,
+                            )
+                        )
+                except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                    raise CorruptEvent(position, aggregate_id, str(error)) from error
+            yield from batch  # decoded a batch at a time: the tight loop stays tight
+            if len(rows) < BATCH:
+                return
+            after = rows[-1][1]
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
@@ -762,7 +768,7 @@ class SQLiteEventStore:
         created table events
         created index events_by_type
         recorded schema version 1 (the event log)
-        created table idempotency_keys
+        created table incident_idempotency
         recorded schema version 2 (idempotency keys)
         >>> store.initialize()
         []

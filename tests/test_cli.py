@@ -1,0 +1,86 @@
+"""The `incident` command: init, demo, events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import incident
+from incident.cli import main
+from incident.examples import bank
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_init_says_what_it_did_then_that_nothing_is_left(runner: CliRunner, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    first = runner.invoke(main, ["init", url])
+    assert first.exit_code == 0, first.output
+    assert "created table events" in first.output
+    again = runner.invoke(main, ["init", url])
+    assert again.exit_code == 0
+    assert "nothing to do" in again.output
+
+
+def test_demo_runs_twice_on_one_file(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default store is a file in the working directory; a second run carries on."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        result = runner.invoke(main, ["demo"])
+        assert result.exit_code == 0, result.output
+        assert "completed" in result.output
+        assert "no_enough_balance" in result.output
+    store = incident.open_event_store("sqlite:///incident-demo.db")
+    log = list(store.read_all())
+    assert [r.position for r in log] == list(range(1, len(log) + 1))
+    assert sum(r.event_type == "TransferCompleted" for r in log) == 2
+    store.close()
+
+
+def test_events_shows_a_stream_and_a_correlation(runner: CliRunner, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'bank.db'}"
+    app = bank.build(url)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    app.dispatch(bank.OpenAccount(aggregate_id="B"))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=50))
+    story = app.dispatch(
+        bank.RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=5
+        )
+    )
+    app.event_store.close()
+
+    stream = runner.invoke(main, ["events", url, "--aggregate", "T1"], env={"COLUMNS": "200"})
+    assert stream.exit_code == 0, stream.output
+    assert "(3 events)" in stream.output
+    assert "TransferCompleted" in stream.output
+    assert "MoneyDeposited" not in stream.output
+
+    correlation = story[0].metadata["correlation_id"]
+    whole = runner.invoke(
+        main, ["events", url, "--correlation", correlation], env={"COLUMNS": "200"}
+    )
+    assert "(5 events)" in whole.output
+    assert "MoneySent" in whole.output and "MoneyReceived" in whole.output
+
+
+def test_a_bad_url_is_a_clear_error(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["events", "nowhere"])
+    assert result.exit_code != 0
+    assert "Not a store URL" in result.output
+
+
+def test_python_dash_m_incident_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "incident", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "demo" in result.stdout and "events" in result.stdout
