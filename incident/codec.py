@@ -4,7 +4,7 @@ and validation of commands (msgspec constructors check neither types nor constra
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import msgspec
 
@@ -45,6 +45,7 @@ class EventTypes:
         self._types: dict[str, type[Event]] = {}
         self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
         self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        self._batch: msgspec.json.Decoder[list[Any]] | None = None
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
@@ -52,6 +53,40 @@ class EventTypes:
         for event_type in types:
             name = event_type_name(event_type)
             self._types[name] = event_type
+            self._batch = None
+
+    def decode_batch(self, payloads: list[str | None]) -> list[Event] | None:
+        """Decode many stored payloads in one call: one reused decoder of a JSON array of
+        the registered types' tagged union (each payload carries its tag). None when any
+        payload is not one of them, is damaged or is None: the caller then decodes row by
+        row by type name, which resolves unregistered names and says where the damage
+        is. It never upcasts, so it is only used while every registered type is at its
+        first schema version; a store passes None for a payload stored at another one.
+
+        >>> class Opened(Event):
+        ...     number: str
+        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'])
+        [Opened(number='A1')]
+        >>> EventTypes([Opened]).decode_batch(['{"type":"Closed"}']) is None
+        True
+        """
+        decoder = self._batch
+        if decoder is None:
+            if not self._types or any(t.schema_version != 1 for t in self._types.values()):
+                return None  # nothing to decode to, or payloads that may need upcasting
+            union = Union[tuple(self._types.values())]  # type: ignore[valid-type]  # noqa: UP007
+            try:
+                decoder = msgspec.json.Decoder(list[union])  # type: ignore[valid-type]
+            except TypeError:  # types that cannot share one union (different tag fields)
+                return None
+            self._batch = decoder
+        try:
+            joined = ",".join(payloads)  # type: ignore[arg-type]  # a None raises TypeError
+            events: list[Event] = decoder.decode(f"[{joined}]")
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):  # TypeError: a None
+            return None
+        # a damaged payload could merge with or split its neighbours: the count must hold
+        return events if len(events) == len(payloads) else None
 
     def register_upcaster(
         self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]

@@ -161,9 +161,16 @@ class CommandHandler:
             or self._from_snapshot(aggregate, aggregate_id)
             or (aggregate.initial, 0)
         )
-        newer = self.event_store.get(aggregate_id, after=version)
-        if newer:
-            state, version = aggregate.fold(newer, state), newer[-1].version
+        # the events alone (no envelopes), streamed; versions have no gaps
+        newer = self.event_store.events(aggregate_id, after=version)
+        try:
+            state, count = aggregate.fold_count(newer, state)
+        finally:
+            close = getattr(newer, "close", None)
+            if close is not None:  # a fold that raised leaves no cursor (or lock) behind
+                close()
+        if count:
+            version += count
             self.cache.put(key, state, version)
         return state, version
 

@@ -245,3 +245,45 @@ def test_an_unknown_event_type_names_it_and_the_registered_ones(
     assert "MoneyVanished" in str(caught.value) and "MoneyDeposited" in str(caught.value)
     with pytest.raises(incident.UnknownEventType):
         list(event_store.read_all())
+
+
+def test_events_are_the_stream_without_envelopes(event_store: incident.EventStore) -> None:
+    """events() yields the bare events after a version, in order, from registered types
+    (one decoder for the batch) and from unregistered ones (resolved by name) alike."""
+    event_store.append("acc-1", deposited(1, 2, 3), expected_version=0)
+    event_store.append("acc-2", deposited(9), expected_version=0)
+
+    def amounts(after: int = 0) -> list[tuple[str, int]]:
+        return [(type(e).__name__, e.amount) for e in event_store.events("acc-1", after=after)]  # type: ignore[attr-defined]
+
+    assert amounts() == [("MoneyDeposited", 1), ("MoneyDeposited", 2), ("MoneyDeposited", 3)]
+    event_store.types.register(MoneyDeposited, MoneyWithdrawn)
+    assert amounts() == [("MoneyDeposited", 1), ("MoneyDeposited", 2), ("MoneyDeposited", 3)]
+    assert amounts(after=2) == [("MoneyDeposited", 3)]
+    assert amounts(after=3) == []
+    assert list(event_store.events("nobody")) == []
+
+
+def test_events_through_a_damaged_row_raise_like_get(
+    event_store: incident.EventStore, write_raw_event: Callable[[RawEvent], None]
+) -> None:
+    """A payload the batch decoder refuses is read again row by row: CorruptEvent or
+    UnknownEventType, naming the position, exactly as get() reports it."""
+    event_store.types.register(MoneyDeposited)
+    event_store.append("acc-1", deposited(1), expected_version=0)
+    write_raw_event(
+        RawEvent(
+            position=2, aggregate_id="acc-1", version=2, event_type="MoneyDeposited", data="{oops"
+        )
+    )
+    with pytest.raises(incident.CorruptEvent) as caught:
+        list(event_store.events("acc-1"))
+    assert caught.value.position == 2
+    assert [e.amount for e in event_store.events("acc-1", after=2)] == []  # type: ignore[attr-defined]
+    event_store.append("acc-2", deposited(1), expected_version=0)
+    write_raw_event(
+        RawEvent(position=4, aggregate_id="acc-2", version=2, event_type="MoneyVanished", data="{}")
+    )
+    with pytest.raises(incident.UnknownEventType) as caught_unknown:
+        list(event_store.events("acc-2"))
+    assert caught_unknown.value.position == 4
