@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sqlite3
 import threading
 import time
 import weakref
@@ -24,6 +25,7 @@ from typing import IO, Any
 
 from ..errors import CheckpointConflict, StoreError
 from ..messages import Projection
+from ._sqlite_projections import ProjectionTable
 from .protocols import Parked, ProjectionStore
 from .sqlite import SQLiteProjectionStore, _Database
 
@@ -117,7 +119,7 @@ class SQLiteCheckpointStore:
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
             if shared and projections:
-                self._db.write_projections(conn, projections)
+                _write_many(self._db, conn, projections)
             conn.execute(_SAVE, (handler, position, _now()))
 
     def reset(self, handler: str, position: int = 0) -> None:
@@ -248,6 +250,20 @@ def lock_path(database_path: str, handler: str) -> str:
     if safe is None:
         safe = hashlib.blake2b(handler.encode(), digest_size=8).hexdigest()
     return f"{os.path.abspath(database_path)}.{safe}.lock"
+
+
+def _write_many(
+    database: _Database, conn: sqlite3.Connection, projections: Sequence[Projection]
+) -> None:
+    """Upsert a batch's projections with one ``executemany`` per table (a catch-up may
+    write tens of thousands); everything is encoded before anything is written."""
+    by_table: dict[ProjectionTable, list[tuple[Any, ...]]] = {}
+    for projection in projections:
+        table = database.table(type(projection))
+        by_table.setdefault(table, []).append(table.row(projection))
+    for table, rows in by_table.items():
+        database.ensure_table(conn, table)
+        conn.executemany(table.upsert_sql, rows)
 
 
 def _now() -> str:
