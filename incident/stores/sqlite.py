@@ -49,7 +49,7 @@ from ..errors import (
     StoreError,
 )
 from ..messages import Event, Projection, Recorded
-from ._common import check_expected_version, checked_events, projection_key, stamp
+from ._common import AppendVerbs, check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable
 from .protocols import ProjectFn, ProjectionStore
 
@@ -481,7 +481,7 @@ class SQLiteProjectionStore:
         self._db.close()
 
 
-class SQLiteEventStore:
+class SQLiteEventStore(AppendVerbs):
     """An event log in an SQLite file. ``projections()`` is a projection store in the same
     file; ``append_and_project`` then commits events and projections together."""
 
@@ -498,40 +498,6 @@ class SQLiteEventStore:
         return self._db.path
 
     # -- writing ------------------------------------------------------------------
-
-    def append(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
-
-    def append_and_project(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
-        projection_store: ProjectionStore,
-        project: ProjectFn,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(
-            aggregate_id,
-            events,
-            expected_version,
-            aggregate,
-            metadata,
-            projection_store,
-            project,
-            idempotency_key,
-        )
 
     def _append(
         self,
