@@ -604,21 +604,8 @@ class SQLiteEventStore(AppendVerbs):
         for row in rows:
             position, version, event_type, data, event_id, date, meta, aggregate, schema = row[:9]
             stream = aggregate_id if aggregate_id is not None else row[9]
-            known = decoders.get(event_type)
-            if known is None:
-                known = decoders[event_type] = self._decoder(event_type, position)
-            decoder, current = known
             try:
-                if schema == current:
-                    event = decoder.decode(data)
-                else:  # stored by older code: the aggregate's upcasters bring it up to date
-                    event = self.types.decode(
-                        event_type,
-                        data,
-                        position=position,
-                        aggregate_id=stream,
-                        schema_version=schema,
-                    )
+                event = self._payload(decoders, event_type, data, schema, position, stream)
                 if date != last_date:
                     last_date, event_date = date, dt.datetime.fromisoformat(date)
                 metadata = metadata_cache.get(meta)
@@ -642,6 +629,28 @@ class SQLiteEventStore(AppendVerbs):
                 )
             )
         return recorded
+
+    def _payload(
+        self,
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
+        event_type: str,
+        data: str,
+        schema: int,
+        position: int,
+        aggregate_id: str,
+    ) -> Event:
+        """One stored payload as an event: straight through the reused decoder, or, when
+        older code stored it, through the aggregate's upcasters."""
+        known = decoders.get(event_type)
+        if known is None:
+            known = decoders[event_type] = self._decoder(event_type, position)
+        decoder, current = known
+        if schema == current:
+            event: Event = decoder.decode(data)
+            return event
+        return self.types.decode(
+            event_type, data, position=position, aggregate_id=aggregate_id, schema_version=schema
+        )
 
     def _decoder(self, event_type: str, position: int) -> tuple[msgspec.json.Decoder[Any], int]:
         """The reusable decoder for a stored type and the schema version it reads directly."""
@@ -710,23 +719,10 @@ class SQLiteEventStore(AppendVerbs):
     ) -> list[Event]:
         batch = []
         for position, _, event_type, data, schema in rows:
-            known = decoders.get(event_type)
-            if known is None:
-                known = decoders[event_type] = self._decoder(event_type, position)
-            decoder, current = known
             try:
-                if schema == current:
-                    batch.append(decoder.decode(data))
-                else:
-                    batch.append(
-                        self.types.decode(
-                            event_type,
-                            data,
-                            position=position,
-                            aggregate_id=aggregate_id,
-                            schema_version=schema,
-                        )
-                    )
+                batch.append(
+                    self._payload(decoders, event_type, data, schema, position, aggregate_id)
+                )
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
                 raise CorruptEvent(position, aggregate_id, str(error)) from error
         return batch
