@@ -6,13 +6,18 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
+
+if TYPE_CHECKING:
+    from .protocols import ProjectFn, ProjectionStore
+
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 
 __all__ = [
+    "AppendVerbs",
     "check_expected_version",
     "checked_events",
     "new_event_id",
@@ -112,3 +117,55 @@ def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
         return True
     new, old = projection_version(candidate), projection_version(stored)
     return new is None or old is None or new >= old
+
+
+class AppendVerbs:
+    """The two public append verbs of every event store, in terms of one ``_append``:
+    a plain append is an append with no projections and no idempotency key."""
+
+    def append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Recorded[Any]]:
+        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
+
+    def append_and_project(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore,
+        project: ProjectFn,
+        idempotency_key: str | None = None,
+    ) -> list[Recorded[Any]]:
+        return self._append(
+            aggregate_id,
+            events,
+            expected_version,
+            aggregate,
+            metadata,
+            projection_store,
+            project,
+            idempotency_key,
+        )
+
+    def _append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[Recorded[Any]]:
+        raise NotImplementedError

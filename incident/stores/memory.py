@@ -14,6 +14,7 @@ from ..codec import EventTypes, encode
 from ..errors import CheckpointConflict, DuplicateCommand, IncidentError
 from ..messages import Event, Projection, Recorded
 from ._common import (
+    AppendVerbs,
     check_expected_version,
     checked_events,
     newer_or_equal,
@@ -85,7 +86,7 @@ class MemoryProjectionStore:
         pass
 
 
-class MemoryEventStore:
+class MemoryEventStore(AppendVerbs):
     """An in-process event log. ``projections()`` gives a projection store that commits
     together with it (both are guarded by this store's lock)."""
 
@@ -101,40 +102,6 @@ class MemoryEventStore:
 
     def __repr__(self) -> str:
         return f"MemoryEventStore({len(self._log)} events)"
-
-    def append(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
-
-    def append_and_project(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
-        projection_store: ProjectionStore,
-        project: ProjectFn,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(
-            aggregate_id,
-            events,
-            expected_version,
-            aggregate,
-            metadata,
-            projection_store,
-            project,
-            idempotency_key,
-        )
 
     def _append(
         self,

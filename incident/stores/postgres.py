@@ -39,7 +39,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
-from ._common import check_expected_version, checked_events, projection_key, stamp
+from ._common import AppendVerbs, check_expected_version, checked_events, projection_key, stamp
 from .protocols import ProjectFn, ProjectionStore
 
 if TYPE_CHECKING:
@@ -523,7 +523,7 @@ class PostgresProjectionStore:
 # -- events ------------------------------------------------------------------------------
 
 
-class PostgresEventStore:
+class PostgresEventStore(AppendVerbs):
     """The event log in one Postgres table; thread-safe, many processes may share it.
 
     Positions are gapless and in commit order. A bigserial is neither: a sequence value
@@ -582,40 +582,6 @@ class PostgresEventStore:
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
-
-    def append(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
-
-    def append_and_project(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
-        projection_store: ProjectionStore,
-        project: ProjectFn,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(
-            aggregate_id,
-            events,
-            expected_version,
-            aggregate,
-            metadata,
-            projection_store,
-            project,
-            idempotency_key,
-        )
 
     def _append(
         self,

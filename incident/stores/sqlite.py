@@ -49,7 +49,7 @@ from ..errors import (
     StoreError,
 )
 from ..messages import Event, Projection, Recorded
-from ._common import check_expected_version, checked_events, projection_key, stamp
+from ._common import AppendVerbs, check_expected_version, checked_events, projection_key, stamp
 from ._sqlite_projections import ProjectionTable, _quote
 from .protocols import ProjectFn, ProjectionStore
 
@@ -494,7 +494,7 @@ class SQLiteProjectionStore:
         self._db.close()
 
 
-class SQLiteEventStore:
+class SQLiteEventStore(AppendVerbs):
     """An event log in an SQLite file. ``projections()`` is a projection store in the same
     file; ``append_and_project`` then commits events and projections together."""
 
@@ -511,40 +511,6 @@ class SQLiteEventStore:
         return self._db.path
 
     # -- writing ------------------------------------------------------------------
-
-    def append(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
-
-    def append_and_project(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
-        projection_store: ProjectionStore,
-        project: ProjectFn,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        return self._append(
-            aggregate_id,
-            events,
-            expected_version,
-            aggregate,
-            metadata,
-            projection_store,
-            project,
-            idempotency_key,
-        )
 
     def _append(
         self,
@@ -651,21 +617,8 @@ class SQLiteEventStore:
         for row in rows:
             position, version, event_type, data, event_id, date, meta, aggregate, schema = row[:9]
             stream = aggregate_id if aggregate_id is not None else row[9]
-            known = decoders.get(event_type)
-            if known is None:
-                known = decoders[event_type] = self._decoder(event_type, position)
-            decoder, current = known
             try:
-                if schema == current:
-                    event = decoder.decode(data)
-                else:  # stored by older code: the aggregate's upcasters bring it up to date
-                    event = self.types.decode(
-                        event_type,
-                        data,
-                        position=position,
-                        aggregate_id=stream,
-                        schema_version=schema,
-                    )
+                event = self._payload(decoders, event_type, data, schema, position, stream)
                 if date != last_date:
                     last_date, event_date = date, dt.datetime.fromisoformat(date)
                 metadata = metadata_cache.get(meta)
@@ -689,6 +642,28 @@ class SQLiteEventStore:
                 )
             )
         return recorded
+
+    def _payload(
+        self,
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
+        event_type: str,
+        data: str,
+        schema: int,
+        position: int,
+        aggregate_id: str,
+    ) -> Event:
+        """One stored payload as an event: straight through the reused decoder, or, when
+        older code stored it, through the aggregate's upcasters."""
+        known = decoders.get(event_type)
+        if known is None:
+            known = decoders[event_type] = self._decoder(event_type, position)
+        decoder, current = known
+        if schema == current:
+            event: Event = decoder.decode(data)
+            return event
+        return self.types.decode(
+            event_type, data, position=position, aggregate_id=aggregate_id, schema_version=schema
+        )
 
     def _decoder(self, event_type: str, position: int) -> tuple[msgspec.json.Decoder[Any], int]:
         """The reusable decoder for a stored type and the schema version it reads directly."""
@@ -757,23 +732,10 @@ class SQLiteEventStore:
     ) -> list[Event]:
         batch = []
         for position, _, event_type, data, schema in rows:
-            known = decoders.get(event_type)
-            if known is None:
-                known = decoders[event_type] = self._decoder(event_type, position)
-            decoder, current = known
             try:
-                if schema == current:
-                    batch.append(decoder.decode(data))
-                else:
-                    batch.append(
-                        self.types.decode(
-                            event_type,
-                            data,
-                            position=position,
-                            aggregate_id=aggregate_id,
-                            schema_version=schema,
-                        )
-                    )
+                batch.append(
+                    self._payload(decoders, event_type, data, schema, position, aggregate_id)
+                )
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
                 raise CorruptEvent(position, aggregate_id, str(error)) from error
         return batch
