@@ -4,8 +4,9 @@ projection keys. Backends differ only in how they persist."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..codec import encode
@@ -21,6 +22,8 @@ __all__ = [
     "check_expected_version",
     "checked_events",
     "new_event_id",
+    "newer_or_equal",
+    "poll",
     "projection_key",
     "projection_version",
     "stamp",
@@ -169,3 +172,17 @@ class AppendVerbs:
         idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
         raise NotImplementedError
+
+
+def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, cap: float) -> bool:
+    """Call ``attempt`` until it returns True, sleeping ``first`` seconds and doubling up to
+    ``cap`` in between; False once ``timeout`` seconds have passed (None: wait for ever)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = first
+    while not attempt():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        left = pause if deadline is None else min(pause, deadline - time.monotonic())
+        time.sleep(max(left, 0.0))
+        pause = min(pause * 2, cap)
+    return True

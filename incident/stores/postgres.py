@@ -679,13 +679,7 @@ class PostgresEventStore(AppendVerbs):
         return [self._recorded(row) for row in self._fetch(doing, self._span, *span[0])]
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
-        """True for a Postgres projection store on the same server, database and schema
-        (even with a pool of its own): this store's transaction can write its tables."""
-        return (
-            isinstance(projection_store, PostgresProjectionStore)
-            and projection_store._db.conninfo == self._db.conninfo
-            and projection_store._db.schema == self._db.schema
-        )
+        return writes_into(self._db, projection_store)
 
     def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
         self._db.ready()
@@ -864,6 +858,16 @@ def _split_url(url: str) -> tuple[str, str | None]:
     schema = next((value for key, value in query if key == "schema"), None)
     rest = urlencode([(key, value) for key, value in query if key != "schema"])
     return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), schema
+
+
+def writes_into(database: _Database, projection_store: ProjectionStore) -> bool:
+    """True for a Postgres projection store on the same server, database and schema (even
+    with a pool of its own): a transaction on ``database`` can write its tables."""
+    return (
+        isinstance(projection_store, PostgresProjectionStore)
+        and projection_store._db.conninfo == database.conninfo
+        and projection_store._db.schema == database.schema
+    )
 
 
 def open_postgres(

@@ -11,7 +11,6 @@ from the checkpoint: nothing has to expire.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +20,8 @@ from psycopg import sql
 from ..codec import encode
 from ..errors import CheckpointConflict, StoreError
 from ..messages import Projection
-from .postgres import PostgresProjectionStore, _Database, _lock_key
+from ._common import poll
+from .postgres import PostgresProjectionStore, _Database, _lock_key, writes_into
 from .protocols import Parked, ProjectionStore
 
 __all__ = ["PostgresCheckpointStore", "PostgresHandlerLock"]
@@ -176,12 +176,7 @@ class PostgresCheckpointStore:
         return PostgresHandlerLock(handler, self._db.conninfo, key)
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
-        if not isinstance(projection_store, PostgresProjectionStore):
-            return False
-        other = projection_store._db
-        return other is self._db or (
-            other.conninfo == self._db.conninfo and other.schema == self._db.schema
-        )
+        return writes_into(self._db, projection_store)
 
     def close(self) -> None:
         self._db.close()
@@ -214,15 +209,7 @@ class PostgresHandlerLock:
     def acquire(self, timeout: float | None = None) -> bool:
         if self._conn is not None:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.01
-        while not self._try():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            left = pause if deadline is None else min(pause, deadline - time.monotonic())
-            time.sleep(max(left, 0.0))
-            pause = min(pause * 2, 0.25)
-        return True
+        return poll(self._try, timeout, first=0.01, cap=0.25)
 
     def release(self) -> None:
         conn, self._conn = self._conn, None

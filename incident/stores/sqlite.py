@@ -600,9 +600,7 @@ class SQLiteEventStore(AppendVerbs):
         return self._decode(self._rows(_BETWEEN, found[0]), None) if found else None
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
-        return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
-            projection_store._db
-        )
+        return writes_into(self._db, projection_store)
 
     # -- reading ------------------------------------------------------------------
 
@@ -804,6 +802,14 @@ class SQLiteEventStore(AppendVerbs):
     def close(self) -> None:
         """Close the database (its projection store shares it)."""
         self._db.close()
+
+
+def writes_into(database: _Database, projection_store: ProjectionStore) -> bool:
+    """Whether a transaction on ``database`` can write ``projection_store``'s tables: an
+    SQLite projection store on the same file (or the same in-memory database)."""
+    return isinstance(projection_store, SQLiteProjectionStore) and database.same_as(
+        projection_store._db
+    )
 
 
 def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:

@@ -18,16 +18,16 @@ import os
 import re
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from typing import IO, Any
 
 from ..errors import CheckpointConflict, StoreError
 from ..messages import Projection
+from ._common import poll
 from ._sqlite_projections import ProjectionTable
 from .protocols import Parked, ProjectionStore
-from .sqlite import SQLiteProjectionStore, _Database
+from .sqlite import _Database, writes_into
 
 __all__ = ["SQLiteCheckpointStore", "SQLiteHandlerLock", "lock_path"]
 
@@ -173,9 +173,7 @@ class SQLiteCheckpointStore:
         return SQLiteHandlerLock(handler, lock_path(self._db.path, handler), None)
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
-        return isinstance(projection_store, SQLiteProjectionStore) and self._db.same_as(
-            projection_store._db
-        )
+        return writes_into(self._db, projection_store)
 
     def close(self) -> None:
         self._db.close()
@@ -214,16 +212,8 @@ class SQLiteHandlerLock:
     def acquire(self, timeout: float | None = None) -> bool:
         if self._held:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.005
-        while not self._try():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            left = pause if deadline is None else min(pause, deadline - time.monotonic())
-            time.sleep(max(left, 0.0))
-            pause = min(pause * 2, 0.1)
-        self._held = True
-        return True
+        self._held = poll(self._try, timeout, first=0.005, cap=0.1)
+        return self._held
 
     def release(self) -> None:
         if not self._held:
