@@ -181,9 +181,7 @@ def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> Non
     """
     console = _console()
     handler = _load(handler_path, EventHandler)
-    aggregates = [_load(path, Aggregate) for path in aggregate_paths] or _aggregates_beside(
-        handler_path
-    )
+    aggregates = _aggregates_for([handler_path], aggregate_paths)
     store = _open(url)
     try:
         app = CommandHandler(store, aggregates=aggregates)
@@ -258,9 +256,7 @@ def retry(
     """Handle a handler's parked events again; those that succeed leave the dead letters."""
     console = _console()
     handler = _load(handler_path, EventHandler)
-    aggregates = [_load(path, Aggregate) for path in aggregate_paths] or _aggregates_beside(
-        handler_path
-    )
+    aggregates = _aggregates_for([handler_path], aggregate_paths)
     store = _open(url)
     try:
         subscription = Subscription(handler, CommandHandler(store, aggregates=aggregates))
@@ -297,10 +293,7 @@ def subscribe(
     """
     console = _console()
     handlers = [_load(path, EventHandler) for path in handler_paths]
-    found = [_load(path, Aggregate) for path in aggregate_paths] or [
-        aggregate for path in handler_paths for aggregate in _aggregates_beside(path)
-    ]
-    aggregates = list({aggregate.name: aggregate for aggregate in found}.values())
+    aggregates = _aggregates_for(handler_paths, aggregate_paths)
     store = _open(url)
     try:
         app = CommandHandler(store, aggregates=aggregates)
@@ -337,6 +330,17 @@ def _load(path: str, kind: type[Any]) -> Any:
     if not isinstance(found, kind):
         raise click.ClickException(f"{path} is a {type(found).__name__}, not a {kind.__name__}")
     return found
+
+
+def _aggregates_for(
+    handler_paths: Iterable[str], aggregate_paths: Iterable[str]
+) -> list[Aggregate[Any]]:
+    """The aggregates named with --aggregate, else every Aggregate in the handlers'
+    modules; one per name."""
+    found = [_load(path, Aggregate) for path in aggregate_paths] or [
+        aggregate for path in handler_paths for aggregate in _aggregates_beside(path)
+    ]
+    return list({aggregate.name: aggregate for aggregate in found}.values())
 
 
 def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:

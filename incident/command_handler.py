@@ -212,7 +212,8 @@ class CommandHandler:
             if not events:
                 return [], []
             follow_ups: list[FollowUp] = []
-            project = self._projector(aggregate, aggregate_id, state, follow_ups)
+            after: list[Any] = []  # the state after the new events, as project() saw it
+            project = self._projector(aggregate, aggregate_id, state, follow_ups, after)
             try:
                 recorded = self.event_store.append_and_project(
                     aggregate_id,
@@ -232,11 +233,10 @@ class CommandHandler:
                 # jittered, growing pause so racing writers stop colliding in lockstep
                 time.sleep(random.uniform(0, min(0.05, self.backoff * 2**attempt)))
                 continue
-            self.cache.put(
-                (aggregate.name, aggregate_id),
-                aggregate.fold(recorded, state),
-                recorded[-1].version,
-            )
+            # cached only now that the events are committed; stores call project() inside
+            # the transaction, so the state it reached is not folded a second time
+            reached = after[0] if after else aggregate.fold(recorded, state)
+            self.cache.put((aggregate.name, aggregate_id), reached, recorded[-1].version)
             return recorded, follow_ups
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -246,12 +246,15 @@ class CommandHandler:
         aggregate_id: str,
         state: Any,
         follow_ups: list[FollowUp],
+        after: list[Any],
     ) -> ProjectFn:
         """What runs inside the append's transaction: the inline handlers, pure. It
-        returns the projections to commit with the events and collects the commands."""
+        returns the projections to commit with the events, collects the commands, and
+        leaves the state after the events in ``after``."""
 
         def project(recorded: list[Recorded[Any]]) -> list[Projection]:
             follow_ups.clear()  # the store may call this more than once
+            after.clear()
             projections: list[Projection] = []
             current = state
             for record in recorded:
@@ -268,6 +271,7 @@ class CommandHandler:
                     snapshot = take_snapshot(aggregate, aggregate_id, current, record.version, code)
                     if snapshot is not None:
                         projections.append(snapshot)
+            after.append(current)
             return projections
 
         return project
