@@ -36,6 +36,7 @@ from .stores import (
     open_event_store,
     open_projection_store,
 )
+from .stores._common import closing_iterator
 from .subscriptions import Subscription, Subscriptions
 
 __all__ = ["CommandHandler"]
@@ -162,13 +163,8 @@ class CommandHandler:
             or (aggregate.initial, 0)
         )
         # the events alone (no envelopes), streamed; versions have no gaps
-        newer = self.event_store.events(aggregate_id, after=version)
-        try:
+        with closing_iterator(self.event_store.events(aggregate_id, after=version)) as newer:
             state, count = aggregate.fold_count(newer, state)
-        finally:
-            close = getattr(newer, "close", None)
-            if close is not None:  # a fold that raised leaves no cursor (or lock) behind
-                close()
         if count:
             version += count
             self.cache.put(key, state, version)

@@ -21,6 +21,7 @@ every event that dispatched something, so little is handled twice at all.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -45,7 +46,7 @@ from .stores import (
     ReplaceableProjectionStore,
     checkpoint_store_for,
 )
-from .stores._common import newer_or_equal, projection_key, utc_now
+from .stores._common import closing_iterator, newer_or_equal, projection_key, utc_now
 
 if TYPE_CHECKING:
     from .command_handler import CommandHandler
@@ -261,12 +262,10 @@ class Subscription:
             cached = None  # handled again (a retry or a reset): start over
         base, version = cached or (aggregate.initial, 0)
         if version < recorded.version - 1:  # not cached, or evicted: read what is missing
-            missing = (
-                r
-                for r in self.event_store.get(recorded.aggregate_id, after=version)
-                if r.version < recorded.version
-            )
-            base = aggregate.fold(missing, base)
+            # the bare events (the store's fast path), and only up to this one
+            read = self.event_store.events(recorded.aggregate_id, after=version)
+            with closing_iterator(read) as newer:
+                base = aggregate.fold(itertools.islice(newer, recorded.version - 1 - version), base)
         state = aggregate.evolve(base, recorded)
         self._remember(key, state, recorded.version)
         return state

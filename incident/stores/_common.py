@@ -6,8 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
@@ -20,6 +21,7 @@ from ..messages import ANY, Event, Projection, Recorded, event_type_name
 __all__ = [
     "AppendVerbs",
     "check_expected_version",
+    "closing_iterator",
     "checked_events",
     "new_event_id",
     "newer_or_equal",
@@ -186,3 +188,18 @@ def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, ca
         time.sleep(max(left, 0.0))
         pause = min(pause * 2, cap)
     return True
+
+
+T = TypeVar("T")
+
+
+@contextmanager
+def closing_iterator(items: Iterator[T]) -> Iterator[Iterator[T]]:
+    """Use a store's streamed read and close it when done, even when the consumer stops
+    early or raises, so no cursor (or SQLite read lock) is left open."""
+    try:
+        yield items
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
