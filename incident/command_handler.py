@@ -203,8 +203,9 @@ class CommandHandler:
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
         for attempt in range(self.retries + 1):
-            state, version = self._load(aggregate, aggregate_id)
-            events = aggregate.decide(state, command)
+            # the first attempt trusts the cache: the append's expected version catches a
+            # stale state, and the retry after that conflict reads what was missed
+            state, version, events = self._decide(aggregate, command, trust_cache=attempt == 0)
             if not events:
                 return [], []
             follow_ups: list[FollowUp] = []
@@ -235,6 +236,25 @@ class CommandHandler:
             self.cache.put((aggregate.name, aggregate_id), reached, recorded[-1].version)
             return recorded, follow_ups
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _decide(
+        self, aggregate: Aggregate[Any], command: Command, *, trust_cache: bool
+    ) -> tuple[Any, int, list[Any]]:
+        """(state, version, events decided). On a cached state the store is not read; a
+        rejection or an empty decision there may come from a stale state, so it stands
+        only once the events after the cached version have been read and folded."""
+        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        cached = self.cache.get((aggregate.name, aggregate_id)) if trust_cache else None
+        if cached is not None:
+            state, version = cached
+            try:
+                events = aggregate.decide(state, command)
+            except Rejected:
+                events = []
+            if events:
+                return state, version, events
+        state, version = self._load(aggregate, aggregate_id)
+        return state, version, aggregate.decide(state, command)
 
     def _projector(
         self,

@@ -90,13 +90,44 @@ def test_code_key_changes_when_an_apply_function_changes() -> None:
     assert code_key(bank.bank_account) == before
 
 
-def test_the_cache_reads_only_new_events(store_url: str) -> None:
+def test_a_warm_cache_decides_without_reading(store_url: str) -> None:
     events = incident.open_event_store(store_url)
     counting = CountingReads(events)
     app = bank.build(counting, events.projections())  # type: ignore[arg-type]
     app.dispatch(bank.OpenAccount(aggregate_id="A"))
     deposits(app, 3)
-    assert counting.reads == [0, 1, 2, 3]
+    assert counting.reads == [0]  # only the first command, on an empty stream
+    assert app.state("bank_account", "A").balance == 3  # state() always reads what is new
+    assert counting.reads == [0, 4]
+    events.close()
+
+
+def test_a_cold_cache_reads_only_new_events(store_url: str) -> None:
+    events = incident.open_event_store(store_url)
+    counting = CountingReads(events)
+    app = bank.build(counting, events.projections(), cache_size=0)  # type: ignore[arg-type]
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    deposits(app, 3)
+    assert counting.reads == [0, 0, 0, 0]
+    events.close()
+
+
+def test_a_rejection_on_a_stale_cache_is_checked_against_the_store(store_url: str) -> None:
+    """The cache says the balance is 0, another writer deposited: the withdrawal passes."""
+    events = incident.open_event_store(store_url)
+    first = bank.build(events)
+    second = bank.build(events)
+    first.dispatch(bank.OpenAccount(aggregate_id="A"))
+    second.dispatch(bank.DepositMoney(aggregate_id="A", amount=10))
+    [withdrawn] = first.dispatch(bank.WithdrawMoney(aggregate_id="A", amount=10))
+    assert withdrawn.version == 3
+    with pytest.raises(incident.Rejected, match="no_enough_balance"):
+        first.dispatch(bank.WithdrawMoney(aggregate_id="A", amount=1))
+    assert [r.event_type for r in events.get("A")] == [
+        "AccountOpened",
+        "MoneyDeposited",
+        "MoneyWithdrawn",
+    ]
     events.close()
 
 
