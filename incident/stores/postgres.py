@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import os
 import re
+import select
 import threading
 import uuid
 import weakref
@@ -151,7 +152,7 @@ class _Database:
             min_size=1,
             max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,
+            check=_check_if_disturbed,
             timeout=self._pool_options["timeout"],
             open=True,
             name=f"incident:{self.schema}",
@@ -263,6 +264,18 @@ class _Database:
         self._closed = True
         if self._pool is not None:
             self._pool.close()
+
+
+def _check_if_disturbed(conn: Connection) -> None:
+    """The pool's checkout check, without a round trip for a connection left as it was.
+
+    A server that ends a session (a restart, pg_terminate_backend) sends a last message
+    and closes the socket, so the socket of a live idle connection has nothing to read.
+    Only a readable one is worth the round trip of a real check, which fails for a dead
+    connection and makes the pool hand out another."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
 
 
 def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
