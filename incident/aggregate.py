@@ -276,14 +276,18 @@ class Aggregate(Generic[S]):
         loading an aggregate spends its time here, one call per event, so it makes one
         call per event (the apply function) instead of two.
         """
-        appliers = self._appliers
+        # keyed by any type: an envelope's type is simply not there
+        applier_for: Callable[[type], Callable[[S, Any], S] | None] = self._appliers.get
         count = 0
         for count, event in enumerate(events, 1):  # the count is returned
-            data = event.data if isinstance(event, Recorded) else event
-            applier = appliers.get(type(data))
-            if applier is None:
-                return self.evolve(state, data), count  # raises, naming what it applies
-            state = applier(state, data)
+            applier = applier_for(type(event))
+            if applier is None:  # an envelope, or a type nobody applies
+                data = event.data if isinstance(event, Recorded) else event
+                applier = applier_for(type(data))
+                if applier is None:
+                    return self.evolve(state, data), count  # raises, naming what it applies
+                event = data
+            state = applier(state, event)
         return state, count
 
     def history(self, events: Iterable[Event | Recorded[Event]]) -> Iterator[S]:

@@ -71,7 +71,7 @@ def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgr
     ran = postgres_admin.execute(
         f'SELECT name FROM "{schema_of(postgres_url)}".incident_migrations'
     ).fetchall()
-    assert ran == [("0001_events",), ("0002_idempotency_keys",)]
+    assert ran == [("0001_events",), ("0002_idempotency_keys",), ("0003_begin_append",)]
     first.close()
     second.close()
 
@@ -590,6 +590,115 @@ def test_a_later_append_waits_for_an_earlier_commit(
     assert [r.position for r in results["first"]] == [2, 3]
     assert [r.position for r in results["second"]] == [4]
     assert [r.position for r in store.read_all()] == [1, 2, 3, 4]
+
+
+# -- one round trip per append -------------------------------------------------------------
+
+
+def count_locked_appends(store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each append that took the locked path (heads read first, then the rows)."""
+    locked: list[str] = []
+    original = store._append_locked
+
+    def counting(conn: Any, job: Any) -> Any:
+        locked.append(job.aggregate_id)
+        return original(conn, job)
+
+    monkeypatch.setattr(store, "_append_locked", counting)
+    return locked
+
+
+def test_a_lone_writer_predicts_its_heads(
+    store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its first append, a store that nobody else writes to sends each append's
+    lock, check and rows together: only the first one reads the heads."""
+    locked = count_locked_appends(store, monkeypatch)
+    for version in range(5):
+        store.append("a", deposited(version), expected_version=version)
+    store.append("b", deposited(1, 2), expected_version=0)
+    assert locked == ["a"]
+    assert [(r.aggregate_id, r.position, r.version) for r in store.read_all()] == [
+        ("a", 1, 1), ("a", 2, 2), ("a", 3, 3), ("a", 4, 4), ("a", 5, 5), ("b", 6, 1), ("b", 7, 2)
+    ]  # fmt: skip
+
+
+def test_a_wrong_prediction_writes_nothing_then_appends_in_order(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process appended in between: the guess of the last position is stale, so
+    the one-trip attempt is rolled back and the locked path appends after the other's
+    events, gapless; the next appends stop guessing for a while."""
+    mine, theirs = open_store(postgres_url), open_store(postgres_url)
+    assert isinstance(mine, PostgresEventStore)
+    locked = count_locked_appends(mine, monkeypatch)
+    mine.append("a", deposited(1), expected_version=0)
+    theirs.append("b", deposited(2, 3), expected_version=0)
+    [recorded] = mine.append("a", deposited(4), expected_version=1)
+    assert (recorded.position, recorded.version) == (4, 2)
+    assert locked == ["a", "a"]  # the first append, then the retry of the wrong guess
+    mine.append("a", deposited(5), expected_version=2)
+    assert locked == ["a", "a", "a"]  # paused after a miss
+    mine.append("a", deposited(6), expected_version=3)
+    assert locked == ["a", "a", "a"]  # alone again: guessing, and right
+    assert [r.position for r in mine.read_all()] == [1, 2, 3, 4, 5, 6]
+    assert [r.data for r in mine.get("a")] == deposited(1, 4, 5, 6)
+    mine.close()
+    theirs.close()
+
+
+def test_a_predicted_append_still_checks_the_expected_version(store: PostgresEventStore) -> None:
+    """An expected version ahead of the stream would leave a gap: refused, nothing
+    written, on the one-trip path as on the locked one."""
+    store.append("a", deposited(1), expected_version=0)
+    store.append("b", deposited(1), expected_version=0)
+    with pytest.raises(incident.ConcurrencyError) as caught:
+        store.append("a", deposited(2), expected_version=3)
+    assert (caught.value.expected, caught.value.actual) == (3, 1)
+    with pytest.raises(incident.ConcurrencyError):
+        store.append("a", deposited(2), expected_version=0)
+    assert [r.position for r in store.read_all()] == [1, 2]
+    assert store.append("a", deposited(2), expected_version=1)[0].position == 3
+
+
+def test_a_predicted_append_still_finds_an_idempotency_key(store: PostgresEventStore) -> None:
+    def keyed(version: int) -> list[incident.Recorded[Any]]:
+        return store.append_and_project(
+            "a",
+            deposited(1),
+            expected_version=version,
+            aggregate=None,
+            metadata=None,
+            projection_store=store.projections(),
+            project=lambda recorded: [],
+            idempotency_key="k",
+        )
+
+    first = keyed(0)
+    with pytest.raises(incident.DuplicateCommand) as caught:
+        keyed(1)  # predicted: this store wrote the last position
+    assert caught.value.recorded == first
+    assert store.version("a") == 1
+
+
+def test_a_schema_without_begin_append_uses_the_locked_path(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """A schema made before migration 0003, opened by a role that may not migrate it:
+    every append reads the heads first, and works."""
+    open_store(postgres_url).initialize()
+    schema = schema_of(postgres_url)
+    postgres_admin.execute(f'DROP FUNCTION "{schema}".begin_append')
+    postgres_admin.execute(
+        f"DELETE FROM \"{schema}\".incident_migrations WHERE name = '0003_begin_append'"
+    )
+    older = open_store(postgres_url, create_tables=False)
+    for version in range(3):
+        older.append("a", deposited(version), expected_version=version)
+    assert [r.position for r in older.read_all()] == [1, 2, 3]
+    assert isinstance(older, PostgresEventStore)
+    assert not older._predictor.available
+    older.close()
 
 
 # -- many processes ----------------------------------------------------------------------

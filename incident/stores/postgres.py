@@ -28,6 +28,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -89,7 +90,34 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        "0003_begin_append",
+        "a function that starts an append with predicted heads, so it takes one round trip",
+        [
+            # Each query in a volatile function takes its own snapshot, so the checks
+            # below, made once the lock is granted, see every append committed before.
+            """
+            CREATE FUNCTION {schema}.begin_append(
+                append_lock bigint, stream text, stream_version integer,
+                last_position bigint, wanted_key text, channel text, new_last_position text
+            ) RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_advisory_xact_lock(append_lock);
+                IF (SELECT coalesce(max(version), 0) FROM {schema}.events
+                        WHERE aggregate_id = stream) <> stream_version
+                   OR (SELECT coalesce(max(position), 0) FROM {schema}.events) <> last_position
+                   OR EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key)
+                THEN
+                    RAISE EXCEPTION 'the stream or the log moved on' USING ERRCODE = 'IN409';
+                END IF;
+                PERFORM pg_notify(channel, new_last_position);
+            END
+            $$
+            """,
+        ],
+    ),
 ]
+HEADS_MOVED = "IN409"  # the SQLSTATE begin_append raises
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
@@ -536,6 +564,65 @@ class PostgresProjectionStore:
 # -- events ------------------------------------------------------------------------------
 
 
+# what an append wrote: its events, its projections, the projection types it created
+_Written = tuple[list[Recorded[Any]], list[Projection], list[type[Projection]]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One append, checked and encoded, ready to write."""
+
+    aggregate_id: str
+    aggregate: str | None
+    events: list[Event]
+    payloads: list[str]
+    expected_version: object
+    metadata: Mapping[str, Any] | None
+    idempotency_key: str | None
+    project: ProjectFn | None
+    shared: bool  # the projections go into this database, in the same transaction
+
+
+class _Predictor:
+    """When to predict an append's last position (see ``_append_predicted``).
+
+    A wrong guess costs a round trip and a rollback, so after one the next appends take
+    the locked path, twice as many after each further miss (up to 1,024): with other
+    writers busy on the schema, guessing soon stops; alone, every append guesses right.
+    Shared by a store's threads without a lock: a race only makes a guess wrong, and the
+    check in the database catches every wrong guess."""
+
+    LONGEST_PAUSE = 1_024
+
+    def __init__(self) -> None:
+        self.last_position: int | None = None
+        self.available = True
+        self._pause = 0  # appends to take the locked path before guessing again
+        self._next_pause = 1
+
+    def guess(self) -> int | None:
+        if not self.available or self.last_position is None:
+            return None
+        if self._pause:
+            self._pause -= 1
+            return None
+        return self.last_position
+
+    def committed(self, position: int) -> None:
+        if self.last_position is None or position > self.last_position:
+            self.last_position = position
+
+    def hit(self) -> None:
+        self._next_pause = 1
+
+    def missed(self) -> None:
+        self._pause = self._next_pause
+        self._next_pause = min(self._next_pause * 2, self.LONGEST_PAUSE)
+
+    def unavailable(self) -> None:
+        self.available = False
+
+
 class PostgresEventStore(AppendVerbs):
     """The event log in one Postgres table; thread-safe, many processes may share it.
 
@@ -549,6 +636,12 @@ class PostgresEventStore(AppendVerbs):
     always holds a gapless prefix of the log. The lock is taken in a statement of its
     own: under READ COMMITTED each statement takes a fresh snapshot, so the statement
     after the lock sees every append committed before it was granted.
+
+    Reading the heads under the lock costs a round trip before the rows can be sent. A
+    store that wrote the last position it knows of predicts the heads instead (the
+    caller's expected version, its own last position) and sends the lock, a check of
+    that prediction and the rows in one round trip; a wrong prediction rolls back and
+    the append is done again the locked way (see ``_Predictor``).
     """
 
     def __init__(self, db: _Database, *, types: EventTypes | None = None, batch_size: int) -> None:
@@ -569,6 +662,9 @@ class PostgresEventStore(AppendVerbs):
             f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
         self._last_position = f"SELECT coalesce(max(position), 0) FROM {events}"
+        begin_append = db.table("begin_append").as_string()
+        self._begin_append = f"SELECT {begin_append}(%s, %s, %s, %s, %s, %s, %s)"
+        self._predictor = _Predictor()
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
         self._listeners = threading.local()
@@ -621,66 +717,123 @@ class PostgresEventStore(AppendVerbs):
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
             return []
-        shared = projection_store is not None and self.shares_database_with(projection_store)
-        projections: list[Projection] = []
-        fresh: list[type[Projection]] = []
+        job = _Job(
+            aggregate_id,
+            aggregate,
+            batch,
+            payloads,
+            expected_version,
+            metadata,
+            idempotency_key,
+            project,
+            shared=projection_store is not None and self.shares_database_with(projection_store),
+        )
         self._db.ready()
         doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
         with self._db.connection(doing) as conn:
             try:
-                # Pipelined: BEGIN, the lock and the heads travel together, then the
-                # inserts, upserts and COMMIT, so the lock is held for about two round trips.
-                with conn.pipeline(), conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
-                    heads = conn.execute(self._heads, [aggregate_id])
-                    if idempotency_key is not None:
-                        earlier = conn.execute(self._key, [idempotency_key]).fetchone()
-                        if earlier is not None:
-                            rows = conn.execute(self._span, earlier).fetchall()
-                            raise DuplicateCommand(
-                                idempotency_key, [self._recorded(row) for row in rows]
-                            )
-                    version, last_position = heads.fetchone()  # type: ignore[misc]
-                    check_expected_version(aggregate_id, expected_version, version)
-                    recorded = stamp(
-                        aggregate_id,
-                        aggregate,
-                        batch,
-                        first_position=last_position + 1,
-                        first_version=version + 1,
-                        metadata=metadata,
-                    )
-                    with conn.cursor() as cursor:
-                        cursor.executemany(
-                            self._insert,
-                            [_row(r, p) for r, p in zip(recorded, payloads, strict=True)],
-                        )
-                    if idempotency_key is not None:
-                        conn.execute(
-                            self._remember_key,
-                            [idempotency_key, recorded[0].position, recorded[-1].position],
-                        )
-                    if project is not None:
-                        projections = list(project(recorded))
-                    if shared:
-                        fresh = self._projections._prepare(conn, map(type, projections))
-                        self._projections._queue(conn, projections)
-                    # delivered when (and only if) this transaction commits
-                    conn.execute(
-                        "SELECT pg_notify(%s, %s)", [self._channel, str(recorded[-1].position)]
-                    )
+                written = self._append_predicted(conn, job)
+                if written is None:
+                    written = self._append_locked(conn, job)
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
                     raise
                 actual = _fetch_value(conn, self._version, aggregate_id)
                 raise ConcurrencyError(aggregate_id, expected_version, actual) from error
+        recorded, projections, fresh = written
+        self._predictor.committed(recorded[-1].position)
         self._projections._remember(fresh)
-        if projection_store is not None and not shared:
+        if projection_store is not None and not job.shared:
             # another database: the events have committed, the projections follow
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    def _append_locked(self, conn: Connection, job: _Job) -> _Written:
+        """Take the lock, read the heads, then write: two round trips while locked."""
+        with conn.pipeline(), conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+            heads = conn.execute(self._heads, [job.aggregate_id])
+            if job.idempotency_key is not None:
+                earlier = conn.execute(self._key, [job.idempotency_key]).fetchone()
+                if earlier is not None:
+                    rows = conn.execute(self._span, earlier).fetchall()
+                    raise DuplicateCommand(
+                        job.idempotency_key, [self._recorded(row) for row in rows]
+                    )
+            version, last_position = heads.fetchone()  # type: ignore[misc]
+            check_expected_version(job.aggregate_id, job.expected_version, version)
+            written = self._write(conn, job, version, last_position)
+            # delivered when (and only if) this transaction commits
+            new_last = str(written[0][-1].position)
+            conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
+            return written
+
+    def _append_predicted(self, conn: Connection, job: _Job) -> _Written | None:
+        """Send the lock, a check of the heads this process expects and the writes in one
+        round trip; None (nothing written) when they are not the heads, for the locked
+        path to do it again and say why. The expected version is the caller's; the last
+        position is the one this process last committed, right whenever nobody else has
+        appended since, as with a single writer. begin_append (migration 0003) takes the
+        lock, checks, and queues the NOTIFY."""
+        last_position = self._predictor.guess()
+        version = job.expected_version
+        if last_position is None or not isinstance(version, int):
+            return None
+        new_last = str(last_position + len(job.events))
+        try:
+            with conn.pipeline(), conn.transaction():
+                conn.execute(
+                    self._begin_append,
+                    [
+                        self._db.append_lock,
+                        job.aggregate_id,
+                        version,
+                        last_position,
+                        job.idempotency_key,
+                        self._channel,
+                        new_last,
+                    ],
+                )
+                written = self._write(conn, job, version, last_position)
+        except psycopg.errors.UndefinedFunction:
+            self._predictor.unavailable()  # a schema from before 0003, not migrated here
+            return None
+        except psycopg.Error as error:
+            if error.sqlstate != HEADS_MOVED:
+                raise
+            self._predictor.missed()
+            return None
+        self._predictor.hit()
+        return written
+
+    def _write(self, conn: Connection, job: _Job, version: int, last_position: int) -> _Written:
+        """Inside the append's transaction, the heads known: the rows, the key and the
+        projections, queued in the pipeline."""
+        recorded = stamp(
+            job.aggregate_id,
+            job.aggregate,
+            job.events,
+            first_position=last_position + 1,
+            first_version=version + 1,
+            metadata=job.metadata,
+        )
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                self._insert, [_row(r, p) for r, p in zip(recorded, job.payloads, strict=True)]
+            )
+        if job.idempotency_key is not None:
+            conn.execute(
+                self._remember_key,
+                [job.idempotency_key, recorded[0].position, recorded[-1].position],
+            )
+        projections = list(job.project(recorded)) if job.project is not None else []
+        fresh: list[type[Projection]] = []
+        if job.shared:
+            fresh = self._projections._prepare(conn, map(type, projections))
+            self._projections._queue(conn, projections)
+        return recorded, projections, fresh
 
     def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
         """The events an earlier append with this key stored (positions of one append are
