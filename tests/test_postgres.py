@@ -365,11 +365,16 @@ def test_a_projection_cannot_take_the_events_table(store: PostgresEventStore) ->
     assert list(store.read_all()) == []
 
 
+@pytest.mark.parametrize("path", ["locked", "predicted"])
 def test_projections_that_fail_to_write_take_the_events_with_them(
-    store: PostgresEventStore,
+    postgres_url: str, path: str
 ) -> None:
     """Events and projections are one transaction: a projection Postgres refuses (a
-    balance past bigint) leaves no event behind."""
+    balance past bigint) leaves no event behind, on either way of appending, and the
+    connection (the only one here) is rolled back and works for the next append."""
+    store = open_store(postgres_url, pool_size=1)
+    if path == "predicted":
+        store.append("other", deposited(1), expected_version=0)  # now it knows the heads
     now = dt.datetime.now(dt.UTC)
 
     def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
@@ -392,6 +397,9 @@ def test_projections_that_fail_to_write_take_the_events_with_them(
         )
     assert store.get("A") == []
     assert store.projections().get(BankAccount, "A") is None
+    [recorded] = store.append("A", deposited(2), expected_version=0)
+    assert recorded.position == (2 if path == "predicted" else 1)
+    store.close()
 
 
 def test_a_projection_store_of_its_own_pool_still_shares_the_transaction(

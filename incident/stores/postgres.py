@@ -27,7 +27,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,6 +36,7 @@ import msgspec
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..codec import EventTypes, encode
@@ -292,6 +293,24 @@ class _Database:
         self._closed = True
         if self._pool is not None:
             self._pool.close()
+
+
+@contextmanager
+def _one_sync_transaction(conn: Connection) -> Iterator[None]:
+    """BEGIN, the block's statements and COMMIT in one pipeline, synced once at the end
+    (psycopg's ``transaction()`` syncs once more, before its COMMIT). A failed statement
+    makes the server skip everything after it up to the sync, the COMMIT included; the
+    transaction it leaves open, or one a Python error left open, is rolled back here."""
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except BaseException:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with suppress(psycopg.Error):  # a broken connection: the pool discards it
+                conn.execute("ROLLBACK")
+        raise
 
 
 def _check_if_disturbed(conn: Connection) -> None:
@@ -751,8 +770,8 @@ class PostgresEventStore(AppendVerbs):
         return recorded
 
     def _append_locked(self, conn: Connection, job: _Job) -> _Written:
-        """Take the lock, read the heads, then write: two round trips while locked."""
-        with conn.pipeline(), conn.transaction():
+        """Take the lock and read the heads, then write and commit: two round trips."""
+        with _one_sync_transaction(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
             heads = conn.execute(self._heads, [job.aggregate_id])
             if job.idempotency_key is not None:
@@ -783,7 +802,7 @@ class PostgresEventStore(AppendVerbs):
             return None
         new_last = str(last_position + len(job.events))
         try:
-            with conn.pipeline(), conn.transaction():
+            with _one_sync_transaction(conn):
                 conn.execute(
                     self._begin_append,
                     [
