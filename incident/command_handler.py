@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from .stores import (
     open_event_store,
     open_projection_store,
 )
-from .stores._common import closing_iterator
+from .stores._common import closing_iterator, new_event_id
 from .subscriptions import Subscription, Subscriptions
 
 __all__ = ["CommandHandler"]
@@ -181,7 +180,7 @@ class CommandHandler:
         validate_command(command)
         aggregate = self.aggregate_for(command)
         meta = dict(metadata or {})
-        meta.setdefault("correlation_id", str(uuid.uuid4()))
+        meta.setdefault("correlation_id", new_event_id())
         meta.setdefault("causation_id", None)
         key = idempotency_key(command, meta)
         if key is not None:

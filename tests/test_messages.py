@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import pickle
+import uuid
 
 import msgspec
 import pytest
@@ -152,3 +153,14 @@ def test_messages_can_be_defined_dynamically() -> None:
     happened = msgspec.defstruct("Happened", [("n", int)], bases=(incident.Event,))
     assert incident.event_type_name(happened) == "Happened"
     assert msgspec.json.decode(encode(happened(n=1))) == {"type": "Happened", "n": 1}
+
+
+def test_new_event_ids_are_random_version_4_uuids() -> None:
+    from incident.stores._common import new_event_id
+
+    ids = [new_event_id() for _ in range(2_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == text

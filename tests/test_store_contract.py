@@ -39,7 +39,9 @@ def test_append_then_get_returns_events_in_version_order(event_store: incident.E
     assert first.event_date.utcoffset() == dt.timedelta(0)
     assert abs(first.event_date - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=5)
     assert len({r.event_id for r in got}) == 3
-    uuid.UUID(first.event_id)
+    for record in got:  # random UUIDs, spelled as str(uuid.UUID) spells them
+        assert uuid.UUID(record.event_id).version == 4
+        assert str(uuid.UUID(record.event_id)) == record.event_id
 
 
 def test_get_after_version_returns_only_newer_events(event_store: incident.EventStore) -> None:
