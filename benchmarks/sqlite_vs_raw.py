@@ -6,14 +6,14 @@
 Each measurement pits incident against a ceiling doing the least the same work needs:
 
 load       rebuild the state of one aggregate of N events. incident:
-           CommandHandler.state() (read the stream, decode the envelopes, fold).
+           CommandHandler.state() from a cold cache (read the payloads, decode, fold).
            Ceiling: one SELECT of the payloads, msgspec-decode each, the same fold.
 load/env   the same, against a ceiling that also reads the envelope (ids, dates,
            metadata) into plain tuples: what the envelope objects and checks cost.
 load/evts  incident's payload-only read, SQLiteEventStore.events() + the same fold,
            against the payload ceiling: what a fold costs when it skips envelopes.
-dispatch   M DepositMoney commands over 200 accounts. incident: dispatch() (load the
-           stream, decide, append the event and its BankAccount projection in one
+dispatch   M DepositMoney commands over 200 accounts. incident: dispatch() (decide on
+           the cached state, append the event and its BankAccount projection in one
            transaction). Ceiling: one INSERT of the encoded event per commit.
 
 The two sides run interleaved, in small rounds on files of their own, so that whatever
@@ -102,6 +102,7 @@ def load_pair(work: Path, events: int, synchronous: str) -> tuple[Work, Work, Wo
     handler = bank.build(store)
 
     def ours() -> None:
+        handler.cache.clear()  # a cold load: the whole stream, not what the cache lacks
         assert handler.state("bank_account", "ACC1").balance == events - 1
 
     raw = sqlite3.connect(work / "load-raw.db", isolation_level=None)
