@@ -619,54 +619,90 @@ def count_locked_appends(store: PostgresEventStore, monkeypatch: pytest.MonkeyPa
 def test_a_lone_writer_predicts_its_heads(
     store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After its first append, a store that nobody else writes to sends each append's
-    lock, check and rows together: only the first one reads the heads."""
+    """A store that nobody else writes to reads the heads on its first two appends (the
+    second finds its own last event still the last), then sends each append's lock,
+    check and rows together."""
     locked = count_locked_appends(store, monkeypatch)
     for version in range(5):
         store.append("a", deposited(version), expected_version=version)
     store.append("b", deposited(1, 2), expected_version=0)
-    assert locked == ["a"]
+    assert locked == ["a", "a"]
     assert [(r.aggregate_id, r.position, r.version) for r in store.read_all()] == [
         ("a", 1, 1), ("a", 2, 2), ("a", 3, 3), ("a", 4, 4), ("a", 5, 5), ("b", 6, 1), ("b", 7, 2)
     ]  # fmt: skip
 
 
 def test_a_wrong_prediction_writes_nothing_then_appends_in_order(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Another process appended in between: the guess of the last position is stale, so
+    """Another process appended in between: the predicted last position is stale, so
     the one-trip attempt is rolled back and the locked path appends after the other's
-    events, gapless; the next appends stop guessing for a while."""
+    events, gapless. Predicting resumes only after twice as many appends found the
+    store alone, and the miss logs nothing."""
     mine, theirs = open_store(postgres_url), open_store(postgres_url)
     assert isinstance(mine, PostgresEventStore)
     locked = count_locked_appends(mine, monkeypatch)
     mine.append("a", deposited(1), expected_version=0)
-    theirs.append("b", deposited(2, 3), expected_version=0)
-    [recorded] = mine.append("a", deposited(4), expected_version=1)
-    assert (recorded.position, recorded.version) == (4, 2)
-    assert locked == ["a", "a"]  # the first append, then the retry of the wrong guess
-    mine.append("a", deposited(5), expected_version=2)
-    assert locked == ["a", "a", "a"]  # paused after a miss
+    mine.append("a", deposited(2), expected_version=1)
+    assert len(locked) == 2  # now predicting
+    theirs.append("b", deposited(3, 4), expected_version=0)
+    now = dt.datetime.now(dt.UTC)
+
+    def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        time.sleep(0.2)  # the check's error arrives while the block still sends statements
+        return [
+            BankAccount(
+                aggregate_id="a", account_number="a", balance=r.data.amount, version=r.version,
+                event_id=r.event_id, event_date=now,
+            )
+            for r in recorded
+        ]  # fmt: skip
+
+    [recorded] = mine.append_and_project(
+        "a",
+        deposited(5),
+        expected_version=2,
+        aggregate=None,
+        metadata=None,
+        projection_store=mine.projections(),
+        project=project,
+    )
+    assert (recorded.position, recorded.version) == (5, 3)
+    assert len(locked) == 3  # the wrong prediction, done again the locked way
     mine.append("a", deposited(6), expected_version=3)
-    assert locked == ["a", "a", "a"]  # alone again: guessing, and right
-    assert [r.position for r in mine.read_all()] == [1, 2, 3, 4, 5, 6]
-    assert [r.data for r in mine.get("a")] == deposited(1, 4, 5, 6)
+    mine.append("a", deposited(7), expected_version=4)
+    assert len(locked) == 5  # alone twice in a row (it had been once before the miss)
+    mine.append("a", deposited(8), expected_version=5)
+    assert len(locked) == 5  # predicting again, and right
+    assert [r.position for r in mine.read_all()] == list(range(1, 9))
+    assert [r.data for r in mine.get("a")] == deposited(1, 2, 5, 6, 7, 8)
+    assert mine.projections().get(BankAccount, "a") == BankAccount(
+        aggregate_id="a", account_number="a", balance=5, version=3,
+        event_id=recorded.event_id, event_date=now,
+    )  # fmt: skip
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]
     mine.close()
     theirs.close()
 
 
-def test_a_predicted_append_still_checks_the_expected_version(store: PostgresEventStore) -> None:
+def test_a_predicted_append_still_checks_the_expected_version(
+    store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An expected version ahead of the stream would leave a gap: refused, nothing
-    written, on the one-trip path as on the locked one."""
+    written, on the one-trip path as on the locked one. A conflict is not a wrong
+    prediction of the log: the store goes on predicting."""
     store.append("a", deposited(1), expected_version=0)
     store.append("b", deposited(1), expected_version=0)
+    locked = count_locked_appends(store, monkeypatch)
     with pytest.raises(incident.ConcurrencyError) as caught:
         store.append("a", deposited(2), expected_version=3)
     assert (caught.value.expected, caught.value.actual) == (3, 1)
     with pytest.raises(incident.ConcurrencyError):
         store.append("a", deposited(2), expected_version=0)
+    assert len(locked) == 2  # each conflict was said by the locked path
     assert [r.position for r in store.read_all()] == [1, 2]
     assert store.append("a", deposited(2), expected_version=1)[0].position == 3
+    assert len(locked) == 2
 
 
 def test_a_predicted_append_still_finds_an_idempotency_key(store: PostgresEventStore) -> None:

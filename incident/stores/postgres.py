@@ -104,12 +104,16 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             ) RETURNS void LANGUAGE plpgsql AS $$
             BEGIN
                 PERFORM pg_advisory_xact_lock(append_lock);
+                IF (SELECT coalesce(max(position), 0) FROM {schema}.events) <> last_position
+                THEN
+                    RAISE EXCEPTION 'another writer appended' USING ERRCODE = 'IN410';
+                END IF;
                 IF (SELECT coalesce(max(version), 0) FROM {schema}.events
                         WHERE aggregate_id = stream) <> stream_version
-                   OR (SELECT coalesce(max(position), 0) FROM {schema}.events) <> last_position
                    OR EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key)
                 THEN
-                    RAISE EXCEPTION 'the stream or the log moved on' USING ERRCODE = 'IN409';
+                    RAISE EXCEPTION 'the stream moved, or the key was used'
+                        USING ERRCODE = 'IN409';
                 END IF;
                 PERFORM pg_notify(channel, new_last_position);
             END
@@ -118,7 +122,8 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
         ],
     ),
 ]
-HEADS_MOVED = "IN409"  # the SQLSTATE begin_append raises
+# what begin_append raises: the locked path then appends, or says why it cannot
+STREAM_MOVED, LOG_MOVED = "IN409", "IN410"
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
@@ -301,16 +306,32 @@ def _one_sync_transaction(conn: Connection) -> Iterator[None]:
     (psycopg's ``transaction()`` syncs once more, before its COMMIT). A failed statement
     makes the server skip everything after it up to the sync, the COMMIT included; the
     transaction it leaves open, or one a Python error left open, is rolled back here."""
+    failed: psycopg.Error | None = None
     try:
         with conn.pipeline():
             conn.execute("BEGIN")
-            yield
-            conn.execute("COMMIT")
+            try:
+                yield
+            except psycopg.Error as error:
+                # the server refused a statement before the block ended: end the pipeline
+                # quietly (its sync then says it was aborted) and raise this error below
+                failed = error
+            else:
+                conn.execute("COMMIT")
     except BaseException:
-        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            with suppress(psycopg.Error):  # a broken connection: the pool discards it
-                conn.execute("ROLLBACK")
+        _roll_back(conn)
+        if failed is not None:
+            raise failed from None  # not the "pipeline aborted" that followed it
         raise
+    if failed is not None:
+        _roll_back(conn)
+        raise failed
+
+
+def _roll_back(conn: Connection) -> None:
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with suppress(psycopg.Error):  # a broken connection: the pool discards it
+            conn.execute("ROLLBACK")
 
 
 def _check_if_disturbed(conn: Connection) -> None:
@@ -603,40 +624,46 @@ class _Job:
 
 
 class _Predictor:
-    """When to predict an append's last position (see ``_append_predicted``).
+    """Whether an append may predict the log's last position: only while this store
+    seems to be the schema's only writer.
 
-    A wrong guess costs a round trip and a rollback, so after one the next appends take
-    the locked path, twice as many after each further miss (up to 1,024): with other
-    writers busy on the schema, guessing soon stops; alone, every append guesses right.
-    Shared by a store's threads without a lock: a race only makes a guess wrong, and the
-    check in the database catches every wrong guess."""
+    The locked path reads the real last position under the lock. When it is the one
+    this store committed last, nobody else appended in between; once that has been seen
+    ``needed`` appends in a row, appends predict. A wrong prediction (another writer
+    appended after all) costs a round trip and a second wait for the lock, so it stops
+    predicting and doubles ``needed`` (up to 1,024): busy neighbours soon stop it for
+    good, while a lone writer predicts from its second append on. Shared by a store's
+    threads without a lock: a race can only make a prediction wrong, and the database
+    checks every prediction."""
 
-    LONGEST_PAUSE = 1_024
+    MOST_NEEDED = 1_024
 
     def __init__(self) -> None:
-        self.last_position: int | None = None
+        self.last_position: int | None = None  # the last one this store committed
         self.available = True
-        self._pause = 0  # appends to take the locked path before guessing again
-        self._next_pause = 1
+        self._predicting = False
+        self._alone = 0  # locked appends in a row that found no one else's events
+        self._needed = 1
 
     def guess(self) -> int | None:
-        if not self.available or self.last_position is None:
-            return None
-        if self._pause:
-            self._pause -= 1
-            return None
-        return self.last_position
+        return self.last_position if self.available and self._predicting else None
 
     def committed(self, position: int) -> None:
         if self.last_position is None or position > self.last_position:
             self.last_position = position
 
-    def hit(self) -> None:
-        self._next_pause = 1
+    def observed(self, last_position: int) -> None:
+        """The locked path read the real last position."""
+        if self.last_position is not None and last_position == self.last_position:
+            self._alone += 1
+            self._predicting = self._alone >= self._needed
+        else:
+            self._alone = 0
 
     def missed(self) -> None:
-        self._pause = self._next_pause
-        self._next_pause = min(self._next_pause * 2, self.LONGEST_PAUSE)
+        self._predicting = False
+        self._alone = 0
+        self._needed = min(self._needed * 2, self.MOST_NEEDED)
 
     def unavailable(self) -> None:
         self.available = False
@@ -782,6 +809,7 @@ class PostgresEventStore(AppendVerbs):
                         job.idempotency_key, [self._recorded(row) for row in rows]
                     )
             version, last_position = heads.fetchone()  # type: ignore[misc]
+            self._predictor.observed(last_position)
             check_expected_version(job.aggregate_id, job.expected_version, version)
             written = self._write(conn, job, version, last_position)
             # delivered when (and only if) this transaction commits
@@ -820,11 +848,11 @@ class PostgresEventStore(AppendVerbs):
             self._predictor.unavailable()  # a schema from before 0003, not migrated here
             return None
         except psycopg.Error as error:
-            if error.sqlstate != HEADS_MOVED:
+            if error.sqlstate == LOG_MOVED:
+                self._predictor.missed()
+            elif error.sqlstate != STREAM_MOVED:
                 raise
-            self._predictor.missed()
             return None
-        self._predictor.hit()
         return written
 
     def _write(self, conn: Connection, job: _Job, version: int, last_position: int) -> _Written:
