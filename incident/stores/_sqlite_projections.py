@@ -130,7 +130,6 @@ class ProjectionTable:
                 f"{projection_type.__qualname__} needs an aggregate_id: str field to be stored"
             )
         self.key = key_field.encode_name
-        self.attributes = [field.name for field in info.fields]
         self.columns: dict[str, str] = {}
         self._writers: list[Callable[[Any], Any] | None] = []
         self._json_columns: set[str] = set()
@@ -140,6 +139,8 @@ class ProjectionTable:
             self._writers.append(_WRITERS[how])
             if how == "json":
                 self._json_columns.add(field.encode_name)
+        # the columns whose values need converting, by position (the rest go as they are)
+        self._converted = [(i, w) for i, w in enumerate(self._writers) if w is not None]
         version = by_attribute.get("version")
         versioned = version is not None and _column(version.type) == ("INTEGER", "native")
         q = _quote
@@ -169,15 +170,15 @@ class ProjectionTable:
         """The column values of one projection, in column order (refuses what cannot be
         stored before anything is written)."""
         projection_key(projection)
+        values = msgspec.structs.astuple(projection)  # in field order, as the columns are
+        if not self._converted:
+            return values
+        row = list(values)
         try:
-            return tuple(
-                value if write is None or value is None else write(value)
-                for write, value in zip(
-                    self._writers,
-                    (getattr(projection, attribute) for attribute in self.attributes),
-                    strict=True,
-                )
-            )
+            for index, write in self._converted:
+                if row[index] is not None:
+                    row[index] = write(row[index])
+            return tuple(row)
         except (TypeError, msgspec.EncodeError) as error:
             raise IncidentError(f"Cannot store {projection!r} in SQLite: {error}") from error
 
