@@ -1,8 +1,9 @@
 """CommandHandler: the write side's only I/O loop.
 
-validate -> route -> load and fold -> decide -> append (expected version, bounded retries)
--> inline event handlers (their projections commit with the events when the stores share
-a database) -> dispatch the commands they returned -> return the recorded events.
+validate -> route -> state (cached, else loaded and folded) -> decide -> append (expected
+version, bounded retries) -> inline event handlers (their projections commit with the
+events when the stores share a database) -> dispatch the commands they returned ->
+return the recorded events.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class CommandHandler:
     ``projection_store=None`` means the same database as the event store, so a command's
     events and the projections its handlers return commit in one transaction.
     ``retries`` bounds how often a command is decided again after a version conflict.
-    ``cache_size`` bounds the LRU of (state, version) per aggregate that lets a command
-    read only the events after the version it last saw (0 turns the cache off).
+    ``cache_size`` bounds the LRU of (state, version) per aggregate: a command to an
+    aggregate in it is decided without reading the store, the append's expected version
+    catching a stale entry (0 turns the cache off: every command reads its stream).
     ``snapshot_every=N`` stores the state every N events (with the events, in the
     projection store) so a cold start reads the latest snapshot and what follows it.
 
