@@ -745,6 +745,38 @@ def test_a_schema_without_begin_append_uses_the_locked_path(
     older.close()
 
 
+def test_appends_keep_commit_order_under_a_stricter_default_isolation(postgres_url: str) -> None:
+    """A server (or role) whose default isolation is serializable: appends still read
+    the heads after the lock, so racing writers get gapless positions, not errors."""
+    strict = f"{postgres_url}&options=-c%20default_transaction_isolation%3Dserializable"
+    stores = [open_store(strict), open_store(strict)]
+    isolation = stores[0]._db.pool.getconn()  # type: ignore[attr-defined]
+    try:
+        assert isolation.execute("SHOW default_transaction_isolation").fetchone() == (
+            "serializable",
+        )
+    finally:
+        stores[0]._db.pool.putconn(isolation)  # type: ignore[attr-defined]
+    failures: list[BaseException] = []
+
+    def write(store: incident.EventStore, stream: str) -> None:
+        try:
+            for version in range(25):
+                store.append(stream, deposited(version), expected_version=version)
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(s, f"s{n}")) for n, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert [r.position for r in stores[0].read_all()] == list(range(1, 51))
+    for store in stores:
+        store.close()
+
+
 # -- many processes ----------------------------------------------------------------------
 # Workers are top-level functions, run in spawned interpreters: one pool each.
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import psycopg
@@ -186,6 +186,7 @@ class _Database:
             min_size=1,
             max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True},
+            configure=_read_committed,
             check=_check_if_disturbed,
             timeout=self._pool_options["timeout"],
             open=True,
@@ -300,6 +301,13 @@ class _Database:
             self._pool.close()
 
 
+def _read_committed(conn: Connection) -> None:
+    """Every transaction of the store runs at READ COMMITTED, whatever the server's or
+    the role's default: each statement then sees what committed before it began, so the
+    statement after a lock sees the work of whoever held it (appends, migrations)."""
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+
+
 @contextmanager
 def _one_sync_transaction(conn: Connection) -> Iterator[None]:
     """BEGIN, the block's statements and COMMIT in one pipeline, synced once at the end
@@ -309,7 +317,7 @@ def _one_sync_transaction(conn: Connection) -> Iterator[None]:
     failed: psycopg.Error | None = None
     try:
         with conn.pipeline():
-            conn.execute("BEGIN")
+            conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see _read_committed
             try:
                 yield
             except psycopg.Error as error:
@@ -1065,11 +1073,15 @@ def _split_url(url: str) -> tuple[str, str | None]:
 
     >>> _split_url("postgresql+psycopg://u@h/db?schema=bank&sslmode=disable")
     ('postgresql://u@h/db?sslmode=disable', 'bank')
+    >>> _split_url("postgresql://u@h/db?options=-c%20statement_timeout%3D5s")[0]
+    'postgresql://u@h/db?options=-c%20statement_timeout%3D5s'
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = next((value for key, value in query if key == "schema"), None)
-    rest = urlencode([(key, value) for key, value in query if key != "schema"])
+    # libpq decodes %20 but not +, so spaces (as in options) must stay %20
+    kept = [(key, value) for key, value in query if key != "schema"]
+    rest = urlencode(kept, quote_via=quote)
     return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), schema
 
 
