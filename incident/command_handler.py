@@ -36,7 +36,7 @@ from .stores import (
     open_event_store,
     open_projection_store,
 )
-from .stores._common import closing_iterator, new_event_id
+from .stores._common import closing_iterator, new_uuid
 from .subscriptions import Subscription, Subscriptions
 
 __all__ = ["CommandHandler"]
@@ -182,7 +182,7 @@ class CommandHandler:
         validate_command(command)
         aggregate = self.aggregate_for(command)
         meta = dict(metadata or {})
-        meta.setdefault("correlation_id", new_event_id())
+        meta.setdefault("correlation_id", new_uuid())
         meta.setdefault("causation_id", None)
         key = idempotency_key(command, meta)
         if key is not None:

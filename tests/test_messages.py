@@ -155,10 +155,10 @@ def test_messages_can_be_defined_dynamically() -> None:
     assert msgspec.json.decode(encode(happened(n=1))) == {"type": "Happened", "n": 1}
 
 
-def test_new_event_ids_are_random_version_4_uuids() -> None:
-    from incident.stores._common import new_event_id
+def test_new_uuids_are_random_version_4() -> None:
+    from incident.stores._common import new_uuid
 
-    ids = [new_event_id() for _ in range(2_000)]
+    ids = [new_uuid() for _ in range(2_000)]
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)

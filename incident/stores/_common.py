@@ -23,7 +23,7 @@ __all__ = [
     "check_expected_version",
     "closing_iterator",
     "checked_events",
-    "new_event_id",
+    "new_uuid",
     "newer_or_equal",
     "poll",
     "projection_key",
@@ -68,7 +68,7 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def new_event_id() -> str:
+def new_uuid() -> str:
     """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` spells it, without
     the UUID object: every append and every command makes one or more."""
     raw = bytearray(os.urandom(16))
@@ -95,7 +95,7 @@ def stamp(
     return [
         Recorded(
             position=first_position + offset,
-            event_id=new_event_id(),
+            event_id=new_uuid(),
             aggregate_id=aggregate_id,
             aggregate=aggregate or "",
             version=first_version + offset,

@@ -11,8 +11,8 @@ round trip when ``read_all`` streams the log).
 
 Tables, in the store's schema: ``incident_migrations`` (what ran), ``events``,
 ``idempotency_keys``, and one table per Projection type named after the class in
-snake_case. Stores are thread-safe, and a store opened before ``fork()`` opens a pool of
-its own in the child.
+snake_case; and the function ``begin_append`` (a one-round-trip append). Stores are
+thread-safe, and a store opened before ``fork()`` opens a pool of its own in the child.
 """
 
 from __future__ import annotations
@@ -640,7 +640,7 @@ class _Predictor:
     ``needed`` appends in a row, appends predict. A wrong prediction (another writer
     appended after all) costs a round trip and a second wait for the lock, so it stops
     predicting and doubles ``needed`` (up to 1,024): busy neighbours soon stop it for
-    good, while a lone writer predicts from its second append on. Shared by a store's
+    good, while a lone writer predicts from its third append on. Shared by a store's
     threads without a lock: a race can only make a prediction wrong, and the database
     checks every prediction."""
 
