@@ -102,18 +102,23 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
                 append_lock bigint, stream text, stream_version integer,
                 last_position bigint, wanted_key text, channel text, new_last_position text
             ) RETURNS void LANGUAGE plpgsql AS $$
+            DECLARE
+                actual integer;
             BEGIN
                 PERFORM pg_advisory_xact_lock(append_lock);
                 IF (SELECT coalesce(max(position), 0) FROM {schema}.events) <> last_position
                 THEN
                     RAISE EXCEPTION 'another writer appended' USING ERRCODE = 'IN410';
                 END IF;
-                IF (SELECT coalesce(max(version), 0) FROM {schema}.events
-                        WHERE aggregate_id = stream) <> stream_version
-                   OR EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key)
-                THEN
-                    RAISE EXCEPTION 'the stream moved, or the key was used'
-                        USING ERRCODE = 'IN409';
+                SELECT coalesce(max(version), 0) INTO actual FROM {schema}.events
+                    WHERE aggregate_id = stream;
+                IF actual <> stream_version THEN
+                    RAISE EXCEPTION 'stream % is at version %', stream, actual
+                        USING ERRCODE = 'IN409', DETAIL = actual::text;
+                END IF;
+                IF EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key) THEN
+                    RAISE EXCEPTION 'idempotency key % was used', wanted_key
+                        USING ERRCODE = 'IN411';
                 END IF;
                 PERFORM pg_notify(channel, new_last_position);
             END
@@ -122,8 +127,9 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
         ],
     ),
 ]
-# what begin_append raises: the locked path then appends, or says why it cannot
-STREAM_MOVED, LOG_MOVED = "IN409", "IN410"
+# what begin_append raises: a conflict (its detail is the stream's version), another
+# writer's append (the locked path appends), a used key (the locked path says so)
+STREAM_MOVED, LOG_MOVED, KEY_USED = "IN409", "IN410", "IN411"
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
@@ -317,15 +323,14 @@ def _one_sync_transaction(conn: Connection) -> Iterator[None]:
     failed: psycopg.Error | None = None
     try:
         with conn.pipeline():
-            conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see _read_committed
             try:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see _read_committed
                 yield
-            except psycopg.Error as error:
-                # the server refused a statement before the block ended: end the pipeline
-                # quietly (its sync then says it was aborted) and raise this error below
-                failed = error
-            else:
                 conn.execute("COMMIT")
+            except psycopg.Error as error:
+                # a statement failed and its error came back before the block ended: end
+                # the pipeline quietly (its sync then says it was aborted), raise it below
+                failed = error
     except BaseException:
         _roll_back(conn)
         if failed is not None:
@@ -337,9 +342,13 @@ def _one_sync_transaction(conn: Connection) -> Iterator[None]:
 
 
 def _roll_back(conn: Connection) -> None:
+    """psycopg's rollback(), not a ROLLBACK statement: it also forgets the statements it
+    has prepared on the connection. A failed pipeline skips the statements queued after
+    the failure, and psycopg would otherwise count one it was preparing there as
+    prepared ("prepared statement _pg3_4 does not exist" on its next use)."""
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with suppress(psycopg.Error):  # a broken connection: the pool discards it
-            conn.execute("ROLLBACK")
+            conn.rollback()
 
 
 def _check_if_disturbed(conn: Connection) -> None:
@@ -632,29 +641,35 @@ class _Job:
 
 
 class _Predictor:
-    """Whether an append may predict the log's last position: only while this store
-    seems to be the schema's only writer.
+    """Whether appends predict the log's last position: while this store seems to be
+    the schema's only writer, which it assumes until shown otherwise.
 
-    The locked path reads the real last position under the lock. When it is the one
-    this store committed last, nobody else appended in between; once that has been seen
-    ``needed`` appends in a row, appends predict. A wrong prediction (another writer
-    appended after all) costs a round trip and a second wait for the lock, so it stops
-    predicting and doubles ``needed`` (up to 1,024): busy neighbours soon stop it for
-    good, while a lone writer predicts from its third append on. Shared by a store's
-    threads without a lock: a race can only make a prediction wrong, and the database
-    checks every prediction."""
+    While predicting, the appends of this process take turns (``PostgresEventStore.
+    _append``), so the last position this store committed is the log's, unless another
+    process appended. Then a prediction fails: it cost a round trip and a second wait
+    for the lock, so the store stops predicting, and its appends queue for the lock in
+    the server, reading the heads under it. When one finds this store's own last event
+    still the last, nobody else appended in between; ``needed`` of those in a row and it
+    predicts again, ``needed`` doubling after each wrong prediction (up to 1,024): busy
+    neighbours soon stop it for good, a lone writer predicts from its second append on.
+    Its fields are read and written without a lock: a race can only make a prediction
+    wrong, and the database checks every prediction."""
 
     MOST_NEEDED = 1_024
 
     def __init__(self) -> None:
         self.last_position: int | None = None  # the last one this store committed
-        self.available = True
-        self._predicting = False
+        self.available = True  # False on a schema without begin_append
+        self._predicting = True
         self._alone = 0  # locked appends in a row that found no one else's events
         self._needed = 1
 
+    @property
+    def predicting(self) -> bool:
+        return self.available and self._predicting
+
     def guess(self) -> int | None:
-        return self.last_position if self.available and self._predicting else None
+        return self.last_position if self.predicting else None
 
     def committed(self, position: int) -> None:
         if self.last_position is None or position > self.last_position:
@@ -664,7 +679,7 @@ class _Predictor:
         """The locked path read the real last position."""
         if self.last_position is not None and last_position == self.last_position:
             self._alone += 1
-            self._predicting = self._alone >= self._needed
+            self._predicting = self._predicting or self._alone >= self._needed
         else:
             self._alone = 0
 
@@ -719,6 +734,7 @@ class PostgresEventStore(AppendVerbs):
         begin_append = db.table("begin_append").as_string()
         self._begin_append = f"SELECT {begin_append}(%s, %s, %s, %s, %s, %s, %s)"
         self._predictor = _Predictor()
+        self._one_at_a_time = threading.Lock()  # this process's appends, while predicting
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
         self._listeners = threading.local()
@@ -786,9 +802,18 @@ class PostgresEventStore(AppendVerbs):
         doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
         with self._db.connection(doing) as conn:
             try:
-                written = self._append_predicted(conn, job)
-                if written is None:
+                if not self._predictor.predicting:
+                    # others are writing: wait for the lock in the server's queue
                     written = self._append_locked(conn, job)
+                    self._predictor.committed(written[0][-1].position)
+                else:
+                    # this process's appends take turns, so each one's guess holds
+                    # (the first one reads the heads: there is nothing to guess from)
+                    with self._one_at_a_time:
+                        written = self._append_predicted(conn, job) or self._append_locked(
+                            conn, job
+                        )
+                        self._predictor.committed(written[0][-1].position)
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
@@ -796,7 +821,6 @@ class PostgresEventStore(AppendVerbs):
                 actual = _fetch_value(conn, self._version, aggregate_id)
                 raise ConcurrencyError(aggregate_id, expected_version, actual) from error
         recorded, projections, fresh = written
-        self._predictor.committed(recorded[-1].position)
         self._projections._remember(fresh)
         if projection_store is not None and not job.shared:
             # another database: the events have committed, the projections follow
@@ -827,11 +851,12 @@ class PostgresEventStore(AppendVerbs):
 
     def _append_predicted(self, conn: Connection, job: _Job) -> _Written | None:
         """Send the lock, a check of the heads this process expects and the writes in one
-        round trip; None (nothing written) when they are not the heads, for the locked
-        path to do it again and say why. The expected version is the caller's; the last
-        position is the one this process last committed, right whenever nobody else has
-        appended since, as with a single writer. begin_append (migration 0003) takes the
-        lock, checks, and queues the NOTIFY."""
+        round trip. The expected version is the caller's; the last position is the one
+        this process last committed, right whenever nobody else has appended since, as
+        with a single writer. begin_append (migration 0003) takes the lock, checks, and
+        queues the NOTIFY. A stream at another version is a ConcurrencyError at once;
+        another writer's append, or a used key, returns None (nothing written) for the
+        locked path to append, or to say what the key stored."""
         last_position = self._predictor.guess()
         version = job.expected_version
         if last_position is None or not isinstance(version, int):
@@ -856,9 +881,12 @@ class PostgresEventStore(AppendVerbs):
             self._predictor.unavailable()  # a schema from before 0003, not migrated here
             return None
         except psycopg.Error as error:
+            if error.sqlstate == STREAM_MOVED:
+                actual = int(error.diag.message_detail or 0)
+                raise ConcurrencyError(job.aggregate_id, version, actual) from None
             if error.sqlstate == LOG_MOVED:
                 self._predictor.missed()
-            elif error.sqlstate != STREAM_MOVED:
+            elif error.sqlstate != KEY_USED:
                 raise
             return None
         return written
@@ -874,10 +902,10 @@ class PostgresEventStore(AppendVerbs):
             first_version=version + 1,
             metadata=job.metadata,
         )
-        with conn.cursor() as cursor:
-            cursor.executemany(
-                self._insert, [_row(r, p) for r, p in zip(recorded, job.payloads, strict=True)]
-            )
+        # one execute per row: queued in the pipeline all the same, while executemany
+        # opens a pipeline of its own, which logs a warning when the check before it failed
+        for record, payload in zip(recorded, job.payloads, strict=True):
+            conn.execute(self._insert, _row(record, payload))
         if job.idempotency_key is not None:
             conn.execute(
                 self._remember_key,
