@@ -540,6 +540,23 @@ def test_a_store_opened_before_fork_works_in_parent_and_child(
     store.close()
 
 
+def test_a_fork_while_an_append_takes_its_turn_leaves_the_child_free(postgres_url: str) -> None:
+    """A thread of the parent was appending (holding the process's turn) when another
+    forked: the child starts with its own turn instead of waiting for ever."""
+    store = open_store(postgres_url)
+    assert isinstance(store, PostgresEventStore)
+    store.append("parent", deposited(1), expected_version=0)  # now predicting
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    with store._db.append_turns:
+        child = fork.Process(target=_use_after_fork, args=(store, results))
+        child.start()
+        outcome, _, seen = results.get(timeout=60)
+    child.join()
+    assert (outcome, seen) == ("ok", ["parent", "child"])
+    store.close()
+
+
 # -- commit order ------------------------------------------------------------------------
 
 

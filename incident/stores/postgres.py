@@ -175,6 +175,7 @@ class _Database:
         self.migrate_lock = _lock_key(schema, "migrate")
         self._lock = threading.Lock()  # guards initialization
         self._pool_lock = threading.Lock()  # guards opening a pool after a fork
+        self.append_turns = threading.Lock()  # this process's appends, while predicting
         self._initialized = False
         self._closed = False
         self.tables: dict[type[Projection], _Table] = {}
@@ -215,7 +216,9 @@ class _Database:
         the pool would try to stop threads that do not exist) and open a new pool on
         first use, so stores opened before a fork (gunicorn --preload, multiprocessing)
         work in every process."""
+        # a parent thread may have held one at the fork: the child starts with its own
         self._lock, self._pool_lock = threading.Lock(), threading.Lock()
+        self.append_turns = threading.Lock()
         if self._pool is not None and not self._closed:
             self._inherited.append(self._pool)
             self._pool = None
@@ -734,7 +737,6 @@ class PostgresEventStore(AppendVerbs):
         begin_append = db.table("begin_append").as_string()
         self._begin_append = f"SELECT {begin_append}(%s, %s, %s, %s, %s, %s, %s)"
         self._predictor = _Predictor()
-        self._one_at_a_time = threading.Lock()  # this process's appends, while predicting
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
         self._listeners = threading.local()
@@ -809,7 +811,7 @@ class PostgresEventStore(AppendVerbs):
                 else:
                     # this process's appends take turns, so each one's guess holds
                     # (the first one reads the heads: there is nothing to guess from)
-                    with self._one_at_a_time:
+                    with self._db.append_turns:
                         written = self._append_predicted(conn, job) or self._append_locked(
                             conn, job
                         )
