@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from .protocols import ProjectFn, ProjectionStore
 
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
+from .protocols import Parked
 
 __all__ = [
     "AppendVerbs",
@@ -24,6 +27,8 @@ __all__ = [
     "closing_iterator",
     "checked_events",
     "new_uuid",
+    "PARKED_COLUMNS",
+    "parked_from_row",
     "newer_or_equal",
     "poll",
     "projection_key",
@@ -62,6 +67,16 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
         if not isinstance(event, Event):
             raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
     return checked
+
+
+# the dead-letter table's columns, in Parked's field order, so a row decodes by position
+PARKED_COLUMNS = ", ".join(Parked.__struct_fields__)
+
+
+def parked_from_row(row: Sequence[Any]) -> Parked:
+    """A dead letter from its ``PARKED_COLUMNS`` row; msgspec turns the ISO text SQLite
+    keeps into the datetime Postgres already returns."""
+    return msgspec.convert(dict(zip(Parked.__struct_fields__, row, strict=True)), Parked)
 
 
 def utc_now() -> dt.datetime:

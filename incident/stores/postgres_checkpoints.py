@@ -20,13 +20,12 @@ from psycopg import sql
 from ..codec import encode
 from ..errors import CheckpointConflict, StoreError
 from ..messages import Projection
-from ._common import poll
+from ._common import PARKED_COLUMNS, parked_from_row, poll
 from .postgres import PostgresProjectionStore, _Database, _lock_key, writes_into
 from .protocols import Parked, ProjectionStore
 
 __all__ = ["PostgresCheckpointStore", "PostgresHandlerLock"]
 
-_PARKED = "handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at"
 _TABLES = {
     "incident_checkpoints": (
         "handler text PRIMARY KEY, position bigint NOT NULL, updated_at timestamptz NOT NULL"
@@ -135,7 +134,7 @@ class PostgresCheckpointStore:
         with self._db.connection(f"parking #{parked.position} of {parked.handler}") as conn:
             conn.execute(
                 sql.SQL(
-                    "INSERT INTO {} (" + _PARKED + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    f"INSERT INTO {{}} ({PARKED_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (handler, position) DO UPDATE SET error = EXCLUDED.error,"
                     " attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at"
                 ).format(self._parked),
@@ -156,12 +155,12 @@ class PostgresCheckpointStore:
         with self._db.connection("listing parked events") as conn:
             rows = conn.execute(
                 sql.SQL(
-                    "SELECT " + _PARKED + " FROM {} WHERE %s::text IS NULL OR handler = %s"
+                    f"SELECT {PARKED_COLUMNS} FROM {{}} WHERE %s::text IS NULL OR handler = %s"
                     " ORDER BY handler, position"
                 ).format(self._parked),
                 [handler, handler],
             ).fetchall()
-        return [_parked(row) for row in rows]
+        return [parked_from_row(row) for row in rows]
 
     def unpark(self, handler: str, position: int) -> None:
         self._ensure()
@@ -241,17 +240,3 @@ def _write_many(
     for projection_type, rows in by_type.items():
         with conn.cursor() as cursor:
             cursor.executemany(projection_store._table(projection_type).upsert, rows)
-
-
-def _parked(row: tuple[Any, ...]) -> Parked:
-    handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at = row
-    return Parked(
-        handler=handler,
-        position=position,
-        event_id=event_id,
-        aggregate_id=aggregate_id,
-        event_type=event_type,
-        error=error,
-        attempts=attempts,
-        parked_at=parked_at,
-    )

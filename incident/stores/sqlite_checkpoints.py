@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from ..errors import CheckpointConflict, StoreError
 from ..messages import Projection
-from ._common import poll
+from ._common import PARKED_COLUMNS, parked_from_row, poll
 from ._sqlite_projections import ProjectionTable
 from .protocols import Parked, ProjectionStore
 from .sqlite import _Database, writes_into
@@ -45,8 +45,7 @@ _TABLES = [
         " attempts INTEGER NOT NULL, parked_at TEXT NOT NULL, PRIMARY KEY (handler, position))",
     ),
 ]
-_PARKED = "handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at"
-_PARK = f"INSERT OR REPLACE INTO incident_parked ({_PARKED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_PARK = f"INSERT OR REPLACE INTO incident_parked ({PARKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _LOAD = "SELECT position FROM incident_checkpoints WHERE handler = ?"
 _SAVE = (
     "INSERT INTO incident_checkpoints (handler, position, updated_at) VALUES (?, ?, ?)"
@@ -150,11 +149,11 @@ class SQLiteCheckpointStore:
 
     def parked(self, handler: str | None = None) -> list[Parked]:
         rows = self._query(
-            f"SELECT {_PARKED} FROM incident_parked WHERE ? IS NULL OR handler = ? "
+            f"SELECT {PARKED_COLUMNS} FROM incident_parked WHERE ? IS NULL OR handler = ? "
             "ORDER BY handler, position",
             (handler, handler),
         )
-        return [_parked(row) for row in rows]
+        return [parked_from_row(row) for row in rows]
 
     def unpark(self, handler: str, position: int) -> None:
         self._ensure()
@@ -258,17 +257,3 @@ def _write_many(
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
-
-
-def _parked(row: tuple[Any, ...]) -> Parked:
-    handler, position, event_id, aggregate_id, event_type, error, attempts, parked_at = row
-    return Parked(
-        handler=handler,
-        position=position,
-        event_id=event_id,
-        aggregate_id=aggregate_id,
-        event_type=event_type,
-        error=error,
-        attempts=attempts,
-        parked_at=dt.datetime.fromisoformat(parked_at),
-    )
