@@ -131,16 +131,17 @@ class ProjectionTable:
             )
         self.key = key_field.encode_name
         self.columns: dict[str, str] = {}
-        self._writers: list[Callable[[Any], Any] | None] = []
+        # the columns whose values need converting, by position (the rest go as they are)
+        self._converted: list[tuple[int, Callable[[Any], Any]]] = []
         self._json_columns: set[str] = set()
-        for field in info.fields:
+        for index, field in enumerate(info.fields):
             sql_type, how = _column(field.type)
             self.columns[field.encode_name] = sql_type
-            self._writers.append(_WRITERS[how])
+            write = _WRITERS[how]
+            if write is not None:
+                self._converted.append((index, write))
             if how == "json":
                 self._json_columns.add(field.encode_name)
-        # the columns whose values need converting, by position (the rest go as they are)
-        self._converted = [(i, w) for i, w in enumerate(self._writers) if w is not None]
         version = by_attribute.get("version")
         versioned = version is not None and _column(version.type) == ("INTEGER", "native")
         q = _quote
