@@ -27,7 +27,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -804,18 +804,12 @@ class PostgresEventStore(AppendVerbs):
         doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
         with self._db.connection(doing) as conn:
             try:
-                if not self._predictor.predicting:
-                    # others are writing: wait for the lock in the server's queue
-                    written = self._append_locked(conn, job)
+                # while predicting, this process's appends take turns so each one's guess
+                # holds; while others are writing, they queue for the lock in the server
+                turn = self._db.append_turns if self._predictor.predicting else nullcontext()
+                with turn:
+                    written = self._append_predicted(conn, job) or self._append_locked(conn, job)
                     self._predictor.committed(written[0][-1].position)
-                else:
-                    # this process's appends take turns, so each one's guess holds
-                    # (the first one reads the heads: there is nothing to guess from)
-                    with self._db.append_turns:
-                        written = self._append_predicted(conn, job) or self._append_locked(
-                            conn, job
-                        )
-                        self._predictor.committed(written[0][-1].position)
             except psycopg.errors.UniqueViolation as error:
                 # only a writer that bypassed the lock could get here; still a clean conflict
                 if error.diag.constraint_name != "events_stream_version":
