@@ -110,22 +110,25 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
     """initialize() reports each step it takes, and nothing the second time (also from another
     store object)."""
     store = incident.open_event_store(url)
-    assert store.initialize() == [
-        "created table incident_schema",
-        "created table events",
-        "created index events_by_type",
-        "recorded schema version 1 (the event log)",
-        "created table incident_idempotency",
-        "recorded schema version 2 (idempotency keys)",
-    ]
+    assert store.initialize() == FRESH_FILE
     assert store.initialize() == []
     assert incident.open_event_store(url).initialize() == []
-    assert raw(url, "SELECT version, description FROM incident_schema") == [
-        (1, "the event log"),
-        (2, "idempotency keys"),
-    ]
-    indexes = {row[0] for row in raw(url, "SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "events_by_type" in indexes
+    assert raw(url, "SELECT version, description FROM incident_schema") == [(3, "the event log")]
+    # each index is a page written at every commit: only the streams' one is kept
+    assert events_indexes(url) == ["sqlite_autoindex_events_1"]
+
+
+FRESH_FILE = [
+    "created table incident_schema",
+    "created table events",
+    "created table incident_idempotency",
+    "recorded schema version 3 (the event log)",
+]
+
+
+def events_indexes(url: str) -> list[str]:
+    rows = raw(url, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
+    return sorted(name for (name,) in rows)
 
 
 def test_tables_are_created_on_first_use(url: str) -> None:
@@ -573,18 +576,7 @@ def test_processes_depositing_at_once_lose_nothing(url: str) -> None:
 def test_processes_initializing_at_once_take_turns(url: str) -> None:
     """One process creates the tables and says so; the others find nothing to do."""
     outcomes = run_processes(initialize_in_process, url, processes=3)
-    assert sorted(outcomes, key=len) == [
-        [],
-        [],
-        [
-            "created table incident_schema",
-            "created table events",
-            "created index events_by_type",
-            "recorded schema version 1 (the event log)",
-            "created table incident_idempotency",
-            "recorded schema version 2 (idempotency keys)",
-        ],
-    ]
+    assert sorted(outcomes, key=len) == [[], [], FRESH_FILE]
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
@@ -602,13 +594,14 @@ def test_a_forked_child_opens_its_own_connection(store: SQLiteEventStore) -> Non
     assert [r.aggregate_id for r in store.read_all()] == ["parent", "forked", "parent"]
 
 
-def test_an_event_id_is_a_uuid_and_unique_in_the_file(store: SQLiteEventStore, url: str) -> None:
-    """Event ids are UUIDs, and the table refuses a duplicate."""
-    store.append("a", deposits(1, 2), expected_version=0)
+def test_event_ids_are_distinct_version_4_uuids(store: SQLiteEventStore, url: str) -> None:
+    """Event ids are random UUIDs made by incident, one per event (no index enforces
+    it: 122 random bits do, and an index would cost a page at every commit)."""
+    for version in range(0, 200, 4):
+        store.append("a", deposits(1, 2, 3, 4), expected_version=version)
     ids = [row[0] for row in raw(url, "SELECT event_id FROM events ORDER BY position")]
-    assert len(set(ids)) == 2 and all(uuid.UUID(i) for i in ids)
-    with pytest.raises(sqlite3.IntegrityError):
-        raw(url, "UPDATE events SET event_id = ? WHERE position = 2", ids[0])
+    assert len(ids) == len(set(ids)) == 200
+    assert {uuid.UUID(i).version for i in ids} == {4}
 
 
 def test_the_projection_store_type(url: str) -> None:
@@ -618,23 +611,159 @@ def test_the_projection_store_type(url: str) -> None:
     assert isinstance(incident.open_event_store(url), incident.EventStore)
 
 
-def test_a_version_1_file_is_migrated_to_the_current_layout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# The layouts earlier releases wrote, frozen here as they shipped: a migration must
+# bring exactly these files forward.
+FIRST_RELEASE_LAYOUT = [
+    "CREATE TABLE incident_schema (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+    "applied_at TEXT NOT NULL)",
+    """CREATE TABLE events (
+        position INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        aggregate_id TEXT NOT NULL,
+        aggregate TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL DEFAULT 1,
+        event_date TEXT NOT NULL,
+        data TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (aggregate_id, version)
+    )""",
+    "CREATE INDEX events_by_type ON events (event_type, position)",
+    "INSERT INTO incident_schema VALUES (1, 'the event log', '2026-01-01T00:00:00+00:00')",
+]
+SECOND_RELEASE_STEPS = [
+    "CREATE TABLE incident_idempotency (key TEXT PRIMARY KEY, "
+    "first_position INTEGER NOT NULL, last_position INTEGER NOT NULL)",
+    "INSERT INTO incident_schema VALUES (2, 'idempotency keys', '2026-02-01T00:00:00+00:00')",
+]
+OLD_ROWS = [
+    (
+        1,
+        "e1",
+        "A",
+        "bank_account",
+        1,
+        "AccountOpened",
+        1,
+        "2026-01-01T00:00:00.000000+00:00",
+        '{"type":"AccountOpened","account_number":"A"}',
+        "{}",
+    ),
+    (
+        2,
+        "e2",
+        "B",
+        "bank_account",
+        1,
+        "AccountOpened",
+        1,
+        "2026-01-01T00:00:01.000000+00:00",
+        '{"type":"AccountOpened","account_number":"B"}',
+        '{"correlation_id":"c"}',
+    ),
+    (
+        3,
+        "e3",
+        "A",
+        "bank_account",
+        2,
+        "MoneyDeposited",
+        1,
+        "2026-01-01T00:00:02.000000+00:00",
+        '{"type":"MoneyDeposited","amount":5}',
+        "{}",
+    ),
+]
+
+
+def old_file(url: str, *, release: int) -> None:
+    """A file as release 1 or 2 left it, with events, and a user's index, view and trigger."""
+    with closing(sqlite3.connect(sqlite_store.sqlite_path(url))) as conn, conn:
+        for sql in FIRST_RELEASE_LAYOUT + (SECOND_RELEASE_STEPS if release == 2 else []):
+            conn.execute(sql)
+        conn.executemany(f"INSERT INTO events VALUES ({', '.join('?' * 10)})", OLD_ROWS)
+        conn.execute("CREATE INDEX my_events_by_date ON events (event_date)")
+        conn.execute(
+            "CREATE VIEW my_deposits AS SELECT count(*) FROM events "
+            "WHERE event_type = 'MoneyDeposited'"
+        )
+        conn.execute("CREATE TABLE my_audit (position INTEGER)")
+        conn.execute(
+            "CREATE TRIGGER my_audit_insert AFTER INSERT ON events "
+            "BEGIN INSERT INTO my_audit VALUES (new.position); END"
+        )
+
+
+REBUILT = "rebuilt table events with one index instead of three (3 events copied)"
+
+
+@pytest.mark.parametrize(
+    ("release", "steps"),
+    [
+        (
+            1,
+            [
+                "created table incident_idempotency",
+                "recorded schema version 2 (idempotency keys)",
+                REBUILT,
+                "recorded schema version 3 (one index on events)",
+            ],
+        ),
+        (2, [REBUILT, "recorded schema version 3 (one index on events)"]),
+    ],
+)
+def test_a_file_from_an_earlier_release_is_migrated_to_the_current_layout(
+    url: str, release: int, steps: list[str]
 ) -> None:
-    """A file made by the first release (schema 1, no idempotency table) keeps its events
-    and gains the new table when opened by this release."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    with monkeypatch.context() as first_release:
-        first_release.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:1])
-        first_release.setattr(sqlite_store, "SCHEMA_VERSION", 1)
-        old = incident.open_event_store(url)
-        assert old.initialize()[-1] == "recorded schema version 1 (the event log)"
-        old.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
-        old.close()
+    """Every row comes through unchanged (positions, ids, dates, payloads); only the
+    unused indexes go, and what the user added to the table stays and keeps working."""
+    old_file(url, release=release)
     store = incident.open_event_store(url)
-    assert store.initialize() == [
-        "created table incident_idempotency",
-        "recorded schema version 2 (idempotency keys)",
+    assert store.initialize() == steps
+    assert store.initialize() == []
+    assert raw(url, "SELECT * FROM events ORDER BY position") == OLD_ROWS
+    assert [v for (v,) in raw(url, "SELECT version FROM incident_schema")] == [1, 2, 3]
+    assert events_indexes(url) == ["my_events_by_date", "sqlite_autoindex_events_1"]
+    assert [(r.version, r.event_type) for r in store.get("A")] == [
+        (1, "AccountOpened"),
+        (2, "MoneyDeposited"),
     ]
-    assert [r.event_type for r in store.get("A")] == ["AccountOpened"]
+    store.append("A", deposits(7), expected_version=2)
+    assert raw(url, "SELECT * FROM my_deposits") == [(2,)]
+    assert raw(url, "SELECT position FROM my_audit") == [(4,)]
+    with pytest.raises(incident.ConcurrencyError):
+        store.append("A", deposits(1), expected_version=2)
     store.close()
+
+
+def test_a_long_rebuild_is_announced_before_it_starts(
+    url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Copying a large log takes seconds per million events: a warning says so first."""
+    old_file(url, release=2)
+    monkeypatch.setattr(sqlite_store, "ANNOUNCED_REBUILD", 3)
+    with caplog.at_level("WARNING", logger="incident.stores.sqlite"):
+        assert incident.open_event_store(url).initialize()[0] == REBUILT
+    assert "copies its 3 events once" in caplog.text
+
+
+def test_a_migration_that_fails_leaves_the_file_as_it_was(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebuild runs in the migration's transaction: a failure after the copy rolls
+    the whole of it back, and the file still opens with the release that made it."""
+    old_file(url, release=2)
+    before = raw(url, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+
+    def rebuild_then_fail(conn: sqlite3.Connection) -> str:
+        sqlite_store._rebuild_events(conn)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    failing = [*sqlite_store.MIGRATIONS[:-1], (3, "one index on events", [rebuild_then_fail])]
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", failing)
+    with pytest.raises(incident.StoreError, match="disk I/O error"):
+        incident.open_event_store(url).initialize()
+    assert raw(url, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
+    assert raw(url, "SELECT * FROM events ORDER BY position") == OLD_ROWS
+    assert [v for (v,) in raw(url, "SELECT version FROM incident_schema")] == [1, 2]

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import os
 import sqlite3
 import textwrap
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -56,6 +57,8 @@ from .protocols import ProjectFn, ProjectionStore
 if TYPE_CHECKING:
     from .sqlite_checkpoints import SQLiteCheckpointStore
 
+log = logging.getLogger("incident.stores.sqlite")
+
 __all__ = ["SQLiteEventStore", "SQLiteProjectionStore", "open_sqlite", "sqlite_path"]
 
 P = TypeVar("P", bound=Projection)
@@ -65,65 +68,97 @@ SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 BATCH = 1000  # rows per query when streaming; bounds memory whatever the log's size
 EVENTS_BATCH = 4096  # rows fetched and decoded at a time when folding a stream
 
-# The layout, one entry per schema version: (version, what it is, [(line, statement)]).
-# A later release appends entries; initialize() applies the ones a file lacks.
-MIGRATIONS: list[tuple[int, str, list[tuple[str, str]]]] = [
-    (
-        1,
-        "the event log",
-        [
-            (
-                "created table events",
-                textwrap.dedent("""\
-                    CREATE TABLE events (
-                        position INTEGER PRIMARY KEY,
-                        event_id TEXT NOT NULL UNIQUE,
-                        aggregate_id TEXT NOT NULL,
-                        aggregate TEXT NOT NULL,
-                        version INTEGER NOT NULL,
-                        event_type TEXT NOT NULL,
-                        schema_version INTEGER NOT NULL DEFAULT 1,
-                        event_date TEXT NOT NULL,
-                        data TEXT NOT NULL,
-                        metadata TEXT NOT NULL DEFAULT '{}',
-                        UNIQUE (aggregate_id, version)
-                    )"""),
-            ),
-            # streams are read through the UNIQUE index, the log through the primary key
-            (
-                "created index events_by_type",
-                "CREATE INDEX events_by_type ON events (event_type, position)",
-            ),
-        ],
-    ),
-]
-MIGRATIONS.append(
-    (
-        2,
-        "idempotency keys",
-        [
-            (
-                "created table incident_idempotency",
-                textwrap.dedent("""\
-                    CREATE TABLE incident_idempotency (
-                        key TEXT PRIMARY KEY,
-                        first_position INTEGER NOT NULL,
-                        last_position INTEGER NOT NULL
-                    )"""),
-            )
-        ],
-    )
+_EVENTS_TABLE = textwrap.dedent("""\
+    CREATE TABLE events (
+        position INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        aggregate TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL DEFAULT 1,
+        event_date TEXT NOT NULL,
+        data TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (aggregate_id, version)
+    )""")
+_IDEMPOTENCY_TABLE = textwrap.dedent("""\
+    CREATE TABLE incident_idempotency (
+        key TEXT PRIMARY KEY,
+        first_position INTEGER NOT NULL,
+        last_position INTEGER NOT NULL
+    )""")
+_EVENT_COLUMNS = (
+    "position, event_id, aggregate_id, aggregate, version, event_type, schema_version, "
+    "event_date, data, metadata"
 )
+
+
+ANNOUNCED_REBUILD = 100_000  # events: a copy long enough to wonder about says so first
+
+
+def _rebuild_events(conn: sqlite3.Connection) -> str:
+    """Copy the log into the layout of version 3, whose only index is the streams' one.
+
+    Every index is a page written at each commit; the log is read by position (the
+    primary key) and streams by ``UNIQUE (aggregate_id, version)``, so the unique index
+    on event_id (ids are random UUIDs, made by incident) and events_by_type (no incident
+    query reads by type) cost commits and served nothing. SQLite cannot drop a UNIQUE
+    constraint in place, so the table is copied, inside the migration's transaction:
+    it is rebuilt whole or not at all. Indexes and triggers users added are kept."""
+    (events,) = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()
+    if events >= ANNOUNCED_REBUILD:
+        log.warning(
+            "incident: migrating the SQLite event log to schema version 3 copies its %d "
+            "events once (about 10 s per million); the file stays as it was until it is done",
+            events,
+        )
+    kept = [
+        sql
+        for (sql,) in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'events' "
+            "AND type IN ('index', 'trigger') AND sql IS NOT NULL AND name != 'events_by_type'"
+        )
+    ]
+    conn.execute(_EVENTS_TABLE.replace("CREATE TABLE events", "CREATE TABLE incident_events_v3"))
+    copied = conn.execute(
+        f"INSERT INTO incident_events_v3 ({_EVENT_COLUMNS}) "
+        f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY position"
+    ).rowcount
+    conn.execute("DROP TABLE events")
+    # legacy rename: users' views that read events would otherwise fail the renaming,
+    # since SQLite checks the whole schema while the old table is gone
+    conn.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        conn.execute("ALTER TABLE incident_events_v3 RENAME TO events")
+    finally:
+        conn.execute("PRAGMA legacy_alter_table = OFF")
+    for sql in kept:
+        conn.execute(sql)
+    return f"rebuilt table events with one index instead of three ({copied} events copied)"
+
+
+# A fresh file gets the current layout at once, recorded as SCHEMA_VERSION.
+LAYOUT: list[tuple[str, str]] = [
+    ("created table events", _EVENTS_TABLE),
+    ("created table incident_idempotency", _IDEMPOTENCY_TABLE),
+]
+# A file made by an earlier release takes the steps after its version, in order: a step
+# is (what it does, a statement), or a function of the connection that says what it
+# did. A later release changes LAYOUT and appends the step that brings older files to it.
+Step = tuple[str, str] | Callable[[sqlite3.Connection], str]
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
+    (1, "the event log", []),  # the first release's layout: no older file to bring to it
+    (2, "idempotency keys", [("created table incident_idempotency", _IDEMPOTENCY_TABLE)]),
+    (3, "one index on events", [_rebuild_events]),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
 _ENVELOPE = (
     "position, version, event_type, data, event_id, event_date, metadata, aggregate, schema_version"
 )
-_INSERT = (
-    "INSERT INTO events (position, event_id, aggregate_id, aggregate, version, event_type, "
-    "schema_version, event_date, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_INSERT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
@@ -353,31 +388,50 @@ class _Database:
             lines: list[str] = []
             with self.transaction() as conn:  # two processes initializing take turns
                 current = self.schema_version(conn)
-                if current is None:
-                    conn.execute(
-                        "CREATE TABLE incident_schema (version INTEGER PRIMARY KEY, "
-                        "description TEXT NOT NULL, applied_at TEXT NOT NULL)"
-                    )
-                    lines.append("created table incident_schema")
-                    current = 0
-                if current > SCHEMA_VERSION:
+                if current is not None and current > SCHEMA_VERSION:
                     raise StoreError(
                         f"{self.path!r} has schema version {current}, but this incident knows "
                         f"versions up to {SCHEMA_VERSION}; upgrade incident to use it"
                     )
-                for version, description, steps in MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for line, statement in steps:
-                        conn.execute(statement)
-                        lines.append(line)
-                    conn.execute(
-                        "INSERT INTO incident_schema VALUES (?, ?, ?)",
-                        (version, description, _date_text(dt.datetime.now(dt.UTC))),
-                    )
-                    lines.append(f"recorded schema version {version} ({description})")
+                if current is None:
+                    lines += self._create_layout(conn)
+                else:
+                    lines += self._migrate_from(conn, current)
         self.schema_ready = True
         return lines
+
+    def _create_layout(self, conn: sqlite3.Connection) -> list[str]:
+        conn.execute(
+            "CREATE TABLE incident_schema (version INTEGER PRIMARY KEY, "
+            "description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        lines = ["created table incident_schema"]
+        for line, statement in LAYOUT:
+            conn.execute(statement)
+            lines.append(line)
+        return [*lines, self._record(conn, SCHEMA_VERSION, "the event log")]
+
+    def _migrate_from(self, conn: sqlite3.Connection, current: int) -> list[str]:
+        lines = []
+        for version, description, steps in MIGRATIONS:
+            if version <= current:
+                continue
+            for step in steps:
+                if callable(step):
+                    lines.append(step(conn))
+                else:
+                    line, statement = step
+                    conn.execute(statement)
+                    lines.append(line)
+            lines.append(self._record(conn, version, description))
+        return lines
+
+    def _record(self, conn: sqlite3.Connection, version: int, description: str) -> str:
+        conn.execute(
+            "INSERT INTO incident_schema VALUES (?, ?, ?)",
+            (version, description, _date_text(dt.datetime.now(dt.UTC))),
+        )
+        return f"recorded schema version {version} ({description})"
 
     # -- projection tables ------------------------------------------------------
 
@@ -790,10 +844,8 @@ class SQLiteEventStore(AppendVerbs):
         ...     print(line)
         created table incident_schema
         created table events
-        created index events_by_type
-        recorded schema version 1 (the event log)
         created table incident_idempotency
-        recorded schema version 2 (idempotency keys)
+        recorded schema version 3 (the event log)
         >>> store.initialize()
         []
         """
