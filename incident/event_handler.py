@@ -44,12 +44,12 @@ Listener: TypeAlias = Callable[[Recorded[Any], Any], Any]
 
 def flatten(returned: object, source: str = "listener") -> list[Output]:
     """Normalise what a listener returned into a flat list of outputs, in order."""
+    if isinstance(returned, Projection | Command):  # the usual answers, checked first
+        return [returned]
     if returned is None:
         return []
     if isinstance(returned, Attempt):
         _check_reaction(returned, source)
-        return [returned]
-    if isinstance(returned, Projection | Command):
         return [returned]
     if isinstance(returned, Iterable) and not isinstance(returned, str | bytes | dict):
         return [out for item in returned for out in flatten(item, source)]

@@ -1,6 +1,7 @@
 """Messages: commands, events, projections and the stored envelope. Pure data, no I/O."""
 
 import datetime as dt
+import functools
 from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
@@ -113,6 +114,7 @@ class _Any:
 ANY: Final = _Any()
 
 
+@functools.lru_cache(maxsize=4096)  # every append names its events; a class's name never changes
 def event_type_name(event_type: type[Event]) -> str:
     """The stable name under which events of this class are stored.
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
 
 if TYPE_CHECKING:
@@ -103,21 +102,21 @@ def stamp(
     metadata: Mapping[str, Any] | None,
     event_date: dt.datetime | None = None,
 ) -> list[Recorded[Any]]:
-    """Wrap events in envelopes numbered from the given position and version."""
+    """Wrap events in envelopes numbered from the given position and version. Each
+    envelope gets its own copy of the metadata (stores check it encodes beforehand)."""
     when = event_date or utc_now()
-    meta = dict(metadata or {})
-    encode(meta)  # metadata must be JSON-encodable on every store, memory included
+    name = aggregate or ""
     return [
         Recorded(
             position=first_position + offset,
             event_id=new_uuid(),
             aggregate_id=aggregate_id,
-            aggregate=aggregate or "",
+            aggregate=name,
             version=first_version + offset,
             event_type=event_type_name(type(event)),
             event_date=when,
             data=event,
-            metadata=dict(meta),
+            metadata=dict(metadata) if metadata else {},
         )
         for offset, event in enumerate(events)
     ]

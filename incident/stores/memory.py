@@ -117,6 +117,7 @@ class MemoryEventStore(AppendVerbs):
         batch = checked_events(aggregate_id, events)
         for event in batch:
             encode(event)
+        encode(dict(metadata or {}))  # JSON-encodable here too, as on every other store
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._keys:
                 raise DuplicateCommand(idempotency_key, self._keys[idempotency_key])

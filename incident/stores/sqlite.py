@@ -200,7 +200,9 @@ def sqlite_path(url: str) -> str:
 
 def _date_text(when: dt.datetime) -> str:
     # fixed width, so the text sorts like the instant it names
-    return when.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    if when.tzinfo is not dt.UTC:
+        when = when.astimezone(dt.UTC)
+    return when.isoformat(timespec="microseconds")
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -319,27 +321,15 @@ class _Database:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         return conn if conn is not None else self._thread_connection()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding SQLite's write lock from its first statement."""
-        with self.guard:
-            conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            changed: list[str] = []
-            self._local.changed_tables = changed
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # tables created or altered in this transaction are undone: forget them
-                # before the lock is released, so the next writer makes them again
-                self._ready_tables.difference_update(changed)
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        self._discard(conn)  # unusable now: the next use reconnects
-                raise
+    def transaction(self) -> _WriteTransaction:
+        """``with database.transaction() as conn``: a write transaction holding SQLite's
+        write lock from its first statement, committed at the end or rolled back."""
+        return _WriteTransaction(self)
+
+    def forget_tables(self, changed: list[str]) -> None:
+        """Tables created or altered in a transaction that failed are undone: forget them
+        before the lock is released, so the next writer makes them again."""
+        self._ready_tables.difference_update(changed)
 
     def store_error(self, error: sqlite3.Error) -> StoreError:
         hint = ""
@@ -471,11 +461,61 @@ class _Database:
         self, conn: sqlite3.Connection, projections: Sequence[Projection]
     ) -> None:
         """Upsert inside the caller's transaction; everything is encoded before any write."""
+        if len(projections) == 1:  # what a command's inline handler usually returns
+            table = self.table(type(projections[0]))
+            row = table.row(projections[0])
+            self.ensure_table(conn, table)
+            conn.execute(table.upsert_sql, row)
+            return
         tables = [self.table(type(p)) for p in projections]
         rows = [table.row(p) for table, p in zip(tables, projections, strict=True)]
         for table, row in zip(tables, rows, strict=True):
             self.ensure_table(conn, table)
             conn.execute(table.upsert_sql, row)
+
+
+class _WriteTransaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception. A class rather than a
+    generator-based context manager: every append opens one."""
+
+    __slots__ = ("_changed", "_conn", "_db")
+
+    def __init__(self, db: _Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        db = self._db
+        db.guard.__enter__()
+        try:
+            conn = db.conn()
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            db.guard.__exit__(None, None, None)
+            raise
+        self._conn = conn
+        self._changed = db._local.changed_tables = []
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                try:
+                    self._conn.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._roll_back()
+                    raise
+            self._roll_back()
+        finally:
+            self._db.guard.__exit__(None, None, None)
+
+    def _roll_back(self) -> None:
+        self._db.forget_tables(self._changed)
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._db._discard(self._conn)  # unusable now: the next use reconnects
 
 
 _open_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
@@ -585,7 +625,7 @@ class SQLiteEventStore(AppendVerbs):
         projections: list[Projection] = []
         if not self._db.schema_ready:
             self._db.migrate()
-        with self._db.errors():
+        try:
             try:
                 with self._db.transaction() as conn:
                     if idempotency_key is not None:
@@ -637,6 +677,8 @@ class SQLiteEventStore(AppendVerbs):
                 raise ConcurrencyError(
                     aggregate_id, expected_version, self.version(aggregate_id)
                 ) from error
+        except sqlite3.Error as error:  # what errors() does, without a context per append
+            raise self._db.store_error(error) from error
         if projection_store is not None and not together:
             # another database: the events are committed, the projections follow
             for projection in projections:
