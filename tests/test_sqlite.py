@@ -695,6 +695,14 @@ def old_file(url: str, *, release: int) -> None:
         )
 
 
+def events_layout(url: str) -> list[Any]:
+    """The events table's columns and its unique index, as SQLite describes them."""
+    return [
+        raw(url, "SELECT * FROM pragma_table_info('events')"),
+        raw(url, "SELECT * FROM pragma_index_info('sqlite_autoindex_events_1')"),
+    ]
+
+
 REBUILT = "rebuilt table events with one index instead of three (3 events copied)"
 
 
@@ -725,6 +733,9 @@ def test_a_file_from_an_earlier_release_is_migrated_to_the_current_layout(
     assert raw(url, "SELECT * FROM events ORDER BY position") == OLD_ROWS
     assert [v for (v,) in raw(url, "SELECT version FROM incident_schema")] == [1, 2, 3]
     assert events_indexes(url) == ["my_events_by_date", "sqlite_autoindex_events_1"]
+    fresh = f"{url}.fresh.db"
+    incident.open_event_store(fresh).initialize()
+    assert events_layout(url) == events_layout(fresh)  # as if made by this release
     assert [(r.version, r.event_type) for r in store.get("A")] == [
         (1, "AccountOpened"),
         (2, "MoneyDeposited"),
