@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import pickle
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import msgspec
 import pytest
@@ -164,3 +167,35 @@ def test_new_uuids_are_random_version_4() -> None:
         parsed = uuid.UUID(text)
         assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
         assert str(parsed) == text
+
+
+def test_threads_never_share_a_uuid() -> None:
+    """Ids are drawn 128 at a time; threads taking them at once still get distinct ones."""
+    from incident.stores._common import new_uuid
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = list(pool.map(lambda _: [new_uuid() for _ in range(3_000)], range(8)))
+    ids = [text for batch in batches for text in batch]
+    assert len(set(ids)) == len(ids) == 24_000
+
+
+def _uuids_in_child(results: Any) -> None:
+    from incident.stores._common import new_uuid
+
+    results.put([new_uuid() for _ in range(50)])
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_its_parents_uuids() -> None:
+    """A child forked while the parent holds drawn ids draws its own."""
+    from incident.stores._common import new_uuid
+
+    new_uuid()  # the parent now holds ids drawn but not handed out
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_uuids_in_child, args=(results,))
+    child.start()
+    in_child = results.get(timeout=60)
+    child.join(timeout=60)
+    in_parent = [new_uuid() for _ in range(50)]
+    assert not set(in_child) & set(in_parent)
