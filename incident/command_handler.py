@@ -24,7 +24,7 @@ from .errors import (
     Rejected,
     RoutingError,
 )
-from .event_handler import Attempt, EventHandler, Output
+from .event_handler import Attempt, EventHandler
 from .messages import Command, Projection, Recorded
 from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
 from .state_cache import StateCache
@@ -276,12 +276,13 @@ class CommandHandler:
             current = state
             for record in recorded:
                 current = aggregate.evolve(current, record)
-                for output in self._handle(record, current):
-                    if isinstance(output, Projection):
-                        projections.append(output)
-                    else:
-                        self._check_reaction(output)
-                        follow_ups.append((record, output))
+                for handler in self.event_handlers:
+                    for output in handler.handle(record, current):
+                        if isinstance(output, Projection):
+                            projections.append(output)
+                        else:
+                            self._check_reaction(output)
+                            follow_ups.append((record, output))
                 every = self.snapshot_every
                 if every is not None and record.version % every == 0:
                     code = self._codes[aggregate.name]
@@ -304,10 +305,6 @@ class CommandHandler:
                 self._check_reaction(part)
         else:
             self.aggregate_for(validate_command(reaction))
-
-    def _handle(self, record: Recorded[Any], state: Any) -> Iterable[Output]:
-        for handler in self.event_handlers:
-            yield from handler.handle(record, state)
 
     def react(
         self,
