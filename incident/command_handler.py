@@ -38,6 +38,7 @@ from .stores import (
 )
 from .stores._common import closing_iterator, new_uuid
 from .subscriptions import Subscription, Subscriptions
+from .turns import Turns
 
 __all__ = ["CommandHandler"]
 
@@ -55,7 +56,10 @@ class CommandHandler:
     ``event_store`` and ``projection_store`` may be store objects or URLs;
     ``projection_store=None`` means the same database as the event store, so a command's
     events and the projections its handlers return commit in one transaction.
-    ``retries`` bounds how often a command is decided again after a version conflict.
+    ``retries`` bounds how often a command is decided again after a version conflict;
+    threads of this process that collide on an aggregate take turns at it from then on
+    (``self.turns``, see :mod:`incident.turns`), so they stop spending retries on each
+    other.
     ``cache_size`` bounds the LRU of (state, version) per aggregate: a command to an
     aggregate in it is decided without reading the store, the append's expected version
     catching a stale entry (0 turns the cache off: every command reads its stream).
@@ -98,6 +102,7 @@ class CommandHandler:
         self.retries = retries
         self.backoff = backoff
         self.cache = StateCache(cache_size)
+        self.turns = Turns()
         if snapshot_every is not None and snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
         self.snapshot_every = snapshot_every
@@ -202,41 +207,57 @@ class CommandHandler:
         metadata: dict[str, Any],
         key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        stream = (aggregate.name, command.aggregate_id)  # type: ignore[attr-defined]
         for attempt in range(self.retries + 1):
-            # the first attempt trusts the cache: the append's expected version catches a
-            # stale state, and the retry after that conflict reads what was missed
-            state, version, events = self._decide(aggregate, command, trust_cache=attempt == 0)
-            if not events:
-                return [], []
-            follow_ups: list[FollowUp] = []
-            after: list[Any] = []  # the state after the new events, as project() saw it
-            project = self._projector(aggregate, aggregate_id, state, follow_ups, after)
             try:
-                recorded = self.event_store.append_and_project(
-                    aggregate_id,
-                    events,
-                    expected_version=version,
-                    aggregate=aggregate.name,
-                    metadata=metadata,
-                    projection_store=self.projection_store,
-                    project=project,
-                    idempotency_key=key,
-                )
-            except DuplicateCommand as duplicate:
-                return duplicate.recorded, []  # a racing twin committed first
+                with self.turns.turn(stream):
+                    # the first attempt trusts the cache: the append's expected version
+                    # catches a stale state, and the retry reads what was missed
+                    return self._attempt(aggregate, command, metadata, key, attempt == 0)
             except ConcurrencyError:
+                # from now on this process's threads take turns at this aggregate; the
+                # jittered, growing pause spreads out the writers of other processes
+                self.turns.collided(stream)
                 if attempt == self.retries:
                     raise
-                # jittered, growing pause so racing writers stop colliding in lockstep
                 time.sleep(random.uniform(0, min(0.05, self.backoff * 2**attempt)))
-                continue
-            # cached only now that the events are committed; stores call project() inside
-            # the transaction, so the state it reached is not folded a second time
-            reached = after[0] if after else aggregate.fold(recorded, state)
-            self.cache.put((aggregate.name, aggregate_id), reached, recorded[-1].version)
-            return recorded, follow_ups
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(
+        self,
+        aggregate: Aggregate[Any],
+        command: Command,
+        metadata: dict[str, Any],
+        key: str | None,
+        trust_cache: bool,
+    ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
+        """Decide once and append with the version decided on (ConcurrencyError when
+        another writer got there first)."""
+        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        state, version, events = self._decide(aggregate, command, trust_cache=trust_cache)
+        if not events:
+            return [], []
+        follow_ups: list[FollowUp] = []
+        after: list[Any] = []  # the state after the new events, as project() saw it
+        project = self._projector(aggregate, aggregate_id, state, follow_ups, after)
+        try:
+            recorded = self.event_store.append_and_project(
+                aggregate_id,
+                events,
+                expected_version=version,
+                aggregate=aggregate.name,
+                metadata=metadata,
+                projection_store=self.projection_store,
+                project=project,
+                idempotency_key=key,
+            )
+        except DuplicateCommand as duplicate:
+            return duplicate.recorded, []  # a racing twin committed first
+        # cached only now that the events are committed; stores call project() inside
+        # the transaction, so the state it reached is not folded a second time
+        reached = after[0] if after else aggregate.fold(recorded, state)
+        self.cache.put((aggregate.name, aggregate_id), reached, recorded[-1].version)
+        return recorded, follow_ups
 
     def _decide(
         self, aggregate: Aggregate[Any], command: Command, *, trust_cache: bool

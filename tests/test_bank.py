@@ -269,6 +269,24 @@ def test_concurrent_withdrawals(app: incident.CommandHandler) -> None:
     assert [r.version for r in app.event_store.get("ACC1")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_threads_hammering_one_account_never_run_out_of_retries(store_url: str) -> None:
+    """Six threads depositing into one account at once, with three retries each: after
+    their first collision the threads take turns (incident.turns), so every command
+    commits and no money is lost."""
+    app = bank.build(store_url, retries=3)
+    open_with(app, "ACC1")
+
+    def deposit(_: int) -> None:
+        for _ in range(40):
+            app.dispatch(DepositMoney(aggregate_id="ACC1", amount=1))
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(deposit, range(6)))
+    assert account(app, "ACC1").balance == 240
+    assert [r.version for r in app.event_store.get("ACC1")] == list(range(1, 242))
+    app.event_store.close()
+
+
 def test_concurrent_transfers(app: incident.CommandHandler) -> None:
     """Five racing transfers of 24 from 100: four complete, one is cancelled, no money lost."""
     open_with(app, "A", 100)
