@@ -104,11 +104,11 @@ def _draw_uuids() -> None:
 def new_uuid() -> str:
     """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` spells it, from the
     operating system's random source like ``uuid.uuid4()``, without a UUID object."""
-    try:
-        return _drawn_uuids.popleft()
-    except IndexError:
-        _draw_uuids()  # two threads may both draw: the spare ids wait for the next calls
-        return _drawn_uuids.popleft()
+    while True:  # other threads may take every id drawn here before this one does
+        try:
+            return _drawn_uuids.popleft()
+        except IndexError:
+            _draw_uuids()  # two threads may both draw: the spare ids wait for next calls
 
 
 def stamp(
