@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ __all__ = [
     "check_expected_version",
     "closing_iterator",
     "checked_events",
+    "metadata_json",
     "new_uuid",
     "PARKED_COLUMNS",
     "parked_from_row",
@@ -67,6 +69,12 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
         if not isinstance(event, Event):
             raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
     return checked
+
+
+def metadata_json(metadata: Mapping[str, Any] | None) -> str:
+    """The metadata as JSON text, refusing what does not encode before anything is
+    written: every store checks it the same way (the memory store keeps no text)."""
+    return encode(dict(metadata or {})).decode()
 
 
 # the dead-letter table's columns, in Parked's field order, so a row decodes by position

@@ -17,6 +17,7 @@ from ._common import (
     AppendVerbs,
     check_expected_version,
     checked_events,
+    metadata_json,
     newer_or_equal,
     projection_key,
     stamp,
@@ -117,7 +118,7 @@ class MemoryEventStore(AppendVerbs):
         batch = checked_events(aggregate_id, events)
         for event in batch:
             encode(event)
-        encode(dict(metadata or {}))  # JSON-encodable here too, as on every other store
+        metadata_json(metadata)  # refused here as on every store, though kept as a dict
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._keys:
                 raise DuplicateCommand(idempotency_key, self._keys[idempotency_key])

@@ -42,7 +42,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
-from ._common import AppendVerbs, check_expected_version, checked_events, projection_key, stamp
+from ._common import (
+    AppendVerbs,
+    check_expected_version,
+    checked_events,
+    metadata_json,
+    projection_key,
+    stamp,
+)
 from .protocols import ProjectFn, ProjectionStore
 
 if TYPE_CHECKING:
@@ -638,6 +645,7 @@ class _Job:
     payloads: list[str]
     expected_version: object
     metadata: Mapping[str, Any] | None
+    metadata_text: str  # encoded once, for every row
     idempotency_key: str | None
     project: ProjectFn | None
     shared: bool  # the projections go into this database, in the same transaction
@@ -784,7 +792,6 @@ class PostgresEventStore(AppendVerbs):
         ):
             check_expected_version(aggregate_id, expected_version, 0)  # raises: not a version
         payloads = [encode(event).decode() for event in batch]
-        encode(dict(metadata or {}))
         if not batch:
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
@@ -796,6 +803,7 @@ class PostgresEventStore(AppendVerbs):
             payloads,
             expected_version,
             metadata,
+            metadata_json(metadata),
             idempotency_key,
             project,
             shared=projection_store is not None and self.shares_database_with(projection_store),
@@ -901,7 +909,7 @@ class PostgresEventStore(AppendVerbs):
         # one execute per row: queued in the pipeline all the same, while executemany
         # opens a pipeline of its own, which logs a warning when the check before it failed
         for record, payload in zip(recorded, job.payloads, strict=True):
-            conn.execute(self._insert, _row(record, payload))
+            conn.execute(self._insert, _row(record, payload, job.metadata_text))
         if job.idempotency_key is not None:
             conn.execute(
                 self._remember_key,
@@ -1077,7 +1085,7 @@ class PostgresEventStore(AppendVerbs):
         self._db.close()
 
 
-def _row(recorded: Recorded[Any], payload: str) -> tuple[Any, ...]:
+def _row(recorded: Recorded[Any], payload: str, metadata_text: str) -> tuple[Any, ...]:
     return (
         recorded.position,
         uuid.UUID(recorded.event_id),
@@ -1088,7 +1096,7 @@ def _row(recorded: Recorded[Any], payload: str) -> tuple[Any, ...]:
         getattr(type(recorded.data), "schema_version", 1),
         recorded.event_date,
         payload,
-        encode(recorded.metadata).decode(),
+        metadata_text,
     )
 
 

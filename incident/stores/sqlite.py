@@ -50,7 +50,14 @@ from ..errors import (
     StoreError,
 )
 from ..messages import Event, Projection, Recorded
-from ._common import AppendVerbs, check_expected_version, checked_events, projection_key, stamp
+from ._common import (
+    AppendVerbs,
+    check_expected_version,
+    checked_events,
+    metadata_json,
+    projection_key,
+    stamp,
+)
 from ._sqlite_projections import ProjectionTable, _quote
 from .protocols import ProjectFn, ProjectionStore
 
@@ -620,7 +627,7 @@ class SQLiteEventStore(AppendVerbs):
         batch = checked_events(aggregate_id, events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
         payloads = [(encode(e).decode(), type(e).schema_version) for e in batch]
-        metadata_json = encode(dict(metadata or {})).decode()
+        metadata_text = metadata_json(metadata)
         together = projection_store is not None and self.shares_database_with(projection_store)
         projections: list[Projection] = []
         if not self._db.schema_ready:
@@ -658,7 +665,7 @@ class SQLiteEventStore(AppendVerbs):
                                 schema_version,
                                 date,
                                 data,
-                                metadata_json,
+                                metadata_text,
                             )
                             for r, (data, schema_version) in zip(recorded, payloads, strict=True)
                         ],
