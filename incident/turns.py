@@ -23,12 +23,12 @@ still meet it.
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
+
+from ._forks import renew_in_forked_children
 
 __all__ = ["Turns"]
 
@@ -54,7 +54,7 @@ class Turns:
     def __init__(self, remember: int = 1024) -> None:
         self.remember = remember
         self._reset()
-        _every_turns.add(self)
+        renew_in_forked_children(self._reset)  # a parent's thread may hold a turn
 
     def _reset(self) -> None:
         self._guard = threading.Lock()
@@ -113,15 +113,3 @@ class _Taken:
 
     def __exit__(self, *_: object) -> None:
         self._turns._give_back(self._key, self._taken)
-
-
-_every_turns: weakref.WeakSet[Turns] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # a lock held by a parent's thread at the fork stays held in the child for ever
-    for turns in list(_every_turns):
-        turns._reset()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from .._forks import renew_in_forked_children
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
 
@@ -96,7 +97,7 @@ def utc_now() -> dt.datetime:
 # a forked child drops what its parent had drawn, so processes never share one either.
 _UUIDS_PER_DRAW = 128
 _drawn_uuids: collections.deque[str] = collections.deque()
-os.register_at_fork(after_in_child=_drawn_uuids.clear)
+renew_in_forked_children(_drawn_uuids.clear)
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 

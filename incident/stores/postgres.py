@@ -20,12 +20,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
-import os
 import re
 import select
 import threading
 import uuid
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .._forks import renew_in_forked_children
 from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
@@ -158,17 +157,6 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for db in list(_databases):
-        db.forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class _Database:
     """One pool and one schema: what an event store and its projection store share."""
 
@@ -189,7 +177,7 @@ class _Database:
         self._pool_options = {"max_size": pool_size, "timeout": timeout}
         self._pool: ConnectionPool[Connection] | None = self._open_pool()
         self._inherited: list[ConnectionPool[Connection]] = []
-        _databases.add(self)
+        renew_in_forked_children(self.forked)
 
     def _open_pool(self) -> ConnectionPool[Connection]:
         # check: a connection the server dropped while idle (a restart, a kill) is

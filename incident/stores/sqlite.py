@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
+from .._forks import renew_in_forked_children
 from ..codec import EventTypes, encode
 from ..errors import (
     ConcurrencyError,
@@ -238,7 +239,7 @@ class _Database:
         self.guard: AbstractContextManager[Any] = (
             self._lock if self._shared is not None else nullcontext()
         )
-        _open_databases.add(self)
+        renew_in_forked_children(self._forget_connections)
 
     def _forget_connections(self) -> None:
         """In a forked child: SQLite connections must not cross a fork, so the child opens
@@ -523,18 +524,6 @@ class _WriteTransaction:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._db._discard(self._conn)  # unusable now: the next use reconnects
-
-
-_open_databases: weakref.WeakSet[_Database] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for database in list(_open_databases):
-        database._forget_connections()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _qualified(cls: type[Any]) -> str:
