@@ -250,7 +250,7 @@ class Raw:
         self.encoder = msgspec.json.Encoder()
         self.states: dict[str, tuple[AccountState, int]] = {}
         key = "INTEGER PRIMARY KEY" if dialect == "sqlite" else "BIGSERIAL PRIMARY KEY"
-        blob = "TEXT" if dialect == "sqlite" else "JSONB"
+        blob = "TEXT" if dialect == "sqlite" else "JSON"  # the column types incident uses
         self._run(
             f"CREATE TABLE IF NOT EXISTS events (position {key}, event_id TEXT NOT NULL, "
             "aggregate_id TEXT NOT NULL, aggregate TEXT NOT NULL, version INTEGER NOT NULL, "

@@ -52,7 +52,7 @@ def _dispatch_worker(url: str, prefix: str, commands: int, start: Any, results: 
 
 def _insert_worker(conninfo: str, schema: str, commands: int, start: Any, results: Any) -> None:
     payload = '{"type":"MoneyDeposited","amount":1}'
-    query = f'INSERT INTO "{schema}".raw (aggregate_id, data) VALUES (%s, %s::jsonb)'
+    query = f'INSERT INTO "{schema}".raw (aggregate_id, data) VALUES (%s, %s::json)'
     with psycopg.connect(conninfo, autocommit=True) as conn:
         for _ in range(WARMUP):
             conn.execute(query, ["warmup", payload])
@@ -117,7 +117,7 @@ def main() -> None:
     store.close()
     with psycopg.connect(conninfo, autocommit=True) as admin:
         admin.execute(
-            f'CREATE TABLE "{schema}".raw (id bigserial PRIMARY KEY, aggregate_id text, data jsonb)'
+            f'CREATE TABLE "{schema}".raw (id bigserial PRIMARY KEY, aggregate_id text, data json)'
         )
     print(
         f"Postgres {server and server[0]}, synchronous_commit={sync and sync[0]},"

@@ -93,13 +93,13 @@ def _write_postgres_row(url: str, row: RawEvent) -> None:
     try:
         msgspec.json.decode(row.data)
     except msgspec.DecodeError:
-        pytest.skip("a jsonb column cannot hold invalid JSON: Postgres refuses it on write")
+        pytest.skip("a json column cannot hold invalid JSON: Postgres refuses it on write")
     conninfo, schema = _split_url(url)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(
             f'INSERT INTO "{schema}".events (position, event_id, aggregate_id, aggregate,'
             " version, event_type, event_date, data, metadata)"
-            " VALUES (%s, %s, %s, %s, %s, %s, now(), %s::jsonb, %s::jsonb)",
+            " VALUES (%s, %s, %s, %s, %s, %s, now(), %s::json, %s::json)",
             (
                 row.position,
                 uuid.uuid4(),

@@ -24,6 +24,7 @@ import pytest
 import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited, RequestTransfer, WithdrawMoney
+from incident.stores import postgres as postgres_store
 from incident.stores.postgres import PostgresEventStore, _lock_key
 
 pytestmark = pytest.mark.postgres
@@ -71,7 +72,12 @@ def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgr
     ran = postgres_admin.execute(
         f'SELECT name FROM "{schema_of(postgres_url)}".incident_migrations'
     ).fetchall()
-    assert ran == [("0001_events",), ("0002_idempotency_keys",), ("0003_begin_append",)]
+    assert ran == [
+        ("0001_events",),
+        ("0002_idempotency_keys",),
+        ("0003_begin_append",),
+        ("0004_json_payloads",),
+    ]
     first.close()
     second.close()
 
@@ -94,6 +100,73 @@ def test_initialize_applies_only_the_missing_migrations(
     ]
     assert [r.data for r in older.get("a")] == deposited(1)
     older.close()
+    store.close()
+
+
+def a_log_from_before_json_payloads(
+    url: str, monkeypatch: pytest.MonkeyPatch, *amounts: int
+) -> list[incident.Recorded[Any]]:
+    """Deposits appended to account "a" by a store with the migrations of the releases
+    before 0004, whose events table kept data and metadata as jsonb."""
+    with monkeypatch.context() as older_release:
+        older_release.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:3])
+        older = open_store(url)
+        written = older.append("a", deposited(*amounts), expected_version=0, metadata={"k": [1]})
+        older.close()
+    return written
+
+
+def test_a_log_stored_as_jsonb_is_rewritten_as_json_with_every_event_kept(
+    postgres_url: str,
+    postgres_admin: Admin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Releases before 0004 kept payloads and metadata as jsonb. The migration turns both
+    columns into json, keeps every row (ids, dates, metadata), announces a long log, and
+    the store then writes and reads as before; metadata still defaults to {}."""
+    schema = schema_of(postgres_url)
+    written = a_log_from_before_json_payloads(postgres_url, monkeypatch, 1, 2, 3)
+    column_types = f"""SELECT column_name, data_type FROM information_schema.columns
+        WHERE table_schema = '{schema}' AND table_name = 'events'
+        AND column_name IN ('data', 'metadata') ORDER BY column_name"""
+    assert postgres_admin.execute(column_types).fetchall() == [
+        ("data", "jsonb"),
+        ("metadata", "jsonb"),
+    ]
+
+    monkeypatch.setattr(postgres_store, "ANNOUNCED_REWRITE", 3)
+    store = open_store(postgres_url)
+    with caplog.at_level("WARNING", logger="incident.stores.postgres"):
+        done = store.initialize()
+    assert [line.split(":")[0] for line in done] == ["applied migration 0004_json_payloads"]
+    assert "rewrites the 3 events" in caplog.text
+    assert postgres_admin.execute(column_types).fetchall() == [
+        ("data", "json"),
+        ("metadata", "json"),
+    ]
+    assert store.get("a") == written
+    store.append("a", deposited(4), expected_version=3)
+    postgres_admin.execute(
+        f'INSERT INTO "{schema}".events (position, event_id, aggregate_id, aggregate, version,'
+        " event_type, event_date, data) VALUES (5, gen_random_uuid(), 'b', 'bank_account', 1,"
+        """ 'MoneyDeposited', now(), '{"type": "MoneyDeposited", "amount": 5}')"""
+    )
+    assert [r.data for r in store.read_all()] == deposited(1, 2, 3, 4, 5)
+    assert store.get("b")[0].metadata == {}
+    store.close()
+
+
+def test_a_short_log_is_rewritten_without_a_warning(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a_log_from_before_json_payloads(postgres_url, monkeypatch, 1, 2)
+    monkeypatch.setattr(postgres_store, "ANNOUNCED_REWRITE", 3)
+    store = open_store(postgres_url)
+    with caplog.at_level("WARNING", logger="incident.stores.postgres"):
+        assert store.initialize()
+    assert caplog.text == ""
+    assert [r.data for r in store.get("a")] == deposited(1, 2)
     store.close()
 
 
@@ -183,7 +256,7 @@ def test_schemas_keep_applications_apart(postgres_url: str, postgres_admin: Admi
 
 
 def test_events_row_holds_typed_columns(store: PostgresEventStore, postgres_admin: Admin) -> None:
-    """The events row holds a uuid, the class's schema_version, jsonb data and metadata and
+    """The events row holds a uuid, the class's schema_version, json data and metadata and
     a timestamptz, and reads back as the event."""
 
     class Rescheduled(incident.Event):

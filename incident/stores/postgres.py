@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import logging
 import re
 import select
 import threading
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from .postgres_checkpoints import PostgresCheckpointStore
 
 __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
+
+log = logging.getLogger("incident.stores.postgres")
 
 P = TypeVar("P", bound=Projection)
 EVENTS_PAGE = 16_384  # rows per query when folding a stream: one page for most streams
@@ -132,7 +135,26 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        "0004_json_payloads",
+        "events keep data and metadata as json, the text incident wrote, which reads back"
+        " without jsonb's conversion to text",
+        [
+            # jsonb is rebuilt into text on every read: a third of a stream's load time.
+            # json is stored as written and still checked on the way in.
+            """
+            ALTER TABLE {schema}.events
+                ALTER COLUMN data TYPE json USING data::json,
+                ALTER COLUMN metadata DROP DEFAULT,
+                ALTER COLUMN metadata TYPE json USING metadata::json,
+                ALTER COLUMN metadata SET DEFAULT '{{}}'
+            """,
+        ],
+    ),
 ]
+# a migration that rewrites the events table says so first when the log is this long
+ANNOUNCED_REWRITE = 100_000
+REWRITES_EVENTS = {"0004_json_payloads"}
 # what begin_append raises: a conflict (its detail is the stream's version), another
 # writer's append (the locked path appends), a used key (the locked path says so)
 STREAM_MOVED, LOG_MOVED, KEY_USED = "IN409", "IN410", "IN411"
@@ -287,6 +309,8 @@ class _Database:
             for name, description, statements in MIGRATIONS:
                 if name in applied:
                     continue
+                if name in REWRITES_EVENTS:
+                    self._announce_rewrite(conn, name)
                 for statement in statements:
                     conn.execute(sql.SQL(statement.strip()).format(schema=schema))
                 conn.execute(
@@ -298,6 +322,24 @@ class _Database:
                 done.append(f"applied migration {name}: {description}")
         self._initialized = True
         return done
+
+    def _announce_rewrite(self, conn: Connection, migration: str) -> None:
+        """A rewrite of a long log takes a while, and holds every reader and writer of the
+        table off until it commits: say so before it starts."""
+        events = self.table("events")
+        if _fetch_value(conn, "SELECT to_regclass(%s)", events.as_string(conn)) is None:
+            return
+        count = _fetch_value(
+            conn, sql.SQL("SELECT coalesce(max(position), 0) FROM {}").format(events)
+        )
+        if count >= ANNOUNCED_REWRITE:
+            log.warning(
+                "incident: migration %s rewrites the %d events of %s.events once; until it "
+                "commits, every reader and writer of the table waits",
+                migration,
+                count,
+                self.schema,
+            )
 
     def close(self) -> None:
         self._closed = True
@@ -723,7 +765,7 @@ class PostgresEventStore(AppendVerbs):
         self._insert = (
             f"INSERT INTO {events} (position, event_id, aggregate_id, aggregate, version,"
             " event_type, schema_version, event_date, data, metadata)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::json, %s::json)"
         )
         self._heads = (
             f"SELECT (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s),"
