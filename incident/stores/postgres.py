@@ -12,8 +12,8 @@ round trip when ``read_all`` streams the log).
 Tables, in the store's schema: ``incident_migrations`` (what ran), ``events`` (payloads
 and metadata as ``json``, stored as written), ``idempotency_keys``, and one table per
 Projection type named after the class in snake_case; and the function ``begin_append``
-(a one-round-trip append). Stores are
-thread-safe, and a store opened before ``fork()`` opens a pool of its own in the child.
+(a one-round-trip append). Stores are thread-safe, and a store opened before ``fork()``
+opens a pool of its own in the child.
 """
 
 from __future__ import annotations
