@@ -9,19 +9,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from .._forks import renew_in_forked_children
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
-
-if TYPE_CHECKING:
-    from .protocols import ProjectFn, ProjectionStore
-
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
-from .protocols import Parked
+from .protocols import Parked, ProjectFn, ProjectionStore
 
 __all__ = [
     "AppendVerbs",

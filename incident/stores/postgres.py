@@ -326,12 +326,11 @@ class _Database:
 
     def _announce_rewrite(self, conn: Connection, migration: str) -> None:
         """A rewrite of a long log takes a while, and holds every reader and writer of the
-        table off until it commits: say so before it starts."""
-        events = self.table("events")
-        if _fetch_value(conn, "SELECT to_regclass(%s)", events.as_string(conn)) is None:
-            return
+        table off until it commits: say so before it starts. (0001 made the table, in an
+        earlier run or earlier in this one.)"""
         count = _fetch_value(
-            conn, sql.SQL("SELECT coalesce(max(position), 0) FROM {}").format(events)
+            conn,
+            sql.SQL("SELECT coalesce(max(position), 0) FROM {}").format(self.table("events")),
         )
         if count >= ANNOUNCED_REWRITE:
             log.warning(
