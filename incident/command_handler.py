@@ -8,29 +8,38 @@ return the recorded events.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from .aggregate import Aggregate
 from .codec import validate_command
 from .errors import (
     ConcurrencyError,
     DuplicateCommand,
+    FollowUpFailed,
+    IncidentError,
     InvalidCommand,
     RegistrationError,
     Rejected,
     RoutingError,
+    StoreError,
 )
-from .event_handler import Attempt, EventHandler
+from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
 from .messages import Command, Projection, Recorded
 from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
 from .state_cache import StateCache
 from .stores import (
     CheckpointStore,
+    Effects,
     EventStore,
+    Outcome,
+    Owed,
     ProjectFn,
     ProjectionStore,
     open_event_store,
@@ -46,8 +55,9 @@ log = logging.getLogger("incident")
 
 IDEMPOTENCY_KEY = "idempotency_key"
 
-# A follow-up to run after the command commits: what to do, and the event that caused it.
-FollowUp = tuple[Recorded[Any], Command | Attempt]
+# A follow-up to run after the command commits: the record that it is owed, the event
+# that caused it, and what each listener of the handler returned for it.
+FollowUp = tuple[Owed, Recorded[Any], list[tuple[str, list[Any]]]]
 
 
 class CommandHandler:
@@ -183,7 +193,12 @@ class CommandHandler:
     ) -> list[Recorded[Any]]:
         """Validate, decide, append and react; returns this command's recorded events
         (``[]`` when the aggregate decided nothing). Raises InvalidCommand, Rejected,
-        ConcurrencyError (after ``retries``), RoutingError or StoreError."""
+        ConcurrencyError (after ``retries``), RoutingError, StoreError, or FollowUpFailed
+        (the command was stored; a follow-up of its inline handlers is still owed).
+
+        Under an idempotency key the outcome is remembered, a rejection too: dispatched
+        again, the command returns the first run's events (completing any follow-up
+        still owed for them) or raises the first run's rejection, never decides anew."""
         validate_command(command)
         aggregate = self.aggregate_for(command)
         meta = dict(metadata or {})
@@ -192,13 +207,31 @@ class CommandHandler:
         key = idempotency_key(command, meta)
         if key is not None:
             meta[IDEMPOTENCY_KEY] = key
-            earlier = self.event_store.recorded_for(key)
+            earlier = self.event_store.outcome_for(key)
             if earlier is not None:
-                return earlier  # done before: store nothing new, react to nothing
-        recorded, follow_ups = self._decide_and_append(aggregate, command, meta, key)
-        for cause, reaction in follow_ups:
-            self.react(reaction, cause, meta)
+                return self._replay_outcome(command, earlier)
+        try:
+            recorded, follow_ups = self._decide_and_append(aggregate, command, meta, key)
+        except Rejected as rejection:
+            rejection.command = command
+            if key is None:
+                raise
+            # remembered, so a replay of the key takes this branch again whatever the
+            # state by then; a racing twin that succeeded first wins instead
+            stored = self.event_store.remember_rejection(key, rejection.reason, rejection.detail)
+            if stored.rejected is None:
+                return self._replay_outcome(command, stored)
+            raise
+        self._carry_out(recorded, follow_ups)
         return recorded
+
+    def _replay_outcome(self, command: Command, outcome: Outcome) -> list[Recorded[Any]]:
+        if outcome.rejected is not None:
+            rejection = Rejected(outcome.rejected, outcome.detail)
+            rejection.command = command
+            raise rejection
+        self._complete_owed_for(outcome.recorded)  # what the first run left undone
+        return outcome.recorded
 
     def _decide_and_append(
         self,
@@ -251,8 +284,10 @@ class CommandHandler:
                 project=project,
                 idempotency_key=key,
             )
-        except DuplicateCommand as duplicate:
-            return duplicate.recorded, []  # a racing twin committed first
+        except DuplicateCommand as duplicate:  # a racing twin committed first
+            if duplicate.rejected is not None:
+                raise Rejected(duplicate.rejected, duplicate.detail) from None
+            return duplicate.recorded, []  # the twin carries out what it owes
         # cached only now that the events are committed; stores call project() inside
         # the transaction, so the state it reached is not folded a second time
         reached = after[0] if after else aggregate.fold(recorded, state)
@@ -287,10 +322,12 @@ class CommandHandler:
         after: list[Any],
     ) -> ProjectFn:
         """What runs inside the append's transaction: the inline handlers, pure. It
-        returns the projections to commit with the events, collects the commands, and
-        leaves the state after the events in ``after``."""
+        returns the projections to commit with the events and, for every handler that
+        returned commands for an event, a record that it owes them (committed with the
+        events too); it collects those commands in ``follow_ups`` and leaves the state
+        after the events in ``after``."""
 
-        def project(recorded: list[Recorded[Any]]) -> list[Projection]:
+        def project(recorded: list[Recorded[Any]]) -> Effects:
             follow_ups.clear()  # the store may call this more than once
             after.clear()
             projections: list[Projection] = []
@@ -298,12 +335,12 @@ class CommandHandler:
             for record in recorded:
                 current = aggregate.evolve(current, record)
                 for handler in self.event_handlers:
-                    for output in handler.handle(record, current):
-                        if isinstance(output, Projection):
-                            projections.append(output)
-                        else:
-                            self._check_reaction(output)
-                            follow_ups.append((record, output))
+                    steps = _split_outputs(handler.outputs(record, current), projections)
+                    if steps:
+                        for _, commands in steps:
+                            for output in commands:
+                                self._check_reaction(output)
+                        follow_ups.append((_owed(handler.name, record), record, steps))
                 every = self.snapshot_every
                 if every is not None and record.version % every == 0:
                     code = self._codes[aggregate.name]
@@ -311,7 +348,7 @@ class CommandHandler:
                     if snapshot is not None:
                         projections.append(snapshot)
             after.append(current)
-            return projections
+            return Effects(projections, [owed for owed, _, _ in follow_ups])
 
         return project
 
@@ -322,10 +359,95 @@ class CommandHandler:
             for step in reaction:
                 self._check_reaction(step)
         elif isinstance(reaction, Attempt):
-            for part in (reaction.command, reaction.on_success, reaction.on_rejected):
-                self._check_reaction(part)
+            self._check_reaction(reaction.command)
+            self._check_reaction(reaction.on_success)
+            if not callable(reaction.on_rejected):  # checked once it has answered
+                self._check_reaction(reaction.on_rejected)
         else:
             self.aggregate_for(validate_command(reaction))
+
+    # -- follow-ups -----------------------------------------------------------
+
+    def _carry_out(self, recorded: list[Recorded[Any]], follow_ups: list[FollowUp]) -> None:
+        """After the commit: each handler's commands for each event, then its owed record
+        settled. A failure leaves that record (and those after it) owed."""
+        for index, (owed, cause, steps) in enumerate(follow_ups):
+            try:
+                self.follow_up(owed.handler, cause, steps)
+            except Exception as error:
+                still = [self._failed(owed, error), *(o for o, _, _ in follow_ups[index + 1 :])]
+                raise FollowUpFailed(recorded, still, _problem(error)) from error
+            self.event_store.settle(owed.handler, owed.position)
+
+    def follow_up(
+        self, handler: str, cause: Recorded[Any], steps: Sequence[tuple[str, Sequence[Any]]]
+    ) -> None:
+        """Dispatch what ``handler``'s listeners returned for ``cause`` (``(listener name,
+        commands and attempts)`` pairs), each command under a key made of the handler's
+        name, the cause's event id, the listener's name and the command itself: carried
+        out again (a redelivered event, owed work completed after a crash), a command
+        that already ran returns its first outcome instead of running twice."""
+        for listener, commands in steps:
+            if commands:
+                self.react(tuple(commands), cause, key=f"{handler}:{cause.event_id}:{listener}")
+
+    def _failed(self, owed: Owed, error: BaseException) -> Owed:
+        failed = msgspec.structs.replace(owed, error=_problem(error), attempts=owed.attempts + 1)
+        try:
+            self.event_store.owe(failed)
+        except StoreError:  # the root's transaction keeps it owed all the same
+            log.warning("could not record why %s failed on #%s", owed.handler, owed.position)
+        return failed
+
+    def complete_owed(self) -> list[Owed]:
+        """Carry out every follow-up this command handler's inline handlers still owe
+        (after a crash, an outage or a bug between a command's commit and its
+        follow-ups), oldest first; returns what was completed. One that fails again
+        stays owed, with its error, and the others go on. Safe to run anywhere, any
+        number of times: every follow-up command is keyed, so none runs twice."""
+        completed = []
+        handlers = {handler.name: handler for handler in self.event_handlers}
+        for owed in self.event_store.owed():
+            handler = handlers.get(owed.handler)
+            if handler is None:
+                continue  # another application's handler
+            try:
+                self._complete(handler, owed)
+            except Exception as error:
+                failed = self._failed(owed, error)
+                log.warning("%s still owes #%s: %s", owed.handler, owed.position, failed.error)
+                continue
+            completed.append(owed)
+        return completed
+
+    def _complete_owed_for(self, recorded: list[Recorded[Any]]) -> None:
+        """Complete what the inline handlers still owe for these events (a command
+        dispatched again under its key: the first run may have stopped half way)."""
+        if not recorded or not self.event_handlers:
+            return
+        handlers = {handler.name: handler for handler in self.event_handlers}
+        positions = {r.position for r in recorded}
+        for owed in self.event_store.owed():
+            handler = handlers.get(owed.handler)
+            if handler is not None and owed.position in positions:
+                try:
+                    self._complete(handler, owed)
+                except Exception as error:
+                    failed = [self._failed(owed, error)]
+                    raise FollowUpFailed(recorded, failed, _problem(error)) from error
+
+    def _complete(self, handler: EventHandler, owed: Owed) -> None:
+        """Run ``handler``'s listeners on the cause again (they are pure: same event, same
+        state, same commands, same keys) and carry out their commands."""
+        cause = next(iter(self.event_store.read_all(after=owed.position - 1, limit=1)), None)
+        if cause is None or cause.event_id != owed.event_id:
+            raise IncidentError(f"{owed.handler} owes work for #{owed.position}, not in the log")
+        aggregate = self._aggregate(cause.aggregate)
+        with closing_iterator(self.event_store.events(cause.aggregate_id)) as events:
+            before = aggregate.fold(itertools.islice(events, cause.version - 1))
+        steps = _split_outputs(handler.outputs(cause, aggregate.evolve(before, cause)), [])
+        self.follow_up(handler.name, cause, steps)
+        self.event_store.settle(owed.handler, owed.position)
 
     def react(
         self,
@@ -338,29 +460,33 @@ class CommandHandler:
         """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``.
 
         ``root`` is the metadata the dispatched commands inherit (the correlation id and
-        user keys); by default the cause's own, which is what a subscription wants.
-        ``key`` makes every command dispatched an idempotent one, keyed by ``key`` and
-        its place in the reaction: a subscription that handles an event again after a
-        crash gets the first run's events back instead of, say, sending money twice.
+        user keys); by default the cause's own. With ``key``, every command dispatched is
+        an idempotent one, keyed by ``key`` and the command's content (and the branch it
+        is on, for an Attempt's), see :func:`~incident.event_handler.keyed_steps`.
         """
         if root is None:
             root = {**cause.metadata, "causation_id": cause.event_id}
-        if isinstance(reaction, tuple):
-            for index, step in enumerate(reaction):
-                self.react(step, cause, root, key=_branch(key, str(index)))
-            return
+        for step_key, step in keyed_steps(key, reaction):
+            self._react_once(step, cause, root, step_key)
+
+    def _react_once(
+        self, step: Command | Attempt, cause: Recorded[Any], root: Mapping[str, Any], key: str | None
+    ) -> None:
         metadata = {**root, "causation_id": cause.event_id}
         metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
         if key is not None:
             metadata[IDEMPOTENCY_KEY] = key
-        command = reaction.command if isinstance(reaction, Attempt) else reaction
-        if not isinstance(command, Command):
-            raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
+        command = step.command if isinstance(step, Attempt) else step
         try:
             recorded = self.dispatch(command, metadata)
         except Rejected as rejection:
-            if isinstance(reaction, Attempt):
-                self.react(reaction.on_rejected, cause, root, key=_branch(key, "rejected"))
+            if isinstance(step, Attempt):
+                branch = step.on_rejected
+                if callable(branch):  # a compensation that depends on why
+                    branch = branch(rejection)
+                    flatten(branch, f"on_rejected of {type(command).__name__}")
+                    self._check_reaction(branch)
+                self.react(branch, cause, root, key=_branch(key, "rejected"))
             else:
                 log.warning(
                     "%s, dispatched by a listener on %s #%s, was rejected: %s",
@@ -370,14 +496,43 @@ class CommandHandler:
                     rejection.reason,
                 )
             return
-        if isinstance(reaction, Attempt):
+        if isinstance(step, Attempt):
             # what follows a success was caused by the attempted command's last event
             after = recorded[-1] if recorded else cause
-            self.react(reaction.on_success, after, root, key=_branch(key, "succeeded"))
+            self.react(step.on_success, after, root, key=_branch(key, "succeeded"))
 
 
 def _branch(key: str | None, step: str) -> str | None:
     return None if key is None else f"{key}/{step}"
+
+
+def _problem(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _split_outputs(
+    outputs: list[tuple[str, list[Output]]], projections: list[Projection]
+) -> list[tuple[str, list[Any]]]:
+    """Move the projections into ``projections``; the commands and attempts that are
+    left, per listener (listeners that returned none left out)."""
+    steps = []
+    for listener, returned in outputs:
+        commands = [o for o in returned if not isinstance(o, Projection)]
+        projections.extend(o for o in returned if isinstance(o, Projection))
+        if commands:
+            steps.append((listener, commands))
+    return steps
+
+
+def _owed(handler: str, cause: Recorded[Any]) -> Owed:
+    return Owed(
+        handler=handler,
+        position=cause.position,
+        event_id=cause.event_id,
+        aggregate_id=cause.aggregate_id,
+        event_type=cause.event_type,
+        owed_at=cause.event_date,
+    )
 
 
 def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None:

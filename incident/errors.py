@@ -14,6 +14,7 @@ __all__ = [
     "ConcurrencyError",
     "CorruptEvent",
     "DuplicateCommand",
+    "FollowUpFailed",
     "IncidentError",
     "InvalidCommand",
     "RegistrationError",
@@ -47,11 +48,14 @@ class InvalidCommand(IncidentError, ValueError):
 
 
 class Rejected(IncidentError):
-    """A business rule said no. ``reason`` is a short snake_case string.
+    """A business rule said no. ``reason`` is a short snake_case string; ``command`` is
+    the command that was rejected, once the command handler has raised it.
 
     >>> Rejected("no_enough_balance").reason
     'no_enough_balance'
     """
+
+    command: Any = None
 
     def __init__(self, reason: str, detail: str | None = None) -> None:
         self.reason = reason
@@ -125,15 +129,47 @@ class CorruptEvent(IncidentError):
 
 class DuplicateCommand(IncidentError):
     """An append carried an idempotency key that was already used; nothing was written.
-    ``recorded`` holds the events stored the first time (the command handler returns them)."""
+    ``recorded`` holds the events stored the first time (the command handler returns
+    them), or ``rejected`` the reason the first time was rejected for."""
 
-    def __init__(self, key: str, recorded: list[Any]) -> None:
+    def __init__(
+        self,
+        key: str,
+        recorded: list[Any],
+        rejected: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.key = key
         self.recorded = recorded
+        self.rejected, self.detail = rejected, detail
         super().__init__(f"Idempotency key {key!r} was already used; nothing was written")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key, self.recorded))
+        return (type(self), (self.key, self.recorded, self.rejected, self.detail))
+
+
+class FollowUpFailed(IncidentError):
+    """A command was stored, but a follow-up its inline event handlers owe failed.
+
+    The follow-up stays owed (``owed``), recorded with its cause: dispatching the command
+    again with the same idempotency key, or ``CommandHandler.complete_owed()`` (``incident
+    retry URL --inline ...``), completes it, each command once. ``recorded`` holds the
+    command's events; the follow-up's error is chained."""
+
+    def __init__(self, recorded: list[Any], owed: list[Any], problem: str) -> None:
+        self.recorded, self.owed, self.problem = recorded, owed, problem
+        what = ", ".join(
+            f"{work.handler} for #{work.position}" if hasattr(work, "handler") else str(work)
+            for work in owed
+        )
+        super().__init__(
+            f"The command was stored, but a follow-up failed ({problem}); still owed: "
+            f"{what}. Dispatch it again with the same idempotency key, or call "
+            "complete_owed(), to complete it"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.recorded, self.owed, self.problem))
 
 
 class StoreError(IncidentError):

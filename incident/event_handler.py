@@ -5,15 +5,17 @@ where ``state`` is the aggregate's state right after the event. Listeners only d
 what should happen; the command handler (or a subscription) carries it out.
 """
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 
 import msgspec
 
-from .errors import RegistrationError
+from .codec import encode
+from .errors import RegistrationError, Rejected
 from .messages import Command, Event, Projection, Recorded
 
-__all__ = ["Attempt", "EventHandler", "Reaction"]
+__all__ = ["Attempt", "EventHandler", "Reaction", "command_key", "keyed_steps"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,7 +24,10 @@ class Attempt(msgspec.Struct, frozen=True):
     """Dispatch ``command``; then dispatch ``on_success`` or, if it was rejected, ``on_rejected``.
 
     Both branches are reactions themselves (commands, attempts, or tuples of them,
-    dispatched in order), so a whole process reads as one value:
+    dispatched in order), so a whole process reads as one value. ``on_rejected`` may
+    also be a function of the :class:`~incident.Rejected` error (its ``reason``,
+    ``detail`` and the ``command`` that was rejected) returning the reaction, so a
+    compensation can record why:
 
     >>> class Send(Command):
     ...     aggregate_id: str
@@ -34,7 +39,7 @@ class Attempt(msgspec.Struct, frozen=True):
 
     command: Command
     on_success: "Reaction" = ()
-    on_rejected: "Reaction" = ()
+    on_rejected: "Reaction | Callable[[Rejected], Reaction]" = ()
 
 
 Reaction: TypeAlias = "Command | Attempt | tuple[Command | Attempt, ...]"
@@ -66,7 +71,8 @@ def _check_reaction(reaction: object, source: str) -> None:
         return
     if isinstance(reaction, Attempt) and isinstance(reaction.command, Command):
         _check_reaction(reaction.on_success, source)
-        _check_reaction(reaction.on_rejected, source)
+        if not callable(reaction.on_rejected):  # a function is checked once it answers
+            _check_reaction(reaction.on_rejected, source)
         return
     if isinstance(reaction, tuple):
         for step in reaction:
@@ -75,8 +81,61 @@ def _check_reaction(reaction: object, source: str) -> None:
     what = reaction.command if isinstance(reaction, Attempt) else reaction
     raise RegistrationError(
         f"{source} returned an Attempt containing {what!r}; an Attempt holds a Command, "
-        "and its branches are a Command, an Attempt, or a tuple of them (() for nothing)"
+        "and its branches are a Command, an Attempt, or a tuple of them (() for nothing); "
+        "on_rejected may also be a function of the rejection returning one of those"
     )
+
+
+def command_key(command: Command) -> str:
+    """A digest of a command's type and content: the same command, the same digest, in
+    every process and every release (a follow-up's identity, see :func:`keyed_steps`).
+
+    >>> class Send(Command):
+    ...     aggregate_id: str
+    >>> command_key(Send(aggregate_id="A")) == command_key(Send(aggregate_id="A"))
+    True
+    >>> command_key(Send(aggregate_id="A")) == command_key(Send(aggregate_id="B"))
+    False
+    """
+    body = f"{type(command).__name__}:".encode() + encode(command)
+    return hashlib.sha256(body).hexdigest()[:20]
+
+
+def keyed_steps(
+    prefix: str | None, reaction: object
+) -> list[tuple[str | None, Command | Attempt]]:
+    """The commands and attempts of a reaction, in order, each with its idempotency key:
+    ``prefix/<digest of the command>``, and ``#2``, ``#3``... for a repeat of the same
+    command. The key depends on what a command is, never on where it stands among a
+    listener's outputs, so reordering them in a deploy changes no key.
+
+    >>> class Send(Command):
+    ...     aggregate_id: str
+    >>> a, b = Send(aggregate_id="A"), Send(aggregate_id="B")
+    >>> dict((step.aggregate_id, key) for key, step in keyed_steps("p", (a, b))) == dict(
+    ...     (step.aggregate_id, key) for key, step in keyed_steps("p", (b, a)))
+    True
+    >>> [key[-2:] for key, _ in keyed_steps("p", (a, a))][1]
+    '#2'
+    """
+    steps = reaction if isinstance(reaction, tuple | list) else (reaction,)
+    keyed: list[tuple[str | None, Command | Attempt]] = []
+    seen: dict[str, int] = {}
+    for step in steps:
+        if isinstance(step, tuple | list):
+            keyed.extend(keyed_steps(prefix, step))
+            continue
+        command = step.command if isinstance(step, Attempt) else step
+        if not isinstance(command, Command):
+            raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
+        if prefix is None:
+            keyed.append((None, step))
+            continue
+        digest = command_key(command)
+        seen[digest] = seen.get(digest, 0) + 1
+        repeat = "" if seen[digest] == 1 else f"#{seen[digest]}"
+        keyed.append((f"{prefix}/{digest}{repeat}", step))
+    return keyed
 
 
 class EventHandler:
@@ -144,3 +203,11 @@ class EventHandler:
         for listener in self._listeners.get(type(recorded.data), ()):
             outputs.extend(flatten(listener(recorded, state), listener.__qualname__))
         return outputs
+
+    def outputs(self, recorded: Recorded[Any], state: Any) -> list[tuple[str, list[Output]]]:
+        """What each listener for this event returns, flattened, with the listener's name
+        (its ``__qualname__``: part of the keys of the commands it returns)."""
+        return [
+            (listener.__qualname__, flatten(listener(recorded, state), listener.__qualname__))
+            for listener in self._listeners.get(type(recorded.data), ())
+        ]

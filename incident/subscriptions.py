@@ -14,9 +14,10 @@ the dead-letter store and the subscription goes on (or stops, with ``on_failure=
 
 After a crash, the events since the last checkpoint are handled again. Projections do not
 mind (version-guarded upserts). Commands carry an idempotency key made of the handler,
-the event and the command's place in the reaction, so dispatching one again returns the
-first run's events instead of deciding anew; and the checkpoint is saved right after
-every event that dispatched something, so little is handled twice at all.
+the event, the listener and the command itself (never its place among the outputs), so
+dispatching one again returns the first run's outcome, its events or its rejection,
+instead of deciding anew; and the checkpoint is saved right after every event that
+dispatched something, so little is handled twice at all.
 """
 
 from __future__ import annotations
@@ -212,18 +213,24 @@ class Subscription:
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         projections: list[Projection] = []
         dispatched = False
-        outputs = self.handler.handle(recorded, self._state_at(recorded))
-        for index, output in enumerate(outputs):
-            if isinstance(output, Projection):
-                key = getattr(output, "aggregate_id", None)
-                if type(key) is not str or not key:
-                    projection_key(output)  # raises: a row that cannot be stored fails the event
-                projections.append(output)
-            else:
-                # keyed by handler, event and place: handled again, it sends nothing twice
-                key = f"{self.name}:{recorded.event_id}:{index}"
-                self.command_handler.react(output, recorded, key=key)
-                dispatched = True
+        steps = []
+        for listener, outputs in self.handler.outputs(recorded, self._state_at(recorded)):
+            commands = []
+            for output in outputs:
+                if isinstance(output, Projection):
+                    key = getattr(output, "aggregate_id", None)
+                    if type(key) is not str or not key:
+                        projection_key(output)  # raises: a row that cannot be stored fails
+                    projections.append(output)
+                else:
+                    commands.append(output)
+            if commands:
+                steps.append((listener, commands))
+        if steps:
+            # keyed by handler, event, listener and the command itself: handled again, it
+            # sends nothing twice, and takes the branch the first run took
+            self.command_handler.follow_up(self.name, recorded, steps)
+            dispatched = True
         return projections, dispatched
 
     def _commit(self, position: int, pending: Pending) -> None:
@@ -381,16 +388,22 @@ class Subscription:
                     if not self.handler.handles(recorded.data):
                         self._follow(recorded)
                         continue
-                    outputs = self.handler.handle(recorded, self._state_at(recorded))
-                    for index, output in enumerate(outputs):
-                        if isinstance(output, Projection):
-                            projection_key(output)
-                            _merge(rebuilt, [output])
-                        elif recorded.position > already:
-                            key = f"{self.name}:{recorded.event_id}:{index}"
-                            self.command_handler.react(output, recorded, key=key)
-                        else:
-                            skipped += 1
+                    state = self._state_at(recorded)
+                    steps = []
+                    for listener, outputs in self.handler.outputs(recorded, state):
+                        commands = []
+                        for output in outputs:
+                            if isinstance(output, Projection):
+                                projection_key(output)
+                                _merge(rebuilt, [output])
+                            elif recorded.position > already:
+                                commands.append(output)
+                            else:
+                                skipped += 1
+                        if commands:
+                            steps.append((listener, commands))
+                    if steps:
+                        self.command_handler.follow_up(self.name, recorded, steps)
                 position = batch[-1].position
                 if progress is not None:
                     progress(len(batch))

@@ -46,12 +46,19 @@ def test_racing_duplicates_store_one_set_of_events(app: incident.CommandHandler)
     assert app.state("bank_account", "A").balance == 10
 
 
-def test_a_rejected_command_does_not_use_up_its_key(app: incident.CommandHandler) -> None:
+def test_a_rejected_command_stays_rejected_under_its_key(app: incident.CommandHandler) -> None:
+    """A keyed command's rejection is remembered: dispatched again after the state has
+    changed, it is rejected again for the first reason, and decides nothing anew."""
     withdraw = bank.WithdrawMoney(aggregate_id="A", amount=5)
-    with pytest.raises(incident.Rejected):
+    with pytest.raises(incident.Rejected) as first:
         app.dispatch(withdraw, metadata={"idempotency_key": "w-1"})
     deposit(app, "d-1")
-    app.dispatch(withdraw, metadata={"idempotency_key": "w-1"})
+    with pytest.raises(incident.Rejected) as again:
+        app.dispatch(withdraw, metadata={"idempotency_key": "w-1"})
+    assert again.value.reason == first.value.reason == "no_enough_balance"
+    assert again.value.command == withdraw
+    assert app.state("bank_account", "A").balance == 10
+    app.dispatch(withdraw, metadata={"idempotency_key": "w-2"})  # a new key decides anew
     assert app.state("bank_account", "A").balance == 5
 
 

@@ -77,6 +77,7 @@ def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgr
         ("0002_idempotency_keys",),
         ("0003_begin_append",),
         ("0004_json_payloads",),
+        ("0005_outcomes_and_owed_work",),
     ]
     first.close()
     second.close()
@@ -139,7 +140,10 @@ def test_a_log_stored_as_jsonb_is_rewritten_as_json_with_every_event_kept(
     store = open_store(postgres_url)
     with caplog.at_level("WARNING", logger="incident.stores.postgres"):
         done = store.initialize()
-    assert [line.split(":")[0] for line in done] == ["applied migration 0004_json_payloads"]
+    assert [line.split(":")[0] for line in done] == [
+        "applied migration 0004_json_payloads",
+        "applied migration 0005_outcomes_and_owed_work",
+    ]
     assert "rewrites the 3 events" in caplog.text
     assert postgres_admin.execute(column_types).fetchall() == [
         ("data", "json"),
@@ -201,6 +205,8 @@ def test_a_role_without_ddl_rights_works_on_tables_made_by_init(
         postgres_admin.execute(
             f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
         )
+        # owed follow-ups are deleted once carried out
+        postgres_admin.execute(f'GRANT DELETE ON "{schema}".incident_owed TO "{role}"')
         for create_tables in (False, True):
             app = bank.build(open_store(f"{postgres_url}&user={role}", create_tables=create_tables))
             a, b = f"A{create_tables}", f"B{create_tables}"

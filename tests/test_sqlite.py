@@ -113,7 +113,7 @@ def test_initialize_creates_the_tables_once_and_says_so(url: str) -> None:
     assert store.initialize() == FRESH_FILE
     assert store.initialize() == []
     assert incident.open_event_store(url).initialize() == []
-    assert raw(url, "SELECT version, description FROM incident_schema") == [(3, "the event log")]
+    assert raw(url, "SELECT version, description FROM incident_schema") == [(4, "the event log")]
     # each index is a page written at every commit: only the streams' one is kept
     assert events_indexes(url) == ["sqlite_autoindex_events_1"]
 
@@ -122,7 +122,8 @@ FRESH_FILE = [
     "created table incident_schema",
     "created table events",
     "created table incident_idempotency",
-    "recorded schema version 3 (the event log)",
+    "created table incident_owed",
+    "recorded schema version 4 (the event log)",
 ]
 
 
@@ -637,6 +638,30 @@ SECOND_RELEASE_STEPS = [
     "first_position INTEGER NOT NULL, last_position INTEGER NOT NULL)",
     "INSERT INTO incident_schema VALUES (2, 'idempotency keys', '2026-02-01T00:00:00+00:00')",
 ]
+# release 3 made fresh files with this layout (events with one index, keys without outcomes)
+THIRD_RELEASE_LAYOUT = [
+    "CREATE TABLE incident_schema (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+    "applied_at TEXT NOT NULL)",
+    """CREATE TABLE events (
+        position INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        aggregate TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL DEFAULT 1,
+        event_date TEXT NOT NULL,
+        data TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (aggregate_id, version)
+    )""",
+    """CREATE TABLE incident_idempotency (
+        key TEXT PRIMARY KEY,
+        first_position INTEGER NOT NULL,
+        last_position INTEGER NOT NULL
+    )""",
+    "INSERT INTO incident_schema VALUES (3, 'the event log', '2026-11-01T00:00:00+00:00')",
+]
 OLD_ROWS = [
     (
         1,
@@ -679,8 +704,13 @@ OLD_ROWS = [
 
 def old_file(url: str, *, release: int) -> None:
     """A file as release 1 or 2 left it, with events, and a user's index, view and trigger."""
+    layout = {
+        1: FIRST_RELEASE_LAYOUT,
+        2: FIRST_RELEASE_LAYOUT + SECOND_RELEASE_STEPS,
+        3: THIRD_RELEASE_LAYOUT,
+    }[release]
     with closing(sqlite3.connect(sqlite_store.sqlite_path(url))) as conn, conn:
-        for sql in FIRST_RELEASE_LAYOUT + (SECOND_RELEASE_STEPS if release == 2 else []):
+        for sql in layout:
             conn.execute(sql)
         conn.executemany(f"INSERT INTO events VALUES ({', '.join('?' * 10)})", OLD_ROWS)
         conn.execute("CREATE INDEX my_events_by_date ON events (event_date)")
@@ -696,14 +726,23 @@ def old_file(url: str, *, release: int) -> None:
 
 
 def events_layout(url: str) -> list[Any]:
-    """The events table's columns and its unique index, as SQLite describes them."""
+    """incident's tables' columns and the events' unique index, as SQLite describes them."""
     return [
         raw(url, "SELECT * FROM pragma_table_info('events')"),
         raw(url, "SELECT * FROM pragma_index_info('sqlite_autoindex_events_1')"),
+        raw(url, "SELECT * FROM pragma_table_info('incident_idempotency')"),
+        raw(url, "SELECT * FROM pragma_table_info('incident_owed')"),
+        raw(url, "SELECT * FROM pragma_index_info('sqlite_autoindex_incident_owed_1')"),
     ]
 
 
 REBUILT = "rebuilt table events with one index instead of three (3 events copied)"
+SCHEMA_4 = [
+    "added column incident_idempotency.rejected",
+    "added column incident_idempotency.detail",
+    "created table incident_owed",
+    "recorded schema version 4 (remembered rejections and owed follow-ups)",
+]
 
 
 @pytest.mark.parametrize(
@@ -716,9 +755,11 @@ REBUILT = "rebuilt table events with one index instead of three (3 events copied
                 "recorded schema version 2 (idempotency keys)",
                 REBUILT,
                 "recorded schema version 3 (one index on events)",
+                *SCHEMA_4,
             ],
         ),
-        (2, [REBUILT, "recorded schema version 3 (one index on events)"]),
+        (2, [REBUILT, "recorded schema version 3 (one index on events)", *SCHEMA_4]),
+        (3, SCHEMA_4),
     ],
 )
 def test_a_file_from_an_earlier_release_is_migrated_to_the_current_layout(
@@ -731,7 +772,8 @@ def test_a_file_from_an_earlier_release_is_migrated_to_the_current_layout(
     assert store.initialize() == steps
     assert store.initialize() == []
     assert raw(url, "SELECT * FROM events ORDER BY position") == OLD_ROWS
-    assert [v for (v,) in raw(url, "SELECT version FROM incident_schema")] == [1, 2, 3]
+    versions = [v for (v,) in raw(url, "SELECT version FROM incident_schema")]
+    assert versions == ([3, 4] if release == 3 else [1, 2, 3, 4])
     assert events_indexes(url) == ["my_events_by_date", "sqlite_autoindex_events_1"]
     fresh = f"{url}.fresh.db"
     incident.open_event_store(fresh).initialize()

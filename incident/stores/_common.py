@@ -17,13 +17,16 @@ from .._forks import renew_in_forked_children
 from ..codec import encode
 from ..errors import ConcurrencyError, IncidentError
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
-from .protocols import Parked, ProjectFn, ProjectionStore
+from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
 
 __all__ = [
     "AppendVerbs",
     "check_expected_version",
     "closing_iterator",
     "checked_events",
+    "effects_of",
+    "OWED_COLUMNS",
+    "owed_from_row",
     "metadata_json",
     "new_uuid",
     "PARKED_COLUMNS",
@@ -82,6 +85,24 @@ def parked_from_row(row: Sequence[Any]) -> Parked:
     """A dead letter from its ``PARKED_COLUMNS`` row; msgspec turns the ISO text SQLite
     keeps into the datetime Postgres already returns."""
     return msgspec.convert(dict(zip(Parked.__struct_fields__, row, strict=True)), Parked)
+
+
+# the owed-work table's columns, in Owed's field order
+OWED_COLUMNS = ", ".join(Owed.__struct_fields__)
+
+
+def owed_from_row(row: Sequence[Any]) -> Owed:
+    """Owed work from its ``OWED_COLUMNS`` row (dates as ISO text or datetimes)."""
+    return msgspec.convert(dict(zip(Owed.__struct_fields__, row, strict=True)), Owed)
+
+
+def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effects:
+    """What ``project`` returns for an append, as Effects (a plain sequence is the
+    projections alone)."""
+    if project is None:
+        return Effects()
+    effects = project(recorded)
+    return effects if isinstance(effects, Effects) else Effects(list(effects))
 
 
 def utc_now() -> dt.datetime:

@@ -17,12 +17,13 @@ from ._common import (
     AppendVerbs,
     check_expected_version,
     checked_events,
+    effects_of,
     metadata_json,
     newer_or_equal,
     projection_key,
     stamp,
 )
-from .protocols import Parked, ProjectFn, ProjectionStore
+from .protocols import Outcome, Owed, Parked, ProjectFn, ProjectionStore
 
 __all__ = [
     "MemoryCheckpointStore",
@@ -99,7 +100,8 @@ class MemoryEventStore(AppendVerbs):
         self._streams: dict[str, list[Recorded[Any]]] = {}
         self._projections: MemoryProjectionStore | None = None
         self._checkpoints: MemoryCheckpointStore | None = None
-        self._keys: dict[str, list[Recorded[Any]]] = {}  # idempotency key -> first events
+        self._keys: dict[str, Outcome] = {}  # idempotency key -> what it came to
+        self._owed: dict[tuple[str, int], Owed] = {}  # (handler, position) -> owed work
 
     def __repr__(self) -> str:
         return f"MemoryEventStore({len(self._log)} events)"
@@ -121,7 +123,7 @@ class MemoryEventStore(AppendVerbs):
         metadata_json(metadata)  # refused here as on every store, though kept as a dict
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._keys:
-                raise DuplicateCommand(idempotency_key, self._keys[idempotency_key])
+                raise DuplicateCommand(idempotency_key, *self._keys[idempotency_key])
             stream = self._streams.get(aggregate_id, [])
             check_expected_version(aggregate_id, expected_version, len(stream))
             if not batch:
@@ -134,23 +136,29 @@ class MemoryEventStore(AppendVerbs):
                 first_version=len(stream) + 1,
                 metadata=metadata,
             )
-            projections = list(project(recorded)) if project is not None else []
+            projections, owed = effects_of(project, recorded)
             if projection_store is not None and not self.shares_database_with(projection_store):
                 # another database: the events commit first, the projections right after
-                self._commit(aggregate_id, recorded, idempotency_key)
+                self._commit(aggregate_id, recorded, idempotency_key, owed)
                 for projection in projections:
                     projection_store.project(projection)
                 return recorded
             if isinstance(projection_store, MemoryProjectionStore):
                 projection_store.project_many(projections)  # checks all before writing any
-            self._commit(aggregate_id, recorded, idempotency_key)
+            self._commit(aggregate_id, recorded, idempotency_key, owed)
             return recorded
 
     def _commit(
-        self, aggregate_id: str, recorded: list[Recorded[Any]], idempotency_key: str | None
+        self,
+        aggregate_id: str,
+        recorded: list[Recorded[Any]],
+        idempotency_key: str | None,
+        owed: Sequence[Owed],
     ) -> None:
         if idempotency_key is not None:
-            self._keys[idempotency_key] = recorded
+            self._keys[idempotency_key] = Outcome(recorded)
+        for work in owed:
+            self._owed[work.handler, work.position] = work
         self._log.extend(recorded)
         self._streams.setdefault(aggregate_id, []).extend(recorded)
         self._appended.notify_all()
@@ -168,10 +176,30 @@ class MemoryEventStore(AppendVerbs):
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return isinstance(projection_store, MemoryProjectionStore)
 
-    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
+    def outcome_for(self, idempotency_key: str) -> Outcome | None:
         with self._lock:
             found = self._keys.get(idempotency_key)
-        return None if found is None else list(found)
+        return None if found is None else found._replace(recorded=list(found.recorded))
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        with self._lock:
+            found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
+        return found._replace(recorded=list(found.recorded))
+
+    def owed(self, handler: str | None = None) -> list[Owed]:
+        with self._lock:
+            found = [o for o in self._owed.values() if handler in (None, o.handler)]
+        return sorted(found, key=lambda o: (o.position, o.handler))
+
+    def owe(self, owed: Owed) -> None:
+        with self._lock:
+            self._owed[owed.handler, owed.position] = owed
+
+    def settle(self, handler: str, position: int) -> None:
+        with self._lock:
+            self._owed.pop((handler, position), None)
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         with self._lock:

@@ -44,14 +44,17 @@ from ..codec import EventTypes, encode
 from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
 from ..messages import ANY, Event, Projection, Recorded
 from ._common import (
+    OWED_COLUMNS,
     AppendVerbs,
     check_expected_version,
     checked_events,
+    effects_of,
     metadata_json,
+    owed_from_row,
     projection_key,
     stamp,
 )
-from .protocols import ProjectFn, ProjectionStore
+from .protocols import Outcome, Owed, ProjectFn, ProjectionStore
 
 if TYPE_CHECKING:
     from .postgres_checkpoints import PostgresCheckpointStore
@@ -152,6 +155,31 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        "0005_outcomes_and_owed_work",
+        "idempotency keys remember rejections; the owed follow-ups of inline handlers",
+        [
+            # a rejected command stored no events: its row keeps the reason, positions 0
+            """
+            ALTER TABLE {schema}.idempotency_keys
+                ADD COLUMN rejected text,
+                ADD COLUMN detail text
+            """,
+            """
+            CREATE TABLE {schema}.incident_owed (
+                handler text NOT NULL,
+                position bigint NOT NULL,
+                event_id uuid NOT NULL,
+                aggregate_id text NOT NULL,
+                event_type text NOT NULL,
+                error text,
+                attempts integer NOT NULL,
+                owed_at timestamptz NOT NULL,
+                PRIMARY KEY (handler, position)
+            )
+            """,
+        ],
+    ),
 ]
 # a migration that rewrites the events table says so first when the log is this long
 ANNOUNCED_REWRITE = 100_000
@@ -166,7 +194,7 @@ _EVENT_COLUMNS = (
 )
 
 
-_RESERVED = {"events", "incident_migrations"}
+_RESERVED = {"events", "incident_migrations", "idempotency_keys", "incident_owed"}
 
 
 def _lock_key(schema: str, purpose: str) -> int:
@@ -794,10 +822,26 @@ class PostgresEventStore(AppendVerbs):
             f"SELECT position, version, event_type, schema_version, data::text FROM {events}"
             " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
         )
-        self._key = f"SELECT first_position, last_position FROM {keys} WHERE key = %s"
+        self._key = (
+            f"SELECT first_position, last_position, rejected, detail FROM {keys} WHERE key = %s"
+        )
         self._remember_key = (
             f"INSERT INTO {keys} (key, first_position, last_position) VALUES (%s, %s, %s)"
         )
+        self._remember_rejection = (
+            f"INSERT INTO {keys} (key, first_position, last_position, rejected, detail)"
+            " VALUES (%s, 0, 0, %s, %s) ON CONFLICT (key) DO NOTHING"
+        )
+        owed = db.table("incident_owed").as_string()
+        columns = OWED_COLUMNS.replace("event_id", "event_id::text")
+        self._owe = (
+            f"INSERT INTO {owed} ({OWED_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (handler, position) DO UPDATE SET error = excluded.error,"
+            " attempts = excluded.attempts"
+        )
+        self._owed = f"SELECT {columns} FROM {owed} ORDER BY position, handler"
+        self._owed_by = f"SELECT {columns} FROM {owed} WHERE handler = %s ORDER BY position"
+        self._settle = f"DELETE FROM {owed} WHERE handler = %s AND position = %s"
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
@@ -868,12 +912,9 @@ class PostgresEventStore(AppendVerbs):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
             heads = conn.execute(self._heads, [job.aggregate_id])
             if job.idempotency_key is not None:
-                earlier = conn.execute(self._key, [job.idempotency_key]).fetchone()
+                earlier = self._outcome(conn, job.idempotency_key)
                 if earlier is not None:
-                    rows = conn.execute(self._span, earlier).fetchall()
-                    raise DuplicateCommand(
-                        job.idempotency_key, [self._recorded(row) for row in rows]
-                    )
+                    raise DuplicateCommand(job.idempotency_key, *earlier)
             version, last_position = heads.fetchone()  # type: ignore[misc]
             self._predictor.observed(last_position)
             check_expected_version(job.aggregate_id, job.expected_version, version)
@@ -945,21 +986,62 @@ class PostgresEventStore(AppendVerbs):
                 self._remember_key,
                 [job.idempotency_key, recorded[0].position, recorded[-1].position],
             )
-        projections = list(job.project(recorded)) if job.project is not None else []
+        projections, owed = effects_of(job.project, recorded)
+        for work in owed:  # in this schema whatever the projection store: with the events
+            conn.execute(self._owe, _owed_row(work))
         fresh: list[type[Projection]] = []
         if job.shared:
             fresh = self._projections._prepare(conn, map(type, projections))
             self._projections._queue(conn, projections)
-        return recorded, projections, fresh
+        return recorded, list(projections), fresh
 
-    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
-        """The events an earlier append with this key stored (positions of one append are
-        consecutive: appends commit one at a time), or None."""
-        doing = f"looking up idempotency key {idempotency_key!r}"
-        span = self._fetch(doing, self._key, idempotency_key)
-        if not span:
+    def _outcome(self, conn: Connection, key: str) -> Outcome | None:
+        """What the key came to (positions of one append are consecutive: appends commit
+        one at a time), or None."""
+        found = conn.execute(self._key, [key]).fetchone()
+        if found is None:
             return None
-        return [self._recorded(row) for row in self._fetch(doing, self._span, *span[0])]
+        first, last, rejected, detail = found
+        if rejected is not None:
+            return Outcome([], rejected, detail)
+        rows = conn.execute(self._span, [first, last]).fetchall()
+        return Outcome([self._recorded(row) for row in rows])
+
+    def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        self._db.ready()
+        with self._db.connection(f"looking up idempotency key {idempotency_key!r}") as conn:
+            return self._outcome(conn, idempotency_key)
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        """Under the append lock, like an append's key, so the two cannot both win."""
+        self._db.ready()
+        doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
+        with self._db.connection(doing) as conn:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+                conn.execute(self._remember_rejection, [idempotency_key, reason, detail])
+            stored = self._outcome(conn, idempotency_key)
+        assert stored is not None  # inserted, or there already
+        return stored
+
+    def owed(self, handler: str | None = None) -> list[Owed]:
+        if handler is None:
+            rows = self._fetch("reading owed work", self._owed)
+        else:
+            rows = self._fetch(f"reading the work {handler} owes", self._owed_by, handler)
+        return [owed_from_row(row) for row in rows]
+
+    def owe(self, owed: Owed) -> None:
+        self._db.ready()
+        with self._db.connection(f"recording the work {owed.handler} owes") as conn:
+            conn.execute(self._owe, _owed_row(owed))
+
+    def settle(self, handler: str, position: int) -> None:
+        self._db.ready()
+        with self._db.connection(f"settling the work {handler} owed") as conn:
+            conn.execute(self._settle, [handler, position])
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return writes_into(self._db, projection_store)
@@ -1113,6 +1195,19 @@ class PostgresEventStore(AppendVerbs):
         for conn in self._listening:
             conn.close()
         self._db.close()
+
+
+def _owed_row(owed: Owed) -> list[Any]:
+    return [
+        owed.handler,
+        owed.position,
+        owed.event_id,
+        owed.aggregate_id,
+        owed.event_type,
+        owed.error,
+        owed.attempts,
+        owed.owed_at,
+    ]
 
 
 def _row(recorded: Recorded[Any], payload: str, metadata_text: str) -> tuple[Any, ...]:

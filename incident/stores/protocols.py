@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -14,8 +14,11 @@ from ..messages import Event, Projection, Recorded
 __all__ = [
     "AppendNotifier",
     "CheckpointStore",
+    "Effects",
     "EventStore",
     "HandlerLock",
+    "Outcome",
+    "Owed",
     "Parked",
     "ProjectFn",
     "ProjectionStore",
@@ -24,9 +27,47 @@ __all__ = [
 
 P = TypeVar("P", bound=Projection)
 
+
+
+class Owed(msgspec.Struct, frozen=True, kw_only=True):
+    """Follow-up work an inline event handler owes for one event (a transactional outbox
+    row): written in the transaction that stores the event, removed once every command
+    the handler's listeners return for it has been carried out. ``error`` and
+    ``attempts`` say how the last try went (None and 0 before any failure)."""
+
+    handler: str
+    position: int
+    event_id: str
+    aggregate_id: str
+    event_type: str
+    error: str | None = None
+    attempts: int = 0
+    owed_at: dt.datetime
+
+
+class Effects(NamedTuple):
+    """What an append writes besides its events, in the same transaction: the
+    projections (in the projection store) and the owed follow-ups (always in the event
+    store's own database, so they commit with the events that cause them)."""
+
+    projections: Sequence[Projection] = ()
+    owed: Sequence[Owed] = ()
+
+
 #: Called inside an append's transaction with the freshly stamped events; returns the
-#: projections to write in that same transaction. Must be pure: it may run again on retry.
-ProjectFn = Callable[[list[Recorded[Any]]], Sequence[Projection]]
+#: projections to write in that same transaction (a sequence, or Effects with the owed
+#: follow-ups too). Must be pure: it may run again on retry.
+ProjectFn = Callable[[list[Recorded[Any]]], Sequence[Projection] | Effects]
+
+
+class Outcome(NamedTuple):
+    """What a command dispatched under an idempotency key came to: the events it stored,
+    or the reason (and detail) it was rejected for. A replay of the key takes the same
+    branch."""
+
+    recorded: list[Recorded[Any]]
+    rejected: str | None = None
+    detail: str | None = None
 
 
 @runtime_checkable
@@ -81,11 +122,32 @@ class EventStore(Protocol):
         transaction when :meth:`shares_database_with` says so, else right after.
 
         With an ``idempotency_key``, the key is recorded in the same transaction; a key
-        already used raises DuplicateCommand carrying the first time's events."""
+        already used raises DuplicateCommand carrying the first time's outcome. Owed
+        follow-ups ``project`` returns (in Effects) are written in this database, in
+        the append's transaction, whatever the projection store."""
         ...
 
-    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
-        """The events an earlier append with this idempotency key stored, or None."""
+    def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        """What an earlier command with this idempotency key came to, or None."""
+        ...
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        """Record, durably, that the command keyed so was rejected, unless the key already
+        has an outcome; returns the outcome now stored (a racing twin's may have won)."""
+        ...
+
+    def owed(self, handler: str | None = None) -> list[Owed]:
+        """Follow-up work still owed, in position order, of one inline handler or all."""
+        ...
+
+    def owe(self, owed: Owed) -> None:
+        """Keep (or update: its error and attempts) a record of owed work."""
+        ...
+
+    def settle(self, handler: str, position: int) -> None:
+        """The work ``handler`` owed for the event at ``position`` is done."""
         ...
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool: ...

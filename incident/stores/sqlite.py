@@ -53,14 +53,17 @@ from ..errors import (
 from ..messages import Event, Projection, Recorded
 from ._common import (
     AppendVerbs,
+    OWED_COLUMNS,
     check_expected_version,
     checked_events,
+    effects_of,
     metadata_json,
+    owed_from_row,
     projection_key,
     stamp,
 )
 from ._sqlite_projections import ProjectionTable, _quote
-from .protocols import ProjectFn, ProjectionStore
+from .protocols import Outcome, Owed, ProjectFn, ProjectionStore
 
 if TYPE_CHECKING:
     from .sqlite_checkpoints import SQLiteCheckpointStore
@@ -90,11 +93,33 @@ _EVENTS_TABLE = textwrap.dedent("""\
         metadata TEXT NOT NULL DEFAULT '{}',
         UNIQUE (aggregate_id, version)
     )""")
-_IDEMPOTENCY_TABLE = textwrap.dedent("""\
+# as schema 2 made it; schema 4 adds the outcome of a rejected command
+_IDEMPOTENCY_TABLE_2 = textwrap.dedent("""\
     CREATE TABLE incident_idempotency (
         key TEXT PRIMARY KEY,
         first_position INTEGER NOT NULL,
         last_position INTEGER NOT NULL
+    )""")
+# a rejected command stored no events: its row keeps the reason, and positions 0, 0
+_IDEMPOTENCY_TABLE = textwrap.dedent("""\
+    CREATE TABLE incident_idempotency (
+        key TEXT PRIMARY KEY,
+        first_position INTEGER NOT NULL,
+        last_position INTEGER NOT NULL,
+        rejected TEXT,
+        detail TEXT
+    )""")
+_OWED_TABLE = textwrap.dedent("""\
+    CREATE TABLE incident_owed (
+        handler TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        error TEXT,
+        attempts INTEGER NOT NULL,
+        owed_at TEXT NOT NULL,
+        PRIMARY KEY (handler, position)
     )""")
 _EVENT_COLUMNS = (
     "position, event_id, aggregate_id, aggregate, version, event_type, schema_version, "
@@ -150,6 +175,7 @@ def _rebuild_events(conn: sqlite3.Connection) -> str:
 LAYOUT: list[tuple[str, str]] = [
     ("created table events", _EVENTS_TABLE),
     ("created table incident_idempotency", _IDEMPOTENCY_TABLE),
+    ("created table incident_owed", _OWED_TABLE),
 ]
 # A file made by an earlier release takes the steps after its version, in order: a step
 # is (what it does, a statement), or a function of the connection that says what it
@@ -157,8 +183,23 @@ LAYOUT: list[tuple[str, str]] = [
 Step = tuple[str, str] | Callable[[sqlite3.Connection], str]
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (1, "the event log", []),  # the first release's layout: no older file to bring to it
-    (2, "idempotency keys", [("created table incident_idempotency", _IDEMPOTENCY_TABLE)]),
+    (2, "idempotency keys", [("created table incident_idempotency", _IDEMPOTENCY_TABLE_2)]),
     (3, "one index on events", [_rebuild_events]),
+    (
+        4,
+        "remembered rejections and owed follow-ups",
+        [
+            (
+                "added column incident_idempotency.rejected",
+                "ALTER TABLE incident_idempotency ADD COLUMN rejected TEXT",
+            ),
+            (
+                "added column incident_idempotency.detail",
+                "ALTER TABLE incident_idempotency ADD COLUMN detail TEXT",
+            ),
+            ("created table incident_owed", _OWED_TABLE),
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -183,8 +224,16 @@ _PAYLOADS = (
 )
 _LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _BETWEEN = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ?"
-_KEY = "SELECT first_position, last_position FROM incident_idempotency WHERE key = ?"
+_KEY = "SELECT first_position, last_position, rejected, detail FROM incident_idempotency WHERE key = ?"
 _ADD_KEY = "INSERT INTO incident_idempotency (key, first_position, last_position) VALUES (?, ?, ?)"
+_ADD_REJECTION = (
+    "INSERT OR IGNORE INTO incident_idempotency (key, first_position, last_position, rejected,"
+    " detail) VALUES (?, 0, 0, ?, ?)"
+)
+_OWE = f"INSERT OR REPLACE INTO incident_owed ({OWED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_OWED = f"SELECT {OWED_COLUMNS} FROM incident_owed ORDER BY position, handler"
+_OWED_BY = f"SELECT {OWED_COLUMNS} FROM incident_owed WHERE handler = ? ORDER BY position"
+_SETTLE = "DELETE FROM incident_owed WHERE handler = ? AND position = ?"
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -618,16 +667,16 @@ class SQLiteEventStore(AppendVerbs):
         payloads = [(encode(e).decode(), type(e).schema_version) for e in batch]
         metadata_text = metadata_json(metadata)
         together = projection_store is not None and self.shares_database_with(projection_store)
-        projections: list[Projection] = []
+        projections: Sequence[Projection] = ()
         if not self._db.schema_ready:
             self._db.migrate()
         try:
             try:
                 with self._db.transaction() as conn:
                     if idempotency_key is not None:
-                        earlier = self._recorded_for(conn, idempotency_key)
+                        earlier = self._outcome(conn, idempotency_key)
                         if earlier is not None:
-                            raise DuplicateCommand(idempotency_key, earlier)
+                            raise DuplicateCommand(idempotency_key, *earlier)
                     actual, last = conn.execute(_HEAD, (aggregate_id,)).fetchone()
                     check_expected_version(aggregate_id, expected_version, actual)
                     if not batch:
@@ -663,9 +712,11 @@ class SQLiteEventStore(AppendVerbs):
                         keyed = (idempotency_key, recorded[0].position, recorded[-1].position)
                         conn.execute(_ADD_KEY, keyed)
                     if project is not None:
-                        projections = list(project(recorded))
+                        projections, owed = effects_of(project, recorded)
                         if together:
                             self._db.write_projections(conn, projections)
+                        if owed:  # in this file whatever the projection store: with the events
+                            conn.executemany(_OWE, [_owed_row(o) for o in owed])
             except sqlite3.IntegrityError as error:
                 if "events.aggregate_id, events.version" not in str(error):
                     raise
@@ -681,15 +732,50 @@ class SQLiteEventStore(AppendVerbs):
                 projection_store.project(projection)
         return recorded
 
-    def _recorded_for(self, conn: sqlite3.Connection, key: str) -> list[Recorded[Any]] | None:
+    def _outcome(self, conn: sqlite3.Connection, key: str) -> Outcome | None:
         found = conn.execute(_KEY, (key,)).fetchone()
         if found is None:
             return None
-        return self._decode(conn.execute(_BETWEEN, found).fetchall(), None)
+        first, last, rejected, detail = found
+        if rejected is not None:
+            return Outcome([], rejected, detail)
+        return Outcome(self._decode(conn.execute(_BETWEEN, (first, last)).fetchall(), None))
 
-    def recorded_for(self, idempotency_key: str) -> list[Recorded[Any]] | None:
-        found = self._rows(_KEY, (idempotency_key,))
-        return self._decode(self._rows(_BETWEEN, found[0]), None) if found else None
+    def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        found: Outcome | None = self._read(lambda conn: self._outcome(conn, idempotency_key))
+        return found
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(_ADD_REJECTION, (idempotency_key, reason, detail))
+            stored = self._outcome(conn, idempotency_key)
+        assert stored is not None  # inserted, or there already
+        return stored
+
+    def owed(self, handler: str | None = None) -> list[Owed]:
+        rows = self._rows(_OWED, ()) if handler is None else self._rows(_OWED_BY, (handler,))
+        return [owed_from_row(row) for row in rows]
+
+    def owe(self, owed: Owed) -> None:
+        self._write(_OWE, _owed_row(owed))
+
+    def settle(self, handler: str, position: int) -> None:
+        self._write(_SETTLE, (handler, position))
+
+    def _write(self, statement: str, params: tuple[Any, ...]) -> None:
+        if not self._db.schema_ready:
+            self._db.migrate()
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(statement, params)
+
+    def _read(self, read: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self._db
+        if not db.schema_ready:
+            db.migrate()
+        with db.errors(), db.guard:
+            return read(db.conn())
 
     def shares_database_with(self, projection_store: ProjectionStore) -> bool:
         return writes_into(self._db, projection_store)
@@ -883,7 +969,8 @@ class SQLiteEventStore(AppendVerbs):
         created table incident_schema
         created table events
         created table incident_idempotency
-        recorded schema version 3 (the event log)
+        created table incident_owed
+        recorded schema version 4 (the event log)
         >>> store.initialize()
         []
         """
@@ -892,6 +979,19 @@ class SQLiteEventStore(AppendVerbs):
     def close(self) -> None:
         """Close the database (its projection store shares it)."""
         self._db.close()
+
+
+def _owed_row(owed: Owed) -> tuple[Any, ...]:
+    return (
+        owed.handler,
+        owed.position,
+        owed.event_id,
+        owed.aggregate_id,
+        owed.event_type,
+        owed.error,
+        owed.attempts,
+        _date_text(owed.owed_at),
+    )
 
 
 def writes_into(database: _Database, projection_store: ProjectionStore) -> bool:
