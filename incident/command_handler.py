@@ -470,7 +470,11 @@ class CommandHandler:
             self._react_once(step, cause, root, step_key)
 
     def _react_once(
-        self, step: Command | Attempt, cause: Recorded[Any], root: Mapping[str, Any], key: str | None
+        self,
+        step: Command | Attempt,
+        cause: Recorded[Any],
+        root: Mapping[str, Any],
+        key: str | None,
     ) -> None:
         metadata = {**root, "causation_id": cause.event_id}
         metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only

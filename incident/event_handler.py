@@ -101,9 +101,7 @@ def command_key(command: Command) -> str:
     return hashlib.sha256(body).hexdigest()[:20]
 
 
-def keyed_steps(
-    prefix: str | None, reaction: object
-) -> list[tuple[str | None, Command | Attempt]]:
+def keyed_steps(prefix: str | None, reaction: object) -> list[tuple[str | None, Command | Attempt]]:
     """The commands and attempts of a reaction, in order, each with its idempotency key:
     ``prefix/<digest of the command>``, and ``#2``, ``#3``... for a repeat of the same
     command. The key depends on what a command is, never on where it stands among a

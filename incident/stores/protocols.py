@@ -28,7 +28,6 @@ __all__ = [
 P = TypeVar("P", bound=Projection)
 
 
-
 class Owed(msgspec.Struct, frozen=True, kw_only=True):
     """Follow-up work an inline event handler owes for one event (a transactional outbox
     row): written in the transaction that stores the event, removed once every command

@@ -52,8 +52,8 @@ from ..errors import (
 )
 from ..messages import Event, Projection, Recorded
 from ._common import (
-    AppendVerbs,
     OWED_COLUMNS,
+    AppendVerbs,
     check_expected_version,
     checked_events,
     effects_of,
@@ -224,7 +224,9 @@ _PAYLOADS = (
 )
 _LOG = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _BETWEEN = f"SELECT {_ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ?"
-_KEY = "SELECT first_position, last_position, rejected, detail FROM incident_idempotency WHERE key = ?"
+_KEY = (
+    "SELECT first_position, last_position, rejected, detail FROM incident_idempotency WHERE key = ?"
+)
 _ADD_KEY = "INSERT INTO incident_idempotency (key, first_position, last_position) VALUES (?, ?, ?)"
 _ADD_REJECTION = (
     "INSERT OR IGNORE INTO incident_idempotency (key, first_position, last_position, rejected,"

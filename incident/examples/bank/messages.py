@@ -65,10 +65,12 @@ class CompleteTransfer(Command):
 
 class RevertTransfer(Command):
     aggregate_id: Id
+    reason: str | None = None  # why the destination refused the money
 
 
 class CancelTransfer(Command):
     aggregate_id: Id
+    reason: str | None = None  # why the transfer could not go on
 
 
 # -- bank_account events -----------------------------------------------------------
@@ -119,8 +121,8 @@ class TransferCompleted(Event):
 
 
 class TransferReverted(Event):
-    pass
+    reason: str | None = None  # a new field has a default: older events still decode
 
 
 class TransferCancelled(Event):
-    pass
+    reason: str | None = None

@@ -1,4 +1,8 @@
-"""The money-transfer process: moves money between two accounts by issuing commands."""
+"""The money-transfer process: moves money between two accounts by issuing commands.
+
+Each step is an Attempt; a compensation is a function of the rejection, so the transfer
+records the reason the account gave (``account_not_found``, ``no_enough_balance``).
+"""
 
 from typing import Any
 
@@ -31,7 +35,9 @@ def take_from_source(recorded: Recorded[TransferRequested], state: TransferState
             amount=event.amount,
         ),
         on_success=InitiateTransfer(aggregate_id=transfer_id),
-        on_rejected=CancelTransfer(aggregate_id=transfer_id),
+        on_rejected=lambda rejection: CancelTransfer(
+            aggregate_id=transfer_id, reason=rejection.reason
+        ),
     )
 
 
@@ -45,7 +51,9 @@ def give_to_destination(recorded: Recorded[Any], state: TransferState) -> Attemp
             amount=state.amount,
         ),
         on_success=CompleteTransfer(aggregate_id=transfer_id),
-        on_rejected=RevertTransfer(aggregate_id=transfer_id),
+        on_rejected=lambda rejection: RevertTransfer(
+            aggregate_id=transfer_id, reason=rejection.reason
+        ),
     )
 
 
@@ -60,5 +68,5 @@ def give_back_to_source(
             transfer_id=transfer_id,
             amount=state.amount,
         ),
-        CancelTransfer(aggregate_id=transfer_id),
+        CancelTransfer(aggregate_id=transfer_id, reason=state.reason),
     )

@@ -40,6 +40,7 @@ class Transfer(Projection):
     version: int
     event_id: str
     event_date: dt.datetime
+    reason: str | None = None  # why it was cancelled (or reverted), as the account said
 
 
 bank_projections = EventHandler("bank_projections")
@@ -72,4 +73,5 @@ def transfer_row(recorded: Recorded[Any], state: TransferState) -> Transfer:
         version=recorded.version,
         event_id=recorded.event_id,
         event_date=recorded.event_date,
+        reason=state.reason,
     )

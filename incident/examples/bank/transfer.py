@@ -28,6 +28,7 @@ class TransferState(Struct, frozen=True, kw_only=True):
     source_account_number: str | None = None
     destination_account_number: str | None = None
     amount: int = 0
+    reason: str | None = None  # why it was reverted or cancelled
 
 
 transfer = Aggregate("transfer", initial=TransferState())
@@ -67,13 +68,13 @@ def complete(state: TransferState, cmd: CompleteTransfer) -> TransferCompleted:
 @transfer.execute
 def revert(state: TransferState, cmd: RevertTransfer) -> TransferReverted:
     _require(state, {"initiated"}, "transfer_invalid_status")
-    return TransferReverted()
+    return TransferReverted(reason=cmd.reason)
 
 
 @transfer.execute
 def cancel(state: TransferState, cmd: CancelTransfer) -> TransferCancelled:
     _require(state, {"requested", "reverted"}, "transfer_invalid_status")
-    return TransferCancelled()
+    return TransferCancelled(reason=cmd.reason)
 
 
 @transfer.apply
@@ -98,9 +99,9 @@ def completed(state: TransferState, event: TransferCompleted) -> TransferState:
 
 @transfer.apply
 def reverted(state: TransferState, event: TransferReverted) -> TransferState:
-    return replace(state, status="reverted")
+    return replace(state, status="reverted", reason=event.reason)
 
 
 @transfer.apply
 def cancelled(state: TransferState, event: TransferCancelled) -> TransferState:
-    return replace(state, status="cancelled")
+    return replace(state, status="cancelled", reason=event.reason or state.reason)
