@@ -1,4 +1,4 @@
-"""The Bank example (BANK.md), run unchanged on every store backend."""
+"""The Bank example (docs/bank.md), run unchanged on every store backend."""
 
 from __future__ import annotations
 

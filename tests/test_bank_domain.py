@@ -1,4 +1,4 @@
-"""The Bank's aggregates tested with incident.testing: a spec for every BANK.md rule,
+"""The Bank's aggregates tested with incident.testing: a spec for every rule of docs/bank.md,
 stateful machines, and properties. No store: the aggregates are pure."""
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_request_an_existing_transfer_is_rejected(status: str) -> None:
 @pytest.mark.parametrize("status", sorted(STATUSES))
 @pytest.mark.parametrize("move", sorted(MOVES))
 def test_transfer_status_moves(move: str, status: str) -> None:
-    """Every move from every status: allowed, not found, or the BANK.md reason."""
+    """Every move from every status: allowed, not found, or the reason docs/bank.md gives."""
     command, event, allowed, reason = MOVES[move]
     outcome = STATUSES[status].when(command)
     if status in allowed:

@@ -66,7 +66,7 @@ PROPERTIES = settings(max_examples=80, deadline=None, suppress_health_check=[Hea
 
 @dataclass
 class Model:
-    """What BANK.md says should happen, written independently of the library."""
+    """What docs/bank.md says should happen, written independently of the library."""
 
     balances: dict[str, int] = field(default_factory=dict)  # opened accounts only
     transfers: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> status, version

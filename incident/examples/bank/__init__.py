@@ -1,4 +1,4 @@
-"""The Bank example (BANK.md): accounts, transfers, read models and the transfer process.
+"""The Bank example (docs/bank.md): accounts, transfers, read models and the transfer process.
 
 >>> bank = build()
 >>> _ = bank.dispatch(OpenAccount(aggregate_id="ACC1"))

@@ -1,4 +1,4 @@
-"""The Bank's commands and events (BANK.md)."""
+"""The Bank's commands and events (docs/bank.md)."""
 
 from typing import Annotated
 

@@ -64,7 +64,7 @@ def complete(state: TransferState, cmd: CompleteTransfer) -> TransferCompleted:
     return TransferCompleted()
 
 
-# The original library spells this reason two ways; BANK.md keeps both.
+# The original library spells this reason two ways; incident keeps both (docs/bank.md).
 @transfer.execute
 def revert(state: TransferState, cmd: RevertTransfer) -> TransferReverted:
     _require(state, {"initiated"}, "transfer_invalid_status")
