@@ -317,8 +317,8 @@ def test_replay_does_not_dispatch_commands_again(store_url: str) -> None:
 
 def test_a_process_handling_events_again_sends_nothing_twice(store_url: str) -> None:
     """After a crash a subscription handles events again; the commands it dispatches are
-    keyed by event, so a transfer does not move money twice. (A command rejected the
-    first time is decided again: only what was stored can be given back.)"""
+    keyed by event, listener and content, so a transfer does not move money twice, and a
+    command rejected the first time is rejected again (docs/processes.md)."""
     app = bank.build(store_url, subscriptions=True)
     opening = [OpenAccount(aggregate_id="A"), OpenAccount(aggregate_id="B")]
     for command in [*opening, DepositMoney(aggregate_id="A", amount=100)]:
