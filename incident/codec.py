@@ -9,7 +9,7 @@ from typing import Any, TypeVar, Union
 import msgspec
 
 from . import messages
-from .errors import CorruptEvent, IncidentError, InvalidCommand, UnknownEventType
+from .errors import CorruptEvent, IncidentError, InvalidCommand, RegistrationError, UnknownEventType
 from .messages import Command, Event, event_type_name
 
 __all__ = [
@@ -49,9 +49,23 @@ class EventTypes:
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
-        """Register event classes under their stored names; a later registration wins."""
+        """Register event classes under their stored names. A name belongs to one class:
+        another class stored under it is refused (RegistrationError naming both), unless
+        it is the same class defined again (same module and qualified name: a notebook
+        cell run twice), which takes over."""
         for event_type in types:
             name = event_type_name(event_type)
+            known = self._types.get(name)
+            if (
+                known is not None
+                and known is not event_type
+                and _place(known) != _place(event_type)
+            ):
+                raise RegistrationError(
+                    f"{_place(event_type)} and {_place(known)} would both be stored as "
+                    f"{name!r}, and one store cannot tell them apart; give one a name of its "
+                    f"own: class {event_type.__name__}(incident.Event, tag=...)"
+                )
             self._types[name] = event_type
             self._batch = None
 
@@ -177,6 +191,10 @@ class EventTypes:
                 ) from error
         event: Event = msgspec.convert(payload, event_type)
         return event
+
+
+def _place(cls: type[Any]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _subclasses(cls: type[Event]) -> Iterable[type[Event]]:

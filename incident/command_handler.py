@@ -23,6 +23,7 @@ from .errors import (
     ConcurrencyError,
     DuplicateCommand,
     FollowUpFailed,
+    ForeignStream,
     IncidentError,
     InvalidCommand,
     RegistrationError,
@@ -31,7 +32,7 @@ from .errors import (
     StoreError,
 )
 from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
-from .messages import Command, Projection, Recorded
+from .messages import Command, Projection, Recorded, event_type_name
 from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
 from .state_cache import StateCache
 from .stores import (
@@ -118,6 +119,7 @@ class CommandHandler:
         self.snapshot_every = snapshot_every
         self._codes = {aggregate.name: code_key(aggregate) for aggregate in aggregates}
         self._routes = _routes(self.aggregates)
+        _refuse_shared_names(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
         for aggregate in self.aggregates:
             self.event_store.types.register(*aggregate.event_types)
@@ -179,12 +181,23 @@ class CommandHandler:
             or (aggregate.initial, 0)
         )
         # the events alone (no envelopes), streamed; versions have no gaps
-        with closing_iterator(self.event_store.events(aggregate_id, after=version)) as newer:
-            state, count = aggregate.fold_count(newer, state)
+        try:
+            with closing_iterator(self.event_store.events(aggregate_id, after=version)) as newer:
+                state, count = aggregate.fold_count(newer, state)
+        except RoutingError:
+            self._refuse_foreign_stream(aggregate, aggregate_id)
+            raise
         if count:
             version += count
             self.cache.put(key, state, version)
         return state, version
+
+    def _refuse_foreign_stream(self, aggregate: Aggregate[Any], aggregate_id: str) -> None:
+        """A fold that met an event this aggregate does not apply: when the stream is
+        another aggregate's, say so (the usual cause) instead of naming the event."""
+        first = next(iter(self.event_store.get(aggregate_id)), None)
+        if first is not None and first.aggregate and first.aggregate != aggregate.name:
+            raise ForeignStream(aggregate_id, aggregate.name, first.aggregate)
 
     # -- writing -----------------------------------------------------------
 
@@ -545,6 +558,24 @@ def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None
     if key is not None and not isinstance(key, str):
         raise InvalidCommand(type(command).__name__, IDEMPOTENCY_KEY, "must be a str")
     return key or None
+
+
+def _refuse_shared_names(aggregates: Iterable[Aggregate[Any]]) -> None:
+    """Stored event type names are one name space per store: two aggregates may share an
+    Event class, but not store two different classes under one name."""
+    seen: dict[str, tuple[Aggregate[Any], type[Any]]] = {}
+    for aggregate in aggregates:
+        for event_type in aggregate.event_types:
+            name = event_type_name(event_type)
+            other = seen.setdefault(name, (aggregate, event_type))
+            if other[1] is not event_type:
+                first, second = (f"{t.__module__}.{t.__qualname__}" for t in (other[1], event_type))
+                raise RegistrationError(
+                    f"{other[0].name} and {aggregate.name} both store an event as {name!r} "
+                    f"({first} and {second}); a store could not tell them apart: give one a "
+                    f"name of its own, e.g. class {event_type.__name__}(incident.Event, "
+                    f'tag="{aggregate.name.title().replace("_", "")}{event_type.__name__}")'
+                )
 
 
 def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:

@@ -15,6 +15,7 @@ __all__ = [
     "CorruptEvent",
     "DuplicateCommand",
     "FollowUpFailed",
+    "ForeignStream",
     "IncidentError",
     "InvalidCommand",
     "RegistrationError",
@@ -182,3 +183,20 @@ class RegistrationError(IncidentError, TypeError):
 
 class RoutingError(IncidentError, LookupError):
     """No aggregate handles this command, or no function handles this event."""
+
+
+class ForeignStream(RoutingError):
+    """A command or a read named an aggregate id whose stream belongs to another aggregate.
+    Aggregate ids are one id space per event store, whatever the aggregate; nothing was
+    written."""
+
+    def __init__(self, aggregate_id: str, aggregate: str, owner: str) -> None:
+        self.aggregate_id, self.aggregate, self.owner = aggregate_id, aggregate, owner
+        super().__init__(
+            f"Stream {aggregate_id!r} belongs to aggregate {owner!r}, not {aggregate!r}: "
+            "aggregate ids are one id space per event store, whatever the aggregate; give "
+            f"{aggregate} ids of their own (say {aggregate}-{aggregate_id})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.aggregate_id, self.aggregate, self.owner))

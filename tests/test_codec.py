@@ -253,8 +253,25 @@ def test_registered_types_win_over_defined_ones() -> None:
     assert types.resolve("Contested") is Contested
     assert type(types.decode("Contested", b'{"type": "Contested", "n": 1}')) is Contested
     assert incident.EventTypes().resolve("Contested") is Shadow  # unregistered: latest wins
-    types.register(Shadow)
-    assert type(types.decode("Contested", b'{"n": 1}')) is Shadow  # re-registering counts
+    with pytest.raises(incident.RegistrationError, match=r"Shadow and test_codec\.Contested"):
+        types.register(Shadow)  # another class under a registered name: refused at once
+    assert types.resolve("Contested") is Contested
+
+
+def test_a_class_defined_again_takes_over_its_name() -> None:
+    """The same module and qualified name defined again (a notebook cell run twice)
+    replaces the registered class rather than clashing with it."""
+
+    def define() -> type[incident.Event]:
+        class Rerun(incident.Event):
+            n: int
+
+        return Rerun
+
+    first, second = define(), define()
+    types = incident.EventTypes([first])
+    types.register(second)
+    assert types.resolve("Rerun") is second
 
 
 def test_the_latest_defined_class_is_the_fallback() -> None:

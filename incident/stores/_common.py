@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -21,6 +22,7 @@ from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
 
 __all__ = [
     "AppendVerbs",
+    "ChainedBatches",
     "check_expected_version",
     "closing_iterator",
     "checked_events",
@@ -256,6 +258,26 @@ def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, ca
 
 
 T = TypeVar("T")
+
+
+class ChainedBatches(itertools.chain):  # type: ignore[type-arg]
+    """The items of batches read by a generator, stepped through at C speed (a chain),
+    with a ``close()`` that closes the generator at once: a reader that stops early, or
+    a fold that raises, releases its cursor (and SQLite read lock) there and then, not
+    whenever the generator is collected, perhaps after the database was closed.
+    Made with :meth:`of`."""
+
+    batches: Generator[Any, None, None]
+
+    @classmethod
+    def of(cls, batches: Generator[Any, None, None]) -> ChainedBatches:
+        # from_iterable, called on a subclass, makes an instance of it
+        chained = cast(ChainedBatches, cls.from_iterable(batches))
+        chained.batches = batches
+        return chained
+
+    def close(self) -> None:
+        self.batches.close()
 
 
 @contextmanager

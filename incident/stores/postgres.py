@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import logging
 import re
 import select
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +45,7 @@ from ..messages import ANY, Event, Projection, Recorded
 from ._common import (
     OWED_COLUMNS,
     AppendVerbs,
+    ChainedBatches,
     check_expected_version,
     checked_events,
     effects_of,
@@ -1107,9 +1107,9 @@ class PostgresEventStore(AppendVerbs):
         aside for (a type not registered, a damaged payload, a schema version other than
         the first, which the query hands back as NULL) is read again with the type
         names and decoded row by row, upcasting where needed."""
-        return itertools.chain.from_iterable(self._event_pages(aggregate_id, after))
+        return ChainedBatches.of(self._event_pages(aggregate_id, after))
 
-    def _event_pages(self, aggregate_id: str, after: int) -> Iterator[list[Event]]:
+    def _event_pages(self, aggregate_id: str, after: int) -> Generator[list[Event], None, None]:
         doing = f"reading stream {aggregate_id!r}"
         while True:
             page = self._fetch(doing, self._data, aggregate_id, after, EVENTS_PAGE)

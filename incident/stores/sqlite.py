@@ -26,7 +26,6 @@ crash of the process) may lose the last transactions that had returned. See
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
 import os
 import sqlite3
@@ -34,7 +33,7 @@ import textwrap
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -54,6 +53,7 @@ from ..messages import Event, Projection, Recorded
 from ._common import (
     OWED_COLUMNS,
     AppendVerbs,
+    ChainedBatches,
     check_expected_version,
     checked_events,
     effects_of,
@@ -878,9 +878,9 @@ class SQLiteEventStore(AppendVerbs):
         naming the position of whatever is wrong.
         """
         # chained lists: the caller's loop steps through each batch at C speed
-        return itertools.chain.from_iterable(self._event_batches(aggregate_id, after))
+        return ChainedBatches.of(self._event_batches(aggregate_id, after))
 
-    def _event_batches(self, aggregate_id: str, after: int) -> Iterator[list[Event]]:
+    def _event_batches(self, aggregate_id: str, after: int) -> Generator[list[Event], None, None]:
         db = self._db
         if not db.schema_ready:
             db.migrate()
