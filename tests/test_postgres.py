@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from test_tables import projection_class
 
 import incident
 from incident.examples import bank
@@ -442,6 +443,81 @@ def test_a_projection_cannot_take_the_events_table(store: PostgresEventStore) ->
     with pytest.raises(incident.IncidentError, match="rename"):
         store.projections().project(Events(aggregate_id="x"))
     assert list(store.read_all()) == []
+
+
+def tables_of(admin: Admin, schema: str) -> set[str]:
+    rows = admin.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", [schema]
+    ).fetchall()
+    return {name for (name,) in rows}
+
+
+def test_table_name_names_the_postgres_table(postgres_url: str, postgres_admin: Admin) -> None:
+    """A projection class's table_name is its table; nothing is made under its class name."""
+    ledger = projection_class("Ledger", "shop.read_models", table_name="shop_ledgers")
+    projections = incident.open_projection_store(postgres_url)
+    projections.project(ledger(aggregate_id="a", total=1))
+    schema = schema_of(postgres_url)
+    assert postgres_admin.execute(
+        f'SELECT aggregate_id, total FROM "{schema}".shop_ledgers'
+    ).fetchall() == [("a", 1)]
+    assert "ledger" not in tables_of(postgres_admin, schema)
+    projections.close()
+
+
+def test_a_table_under_the_class_name_is_renamed_to_the_table_name(
+    postgres_url: str, postgres_admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Releases that ignored table_name stored a type under the snake_case of its class
+    name: on first use that table is renamed to the table_name, rows kept, with a warning
+    saying so; the next store finds it in place and says nothing."""
+    schema = schema_of(postgres_url)
+    postgres_admin.execute(f'CREATE SCHEMA "{schema}"')
+    postgres_admin.execute(
+        f'CREATE TABLE "{schema}".ledger (aggregate_id text PRIMARY KEY, total bigint)'
+    )
+    postgres_admin.execute(f"INSERT INTO \"{schema}\".ledger VALUES ('a', 1)")
+    ledger = projection_class("Ledger", "shop.read_models", table_name="shop_ledgers")
+    caplog.set_level("WARNING", logger="incident.stores.postgres")
+    projections = incident.open_projection_store(postgres_url)
+    assert projections.all(ledger) == [ledger(aggregate_id="a", total=1)]
+    renamed = [r for r in caplog.records if r.name == "incident.stores.postgres"]
+    assert [r.getMessage() for r in renamed] == [
+        f"incident: renamed table {schema}.ledger to {schema}.shop_ledgers, the table_name"
+        " shop.read_models.Ledger declares"
+    ]
+    assert {"shop_ledgers", "ledger"} & tables_of(postgres_admin, schema) == {"shop_ledgers"}
+    projections.close()
+    caplog.clear()
+    again = incident.open_projection_store(postgres_url)
+    again.project(ledger(aggregate_id="b", total=2))
+    assert [r.aggregate_id for r in again.all(ledger)] == ["a", "b"]
+    assert not [r for r in caplog.records if r.name == "incident.stores.postgres"]
+    again.close()
+
+
+def test_a_table_under_the_class_name_stays_with_the_class_that_owns_it(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """The old table is not taken when the table_name's table exists already, nor when
+    a class used with the store owns the old name now."""
+    schema = schema_of(postgres_url)
+    plain = projection_class("Ledger", "billing.read_models")
+    named = projection_class("Ledger", "shop.read_models", table_name="shop_ledgers")
+    projections = incident.open_projection_store(postgres_url)
+    projections.project(plain(aggregate_id="a", total=1))
+    assert projections.all(named) == []
+    assert projections.all(plain) == [plain(aggregate_id="a", total=1)]
+    projections.close()
+
+    renamed = projection_class("Ledger", "billing.read_models", table_name="billing_ledgers")
+    postgres_admin.execute(
+        f'CREATE TABLE "{schema}".billing_ledgers (aggregate_id text PRIMARY KEY, total bigint)'
+    )
+    again = incident.open_projection_store(postgres_url)
+    assert again.all(renamed) == []
+    assert {"ledger", "shop_ledgers", "billing_ledgers"} <= tables_of(postgres_admin, schema)
+    again.close()
 
 
 @pytest.mark.parametrize("path", ["locked", "predicted"])

@@ -414,7 +414,7 @@ def test_two_projection_types_cannot_share_a_table(url: str) -> None:
     class Events(incident.Projection):
         aggregate_id: str
 
-    with pytest.raises(incident.IncidentError, match="the event store owns"):
+    with pytest.raises(incident.IncidentError, match="incident keeps for itself"):
         projections.project(Events(aggregate_id="x"))
 
     class Renamed(incident.Projection):

@@ -6,92 +6,53 @@ anything nested (lists, dicts, structs, mixed unions) is stored as JSON text. So
 models can be queried with plain SQL, sqlite-utils or Datasette, and come back exactly
 as they were written (an aware UTC datetime returns aware UTC).
 
-The table is named after the class in snake_case (``BankAccount`` -> ``bank_account``)
-unless the class declares ``table_name: ClassVar[str]``. It is keyed by the
-``aggregate_id`` column; when the type has an integer ``version`` field the upsert only
-replaces a row whose stored version is not higher, in SQL, so racing writers (threads or
-processes) can never move a read model backwards.
+The table's name, columns, key and version guard come from the spec every backend shares
+(:mod:`incident.stores.tables`); this module maps its column kinds to SQLite types. When
+the type has an integer ``version`` field the upsert only replaces a row whose stored
+version is not higher, in SQL, so racing writers (threads or processes) can never move a
+read model backwards.
 """
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
-import msgspec.inspect as mi
 import sqlite_utils
 
 from ..codec import encode
 from ..errors import IncidentError
 from ..messages import Projection
 from ._common import projection_key
+from .tables import Kind, TableSpec
 
-__all__ = ["ProjectionTable", "table_name"]
+__all__ = ["ProjectionTable"]
 
 P = TypeVar("P", bound=Projection)
 
-# tables the event store owns; a projection may not take their names
-RESERVED_TABLES = frozenset({"events", "incident_schema"})
-
-_SCALARS: tuple[tuple[type[mi.Type], str], ...] = (
-    (mi.BoolType, "INTEGER"),
-    (mi.IntType, "INTEGER"),
-    (mi.FloatType, "REAL"),
-    (mi.StrType, "TEXT"),
-    (mi.BytesType, "BLOB"),
-    (mi.ByteArrayType, "BLOB"),
-    # msgspec writes these as strings (ISO 8601, canonical UUID, exact decimal text)
-    (mi.DateTimeType, "TEXT"),
-    (mi.DateType, "TEXT"),
-    (mi.TimeType, "TEXT"),
-    (mi.TimeDeltaType, "TEXT"),
-    (mi.UUIDType, "TEXT"),
-    (mi.DecimalType, "TEXT"),
-)
-# values that are already what sqlite3 stores, passed through untouched (the fast path)
-_NATIVE = (mi.BoolType, mi.IntType, mi.FloatType, mi.StrType, mi.BytesType)
-
-
-def table_name(projection_type: type[Projection]) -> str:
-    """The table a Projection type is stored in.
-
-    >>> class BankAccount(Projection):
-    ...     aggregate_id: str
-    >>> class HTTPStatusView(Projection):
-    ...     aggregate_id: str
-    >>> table_name(BankAccount), table_name(HTTPStatusView)
-    ('bank_account', 'http_status_view')
-    """
-    explicit = getattr(projection_type, "table_name", None)
-    if isinstance(explicit, str) and explicit:
-        return explicit
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", projection_type.__name__)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
-
-
-def _column(field_type: mi.Type) -> tuple[str, str]:
-    """(SQL type, how values are written: "native", "builtin" or "json")."""
-    if isinstance(field_type, mi.Metadata):
-        return _column(field_type.type)
-    if isinstance(field_type, mi.UnionType):
-        present = [t for t in field_type.types if not isinstance(t, mi.NoneType)]
-        return _column(present[0]) if len(present) == 1 else ("TEXT", "json")
-    for kind, sql_type in _SCALARS:
-        if isinstance(field_type, kind):
-            return sql_type, "native" if isinstance(field_type, _NATIVE) else "builtin"
-    values: Sequence[Any] = ()
-    if isinstance(field_type, mi.LiteralType):
-        values = field_type.values
-    elif isinstance(field_type, mi.EnumType):
-        values = [member.value for member in field_type.cls]
-    if values and all(isinstance(v, str) for v in values):
-        return "TEXT", "builtin"
-    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return "INTEGER", "builtin"
-    return "TEXT", "json"
+# the SQL type of each column kind, and how its values are written: "native" (what
+# sqlite3 stores already, passed through: the fast path), "builtin" (the text or integer
+# msgspec gives them: ISO 8601, canonical UUID, exact decimal text) or "json"
+_COLUMNS: dict[Kind, tuple[str, str]] = {
+    Kind.BOOL: ("INTEGER", "native"),
+    Kind.INT: ("INTEGER", "native"),
+    Kind.FLOAT: ("REAL", "native"),
+    Kind.STR: ("TEXT", "native"),
+    Kind.BYTES: ("BLOB", "native"),
+    Kind.DATETIME: ("TEXT", "builtin"),
+    Kind.NAIVE_DATETIME: ("TEXT", "builtin"),
+    Kind.DATE: ("TEXT", "builtin"),
+    Kind.TIME: ("TEXT", "builtin"),
+    Kind.TIMEDELTA: ("TEXT", "builtin"),
+    Kind.UUID: ("TEXT", "builtin"),
+    Kind.DECIMAL: ("TEXT", "builtin"),
+    Kind.STR_LITERAL: ("TEXT", "builtin"),
+    Kind.STR_ENUM: ("TEXT", "builtin"),
+    Kind.INT_CHOICE: ("INTEGER", "builtin"),
+    Kind.JSON: ("TEXT", "json"),
+}
 
 
 def _to_builtin(value: Any) -> Any:
@@ -113,44 +74,30 @@ _json_decoder = msgspec.json.Decoder()
 class ProjectionTable:
     """The table of one Projection type: its DDL, its upsert and its row codec."""
 
-    def __init__(self, projection_type: type[Projection]) -> None:
-        info = mi.type_info(projection_type)
-        assert isinstance(info, mi.StructType)
-        self.type = projection_type
-        self.name = table_name(projection_type)
-        if self.name in RESERVED_TABLES or self.name.startswith("sqlite_"):
-            raise IncidentError(
-                f"{projection_type.__qualname__} would be stored in table {self.name!r}, which "
-                "the event store owns; rename the class or declare table_name: ClassVar[str]"
-            )
-        by_attribute = {field.name: field for field in info.fields}
-        key_field = by_attribute.get("aggregate_id")
-        if key_field is None or _column(key_field.type)[0] != "TEXT":
-            raise IncidentError(
-                f"{projection_type.__qualname__} needs an aggregate_id: str field to be stored"
-            )
-        self.key = key_field.encode_name
+    def __init__(self, spec: TableSpec) -> None:
+        self.spec = spec
+        self.type = spec.type
+        self.name = spec.name
+        self.key = spec.key
         self.columns: dict[str, str] = {}
         # the columns whose values need converting, by position (the rest go as they are)
         self._converted: list[tuple[int, Callable[[Any], Any]]] = []
         self._json_columns: set[str] = set()
-        for index, field in enumerate(info.fields):
-            sql_type, how = _column(field.type)
-            self.columns[field.encode_name] = sql_type
+        self._not_null = {column.name for column in spec.columns if not column.nullable}
+        for index, column in enumerate(spec.columns):
+            sql_type, how = _COLUMNS[column.kind]
+            self.columns[column.name] = sql_type
             write = _WRITERS[how]
             if write is not None:
                 self._converted.append((index, write))
             if how == "json":
-                self._json_columns.add(field.encode_name)
-        version = by_attribute.get("version")
-        versioned = version is not None and _column(version.type) == ("INTEGER", "native")
+                self._json_columns.add(column.name)
         q = _quote
         names = ", ".join(q(c) for c in self.columns)
         updates = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in self.columns if c != self.key)
         conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-        if versioned and updates:
-            assert version is not None
-            v = q(version.encode_name)
+        if spec.version is not None and updates:
+            v = q(spec.version)
             # never move a read model backwards; a NULL version on either side does not guard
             conflict += (
                 f" WHERE excluded.{v} IS NULL OR {q(self.name)}.{v} IS NULL"
@@ -190,7 +137,18 @@ class ProjectionTable:
             for column in self._json_columns:
                 if values[column] is not None:
                     values[column] = _json_decoder.decode(values[column])
-            return msgspec.convert(values, self.type, strict=False)
+            try:
+                return msgspec.convert(values, self.type, strict=False)
+            except msgspec.ValidationError:
+                # A column added after its rows were written holds NULL; where the field
+                # cannot be None, NULL means "missing" and the field's default applies
+                # (as in Postgres).
+                fixed = {
+                    k: v for k, v in values.items() if v is not None or k not in self._not_null
+                }
+                if len(fixed) == len(values):
+                    raise
+                return msgspec.convert(fixed, self.type, strict=False)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise IncidentError(
                 f"Row {values.get(self.key)!r} of table {self.name!r} does not decode as "

@@ -24,6 +24,7 @@ from ._common import (
     stamp,
 )
 from .protocols import Outcome, Owed, Parked, ProjectFn, ProjectionStore
+from .tables import TableOwners, TableSpec
 
 __all__ = [
     "MemoryCheckpointStore",
@@ -37,52 +38,85 @@ P = TypeVar("P", bound=Projection)
 
 
 class MemoryProjectionStore:
-    """Projections in a dict per type, guarded by one lock."""
+    """Projections in a dict per table, guarded by one lock. Tables are named and owned
+    as in the durable stores (:mod:`incident.stores.tables`), so what they refuse, memory
+    refuses too."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._tables: dict[type[Projection], dict[str, Projection]] = {}
+        self._owners = TableOwners()
+        self._tables: dict[str, dict[str, Projection]] = {}
 
     def __repr__(self) -> str:
         return "MemoryProjectionStore()"
 
-    def _check(self, projection: Projection) -> str:
+    def _spec(self, projection_type: type[Projection]) -> TableSpec:
+        spec, _ = self._owners.claim(projection_type)
+        return spec
+
+    def _check(self, projection: Projection) -> tuple[TableSpec, str]:
         key = projection_key(projection)
+        spec = self._spec(type(projection))
         encode(projection)  # what a durable store could not write, memory refuses too
-        return key
+        return spec, key
+
+    @staticmethod
+    def _read(spec: TableSpec, stored: Projection) -> Any:
+        """A private copy of a stored row as the spec's type: a class redefined under
+        the same name reads the rows its predecessor wrote, as from a durable table."""
+        if type(stored) is spec.type:
+            return msgspec.structs.replace(stored)
+        try:
+            return msgspec.convert(msgspec.to_builtins(stored), spec.type, strict=False)
+        except msgspec.ValidationError as error:
+            raise IncidentError(
+                f"Row {projection_key(stored)!r} of table {spec.name!r} does not decode as "
+                f"{spec.owner}: {error}"
+            ) from error
+
+    def _project(self, spec: TableSpec, key: str, projection: P) -> P:
+        table = self._tables.setdefault(spec.name, {})
+        stored = table.get(key)
+        if spec.version is None or newer_or_equal(projection, stored):
+            table[key] = msgspec.structs.replace(projection)  # a private copy
+            return projection
+        assert stored is not None
+        winner: P = self._read(spec, stored)
+        return winner
 
     def project(self, projection: P) -> P:
-        key = self._check(projection)
+        spec, key = self._check(projection)
         with self._lock:
-            table = self._tables.setdefault(type(projection), {})
-            stored = table.get(key)
-            if newer_or_equal(projection, stored):
-                table[key] = msgspec.structs.replace(projection)  # a private copy
-                return projection
-            assert isinstance(stored, type(projection))
-            return msgspec.structs.replace(stored)
+            return self._project(spec, key, projection)
 
     def project_many(self, projections: Iterable[Projection]) -> None:
-        checked = [(self._check(p), p) for p in projections]
+        checked = [(*self._check(p), p) for p in projections]
         with self._lock:
-            for _, projection in checked:
-                self.project(projection)
+            for spec, key, projection in checked:
+                self._project(spec, key, projection)
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
-        table = {self._check(p): msgspec.structs.replace(p) for p in projections}
+        spec = self._spec(projection_type)
+        table: dict[str, Projection] = {}
+        for projection in projections:
+            _, key = self._check(projection)
+            table[key] = msgspec.structs.replace(projection)
         with self._lock:
-            self._tables[projection_type] = dict(table)
+            self._tables[spec.name] = table
         return len(table)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        spec = self._spec(projection_type)
         with self._lock:
-            stored = self._tables.get(projection_type, {}).get(key)
-        return None if stored is None else msgspec.structs.replace(stored)  # type: ignore[return-value]
+            stored = self._tables.get(spec.name, {}).get(key)
+        found: P | None = None if stored is None else self._read(spec, stored)
+        return found
 
     def all(self, projection_type: type[P]) -> list[P]:
+        spec = self._spec(projection_type)
         with self._lock:
-            rows = list(self._tables.get(projection_type, {}).values())
-        return [msgspec.structs.replace(row) for row in rows]  # type: ignore[misc]
+            rows = list(self._tables.get(spec.name, {}).values())
+        return [self._read(spec, row) for row in rows]
 
     def close(self) -> None:
         pass

@@ -10,8 +10,9 @@ for roles that may not run DDL, and run ``incident init URL`` with one that may)
 round trip when ``read_all`` streams the log).
 
 Tables, in the store's schema: ``incident_migrations`` (what ran), ``events`` (payloads
-and metadata as ``json``, stored as written), ``idempotency_keys``, and one table per
-Projection type named after the class in snake_case; and the function ``begin_append``
+and metadata as ``json``, stored as written), ``idempotency_keys``, ``incident_owed``, and
+one table per Projection type (its ``table_name``, else the snake_case of the class name:
+see :mod:`incident.stores.tables`); and the function ``begin_append``
 (a one-round-trip append). Stores are thread-safe, and a store opened before ``fork()``
 opens a pool of its own in the child.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import re
 import select
 import threading
 import uuid
@@ -55,6 +55,7 @@ from ._common import (
     stamp,
 )
 from .protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from .tables import Kind, TableOwners, TableSpec, legacy_name, qualified
 
 if TYPE_CHECKING:
     from .postgres_checkpoints import PostgresCheckpointStore
@@ -194,9 +195,6 @@ _EVENT_COLUMNS = (
 )
 
 
-_RESERVED = {"events", "incident_migrations", "idempotency_keys", "incident_owed"}
-
-
 def _lock_key(schema: str, purpose: str) -> int:
     """A stable 64-bit advisory lock key per schema, so applications in other schemas of
     the same database never wait on each other."""
@@ -224,7 +222,8 @@ class _Database:
         self.append_turns = threading.Lock()  # this process's appends, while predicting
         self._initialized = False
         self._closed = False
-        self.tables: dict[type[Projection], _Table] = {}
+        self.tables: dict[type[Projection], _Table] = {}  # those known to exist
+        self.owners = TableOwners()
         self._pool_options = {"max_size": pool_size, "timeout": timeout}
         self._pool: ConnectionPool[Connection] | None = self._open_pool()
         self._inherited: list[ConnectionPool[Connection]] = []
@@ -439,84 +438,42 @@ def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
 # -- projections -------------------------------------------------------------------------
 
 
-def _snake(name: str) -> str:
-    """
-    >>> _snake("BankAccount"), _snake("HTTPLog")
-    ('bank_account', 'http_log')
-    """
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
-
-
-def _column_type(field_type: msgspec.inspect.Type) -> str:
-    """The Postgres type of a projection field; jsonb for anything nested or mixed.
-
-    >>> from typing import Optional
-    >>> _column_type(msgspec.inspect.type_info(Optional[int]))
-    'bigint'
-    >>> _column_type(msgspec.inspect.type_info(list[str]))
-    'jsonb'
-    """
-    inspect = msgspec.inspect
-    if isinstance(field_type, inspect.Metadata):
-        return _column_type(field_type.type)
-    if isinstance(field_type, inspect.UnionType):
-        others = [t for t in field_type.types if not isinstance(t, inspect.NoneType)]
-        return _column_type(others[0]) if len(others) == 1 else "jsonb"
-    if isinstance(field_type, inspect.DateTimeType):
-        return "timestamp" if field_type.tz is False else "timestamptz"
-    if isinstance(field_type, inspect.LiteralType) and all(
-        isinstance(value, str) for value in field_type.values
-    ):
-        return "text"
-    simple = {
-        inspect.StrType: "text",
-        inspect.IntType: "bigint",
-        inspect.FloatType: "double precision",
-        inspect.BoolType: "boolean",
-        inspect.DateType: "date",
-        inspect.UUIDType: "uuid",
-    }
-    return simple.get(type(field_type), "jsonb")
-
-
-def _accepts_none(field_type: msgspec.inspect.Type) -> bool:
-    inspect = msgspec.inspect
-    if isinstance(field_type, inspect.Metadata):
-        return _accepts_none(field_type.type)
-    if isinstance(field_type, inspect.UnionType):
-        return any(_accepts_none(t) for t in field_type.types)
-    return isinstance(field_type, inspect.NoneType | inspect.AnyType)
+# the Postgres type of each column kind; jsonb for the rest (nested values and mixed unions)
+_COLUMN_TYPES: dict[Kind, str] = {
+    Kind.STR: "text",
+    Kind.STR_LITERAL: "text",
+    Kind.INT: "bigint",
+    Kind.FLOAT: "double precision",
+    Kind.BOOL: "boolean",
+    Kind.DATE: "date",
+    Kind.UUID: "uuid",
+    Kind.DATETIME: "timestamptz",
+    Kind.NAIVE_DATETIME: "timestamp",
+}
 
 
 class _Table:
-    """How one Projection type maps to its table: typed columns named like the struct's
-    encoded fields. Rows travel as JSON both ways (jsonb_populate_record in, to_jsonb out),
-    so msgspec alone converts values, exactly as it does for events."""
+    """How one Projection type's table (see :mod:`incident.stores.tables`) is kept in
+    Postgres: typed columns named like the struct's encoded fields. Rows travel as JSON
+    both ways (jsonb_populate_record in, to_jsonb out), so msgspec alone converts values,
+    exactly as it does for events."""
 
-    def __init__(self, db: _Database, projection_type: type[Projection]) -> None:
-        info = msgspec.inspect.type_info(projection_type)
-        assert isinstance(info, msgspec.inspect.StructType)
-        self.columns = {field.encode_name: _column_type(field.type) for field in info.fields}
-        self.not_null = {f.encode_name for f in info.fields if not _accepts_none(f.type)}
-        if self.columns.get("aggregate_id") != "text":
-            raise IncidentError(
-                f"{projection_type.__name__} needs a str aggregate_id field to be stored"
-            )
-        self.name = _snake(projection_type.__name__)
-        if self.name in _RESERVED:
-            raise IncidentError(
-                f"{projection_type.__name__} would be stored in table {self.name!r}, which "
-                "incident uses itself; rename the projection class"
-            )
+    def __init__(self, db: _Database, spec: TableSpec) -> None:
+        self.spec = spec
+        self.schema = db.schema
+        self.owners = db.owners
+        self.name = spec.name
+        self.key = sql.Identifier(spec.key)
+        self.columns = {c.name: _COLUMN_TYPES.get(c.kind, "jsonb") for c in spec.columns}
+        self.not_null = {c.name for c in spec.columns if not c.nullable}
         self.table = db.table(self.name)
         self.ddl_lock = _lock_key(db.schema, f"table {self.name}")  # racing creators queue
-        self.decoder = msgspec.json.Decoder(projection_type)
+        self.decoder = msgspec.json.Decoder(spec.type)
         self.create = sql.SQL("CREATE TABLE {} ({})").format(
             self.table,
             sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(kind))
-                + sql.SQL(" PRIMARY KEY" if column == "aggregate_id" else "")
+                + sql.SQL(" PRIMARY KEY" if column == spec.key else "")
                 for column, kind in self.columns.items()
             ),
         )
@@ -526,28 +483,30 @@ class _Table:
         # A row of a higher version is never replaced: racing writers cannot move it back.
         guard = (
             sql.SQL(
-                " WHERE stored.version IS NULL OR EXCLUDED.version IS NULL"
-                " OR stored.version <= EXCLUDED.version"
-            )
-            if self.columns.get("version") == "bigint"
+                " WHERE stored.{0} IS NULL OR EXCLUDED.{0} IS NULL OR stored.{0} <= EXCLUDED.{0}"
+            ).format(sql.Identifier(spec.version))
+            if spec.version is not None
             else sql.SQL("")
         )
         self.upsert = (
             sql.SQL(
                 "INSERT INTO {0} AS stored"
                 " SELECT * FROM jsonb_populate_record(NULL::{0}, %s::jsonb)"
-                " ON CONFLICT (aggregate_id) DO UPDATE SET {1}{2} RETURNING 1"
+                " ON CONFLICT ({1}) DO UPDATE SET {2}{3} RETURNING 1"
             )
-            .format(self.table, updates, guard)
+            .format(self.table, self.key, updates, guard)
             .as_string()
         )
         self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
+        self.select_one = self.select + sql.SQL(" WHERE {} = %s").format(self.key)
+        self.select_all = self.select + sql.SQL(" ORDER BY {}").format(self.key)
 
     def ensure(self, conn: Connection) -> None:
         """Create the table, or add the columns of fields added since (nullable)."""
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [self.ddl_lock])
         # DDL only when something is missing: a role without CREATE works on tables in place
-        if _fetch_value(conn, "SELECT to_regclass(%s)", self.table.as_string(conn)) is None:
+        missing = _fetch_value(conn, "SELECT to_regclass(%s)", self.table.as_string(conn)) is None
+        if missing and not self._rename_legacy(conn):
             conn.execute(self.create)
         existing = {
             name
@@ -564,6 +523,31 @@ class _Table:
                         self.table, sql.Identifier(column), sql.SQL(kind)
                     )
                 )
+
+    def _rename_legacy(self, conn: Connection) -> bool:
+        """A type with a table_name used to be stored under the snake_case of its class
+        name: take that table over, unless a class of this store now owns that name."""
+        old = legacy_name(self.spec)
+        if old is None:
+            return False
+        owner = self.owners.owner_of(old)
+        if owner is not None and qualified(owner) != self.spec.owner:
+            return False
+        legacy = sql.Identifier(self.schema, old)
+        if _fetch_value(conn, "SELECT to_regclass(%s)", legacy.as_string(conn)) is None:
+            return False
+        conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(legacy, sql.Identifier(self.name))
+        )
+        log.warning(
+            "incident: renamed table %s.%s to %s.%s, the table_name %s declares",
+            self.schema,
+            old,
+            self.schema,
+            self.name,
+            self.spec.owner,
+        )
+        return True
 
     def decode(self, text: str) -> Any:
         try:
@@ -583,7 +567,7 @@ class _Table:
 
 
 class PostgresProjectionStore:
-    """Read models, one table per Projection type (snake_case of the class name)."""
+    """Read models, one table per Projection type (see :mod:`incident.stores.tables`)."""
 
     def __init__(self, db: _Database) -> None:
         self._db = db
@@ -594,7 +578,8 @@ class PostgresProjectionStore:
     def _table(self, projection_type: type[Projection]) -> _Table:
         table = self._db.tables.get(projection_type)
         if table is None:
-            table = _Table(self._db, projection_type)
+            spec, _ = self._db.owners.claim(projection_type)
+            table = _Table(self._db, spec)
         return table
 
     def _prepare(
@@ -610,7 +595,7 @@ class PostgresProjectionStore:
 
     def _remember(self, types: Iterable[type[Projection]]) -> None:
         for projection_type in types:
-            self._db.tables.setdefault(projection_type, _Table(self._db, projection_type))
+            self._db.tables.setdefault(projection_type, self._table(projection_type))
 
     @staticmethod
     def _check(projection: Projection) -> str:
@@ -629,9 +614,7 @@ class PostgresProjectionStore:
                 fresh = self._prepare(conn, [type(projection)])
                 stored = None
                 if conn.execute(table.upsert, [payload]).fetchone() is None:
-                    stored = _fetch_value(
-                        conn, table.select + sql.SQL(" WHERE aggregate_id = %s"), key
-                    )
+                    stored = _fetch_value(conn, table.select_one, key)
             self._remember(fresh)
         if stored is None:
             return projection
@@ -662,7 +645,7 @@ class PostgresProjectionStore:
         for table, payload in rows:
             conn.execute(table.upsert, [payload])
 
-    def _rows(self, projection_type: type[Projection], where: str, *params: Any) -> list[Any]:
+    def _rows(self, projection_type: type[Projection], one: bool, *params: Any) -> list[Any]:
         table = self._table(projection_type)
         self._db.ready()
         with self._db.connection(f"reading {table.name}") as conn:
@@ -670,15 +653,16 @@ class PostgresProjectionStore:
                 with conn.transaction():
                     fresh = self._prepare(conn, [projection_type])
                 self._remember(fresh)
-            rows = conn.execute(table.select + sql.SQL(where), params).fetchall()
+            query = table.select_one if one else table.select_all
+            rows = conn.execute(query, params).fetchall()
         return [table.decode(text) for (text,) in rows]
 
     def get(self, projection_type: type[P], key: str) -> P | None:
-        rows: list[P] = self._rows(projection_type, " WHERE aggregate_id = %s", key)
+        rows: list[P] = self._rows(projection_type, True, key)
         return rows[0] if rows else None
 
     def all(self, projection_type: type[P]) -> list[P]:
-        rows: list[P] = self._rows(projection_type, " ORDER BY aggregate_id")
+        rows: list[P] = self._rows(projection_type, False)
         return rows
 
     def close(self) -> None:

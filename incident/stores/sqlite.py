@@ -64,6 +64,7 @@ from ._common import (
 )
 from ._sqlite_projections import ProjectionTable, _quote
 from .protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from .tables import TableOwners
 
 if TYPE_CHECKING:
     from .sqlite_checkpoints import SQLiteCheckpointStore
@@ -282,7 +283,7 @@ class _Database:
         self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self.schema_ready = False
         self._tables: dict[type[Projection], ProjectionTable] = {}
-        self._table_owners: dict[str, type[Projection]] = {}
+        self._table_owners = TableOwners()
         self._ready_tables: set[str] = set()
         # an in-memory database lives in its connection: one, shared under the lock;
         # a file gets one connection per thread, which need no lock
@@ -488,18 +489,12 @@ class _Database:
         table = self._tables.get(projection_type)
         if table is not None:
             return table
-        table = ProjectionTable(projection_type)
+        spec, took_over = self._table_owners.claim(projection_type)
+        table = ProjectionTable(spec)
         with self._lock:
-            owner = self._table_owners.get(table.name)
-            if owner is not None and _qualified(owner) != _qualified(projection_type):
-                raise IncidentError(
-                    f"{_qualified(projection_type)} and {_qualified(owner)} would both be "
-                    f"stored in table {table.name!r}; give one a table_name: ClassVar[str]"
-                )
-            if owner is not None and owner is not projection_type:
+            if took_over:
                 # a class redefined (in a notebook, say) may have new fields: check again
                 self._ready_tables.discard(table.name)
-            self._table_owners[table.name] = projection_type
             self._tables[projection_type] = table
         return table
 
@@ -575,10 +570,6 @@ class _WriteTransaction:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._db._discard(self._conn)  # unusable now: the next use reconnects
-
-
-def _qualified(cls: type[Any]) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class SQLiteProjectionStore:
