@@ -89,6 +89,13 @@ class Aggregate(Generic[S]):
     """
 
     def __init__(self, name: str, *, initial: S) -> None:
+        if initial is None:
+            # None is what an apply function that forgot its return gives: keeping it
+            # out of every state is what lets a fold catch that at once
+            raise RegistrationError(
+                f"Aggregate {name!r}: initial=None is not a state; start from a value "
+                "(a Struct with defaults, 0, (), a dataclass...)"
+            )
         self.name = name
         self.initial = initial
         self._executors: dict[type[Command], Callable[[S, Any], Any]] = {}
@@ -261,7 +268,10 @@ class Aggregate(Generic[S]):
                 f"{self.name} has no apply function for {type(data).__name__}; "
                 f"it applies: {_names(self._appliers)}"
             )
-        return applier(state, data)
+        evolved = applier(state, data)
+        if evolved is None:
+            raise _returned_none(applier, data)
+        return evolved
 
     def fold(self, events: Iterable[Event | Recorded[Event]], state: S | None = None) -> S:
         """The state after all ``events``, from ``state`` or the initial state: the
@@ -288,6 +298,8 @@ class Aggregate(Generic[S]):
                     return self.evolve(state, data), count  # raises, naming what it applies
                 event = data
             state = applier(state, event)
+            if state is None:  # one comparison per event: the loop stays as fast
+                raise _returned_none(applier, event)
         return state, count
 
     def history(self, events: Iterable[Event | Recorded[Event]]) -> Iterator[S]:
@@ -299,6 +311,13 @@ class Aggregate(Generic[S]):
     def handles(self, command: Command) -> bool:
         """Whether an execute function is registered for this command's exact type."""
         return type(command) in self._executors
+
+
+def _returned_none(applier: Callable[..., Any], event: object) -> RegistrationError:
+    return RegistrationError(
+        f"{applier.__qualname__} returned None applying {type(event).__name__}; an apply "
+        "function returns the new state (did it forget its return?)"
+    )
 
 
 def _names(registry: dict[Any, Any]) -> str:

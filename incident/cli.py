@@ -9,11 +9,15 @@ import datetime as dt
 import importlib
 import itertools
 import logging
+import os
 import signal
+import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 import click
 import msgspec
@@ -27,6 +31,7 @@ from .command_handler import CommandHandler
 from .event_handler import EventHandler
 from .messages import Recorded
 from .stores import checkpoint_store_for, open_event_store
+from .stores.sqlite import MEMORY, sqlite_path
 from .subscriptions import Subscription, Subscriptions, last_position
 
 DEFAULT_DEMO_STORE = "sqlite:///incident-demo.db"
@@ -43,6 +48,11 @@ def main() -> None:
     """Event Sourcing and CQRS with pure, decorated functions."""
     # the pool logs every failed reconnection attempt; our StoreError says it once, clearly
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    # --import and module:object name the user's modules, which `python -m` would find
+    # in the current directory; an installed script starts with its own directory instead
+    here = os.getcwd()
+    if sys.path[:1] != [here]:
+        sys.path.insert(0, here)
 
 
 @main.command()
@@ -67,7 +77,11 @@ def init(url: str) -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--aggregate", "aggregate_id", help="Show one stream instead of the whole log.")
+@click.option(
+    "--stream", "stream_id", metavar="ID", help="Show one stream instead of the whole log."
+)
+# the old name, taken by replay/subscribe/retry for module:object aggregates
+@click.option("--aggregate", "deprecated_stream_id", hidden=True)
 @click.option("--correlation", "correlation_id", help="Show every event of one correlation id.")
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this position.")
 @click.option("--limit", type=int, default=None, help="Show at most this many events.")
@@ -81,7 +95,8 @@ def init(url: str) -> None:
 )
 def events(
     url: str,
-    aggregate_id: str | None,
+    stream_id: str | None,
+    deprecated_stream_id: str | None,
     correlation_id: str | None,
     after: int,
     limit: int | None,
@@ -92,16 +107,28 @@ def events(
     Stored events are read back as your Event classes: --import the module that defines
     them (the Bank example's are always known, for `incident demo` files).
     """
-    for module in ("incident.examples.bank", *modules):
+    if deprecated_stream_id is not None:
+        click.echo("incident events: --aggregate is deprecated, use --stream ID", err=True)
+        stream_id = stream_id or deprecated_stream_id
+    imported = []
+    for name in ("incident.examples.bank", *modules):
         try:
-            importlib.import_module(module)
+            imported.append(importlib.import_module(name))
         except ImportError as error:
-            raise click.ClickException(f"Cannot import {module}: {error}") from error
-    store = _open(url)
+            raise click.ClickException(f"Cannot import {name}: {error}") from error
+    _require_store(url, "events")
+    store = _open(url, create_tables=False)
     try:
+        # what a CommandHandler would register: the event types and their upcasters
+        for module in imported:
+            for aggregate in vars(module).values():
+                if isinstance(aggregate, Aggregate):
+                    store.types.register(*aggregate.event_types)
+                    for (name, version), upcaster in aggregate.upcasters.items():
+                        store.types.register_upcaster(name, version, upcaster)
         found: Iterable[Recorded[Any]] = (
-            (r for r in store.get(aggregate_id) if r.position > after)
-            if aggregate_id is not None
+            (r for r in store.get(stream_id) if r.position > after)
+            if stream_id is not None
             else store.read_all(after=after)
         )
         if correlation_id is not None:
@@ -114,7 +141,7 @@ def events(
         raise click.ClickException(str(error)) from error
     finally:
         store.close()
-    _console().print(events_table(rows, title=aggregate_id or correlation_id or url))
+    _console().print(events_table(rows, title=stream_id or correlation_id or url))
 
 
 def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
@@ -214,12 +241,17 @@ def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> Non
 def subscriptions(url: str, show_parked: bool) -> None:
     """List the subscriptions of the store at URL: checkpoint, lag and parked events."""
     console = _console()
-    store = _open(url)
+    tables = _require_store(url, "events")
+    store = _open(url, create_tables=False)
+    positions: dict[str, int] = {}
+    parked: list[Any] = []
     try:
-        checkpoints = checkpoint_store_for(store)
         head = last_position(store)
-        positions = checkpoints.checkpoints()
-        parked = checkpoints.parked()
+        # no subscription has run here yet; reading would create the tables
+        if tables is None or {"incident_checkpoints", "incident_parked"} <= tables:
+            checkpoints = checkpoint_store_for(store)
+            positions = checkpoints.checkpoints()
+            parked = checkpoints.parked()
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
     finally:
@@ -353,11 +385,85 @@ def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:
     return found
 
 
-def _open(url: str) -> Any:
+def _open(url: str, *, create_tables: bool = True) -> Any:
+    """The store at URL; with create_tables=False a Postgres store creates nothing (a
+    read-only command checks with _require_store first that there is something to read)."""
+    options = {} if create_tables or not _is_postgres(url) else {"create_tables": False}
     try:
-        return open_event_store(url)
+        return open_event_store(url, **options)
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
+
+
+def _is_postgres(url: str) -> bool:
+    return url.split("://", 1)[0].split("+", 1)[0].lower() in {"postgres", "postgresql"}
+
+
+def _require_store(url: str, *needed: str) -> set[str] | None:
+    """The incident tables of the store at URL, or a "no such store" error when it has
+    not the ``needed`` ones; None for a store that lives in this process (nothing to
+    check). Looks without creating anything: a mistyped path or schema is not a store."""
+    if url.split("://", 1)[0].lower() == "sqlite":
+        try:
+            path = sqlite_path(url.split("?", 1)[0])
+        except errors.IncidentError as error:
+            raise click.ClickException(str(error)) from error
+        if path == MEMORY:
+            return None
+        if not os.path.isfile(path):
+            raise click.ClickException(f"no such store: {path} does not exist")
+        tables = _sqlite_tables(path)
+        where = path
+    elif _is_postgres(url):
+        tables, where = _postgres_tables(url)
+    else:
+        return None
+    missing = [name for name in needed if name not in tables]
+    if missing:
+        raise click.ClickException(
+            f"no such store: {where} has no {', '.join(missing)} table "
+            f"(`incident init {url}` creates the tables)"
+        )
+    return tables
+
+
+def _sqlite_tables(path: str) -> set[str]:
+    try:
+        # mode=ro: opening must not create the file, nor a journal
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        raise click.ClickException(f"Cannot read {path} as an SQLite store: {error}") from error
+    return {name for (name,) in rows}
+
+
+def _postgres_tables(url: str) -> tuple[set[str], str]:
+    try:
+        import psycopg
+
+        from .stores.postgres import _split_url
+    except ImportError as error:
+        raise click.ClickException(
+            f"Cannot open postgresql:// stores: {error} (pip install 'incident[postgres]')"
+        ) from error
+    conninfo, schema = _split_url(url)
+    schema = schema or "public"
+    try:
+        with psycopg.connect(conninfo, connect_timeout=10, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]
+            ).fetchone()
+            rows = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]
+            ).fetchall()
+    except psycopg.Error as error:
+        raise click.ClickException(f"Postgres failed opening {url}: {error}") from error
+    if found is None:
+        raise click.ClickException(f"no such store: there is no schema {schema!r} at {url}")
+    return {name for (name,) in rows}, f"schema {schema!r}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,13 +100,17 @@ class CommandHandler:
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        self.event_store: EventStore = (
-            open_event_store(event_store) if isinstance(event_store, str) else event_store
-        )
+        # what close() closes: the stores opened here from URLs, not those passed in
+        self._opened: list[EventStore | ProjectionStore] = []
+        if isinstance(event_store, str):
+            event_store = open_event_store(event_store)
+            self._opened.append(event_store)
+        self.event_store: EventStore = event_store
         if projection_store is None:
             projection_store = self.event_store.projections()
         elif isinstance(projection_store, str):
             projection_store = open_projection_store(projection_store)
+            self._opened.append(projection_store)
         self.projection_store: ProjectionStore = projection_store
         self.aggregates = tuple(aggregates)
         self.event_handlers = tuple(event_handlers)
@@ -137,6 +141,21 @@ class CommandHandler:
     def __repr__(self) -> str:
         names = ", ".join(aggregate.name for aggregate in self.aggregates)
         return f"CommandHandler([{names}], event_store={self.event_store!r})"
+
+    def close(self) -> None:
+        """Stop the subscriptions, then close the stores this handler opened from URLs
+        (the event store closes the projection and checkpoint stores that share its
+        database). Stores given as objects stay open: they are the caller's to close."""
+        self.subscriptions.stop()
+        opened, self._opened = self._opened, []
+        for store in opened:
+            store.close()
+
+    def __enter__(self) -> CommandHandler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- reading -----------------------------------------------------------
 

@@ -646,7 +646,10 @@ def aggregate_machine(
     - that deciding the same command on the same state again gives the same events
       (an execute function that reads the clock or draws randomness fails this).
 
-    ``commands`` defaults to :func:`commands` of the aggregate aimed at ``streams``.
+    ``commands`` defaults to :func:`commands` of the aggregate aimed at ``streams``;
+    a command type whose ``aggregate_id`` refuses every stream is a ValueError here.
+    A run of 50 commands or more that never reached a state (all invalid or rejected)
+    fails: it would have tested nothing.
     Run it with ``Machine.TestCase`` (pytest collects it) or
     ``hypothesis.stateful.run_state_machine_as_test(Machine)``; ``settings`` default to
     a modest, deadline-free run.
@@ -657,11 +660,21 @@ def aggregate_machine(
     >>> run_state_machine_as_test(Machine)
     """
     _require_hypothesis("aggregate_machine")
+    if commands is None:
+        _check_streams(aggregate, streams)
     chosen: SearchStrategy[Any] = (
         commands
         if commands is not None
         else _derive_commands(aggregate, aggregate_id=st.sampled_from(list(streams)))
     )
+    # over the whole run, not one example: a run that never reached a state has tested
+    # nothing, and hypothesis would call it a pass
+    tally = {"commands": 0, "invalid": 0, "at aggregate_id": 0, "rejected": 0, "states": 0}
+    if commands is None:
+        advice = f"no generated command was valid for its streams {tuple(streams)!r}; "
+        advice += "pass streams= matching your ids"
+    else:
+        advice = "commands= gave no command that passes validate_command and is accepted"
     if isinstance(invariants, Mapping):
         checks = list(invariants.items())
     else:
@@ -675,9 +688,12 @@ def aggregate_machine(
 
         @rule(command=chosen)
         def dispatch(self, command: Command) -> None:
+            tally["commands"] += 1
             try:
                 validate_command(command)
-            except InvalidCommand:
+            except InvalidCommand as error:
+                tally["invalid"] += 1
+                tally["at aggregate_id"] += error.field == "aggregate_id"
                 return
             key: str = command.aggregate_id  # type: ignore[attr-defined]
             state = self.states.get(key, aggregate.initial)
@@ -685,6 +701,7 @@ def aggregate_machine(
             try:
                 decided = aggregate.decide(state, command)
             except Rejected:
+                tally["rejected"] += 1
                 _unchanged(state, before, f"executing {type(command).__name__}")
                 return
             _unchanged(state, before, f"executing {type(command).__name__}")
@@ -703,6 +720,7 @@ def aggregate_machine(
 
         @invariant()
         def check(self) -> None:
+            tally["states"] += len(self.states)
             for key, state in self.states.items():
                 folded = aggregate.fold(self.histories[key])
                 assert folded == state, (
@@ -715,11 +733,52 @@ def aggregate_machine(
                             f"invariant {name} failed for {aggregate.name} {key!r}: {state!r}"
                         )
 
+        def teardown(self) -> None:
+            if tally["states"] == 0 and tally["commands"] >= _NOTHING_CHECKED_AFTER:
+                raise AssertionError(
+                    f"aggregate_machine({aggregate.name}) checked no state in "
+                    f"{tally['commands']} commands: {tally['invalid']} invalid "
+                    f"({tally['at aggregate_id']} at aggregate_id), {tally['rejected']} "
+                    f"rejected, none decided: {advice}"
+                )
+
     Machine.__name__ = Machine.__qualname__ = f"{_camel(aggregate.name)}Machine"
     Machine.TestCase.settings = settings or Settings(
         max_examples=50, stateful_step_count=25, deadline=None
     )
     return Machine
+
+
+# commands a run may dispatch without reaching a state before the machine says so
+_NOTHING_CHECKED_AFTER = 50
+
+
+def _check_streams(aggregate: Aggregate[Any], streams: Sequence[str]) -> None:
+    """Refuses streams that some command type's aggregate_id can never take: its
+    commands would all be invalid, and the machine would test nothing with them."""
+    if not streams:
+        raise ValueError(f"aggregate_machine({aggregate.name}): streams= is empty")
+    refused = []
+    for command_type in aggregate.command_types:
+        try:
+            annotation = typing.get_type_hints(command_type, include_extras=True)["aggregate_id"]
+        except Exception:  # an annotation we cannot resolve: the run-level check remains
+            continue
+        accepted = []
+        for stream in streams:
+            try:
+                msgspec.convert(stream, annotation)
+            except msgspec.ValidationError:
+                continue
+            accepted.append(stream)
+        if not accepted:
+            refused.append(command_type.__name__)
+    if refused:
+        raise ValueError(
+            f"aggregate_machine({aggregate.name}): no generated {', '.join(refused)} can be "
+            f"valid for its streams {tuple(streams)!r} (its aggregate_id refuses each of "
+            "them); pass streams= matching your ids"
+        )
 
 
 def _unchanged(state: Any, before: Any, doing: str) -> None:

@@ -339,6 +339,46 @@ def test_evolve_an_event_without_apply_names_what_is_applied() -> None:
     assert "Added, WasReset" in str(caught.value)
 
 
+def _forgetful() -> incident.Aggregate[int]:
+    """A counter whose apply function for WasReset forgets its return."""
+    agg: incident.Aggregate[int] = incident.Aggregate("forgetful", initial=0)
+
+    @agg.apply
+    def added(total: int, event: Added) -> int:
+        return total + event.n
+
+    @agg.apply
+    def was_reset(total: int, event: WasReset) -> int:
+        0  # noqa: B018 - the bug: the new state is computed and dropped
+
+    return agg
+
+
+@pytest.mark.parametrize("wrap", [lambda e: e, recorded], ids=["event", "recorded"])
+def test_an_apply_that_returns_none_fails_the_fold_naming_it_and_the_event(
+    wrap: Any,
+) -> None:
+    """An apply function that returns None (a forgotten return) raises RegistrationError
+    at the first fold that reaches it, naming the function and the event type, instead
+    of making the state None."""
+    agg = _forgetful()
+    events = [wrap(Added(n=2)), wrap(WasReset()), wrap(Added(n=1))]
+    for fold in (agg.fold, lambda events: list(agg.history(events))):
+        with pytest.raises(incident.RegistrationError) as caught:
+            fold(events)
+        assert "was_reset returned None applying WasReset" in str(caught.value)
+    with pytest.raises(incident.RegistrationError, match="was_reset"):
+        agg.evolve(2, wrap(WasReset()))
+    assert agg.fold([wrap(Added(n=2))]) == 2
+
+
+def test_an_initial_state_of_none_is_refused() -> None:
+    """A state is never None, so that None can only mean a forgotten return: initial=None
+    is refused when the aggregate is made."""
+    with pytest.raises(incident.RegistrationError, match="initial=None"):
+        incident.Aggregate("nothing", initial=None)
+
+
 EVENTS: list[incident.Event] = [Added(n=2), Added(n=5), WasReset(), Added(n=7)]
 
 

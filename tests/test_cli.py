@@ -59,7 +59,7 @@ def test_events_shows_a_stream_and_a_correlation(runner: CliRunner, tmp_path: Pa
     )
     app.event_store.close()
 
-    stream = runner.invoke(main, ["events", url, "--aggregate", "T1"], env={"COLUMNS": "200"})
+    stream = runner.invoke(main, ["events", url, "--stream", "T1"], env={"COLUMNS": "200"})
     assert stream.exit_code == 0, stream.output
     assert "(3 events)" in stream.output
     assert "TransferCompleted" in stream.output

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 DOCS = sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md"))
 
 
@@ -28,3 +29,39 @@ def test_typed_usage_examples_run() -> None:
 
     assert typing_examples.use() == 3  # balance 1, row balance 1, one row
     assert typing_examples.use_subscriptions() == 1 + 0 + 0 + 2  # checkpoint, row balance
+
+
+CONTINUES = "# continues the example above"
+PAGES = [README, *DOCS]
+
+
+def _blocks_of(page: Path) -> list[tuple[int, str]]:
+    """(line number, code) of each ```python block of a page."""
+    text = page.read_text()
+    return [
+        (text.count("\n", 0, match.start()) + 2, match.group(1))
+        for match in re.finditer(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_a_block_that_needs_an_earlier_one_says_so(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader who copies one block gets a program that runs, or is told by its first
+    line that it continues an earlier one: run alone, an unmarked block defines every
+    name it uses."""
+    monkeypatch.chdir(tmp_path)
+    unmarked = []
+    for line, block in _blocks_of(page):
+        if block.startswith(CONTINUES):
+            continue
+        module = types.ModuleType(f"alone_{page.stem.replace('-', '_')}_{line}")
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        try:
+            exec(compile(block, f"{page.name}:{line}", "exec"), module.__dict__)
+        except NameError as error:
+            unmarked.append(f"line {line} uses {error.name!r}")
+        except Exception:
+            pass  # fails alone for another reason (a file an earlier block wrote, say)
+    assert not unmarked, f"{page.name}: start these blocks with {CONTINUES!r}: {unmarked}"

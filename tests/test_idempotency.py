@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import DURABLE_BACKENDS, on_backends
 from workers import deposit_with_key_in_process, run_processes
 
 import incident
@@ -82,11 +83,10 @@ def test_follow_up_commands_do_not_inherit_the_key(app: incident.CommandHandler)
 
 
 @pytest.mark.slow
+@on_backends(DURABLE_BACKENDS)  # a memory store lives in one process
 def test_racing_processes_with_one_key_store_one_set_of_events(store_url: str) -> None:
     """Four OS processes send the same keyed command at once: one set of events is stored
     and every process gets it back."""
-    if store_url.startswith("memory"):
-        pytest.skip("a memory store lives in one process")
     setup = bank.build(store_url)
     setup.dispatch(bank.OpenAccount(aggregate_id="A"))
     setup.event_store.close()

@@ -482,6 +482,52 @@ def test_the_machine_tolerates_invalid_and_rejected_commands() -> None:
     run_state_machine_as_test(machine, settings=settings(MACHINE, max_examples=20))
 
 
+class CheckIn(incident.Command):
+    aggregate_id: Annotated[str, msgspec.Meta(pattern=r"^R\d{3}$")]
+    guests: Annotated[int, msgspec.Meta(ge=1, le=4)]
+
+
+class CheckedIn(incident.Event):
+    guests: int
+
+
+def _rooms() -> incident.Aggregate[int]:
+    rooms: incident.Aggregate[int] = incident.Aggregate("rooms", initial=0)
+
+    @rooms.execute
+    def check_in(state: int, cmd: CheckIn) -> CheckedIn:
+        return CheckedIn(guests=cmd.guests)
+
+    @rooms.apply
+    def checked_in(state: int, event: CheckedIn) -> int:
+        return state + event.guests
+
+    return rooms
+
+
+def test_the_machine_refuses_streams_no_command_can_target() -> None:
+    """Default streams ("A", "B") against an aggregate_id pattern of room numbers would
+    make every command invalid and check nothing: the machine is refused when made, and
+    says to pass streams=; matching streams run and reach the invariant."""
+    with pytest.raises(ValueError, match=r"no generated CheckIn can be valid .*pass streams="):
+        aggregate_machine(_rooms(), invariants=[lambda s: False])
+    machine = aggregate_machine(_rooms(), invariants=[lambda s: False], streams=["R101"])
+    with pytest.raises(AssertionError, match="invariant #1 failed for rooms 'R101'"):
+        run_state_machine_as_test(machine, settings=settings(MACHINE, phases=[Phase.generate]))
+
+
+def test_a_run_that_checked_no_state_fails() -> None:
+    """With commands= that are never valid, a deliberately false invariant is never
+    reached: the run fails, saying it checked no state and why."""
+    machine = aggregate_machine(
+        _rooms(), commands(CheckIn, aggregate_id="A"), invariants=[lambda s: False]
+    )
+    with pytest.raises(AssertionError, match="checked no state") as caught:
+        run_state_machine_as_test(machine, settings=MACHINE)
+    assert "at aggregate_id" in str(caught.value)
+    assert "commands= gave no command that passes validate_command" in str(caught.value)
+
+
 def test_the_machine_catches_an_apply_with_hidden_state() -> None:
     """An apply function with an input besides state and event (here a global counter)
     folds differently the second time, so the fold disagrees with the steps."""

@@ -178,7 +178,8 @@ class PostgresCheckpointStore:
         return writes_into(self._db, projection_store)
 
     def close(self) -> None:
-        self._db.close()
+        """Nothing to release: the pool is the event store's, which closes it (a
+        subscription closing its checkpoints must leave the event store usable)."""
 
 
 class PostgresHandlerLock:

@@ -175,7 +175,8 @@ class SQLiteCheckpointStore:
         return writes_into(self._db, projection_store)
 
     def close(self) -> None:
-        self._db.close()
+        """Nothing to release: the file is the event store's, which closes it (a
+        subscription closing its checkpoints must leave the event store usable)."""
 
 
 class SQLiteHandlerLock:
