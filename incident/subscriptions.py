@@ -172,37 +172,40 @@ class Subscription:
     def step(self) -> int:
         """Process one batch and checkpoint it; returns how many events were read."""
         with self._guard:
-            self._load_parked()
-            batch = list(self.event_store.read_all(after=self.position, limit=self.batch_size))
-            pending: Pending = {}
-            done = self.position
-            for recorded in batch:
-                if not self.handler.handles(recorded.data):
-                    self._follow(recorded)
-                    done = recorded.position
-                    continue
-                if recorded.position in self._parked_positions:
-                    # parked already (handled again after a crash): it stays where it is
-                    self._follow(recorded)
-                    done = recorded.position
-                    continue
-                head = self._blocked.get(recorded.aggregate_id)
-                if head is not None and head.position < recorded.position:
-                    self._hold(recorded, head)
-                    done = recorded.position
-                    continue
-                try:
-                    projections, dispatched = self._process(recorded)
-                except SubscriptionFailed:
-                    self._commit(done, pending)
-                    raise
-                _merge(pending, projections)
+            return self._step()
+
+    def _step(self) -> int:
+        self._load_parked()
+        batch = list(self.event_store.read_all(after=self.position, limit=self.batch_size))
+        pending: Pending = {}
+        done = self.position
+        for recorded in batch:
+            if not self.handler.handles(recorded.data):
+                self._follow(recorded)
                 done = recorded.position
-                if dispatched:  # commands went out: checkpoint now, so a crash re-sends less
-                    self._commit(done, pending)
-                    pending = {}
-            self._commit(done, pending)
-            return len(batch)
+                continue
+            if recorded.position in self._parked_positions:
+                # parked already (handled again after a crash): it stays where it is
+                self._follow(recorded)
+                done = recorded.position
+                continue
+            head = self._blocked.get(recorded.aggregate_id)
+            if head is not None and head.position < recorded.position:
+                self._hold(recorded, head)
+                done = recorded.position
+                continue
+            try:
+                projections, dispatched = self._process(recorded)
+            except SubscriptionFailed:
+                self._commit(done, pending)
+                raise
+            _merge(pending, projections)
+            done = recorded.position
+            if dispatched:  # commands went out: checkpoint now, so a crash re-sends less
+                self._commit(done, pending)
+                pending = {}
+        self._commit(done, pending)
+        return len(batch)
 
     def _load_parked(self) -> None:
         """Read the handler's dead letters once for the batch (not once per event), and

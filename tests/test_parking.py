@@ -373,7 +373,7 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @settings(
-    max_examples=20,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
