@@ -261,17 +261,20 @@ def subscriptions(url: str, show_parked: bool) -> None:
         table.add_column(column, justify="left" if column == "handler" else "right")
     for name in sorted(positions.keys() | {p.handler for p in parked}):
         position = positions.get(name, 0)
-        count = sum(1 for p in parked if p.handler == name)
-        table.add_row(name, str(position), str(max(head - position, 0)), str(count))
+        mine = [p for p in parked if p.handler == name]
+        held = sum(1 for p in mine if p.held)
+        count = f"{len(mine)} ({held} held)" if held else str(len(mine))
+        table.add_row(name, str(position), str(max(head - position, 0)), count)
     console.print(table)
     if show_parked and parked:
-        detail = Table(title="parked events")
-        for column in ("handler", "pos", "aggregate id", "type", "tries", "error"):
+        # a failed event's listeners raised; a held one was never tried: it waits behind
+        # an earlier parked event of its stream
+        detail = Table(title="parked events (held: waiting behind its stream's failure)")
+        for column in ("handler", "pos", "aggregate id", "type", "state", "error"):
             detail.add_column(column)
         for p in parked:
-            detail.add_row(
-                p.handler, str(p.position), p.aggregate_id, p.event_type, str(p.attempts), p.error
-            )
+            state = "held" if p.held else f"[red]{p.attempts} tries[/]"
+            detail.add_row(p.handler, str(p.position), p.aggregate_id, p.event_type, state, p.error)
         console.print(detail)
 
 
@@ -281,17 +284,37 @@ def subscriptions(url: str, show_parked: bool) -> None:
     "--handler", "handler_path", required=True, help="The EventHandler, as module:object."
 )
 @click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
-@click.option("--position", type=int, default=None, help="Retry this parked event only.")
+@click.option(
+    "--position",
+    type=int,
+    default=None,
+    help="Retry this parked event only (and the ones of its stream before it, first).",
+)
+@click.option(
+    "--skip",
+    "skips",
+    type=int,
+    multiple=True,
+    metavar="POSITION",
+    help="Drop this parked event without handling it, then retry (repeatable).",
+)
 def retry(
-    url: str, handler_path: str, aggregate_paths: tuple[str, ...], position: int | None
+    url: str,
+    handler_path: str,
+    aggregate_paths: tuple[str, ...],
+    position: int | None,
+    skips: tuple[int, ...],
 ) -> None:
-    """Handle a handler's parked events again; those that succeed leave the dead letters."""
+    """Handle a handler's parked events again, stream by stream in log order; those that
+    succeed leave the dead letters. One that fails again keeps the rest of its stream
+    held behind it; --skip drops it (unhandled) so that the rest can go."""
     console = _console()
     handler = _load(handler_path, EventHandler)
     aggregates = _aggregates_for([handler_path], aggregate_paths)
     store = _open(url)
     try:
         subscription = Subscription(handler, CommandHandler(store, aggregates=aggregates))
+        skipped = [subscription.skip_parked(skip) for skip in skips]
         waiting = len(subscription.parked())
         done = subscription.retry_parked(position)
         left = subscription.parked()
@@ -299,9 +322,14 @@ def retry(
         raise click.ClickException(str(error)) from error
     finally:
         store.close()
+    for parked in skipped:
+        console.print(f"{handler.name}: skipped #{parked.position} {parked.event_type} unhandled")
     console.print(f"{handler.name}: {len(done)} of {waiting} parked events handled")
     for parked in left:
-        console.print(f"  still parked: #{parked.position} {parked.event_type}: {parked.error}")
+        state = "held" if parked.held else "failed"
+        console.print(
+            f"  still parked ({state}): #{parked.position} {parked.event_type}: {parked.error}"
+        )
 
 
 @main.command()

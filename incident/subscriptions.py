@@ -11,6 +11,12 @@ Inline handlers run inside ``dispatch``; a subscription runs one handler on its 
 
 A listener that raises is retried with backoff; after ``retries`` the event is parked in
 the dead-letter store and the subscription goes on (or stops, with ``on_failure="stop"``).
+Parking holds the stream: the handler's later events of that aggregate are parked behind
+it, as *held* (attempts 0), unhandled, so a retry applies them in log order and a read
+model never moves backwards. Events of other aggregates go on.
+
+One Subscription object may be used from several threads: ``step``, ``retry_parked``,
+``skip_parked`` and ``replay`` take a per-object lock, so they run one at a time.
 
 After a crash, the events since the last checkpoint are handled again. Projections do not
 mind (version-guarded upserts). Commands carry an idempotency key made of the handler,
@@ -22,12 +28,15 @@ dispatched something, so little is handled twice at all.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import msgspec
 
 from ._fp import partition_all
 from .aggregate import Aggregate
@@ -119,12 +128,19 @@ class Subscription:
         self.idle, self.outage_backoff = idle, outage_backoff
         self._aggregates = _aggregates_for(handler, command_handler.aggregates)
         # (state, version) per aggregate, least recently used first: a dict keeps insertion
-        # order, and this subscription's one thread is its only user, so no lock
+        # order; only used under self._guard
         self._states: dict[tuple[str, str], tuple[Any, int]] = {}
         self.cache_size = cache_size
         self._position: int | None = None
         self._progress = threading.Condition()
-        self._lock = self.checkpoints.lock(self.name)
+        self._lock = self.checkpoints.lock(self.name)  # across processes: one runner
+        # within this object: the state cache, _position and the parked streams are shared
+        # by whichever thread calls step(), retry_parked(), skip_parked() or replay()
+        self._guard = threading.RLock()
+        # per parked stream (aggregate id), the first of its parked events: what the
+        # handler's later events of that stream are held behind; loaded by each step()
+        self._blocked: dict[str, Parked] = {}
+        self._parked_positions: set[int] = set()
         self.error: BaseException | None = None  # why run() ended, if it failed
 
     def __repr__(self) -> str:
@@ -141,9 +157,11 @@ class Subscription:
 
     def catch_up(self, until: int | None = None) -> int:
         """Process batches until the end of the log (or ``until``); returns how many
-        events were read. Runs in the calling thread and takes no lock (``run`` does): if
-        a runner elsewhere moves the checkpoint meanwhile, the save's compare-and-set
-        raises CheckpointConflict and writes nothing."""
+        events were read. Runs in the calling thread and takes no handler lock (``run``
+        does), only this object's: a ``run()`` of this same object in another thread is
+        simply interleaved batch by batch. If a runner elsewhere moves the checkpoint
+        meanwhile, the save's compare-and-set raises CheckpointConflict and writes
+        nothing."""
         total = 0
         while until is None or self.position < until:
             read = self.step()
@@ -154,12 +172,27 @@ class Subscription:
 
     def step(self) -> int:
         """Process one batch and checkpoint it; returns how many events were read."""
+        with self._guard:
+            return self._step()
+
+    def _step(self) -> int:
+        self._load_parked()
         batch = list(self.event_store.read_all(after=self.position, limit=self.batch_size))
         pending: Pending = {}
         done = self.position
         for recorded in batch:
             if not self.handler.handles(recorded.data):
                 self._follow(recorded)
+                done = recorded.position
+                continue
+            if recorded.position in self._parked_positions:
+                # parked already (handled again after a crash): it stays where it is
+                self._follow(recorded)
+                done = recorded.position
+                continue
+            head = self._blocked.get(recorded.aggregate_id)
+            if head is not None and head.position < recorded.position:
+                self._hold(recorded, head)
                 done = recorded.position
                 continue
             try:
@@ -174,6 +207,29 @@ class Subscription:
                 pending = {}
         self._commit(done, pending)
         return len(batch)
+
+    def _load_parked(self) -> None:
+        """Read the handler's dead letters once for the batch (not once per event), and
+        heal streams whose first parked event is a held one.
+
+        A held event waits for the failure ahead of it. If another process retried or
+        skipped that failure while this one was parking events behind it (from a list
+        it had read before), a held event can be left first with nothing failed ahead:
+        nobody would ever retry it, and it would hold its stream forever. Nothing is
+        wrong with it, so it is retried here, as ``retry_parked`` would."""
+        self._blocked, self._parked_positions = {}, set()
+        for stream in _by_stream(self.parked()).values():
+            if stream[0].held:
+                _, stream = self._retry_stream(stream)
+            if stream:
+                self._blocked[stream[0].aggregate_id] = stream[0]
+                self._parked_positions.update(p.position for p in stream)
+
+    def _hold(self, recorded: Recorded[Any], head: Parked) -> None:
+        """Park an event behind the parked one of its stream without handling it."""
+        self._follow(recorded)  # keep a cached state current: no listener saw it
+        self.checkpoints.park(_parked(self.name, recorded, _held_behind(head), 0))
+        self._parked_positions.add(recorded.position)
 
     def _process(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         """The listeners' projections for one event, after dispatching their commands;
@@ -201,13 +257,19 @@ class Subscription:
                 if self.on_failure == "stop":
                     raise SubscriptionFailed(self.name, recorded.position, error) from error
                 log.error(
-                    "%s parked #%s after %s tries: %s",
+                    "%s parked #%s after %s tries: %s; its stream %r is held behind it",
                     self.name,
                     recorded.position,
                     attempts,
                     error,
+                    recorded.aggregate_id,
                 )
-                self.checkpoints.park(_parked(self.name, recorded, error, attempts))
+                parked = _parked(self.name, recorded, _failure(error), attempts)
+                self.checkpoints.park(parked)
+                # the stream's later events wait behind it: retried in order, they write
+                # the read model in log order, never an older row over a newer one
+                self._blocked[recorded.aggregate_id] = parked
+                self._parked_positions.add(recorded.position)
                 return [], False
 
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
@@ -308,8 +370,9 @@ class Subscription:
                 if not self._lock.acquire(timeout=self.idle):
                     continue
                 try:
-                    self._position = None  # whoever held the lock before may have moved it
-                    self._states.clear()
+                    with self._guard:
+                        self._position = None  # whoever held the lock before may have moved it
+                        self._states.clear()
                     self._follow_log(stop)
                     pause = self.backoff
                 finally:
@@ -376,9 +439,7 @@ class Subscription:
         target = self.projection_store
         if not isinstance(target, ReplaceableProjectionStore):
             raise IncidentError(f"{target!r} cannot replace tables, so it cannot be replayed into")
-        if not self._lock.acquire(timeout=0):
-            raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
-        try:
+        with self._guard, self._replaying():
             already = self._position = self.checkpoints.load(self.name)
             self._states.clear()
             rebuilt: Pending = {}
@@ -419,6 +480,18 @@ class Subscription:
                 self._position = position
                 self._progress.notify_all()
             return Replayed(self.name, position, written, skipped)
+
+    @contextlib.contextmanager
+    def _replaying(self) -> Iterator[None]:
+        """Hold the handler's lock for a replay. This object's own run() in another thread
+        may hold it already: the guard pauses that run meanwhile, and it keeps its lock."""
+        if self._lock.held():
+            yield
+            return
+        if not self._lock.acquire(timeout=0):
+            raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
+        try:
+            yield
         finally:
             self._lock.release()
 
@@ -428,24 +501,80 @@ class Subscription:
         return self.checkpoints.parked(self.name)
 
     def retry_parked(self, position: int | None = None) -> list[int]:
-        """Handle parked events again (one, or all); those that succeed leave the
-        dead-letter store and their projections are written (version-guarded). Returns
-        the positions that succeeded."""
-        succeeded = []
-        for parked in self.parked():
-            if position is not None and parked.position != position:
-                continue
+        """Handle parked events again, stream by stream in position order: all of them,
+        or those of ``position``'s stream up to and including it (the earlier ones go
+        first). One that fails again stays parked (one more attempt, its new error) and
+        the rest of its stream stays held behind it, untried. Those that succeed leave
+        the dead-letter store and their projections are written. Returns the positions
+        that succeeded."""
+        with self._guard:
+            streams = _by_stream(self.parked())
+            if position is not None:
+                streams = {
+                    stream_id: stream
+                    for stream_id, stream in streams.items()
+                    if any(p.position == position for p in stream)
+                }
+            succeeded: list[int] = []
+            for stream in streams.values():
+                succeeded += self._retry_stream(stream, upto=position)[0]
+            return sorted(succeeded)
+
+    def skip_parked(self, position: int) -> Parked:
+        """Drop one parked event from the dead letters without handling it, so that the
+        events held behind it can be retried (``retry_parked``, or the runner's next
+        step). Returns the dropped entry; raises IncidentError if nothing is parked
+        there."""
+        with self._guard:
+            found = next((p for p in self.parked() if p.position == position), None)
+            if found is None:
+                raise IncidentError(f"{self.name}: #{position} is not parked, nothing to skip")
+            self.checkpoints.unpark(self.name, position)
+            log.warning(
+                "%s skipped #%s (%s of %r) without handling it; it was parked with %s",
+                self.name,
+                position,
+                found.event_type,
+                found.aggregate_id,
+                found.error,
+            )
+            return found
+
+    def _retry_stream(
+        self, stream: list[Parked], upto: int | None = None
+    ) -> tuple[list[int], list[Parked]]:
+        """Retry one stream's parked events in position order (up to ``upto``), stopping
+        at the first that fails again. Returns the positions that succeeded and the
+        stream's entries still parked, first the one that failed."""
+        succeeded: list[int] = []
+        for index, parked in enumerate(stream):
+            if upto is not None and parked.position > upto:
+                return succeeded, stream[index:]
             recorded = next(iter(self.event_store.read_all(after=parked.position - 1, limit=1)))
             try:
                 projections, _ = self._handle(recorded)
+            except StoreError:
+                raise  # the database, not this event: it stays as it was
             except Exception as error:
-                self.checkpoints.park(_parked(self.name, recorded, error, parked.attempts + 1))
-                continue
+                failed = _parked(self.name, recorded, _failure(error), parked.attempts + 1)
+                self.checkpoints.park(failed)
+                return succeeded, [failed, *self._hold_again(stream[index + 1 :], failed)]
             for projection in projections:
                 self.projection_store.project(projection)
             self.checkpoints.unpark(self.name, parked.position)
             succeeded.append(parked.position)
-        return succeeded
+        return succeeded, []
+
+    def _hold_again(self, rest: list[Parked], failed: Parked) -> list[Parked]:
+        """The held entries behind a newly failed one, re-marked to name it (only when
+        they named an earlier one: a failure that repeats rewrites nothing)."""
+        marked = []
+        for parked in rest:
+            if parked.held and not parked.error.startswith(f"held behind #{failed.position} "):
+                parked = msgspec.structs.replace(parked, error=_held_behind(failed))
+                self.checkpoints.park(parked)
+            marked.append(parked)
+        return marked
 
 
 class Subscriptions(Mapping[str, Subscription]):
@@ -572,17 +701,34 @@ def _merge(pending: Pending, projections: list[Projection]) -> None:
             pending[key] = projection
 
 
-def _parked(handler: str, recorded: Recorded[Any], error: BaseException, attempts: int) -> Parked:
+def _parked(handler: str, recorded: Recorded[Any], error: str, attempts: int) -> Parked:
     return Parked(
         handler=handler,
         position=recorded.position,
         event_id=recorded.event_id,
         aggregate_id=recorded.aggregate_id,
         event_type=recorded.event_type,
-        error=f"{type(error).__name__}: {error}",
+        error=error,
         attempts=attempts,
         parked_at=utc_now(),
     )
+
+
+def _failure(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _held_behind(head: Parked) -> str:
+    """The error text of an event held behind ``head`` (attempts 0 says it is held)."""
+    return f"held behind #{head.position} ({head.error})"
+
+
+def _by_stream(parked: Iterable[Parked]) -> dict[str, list[Parked]]:
+    """Dead letters per aggregate id, each stream's in position order."""
+    streams: dict[str, list[Parked]] = {}
+    for entry in sorted(parked, key=lambda p: p.position):
+        streams.setdefault(entry.aggregate_id, []).append(entry)
+    return streams
 
 
 def _aggregates_for(

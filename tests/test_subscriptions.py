@@ -170,7 +170,8 @@ def test_a_restarted_subscription_resumes_from_its_checkpoint(store_url: str) ->
 
 def test_a_failing_event_is_parked_and_the_rest_are_processed(store_url: str) -> None:
     """A listener that keeps failing on one event is retried, then that event is parked
-    with its error, and the events after it are still handled."""
+    with its error; its stream's later events are held behind it and the events of
+    other streams are still handled."""
     fail_on = {2}
     app = writer(store_url, recording_handler(fail_on=fail_on))
     subscription = app.subscriptions["recorder"]
@@ -178,19 +179,25 @@ def test_a_failing_event_is_parked_and_the_rest_are_processed(store_url: str) ->
     for number in ("A", "B"):
         app.dispatch(OpenAccount(aggregate_id=number))
     app.dispatch(DepositMoney(aggregate_id="B", amount=9))
+    app.dispatch(DepositMoney(aggregate_id="A", amount=4))
     app.subscriptions.catch_up()
 
-    [parked] = subscription.parked()
+    parked, held = subscription.parked()
     assert (parked.position, parked.aggregate_id, parked.event_type) == (2, "B", "AccountOpened")
     assert parked.attempts == subscription.retries + 1
     assert "cannot handle #2" in parked.error
-    assert subscription.position == 3
-    row = app.projection_store.get(Seen, "B")
-    assert row is not None and row.balance == 9  # the deposit after it was handled
+    assert (held.position, held.attempts, held.held) == (3, 0, True)
+    assert held.error == f"held behind #2 ({parked.error})"
+    assert subscription.position == 4
+    assert app.projection_store.get(Seen, "B") is None  # its deposit waits behind it
+    row = app.projection_store.get(Seen, "A")
+    assert row is not None and row.balance == 4  # another stream goes on
 
-    fail_on.clear()  # the bug is fixed: retrying empties the dead-letter store
-    assert subscription.retry_parked() == [2]
+    fail_on.clear()  # the bug is fixed: retrying empties the dead-letter store, in order
+    assert subscription.retry_parked() == [2, 3]
     assert subscription.parked() == []
+    row = app.projection_store.get(Seen, "B")
+    assert row is not None and row.balance == 9
 
 
 def test_a_subscription_told_to_stop_stops_at_the_failing_event(store_url: str) -> None:

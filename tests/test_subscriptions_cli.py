@@ -107,3 +107,89 @@ def test_retry_handles_parked_events_again(durable_url: str) -> None:
     assert checkpoints.parked() == []
     assert app.projection_store.get(bank.BankAccount, "A") is not None
     app.event_store.close()
+
+
+def park_for(
+    app: incident.CommandHandler, handler: str, recorded: incident.Recorded[object], error: str
+) -> None:
+    """Park one event by hand: failed (4 tries), or held (0) when the error says so."""
+    incident.stores.checkpoint_store_for(app.event_store).park(
+        incident.Parked(
+            handler=handler,
+            position=recorded.position,
+            event_id=recorded.event_id,
+            aggregate_id=recorded.aggregate_id,
+            event_type=recorded.event_type,
+            error=error,
+            attempts=0 if error.startswith("held behind") else 4,
+            parked_at=recorded.event_date,
+        )
+    )
+
+
+def a_parked_stream(durable_url: str) -> incident.CommandHandler:
+    """Account A: opened (handled), a deposit that failed, a deposit held behind it."""
+    app = bank.build(durable_url, subscriptions=True)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=7))
+    _, failed, held = app.event_store.get("A")
+    park_for(app, "bank_projections", failed, "RuntimeError: boom")
+    park_for(app, "bank_projections", held, "held behind #2 (RuntimeError: boom)")
+    return app
+
+
+def table_cells(output: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in output.splitlines()
+        if line.startswith("│")
+    ]
+
+
+def test_subscriptions_shows_held_entries_apart_from_failed_ones(durable_url: str) -> None:
+    """`incident subscriptions URL --parked` counts held entries and marks each entry
+    failed (with its tries) or held."""
+    app = a_parked_stream(durable_url)
+    result = CliRunner().invoke(
+        main, ["subscriptions", durable_url, "--parked"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    cells = table_cells(result.output)
+    assert ["bank_projections", "0", "3", "2 (1 held)"] in cells, result.output
+    states = {row[1]: row[4] for row in cells if len(row) == 6}
+    assert states == {"2": "4 tries", "3": "held"}, result.output
+    assert "held behind #2" in result.output
+    app.event_store.close()
+
+
+def test_retry_handles_a_stream_in_order(durable_url: str) -> None:
+    """`incident retry` handles the failed event, then the one held behind it."""
+    app = a_parked_stream(durable_url)
+    result = CliRunner().invoke(
+        main, ["retry", durable_url, "--handler", "incident.examples.bank:bank_projections"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 parked events handled" in result.output
+    row = app.projection_store.get(bank.BankAccount, "A")
+    assert row is not None and (row.balance, row.version) == (12, 3)
+    app.event_store.close()
+
+
+def test_retry_skip_drops_an_event_and_retries_the_ones_behind_it(durable_url: str) -> None:
+    """`incident retry --skip POSITION` drops that dead letter unhandled, then retries the
+    rest; a position that is not parked is refused."""
+    app = a_parked_stream(durable_url)
+    handler = ["--handler", "incident.examples.bank:bank_projections"]
+    refused = CliRunner().invoke(main, ["retry", durable_url, *handler, "--skip", "1"])
+    assert refused.exit_code != 0
+    assert "#1 is not parked" in refused.output
+
+    result = CliRunner().invoke(main, ["retry", durable_url, *handler, "--skip", "2"])
+    assert result.exit_code == 0, result.output
+    assert "skipped #2 MoneyDeposited unhandled" in result.output
+    assert "1 of 1 parked events handled" in result.output
+    assert incident.stores.checkpoint_store_for(app.event_store).parked() == []
+    row = app.projection_store.get(bank.BankAccount, "A")  # made from the state: 5 + 7
+    assert row is not None and (row.balance, row.version) == (12, 3)
+    app.event_store.close()

@@ -207,7 +207,8 @@ class ReplaceableProjectionStore(Protocol):
 
 class Parked(msgspec.Struct, frozen=True, kw_only=True):
     """An event a subscription gave up on: it stays in the dead-letter store, with the
-    last error, until it is retried successfully or dropped."""
+    last error, until it is retried successfully or skipped. A *held* entry is one that
+    waits behind an earlier parked event of its stream (parking holds the stream)."""
 
     handler: str
     position: int
@@ -217,6 +218,12 @@ class Parked(msgspec.Struct, frozen=True, kw_only=True):
     error: str
     attempts: int
     parked_at: dt.datetime
+
+    @property
+    def held(self) -> bool:
+        """Held behind an earlier failure of its stream, never tried itself (attempts 0),
+        as opposed to an event whose listeners failed."""
+        return self.attempts == 0
 
 
 @runtime_checkable
