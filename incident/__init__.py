@@ -22,6 +22,7 @@ from .errors import (
     RegistrationError,
     Rejected,
     RoutingError,
+    SnapshotMismatch,
     StoreError,
     UnknownEventType,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RegistrationError",
     "Rejected",
     "RoutingError",
+    "SnapshotMismatch",
     "StoreError",
     "Subscription",
     "SubscriptionFailed",
