@@ -21,8 +21,10 @@ that would not come back as it went in.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import decimal
+import dis
 import enum
 import functools
 import hashlib
@@ -134,6 +136,25 @@ def _is_library(module_name: str, own: frozenset[str]) -> bool:
     if "site-packages" in path or "dist-packages" in path:
         return True
     return any(path.startswith(prefix + "/") for prefix in _installed_paths())
+
+
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_used(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The global names a code object reads and the attribute names it reads, in order
+    of first use: co_names mixes them, and an attribute (``event.line``) must not be
+    looked up as a global that happens to share its name."""
+    globals_used: dict[str, None] = {}
+    attributes: dict[str, None] = {}
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _GLOBAL_LOADS:
+            globals_used[instruction.argval] = None
+        elif instruction.opname in _ATTRIBUTE_LOADS:
+            attributes[instruction.argval] = None
+    return tuple(globals_used), tuple(attributes)
 
 
 def _name(value: Any) -> str:
@@ -291,18 +312,19 @@ class _CodeHasher:
         )
         for constant in code.co_consts:
             self.value(constant, namespace)
-        for name in code.co_names:
-            if name in namespace:  # else a builtin, or an attribute's name
+        globals_used, attributes = _names_used(code)
+        for name in globals_used:
+            if name in namespace:  # else a builtin
                 self.put("global", name)
                 found = namespace[name]
                 if isinstance(found, types.ModuleType):
-                    self._module(found, code.co_names)
+                    self._module(found, attributes)
                 else:
                     self.reference(found)
 
     def _module(self, module: types.ModuleType, names: tuple[str, ...]) -> None:
         """A module used by user code: what the code may take from it, ``module.helper``
-        (any of the code's names that the module has)."""
+        (any attribute the code reads that the module has)."""
         self.put("module", module.__name__)
         if not self._followed(module) or not self._enter(module):
             return
@@ -360,12 +382,18 @@ class _CodeHasher:
             self.put("annotation", str(hint))
             return
         origin = typing.get_origin(hint)
-        self.put("generic", _name(origin) if origin is not None else repr(hint))
+        self.put("generic", _name(origin) if origin is not None else _repr(hint))
         for argument in typing.get_args(hint):
             if isinstance(argument, type) or typing.get_origin(argument) is not None:
-                self.hint(argument, force=force)
+                self.hint(argument)  # followed only when it is user code, as a field's class
             else:  # Literal values, Annotated metadata, ...
-                self.put(plain_text(argument) or repr(argument))
+                self.put(plain_text(argument) or _repr(argument))
+
+
+def _repr(value: Any) -> str:
+    """repr, unless it holds an address (the default object repr): then the type's name."""
+    text = repr(value)
+    return _name(type(value)) if " at 0x" in text else text
 
 
 # -- encoding the state ---------------------------------------------------------
@@ -608,7 +636,10 @@ def verify_snapshot(
     """Fold ``events`` (the stream from its start) up to the snapshot's version and
     compare with the snapshot's state; SnapshotMismatch at the first difference."""
     state, version = loaded
-    folded, count = aggregate.fold_count(itertools.islice(events, version), aggregate.initial)
+    stream = iter(events)
+    folded, count = aggregate.fold_count(itertools.islice(stream, version), aggregate.initial)
+    # read to the end: a store's stream may not be closable half way (a chain of batches)
+    collections.deque(stream, maxlen=0)
     key = snapshot_key(aggregate, aggregate_id)
     if count < version:
         raise SnapshotMismatch(key, version, "version", version, count)

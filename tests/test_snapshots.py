@@ -520,3 +520,21 @@ def test_a_cold_start_with_or_without_snapshots_is_the_fold(
         assert first_difference(without.state("book", "B"), folded) is None
     snapshot = projections.get(Snapshot, "book/B")
     assert snapshot is not None and snapshot.version == 9
+
+
+def test_only_globals_the_code_reads_enter_the_key() -> None:
+    """A module constant an apply function reads is part of the key; a global that only
+    shares its name with an attribute the function reads (``event.amount``) is not."""
+    namespace: dict[str, Any] = {"incident": incident, "Deposited": Deposited, "RATE": 2}
+    exec(
+        "counted = incident.Aggregate('counted', initial=0)\n"
+        "@counted.apply(Deposited)\n"
+        "def deposited(total: int, event: Deposited) -> int:\n"
+        "    return total + event.amount * RATE\n",
+        namespace,
+    )
+    before = code_key(namespace["counted"])
+    namespace["amount"] = 7  # a notebook's loop variable, say
+    assert code_key(namespace["counted"]) == before
+    namespace["RATE"] = 3
+    assert code_key(namespace["counted"]) != before
