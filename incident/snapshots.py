@@ -113,7 +113,7 @@ def _installed_paths() -> tuple[str, ...]:
     paths = {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
     paths.update(site.getsitepackages())
     paths.add(site.getusersitepackages())
-    return tuple(str(Path(path).resolve()) for path in paths)
+    return tuple(str(Path(path).resolve()) for path in paths if path)
 
 
 def _is_library(module_name: str, own: frozenset[str]) -> bool:
@@ -132,13 +132,13 @@ def _is_library(module_name: str, own: frozenset[str]) -> bool:
     filename = getattr(module, "__file__", None)
     if filename is None:  # __main__ of a notebook or a REPL, exec'd code: the user's
         return False
-    path = str(Path(filename).resolve())
-    if "site-packages" in path or "dist-packages" in path:
+    path = Path(filename).resolve()
+    if {"site-packages", "dist-packages"} & set(path.parts):
         return True
-    return any(path.startswith(prefix + "/") for prefix in _installed_paths())
+    return any(path.is_relative_to(prefix) for prefix in _installed_paths())
 
 
-_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
 _ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 
 
@@ -162,7 +162,7 @@ def _name(value: Any) -> str:
     return f"{module}:{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
-def plain_text(value: Any) -> str | None:
+def _plain_text(value: Any) -> str | None:
     """A stable text for plain data (scalars, dates, decimals, enum members, and
     containers of them, sets and dicts sorted), or None for anything else."""
     if value is None or isinstance(
@@ -172,19 +172,19 @@ def plain_text(value: Any) -> str | None:
     if value is Ellipsis:
         return "..."
     if isinstance(value, enum.Enum):
-        return f"enum:{_name(type(value))}.{value.name}"
+        return f"enum:{_name(type(value))}.{value.name}={_plain_text(value.value)}"
     if isinstance(value, dt.date | dt.time | dt.timedelta):  # datetime is a date
         return f"{type(value).__name__}:{value!r}"
     if isinstance(value, tuple | list):
-        items = [plain_text(item) for item in value]
+        items = [_plain_text(item) for item in value]
         return None if None in items else f"{type(value).__name__}[{','.join(items)}]"  # type: ignore[arg-type]
     if isinstance(value, set | frozenset):
-        items = [plain_text(item) for item in value]
+        items = [_plain_text(item) for item in value]
         if None in items:
             return None
         return f"{type(value).__name__}{{{','.join(sorted(items))}}}"  # type: ignore[arg-type]
     if isinstance(value, dict):
-        pairs = [(plain_text(key), plain_text(item)) for key, item in value.items()]
+        pairs = [(_plain_text(key), _plain_text(item)) for key, item in value.items()]
         if any(key is None or item is None for key, item in pairs):
             return None
         return f"dict{{{','.join(sorted(f'{key}:{item}' for key, item in pairs))}}}"
@@ -219,7 +219,10 @@ class _CodeHasher:
         return True
 
     def _followed(self, value: Any) -> bool:
-        module = getattr(value, "__module__", None)
+        if isinstance(value, types.ModuleType):
+            module: Any = value.__name__
+        else:
+            module = getattr(value, "__module__", None)
         if not isinstance(module, str):  # code exec'd without a __name__: the user's
             return True
         if module not in self._library:
@@ -255,7 +258,7 @@ class _CodeHasher:
             self.value(value)
 
     def value(self, value: Any, namespace: dict[str, Any] | None = None) -> None:
-        text = plain_text(value)
+        text = _plain_text(value)
         if text is not None:
             self.put(text)
         elif isinstance(value, types.CodeType):
@@ -326,7 +329,7 @@ class _CodeHasher:
         """A module used by user code: what the code may take from it, ``module.helper``
         (any attribute the code reads that the module has)."""
         self.put("module", module.__name__)
-        if not self._followed(module) or not self._enter(module):
+        if not self._followed(module):
             return
         for name in names:
             found = getattr(module, name, None)
@@ -369,7 +372,7 @@ class _CodeHasher:
             if isinstance(
                 member,
                 types.FunctionType | staticmethod | classmethod | property | enum.Enum,
-            ) or (plain_text(member) is not None):
+            ) or (_plain_text(member) is not None):
                 self.put("member", name)
                 self.reference(member)
 
@@ -387,7 +390,7 @@ class _CodeHasher:
             if isinstance(argument, type) or typing.get_origin(argument) is not None:
                 self.hint(argument)  # followed only when it is user code, as a field's class
             else:  # Literal values, Annotated metadata, ...
-                self.put(plain_text(argument) or _repr(argument))
+                self.put(_plain_text(argument) or _repr(argument))
 
 
 def _repr(value: Any) -> str:
@@ -484,11 +487,17 @@ def check_snapshottable(aggregate: Aggregate[Any]) -> None:
         ) from error
     open_at = _open_part(info, "state")
     if open_at is not None:
-        where, what = open_at
+        where, cls = open_at
+        if cls is not None:
+            raise RegistrationError(
+                f"{name}: snapshots cannot encode and decode {_type_text(cls)} (at {where}): "
+                "msgspec does not know it; make the state a msgspec Struct, a dataclass or "
+                "builtins, or leave snapshot_every unset"
+            )
         raise RegistrationError(
             f"{name}: snapshots read the state back as {_type_text(state_type)}, which leaves "
-            f"{where} open ({what}: it would come back as plain JSON, str keys and lists); "
-            f"declare state_type={_suggestion(initial, state_type)}"
+            f"{where} open (a bare dict, list, tuple or set, Any or object comes back as "
+            f"plain JSON: str keys, lists); {_advice(initial)}"
         )
     try:
         _, decoded = _round_trip(initial, state_type)
@@ -507,7 +516,8 @@ def check_snapshottable(aggregate: Aggregate[Any]) -> None:
         path, back, before = difference
         raise RegistrationError(
             f"{name}: the initial state does not survive a snapshot: at {path}, {before!r} "
-            f"reads back as {back!r}; declare a state_type that says what it is"
+            f"reads back as {back!r}; declare the state_type it has (state_type=...), or "
+            "an initial state of the declared type"
         )
 
 
@@ -519,16 +529,19 @@ _WITH_FIELDS = (
 )
 
 
-def _open_part(info: Any, path: str, seen: set[int] | None = None) -> tuple[str, str] | None:
-    """Where a type leaves the decoded value's type to JSON, and how."""
+def _open_part(
+    info: Any, path: str, seen: set[int] | None = None
+) -> tuple[str, type | None] | None:
+    """Where a type leaves the decoded value's type to JSON, with the class msgspec does
+    not know if that is why (else None: Any, a bare container)."""
     seen = set() if seen is None else seen
     if id(info) in seen:
         return None
     seen.add(id(info))
     if isinstance(info, msgspec.inspect.AnyType):
-        return path, "Any, or a bare container"
+        return path, None
     if isinstance(info, msgspec.inspect.CustomType):
-        return path, f"{_type_text(info.cls)}, which msgspec does not decode"
+        return path, info.cls
     children: list[tuple[str, Any]] = []
     if isinstance(info, msgspec.inspect.DictType):
         children = [(f"{path}'s keys", info.key_type), (f"{path}'s values", info.value_type)]
@@ -559,20 +572,38 @@ def _type_text(hint: Any) -> str:
     return repr(hint).replace("typing.", "").replace("decimal.", "").replace("datetime.", "")
 
 
-def _suggestion(initial: Any, state_type: Any) -> str:
-    """A state_type spelled from a sample of the initial state, else a worked example."""
-    if isinstance(initial, dict) and initial:
-        key, value = next(iter(initial.items()))
-        return f"dict[{type(key).__qualname__}, {type(value).__qualname__}]"
-    if isinstance(initial, list | set | frozenset) and initial:
-        return f"{type(initial).__name__}[{type(next(iter(initial))).__qualname__}]"
-    if isinstance(initial, tuple) and initial:
-        return f"tuple[{type(initial[0]).__qualname__}, ...]"
-    if state_type is dict or isinstance(initial, dict):
-        return "dict[K, V] with the key and value types, e.g. state_type=dict[int, Decimal]"
-    if state_type in (list, set, frozenset, tuple) or isinstance(initial, list | tuple | set):
-        return "with the item type, e.g. state_type=list[int] or tuple[str, ...]"
-    return "a type whose every field says its type (no Any, no bare dict or list)"
+def _advice(initial: Any) -> str:
+    """What to declare: spelled from the initial state when it holds a sample of each
+    part, else with placeholders and an example."""
+    spelled = _spell(initial)
+    if "?" not in spelled:
+        return f"declare state_type={spelled}"
+    if isinstance(initial, dict):
+        return "declare state_type=dict[K, V] with the key and value types, e.g. dict[int, Decimal]"
+    if isinstance(initial, list | tuple | set | frozenset):
+        return "declare the item type, e.g. state_type=list[int] or tuple[str, ...]"
+    return "declare a state_type whose every part says its type (no Any, no bare dict or list)"
+
+
+def _spell(value: Any) -> str:
+    """The type of a sample value, containers with their contents' types ("?" where a
+    container is empty)."""
+    if isinstance(value, dict):
+        if not value:
+            return "dict[?, ?]"
+        key, item = next(iter(value.items()))
+        return f"dict[{_spell(key)}, {_spell(item)}]"
+    if isinstance(value, tuple) and type(value) is tuple:
+        return f"tuple[{', '.join(_spell(item) for item in value)}]" if value else "tuple[?]"
+    if isinstance(value, list | set | frozenset):
+        inside = _spell(next(iter(value))) if value else "?"
+        return f"{type(value).__name__}[{inside}]"
+    try:
+        known = msgspec.inspect.type_info(type(value))
+    except (TypeError, ValueError):
+        return "?"
+    unknown = msgspec.inspect.AnyType | msgspec.inspect.CustomType
+    return "?" if isinstance(known, unknown) else type(value).__qualname__
 
 
 # -- comparing states ------------------------------------------------------------------

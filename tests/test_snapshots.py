@@ -376,8 +376,8 @@ class Opaque:
         ([], None, "list[int]"),
         ({}, dict[int, Any], "state's values open"),
         (None, None, "state_type=YourState | None"),
-        (Opaque(), None, "msgspec does not decode"),
-        (object(), Any, "open (Any"),
+        (Opaque(), None, "msgspec does not know it"),
+        (object(), Any, "leaves state open"),
         ((1, 2), tuple[int, int], None),  # fine: declared
         ({}, dict[int, Decimal], None),
     ],
