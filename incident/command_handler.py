@@ -131,7 +131,7 @@ class CommandHandler:
         self.verify_snapshots = verify_snapshots
         self._codes: dict[str, str] = {}
         if snapshot_every is not None:
-            for aggregate in aggregates:
+            for aggregate in self.aggregates:
                 check_snapshottable(aggregate)
                 self._codes[aggregate.name] = code_key(aggregate)
         self._routes = _routes(self.aggregates)
