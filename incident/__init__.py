@@ -23,6 +23,7 @@ from .errors import (
     RegistrationError,
     Rejected,
     RoutingError,
+    SnapshotMismatch,
     StoreError,
     UnknownEventType,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RegistrationError",
     "Rejected",
     "RoutingError",
+    "SnapshotMismatch",
     "StoreError",
     "Subscription",
     "SubscriptionFailed",

@@ -88,7 +88,14 @@ class Aggregate(Generic[S]):
     [2, 5]
     """
 
-    def __init__(self, name: str, *, initial: S) -> None:
+    def __init__(
+        self, name: str, *, initial: S, state_type: Any = None, snapshot_version: int = 1
+    ) -> None:
+        """``state_type`` is the type snapshots encode and decode the state as (by default
+        ``type(initial)``; declare it when that says too little, e.g. ``dict[int,
+        Decimal]`` for ``initial={}``). ``snapshot_version`` is part of the snapshot key:
+        bump it when the meaning of the state changes in a way the code does not show, and
+        every older snapshot is ignored (see docs/snapshots.md)."""
         if initial is None:
             # None is what an apply function that forgot its return gives: keeping it
             # out of every state is what lets a fold catch that at once
@@ -96,8 +103,12 @@ class Aggregate(Generic[S]):
                 f"Aggregate {name!r}: initial=None is not a state; start from a value "
                 "(a Struct with defaults, 0, (), a dataclass...)"
             )
+        if isinstance(snapshot_version, bool) or not isinstance(snapshot_version, int):
+            raise RegistrationError(f"{name}: snapshot_version must be an int")
         self.name = name
         self.initial = initial
+        self.state_type: Any = type(initial) if state_type is None else state_type
+        self.snapshot_version = snapshot_version
         self._executors: dict[type[Command], Callable[[S, Any], Any]] = {}
         self._appliers: dict[type[Event], Callable[[S, Any], S]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}

@@ -33,7 +33,15 @@ from .errors import (
 )
 from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
 from .messages import Command, Projection, Recorded, event_type_name
-from .snapshots import Snapshot, code_key, load_snapshot, snapshot_key, take_snapshot
+from .snapshots import (
+    Snapshot,
+    check_snapshottable,
+    code_key,
+    load_snapshot,
+    snapshot_key,
+    take_snapshot,
+    verify_snapshot,
+)
 from .state_cache import StateCache
 from .stores import (
     CheckpointStore,
@@ -75,7 +83,10 @@ class CommandHandler:
     aggregate in it is decided without reading the store, the append's expected version
     catching a stale entry (0 turns the cache off: every command reads its stream).
     ``snapshot_every=N`` stores the state every N events (with the events, in the
-    projection store) so a cold start reads the latest snapshot and what follows it.
+    projection store) so a cold start reads the latest snapshot and what follows it; a
+    state type that would not read back as it is, is refused here (see
+    docs/snapshots.md). ``verify_snapshots=True`` folds the stream behind every snapshot
+    read and raises SnapshotMismatch where they differ (for tests and cautious deploys).
 
     ``event_handlers`` run inline, inside ``dispatch``; ``subscriptions`` run durably,
     each following the log from its checkpoint in ``checkpoint_store`` (by default the
@@ -97,6 +108,7 @@ class CommandHandler:
         backoff: float = 0.002,
         cache_size: int = 10_000,
         snapshot_every: int | None = None,
+        verify_snapshots: bool = False,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -121,7 +133,12 @@ class CommandHandler:
         if snapshot_every is not None and snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
         self.snapshot_every = snapshot_every
-        self._codes = {aggregate.name: code_key(aggregate) for aggregate in aggregates}
+        self.verify_snapshots = verify_snapshots
+        self._codes: dict[str, str] = {}
+        if snapshot_every is not None:
+            for aggregate in self.aggregates:
+                check_snapshottable(aggregate)
+                self._codes[aggregate.name] = code_key(aggregate)
         self._routes = _routes(self.aggregates)
         _refuse_shared_names(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
@@ -189,7 +206,26 @@ class CommandHandler:
         if self.snapshot_every is None:
             return None
         stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
-        return load_snapshot(aggregate, stored, self._codes[aggregate.name])
+        loaded = load_snapshot(aggregate, stored, self._codes[aggregate.name])
+        if loaded is not None and self.verify_snapshots:
+            with closing_iterator(self.event_store.events(aggregate_id)) as events:
+                verify_snapshot(aggregate, aggregate_id, loaded, events)
+        return loaded
+
+    def verify_snapshot(self, aggregate: Aggregate[Any] | str, aggregate_id: str) -> int | None:
+        """Check the stored snapshot of one aggregate against its events: the version it
+        was taken at, once its state equals the fold of the stream up to there; None when
+        there is no snapshot this code would read; SnapshotMismatch (the first field that
+        differs, both values) when they disagree."""
+        aggregate = self._aggregate(aggregate)
+        code = self._codes.get(aggregate.name) or code_key(aggregate)
+        stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
+        loaded = load_snapshot(aggregate, stored, code)
+        if loaded is None:
+            return None
+        with closing_iterator(self.event_store.events(aggregate_id)) as events:
+            verify_snapshot(aggregate, aggregate_id, loaded, events)
+        return loaded[1]
 
     def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
         """(state, version): from the cache plus the events after it, else the whole stream."""

@@ -21,6 +21,7 @@ __all__ = [
     "RegistrationError",
     "Rejected",
     "RoutingError",
+    "SnapshotMismatch",
     "StoreError",
     "UnknownEventType",
 ]
@@ -171,6 +172,23 @@ class FollowUpFailed(IncidentError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.recorded, self.owed, self.problem))
+
+
+class SnapshotMismatch(IncidentError):
+    """A stored snapshot's state is not what folding its events gives (found when
+    snapshots are verified): ``path`` is the first place they differ, with the value in
+    the snapshot and the value the fold gives."""
+
+    def __init__(self, snapshot: str, version: int, path: str, stored: Any, folded: Any) -> None:
+        self.snapshot, self.version, self.path = snapshot, version, path
+        self.stored, self.folded = stored, folded
+        super().__init__(
+            f"The snapshot {snapshot!r} at version {version} is not the state its events fold "
+            f"to: at {path}, the snapshot has {stored!r} and the fold gives {folded!r}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.snapshot, self.version, self.path, self.stored, self.folded))
 
 
 class StoreError(IncidentError):
