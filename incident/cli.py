@@ -30,7 +30,7 @@ from .aggregate import Aggregate
 from .command_handler import CommandHandler
 from .event_handler import EventHandler
 from .messages import Recorded
-from .stores import checkpoint_store_for, open_event_store
+from .stores import Owed, checkpoint_store_for, open_event_store
 from .stores.sqlite import MEMORY, sqlite_path
 from .subscriptions import Subscription, Subscriptions, last_position
 
@@ -237,14 +237,21 @@ def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> Non
 
 @main.command()
 @click.argument("url")
-@click.option("--parked", "show_parked", is_flag=True, help="Also list the parked events.")
+@click.option(
+    "--parked",
+    "show_parked",
+    is_flag=True,
+    help="Also list the parked events and the owed follow-ups, one by one.",
+)
 def subscriptions(url: str, show_parked: bool) -> None:
-    """List the subscriptions of the store at URL: checkpoint, lag and parked events."""
+    """List the subscriptions of the store at URL: checkpoint, lag and parked events;
+    and the follow-ups inline handlers still owe."""
     console = _console()
     tables = _require_store(url, "events")
     store = _open(url, create_tables=False)
     positions: dict[str, int] = {}
     parked: list[Any] = []
+    owed: list[Owed] = []
     try:
         head = last_position(store)
         # no subscription has run here yet; reading would create the tables
@@ -252,6 +259,8 @@ def subscriptions(url: str, show_parked: bool) -> None:
             checkpoints = checkpoint_store_for(store)
             positions = checkpoints.checkpoints()
             parked = checkpoints.parked()
+        if tables is None or "incident_owed" in tables:  # a store from before owed work
+            owed = store.owed()
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
     finally:
@@ -276,12 +285,24 @@ def subscriptions(url: str, show_parked: bool) -> None:
             state = "held" if p.held else f"[red]{p.attempts} tries[/]"
             detail.add_row(p.handler, str(p.position), p.aggregate_id, p.event_type, state, p.error)
         console.print(detail)
+    _print_owed(console, owed, show_parked)
 
 
 @main.command()
 @click.argument("url")
 @click.option(
-    "--handler", "handler_path", required=True, help="The EventHandler, as module:object."
+    "--handler",
+    "handler_path",
+    default=None,
+    help="A subscription's EventHandler, as module:object.",
+)
+@click.option(
+    "--inline",
+    "inline_paths",
+    multiple=True,
+    metavar="MODULE:OBJECT",
+    help="An inline EventHandler of the application whose owed follow-ups to complete "
+    "(repeatable: give them all).",
 )
 @click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
 @click.option(
@@ -300,28 +321,51 @@ def subscriptions(url: str, show_parked: bool) -> None:
 )
 def retry(
     url: str,
-    handler_path: str,
+    handler_path: str | None,
+    inline_paths: tuple[str, ...],
     aggregate_paths: tuple[str, ...],
     position: int | None,
     skips: tuple[int, ...],
 ) -> None:
-    """Handle a handler's parked events again, stream by stream in log order; those that
-    succeed leave the dead letters. One that fails again keeps the rest of its stream
-    held behind it; --skip drops it (unhandled) so that the rest can go."""
+    """Handle a subscription's parked events again, stream by stream in log order; those
+    that succeed leave the dead letters. One that fails again keeps the rest of its
+    stream held behind it; --skip drops it (unhandled) so that the rest can go.
+
+    --inline names the application's inline handlers (all of them: the commands
+    dispatched run them, as in the application): the follow-ups they still owe are
+    completed, each command once."""
+    if handler_path is None and not inline_paths:
+        raise click.UsageError("name a subscription (--handler) or inline handlers (--inline)")
     console = _console()
-    handler = _load(handler_path, EventHandler)
-    aggregates = _aggregates_for([handler_path], aggregate_paths)
+    inline = [_load(path, EventHandler) for path in inline_paths]
+    paths = [*([handler_path] if handler_path else []), *inline_paths]
+    aggregates = _aggregates_for(paths, aggregate_paths)
     store = _open(url)
     try:
-        subscription = Subscription(handler, CommandHandler(store, aggregates=aggregates))
-        skipped = [subscription.skip_parked(skip) for skip in skips]
-        waiting = len(subscription.parked())
-        done = subscription.retry_parked(position)
-        left = subscription.parked()
+        app = CommandHandler(store, aggregates=aggregates, event_handlers=inline)
+        if inline:
+            waiting_owed = [o for o in store.owed() if o.handler in {h.name for h in inline}]
+            completed = app.complete_owed()
+            still_owed = [o for o in store.owed() if o.handler in {h.name for h in inline}]
+        if handler_path is not None:
+            handler = _load(handler_path, EventHandler)
+            subscription = Subscription(handler, app)
+            skipped = [subscription.skip_parked(skip) for skip in skips]
+            waiting = len(subscription.parked())
+            done = subscription.retry_parked(position)
+            left = subscription.parked()
     except errors.IncidentError as error:
         raise click.ClickException(str(error)) from error
     finally:
         store.close()
+    if inline:
+        console.print(f"{len(completed)} of {len(waiting_owed)} owed follow-ups completed")
+        for owed in still_owed:
+            console.print(
+                f"  still owed: {owed.handler} for #{owed.position} {owed.event_type}: {owed.error}"
+            )
+    if handler_path is None:
+        return
     for parked in skipped:
         console.print(f"{handler.name}: skipped #{parked.position} {parked.event_type} unhandled")
     console.print(f"{handler.name}: {len(done)} of {waiting} parked events handled")
@@ -341,10 +385,22 @@ def retry(
     multiple=True,
     help="An EventHandler to run, as module:object (repeatable).",
 )
+@click.option(
+    "--inline",
+    "inline_paths",
+    multiple=True,
+    metavar="MODULE:OBJECT",
+    help="An inline EventHandler of the application: the commands the subscriptions "
+    "dispatch run it, as in the application (repeatable).",
+)
 @click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
 @click.option("--batch-size", type=int, default=5000, show_default=True)
 def subscribe(
-    url: str, handler_paths: tuple[str, ...], aggregate_paths: tuple[str, ...], batch_size: int
+    url: str,
+    handler_paths: tuple[str, ...],
+    inline_paths: tuple[str, ...],
+    aggregate_paths: tuple[str, ...],
+    batch_size: int,
 ) -> None:
     """Run handlers as durable subscriptions on the store at URL until interrupted.
 
@@ -356,7 +412,11 @@ def subscribe(
     aggregates = _aggregates_for(handler_paths, aggregate_paths)
     store = _open(url)
     try:
-        app = CommandHandler(store, aggregates=aggregates)
+        app = CommandHandler(
+            store,
+            aggregates=aggregates,
+            event_handlers=[_load(p, EventHandler) for p in inline_paths],
+        )
         running = Subscriptions(Subscription(h, app, batch_size=batch_size) for h in handlers)
         console.print(f"running {', '.join(running)} on {url} (Ctrl-C stops)")
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same
@@ -375,6 +435,33 @@ def subscribe(
         raise click.ClickException(str(error)) from error
     finally:
         store.close()
+
+
+def _print_owed(console: Console, owed: list[Owed], detailed: bool) -> None:
+    """What inline handlers still owe: a count per handler, each one with ``detailed``."""
+    if not owed:
+        return
+    table = Table(title="owed follow-ups (incident retry URL --inline ... completes them)")
+    for column in ("inline handler", "owed", "oldest"):
+        table.add_column(column, justify="left" if column == "inline handler" else "right")
+    for name in sorted({o.handler for o in owed}):
+        mine = [o for o in owed if o.handler == name]
+        table.add_row(name, str(len(mine)), f"#{mine[0].position}")
+    console.print(table)
+    if detailed:
+        detail = Table(title="owed follow-ups")
+        for column in ("handler", "pos", "aggregate id", "type", "tries", "error"):
+            detail.add_column(column)
+        for o in owed:
+            detail.add_row(
+                o.handler,
+                str(o.position),
+                o.aggregate_id,
+                o.event_type,
+                str(o.attempts),
+                o.error or "",
+            )
+        console.print(detail)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -193,3 +193,56 @@ def test_retry_skip_drops_an_event_and_retries_the_ones_behind_it(durable_url: s
     row = app.projection_store.get(bank.BankAccount, "A")  # made from the state: 5 + 7
     assert row is not None and (row.balance, row.version) == (12, 3)
     app.event_store.close()
+
+
+def test_owed_follow_ups_are_listed_and_completed_from_the_shell(durable_url: str) -> None:
+    """A crash right after a transfer was requested leaves its follow-ups owed:
+    `incident subscriptions` lists them, and `incident retry --inline` (with all the
+    application's inline handlers) completes the transfer once."""
+    app = incident.CommandHandler(
+        durable_url,
+        aggregates=[bank.bank_account, bank.transfer],
+        event_handlers=[bank.bank_projections],  # the process did not run: as after a crash
+    )
+    for account in ("A", "B"):
+        app.dispatch(bank.OpenAccount(aggregate_id=account))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=100))
+    [requested] = app.dispatch(
+        bank.RequestTransfer(
+            aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=30
+        )
+    )
+    app.event_store.owe(
+        incident.Owed(
+            handler="money_transfer",
+            position=requested.position,
+            event_id=requested.event_id,
+            aggregate_id="T1",
+            event_type="TransferRequested",
+            owed_at=requested.event_date,
+        )
+    )
+    runner = CliRunner()
+    listed = runner.invoke(main, ["subscriptions", durable_url, "--parked"])
+    assert listed.exit_code == 0, listed.output
+    assert "owed follow-ups" in listed.output and "money_transfer" in listed.output
+
+    inline = ["--inline", "incident.examples.bank:bank_projections"]
+    inline += ["--inline", "incident.examples.bank:money_transfer"]
+    done = runner.invoke(main, ["retry", durable_url, *inline])
+    assert done.exit_code == 0, done.output
+    assert "1 of 1 owed follow-ups completed" in done.output
+    again = runner.invoke(main, ["retry", durable_url, *inline])
+    assert "0 of 0 owed follow-ups completed" in again.output
+    assert app.event_store.owed() == []
+    assert [r.event_type for r in app.event_store.get("T1")][-1] == "TransferCompleted"
+    row = app.projection_store.get(bank.BankAccount, "B")
+    assert row is not None and row.balance == 30
+    app.event_store.close()
+
+
+def test_retry_needs_a_subscription_or_inline_handlers(durable_url: str) -> None:
+    """`incident retry URL` alone says what it needs."""
+    result = CliRunner().invoke(main, ["retry", durable_url])
+    assert result.exit_code == 2
+    assert "--handler" in result.output and "--inline" in result.output
