@@ -8,30 +8,25 @@ return the recorded events.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import msgspec
-
 from .aggregate import Aggregate
 from .codec import validate_command
 from .errors import (
     ConcurrencyError,
     DuplicateCommand,
-    FollowUpFailed,
     ForeignStream,
-    IncidentError,
     InvalidCommand,
     RegistrationError,
     Rejected,
     RoutingError,
-    StoreError,
 )
-from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
+from .event_handler import Attempt, EventHandler
+from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps, owed_by, split_outputs
 from .messages import Command, Projection, Recorded, event_type_name
 from .snapshots import (
     Snapshot,
@@ -61,12 +56,6 @@ from .turns import Turns
 __all__ = ["CommandHandler"]
 
 log = logging.getLogger("incident")
-
-IDEMPOTENCY_KEY = "idempotency_key"
-
-# A follow-up to run after the command commits: the record that it is owed, the event
-# that caused it, and what each listener of the handler returned for it.
-FollowUp = tuple[Owed, Recorded[Any], list[tuple[str, list[Any]]]]
 
 
 class CommandHandler:
@@ -151,6 +140,13 @@ class CommandHandler:
             raise RegistrationError(
                 f"{', '.join(sorted(both))} cannot run both inline and as a subscription"
             )
+        self._follow_ups = FollowUps(
+            dispatch=self.dispatch,
+            event_store=self.event_store,
+            handlers=self.event_handlers,
+            aggregate=self._aggregate,
+            check=self._check_reaction,
+        )
         self.subscriptions = Subscriptions(
             Subscription(handler, self, checkpoints=checkpoint_store) for handler in subscriptions
         )
@@ -290,7 +286,7 @@ class CommandHandler:
             if stored.rejected is None:
                 return self._replay_outcome(command, stored)
             raise
-        self._carry_out(recorded, follow_ups)
+        self._follow_ups.carry_out(recorded, follow_ups)
         return recorded
 
     def _replay_outcome(self, command: Command, outcome: Outcome) -> list[Recorded[Any]]:
@@ -298,7 +294,7 @@ class CommandHandler:
             rejection = Rejected(outcome.rejected, outcome.detail)
             rejection.command = command
             raise rejection
-        self._complete_owed_for(outcome.recorded)  # what the first run left undone
+        self._follow_ups.complete_owed_for(outcome.recorded)  # what the first run left undone
         return outcome.recorded
 
     def _decide_and_append(
@@ -403,12 +399,12 @@ class CommandHandler:
             for record in recorded:
                 current = aggregate.evolve(current, record)
                 for handler in self.event_handlers:
-                    steps = _split_outputs(handler.outputs(record, current), projections)
+                    steps = split_outputs(handler.outputs(record, current), projections)
                     if steps:
                         for _, commands in steps:
                             for output in commands:
                                 self._check_reaction(output)
-                        follow_ups.append((_owed(handler.name, record), record, steps))
+                        follow_ups.append((owed_by(handler.name, record), record, steps))
                 every = self.snapshot_every
                 if every is not None and record.version % every == 0:
                     code = self._codes[aggregate.name]
@@ -434,38 +430,14 @@ class CommandHandler:
         else:
             self.aggregate_for(validate_command(reaction))
 
-    # -- follow-ups -----------------------------------------------------------
-
-    def _carry_out(self, recorded: list[Recorded[Any]], follow_ups: list[FollowUp]) -> None:
-        """After the commit: each handler's commands for each event, then its owed record
-        settled. A failure leaves that record (and those after it) owed."""
-        for index, (owed, cause, steps) in enumerate(follow_ups):
-            try:
-                self.follow_up(owed.handler, cause, steps)
-            except Exception as error:
-                still = [self._failed(owed, error), *(o for o, _, _ in follow_ups[index + 1 :])]
-                raise FollowUpFailed(recorded, still, _problem(error)) from error
-            self.event_store.settle(owed.handler, owed.position)
+    # -- follow-ups: see incident.follow_ups --------------------------------------
 
     def follow_up(
         self, handler: str, cause: Recorded[Any], steps: Sequence[tuple[str, Sequence[Any]]]
     ) -> None:
-        """Dispatch what ``handler``'s listeners returned for ``cause`` (``(listener name,
-        commands and attempts)`` pairs), each command under a key made of the handler's
-        name, the cause's event id, the listener's name and the command itself: carried
-        out again (a redelivered event, owed work completed after a crash), a command
-        that already ran returns its first outcome instead of running twice."""
-        for listener, commands in steps:
-            if commands:
-                self.react(tuple(commands), cause, key=f"{handler}:{cause.event_id}:{listener}")
-
-    def _failed(self, owed: Owed, error: BaseException) -> Owed:
-        failed = msgspec.structs.replace(owed, error=_problem(error), attempts=owed.attempts + 1)
-        try:
-            self.event_store.owe(failed)
-        except StoreError:  # the root's transaction keeps it owed all the same
-            log.warning("could not record why %s failed on #%s", owed.handler, owed.position)
-        return failed
+        """Dispatch what ``handler``'s listeners returned for ``cause``, each command under
+        its stable key (:meth:`incident.follow_ups.FollowUps.follow_up`)."""
+        self._follow_ups.follow_up(handler, cause, steps)
 
     def complete_owed(self) -> list[Owed]:
         """Carry out every follow-up this command handler's inline handlers still owe
@@ -473,49 +445,7 @@ class CommandHandler:
         follow-ups), oldest first; returns what was completed. One that fails again
         stays owed, with its error, and the others go on. Safe to run anywhere, any
         number of times: every follow-up command is keyed, so none runs twice."""
-        completed = []
-        handlers = {handler.name: handler for handler in self.event_handlers}
-        for owed in self.event_store.owed():
-            handler = handlers.get(owed.handler)
-            if handler is None:
-                continue  # another application's handler
-            try:
-                self._complete(handler, owed)
-            except Exception as error:
-                failed = self._failed(owed, error)
-                log.warning("%s still owes #%s: %s", owed.handler, owed.position, failed.error)
-                continue
-            completed.append(owed)
-        return completed
-
-    def _complete_owed_for(self, recorded: list[Recorded[Any]]) -> None:
-        """Complete what the inline handlers still owe for these events (a command
-        dispatched again under its key: the first run may have stopped half way)."""
-        if not recorded or not self.event_handlers:
-            return
-        handlers = {handler.name: handler for handler in self.event_handlers}
-        positions = {r.position for r in recorded}
-        for owed in self.event_store.owed():
-            handler = handlers.get(owed.handler)
-            if handler is not None and owed.position in positions:
-                try:
-                    self._complete(handler, owed)
-                except Exception as error:
-                    failed = [self._failed(owed, error)]
-                    raise FollowUpFailed(recorded, failed, _problem(error)) from error
-
-    def _complete(self, handler: EventHandler, owed: Owed) -> None:
-        """Run ``handler``'s listeners on the cause again (they are pure: same event, same
-        state, same commands, same keys) and carry out their commands."""
-        cause = next(iter(self.event_store.read_all(after=owed.position - 1, limit=1)), None)
-        if cause is None or cause.event_id != owed.event_id:
-            raise IncidentError(f"{owed.handler} owes work for #{owed.position}, not in the log")
-        aggregate = self._aggregate(cause.aggregate)
-        with closing_iterator(self.event_store.events(cause.aggregate_id)) as events:
-            before = aggregate.fold(itertools.islice(events, cause.version - 1))
-        steps = _split_outputs(handler.outputs(cause, aggregate.evolve(before, cause)), [])
-        self.follow_up(handler.name, cause, steps)
-        self.event_store.settle(owed.handler, owed.position)
+        return self._follow_ups.complete_owed()
 
     def react(
         self,
@@ -525,86 +455,9 @@ class CommandHandler:
         *,
         key: str | None = None,
     ) -> None:
-        """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``.
-
-        ``root`` is the metadata the dispatched commands inherit (the correlation id and
-        user keys); by default the cause's own. With ``key``, every command dispatched is
-        an idempotent one, keyed by ``key`` and the command's content (and the branch it
-        is on, for an Attempt's), see :func:`~incident.event_handler.keyed_steps`.
-        """
-        if root is None:
-            root = {**cause.metadata, "causation_id": cause.event_id}
-        for step_key, step in keyed_steps(key, reaction):
-            self._react_once(step, cause, root, step_key)
-
-    def _react_once(
-        self,
-        step: Command | Attempt,
-        cause: Recorded[Any],
-        root: Mapping[str, Any],
-        key: str | None,
-    ) -> None:
-        metadata = {**root, "causation_id": cause.event_id}
-        metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
-        if key is not None:
-            metadata[IDEMPOTENCY_KEY] = key
-        command = step.command if isinstance(step, Attempt) else step
-        try:
-            recorded = self.dispatch(command, metadata)
-        except Rejected as rejection:
-            if isinstance(step, Attempt):
-                branch = step.on_rejected
-                if callable(branch):  # a compensation that depends on why
-                    branch = branch(rejection)
-                    flatten(branch, f"on_rejected of {type(command).__name__}")
-                    self._check_reaction(branch)
-                self.react(branch, cause, root, key=_branch(key, "rejected"))
-            else:
-                log.warning(
-                    "%s, dispatched by a listener on %s #%s, was rejected: %s",
-                    type(command).__name__,
-                    cause.event_type,
-                    cause.position,
-                    rejection.reason,
-                )
-            return
-        if isinstance(step, Attempt):
-            # what follows a success was caused by the attempted command's last event
-            after = recorded[-1] if recorded else cause
-            self.react(step.on_success, after, root, key=_branch(key, "succeeded"))
-
-
-def _branch(key: str | None, step: str) -> str | None:
-    return None if key is None else f"{key}/{step}"
-
-
-def _problem(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
-
-def _split_outputs(
-    outputs: list[tuple[str, list[Output]]], projections: list[Projection]
-) -> list[tuple[str, list[Any]]]:
-    """Move the projections into ``projections``; the commands and attempts that are
-    left, per listener (listeners that returned none left out)."""
-    steps = []
-    for listener, returned in outputs:
-        commands = [o for o in returned if not isinstance(o, Projection)]
-        projections.extend(o for o in returned if isinstance(o, Projection))
-        if commands:
-            steps.append((listener, commands))
-    return steps
-
-
-def _owed(handler: str, cause: Recorded[Any]) -> Owed:
-    return Owed(
-        handler=handler,
-        position=cause.position,
-        event_id=cause.event_id,
-        aggregate_id=cause.aggregate_id,
-        event_type=cause.event_type,
-        owed_at=cause.event_date,
-    )
+        """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``
+        (:meth:`incident.follow_ups.FollowUps.react`)."""
+        self._follow_ups.react(reaction, cause, root, key=key)
 
 
 def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None:
