@@ -187,6 +187,9 @@ REWRITES_EVENTS = {"0004_json_payloads"}
 # what begin_append raises: a conflict (its detail is the stream's version), another
 # writer's append (the locked path appends), a used key (the locked path says so)
 STREAM_MOVED, LOG_MOVED, KEY_USED = "IN409", "IN410", "IN411"
+# how long a writer queues for a stream's turn before it goes on without one: a holder
+# that takes this long is stuck, and the expected version keeps the append correct anyway
+TURN_WAIT = "5s"
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
@@ -222,6 +225,7 @@ class _Database:
         self._lock = threading.Lock()  # guards initialization
         self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self.append_turns = threading.Lock()  # this process's appends, while predicting
+        self.pinned = threading.local()  # the connection of a thread's turn on a stream
         self._initialized = False
         self._closed = False
         self.tables: dict[type[Projection], _Table] = {}
@@ -265,6 +269,7 @@ class _Database:
         # a parent thread may have held one at the fork: the child starts with its own
         self._lock, self._pool_lock = threading.Lock(), threading.Lock()
         self.append_turns = threading.Lock()
+        self.pinned = threading.local()  # a turn the forking thread held is the parent's
         if self._pool is not None and not self._closed:
             self._inherited.append(self._pool)
             self._pool = None
@@ -279,9 +284,11 @@ class _Database:
 
     @contextmanager
     def connection(self, doing: str) -> Iterator[Connection]:
-        """A pooled connection; driver failures become StoreError saying what failed."""
+        """A pooled connection (inside a turn on a stream, the turn's own); driver
+        failures become StoreError saying what failed."""
+        pinned: Connection | None = getattr(self.pinned, "conn", None)
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection() if pinned is None else nullcontext(pinned) as conn:
                 yield conn
         except psycopg.errors.UndefinedTable as error:
             raise StoreError(
@@ -417,6 +424,29 @@ def _roll_back(conn: Connection) -> None:
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with suppress(psycopg.Error):  # a broken connection: the pool discards it
             conn.rollback()
+
+
+def _take_turn(conn: Connection, key: int) -> bool:
+    """Queue for a stream's lock, for TURN_WAIT at most; False when it did not come.
+    Taken inside a transaction only to bound the wait: a session lock outlives it."""
+    try:
+        with _one_sync_transaction(conn):
+            conn.execute(f"SET LOCAL lock_timeout = '{TURN_WAIT}'")
+            conn.execute("SELECT pg_advisory_lock(%s)", [key])
+    except psycopg.errors.LockNotAvailable:
+        log.warning("incident: a stream's turn took over %s; appending without it", TURN_WAIT)
+        return False
+    return True
+
+
+def _give_turn(conn: Connection, key: int) -> None:
+    """Release a stream's lock; a session that cannot say so is closed, which releases
+    it as well (and the pool discards a closed connection)."""
+    try:
+        _roll_back(conn)  # a transaction left open would keep the unlock waiting
+        conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+    except psycopg.Error:
+        conn.close()
 
 
 def _check_if_disturbed(conn: Connection) -> None:
@@ -905,6 +935,35 @@ class PostgresEventStore(AppendVerbs):
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    @contextmanager
+    def turn(self, aggregate_id: str) -> Iterator[None]:
+        """``with store.turn(stream):`` read the stream, decide and append while writers
+        of every process that take the same turn wait in the server: a session-level
+        advisory lock per stream, on a pooled connection that this thread's calls to
+        the store use until the block ends, so the turn costs no second connection.
+
+        CommandHandler takes it on the streams its process has collided on, so writers
+        that keep colliding queue instead of spending their retries; an uncontended
+        stream never takes it. The lock is released when the block ends, however it
+        ends (or the session is closed, which releases it too). A turn taken inside a
+        turn takes nothing more: one stream lock per session, so no two writers can
+        each hold one stream and wait for the other's."""
+        db = self._db
+        if getattr(db.pinned, "conn", None) is not None:
+            yield
+            return
+        db.ready()
+        key = _lock_key(db.schema, f"stream {aggregate_id}")
+        with db.connection(f"taking the turn on {aggregate_id!r}") as conn:
+            taken = _take_turn(conn, key)
+            db.pinned.conn = conn
+            try:
+                yield
+            finally:
+                db.pinned.conn = None
+                if taken:
+                    _give_turn(conn, key)
 
     def _append_locked(self, conn: Connection, job: _Job) -> _Written:
         """Take the lock and read the heads, then write and commit: two round trips."""
