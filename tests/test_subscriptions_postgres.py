@@ -100,3 +100,49 @@ def test_an_append_wakes_a_waiting_subscriber(postgres_url: str) -> None:
     assert woke == [True]
     waiter.close()
     writer.close()
+
+
+def listening(admin: psycopg.Connection[Any], url: str) -> int:
+    """How many backends LISTEN for the appends of the store at ``url``."""
+    schema = parse_qs(urlsplit(url).query)["schema"][0]
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = %s",
+        [f'LISTEN "incident_events:{schema}"'],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_threads_that_waited_once_leave_one_listen_connection(
+    postgres_url: str, postgres_admin: psycopg.Connection[Any]
+) -> None:
+    """Twenty short-lived threads each wait for an append once, at the same time: once
+    they have ended the store keeps one LISTEN connection, not one per thread that ever
+    waited, and that connection still wakes every waiter when an append commits."""
+    waiter = incident.open_event_store(postgres_url)
+    writer = incident.open_event_store(postgres_url)
+    writer.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+    threads = [
+        threading.Thread(target=waiter.wait_for_append, args=(1, 0.05))  # type: ignore[attr-defined]
+        for _ in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert listening(postgres_admin, postgres_url) == 1
+    woke: list[bool] = []
+
+    def wait() -> None:
+        woke.append(waiter.wait_for_append(1, 60.0))  # type: ignore[attr-defined]
+
+    sleepers = [threading.Thread(target=wait) for _ in range(3)]
+    for sleeper in sleepers:
+        sleeper.start()
+    writer.append("A", [bank.MoneyDeposited(amount=1)], expected_version=1)
+    for sleeper in sleepers:
+        sleeper.join(30)
+    assert woke == [True, True, True]
+    assert listening(postgres_admin, postgres_url) == 1
+    waiter.close()
+    writer.close()

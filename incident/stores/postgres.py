@@ -25,8 +25,9 @@ import logging
 import re
 import select
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -791,6 +792,82 @@ class _Predictor:
         self.available = False
 
 
+class _Listener:
+    """One LISTEN connection per store, shared by all its waiting threads, so a thread
+    that waited once and ended leaves nothing open. One waiter at a time reads the
+    connection; the others wait on a condition it signals when a notification comes,
+    and one of them takes over the reading when the reader's own wait is over."""
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self._conninfo = conninfo
+        self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+        self._conn: psycopg.Connection[Any] | None = None
+        self._inherited: list[psycopg.Connection[Any]] = []
+        self._renew()
+        renew_in_forked_children(self.forked)
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._reading = False
+        self._wakes = 0  # notifications read (and reconnections): waiters compare it
+
+    def forked(self) -> None:
+        """The parent's session must not be read (its notifications are the parent's)
+        nor closed (that would end it): kept aside, and the child listens afresh."""
+        self._renew()
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """Under the lock: the connection, opened and LISTENing. A new one may have
+        missed notifications since the last one died: it counts as a wake-up."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn.execute(self._listen)
+            self._wakes += 1
+        return self._conn
+
+    def wait(self, timeout: float, arrived: Callable[[], bool]) -> bool:
+        """Wait until ``arrived()`` after a notification, or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._connection()
+            seen = self._wakes
+        # listening first, then looking: an append in between still wakes us
+        if arrived():
+            return True
+        with self._lock:
+            while self._wakes == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._reading:
+                    self._changed.wait(remaining)
+                    continue
+                conn = self._connection()
+                if self._wakes != seen:
+                    break
+                self._reading, notified = True, False
+                self._lock.release()
+                try:
+                    notified = any(True for _ in conn.notifies(timeout=remaining, stop_after=1))
+                except psycopg.Error:
+                    conn.close()  # the next waiter opens another
+                    raise
+                finally:
+                    self._lock.acquire()
+                    self._reading = False
+                    self._wakes += notified
+                    self._changed.notify_all()  # a wake-up, or someone else's turn to read
+        return arrived()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
 class PostgresEventStore(AppendVerbs):
     """The event log in one Postgres table; thread-safe, many processes may share it.
 
@@ -835,8 +912,7 @@ class PostgresEventStore(AppendVerbs):
         self._predictor = _Predictor()
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
-        self._listeners = threading.local()
-        self._listening: list[psycopg.Connection[Any]] = []  # closed with the store
+        self._listener = _Listener(db.conninfo, self._channel)
         self._version = f"SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s"
         select = f"SELECT {_EVENT_COLUMNS} FROM {events}"
         self._stream = f"{select} WHERE aggregate_id = %s AND version > %s ORDER BY version"
@@ -1231,28 +1307,17 @@ class PostgresEventStore(AppendVerbs):
         return position
 
     def wait_for_append(self, after: int, timeout: float) -> bool:
-        """Wait for an append's NOTIFY (each thread LISTENs on a connection of its own)."""
-        conn: psycopg.Connection[Any] | None = getattr(self._listeners, "conn", None)
+        """Wait for an append's NOTIFY; the store's waiting threads share one LISTEN
+        connection (see ``_Listener``)."""
         try:
-            if conn is None or conn.closed:
-                conn = psycopg.connect(self._db.conninfo, autocommit=True)
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                self._listeners.conn = conn
-                self._listening.append(conn)
-            # listening first, then looking: an append in between still wakes us
-            if self.last_position() > after:
-                return True
-            for _ in conn.notifies(timeout=timeout, stop_after=1):
-                pass
+            return self._listener.wait(timeout, lambda: self.last_position() > after)
         except psycopg.Error as error:
-            self._listeners.conn = None
             raise StoreError(f"Postgres failed waiting for appends: {error}") from error
-        return self.last_position() > after
 
     def close(self) -> None:
-        """Closes the pool, which this store's projections() share."""
-        for conn in self._listening:
-            conn.close()
+        """Closes the pool, which this store's projections() share, and the LISTEN
+        connection."""
+        self._listener.close()
         self._db.close()
 
 
