@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from .aggregate import Aggregate
@@ -66,8 +67,9 @@ class CommandHandler:
     events and the projections its handlers return commit in one transaction.
     ``retries`` bounds how often a command is decided again after a version conflict;
     threads of this process that collide on an aggregate take turns at it from then on
-    (``self.turns``, see :mod:`incident.turns`), so they stop spending retries on each
-    other.
+    (``self.turns``, see :mod:`incident.turns`), and so do the writers of every process
+    where the store offers turns (``PostgresEventStore.turn``), so they stop spending
+    retries on each other.
     ``cache_size`` bounds the LRU of (state, version) per aggregate: a command to an
     aggregate in it is decided without reading the store, the append's expected version
     catching a stale entry (0 turns the cache off: every command reads its stream).
@@ -304,13 +306,22 @@ class CommandHandler:
         metadata: dict[str, Any],
         key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
-        stream = (aggregate.name, command.aggregate_id)  # type: ignore[attr-defined]
+        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        stream = (aggregate.name, aggregate_id)
+        store_turn = getattr(self.event_store, "turn", None)  # Postgres: across processes
         for attempt in range(self.retries + 1):
+            contended = self.turns.contended(stream)
             try:
-                with self.turns.turn(stream):
+                with (
+                    self.turns.turn(stream),
+                    store_turn(aggregate_id) if contended and store_turn else nullcontext(),
+                ):
                     # the first attempt trusts the cache: the append's expected version
-                    # catches a stale state, and the retry reads what was missed
-                    return self._attempt(aggregate, command, metadata, key, attempt == 0)
+                    # catches a stale state, and the retry reads what was missed; on a
+                    # contended stream other processes keep the cache stale, so it reads
+                    # what they wrote (in its turn) rather than waste the turn
+                    trust_cache = attempt == 0 and not contended
+                    return self._attempt(aggregate, command, metadata, key, trust_cache)
             except ConcurrencyError:
                 # from now on this process's threads take turns at this aggregate; the
                 # jittered, growing pause spreads out the writers of other processes

@@ -365,23 +365,26 @@ class Subscription:
         a listener error is not a StoreError: it is retried, then parked."""
         stop = stop or threading.Event()
         pause = self.backoff
-        while not stop.is_set():
-            try:
-                if not self._lock.acquire(timeout=self.idle):
-                    continue
+        try:
+            while not stop.is_set():
                 try:
-                    with self._guard:
-                        self._position = None  # whoever held the lock before may have moved it
-                        self._states.clear()
-                    self._follow_log(stop)
-                    pause = self.backoff
-                finally:
-                    self._lock.release()
-                stop.wait(self.idle)  # lost it: let a runner that kept its session go first
-            except StoreError as error:
-                log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
-                stop.wait(pause)
-                pause = min(max(pause, 0.01) * 2, self.outage_backoff)
+                    if not self._lock.acquire(timeout=self.idle):
+                        continue
+                    try:
+                        with self._guard:
+                            self._position = None  # whoever held it before may have moved it
+                            self._states.clear()
+                        self._follow_log(stop)
+                        pause = self.backoff
+                    finally:
+                        self._lock.release()
+                    stop.wait(self.idle)  # lost it: let a runner that kept its session go first
+                except StoreError as error:
+                    log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
+                    stop.wait(pause)
+                    pause = min(max(pause, 0.01) * 2, self.outage_backoff)
+        finally:
+            self._lock.release()  # a standby stops trying: what it tried with is closed
 
     def _follow_log(self, stop: threading.Event) -> None:
         pause = 0.001
@@ -489,6 +492,7 @@ class Subscription:
             yield
             return
         if not self._lock.acquire(timeout=0):
+            self._lock.release()  # not held: closes what the attempt opened
             raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
         try:
             yield

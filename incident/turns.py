@@ -2,15 +2,17 @@
 
 A command is decided on the aggregate's state and appended with the version it was
 decided on; when another writer got there first, the append fails with a conflict and
-the command is decided again. Between processes that is the only way. Between threads
-of one process it is a waste, and under load a risk: threads that decide on the same
-state at once collide again and again, and a command can run out of retries.
+the command is decided again. Between threads of one process that is a waste, and
+under load a risk: threads that decide on the same state at once collide again and
+again, and a command can run out of retries.
 
 So once threads of this process have collided on an aggregate, its commands take turns
 here: one decides and appends while the others wait, then the next decides on the state
 the first left. An aggregate nobody collides on costs one set lookup. Correctness never
-depends on turns: the append's expected version still decides, and other processes
-still meet it.
+depends on turns: the append's expected version still decides. A store that can make
+other processes wait too (Postgres: ``PostgresEventStore.turn``, a lock per stream in
+the server) is asked for its turn inside this one, so a process queues there with one
+thread at most per aggregate.
 
 >>> turns = Turns()
 >>> with turns.turn(("account", "A")):  # nobody has collided: nothing is taken
@@ -68,6 +70,10 @@ class Turns:
             self._contended.move_to_end(key)
             while len(self._contended) > self.remember:
                 self._contended.popitem(last=False)
+
+    def contended(self, key: Key) -> bool:
+        """Whether threads of this process have collided on ``key`` (recently)."""
+        return key in self._contended
 
     def turn(self, key: Key) -> AbstractContextManager[Any]:
         """``with turns.turn(key):`` waits for the other threads of this process working

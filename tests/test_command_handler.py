@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import msgspec
@@ -400,6 +401,53 @@ def test_a_retry_against_fresh_state_can_be_rejected() -> None:
         "Withdrawn",
     ]
     assert app.projection_store.get(WalletRow, "W1") is None  # the losing attempt wrote none
+
+
+class OffersTurns(RacedOnce):
+    """A raced store that also offers turns on a stream (as Postgres does), recording
+    the turns taken and whether each append ran inside one."""
+
+    def __init__(self, inner: MemoryEventStore, racing: incident.Event) -> None:
+        super().__init__(inner, racing)
+        self.turns: list[str] = []
+        self.in_turn: list[bool] = []
+        self._inside = False
+
+    @contextmanager
+    def turn(self, aggregate_id: str) -> Iterator[None]:
+        self.turns.append(aggregate_id)
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+    def append_and_project(self, aggregate_id: str, events: Any, **options: Any) -> Any:
+        self.in_turn.append(self._inside)
+        return super().append_and_project(aggregate_id, events, **options)
+
+
+def test_after_a_conflict_commands_to_the_stream_take_the_stores_turn() -> None:
+    """From a stream's first conflict on, its commands decide and append inside the
+    store's turn on it, first attempts too, and read what other writers appended
+    instead of trusting the cache; streams that never collided take no turn."""
+    seen: list[tuple[str, Wallet]] = []
+    store = OffersTurns(MemoryEventStore(), Deposited(amount=50))
+    app = incident.CommandHandler(
+        store,  # type: ignore[arg-type]
+        aggregates=[wallet_aggregate(seen)],
+        backoff=0,
+    )
+    store.inner.append("W1", [Opened(), Deposited(amount=100)], expected_version=0)
+    store.inner.append("W2", [Opened()], expected_version=0)
+    app.dispatch(Withdraw(aggregate_id="W1", amount=30))  # raced, then retried in a turn
+    store.inner.append("W1", [Deposited(amount=5)], expected_version=incident.ANY)
+    app.dispatch(Withdraw(aggregate_id="W1", amount=10))  # sees the 5 at once
+    app.dispatch(Deposit(aggregate_id="W2", amount=1))
+    assert store.turns == ["W1", "W1"]
+    assert store.in_turn == [False, True, True, False]
+    assert [state.balance for _, state in seen] == [100, 150, 125, 0]
+    assert app.state("wallet", "W1").balance == 115
 
 
 # -- inline handlers inside the transaction ----------------------------------------------

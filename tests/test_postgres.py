@@ -986,6 +986,99 @@ def test_appends_keep_commit_order_under_a_stricter_default_isolation(postgres_u
         store.close()
 
 
+# -- turns on a stream ------------------------------------------------------------------
+
+
+def advisory_locks(admin: Admin, key: int, *, granted: bool) -> list[int]:
+    """The backends holding (or waiting for) the session-level advisory lock ``key``."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF  # as pg_locks shows it
+    rows = admin.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted = %s"
+        " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+        [granted, unsigned >> 32, unsigned & 0xFFFF_FFFF],
+    ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def test_writers_of_a_stream_take_turns_and_an_error_gives_the_turn_back(
+    store: PostgresEventStore, postgres_url: str, postgres_admin: Admin
+) -> None:
+    """A second process's turn on a stream waits in the server while the first holds
+    it, a turn on another stream does not, and the turn is given back when its block
+    fails."""
+    other = open_store(postgres_url)
+    assert isinstance(other, PostgresEventStore)
+    key = _lock_key(schema_of(postgres_url), "stream A")
+    order: list[str] = []
+
+    def second() -> None:
+        with other.turn("A"):
+            order.append("second")
+
+    waiter = threading.Thread(target=second)
+    with pytest.raises(ZeroDivisionError), store.turn("A"):
+        with other.turn("B"):
+            order.append("B")
+        waiter.start()
+        while not advisory_locks(postgres_admin, key, granted=False):
+            time.sleep(0.005)  # the other process now queues for A
+        order.append("first")
+        1 / 0  # noqa: B018 - the block fails while holding the turn
+    waiter.join(timeout=30)
+    assert order == ["B", "first", "second"]
+    assert advisory_locks(postgres_admin, key, granted=True) == []
+    other.close()
+
+
+def test_a_turn_lends_its_connection_to_the_threads_store_calls(postgres_url: str) -> None:
+    """Inside a turn the thread's reads and appends use the turn's connection, so a
+    pool of one connection is enough (a second checkout would wait for the first)."""
+    store = open_store(postgres_url, pool_size=1, timeout=5)
+    assert isinstance(store, PostgresEventStore)
+    store.append("A", deposited(1), expected_version=0)
+    with store.turn("A"):
+        version = store.version("A")
+        store.append("A", deposited(2), expected_version=version)
+        with store.turn("A"):  # nested: nothing more is taken
+            store.append("A", deposited(3), expected_version=2)
+    assert [r.data.amount for r in store.get("A")] == [1, 2, 3]
+    store.close()
+
+
+def test_a_turn_whose_session_dies_still_ends_cleanly(
+    store: PostgresEventStore, postgres_url: str, postgres_admin: Admin
+) -> None:
+    """The server ends the session of a turn mid-block: the block fails with a
+    StoreError, the lock went with the session, and the next turn takes it."""
+    key = _lock_key(schema_of(postgres_url), "stream A")
+    with pytest.raises(incident.StoreError), store.turn("A"):
+        (holder,) = advisory_locks(postgres_admin, key, granted=True)
+        postgres_admin.execute("SELECT pg_terminate_backend(%s)", [holder])
+        store.append("A", deposited(1), expected_version=0)
+    with store.turn("A"):
+        store.append("A", deposited(1), expected_version=0)
+    assert advisory_locks(postgres_admin, key, granted=True) == []
+    assert store.version("A") == 1
+
+
+def test_a_stuck_turn_is_waited_for_only_so_long(
+    store: PostgresEventStore,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A writer whose turn does not come within TURN_WAIT appends without it: the turn
+    only spares retries, the expected version still decides."""
+    monkeypatch.setattr(postgres_store, "TURN_WAIT", "50ms")
+    other = open_store(postgres_url)
+    assert isinstance(other, PostgresEventStore)
+    with store.turn("A"), other.turn("A"):
+        other.append("A", deposited(1), expected_version=0)
+    assert "appending without it" in caplog.text
+    assert store.version("A") == 1
+    other.close()
+
+
 # -- many processes ----------------------------------------------------------------------
 # Workers are top-level functions, run in spawned interpreters: one pool each.
 
@@ -1044,6 +1137,23 @@ def _write(url: str, start: Any, results: Any, writer: int, batches: int) -> Non
         store.close()
 
 
+def _withdraw_ones(url: str, start: Any, results: Any, commands: int) -> None:
+    app = bank.build(url)
+    conflicts = 0
+    try:
+        start.wait()
+        for _ in range(commands):
+            try:
+                app.dispatch(WithdrawMoney(aggregate_id="ACC1", amount=1))
+            except incident.ConcurrencyError:
+                conflicts += 1
+        results.put(conflicts)
+    except Exception as error:
+        results.put(f"error: {error!r}")
+    finally:
+        app.event_store.close()
+
+
 def run_processes(target: Any, url: str, count: int, *extra: Any) -> list[Any]:
     start = spawn.Barrier(count)
     results = spawn.Queue()
@@ -1072,6 +1182,27 @@ def test_five_processes_withdraw_concurrently(postgres_url: str) -> None:
     assert row is not None
     assert (row.balance, row.version) == (4, 6)
     assert app.state("bank_account", "ACC1").balance == 4
+    app.event_store.close()
+
+
+HOT_WRITERS, HOT_COMMANDS = 8, 60
+
+
+@pytest.mark.slow
+def test_eight_processes_on_one_hot_account_never_run_out_of_retries(postgres_url: str) -> None:
+    """Eight OS processes withdrawing 1 at a time from one account, with the default
+    retries: writers that collided queue for the account in the server, so no command
+    gives up with a ConcurrencyError and the balance is exactly what was withdrawn."""
+    app = bank.build(postgres_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="ACC1"))
+    total = HOT_WRITERS * HOT_COMMANDS
+    app.dispatch(bank.DepositMoney(aggregate_id="ACC1", amount=total + 5))
+    outcomes = run_processes(_withdraw_ones, postgres_url, HOT_WRITERS, lambda _: HOT_COMMANDS)
+    assert outcomes == [0] * HOT_WRITERS  # ConcurrencyErrors that reached a caller
+    assert app.state("bank_account", "ACC1").balance == 5
+    row = app.projection_store.get(BankAccount, "ACC1")
+    assert row is not None
+    assert (row.balance, row.version) == (5, total + 2)
     app.event_store.close()
 
 

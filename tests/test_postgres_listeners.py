@@ -22,12 +22,6 @@ def listening(admin: psycopg.Connection[tuple[object, ...]], url: str) -> int:
     return int(row[0]) if row else 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: wait_for_append keeps a LISTEN connection per calling thread in "
-    "PostgresEventStore._listening until the store closes; a thread that ends never gives "
-    "its connection back, so every Subscriptions stop()/start() leaks one per subscription",
-)
 def test_restarted_subscriptions_do_not_pile_up_listen_connections(
     postgres_url: str, postgres_admin: psycopg.Connection[tuple[object, ...]]
 ) -> None:

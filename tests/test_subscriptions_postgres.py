@@ -100,3 +100,151 @@ def test_an_append_wakes_a_waiting_subscriber(postgres_url: str) -> None:
     assert woke == [True]
     waiter.close()
     writer.close()
+
+
+def listening(admin: psycopg.Connection[Any], url: str) -> int:
+    """How many backends LISTEN for the appends of the store at ``url``."""
+    schema = parse_qs(urlsplit(url).query)["schema"][0]
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = %s",
+        [f'LISTEN "incident_events:{schema}"'],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_threads_that_waited_once_leave_one_listen_connection(
+    postgres_url: str, postgres_admin: psycopg.Connection[Any]
+) -> None:
+    """Twenty short-lived threads each wait for an append once, at the same time: once
+    they have ended the store keeps one LISTEN connection, not one per thread that ever
+    waited, and that connection still wakes every waiter when an append commits."""
+    waiter = incident.open_event_store(postgres_url)
+    writer = incident.open_event_store(postgres_url)
+    writer.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+    threads = [
+        threading.Thread(target=waiter.wait_for_append, args=(1, 0.05))  # type: ignore[attr-defined]
+        for _ in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert listening(postgres_admin, postgres_url) == 1
+    woke: list[bool] = []
+
+    def wait() -> None:
+        woke.append(waiter.wait_for_append(1, 60.0))  # type: ignore[attr-defined]
+
+    sleepers = [threading.Thread(target=wait) for _ in range(3)]
+    for sleeper in sleepers:
+        sleeper.start()
+    writer.append("A", [bank.MoneyDeposited(amount=1)], expected_version=1)
+    for sleeper in sleepers:
+        sleeper.join(30)
+    assert woke == [True, True, True]
+    assert listening(postgres_admin, postgres_url) == 1
+    waiter.close()
+    writer.close()
+
+
+def counting_connects(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Patch psycopg.connect to record every connection opened through it (handler
+    locks and listeners; the pool opens its own another way)."""
+    opened: list[object] = []
+    connect = psycopg.connect
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args)
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", counted)
+    return opened
+
+
+def test_a_standby_polls_on_one_connection_and_takes_over_on_it(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby polling for a lock another runner holds asks on one connection,
+    however many attempts it makes, and becomes the holder on that connection once
+    the lock is released."""
+    store = incident.open_event_store(postgres_url)
+    checkpoints = store.checkpoints()  # type: ignore[attr-defined]
+    holder, standby = checkpoints.lock("recorder"), checkpoints.lock("recorder")
+    assert holder.acquire(timeout=0)
+    opened = counting_connects(monkeypatch)
+    assert not standby.acquire(timeout=1.0)  # a few attempts at most every 0.25s
+    assert not standby.acquire(timeout=0.5)
+    assert not standby.held()
+    holder.release()
+    assert standby.acquire(timeout=30)
+    assert standby.held()
+    assert len(opened) == 1
+    standby.release()
+    assert holder.acquire(timeout=30)  # released by closing the session
+    holder.release()
+    store.close()
+
+
+def test_a_standby_whose_connection_died_opens_another(
+    postgres_url: str, postgres_admin: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the session a standby polls on (a restart, a kill): its next
+    attempt opens a new connection instead of failing, and it still takes over."""
+    store = incident.open_event_store(postgres_url)
+    checkpoints = store.checkpoints()  # type: ignore[attr-defined]
+    holder, standby = checkpoints.lock("recorder"), checkpoints.lock("recorder")
+    assert holder.acquire(timeout=0)
+    opened = counting_connects(monkeypatch)
+    assert not standby.acquire(timeout=0)
+    postgres_admin.execute("SELECT pg_terminate_backend(%s)", [standby._conn.info.backend_pid])
+    assert not standby.acquire(timeout=0)
+    holder.release()
+    assert standby.acquire(timeout=30)
+    assert len(opened) == 2
+    standby.release()
+    store.close()
+
+
+def test_a_stopped_standby_closes_the_connection_it_polled_on(postgres_url: str) -> None:
+    """A runner that never got the lock and is stopped leaves no connection open."""
+    seen: list[tuple[int, int]] = []
+    first, second = app(postgres_url, recorder(seen)), app(postgres_url, recorder(seen))
+    first.dispatch(bank.OpenAccount(aggregate_id="A"))
+    try:
+        first.subscriptions.start()
+        first.subscriptions.wait_until_caught_up()
+        second.subscriptions.start()
+        standby = second.subscriptions["recorder"]._lock
+        for _ in range(3000):  # its first attempt opens the connection it keeps
+            if standby._conn is not None:  # type: ignore[attr-defined]
+                break
+            threading.Event().wait(0.01)
+        assert standby._conn is not None  # type: ignore[attr-defined]
+    finally:
+        second.subscriptions.stop()
+        first.subscriptions.stop()
+    assert standby._conn is None  # type: ignore[attr-defined]
+    first.event_store.close()
+    second.event_store.close()
+
+
+def test_a_replay_refused_while_the_handler_runs_elsewhere_leaves_no_connection(
+    postgres_url: str,
+) -> None:
+    """Replaying a handler another runner holds is refused, and the connection its one
+    attempt at the lock opened is closed with the refusal."""
+    seen: list[tuple[int, int]] = []
+    running, replaying = app(postgres_url, recorder(seen)), app(postgres_url, recorder(seen))
+    running.dispatch(bank.OpenAccount(aggregate_id="A"))
+    subscription = replaying.subscriptions["recorder"]
+    try:
+        running.subscriptions.start()
+        running.subscriptions.wait_until_caught_up()
+        with pytest.raises(incident.IncidentError, match="running elsewhere"):
+            subscription.replay()
+    finally:
+        running.subscriptions.stop()
+    assert subscription._lock._conn is None  # type: ignore[attr-defined]
+    running.event_store.close()
+    replaying.event_store.close()

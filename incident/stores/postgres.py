@@ -24,8 +24,9 @@ import hashlib
 import logging
 import select
 import threading
+import time
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -188,6 +189,9 @@ REWRITES_EVENTS = {"0004_json_payloads"}
 # what begin_append raises: a conflict (its detail is the stream's version), another
 # writer's append (the locked path appends), a used key (the locked path says so)
 STREAM_MOVED, LOG_MOVED, KEY_USED = "IN409", "IN410", "IN411"
+# how long a writer queues for a stream's turn before it goes on without one: a holder
+# that takes this long is stuck, and the expected version keeps the append correct anyway
+TURN_WAIT = "5s"
 
 _EVENT_COLUMNS = (
     "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
@@ -220,6 +224,7 @@ class _Database:
         self._lock = threading.Lock()  # guards initialization
         self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self.append_turns = threading.Lock()  # this process's appends, while predicting
+        self.pinned = threading.local()  # the connection of a thread's turn on a stream
         self._initialized = False
         self._closed = False
         self.tables: dict[type[Projection], _Table] = {}  # those known to exist
@@ -264,6 +269,7 @@ class _Database:
         # a parent thread may have held one at the fork: the child starts with its own
         self._lock, self._pool_lock = threading.Lock(), threading.Lock()
         self.append_turns = threading.Lock()
+        self.pinned = threading.local()  # a turn the forking thread held is the parent's
         if self._pool is not None and not self._closed:
             self._inherited.append(self._pool)
             self._pool = None
@@ -278,9 +284,11 @@ class _Database:
 
     @contextmanager
     def connection(self, doing: str) -> Iterator[Connection]:
-        """A pooled connection; driver failures become StoreError saying what failed."""
+        """A pooled connection (inside a turn on a stream, the turn's own); driver
+        failures become StoreError saying what failed."""
+        pinned: Connection | None = getattr(self.pinned, "conn", None)
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection() if pinned is None else nullcontext(pinned) as conn:
                 yield conn
         except psycopg.errors.UndefinedTable as error:
             raise StoreError(
@@ -416,6 +424,29 @@ def _roll_back(conn: Connection) -> None:
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with suppress(psycopg.Error):  # a broken connection: the pool discards it
             conn.rollback()
+
+
+def _take_turn(conn: Connection, key: int) -> bool:
+    """Queue for a stream's lock, for TURN_WAIT at most; False when it did not come.
+    Taken inside a transaction only to bound the wait: a session lock outlives it."""
+    try:
+        with _one_sync_transaction(conn):
+            conn.execute(f"SET LOCAL lock_timeout = '{TURN_WAIT}'")
+            conn.execute("SELECT pg_advisory_lock(%s)", [key])
+    except psycopg.errors.LockNotAvailable:
+        log.warning("incident: a stream's turn took over %s; appending without it", TURN_WAIT)
+        return False
+    return True
+
+
+def _give_turn(conn: Connection, key: int) -> None:
+    """Release a stream's lock; a session that cannot say so is closed, which releases
+    it as well (and the pool discards a closed connection)."""
+    try:
+        _roll_back(conn)  # a transaction left open would keep the unlock waiting
+        conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+    except psycopg.Error:
+        conn.close()
 
 
 def _check_if_disturbed(conn: Connection) -> None:
@@ -745,6 +776,82 @@ class _Predictor:
         self.available = False
 
 
+class _Listener:
+    """One LISTEN connection per store, shared by all its waiting threads, so a thread
+    that waited once and ended leaves nothing open. One waiter at a time reads the
+    connection; the others wait on a condition it signals when a notification comes,
+    and one of them takes over the reading when the reader's own wait is over."""
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self._conninfo = conninfo
+        self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+        self._conn: psycopg.Connection[Any] | None = None
+        self._inherited: list[psycopg.Connection[Any]] = []
+        self._renew()
+        renew_in_forked_children(self.forked)
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._reading = False
+        self._wakes = 0  # notifications read (and reconnections): waiters compare it
+
+    def forked(self) -> None:
+        """The parent's session must not be read (its notifications are the parent's)
+        nor closed (that would end it): kept aside, and the child listens afresh."""
+        self._renew()
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """Under the lock: the connection, opened and LISTENing. A new one may have
+        missed notifications since the last one died: it counts as a wake-up."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn.execute(self._listen)
+            self._wakes += 1
+        return self._conn
+
+    def wait(self, timeout: float, arrived: Callable[[], bool]) -> bool:
+        """Wait until ``arrived()`` after a notification, or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._connection()
+            seen = self._wakes
+        # listening first, then looking: an append in between still wakes us
+        if arrived():
+            return True
+        with self._lock:
+            while self._wakes == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._reading:
+                    self._changed.wait(remaining)
+                    continue
+                conn = self._connection()
+                if self._wakes != seen:
+                    break
+                self._reading, notified = True, False
+                self._lock.release()
+                try:
+                    notified = any(True for _ in conn.notifies(timeout=remaining, stop_after=1))
+                except psycopg.Error:
+                    conn.close()  # the next waiter opens another
+                    raise
+                finally:
+                    self._lock.acquire()
+                    self._reading = False
+                    self._wakes += notified
+                    self._changed.notify_all()  # a wake-up, or someone else's turn to read
+        return arrived()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
 class PostgresEventStore(AppendVerbs):
     """The event log in one Postgres table; thread-safe, many processes may share it.
 
@@ -789,8 +896,7 @@ class PostgresEventStore(AppendVerbs):
         self._predictor = _Predictor()
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
-        self._listeners = threading.local()
-        self._listening: list[psycopg.Connection[Any]] = []  # closed with the store
+        self._listener = _Listener(db.conninfo, self._channel)
         self._version = f"SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s"
         select = f"SELECT {_EVENT_COLUMNS} FROM {events}"
         self._stream = f"{select} WHERE aggregate_id = %s AND version > %s ORDER BY version"
@@ -889,6 +995,35 @@ class PostgresEventStore(AppendVerbs):
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    @contextmanager
+    def turn(self, aggregate_id: str) -> Iterator[None]:
+        """``with store.turn(stream):`` read the stream, decide and append while writers
+        of every process that take the same turn wait in the server: a session-level
+        advisory lock per stream, on a pooled connection that this thread's calls to
+        the store use until the block ends, so the turn costs no second connection.
+
+        CommandHandler takes it on the streams its process has collided on, so writers
+        that keep colliding queue instead of spending their retries; an uncontended
+        stream never takes it. The lock is released when the block ends, however it
+        ends (or the session is closed, which releases it too). A turn taken inside a
+        turn takes nothing more: one stream lock per session, so no two writers can
+        each hold one stream and wait for the other's."""
+        db = self._db
+        if getattr(db.pinned, "conn", None) is not None:
+            yield
+            return
+        db.ready()
+        key = _lock_key(db.schema, f"stream {aggregate_id}")
+        with db.connection(f"taking the turn on {aggregate_id!r}") as conn:
+            taken = _take_turn(conn, key)
+            db.pinned.conn = conn
+            try:
+                yield
+            finally:
+                db.pinned.conn = None
+                if taken:
+                    _give_turn(conn, key)
 
     def _append_locked(self, conn: Connection, job: _Job) -> _Written:
         """Take the lock and read the heads, then write and commit: two round trips."""
@@ -1156,28 +1291,17 @@ class PostgresEventStore(AppendVerbs):
         return position
 
     def wait_for_append(self, after: int, timeout: float) -> bool:
-        """Wait for an append's NOTIFY (each thread LISTENs on a connection of its own)."""
-        conn: psycopg.Connection[Any] | None = getattr(self._listeners, "conn", None)
+        """Wait for an append's NOTIFY; the store's waiting threads share one LISTEN
+        connection (see ``_Listener``)."""
         try:
-            if conn is None or conn.closed:
-                conn = psycopg.connect(self._db.conninfo, autocommit=True)
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                self._listeners.conn = conn
-                self._listening.append(conn)
-            # listening first, then looking: an append in between still wakes us
-            if self.last_position() > after:
-                return True
-            for _ in conn.notifies(timeout=timeout, stop_after=1):
-                pass
+            return self._listener.wait(timeout, lambda: self.last_position() > after)
         except psycopg.Error as error:
-            self._listeners.conn = None
             raise StoreError(f"Postgres failed waiting for appends: {error}") from error
-        return self.last_position() > after
 
     def close(self) -> None:
-        """Closes the pool, which this store's projections() share."""
-        for conn in self._listening:
-            conn.close()
+        """Closes the pool, which this store's projections() share, and the LISTEN
+        connection."""
+        self._listener.close()
         self._db.close()
 
 

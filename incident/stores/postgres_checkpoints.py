@@ -183,47 +183,66 @@ class PostgresCheckpointStore:
 
 
 class PostgresHandlerLock:
-    """A session-level advisory lock on a connection of its own, held while it is open."""
+    """A session-level advisory lock on a connection of its own, held while it is open.
+
+    Every attempt asks on that one connection (a standby polling while another runner
+    holds the lock opens no connection per attempt); the attempt that succeeds makes
+    it the holder's session. ``release`` closes it, held or not; one that died while
+    idle is replaced at the next attempt."""
 
     def __init__(self, handler: str, conninfo: str, key: int) -> None:
         self.handler = handler
         self._conninfo = conninfo
         self._key = key
         self._conn: psycopg.Connection[Any] | None = None
+        self._held = False
 
     def __repr__(self) -> str:
-        return f"PostgresHandlerLock({self.handler!r}, held={self._conn is not None})"
+        return f"PostgresHandlerLock({self.handler!r}, held={self._held})"
+
+    def _ask(self) -> bool:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+        row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
+        return row is not None and bool(row[0])
 
     def _try(self) -> bool:
+        kept = self._conn is not None and not self._conn.closed
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=True)
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
+            try:
+                self._held = self._ask()
+            except psycopg.OperationalError:
+                if not kept:
+                    raise
+                self._close()  # the session died while idle (a restart, a kill): anew
+                self._held = self._ask()
         except psycopg.Error as error:
+            self._close()
             raise StoreError(f"Postgres failed locking {self.handler}: {error}") from error
-        if row is not None and row[0]:
-            self._conn = conn
-            return True
-        conn.close()
-        return False
+        return self._held
 
     def acquire(self, timeout: float | None = None) -> bool:
-        if self._conn is not None:
+        if self._held:
             return True
         return poll(self._try, timeout, first=0.01, cap=0.25)
 
-    def release(self) -> None:
-        conn, self._conn = self._conn, None
+    def _close(self) -> None:
+        conn, self._conn, self._held = self._conn, None, False
         if conn is not None:
             conn.close()  # ending the session releases its advisory locks
 
+    def release(self) -> None:
+        """Give the lock up, or stop trying: either way the session ends."""
+        self._close()
+
     def held(self) -> bool:
         """Still ours: the session holding the lock answers (a dropped one lost it)."""
-        if self._conn is None:
+        if not self._held or self._conn is None:
             return False
         try:
             self._conn.execute("SELECT 1")
         except psycopg.Error:
-            self.release()
+            self._close()
             return False
         return True
 
