@@ -308,20 +308,20 @@ class CommandHandler:
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
         stream = (aggregate.name, aggregate_id)
-        store_turn = getattr(self.event_store, "turn", None)  # Postgres: across processes
         for attempt in range(self.retries + 1):
-            contended = self.turns.contended(stream)
             try:
+                if not self.turns.contended(stream):  # the usual case: no turn to take
+                    # the first attempt trusts the cache: the append's expected version
+                    # catches a stale state, and the retry reads what was missed
+                    return self._attempt(aggregate, command, metadata, key, attempt == 0)
+                store_turn = getattr(self.event_store, "turn", None)  # Postgres: processes
                 with (
                     self.turns.turn(stream),
-                    store_turn(aggregate_id) if contended and store_turn else nullcontext(),
+                    store_turn(aggregate_id) if store_turn else nullcontext(),
                 ):
-                    # the first attempt trusts the cache: the append's expected version
-                    # catches a stale state, and the retry reads what was missed; on a
-                    # contended stream other processes keep the cache stale, so it reads
-                    # what they wrote (in its turn) rather than waste the turn
-                    trust_cache = attempt == 0 and not contended
-                    return self._attempt(aggregate, command, metadata, key, trust_cache)
+                    # on a contended stream other processes keep the cache stale, so it
+                    # reads what they wrote (in its turn) rather than waste the turn
+                    return self._attempt(aggregate, command, metadata, key, False)
             except ConcurrencyError:
                 # from now on this process's threads take turns at this aggregate; the
                 # jittered, growing pause spreads out the writers of other processes
@@ -410,7 +410,10 @@ class CommandHandler:
             for record in recorded:
                 current = aggregate.evolve(current, record)
                 for handler in self.event_handlers:
-                    steps = split_outputs(handler.outputs(record, current), projections)
+                    outputs = handler.outputs(record, current)
+                    if not outputs:
+                        continue
+                    steps = split_outputs(outputs, projections)
                     if steps:
                         for _, commands in steps:
                             for output in commands:

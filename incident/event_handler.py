@@ -205,7 +205,10 @@ class EventHandler:
     def outputs(self, recorded: Recorded[Any], state: Any) -> list[tuple[str, list[Output]]]:
         """What each listener for this event returns, flattened, with the listener's name
         (its ``__qualname__``: part of the keys of the commands it returns)."""
+        listeners = self._listeners.get(type(recorded.data))
+        if not listeners:
+            return []
         return [
             (listener.__qualname__, flatten(listener(recorded, state), listener.__qualname__))
-            for listener in self._listeners.get(type(recorded.data), ())
+            for listener in listeners
         ]

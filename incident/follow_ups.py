@@ -202,8 +202,12 @@ def split_outputs(
     left, per listener (listeners that returned none left out)."""
     steps = []
     for listener, returned in outputs:
-        commands = [o for o in returned if not isinstance(o, Projection)]
-        projections.extend(o for o in returned if isinstance(o, Projection))
+        commands = []
+        for output in returned:
+            if isinstance(output, Projection):
+                projections.append(output)
+            else:
+                commands.append(output)
         if commands:
             steps.append((listener, commands))
     return steps
