@@ -17,7 +17,7 @@ model never moves backwards. Events of other aggregates go on.
 
 An event the store cannot read (CorruptEvent: a damaged payload, a payload under another
 type's name, a row missing from its stream or from the log) stops nothing by itself. A
-handler that does not listen to its stored type skips it without decoding anything; one
+handler that does not listen to its stored type skips it (it needs no payload); one
 that does, or that cannot tell (a position missing from the log has no type), parks it at
 once (no retries: the row will not heal), holding its stream, or stops there with
 ``on_failure="stop"``. So does an event whose aggregate's state cannot be folded because
