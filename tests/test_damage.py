@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import RAW_BACKENDS
+from conftest import RAW_BACKENDS, on_backends
 
 import incident
 from incident.examples import bank
@@ -187,3 +187,21 @@ def test_corrupt_event_keeps_where_it_is_across_processes() -> None:
     assert str(again) == (
         "Corrupt event at position 7 of aggregate 'A' (version 3): version 3 is missing"
     )
+
+
+@on_backends(RAW_BACKENDS)
+def test_a_valid_payload_written_by_other_code_still_reads(
+    store_url: str, edit_raw_event: Edit
+) -> None:
+    """The fast path's check that a payload opens with its own type's tag is only a hint:
+    a payload of the right type with its fields in another order and spacing is read
+    (row by row), not reported."""
+    app = new_app(store_url)
+    try:
+        app.dispatch(OpenAccount(aggregate_id="A"))
+        app.dispatch(DepositMoney(aggregate_id="A", amount=100))
+        edit_raw_event(2, {"data": '{ "amount": 70, "type": "MoneyDeposited" }'})
+        app.cache.clear()  # a cold load reads the stream again
+        assert app.state("bank_account", "A").balance == 70
+    finally:
+        app.event_store.close()
