@@ -46,6 +46,7 @@ class EventTypes:
         self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
         self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self._batch: msgspec.json.Decoder[list[Any]] | None = None
+        self._batch_names: dict[type[Event], str] = {}
         self.register(*types)
 
     def register(self, *types: type[Event]) -> None:
@@ -69,13 +70,17 @@ class EventTypes:
             self._types[name] = event_type
             self._batch = None
 
-    def decode_batch(self, payloads: list[str | None]) -> list[Event] | None:
+    def decode_batch(
+        self, payloads: list[str | None], names: list[str] | None = None
+    ) -> list[Event] | None:
         """Decode many stored payloads in one call: one reused decoder of a JSON array of
         the registered types' tagged union (each payload carries its tag). None when any
         payload is not one of them, is damaged or is None: the caller then decodes row by
         row by type name, which resolves unregistered names and says where the damage
         is. It never upcasts, so it is only used while every registered type is at its
         first schema version; a store passes None for a payload stored at another one.
+        ``names``, the stored type names, must each agree with the tag its payload was
+        decoded by: a payload of another type's shape is not read as that type.
 
         >>> class Opened(Event):
         ...     number: str
@@ -83,6 +88,7 @@ class EventTypes:
         [Opened(number='A1')]
         >>> EventTypes([Opened]).decode_batch(['{"type":"Closed"}']) is None
         True
+        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'], ["Closed"])
         """
         decoder = self._batch
         if decoder is None:
@@ -94,13 +100,21 @@ class EventTypes:
             except TypeError:  # types that cannot share one union (different tag fields)
                 return None
             self._batch = decoder
+            self._batch_names = {cls: name for name, cls in self._types.items()}
         try:
             joined = ",".join(payloads)  # type: ignore[arg-type]  # a None raises TypeError
             events: list[Event] = decoder.decode(f"[{joined}]")
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError):  # TypeError: a None
             return None
         # a damaged payload could merge with or split its neighbours: the count must hold
-        return events if len(events) == len(payloads) else None
+        if len(events) != len(payloads):
+            return None
+        if (
+            names is not None
+            and list(map(self._batch_names.__getitem__, map(type, events))) != names
+        ):
+            return None  # a tag that disagrees with its row's type: row by row names it
+        return events
 
     def register_upcaster(
         self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]
@@ -151,7 +165,7 @@ class EventTypes:
                     return self._upcast(name, data, schema_version, current, position, aggregate_id)
             event: Event = decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
-            raise CorruptEvent(position, aggregate_id, str(error)) from error
+            raise CorruptEvent(position, aggregate_id, str(error), event_type=name) from error
         return event
 
     def _upcast(

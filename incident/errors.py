@@ -115,18 +115,45 @@ class UnknownEventType(IncidentError, LookupError):
 
 
 class CorruptEvent(IncidentError):
-    """A stored event could not be decoded; names where it lives."""
+    """A stored event could not be read as it was written: its payload does not decode,
+    does not match its stored type, or the stream or log has a hole where it should be.
+    Names where it lives (the position, and the version or type when known). Retrying
+    does not help: the row must be repaired or the database restored."""
 
-    def __init__(self, position: int | None, aggregate_id: str, problem: str) -> None:
+    def __init__(
+        self,
+        position: int | None,
+        aggregate_id: str,
+        problem: str,
+        *,
+        version: int | None = None,
+        event_type: str | None = None,
+    ) -> None:
         self.position = position
         self.aggregate_id = aggregate_id
         self.problem = problem
-        super().__init__(
-            f"Corrupt event at position {position} of aggregate {aggregate_id!r}: {problem}"
-        )
+        self.version = version
+        self.event_type = event_type
+        at = f"at position {position} " if position is not None else ""
+        of = f"of aggregate {aggregate_id!r}" if aggregate_id else "in the log"
+        version_of = f" (version {version})" if version is not None else ""
+        super().__init__(f"Corrupt event {at}{of}{version_of}: {problem}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.position, self.aggregate_id, self.problem))
+        return (
+            _rebuild_corrupt,
+            (self.position, self.aggregate_id, self.problem, self.version, self.event_type),
+        )
+
+
+def _rebuild_corrupt(
+    position: int | None,
+    aggregate_id: str,
+    problem: str,
+    version: int | None,
+    event_type: str | None,
+) -> CorruptEvent:
+    return CorruptEvent(position, aggregate_id, problem, version=version, event_type=event_type)
 
 
 class DuplicateCommand(IncidentError):

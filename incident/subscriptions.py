@@ -15,6 +15,14 @@ Parking holds the stream: the handler's later events of that aggregate are parke
 it, as *held* (attempts 0), unhandled, so a retry applies them in log order and a read
 model never moves backwards. Events of other aggregates go on.
 
+An event the store cannot read (CorruptEvent: a damaged payload, a payload under another
+type's name, a row missing from its stream or from the log) stops nothing by itself. A
+handler that does not listen to its stored type skips it (it needs no payload); one
+that does, or that cannot tell (a position missing from the log has no type), parks it at
+once (no retries: the row will not heal), holding its stream, or stops there with
+``on_failure="stop"``. So does an event whose aggregate's state cannot be folded because
+an earlier event of its stream is damaged.
+
 One Subscription object may be used from several threads: ``step``, ``retry_parked``,
 ``skip_parked`` and ``replay`` take a per-object lock, so they run one at a time.
 
@@ -42,13 +50,14 @@ from ._fp import partition_all
 from .aggregate import Aggregate
 from .errors import (
     CheckpointConflict,
+    CorruptEvent,
     IncidentError,
     RegistrationError,
     RoutingError,
     StoreError,
 )
 from .event_handler import EventHandler
-from .messages import Projection, Recorded
+from .messages import Projection, Recorded, event_type_name
 from .stores import (
     CheckpointStore,
     EventStore,
@@ -127,6 +136,7 @@ class Subscription:
         self.on_failure: OnFailure = on_failure
         self.idle, self.outage_backoff = idle, outage_backoff
         self._aggregates = _aggregates_for(handler, command_handler.aggregates)
+        self._listened = {event_type_name(t) for t in handler.event_types}
         # (state, version) per aggregate, least recently used first: a dict keeps insertion
         # order; only used under self._guard
         self._states: dict[tuple[str, str], tuple[Any, int]] = {}
@@ -177,10 +187,18 @@ class Subscription:
 
     def _step(self) -> int:
         self._load_parked()
-        batch = list(self.event_store.read_all(after=self.position, limit=self.batch_size))
+        batch = self._read_batch()
         pending: Pending = {}
         done = self.position
         for recorded in batch:
+            if isinstance(recorded, CorruptEvent):
+                try:
+                    self._damaged(recorded)
+                except SubscriptionFailed:
+                    self._commit(done, pending)
+                    raise
+                done = recorded.position or done
+                continue
             if not self.handler.handles(recorded.data):
                 self._follow(recorded)
                 done = recorded.position
@@ -207,6 +225,62 @@ class Subscription:
                 pending = {}
         self._commit(done, pending)
         return len(batch)
+
+    def _read_batch(self) -> list[Recorded[Any] | CorruptEvent]:
+        """The next batch of the log, where a row the store cannot read is replaced by the
+        CorruptEvent naming it: the reading goes on after it instead of ending there."""
+        batch: list[Recorded[Any] | CorruptEvent] = []
+        after = self.position
+        damaged: dict[int, CorruptEvent] = {}
+        while len(batch) < self.batch_size:
+            if after + 1 in damaged:
+                batch.append(damaged.pop(after + 1))
+                after += 1
+                continue
+            limit = self.batch_size - len(batch)
+            if damaged:  # the rows before it in its page were never handed out: read them
+                limit = min(limit, min(damaged) - after - 1)
+            read = 0
+            try:
+                for recorded in self.event_store.read_all(after=after, limit=limit):
+                    batch.append(recorded)
+                    after = recorded.position
+                    read += 1
+            except CorruptEvent as damage:
+                where = damage.position
+                if where is None or where <= after or where in damaged:
+                    raise  # not a row of the log this batch can step over
+                damaged[where] = damage
+                continue
+            if read < limit and after + 1 not in damaged:
+                break  # the end of the log
+        return batch
+
+    def _damaged(self, damage: CorruptEvent) -> None:
+        """An event the store cannot read: skipped when this handler does not listen to
+        its stored type, else parked (holding its stream) or SubscriptionFailed."""
+        assert damage.position is not None  # _read_batch only keeps those it can place
+        if damage.position in self._parked_positions:
+            return  # parked already (handled again after a crash)
+        if damage.event_type is not None and damage.event_type not in self._listened:
+            log.warning("%s skipped unreadable #%s: %s", self.name, damage.position, damage)
+            return
+        if self.on_failure == "stop":
+            raise SubscriptionFailed(self.name, damage.position, damage) from damage
+        log.error("%s parked unreadable #%s: %s", self.name, damage.position, damage)
+        parked = Parked(
+            handler=self.name,
+            position=damage.position,
+            event_id="",  # the row could not be read: its id is not known
+            aggregate_id=damage.aggregate_id,
+            event_type=damage.event_type or "",
+            error=_failure(damage),
+            attempts=1,
+            parked_at=utc_now(),
+        )
+        self.checkpoints.park(parked)
+        self._blocked.setdefault(damage.aggregate_id, parked)
+        self._parked_positions.add(damage.position)
 
     def _load_parked(self) -> None:
         """Read the handler's dead letters once for the batch (not once per event), and
@@ -242,7 +316,8 @@ class Subscription:
             except StoreError:
                 raise  # the database, not this event: run() waits for it, nothing is parked
             except Exception as error:
-                if attempts <= self.retries:
+                # a damaged row does not heal by waiting: park (or stop) at once
+                if attempts <= self.retries and not isinstance(error, CorruptEvent):
                     log.warning(
                         "%s failed on #%s (%s), try %s of %s: %s",
                         self.name,

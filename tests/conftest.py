@@ -120,6 +120,43 @@ RAW_EVENT_WRITERS: dict[str, RawEventWriter] = {
     "postgres": _write_postgres_row,
 }
 
+
+# backend name -> a function (store URL, position, columns) that edits the event row at
+# that position behind the store's back: sets the given columns, or deletes the row when
+# columns is None (to test what reads make of damage)
+RawEventEditor = Callable[[str, int, "dict[str, object] | None"], None]
+
+
+def _edit_sqlite_row(url: str, position: int, columns: dict[str, object] | None) -> None:
+    with closing(sqlite3.connect(sqlite_path(url))) as conn, conn:
+        if columns is None:
+            conn.execute("DELETE FROM events WHERE position = ?", (position,))
+            return
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        conn.execute(f"UPDATE events SET {sets} WHERE position = ?", (*columns.values(), position))
+
+
+def _edit_postgres_row(url: str, position: int, columns: dict[str, object] | None) -> None:
+    conninfo, schema = _split_url(url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        if columns is None:
+            conn.execute(f'DELETE FROM "{schema}".events WHERE position = %s', (position,))
+            return
+        sets = ", ".join(
+            f"{name} = %s::json" if name in ("data", "metadata") else f"{name} = %s"
+            for name in columns
+        )
+        conn.execute(
+            f'UPDATE "{schema}".events SET {sets} WHERE position = %s',
+            (*columns.values(), position),
+        )
+
+
+RAW_EVENT_EDITORS: dict[str, RawEventEditor] = {
+    "sqlite": _edit_sqlite_row,
+    "postgres": _edit_postgres_row,
+}
+
 # A test that applies to some backends only is generated for those only (a skip would
 # hide, among the reasons, a test that was meant to run): mark it with one of these.
 # Backends that keep rows a test can write behind the store's back (not memory's objects)
@@ -154,6 +191,21 @@ def write_raw_event(request: pytest.FixtureRequest, store_url: str) -> Callable[
             f"the {backend} store has no raw rows: mark the test @on_backends(RAW_BACKENDS)"
         )
     return lambda row: writer(store_url, row)
+
+
+@pytest.fixture
+def edit_raw_event(
+    request: pytest.FixtureRequest, store_url: str
+) -> Callable[[int, dict[str, object] | None], None]:
+    """Edits (or, given None, deletes) the current backend's event row at a position,
+    behind the store's back (a test using it runs on RAW_BACKENDS)."""
+    backend = request.node.callspec.params["store_url"]
+    editor = RAW_EVENT_EDITORS.get(backend)
+    if editor is None:
+        raise AssertionError(
+            f"the {backend} store has no raw rows: mark the test @on_backends(RAW_BACKENDS)"
+        )
+    return lambda position, columns: editor(store_url, position, columns)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import msgspec
 
 from .._forks import renew_in_forked_children
 from ..codec import encode
-from ..errors import ConcurrencyError, IncidentError
+from ..errors import ConcurrencyError, CorruptEvent, IncidentError
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
 
@@ -290,3 +290,47 @@ def closing_iterator(items: Iterator[T]) -> Iterator[Iterator[T]]:
         close = getattr(items, "close", None)
         if close is not None:
             close()
+
+
+def check_versions(
+    aggregate_id: str, after: int, versions: Sequence[int], positions: Sequence[int] = ()
+) -> None:
+    """CorruptEvent unless a stream read after ``after`` runs ``after + 1, after + 2, ...``
+    without a hole (a deleted row). Versions come ordered and UNIQUE per stream, so the
+    first one and the span are enough: O(1) unless something is wrong."""
+    if not versions:
+        return
+    first = versions[0]
+    if first == after + 1 and versions[-1] - first + 1 == len(versions):
+        return
+    expected = after + 1
+    for index, version in enumerate(versions):
+        if version != expected:
+            raise CorruptEvent(
+                positions[index] if positions else None,
+                aggregate_id,
+                f"version {expected} is missing: the stream goes from version {expected - 1} "
+                f"to {version}",
+                version=expected,
+            )
+        expected += 1
+
+
+def check_positions(after: int, positions: Sequence[int]) -> None:
+    """CorruptEvent unless positions read after ``after`` run ``after + 1, ...`` without a
+    hole: appends assign them gaplessly under the log's lock, so a hole is a lost row."""
+    if not positions:
+        return
+    first = positions[0]
+    expected = max(after, 0) + 1
+    if first == expected and positions[-1] - first + 1 == len(positions):
+        return
+    for position in positions:
+        if position != expected:
+            raise CorruptEvent(
+                expected,
+                "",
+                f"position {expected} is missing from the log: it goes from {expected - 1} "
+                f"to {position}",
+            )
+        expected += 1

@@ -48,6 +48,8 @@ from ._common import (
     AppendVerbs,
     ChainedBatches,
     check_expected_version,
+    check_positions,
+    check_versions,
     checked_events,
     effects_of,
     metadata_json,
@@ -903,9 +905,11 @@ class PostgresEventStore(AppendVerbs):
         self._stream_page = f"{self._stream} LIMIT %s"
         self._page = f"{select} WHERE position > %s ORDER BY position LIMIT %s"
         self._span = f"{select} WHERE position BETWEEN %s AND %s ORDER BY position"
-        # a payload stored at a later schema version than the first comes back NULL
+        # a payload stored at a later schema version than the first comes back NULL; the
+        # version and type name come along to notice a lost row or another type's payload
         self._data = (
-            f"SELECT CASE schema_version WHEN 1 THEN data::text END FROM {events}"
+            f"SELECT version, event_type, CASE schema_version WHEN 1 THEN data::text END"
+            f" FROM {events}"
             " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
         )
         self._payloads = (
@@ -1198,6 +1202,7 @@ class PostgresEventStore(AppendVerbs):
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         rows = self._fetch(f"reading stream {aggregate_id!r}", self._stream, aggregate_id, after)
+        check_versions(aggregate_id, after, [r[4] for r in rows], [r[0] for r in rows])
         return [self._recorded(row) for row in rows]
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
@@ -1211,6 +1216,7 @@ class PostgresEventStore(AppendVerbs):
                 after,
                 self._batch_size,
             )
+            check_versions(aggregate_id, after, [r[4] for r in rows], [r[0] for r in rows])
             for row in rows:
                 yield self._recorded(row)
             if len(rows) < self._batch_size:
@@ -1225,27 +1231,49 @@ class PostgresEventStore(AppendVerbs):
         registered types' union decoder (``EventTypes.decode_batch``); a page it stands
         aside for (a type not registered, a damaged payload, a schema version other than
         the first, which the query hands back as NULL) is read again with the type
-        names and decoded row by row, upcasting where needed."""
+        names and decoded row by row, upcasting where needed. Each page's versions must
+        continue the stream without a hole and each payload's tag must agree with its row's
+        type name: CorruptEvent otherwise."""
         return ChainedBatches.of(self._event_pages(aggregate_id, after))
 
     def _event_pages(self, aggregate_id: str, after: int) -> Generator[list[Event], None, None]:
         doing = f"reading stream {aggregate_id!r}"
         while True:
             page = self._fetch(doing, self._data, aggregate_id, after, EVENTS_PAGE)
-            events = self.types.decode_batch([data for (data,) in page]) if page else []
+            events: list[Event] | None = []
+            damage: CorruptEvent | None = None
+            good = len(page)
+            if page:
+                versions, names, payloads = zip(*page, strict=True)
+                try:
+                    check_versions(aggregate_id, after, versions)
+                    events = self.types.decode_batch(list(payloads), list(names))
+                except CorruptEvent as hole:
+                    assert hole.version is not None
+                    good, events, damage = hole.version - after - 1, None, hole
             if events is None:
-                rows = self._fetch(doing, self._payloads, aggregate_id, after, len(page))
-                events = [
-                    self.types.decode(
-                        event_type,
-                        data,
-                        position=position,
-                        aggregate_id=aggregate_id,
-                        schema_version=schema_version,
-                    )
-                    for position, _, event_type, schema_version, data in rows
-                ]
+                rows = self._fetch(doing, self._payloads, aggregate_id, after, good)
+                events = []
+                for position, version, event_type, schema_version, data in rows:
+                    try:
+                        events.append(
+                            self.types.decode(
+                                event_type,
+                                data,
+                                position=position,
+                                aggregate_id=aggregate_id,
+                                schema_version=schema_version,
+                            )
+                        )
+                    except CorruptEvent as bad:
+                        bad.version = version
+                        damage = bad  # before any hole: the rows stop there
+                        break
+            # a fold that stops short of the damage (a subscription's, up to one event)
+            # gets the events before it first
             yield events
+            if damage is not None:
+                raise damage
             if len(page) < EVENTS_PAGE:
                 return
             after += len(page)
@@ -1266,6 +1294,7 @@ class PostgresEventStore(AppendVerbs):
         while remaining is None or remaining > 0:
             size = self._batch_size if remaining is None else min(self._batch_size, remaining)
             rows = self._fetch("reading the log", self._page, after, size)
+            check_positions(after, [r[0] for r in rows])
             for row in rows:
                 yield self._recorded(row)
             if len(rows) < size:

@@ -55,6 +55,8 @@ from ._common import (
     AppendVerbs,
     ChainedBatches,
     check_expected_version,
+    check_positions,
+    check_versions,
     checked_events,
     effects_of,
     metadata_json,
@@ -213,11 +215,22 @@ _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-# a payload stored at a later schema version than the first comes back NULL, which sends
-# its batch down the row-by-row path (the one that upcasts)
+# A payload stored at a later schema version than the first comes back NULL, which sends
+# its batch down the row-by-row path (the one that upcasts); so does one that does not
+# open with its row's type as the tag ({"type":"<event_type>"...), as an encoded event
+# does: a payload of another type's shape, or an edited event_type, which the row-by-row
+# path, decoding by the stored name, reports. Checked in SQL, this costs a fraction of
+# fetching the names.
+_TAG_AT = len(f'{{"{Event.__struct_config__.tag_field}":"') + 1
 _DATA = (
-    "SELECT CASE schema_version WHEN 1 THEN data END FROM events "
-    "WHERE aggregate_id = ? AND version > ? ORDER BY version"
+    "SELECT CASE WHEN schema_version = 1 AND instr(data, event_type || '\"') = ? THEN data END "
+    "FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
+)
+# the version of a stream's k-th event after a version: versions are UNIQUE per stream,
+# so it is ``after + k`` exactly when none of them is missing
+_NTH_VERSION = (
+    "SELECT version FROM events WHERE aggregate_id = ? AND version > ? "
+    "ORDER BY version LIMIT 1 OFFSET ?"
 )
 _PAYLOADS = (
     "SELECT position, version, event_type, data, schema_version FROM events "
@@ -794,9 +807,17 @@ class SQLiteEventStore(AppendVerbs):
                 if metadata is None:
                     metadata = metadata_cache[meta] = _metadata_decoder.decode(meta)
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise CorruptEvent(position, stream, str(error)) from error
+                raise CorruptEvent(
+                    position, stream, str(error), version=version, event_type=event_type
+                ) from error
             except (ValueError, TypeError) as error:
-                raise CorruptEvent(position, stream, f"bad envelope: {error}") from error
+                raise CorruptEvent(
+                    position,
+                    stream,
+                    f"bad envelope: {error}",
+                    version=version,
+                    event_type=event_type,
+                ) from error
             recorded.append(
                 Recorded(
                     position=position,
@@ -853,13 +874,17 @@ class SQLiteEventStore(AppendVerbs):
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream in version order, read in one snapshot."""
-        return self._decode(self._rows(_STREAM, (aggregate_id, after)), aggregate_id)
+        rows = self._rows(_STREAM, (aggregate_id, after))
+        check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+        return self._decode(rows, aggregate_id)
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order and in batches:
         all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
         raw SQL and in constant memory (full envelopes cost two to three times as much).
-        Versions are gapless, so the stream is at ``after`` + the number of events.
+        Versions are gapless, so the stream is at ``after`` + the number of events: each
+        batch is checked for it (its first version and its span), and each payload's tag
+        against its row's type name; a hole or a mismatch is a CorruptEvent.
 
         One query, fetched ``EVENTS_BATCH`` rows at a time; each batch of payloads is
         decoded in one call by the registered types' union decoder
@@ -879,41 +904,77 @@ class SQLiteEventStore(AppendVerbs):
         with db.guard:
             try:
                 conn = db.conn()
-                cursor = conn.execute(_DATA, (aggregate_id, after))
+                cursor = conn.execute(_DATA, (_TAG_AT, aggregate_id, after))
                 try:
                     while rows := cursor.fetchmany(EVENTS_BATCH):
-                        events = self.types.decode_batch([data for (data,) in rows])
+                        nth = conn.execute(_NTH_VERSION, (aggregate_id, after, len(rows) - 1))
+                        events = None
+                        if nth.fetchone()[0] == after + len(rows):  # no version missing
+                            events = self.types.decode_batch([data for (data,) in rows])
                         if events is None:
                             again = conn.execute(_PAYLOADS, (aggregate_id, after, len(rows)))
-                            events = self._one_by_one(again.fetchall(), aggregate_id, decoders)
-                        yield events
+                            events, damage = self._checked(
+                                again.fetchall(), aggregate_id, after, decoders
+                            )
+                            # a fold that stops short of the damage (a subscription's, up
+                            # to one event) gets the events before it first
+                            yield events
+                            if damage is not None:
+                                raise damage
+                        else:
+                            yield events
                         after += len(rows)
                 finally:
                     cursor.close()
             except sqlite3.Error as error:
                 raise db.store_error(error) from error
 
+    def _checked(
+        self,
+        rows: list[tuple[Any, ...]],
+        aggregate_id: str,
+        after: int,
+        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
+    ) -> tuple[list[Event], CorruptEvent | None]:
+        """``_PAYLOADS`` rows decoded one by one up to the first hole in their versions or
+        the first that cannot be read, and the CorruptEvent for it."""
+        try:
+            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+        except CorruptEvent as hole:
+            assert hole.version is not None
+            events, bad = self._one_by_one(rows[: hole.version - after - 1], aggregate_id, decoders)
+            return events, bad or hole
+        return self._one_by_one(rows, aggregate_id, decoders)
+
     def _one_by_one(
         self,
         rows: list[tuple[Any, ...]],
         aggregate_id: str,
         decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
-    ) -> list[Event]:
+    ) -> tuple[list[Event], CorruptEvent | None]:
+        """The rows' events up to the first that cannot be read, and why it cannot."""
         batch = []
-        for position, _, event_type, data, schema in rows:
+        for position, version, event_type, data, schema in rows:
             try:
                 batch.append(
                     self._payload(decoders, event_type, data, schema, position, aggregate_id)
                 )
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise CorruptEvent(position, aggregate_id, str(error)) from error
-        return batch
+                damage = CorruptEvent(
+                    position, aggregate_id, str(error), version=version, event_type=event_type
+                )
+                damage.__cause__ = error
+                return batch, damage
+            except CorruptEvent as damage:
+                return batch, damage
+        return batch, None
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
         (``aggregate.fold(store.stream(id))``) without holding it in memory."""
         while True:
             rows = self._rows(f"{_STREAM} LIMIT {BATCH}", (aggregate_id, after))
+            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
             yield from self._decode(rows, aggregate_id)
             if len(rows) < BATCH:
                 return
@@ -925,6 +986,7 @@ class SQLiteEventStore(AppendVerbs):
         while remaining is None or remaining > 0:
             size = BATCH if remaining is None else min(BATCH, remaining)
             rows = self._rows(_LOG, (after, size))
+            check_positions(after, [r[0] for r in rows])
             yield from self._decode(rows, None)
             if len(rows) < size:
                 return
