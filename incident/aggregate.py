@@ -22,6 +22,7 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 U = TypeVar("U", bound=Upcaster)
 T = TypeVar("T", bound=Callable[[Any], bool])
 
+
 def _parameters(function: Callable[..., Any], role: str) -> list[inspect.Parameter]:
     """The (state, message) parameters of a decorated function, or RegistrationError."""
     name = getattr(function, "__qualname__", repr(function))
