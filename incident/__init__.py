@@ -13,6 +13,7 @@ from .codec import EventTypes, decode_command, validate_command
 from .command_handler import CommandHandler
 from .errors import (
     CheckpointConflict,
+    CommitUnknown,
     ConcurrencyError,
     CorruptEvent,
     DuplicateCommand,
@@ -49,6 +50,7 @@ __all__ = [
     "Aggregate",
     "Attempt",
     "CheckpointConflict",
+    "CommitUnknown",
     "CheckpointStore",
     "Command",
     "CommandHandler",
