@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -224,3 +226,81 @@ def test_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledged(
     assert len(acked) > 20
     assert found + absent > 0, "no append was interrupted"
     app.event_store.close()
+
+
+QUIET = """
+import logging, sys
+import incident
+if sys.argv[1] == "logging":
+    logging.basicConfig(level=logging.WARNING, format="app log: %(name)s %(message)s")
+store = incident.open_event_store("postgresql://nobody@127.0.0.1:1/none", timeout=1)
+try:
+    store.version("a")
+except incident.StoreError:
+    print("StoreError")
+store.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("configured", [False, True], ids=["library", "app-logging"])
+def test_failed_reconnections_print_nothing_unless_the_app_logs(configured: bool) -> None:
+    """A store whose server is unreachable raises StoreError and leaves stderr alone;
+    an application that configured logging still receives the pool's warnings."""
+    ran = subprocess.run(
+        [sys.executable, "-c", QUIET, "logging" if configured else "library"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.strip() == "StoreError", ran.stderr
+    if configured:
+        assert "app log: psycopg.pool" in ran.stderr
+    else:
+        assert ran.stderr == ""
+
+
+def test_an_unreachable_server_is_not_blamed_on_the_pool_size() -> None:
+    """Nothing listening: the StoreError says the server refused, not that the pool is
+    too small."""
+    store = open_store("postgresql://nobody@127.0.0.1:1/none", timeout=0.3)
+    with pytest.raises(incident.StoreError, match="refused a new connection") as caught:
+        store.version("a")
+    assert "pool_size" not in str(caught.value)
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_server_ending_every_connection_is_not_blamed_on_the_pool_size(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """While every session of the store is terminated as soon as it shows up, calls
+    that time out say the server kept ending connections; none advises a bigger pool."""
+    name = f"ended-{uuid.uuid4().hex[:8]}"
+    store = open_store(f"{postgres_url}&application_name={name}", pool_size=1, timeout=0.3)
+    store.initialize()
+    stop = threading.Event()
+
+    def killer() -> None:
+        with psycopg.connect(postgres_admin.info.dsn, autocommit=True) as admin:
+            while not stop.wait(0.002):
+                kill_backends(admin, name)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    said: list[str] = []
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                store.version("a")
+            except incident.StoreError as error:
+                said.append(str(error))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert said
+    assert not [m for m in said if "pool_size" in m], said
+    assert all("kept ending them" in m or "terminat" in m or "closed" in m for m in said), said
+    assert store.version("a") == 0
+    store.close()

@@ -71,6 +71,11 @@ if TYPE_CHECKING:
 __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
 
 log = logging.getLogger("incident.stores.postgres")
+# psycopg and its pool log each failed reconnection; with no handler of the
+# application's anywhere, Python's last resort would print them to stderr, while the
+# StoreError already says what failed. A NullHandler stops only that: handlers the
+# application installs still receive every record.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 P = TypeVar("P", bound=Projection)
 EVENTS_PAGE = 16_384  # rows per query when folding a stream: one page for most streams
