@@ -203,7 +203,7 @@ class CommitUnknown(StoreError):
     doing it again; with ``dispatch(..., metadata={"idempotency_key": ...})`` a retry is
     safe anyway, since a stored command is then returned instead of decided again."""
 
-    def __init__(self, problem: str, *, aggregate_id: str, event_ids: list[str]) -> None:
+    def __init__(self, problem: str, aggregate_id: str, event_ids: list[str]) -> None:
         self.problem, self.aggregate_id, self.event_ids = problem, aggregate_id, event_ids
         super().__init__(
             f"{problem}: the command may or may not have been stored (look for event id "
@@ -213,14 +213,7 @@ class CommitUnknown(StoreError):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _commit_unknown,
-            (self.problem, self.aggregate_id, self.event_ids),
-        )
-
-
-def _commit_unknown(problem: str, aggregate_id: str, event_ids: list[str]) -> CommitUnknown:
-    return CommitUnknown(problem, aggregate_id=aggregate_id, event_ids=event_ids)
+        return (type(self), (self.problem, self.aggregate_id, self.event_ids))
 
 
 class RegistrationError(IncidentError, TypeError):
