@@ -13,6 +13,7 @@ from .codec import EventTypes, decode_command, validate_command
 from .command_handler import CommandHandler
 from .errors import (
     CheckpointConflict,
+    CommitUnknown,
     ConcurrencyError,
     CorruptEvent,
     DuplicateCommand,
@@ -52,6 +53,7 @@ __all__ = [
     "CheckpointStore",
     "Command",
     "CommandHandler",
+    "CommitUnknown",
     "ConcurrencyError",
     "CorruptEvent",
     "DuplicateCommand",

@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointConflict",
+    "CommitUnknown",
     "ConcurrencyError",
     "CorruptEvent",
     "DuplicateCommand",
@@ -220,6 +221,26 @@ class SnapshotMismatch(IncidentError):
 
 class StoreError(IncidentError):
     """The database driver failed; the original exception is chained as ``__cause__``."""
+
+
+class CommitUnknown(StoreError):
+    """The connection was lost while an append committed, and the store could not find
+    out in time whether it did: the command may or may not have been stored. Look for
+    ``event_ids`` in the log (or, under an idempotency key, ``outcome_for(key)``) before
+    doing it again; with ``dispatch(..., metadata={"idempotency_key": ...})`` a retry is
+    safe anyway, since a stored command is then returned instead of decided again."""
+
+    def __init__(self, problem: str, aggregate_id: str, event_ids: list[str]) -> None:
+        self.problem, self.aggregate_id, self.event_ids = problem, aggregate_id, event_ids
+        super().__init__(
+            f"{problem}: the command may or may not have been stored (look for event id "
+            f"{event_ids[0] if event_ids else '?'} in stream {aggregate_id!r}). Retry only "
+            'commands dispatched with metadata={"idempotency_key": ...}, which makes a '
+            "retry safe"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problem, self.aggregate_id, self.event_ids))
 
 
 class RegistrationError(IncidentError, TypeError):

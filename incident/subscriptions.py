@@ -135,6 +135,7 @@ class Subscription:
         self.batch_size, self.retries, self.backoff = batch_size, retries, backoff
         self.on_failure: OnFailure = on_failure
         self.idle, self.outage_backoff = idle, outage_backoff
+        self._outage_pause = backoff  # the wait after the next StoreError, while running
         self._aggregates = _aggregates_for(handler, command_handler.aggregates)
         self._listened = {event_type_name(t) for t in handler.event_types}
         # (state, version) per aggregate, least recently used first: a dict keeps insertion
@@ -439,25 +440,32 @@ class Subscription:
         for, with backoff up to ``outage_backoff`` seconds, and the lock taken again;
         a listener error is not a StoreError: it is retried, then parked."""
         stop = stop or threading.Event()
-        pause = self.backoff
+        self._outage_pause = self.backoff
+        lock_failed = False  # the last StoreError came from a lock attempt
         try:
             while not stop.is_set():
+                locking = True
                 try:
-                    if not self._lock.acquire(timeout=self.idle):
+                    taken = self._lock.acquire(timeout=self.idle)
+                    locking = False
+                    if lock_failed:  # what failed works again; a failing read still waits
+                        self._outage_pause, lock_failed = self.backoff, False
+                    if not taken:
                         continue
                     try:
                         with self._guard:
                             self._position = None  # whoever held it before may have moved it
                             self._states.clear()
                         self._follow_log(stop)
-                        pause = self.backoff
                     finally:
                         self._lock.release()
                     stop.wait(self.idle)  # lost it: let a runner that kept its session go first
                 except StoreError as error:
+                    lock_failed = locking
+                    pause = self._outage_pause
                     log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
                     stop.wait(pause)
-                    pause = min(max(pause, 0.01) * 2, self.outage_backoff)
+                    self._outage_pause = min(max(pause, 0.01) * 2, self.outage_backoff)
         finally:
             self._lock.release()  # a standby stops trying: what it tried with is closed
 
@@ -472,6 +480,8 @@ class Subscription:
             except CheckpointConflict as conflict:
                 log.warning("%s", conflict)
                 return
+            # a step that worked ends an outage: the next one is waited for from the start
+            self._outage_pause = self.backoff
             if read:
                 pause = 0.001
                 continue

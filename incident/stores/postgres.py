@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -41,7 +41,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .._forks import renew_in_forked_children
 from ..codec import EventTypes, encode
-from ..errors import ConcurrencyError, CorruptEvent, DuplicateCommand, IncidentError, StoreError
+from ..errors import (
+    CommitUnknown,
+    ConcurrencyError,
+    CorruptEvent,
+    DuplicateCommand,
+    IncidentError,
+    StoreError,
+)
 from ..messages import ANY, Event, Projection, Recorded
 from ._common import (
     OWED_COLUMNS,
@@ -66,6 +73,11 @@ if TYPE_CHECKING:
 __all__ = ["PostgresEventStore", "PostgresProjectionStore", "open_postgres"]
 
 log = logging.getLogger("incident.stores.postgres")
+# psycopg and its pool log each failed reconnection; with no handler of the
+# application's anywhere, Python's last resort would print them to stderr, while the
+# StoreError already says what failed. A NullHandler stops only that: handlers the
+# application installs still receive every record.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 P = TypeVar("P", bound=Projection)
 EVENTS_PAGE = 16_384  # rows per query when folding a stream: one page for most streams
@@ -232,6 +244,7 @@ class _Database:
         self.tables: dict[type[Projection], _Table] = {}  # those known to exist
         self.owners = TableOwners()
         self._pool_options = {"max_size": pool_size, "timeout": timeout}
+        self.last_lost: tuple[float, str] = (-float("inf"), "")  # when, why: see lost()
         self._pool: ConnectionPool[Connection] | None = self._open_pool()
         self._inherited: list[ConnectionPool[Connection]] = []
         renew_in_forked_children(self.forked)
@@ -246,11 +259,27 @@ class _Database:
             max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True},
             configure=_read_committed,
-            check=_check_if_disturbed,
+            check=self._check_if_disturbed,
             timeout=self._pool_options["timeout"],
             open=True,
             name=f"incident:{self.schema}",
         )
+
+    def _check_if_disturbed(self, conn: Connection) -> None:
+        """The pool's checkout check, without a round trip for a connection left as it
+        was.
+
+        A server that ends a session (a restart, pg_terminate_backend) sends a last
+        message and closes the socket, so the socket of a live idle connection has
+        nothing to read. Only a readable one is worth the round trip of a real check,
+        which fails for a dead connection and makes the pool hand out another."""
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if readable:
+            try:
+                ConnectionPool.check_connection(conn)
+            except psycopg.Error as error:
+                self.lost(error)  # its idle neighbours were likely ended with it
+                raise
 
     @property
     def pool(self) -> ConnectionPool[Connection]:
@@ -285,12 +314,14 @@ class _Database:
         return sql.Identifier(self.schema, name)
 
     @contextmanager
-    def connection(self, doing: str) -> Iterator[Connection]:
-        """A pooled connection (inside a turn on a stream, the turn's own); driver
-        failures become StoreError saying what failed."""
-        pinned: Connection | None = getattr(self.pinned, "conn", None)
+    def connection(self, doing: str, *, fresh: bool = False) -> Iterator[Connection]:
+        """A pooled connection (inside a turn on a stream, the turn's own, unless
+        ``fresh``); driver failures become StoreError saying what failed."""
+        pinned: Connection | None = None if fresh else getattr(self.pinned, "conn", None)
+        used: list[Connection] = []
         try:
             with self.pool.connection() if pinned is None else nullcontext(pinned) as conn:
+                used.append(conn)
                 yield conn
         except psycopg.errors.UndefinedTable as error:
             raise StoreError(
@@ -300,16 +331,35 @@ class _Database:
         except PoolTimeout as error:
             raise StoreError(f"Postgres failed {doing}: {self._why_no_connection()}") from error
         except psycopg.Error as error:
+            if used and used[0].broken:
+                self.lost(error)
             raise StoreError(f"Postgres failed {doing}: {_first_line(error)}") from error
 
+    def lost(self, error: BaseException) -> None:
+        """A session the server ended: remembered for the pool's next timeout to report,
+        and the idle ones are checked now. A server that ends one (a restart, an admin's
+        kill) has likely ended the others, and the pool's checkout waits a second or more
+        after each dead one it finds, which would use up a caller's whole timeout."""
+        self.last_lost = (time.monotonic(), _first_line(error))
+        with suppress(psycopg.Error):
+            self.pool.check()
+
     def _why_no_connection(self) -> str:
-        """The pool only says it timed out; one direct attempt tells why."""
+        """The pool only says it timed out; one direct attempt, and what the pool's
+        connections met lately, tell why. Only a pool that is really busy is told to grow."""
         try:
             psycopg.connect(self.conninfo, connect_timeout=5).close()
         except psycopg.Error as error:
-            return _first_line(error)
+            return f"the server refused a new connection: {_first_line(error)}"
+        timeout = float(self.pool.timeout)
+        when, why = self.last_lost
+        if time.monotonic() - when < timeout + 1:
+            return (
+                f"no pooled connection was usable for {timeout}s: the server kept ending "
+                f"them (last: {why}), though it accepts new ones now"
+            )
         return (
-            f"all {self.pool.max_size} pooled connections stayed busy for {self.pool.timeout}s;"
+            f"all {self.pool.max_size} pooled connections stayed busy for {timeout}s;"
             " raise pool_size or timeout"
         )
 
@@ -451,16 +501,18 @@ def _give_turn(conn: Connection, key: int) -> None:
         conn.close()
 
 
-def _check_if_disturbed(conn: Connection) -> None:
-    """The pool's checkout check, without a round trip for a connection left as it was.
-
-    A server that ends a session (a restart, pg_terminate_backend) sends a last message
-    and closes the socket, so the socket of a live idle connection has nothing to read.
-    Only a readable one is worth the round trip of a real check, which fails for a dead
-    connection and makes the pool hand out another."""
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        ConnectionPool.check_connection(conn)
+def _may_hide_a_commit(conn: Connection, error: BaseException | None) -> bool:
+    """Whether an append's failure leaves its COMMIT in doubt: the connection died, or
+    the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
+    while busy", the connection not yet marked broken), so the reply may be what was
+    lost. An error the server sent (a conflict, a constraint) is an answer."""
+    if conn.broken or conn.closed:
+        return True
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    return isinstance(error, psycopg.OperationalError) and (
+        error.sqlstate is None or error.sqlstate.startswith(("08", "57P"))
+    )
 
 
 def _fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
@@ -712,7 +764,9 @@ _Written = tuple[list[Recorded[Any]], list[Projection], list[type[Projection]]]
 
 @dataclass(frozen=True)
 class _Job:
-    """One append, checked and encoded, ready to write."""
+    """One append, checked and encoded, ready to write. ``sent`` keeps what each try
+    of it wrote into a transaction, so a commit the connection died in can be looked up
+    by its events' ids."""
 
     aggregate_id: str
     aggregate: str | None
@@ -724,6 +778,7 @@ class _Job:
     idempotency_key: str | None
     project: ProjectFn | None
     shared: bool  # the projections go into this database, in the same transaction
+    sent: list[_Written] = field(default_factory=list)
 
 
 class _Predictor:
@@ -893,6 +948,10 @@ class PostgresEventStore(AppendVerbs):
             f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
         self._last_position = f"SELECT coalesce(max(position), 0) FROM {events}"
+        self._by_ids = (
+            f"SELECT {_EVENT_COLUMNS} FROM {events} WHERE event_id = ANY(%s::uuid[])"
+            " ORDER BY position"
+        )
         begin_append = db.table("begin_append").as_string()
         self._begin_append = f"SELECT {begin_append}(%s, %s, %s, %s, %s, %s, %s)"
         self._predictor = _Predictor()
@@ -977,21 +1036,7 @@ class PostgresEventStore(AppendVerbs):
             shared=projection_store is not None and self.shares_database_with(projection_store),
         )
         self._db.ready()
-        doing = f"appending {len(batch)} event(s) to {aggregate_id!r}"
-        with self._db.connection(doing) as conn:
-            try:
-                # while predicting, this process's appends take turns so each one's guess
-                # holds; while others are writing, they queue for the lock in the server
-                turn = self._db.append_turns if self._predictor.predicting else nullcontext()
-                with turn:
-                    written = self._append_predicted(conn, job) or self._append_locked(conn, job)
-                    self._predictor.committed(written[0][-1].position)
-            except psycopg.errors.UniqueViolation as error:
-                # only a writer that bypassed the lock could get here; still a clean conflict
-                if error.diag.constraint_name != "events_stream_version":
-                    raise
-                actual = _fetch_value(conn, self._version, aggregate_id)
-                raise ConcurrencyError(aggregate_id, expected_version, actual) from error
+        written = self._append_resolved(job)
         recorded, projections, fresh = written
         self._projections._remember(fresh)
         if projection_store is not None and not job.shared:
@@ -999,6 +1044,84 @@ class PostgresEventStore(AppendVerbs):
             for projection in projections:
                 projection_store.project(projection)
         return recorded
+
+    def _append_resolved(self, job: _Job) -> _Written:
+        """Append; when the connection dies during it, find out whether it committed
+        rather than leave the caller guessing. Found: what was stored. Not found:
+        nothing was written, so the same append (same expected version) is tried once
+        more, on a new connection. Not knowable in time: CommitUnknown."""
+        doing = f"appending {len(job.events)} event(s) to {job.aggregate_id!r}"
+        for attempt in range(2):
+            job.sent.clear()
+            used: list[Connection] = []
+            try:
+                # a turn's connection that died stays dead: the second try takes another
+                with self._db.connection(doing, fresh=attempt > 0) as conn:
+                    used.append(conn)
+                    return self._append_once(conn, job)
+            except StoreError as error:
+                if not (used and _may_hide_a_commit(used[0], error.__cause__)):
+                    raise  # the server answered: it said what happened
+                stored = self._look_up_sent(job, doing, error)
+                if stored is not None:
+                    log.info("incident: %s: the connection was lost, not the commit", doing)
+                    return stored
+                log.info("incident: %s: the connection was lost, nothing was stored", doing)
+                if attempt > 0:
+                    raise StoreError(
+                        f"Postgres failed {doing}: the connection was lost twice and "
+                        "nothing was stored (looked up); it is safe to try again"
+                    ) from error.__cause__
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _append_once(self, conn: Connection, job: _Job) -> _Written:
+        try:
+            # while predicting, this process's appends take turns so each one's guess
+            # holds; while others are writing, they queue for the lock in the server
+            turn = self._db.append_turns if self._predictor.predicting else nullcontext()
+            with turn:
+                written = self._append_predicted(conn, job) or self._append_locked(conn, job)
+                self._predictor.committed(written[0][-1].position)
+        except psycopg.errors.UniqueViolation as error:
+            # only a writer that bypassed the lock could get here; still a clean conflict
+            if error.diag.constraint_name != "events_stream_version":
+                raise
+            actual = _fetch_value(conn, self._version, job.aggregate_id)
+            raise ConcurrencyError(job.aggregate_id, job.expected_version, actual) from error
+        return written
+
+    def _look_up_sent(self, job: _Job, doing: str, lost: StoreError) -> _Written | None:
+        """After a lost connection: the append as stored, or None when it was not (its
+        transaction's rows are all there or none is). Event ids are made here, before
+        sending, and unique in the table. Connections are asked for until the pool's
+        timeout has passed; then CommitUnknown."""
+        if not job.sent:
+            return None  # no row was sent: there was nothing to commit
+        recorded, projections, fresh = job.sent[-1]  # an earlier try rolled back
+        ids = [record.event_id for record in recorded]
+        deadline = time.monotonic() + max(float(self._db.pool.timeout), 1.0)
+        seen: BaseException = lost.__cause__ or lost
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                with self._db.pool.connection(timeout=remaining) as conn:
+                    rows = conn.execute(self._by_ids, [ids]).fetchall()
+            except psycopg.Error as error:
+                seen = error
+                if not isinstance(error, PoolTimeout):
+                    self._db.lost(error)
+                time.sleep(min(0.05, max(remaining, 0)))
+                continue
+            if not rows:
+                return None
+            stored = [self._recorded(row) for row in rows]
+            self._predictor.committed(stored[-1].position)
+            return stored, projections, fresh
+        raise CommitUnknown(
+            f"Postgres lost the connection {doing} ({_first_line(lost.__cause__ or lost)})"
+            f" and could not find out whether it committed ({_first_line(seen)})",
+            aggregate_id=job.aggregate_id,
+            event_ids=ids,
+        ) from lost.__cause__
 
     @contextmanager
     def turn(self, aggregate_id: str) -> Iterator[None]:
@@ -1116,7 +1239,8 @@ class PostgresEventStore(AppendVerbs):
         if job.shared:
             fresh = self._projections._prepare(conn, map(type, projections))
             self._projections._queue(conn, projections)
-        return recorded, list(projections), fresh
+        job.sent.append((recorded, list(projections), fresh))
+        return job.sent[-1]
 
     def _outcome(self, conn: Connection, key: str) -> Outcome | None:
         """What the key came to (positions of one append are consecutive: appends commit

@@ -543,7 +543,9 @@ class _Database:
 
 class _WriteTransaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception. A class rather than a
-    generator-based context manager: every append opens one."""
+    generator-based context manager: every append opens one. Unlike Postgres, a commit
+    here cannot succeed unseen: it runs in this process, returns or raises, and one that
+    raised is rolled back before the error leaves, so no append needs looking up."""
 
     __slots__ = ("_changed", "_conn", "_db")
 
