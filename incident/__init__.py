@@ -26,6 +26,7 @@ from .errors import (
     SnapshotMismatch,
     StoreError,
     UnknownEventType,
+    Unstorable,
 )
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
@@ -78,6 +79,7 @@ __all__ = [
     "SubscriptionFailed",
     "Subscriptions",
     "UnknownEventType",
+    "Unstorable",
     "__version__",
     "decode_command",
     "errors",
