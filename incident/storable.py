@@ -44,6 +44,10 @@ def shown(value: Any) -> str:
     return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."
 
 
+def _short(path: str) -> str:
+    return path if len(path) <= _SHOWN else f"{path[: _SHOWN - 3]}..."
+
+
 def _str_problem(text: str) -> str | None:
     if "\x00" in text:
         return "contains a NUL character, which Postgres cannot store"
@@ -79,7 +83,7 @@ def problem_in(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | 
     else:
         return None
     if depth > MAX_DEPTH:
-        return (path, f"nests deeper than {MAX_DEPTH} levels")
+        return (_short(path), f"nests deeper than {MAX_DEPTH} levels")
     for where, item in items:
         if (found := problem_in(item, where, depth + 1)) is not None:
             return found
@@ -118,7 +122,7 @@ def _metadata_problem(value: Any, path: str, depth: int) -> tuple[str, str] | No
     if kind in _PLAIN:
         return problem_in(value, path, depth)
     if depth > MAX_DEPTH:
-        return (path, f"nests deeper than {MAX_DEPTH} levels")
+        return (_short(path), f"nests deeper than {MAX_DEPTH} levels")
     if kind is list:
         for i, item in enumerate(value):
             if (found := _metadata_problem(item, f"{path}[{i}]", depth + 1)) is not None:
