@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 
 from .errors import Unstorable
 
@@ -90,28 +91,90 @@ def problem_in(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | 
     return None
 
 
-def suspicious(data: bytes) -> bool:
-    """Whether JSON msgspec wrote may hide something :func:`problem_in` refuses (a
-    non-finite float written as null, a NUL, nesting past MAX_DEPTH); False proves not."""
-    return b"null" in data or b"\\u0000" in data or data.count(b"[") + data.count(b"{") > MAX_DEPTH
+def suspicious(data: bytes, plan: tuple[bool, bool, bool] = (True, True, True)) -> bool:
+    """Whether JSON msgspec wrote may hide something :func:`problem_in` refuses (a NUL,
+    a non-finite float written as null, nesting past MAX_DEPTH); False proves not. The
+    plan says which of the three the value's type can hold at all."""
+    strings, floats, deep = plan
+    return (
+        (strings and b"\\u0000" in data)
+        or (floats and b"null" in data)
+        or (deep and data.count(b"[") + data.count(b"{") > MAX_DEPTH)
+    )
+
+
+_plans: dict[type[Any], tuple[bool, bool, bool]] = {}
+_ALL = (True, True, True)
+_NOTHING = (False, False, False)
+_SCALARS = (
+    mi.IntType, mi.BoolType, mi.NoneType, mi.BytesType, mi.ByteArrayType, mi.MemoryViewType,
+    mi.DateTimeType, mi.DateType, mi.TimeType, mi.TimeDeltaType, mi.UUIDType,
+    mi.DecimalType, mi.LiteralType, mi.EnumType,
+)  # fmt: skip
+
+
+def plan_of(value_type: type[Any]) -> tuple[bool, bool, bool]:
+    """Whether values of this type can hold (a str, a float, nesting past MAX_DEPTH),
+    from its declared fields, cached per type: a type of ints and dates needs no scan."""
+    plan = _plans.get(value_type)
+    if plan is None:
+        try:
+            plan = _plan(mi.type_info(value_type), 1, set())
+        except (TypeError, ValueError):  # msgspec cannot inspect it: check everything
+            plan = _ALL
+        _plans[value_type] = plan
+    return plan
+
+
+def _plan(info: mi.Type, depth: int, seen: set[type[Any]]) -> tuple[bool, bool, bool]:
+    if isinstance(info, mi.Metadata):
+        return _plan(info.type, depth, seen)
+    if isinstance(info, _SCALARS):
+        return _NOTHING
+    if isinstance(info, mi.StrType):
+        return (True, False, False)
+    if isinstance(info, mi.FloatType):
+        return (False, True, False)
+    if depth > MAX_DEPTH:
+        return _ALL
+    parts: list[mi.Type] = []
+    if isinstance(info, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
+        if info.cls in seen:
+            return _ALL  # recursive: any depth
+        seen = seen | {info.cls}
+        parts = [field.type for field in info.fields]
+    elif isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        parts = [info.item_type]
+    elif isinstance(info, mi.TupleType):
+        parts = list(info.item_types)
+    elif isinstance(info, mi.DictType):
+        parts = [info.key_type, info.value_type]
+    elif isinstance(info, mi.UnionType):
+        parts = list(info.types)
+        depth -= 1  # a union is not a level of nesting
+    else:
+        return _ALL  # Any, custom types: anything
+    found = [_plan(part, depth + 1, seen) for part in parts]
+    return (any(p[0] for p in found), any(p[1] for p in found), any(p[2] for p in found))
 
 
 def checked_json(value: Any, what: str) -> bytes:
-    """``value`` as JSON bytes, refusing with Unstorable what would not come back unchanged."""
+    """``value`` as JSON bytes, refusing with Unstorable what would not come back unchanged
+    (``what`` and the value's type name the value in the error)."""
     try:
         data = _encoder.encode(value)
     except (UnicodeEncodeError, RecursionError):
         data = b"null"  # the walk below names the field and the rule
     except (TypeError, msgspec.EncodeError) as error:
-        raise Unstorable(what, None, f"cannot be written as JSON: {error}") from None
-    if suspicious(data) and (found := problem_in(value)) is not None:
-        raise Unstorable(what, found[0] or None, found[1])
+        raise Unstorable(f"{what} {type(value).__name__}", None, f"is not JSON: {error}") from None
+    if suspicious(data, plan_of(type(value))) and (found := problem_in(value)) is not None:
+        raise Unstorable(f"{what} {type(value).__name__}", found[0] or None, found[1])
     return data
 
 
 def event_json(event: msgspec.Struct) -> str:
     """An event's JSON text for the event table, refusing what would not come back."""
-    return checked_json(event, f"event {type(event).__name__}").decode()
+    return checked_json(event, "event").decode()
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -132,6 +195,8 @@ def _metadata_problem(value: Any, path: str, depth: int) -> tuple[str, str] | No
         for key, item in value.items():
             if type(key) is not str:
                 return (path, f"the key {shown(key)} is not a str")
+            if (rule := _str_problem(key)) is not None:
+                return (path, f"the key {shown(key)} {rule}")
             if (found := _metadata_problem(item, f"{path}[{key!r}]", depth + 1)) is not None:
                 return found
         return None
@@ -148,9 +213,19 @@ def metadata_json(metadata: Mapping[str, Any] | None) -> str:
     if not metadata:
         return "{}"
     plain = dict(metadata)
-    if (found := _metadata_problem(plain, "", 1)) is not None:
-        raise Unstorable("metadata", found[0] or None, found[1])
-    return _encoder.encode(plain).decode()
+    # the usual case, flat str to str, skips the walk when the scans find nothing
+    flat = all(type(k) is str and type(v) is str for k, v in plain.items())
+    data = None
+    if flat:
+        try:
+            data = _encoder.encode(plain)
+        except UnicodeEncodeError:
+            data = None
+    if data is None or b"\\u0000" in data:
+        if (found := _metadata_problem(plain, "", 1)) is not None:
+            raise Unstorable("metadata", found[0] or None, found[1])
+        data = _encoder.encode(plain)
+    return data.decode()
 
 
 def check_id(value: object, what: str = "aggregate_id") -> str:

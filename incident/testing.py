@@ -501,7 +501,7 @@ def _floats(info: mi.FloatType) -> SearchStrategy[float]:
 
 def _text(**sizes: Any) -> SearchStrategy[str]:
     # no NUL: no store keeps one (docs/storable.md), so validate_command refuses it
-    return st.text(st.characters(exclude_characters="\x00"), **sizes)
+    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), **sizes)
 
 
 def _strings(info: mi.StrType) -> SearchStrategy[str]:

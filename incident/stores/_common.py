@@ -82,7 +82,8 @@ _event_decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
 
 def event_json(event: Event) -> tuple[str, Event]:
     """An event's JSON text and the event read back from it, refusing (Unstorable) what
-    would not come back unchanged or does not decode as its own type."""
+    would not come back equal (a tuple in an ``Any`` field, a UTC offset with seconds)
+    or does not decode as its own type."""
     text = storable.event_json(event)
     decoder = _event_decoders.get(type(event))
     if decoder is None:
@@ -91,17 +92,23 @@ def event_json(event: Event) -> tuple[str, Event]:
         back: Event = decoder.decode(text)
     except msgspec.ValidationError as error:
         raise Unstorable(f"event {type(event).__name__}", None, str(error)) from None
+    if back != event:
+        field = next(f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f))
+        rule = (
+            f"{storable.shown(getattr(event, field))} would come back as "
+            f"{storable.shown(getattr(back, field))}"
+        )
+        raise Unstorable(f"event {type(event).__name__}", field, rule)
     return text, back
 
 
-def projection_json(projection: Projection, spec: TableSpec) -> bytes:
+def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes]:
     """A read model's JSON, refusing (Unstorable) what its table cannot keep unchanged:
     see :func:`incident.storable.checked_json`, and for columns, integers outside signed
     64 bits, a naive datetime where the column holds instants and an aware one where it
-    holds wall times (``tz=False``)."""
-    projection_key(projection)
-    what = f"read model {type(projection).__name__}"
-    data = storable.checked_json(projection, what)
+    holds wall times (``tz=False``). Returns the key and the JSON."""
+    key = projection_key(projection)
+    data = storable.checked_json(projection, "read model")
     for column in spec.checked_columns:
         value = getattr(projection, column.attribute)
         if value is None:
@@ -111,8 +118,14 @@ def projection_json(projection: Projection, spec: TableSpec) -> bytes:
             if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
                 rule = f"{storable.shown(value)} does not fit a signed 64-bit integer column"
         elif isinstance(value, dt.datetime):
-            aware = value.utcoffset() is not None
-            if column.kind is Kind.DATETIME and not aware:
+            offset = value.utcoffset()
+            aware = offset is not None
+            if offset is not None and offset % dt.timedelta(minutes=1):
+                rule = (
+                    f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
+                    "so it would come back as another instant"
+                )
+            elif column.kind is Kind.DATETIME and not aware:
                 rule = (
                     f"the naive datetime {value.isoformat()} would be stored as an instant; "
                     "pass an aware datetime, or declare the field "
@@ -124,8 +137,8 @@ def projection_json(projection: Projection, spec: TableSpec) -> bytes:
                     "(naive wall times); pass a naive datetime or declare tz=True"
                 )
         if rule is not None:
-            raise Unstorable(what, column.attribute, rule)
-    return data
+            raise Unstorable(f"read model {type(projection).__name__}", column.attribute, rule)
+    return key, data
 
 
 # the dead-letter table's columns, in Parked's field order, so a row decodes by position

@@ -62,9 +62,8 @@ class MemoryProjectionStore:
         """The spec, the key and the row to keep: the projection read back from the JSON
         a durable store would write (aware datetime columns in UTC), so memory refuses
         and gives back what they do."""
-        key = projection_key(projection)
         spec = self._spec(type(projection))
-        data = projection_json(projection, spec)
+        key, data = projection_json(projection, spec)
         decoder = self._decoders.get(spec.type)
         if decoder is None:
             decoder = self._decoders[spec.type] = msgspec.json.Decoder(spec.type)
@@ -75,7 +74,7 @@ class MemoryProjectionStore:
         instants = {
             name: value.astimezone(dt.UTC)
             for name in spec.instant_columns
-            if isinstance(value := getattr(row, name), dt.datetime)
+            if isinstance(value := getattr(row, name), dt.datetime) and value.tzinfo is not dt.UTC
         }
         return spec, key, msgspec.structs.replace(row, **instants) if instants else row
 

@@ -643,7 +643,7 @@ class PostgresProjectionStore:
     def project(self, projection: P) -> P:
         key = self._check(projection)
         table = self._table(type(projection))
-        payload = projection_json(projection, table.spec).decode()
+        payload = projection_json(projection, table.spec)[1].decode()
         self._db.ready()
         with self._db.connection(f"projecting {table.name} {key!r}") as conn:
             with conn.transaction():
@@ -678,7 +678,7 @@ class PostgresProjectionStore:
         for projection in projections:
             self._check(projection)
             table = self._table(type(projection))
-            rows.append((table, projection_json(projection, table.spec).decode()))
+            rows.append((table, projection_json(projection, table.spec)[1].decode()))
         for table, payload in rows:
             conn.execute(table.upsert, [payload])
 
