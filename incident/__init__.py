@@ -27,6 +27,7 @@ from .errors import (
     SnapshotMismatch,
     StoreError,
     UnknownEventType,
+    Unstorable,
 )
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
@@ -80,6 +81,7 @@ __all__ = [
     "SubscriptionFailed",
     "Subscriptions",
     "UnknownEventType",
+    "Unstorable",
     "__version__",
     "decode_command",
     "errors",

@@ -8,8 +8,15 @@ from typing import Any, TypeVar, Union
 
 import msgspec
 
-from . import messages
-from .errors import CorruptEvent, IncidentError, InvalidCommand, RegistrationError, UnknownEventType
+from . import messages, storable
+from .errors import (
+    CorruptEvent,
+    IncidentError,
+    InvalidCommand,
+    RegistrationError,
+    UnknownEventType,
+    Unstorable,
+)
 from .messages import Command, Event, event_type_name
 
 __all__ = [
@@ -270,7 +277,9 @@ def _invalid(command_type: type[Any], error: msgspec.ValidationError) -> Invalid
 
 
 def validate_command(command: C) -> C:
-    """Check a command against its own type: field types and ``msgspec.Meta`` constraints.
+    """Check a command against its own type: field types and ``msgspec.Meta`` constraints,
+    and that its data is storable (finite floats, str without NUL or lone surrogates,
+    nesting at most ``storable.MAX_DEPTH`` deep: see docs/storable.md).
 
     >>> from typing import Annotated
     >>> class Deposit(Command):
@@ -287,6 +296,8 @@ def validate_command(command: C) -> C:
         converted = msgspec.convert(msgspec.to_builtins(command), type(command))
     except msgspec.ValidationError as error:
         raise _invalid(type(command), error) from None
+    except (RecursionError, UnicodeEncodeError):
+        converted = None  # too deep, or a lone surrogate in a key: the check below names it
     except (TypeError, msgspec.EncodeError) as error:  # a value msgspec cannot represent
         field = next(
             (
@@ -297,6 +308,10 @@ def validate_command(command: C) -> C:
             None,
         )
         raise InvalidCommand(type(command).__name__, field, str(error)) from None
+    try:
+        storable.checked_json(command, type(command).__name__)
+    except Unstorable as error:
+        raise InvalidCommand(type(command).__name__, error.field, error.rule) from None
     mismatch = _mismatch(command, converted, "") if converted != command else None
     if mismatch is not None:
         # a value that only passed because JSON spells it as a string (a str for a date,

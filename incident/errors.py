@@ -25,6 +25,7 @@ __all__ = [
     "SnapshotMismatch",
     "StoreError",
     "UnknownEventType",
+    "Unstorable",
 ]
 
 
@@ -48,6 +49,25 @@ class InvalidCommand(IncidentError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.command_type, self.field, self.problem))
+
+
+class Unstorable(IncidentError, ValueError):
+    """A value no store could keep and give back unchanged (see docs/storable.md): an
+    event, metadata, an id or a read model. Nothing was written; retrying cannot help,
+    the data must change. ``what`` is the value refused, ``field`` where in it, ``rule``
+    the rule it breaks.
+
+    >>> str(Unstorable("event Measured", "celsius", "nan is not a finite number"))
+    'Cannot store event Measured: nan is not a finite number - at `celsius`; nothing was written'
+    """
+
+    def __init__(self, what: str, field: str | None, rule: str) -> None:
+        self.what, self.field, self.rule = what, field, rule
+        where = f" - at `{field}`" if field else ""
+        super().__init__(f"Cannot store {what}: {rule}{where}; nothing was written")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.field, self.rule))
 
 
 class Rejected(IncidentError):

@@ -371,3 +371,36 @@ def test_a_class_whose_module_is_gone_does_not_shadow_a_live_one(
     assert incident.EventTypes().resolve("MoneyDeposited") is module.MoneyDeposited
     monkeypatch.delitem(sys.modules, "gone_example")
     assert incident.EventTypes().resolve("MoneyDeposited") is MoneyDeposited
+
+
+class Unkept(incident.Command):
+    aggregate_id: str
+    ratio: float = 0.0
+    extra: Any = None
+
+
+def _deep(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "command, field",
+    [
+        (Unkept(aggregate_id="a", ratio=float("nan")), "ratio"),
+        (Unkept(aggregate_id="a", extra={"x": float("inf")}), "extra['x']"),
+        (Unkept(aggregate_id="a\udc80"), "aggregate_id"),
+        (Unkept(aggregate_id="a", extra="\x00"), "extra"),
+        (Unkept(aggregate_id="a", extra=_deep(10_000)), None),
+    ],
+    ids=["nan", "inf", "surrogate", "nul", "deep"],
+)
+def test_a_command_no_store_could_keep_is_invalid(command: Unkept, field: str | None) -> None:
+    """Non-finite floats, lone surrogates, NUL and nesting past 64 levels in a command are
+    InvalidCommand naming the field, not a UnicodeEncodeError or RecursionError."""
+    with pytest.raises(incident.InvalidCommand) as caught:
+        incident.validate_command(command)
+    assert field is None or caught.value.field == field
+    assert len(str(caught.value)) < 300

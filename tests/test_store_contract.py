@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
+import math
+import time
 import uuid
 from collections.abc import Callable
+from typing import Annotated, Any
 
+import msgspec
 import pytest
 from conftest import INVALID_JSON_BACKENDS, RAW_BACKENDS, RawEvent, on_backends
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited, MoneyWithdrawn, Transfer
@@ -302,3 +309,254 @@ def test_events_through_a_row_of_an_unknown_type_raise_like_get(
     with pytest.raises(incident.UnknownEventType) as caught_unknown:
         list(event_store.events("acc-2"))
     assert caught_unknown.value.position == 2
+
+
+# -- what a store accepts, it gives back unchanged (docs/storable.md) -----------------------
+
+
+class Measured(incident.Event):
+    celsius: float
+    note: str = ""
+    extra: Any = None
+
+
+class Nested(msgspec.Struct):
+    label: str
+    at: dt.datetime
+    amount: decimal.Decimal
+
+
+class Everything(incident.Event):
+    text: str
+    number: int
+    ratio: float
+    flag: bool
+    nothing: None
+    items: list[Any]
+    mapping: dict[str, Any]
+    nested: Nested
+    maybe: int | None
+    loose: Any
+
+
+class Reading(incident.Projection):
+    aggregate_id: str
+    count: int = 0
+    at: dt.datetime | None = None
+    wall: Annotated[dt.datetime, msgspec.Meta(tz=False)] | None = None
+    version: int = 1
+
+
+LMT = dt.timezone(dt.timedelta(minutes=19, seconds=32))  # Amsterdam's mean time, till 1937
+
+
+def nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "event, field",
+    [
+        (Measured(celsius=math.nan), "celsius"),
+        (Measured(celsius=math.inf), "celsius"),
+        (Measured(celsius=1.0, extra={"a": [-math.inf]}), "extra['a'][0]"),
+        (Measured(celsius=1.0, extra=math.nan), "extra"),
+        (Measured(celsius=1.0, note="\udc80"), "note"),
+        (Measured(celsius=1.0, note="a\x00b"), "note"),
+        (Measured(celsius=1.0, extra=nested(10_000)), None),
+        (Measured(celsius=1.0, extra=nested(64)), None),
+        (Measured(celsius=1.0, extra=(1, 2)), "extra"),
+        (Measured(celsius=1.0, extra=dt.datetime(1900, 1, 1, tzinfo=LMT)), "extra"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "nested-inf",
+        "any-nan",
+        "surrogate",
+        "nul",
+        "deep",
+        "just-too-deep",
+        "tuple-in-any",
+        "offset-seconds",
+    ],
+)
+def test_an_event_no_store_can_give_back_is_refused_and_nothing_is_written(
+    event_store: incident.EventStore, event: incident.Event, field: str | None
+) -> None:
+    """Non-finite floats, lone surrogates, NUL and nesting past 64 levels are refused with
+    Unstorable (a ValueError) naming the field, on every store alike, before any write."""
+    with pytest.raises(incident.Unstorable) as caught:
+        event_store.append("m-1", [MoneyDeposited(amount=1), event], expected_version=0)
+    assert isinstance(caught.value, ValueError)
+    if field is not None:
+        assert caught.value.field == field
+    assert len(str(caught.value)) < 300
+    assert event_store.get("m-1") == []
+
+
+def test_nesting_up_to_the_limit_comes_back(event_store: incident.EventStore) -> None:
+    """An event nested exactly 64 levels deep (itself included) is stored and read back."""
+    event = Measured(celsius=1.0, extra=nested(63))
+    event_store.append("m-1", [event], expected_version=0)
+    assert [r.data for r in event_store.get("m-1")] == [event]
+
+
+@pytest.mark.parametrize(
+    "aggregate_id",
+    ["x" * 256, "x" * 10_000, "a\x00b", "a\udc80"],
+    ids=["256", "10000", "nul", "surrogate"],
+)
+def test_an_id_no_store_can_keep_is_refused_with_a_short_message(
+    event_store: incident.EventStore, aggregate_id: str
+) -> None:
+    """Ids longer than 255 characters, or holding NUL or a lone surrogate, are refused
+    by every store, with a message that quotes at most 80 characters of the id."""
+    with pytest.raises(incident.Unstorable, match="aggregate_id") as caught:
+        event_store.append(aggregate_id, deposited(1), expected_version=0)
+    assert len(str(caught.value)) < 200
+    assert event_store.read_all() is not None and list(event_store.read_all()) == []
+
+
+def test_an_id_of_255_characters_is_kept(event_store: incident.EventStore) -> None:
+    """The longest id allowed, 255 characters of any script, round-trips."""
+    aggregate_id = "é" * 255
+    event_store.append(aggregate_id, deposited(1), expected_version=0)
+    assert event_store.get(aggregate_id)[0].aggregate_id == aggregate_id
+
+
+@pytest.mark.parametrize(
+    "metadata, field",
+    [
+        ({"tags": {"a"}}, "['tags']"),
+        ({"pair": (1, 2)}, "['pair']"),
+        ({"by_id": {1: "a"}}, "['by_id']"),
+        ({"at": dt.datetime(2024, 1, 1, tzinfo=dt.UTC)}, "['at']"),
+        ({"raw": b"\x00"}, "['raw']"),
+        ({"x": math.nan}, "['x']"),
+        ({"x": nested(10_000)}, None),
+        ({"x": "\udc80"}, "['x']"),
+    ],
+    ids=["set", "tuple", "int-key", "datetime", "bytes", "nan", "deep", "surrogate"],
+)
+def test_metadata_that_is_not_plain_json_is_refused(
+    event_store: incident.EventStore, metadata: dict[str, Any], field: str | None
+) -> None:
+    """Metadata holds str keys and str/int/float/bool/None/list/dict values only: anything
+    else would come back changed on some store, so every store refuses it."""
+    with pytest.raises(incident.Unstorable, match="metadata") as caught:
+        event_store.append("m-1", deposited(1), expected_version=0, metadata=metadata)
+    assert field is None or caught.value.field == field
+    assert event_store.get("m-1") == []
+
+
+def test_plain_metadata_comes_back_unchanged(event_store: incident.EventStore) -> None:
+    """Plain JSON metadata, nested and with big integers, is read back equal."""
+    metadata = {"user": "ann", "n": 2**70, "r": 0.1, "ok": True, "none": None, "l": [{"a": []}]}
+    event_store.append("m-1", deposited(1), expected_version=0, metadata=metadata)
+    assert event_store.get("m-1")[0].metadata == metadata
+
+
+def test_read_model_integers_past_64_bits_are_refused(store_url: str) -> None:
+    """An int column holds signed 64 bits on every store: the limits come back, one past
+    either is refused with Unstorable naming the field, and nothing is written."""
+    projections = incident.open_projection_store(store_url)
+    for count in (2**63, -(2**63) - 1):
+        with pytest.raises(incident.Unstorable) as caught:
+            projections.project(Reading(aggregate_id="r", count=count))
+        assert caught.value.field == "count"
+    assert projections.get(Reading, "r") is None
+    for count in (2**63 - 1, -(2**63)):
+        projections.project(Reading(aggregate_id="r", count=count))
+        assert projections.get(Reading, "r") == Reading(aggregate_id="r", count=count)
+    projections.close()
+
+
+def test_read_model_datetimes_follow_one_rule_in_any_time_zone(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a process and Postgres session zone of Asia/Tokyo, an aware datetime comes
+    back as the same instant in UTC, a naive one in a tz=False field with the same wall
+    time; a naive one where an instant is stored, or an aware one in a tz=False field,
+    is refused naming the field and what to declare."""
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        projections = incident.open_projection_store(store_url)
+        india = dt.timezone(dt.timedelta(hours=5, minutes=30))
+        for at in (
+            dt.datetime(2024, 5, 1, 7, 8, tzinfo=dt.UTC),
+            dt.datetime(2024, 5, 1, 7, 8, tzinfo=india),
+        ):
+            projections.project(
+                Reading(aggregate_id="r", at=at, wall=dt.datetime(2024, 5, 1, 7, 8))
+            )
+            got = projections.get(Reading, "r")
+            assert got is not None and got.at == at and got.at.utcoffset() == dt.timedelta(0)
+            assert got.wall == dt.datetime(2024, 5, 1, 7, 8) and got.wall.tzinfo is None
+        with pytest.raises(incident.Unstorable, match="tz=False") as caught:
+            projections.project(Reading(aggregate_id="r", at=dt.datetime(2024, 5, 1, 7, 8)))
+        assert caught.value.field == "at"
+        with pytest.raises(incident.Unstorable, match="tz=False") as caught:
+            projections.project(
+                Reading(aggregate_id="r", wall=dt.datetime(2024, 5, 1, tzinfo=india))
+            )
+        assert caught.value.field == "wall"
+        projections.close()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | _floats | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
+# offsets of whole minutes: ISO 8601 keeps no seconds, so others are refused (tested above)
+_datetimes = st.datetimes(timezones=st.none() | st.timezones()).filter(
+    lambda d: not (d.utcoffset() or dt.timedelta(0)) % dt.timedelta(minutes=1)
+)
+everything = st.builds(
+    Everything,
+    text=_text,
+    number=st.integers(),
+    ratio=_floats,
+    flag=st.booleans(),
+    nothing=st.none(),
+    items=st.lists(_json, max_size=3),
+    mapping=st.dictionaries(_text, _json, max_size=3),
+    nested=st.builds(
+        Nested,
+        label=_text,
+        at=_datetimes,
+        amount=st.decimals(allow_nan=False, allow_infinity=False),
+    ),
+    maybe=st.none() | st.integers(-(2**63), 2**63 - 1),
+    loose=_json,
+)
+
+
+def test_whatever_a_store_accepts_comes_back_equal(store_url: str) -> None:
+    """Generated events of every field kind, with plain JSON metadata, read back equal to
+    what was appended, on every store (30 examples a store)."""
+    store = incident.open_event_store(store_url)
+    streams = iter(range(10**6))
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(event=everything, metadata=st.dictionaries(_text, _json, max_size=3))
+    def round_trip(event: Everything, metadata: dict[str, Any]) -> None:
+        aggregate_id = f"s-{next(streams)}"
+        store.append(aggregate_id, [event], expected_version=0, metadata=metadata)
+        [got] = store.get(aggregate_id)
+        assert got.data == event
+        assert got.metadata == metadata
+
+    round_trip()
+    store.close()

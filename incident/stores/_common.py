@@ -14,11 +14,12 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
+from .. import storable
 from .._forks import renew_in_forked_children
-from ..codec import encode
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError
+from ..errors import ConcurrencyError, CorruptEvent, IncidentError, Unstorable
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
+from .tables import Kind, TableSpec
 
 __all__ = [
     "AppendVerbs",
@@ -27,6 +28,7 @@ __all__ = [
     "closing_iterator",
     "checked_events",
     "effects_of",
+    "event_json",
     "OWED_COLUMNS",
     "owed_from_row",
     "metadata_json",
@@ -35,6 +37,7 @@ __all__ = [
     "parked_from_row",
     "newer_or_equal",
     "poll",
+    "projection_json",
     "projection_key",
     "projection_version",
     "stamp",
@@ -62,10 +65,9 @@ def check_expected_version(aggregate_id: str, expected: object, actual: int) -> 
 
 
 def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
-    """The events as a list, refusing anything that is not an Event or does not encode,
-    so a bad batch fails before anything is written."""
-    if not isinstance(aggregate_id, str) or not aggregate_id:
-        raise IncidentError(f"aggregate_id must be a non-empty str, got {aggregate_id!r}")
+    """The events as a list, refusing an id no store can keep and anything that is not
+    an Event, so a bad batch fails before anything is written."""
+    storable.check_id(aggregate_id)
     checked = list(events)
     for event in checked:
         if not isinstance(event, Event):
@@ -73,10 +75,70 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
     return checked
 
 
-def metadata_json(metadata: Mapping[str, Any] | None) -> str:
-    """The metadata as JSON text, refusing what does not encode before anything is
-    written: every store checks it the same way (the memory store keeps no text)."""
-    return encode(dict(metadata or {})).decode()
+metadata_json = storable.metadata_json
+
+_event_decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
+
+
+def event_json(event: Event) -> tuple[str, Event]:
+    """An event's JSON text and the event read back from it, refusing (Unstorable) what
+    would not come back equal (a tuple in an ``Any`` field, a UTC offset with seconds)
+    or does not decode as its own type."""
+    text = storable.event_json(event)
+    decoder = _event_decoders.get(type(event))
+    if decoder is None:
+        decoder = _event_decoders[type(event)] = msgspec.json.Decoder(type(event))
+    try:
+        back: Event = decoder.decode(text)
+    except msgspec.ValidationError as error:
+        raise Unstorable(f"event {type(event).__name__}", None, str(error)) from None
+    if back != event:
+        field = next(f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f))
+        rule = (
+            f"{storable.shown(getattr(event, field))} would come back as "
+            f"{storable.shown(getattr(back, field))}"
+        )
+        raise Unstorable(f"event {type(event).__name__}", field, rule)
+    return text, back
+
+
+def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes]:
+    """A read model's JSON, refusing (Unstorable) what its table cannot keep unchanged:
+    see :func:`incident.storable.checked_json`, and for columns, integers outside signed
+    64 bits, a naive datetime where the column holds instants and an aware one where it
+    holds wall times (``tz=False``). Returns the key and the JSON."""
+    key = projection_key(projection)
+    data = storable.checked_json(projection, "read model")
+    for column in spec.checked_columns:
+        value = getattr(projection, column.attribute)
+        if value is None:
+            continue
+        rule = None
+        if column.kind is Kind.INT:
+            if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
+                rule = f"{storable.shown(value)} does not fit a signed 64-bit integer column"
+        elif isinstance(value, dt.datetime):
+            offset = value.utcoffset()
+            aware = offset is not None
+            if offset is not None and offset % dt.timedelta(minutes=1):
+                rule = (
+                    f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
+                    "so it would come back as another instant"
+                )
+            elif column.kind is Kind.DATETIME and not aware:
+                rule = (
+                    f"the naive datetime {value.isoformat()} would be stored as an instant; "
+                    "pass an aware datetime, or declare the field "
+                    "Annotated[datetime, msgspec.Meta(tz=False)] to keep naive wall times"
+                )
+            elif column.kind is Kind.NAIVE_DATETIME and aware:
+                rule = (
+                    f"the aware datetime {value.isoformat()} is in a field declared tz=False "
+                    "(naive wall times); pass a naive datetime or declare tz=True"
+                )
+        if rule is not None:
+            raise Unstorable(f"read model {type(projection).__name__}", column.attribute, rule)
+    return key, data
 
 
 # the dead-letter table's columns, in Parked's field order, so a row decodes by position
@@ -175,7 +237,7 @@ def projection_key(projection: Projection) -> str:
         raise IncidentError(
             f"{type(projection).__name__} needs a non-empty str aggregate_id field to be stored"
         )
-    return key
+    return storable.check_id(key, f"read model {type(projection).__name__}'s aggregate_id")
 
 
 def projection_version(projection: Projection) -> int | None:

@@ -15,6 +15,7 @@ read model backwards.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ import sqlite_utils
 from ..codec import encode
 from ..errors import IncidentError
 from ..messages import Projection
-from ._common import projection_key
+from ._common import projection_json
 from .tables import Kind, TableSpec
 
 __all__ = ["ProjectionTable"]
@@ -84,6 +85,9 @@ class ProjectionTable:
         self._converted: list[tuple[int, Callable[[Any], Any]]] = []
         self._json_columns: set[str] = set()
         self._not_null = {column.name for column in spec.columns if not column.nullable}
+        self._instants = [
+            index for index, column in enumerate(spec.columns) if column.kind is Kind.DATETIME
+        ]
         for index, column in enumerate(spec.columns):
             sql_type, how = _COLUMNS[column.kind]
             self.columns[column.name] = sql_type
@@ -117,11 +121,14 @@ class ProjectionTable:
     def row(self, projection: Projection) -> tuple[Any, ...]:
         """The column values of one projection, in column order (refuses what cannot be
         stored before anything is written)."""
-        projection_key(projection)
+        projection_json(projection, self.spec)
         values = msgspec.structs.astuple(projection)  # in field order, as the columns are
         if not self._converted:
             return values
         row = list(values)
+        for index in self._instants:  # one rule on every store: instants in UTC
+            if isinstance(row[index], dt.datetime):
+                row[index] = row[index].astimezone(dt.UTC)
         try:
             for index, write in self._converted:
                 if row[index] is not None:

@@ -4,22 +4,25 @@ upserts)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
-from ..codec import EventTypes, encode
-from ..errors import CheckpointConflict, DuplicateCommand, IncidentError
+from ..codec import EventTypes
+from ..errors import CheckpointConflict, DuplicateCommand, IncidentError, Unstorable
 from ..messages import Event, Projection, Recorded
 from ._common import (
     AppendVerbs,
     check_expected_version,
     checked_events,
     effects_of,
+    event_json,
     metadata_json,
     newer_or_equal,
+    projection_json,
     projection_key,
     stamp,
 )
@@ -46,6 +49,7 @@ class MemoryProjectionStore:
         self._lock = threading.RLock()
         self._owners = TableOwners()
         self._tables: dict[str, dict[str, Projection]] = {}
+        self._decoders: dict[type[Projection], msgspec.json.Decoder[Any]] = {}
 
     def __repr__(self) -> str:
         return "MemoryProjectionStore()"
@@ -54,11 +58,25 @@ class MemoryProjectionStore:
         spec, _ = self._owners.claim(projection_type)
         return spec
 
-    def _check(self, projection: Projection) -> tuple[TableSpec, str]:
-        key = projection_key(projection)
+    def _check(self, projection: Projection) -> tuple[TableSpec, str, Projection]:
+        """The spec, the key and the row to keep: the projection read back from the JSON
+        a durable store would write (aware datetime columns in UTC), so memory refuses
+        and gives back what they do."""
         spec = self._spec(type(projection))
-        encode(projection)  # what a durable store could not write, memory refuses too
-        return spec, key
+        key, data = projection_json(projection, spec)
+        decoder = self._decoders.get(spec.type)
+        if decoder is None:
+            decoder = self._decoders[spec.type] = msgspec.json.Decoder(spec.type)
+        try:
+            row: Projection = decoder.decode(data)
+        except msgspec.ValidationError as error:
+            raise Unstorable(f"read model {type(projection).__name__}", None, str(error)) from None
+        instants = {
+            name: value.astimezone(dt.UTC)
+            for name in spec.instant_columns
+            if isinstance(value := getattr(row, name), dt.datetime) and value.tzinfo is not dt.UTC
+        }
+        return spec, key, msgspec.structs.replace(row, **instants) if instants else row
 
     @staticmethod
     def _read(spec: TableSpec, stored: Projection) -> Any:
@@ -74,33 +92,33 @@ class MemoryProjectionStore:
                 f"{spec.owner}: {error}"
             ) from error
 
-    def _project(self, spec: TableSpec, key: str, projection: P) -> P:
+    def _project(self, spec: TableSpec, key: str, row: Projection, projection: P) -> P:
         table = self._tables.setdefault(spec.name, {})
         stored = table.get(key)
         if spec.version is None or newer_or_equal(projection, stored):
-            table[key] = msgspec.structs.replace(projection)  # a private copy
+            table[key] = row
             return projection
         assert stored is not None
         winner: P = self._read(spec, stored)
         return winner
 
     def project(self, projection: P) -> P:
-        spec, key = self._check(projection)
+        spec, key, row = self._check(projection)
         with self._lock:
-            return self._project(spec, key, projection)
+            return self._project(spec, key, row, projection)
 
     def project_many(self, projections: Iterable[Projection]) -> None:
         checked = [(*self._check(p), p) for p in projections]
         with self._lock:
-            for spec, key, projection in checked:
-                self._project(spec, key, projection)
+            for spec, key, row, projection in checked:
+                self._project(spec, key, row, projection)
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         spec = self._spec(projection_type)
         table: dict[str, Projection] = {}
         for projection in projections:
-            _, key = self._check(projection)
-            table[key] = msgspec.structs.replace(projection)
+            _, key, row = self._check(projection)
+            table[key] = row
         with self._lock:
             self._tables[spec.name] = table
         return len(table)
@@ -151,10 +169,11 @@ class MemoryEventStore(AppendVerbs):
         project: ProjectFn | None = None,
         idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
-        batch = checked_events(aggregate_id, events)
-        for event in batch:
-            encode(event)
-        metadata_json(metadata)  # refused here as on every store, though kept as a dict
+        # what is kept is what a durable store would read back: events and metadata
+        # through their JSON, refused here as on every store
+        batch = [event_json(event)[1] for event in checked_events(aggregate_id, events)]
+        if metadata:
+            metadata = msgspec.json.decode(metadata_json(metadata))
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._keys:
                 raise DuplicateCommand(idempotency_key, *self._keys[idempotency_key])

@@ -40,7 +40,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .._forks import renew_in_forked_children
-from ..codec import EventTypes, encode
+from ..codec import EventTypes
 from ..errors import (
     CommitUnknown,
     ConcurrencyError,
@@ -59,8 +59,10 @@ from ._common import (
     check_versions,
     checked_events,
     effects_of,
+    event_json,
     metadata_json,
     owed_from_row,
+    projection_json,
     projection_key,
     stamp,
 )
@@ -437,8 +439,11 @@ class _Database:
 def _read_committed(conn: Connection) -> None:
     """Every transaction of the store runs at READ COMMITTED, whatever the server's or
     the role's default: each statement then sees what committed before it began, so the
-    statement after a lock sees the work of whoever held it (appends, migrations)."""
+    statement after a lock sees the work of whoever held it (appends, migrations).
+    Every session runs in UTC, so no server, role or PGTZ setting shifts the datetimes
+    read models hold (docs/storable.md)."""
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    conn.execute("SET TimeZone TO 'UTC'")
 
 
 @contextmanager
@@ -692,7 +697,7 @@ class PostgresProjectionStore:
     def project(self, projection: P) -> P:
         key = self._check(projection)
         table = self._table(type(projection))
-        payload = encode(projection).decode()
+        payload = projection_json(projection, table.spec)[1].decode()
         self._db.ready()
         with self._db.connection(f"projecting {table.name} {key!r}") as conn:
             with conn.transaction():
@@ -726,7 +731,8 @@ class PostgresProjectionStore:
         rows = []
         for projection in projections:
             self._check(projection)
-            rows.append((self._table(type(projection)), encode(projection).decode()))
+            table = self._table(type(projection))
+            rows.append((table, projection_json(projection, table.spec)[1].decode()))
         for table, payload in rows:
             conn.execute(table.upsert, [payload])
 
@@ -1018,7 +1024,7 @@ class PostgresEventStore(AppendVerbs):
             or expected_version < 0
         ):
             check_expected_version(aggregate_id, expected_version, 0)  # raises: not a version
-        payloads = [encode(event).decode() for event in batch]
+        payloads = [event_json(event)[0] for event in batch]
         if not batch:
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))

@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from .._forks import renew_in_forked_children
-from ..codec import EventTypes, encode
+from ..codec import EventTypes
 from ..errors import (
     ConcurrencyError,
     CorruptEvent,
@@ -59,6 +59,7 @@ from ._common import (
     check_versions,
     checked_events,
     effects_of,
+    event_json,
     metadata_json,
     owed_from_row,
     projection_key,
@@ -672,7 +673,7 @@ class SQLiteEventStore(AppendVerbs):
     ) -> list[Recorded[Any]]:
         batch = checked_events(aggregate_id, events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
-        payloads = [(encode(e).decode(), type(e).schema_version) for e in batch]
+        payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
         metadata_text = metadata_json(metadata)
         together = projection_store is not None and self.shares_database_with(projection_store)
         projections: Sequence[Projection] = ()

@@ -16,6 +16,7 @@ imported here: the memory store applies the same spec and the same refusals.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import threading
 from collections.abc import Sequence
@@ -118,6 +119,18 @@ class TableSpec:
     @property
     def owner(self) -> str:
         return qualified(self.type)
+
+    @functools.cached_property
+    def checked_columns(self) -> tuple[Column, ...]:
+        """The columns whose values are held to more than JSON: integers (64 bits) and
+        datetimes (aware or naive, as declared)."""
+        kinds = (Kind.INT, Kind.DATETIME, Kind.NAIVE_DATETIME)
+        return tuple(column for column in self.columns if column.kind in kinds)
+
+    @functools.cached_property
+    def instant_columns(self) -> tuple[str, ...]:
+        """The attributes of aware datetime columns: stored and read back in UTC."""
+        return tuple(c.attribute for c in self.columns if c.kind is Kind.DATETIME)
 
 
 def qualified(cls: type[Any]) -> str:

@@ -156,7 +156,7 @@ def _valid(info: mi.Type) -> SearchStrategy[Any]:
         case mi.Metadata():
             return _valid(info.type)
         case mi.AnyType():
-            return st.none() | st.booleans() | st.integers(*_INT64) | st.text()
+            return st.none() | st.booleans() | st.integers(*_INT64) | _text()
         case mi.NoneType():
             return st.none()
         case mi.BoolType():
@@ -240,10 +240,15 @@ def _floats(info: mi.FloatType) -> SearchStrategy[float]:
     return values
 
 
+def _text(**sizes: Any) -> SearchStrategy[str]:
+    # no NUL: no store keeps one (docs/storable.md), so validate_command refuses it
+    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), **sizes)
+
+
 def _strings(info: mi.StrType) -> SearchStrategy[str]:
     low, high = info.min_length or 0, info.max_length
     if info.pattern is None:
-        return st.text(min_size=low, max_size=high)
+        return _text(min_size=low, max_size=high)
     # msgspec matches patterns with re.search, which is what from_regex generates for
     return st.from_regex(info.pattern).filter(
         lambda s: len(s) >= low and (high is None or len(s) <= high)
@@ -315,10 +320,10 @@ def _violations(info: mi.Type) -> SearchStrategy[Any] | None:
                 step = info.multiple_of
                 options.append(numbers(min_value=-1000, max_value=1000).filter(lambda x: x % step))
         case mi.StrType():
-            options += _length_violations(info, st.text)
+            options += _length_violations(info, _text)
             if info.pattern is not None:
                 pattern = re.compile(info.pattern)
-                options.append(st.text().filter(lambda s: pattern.search(s) is None))
+                options.append(_text().filter(lambda s: pattern.search(s) is None))
         case mi.ListType():
             options += _length_violations(info, lambda **kw: st.lists(_valid(info.item_type), **kw))
         case mi.BytesType():
