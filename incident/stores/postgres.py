@@ -259,7 +259,7 @@ class _Database:
             self.conninfo,
             min_size=1,
             max_size=int(self._pool_options["max_size"]),
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "options": _in_utc(self.conninfo)},
             configure=_read_committed,
             check=self._check_if_disturbed,
             timeout=self._pool_options["timeout"],
@@ -440,10 +440,24 @@ def _read_committed(conn: Connection) -> None:
     """Every transaction of the store runs at READ COMMITTED, whatever the server's or
     the role's default: each statement then sees what committed before it began, so the
     statement after a lock sees the work of whoever held it (appends, migrations).
-    Every session runs in UTC, so no server, role or PGTZ setting shifts the datetimes
-    read models hold (docs/storable.md)."""
+    Every session also runs in UTC (``_in_utc``); a client that asks for another zone
+    itself (PGTZ) is set back here, the only case that costs a round trip."""
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    conn.execute("SET TimeZone TO 'UTC'")
+    if conn.info.parameter_status("TimeZone") != "UTC":
+        conn.execute("SET TimeZone TO 'UTC'")
+
+
+def _in_utc(conninfo: str) -> str:
+    """The connection's ``options`` with TimeZone=UTC added, so that no server, role or
+    PGTZ setting shifts the datetimes read models hold (docs/storable.md). Set at
+    connection start rather than by a SET: no round trip, and no statement a server
+    ending sessions could interrupt while the pool is making a connection.
+
+    >>> _in_utc("postgresql://db/app?options=-c%20search_path%3Dx")
+    '-c search_path=x -c TimeZone=UTC'
+    """
+    given = conninfo_to_dict(conninfo).get("options") or ""
+    return f"{given} -c TimeZone=UTC".strip()
 
 
 @contextmanager
