@@ -178,6 +178,7 @@ def event_json(event: msgspec.Struct) -> str:
 
 
 _PLAIN = (str, int, float, bool, type(None))
+_FLAT = frozenset({str, int, bool, type(None)})  # encoded as they are (not float: NaN)
 
 
 def _metadata_problem(value: Any, path: str, depth: int) -> tuple[str, str] | None:
@@ -213,8 +214,9 @@ def metadata_json(metadata: Mapping[str, Any] | None) -> str:
     if not metadata:
         return "{}"
     plain = dict(metadata)
-    # the usual case, flat str to str, skips the walk when the scans find nothing
-    flat = all(type(k) is str and type(v) is str for k, v in plain.items())
+    # the usual case, flat str keys to str, None, int or bool values (a correlation id,
+    # no causation id yet), skips the walk when the scan finds no NUL
+    flat = all(type(k) is str and type(v) in _FLAT for k, v in plain.items())
     data = None
     if flat:
         try:
