@@ -56,3 +56,8 @@ class StateCache:
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every state (benchmarks use it for a cold load)."""
+        with self._lock:
+            self._entries.clear()
