@@ -57,6 +57,7 @@ from .errors import (
     StoreError,
 )
 from .event_handler import EventHandler
+from .follow_ups import split_outputs
 from .messages import Projection, Recorded, event_type_name
 from .stores import (
     CheckpointStore,
@@ -351,19 +352,11 @@ class Subscription:
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         projections: list[Projection] = []
         dispatched = False
-        steps = []
-        for listener, outputs in self.handler.outputs(recorded, self._state_at(recorded)):
-            commands = []
-            for output in outputs:
-                if isinstance(output, Projection):
-                    key = getattr(output, "aggregate_id", None)
-                    if type(key) is not str or not key:
-                        projection_key(output)  # raises: a row that cannot be stored fails
-                    projections.append(output)
-                else:
-                    commands.append(output)
-            if commands:
-                steps.append((listener, commands))
+        steps = split_outputs(self.handler.outputs(recorded, self._state_at(recorded)), projections)
+        for projection in projections:
+            key = getattr(projection, "aggregate_id", None)
+            if type(key) is not str or not key:
+                projection_key(projection)  # raises: a row that cannot be stored fails
         if steps:
             # keyed by handler, event, listener and the command itself: handled again, it
             # sends nothing twice, and takes the branch the first run took
@@ -537,22 +530,17 @@ class Subscription:
                     if not self.handler.handles(recorded.data):
                         self._follow(recorded)
                         continue
-                    state = self._state_at(recorded)
-                    steps = []
-                    for listener, outputs in self.handler.outputs(recorded, state):
-                        commands = []
-                        for output in outputs:
-                            if isinstance(output, Projection):
-                                projection_key(output)
-                                _merge(rebuilt, [output])
-                            elif recorded.position > already:
-                                commands.append(output)
-                            else:
-                                skipped += 1
-                        if commands:
-                            steps.append((listener, commands))
-                    if steps:
-                        self.command_handler.follow_up(self.name, recorded, steps)
+                    projections: list[Projection] = []
+                    outputs = self.handler.outputs(recorded, self._state_at(recorded))
+                    steps = split_outputs(outputs, projections)
+                    for projection in projections:
+                        projection_key(projection)
+                    _merge(rebuilt, projections)
+                    if recorded.position > already:
+                        if steps:
+                            self.command_handler.follow_up(self.name, recorded, steps)
+                    else:
+                        skipped += sum(len(commands) for _, commands in steps)
                 position = batch[-1].position
                 if progress is not None:
                     progress(len(batch))
