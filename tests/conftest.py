@@ -258,3 +258,15 @@ def postgres_admin() -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     killing the store's backends."""
     with psycopg.connect(postgres_server(), autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(params=DURABLE_BACKENDS)
+def initialized_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store shared by processes (SQLite, Postgres), its event and subscription
+    tables already made, so racing processes do not create them."""
+    url = STORE_BACKENDS[request.param](tmp_path, request)
+    store = incident.open_event_store(url)
+    store.initialize()
+    incident.stores.checkpoint_store_for(store).initialize()
+    store.close()
+    yield url

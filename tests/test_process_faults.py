@@ -11,11 +11,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import STORE_BACKENDS
 
 import incident
 from incident.examples import bank
@@ -24,7 +22,6 @@ from incident.subscriptions import last_position
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-DURABLE = sorted(name for name in STORE_BACKENDS if name != "memory")  # shared by processes
 HANDLERS = ("money_transfer", "bank_projections")
 ACCOUNTS = [f"ACC{i}" for i in range(6)]
 GHOST = "GHOST"  # never opened: a transfer from it is cancelled, one to it reverted
@@ -34,16 +31,6 @@ CANCELLED = ["TransferRequested", "TransferCancelled"]
 REVERTED = ["TransferRequested", "TransferInitiated", "TransferReverted", "TransferCancelled"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=DURABLE)
-def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = STORE_BACKENDS[request.param](tmp_path, request)
-    store = incident.open_event_store(url)
-    store.initialize()
-    incident.stores.checkpoint_store_for(store).initialize()
-    store.close()
-    yield url
 
 
 @pytest.fixture
@@ -267,7 +254,9 @@ def assert_read_models_equal_a_replay(app: incident.CommandHandler, customers: C
         assert rows(projections, kind) == rows(expected, kind)
 
 
-def test_transfers_survive_a_subscriber_killed_twenty_times(durable_url: str, seed: int) -> None:
+def test_transfers_survive_a_subscriber_killed_twenty_times(
+    initialized_url: str, seed: int
+) -> None:
     """While ~80 transfers, deposits and withdrawals arrive, the process running the
     transfer process and the read models is SIGKILLed at random moments 20 times and
     restarted (forked by bank_subscriber.py). Once a last subscriber has caught up: no
@@ -275,9 +264,9 @@ def test_transfers_survive_a_subscriber_killed_twenty_times(durable_url: str, se
     its steps (and each account movement) recorded once, and the read models equal a
     replay of the log."""
     rng = random.Random(seed)
-    customers = Customers(durable_url, random.Random(rng.random()), transfers=80, bursts=20)
+    customers = Customers(initialized_url, random.Random(rng.random()), transfers=80, bursts=20)
     store = customers.app.event_store
-    subscribers = Subscribers(durable_url)
+    subscribers = Subscribers(initialized_url)
     interrupted = 0  # kills that left events unhandled (the others hit an idle subscriber)
     try:
         customers.thread.start()

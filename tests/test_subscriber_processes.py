@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -17,7 +17,6 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 from audit_handler import Handled, app, audit
-from conftest import STORE_BACKENDS
 
 import incident
 from incident.examples import bank
@@ -25,19 +24,8 @@ from incident.stores import MemoryCheckpointStore, MemoryProjectionStore
 from incident.stores.sqlite import sqlite_path
 
 TESTS = Path(__file__).resolve().parent
-DURABLE = sorted(name for name in STORE_BACKENDS if name != "memory")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=DURABLE)
-def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = STORE_BACKENDS[request.param](tmp_path, request)
-    store = incident.open_event_store(url)
-    store.initialize()
-    incident.stores.checkpoint_store_for(store).initialize()
-    store.close()
-    yield url
 
 
 class Subscriber:
@@ -130,23 +118,25 @@ def full_replay(store: incident.EventStore) -> MemoryProjectionStore:
     return expected
 
 
-def test_a_subscriber_killed_again_and_again_ends_equal_to_a_full_replay(durable_url: str) -> None:
+def test_a_subscriber_killed_again_and_again_ends_equal_to_a_full_replay(
+    initialized_url: str,
+) -> None:
     """SIGKILLed at random moments ten times while thousands of events arrive, then
     restarted: no event is skipped or applied twice, and the read models equal an
     uninterrupted run."""
     rng = random.Random(7)
-    writer = app(durable_url)
+    writer = app(initialized_url)
     store = writer.event_store
     checkpoints = incident.stores.checkpoint_store_for(store)
-    rewrites = count_rewrites_of_handled(durable_url, writer)
+    rewrites = count_rewrites_of_handled(initialized_url, writer)
     for _ in range(10):
         # a slowed-down subscriber (about a millisecond per event) killed at a random
         # moment while a burst of events arrives: mostly in the middle of a batch
-        subscriber = Subscriber(durable_url, batch_size=rng.choice([7, 50, 200]), delay=0.001)
+        subscriber = Subscriber(initialized_url, batch_size=rng.choice([7, 50, 200]), delay=0.001)
         append_deposits(store, rng, 300)
         time.sleep(rng.uniform(0.1, 0.8))
         subscriber.kill()
-    subscriber = Subscriber(durable_url)
+    subscriber = Subscriber(initialized_url)
     head = incident.subscriptions.last_position(store)
     assert head >= 3000
     try:
@@ -165,14 +155,14 @@ def test_a_subscriber_killed_again_and_again_ends_equal_to_a_full_replay(durable
     store.close()
 
 
-def test_two_subscribers_one_works_and_the_other_takes_over(durable_url: str) -> None:
+def test_two_subscribers_one_works_and_the_other_takes_over(initialized_url: str) -> None:
     """Two processes run the same handler: only the lock holder handles events; when it
     is killed, the other continues from the checkpoint."""
     rng = random.Random(11)
-    writer = app(durable_url)
+    writer = app(initialized_url)
     store = writer.event_store
     checkpoints = incident.stores.checkpoint_store_for(store)
-    first, second = Subscriber(durable_url), Subscriber(durable_url)
+    first, second = Subscriber(initialized_url), Subscriber(initialized_url)
     try:
         append_deposits(store, rng, 500)
         head = incident.subscriptions.last_position(store)
