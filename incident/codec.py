@@ -97,6 +97,29 @@ class EventTypes:
         True
         >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'], ["Closed"])
         """
+        try:
+            joined = ",".join(payloads)  # type: ignore[arg-type]  # a None raises TypeError
+        except TypeError:  # a payload stored at another schema version
+            return None
+        events = self.decode_joined(joined, len(payloads))
+        if (
+            events is not None
+            and names is not None
+            and list(map(self._batch_names.__getitem__, map(type, events))) != names
+        ):
+            return None  # a tag that disagrees with its row's type: row by row names it
+        return events
+
+    def decode_joined(self, joined: str, count: int) -> list[Event] | None:
+        """:meth:`decode_batch` of payloads already joined by commas (a store that joins
+        them in SQL hands over one string instead of ``count``): the ``count`` events,
+        or None when they are not exactly ``count`` events of the registered types.
+
+        >>> class Opened(Event):
+        ...     number: str
+        >>> EventTypes([Opened]).decode_joined('{"type":"Opened","number":"A1"}', 1)
+        [Opened(number='A1')]
+        """
         decoder = self._batch
         if decoder is None:
             if not self._types or any(t.schema_version != 1 for t in self._types.values()):
@@ -109,19 +132,11 @@ class EventTypes:
             self._batch = decoder
             self._batch_names = {cls: name for name, cls in self._types.items()}
         try:
-            joined = ",".join(payloads)  # type: ignore[arg-type]  # a None raises TypeError
             events: list[Event] = decoder.decode(f"[{joined}]")
-        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):  # TypeError: a None
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         # a damaged payload could merge with or split its neighbours: the count must hold
-        if len(events) != len(payloads):
-            return None
-        if (
-            names is not None
-            and list(map(self._batch_names.__getitem__, map(type, events))) != names
-        ):
-            return None  # a tag that disagrees with its row's type: row by row names it
-        return events
+        return events if len(events) == count else None
 
     def register_upcaster(
         self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]
@@ -140,14 +155,16 @@ class EventTypes:
         """Every stored name this registry can resolve."""
         return set(self._types) | set(_candidates())
 
-    def decoder(self, name: str, *, position: int | None = None) -> msgspec.json.Decoder[Any]:
+    def decoder(
+        self, name: str, *, position: int | None = None, aggregate_id: str = ""
+    ) -> msgspec.json.Decoder[Any]:
         """A reusable JSON decoder for a stored name; UnknownEventType if nothing resolves it."""
         event_type = self._types.get(name)
         if event_type is None:
             # not registered: resolve again every time, so a redefinition is picked up
             event_type = _defined_event_type(name)
             if event_type is None:
-                raise UnknownEventType(name, self.names(), position)
+                raise UnknownEventType(name, self.names(), position, aggregate_id)
         decoder = self._decoders.get(event_type)
         if decoder is None:
             decoder = self._decoders[event_type] = msgspec.json.Decoder(event_type)
@@ -164,7 +181,7 @@ class EventTypes:
     ) -> Event:
         """Decode one stored payload, upcasting it first when it was stored at an older
         schema version; a bad payload raises CorruptEvent naming where it is."""
-        decoder = self.decoder(name, position=position)
+        decoder = self.decoder(name, position=position, aggregate_id=aggregate_id)
         try:
             if schema_version is not None:
                 current = self._types.get(name) or self.resolve(name)

@@ -120,21 +120,6 @@ class CheckpointConflict(IncidentError):
         return (type(self), (self.handler, self.expected, self.actual))
 
 
-class UnknownEventType(IncidentError, LookupError):
-    """A stored event names a type that no registered Event class carries."""
-
-    def __init__(self, event_type: str, registered: Iterable[str], position: int | None = None):
-        self.event_type = event_type
-        self.registered = sorted(registered)
-        self.position = position
-        at = f" at position {position}" if position is not None else ""
-        known = ", ".join(self.registered) or "none"
-        super().__init__(f"Unknown event type {event_type!r}{at}; registered types: {known}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.event_type, self.registered, self.position))
-
-
 class CorruptEvent(IncidentError):
     """A stored event could not be read as it was written: its payload does not decode,
     does not match its stored type, or the stream or log has a hole where it should be.
@@ -175,6 +160,32 @@ def _rebuild_corrupt(
     event_type: str | None,
 ) -> CorruptEvent:
     return CorruptEvent(position, aggregate_id, problem, version=version, event_type=event_type)
+
+
+class UnknownEventType(CorruptEvent, LookupError):
+    """A stored event names a type that no registered Event class carries: damage, or a
+    type only newer code knows (deploy it, or register the class). A CorruptEvent, so
+    every reader treats it alike: not retried, skipped by a subscription whose handler
+    does not listen to it, parked or stopped at by one whose handler does."""
+
+    def __init__(
+        self,
+        event_type: str,
+        registered: Iterable[str],
+        position: int | None = None,
+        aggregate_id: str = "",
+    ) -> None:
+        self.registered = sorted(registered)
+        known = ", ".join(self.registered) or "none"
+        problem = f"no Event class carries the type {event_type!r}; registered types: {known}"
+        CorruptEvent.__init__(self, position, aggregate_id, problem, event_type=event_type)
+        at = f" at position {position}" if position is not None else ""
+        IncidentError.__init__(
+            self, f"Unknown event type {event_type!r}{at}; registered types: {known}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.event_type, self.registered, self.position, self.aggregate_id))
 
 
 class DuplicateCommand(IncidentError):

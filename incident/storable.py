@@ -24,6 +24,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "check_id",
+    "keepable_id",
     "event_json",
     "metadata_json",
     "problem_in",
@@ -164,11 +165,15 @@ def checked_json(value: Any, what: str) -> bytes:
     try:
         data = _encoder.encode(value)
     except (UnicodeEncodeError, RecursionError):
-        data = b"null"  # the walk below names the field and the rule
+        data = None  # a lone surrogate or nesting too deep: the walk below names where
     except (TypeError, msgspec.EncodeError) as error:
         raise Unstorable(f"{what} {type(value).__name__}", None, f"is not JSON: {error}") from None
-    if suspicious(data, plan_of(type(value))) and (found := problem_in(value)) is not None:
+    if (data is None or suspicious(data, plan_of(type(value)))) and (
+        found := problem_in(value)
+    ) is not None:
         raise Unstorable(f"{what} {type(value).__name__}", found[0] or None, found[1])
+    if data is None:  # the encoder failed on something the walk does not look at
+        raise Unstorable(f"{what} {type(value).__name__}", None, "could not be encoded as JSON")
     return data
 
 
@@ -228,6 +233,12 @@ def metadata_json(metadata: Mapping[str, Any] | None) -> str:
             raise Unstorable("metadata", found[0] or None, found[1])
         data = _encoder.encode(plain)
     return data.decode()
+
+
+def keepable_id(value: str) -> bool:
+    """Whether :func:`check_id` accepts ``value``. A store reads an id it refuses as an
+    empty stream (no stream can have it) instead of passing it to a driver that chokes."""
+    return 0 < len(value) <= MAX_ID_LENGTH and _str_problem(value) is None
 
 
 def check_id(value: object, what: str = "aggregate_id") -> str:

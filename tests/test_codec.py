@@ -11,6 +11,7 @@ import pytest
 
 import incident
 from incident.codec import encode
+from incident.examples.bank import DepositMoney
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -394,10 +395,14 @@ def _deep(depth: int) -> Any:
         (Unkept(aggregate_id="a\udc80"), "aggregate_id"),
         (Unkept(aggregate_id="a", extra="\x00"), "extra"),
         (Unkept(aggregate_id="a", extra=_deep(10_000)), None),
+        # no float, no nesting: nothing in the type itself invites a closer look
+        (DepositMoney(aggregate_id="\ud800", amount=1), "aggregate_id"),
     ],
-    ids=["nan", "inf", "surrogate", "nul", "deep"],
+    ids=["nan", "inf", "surrogate", "nul", "deep", "surrogate-flat"],
 )
-def test_a_command_no_store_could_keep_is_invalid(command: Unkept, field: str | None) -> None:
+def test_a_command_no_store_could_keep_is_invalid(
+    command: incident.Command, field: str | None
+) -> None:
     """Non-finite floats, lone surrogates, NUL and nesting past 64 levels in a command are
     InvalidCommand naming the field, not a UnicodeEncodeError or RecursionError."""
     with pytest.raises(incident.InvalidCommand) as caught:

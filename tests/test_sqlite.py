@@ -821,3 +821,22 @@ def test_a_migration_that_fails_leaves_the_file_as_it_was(
     assert raw(url, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
     assert raw(url, "SELECT * FROM events ORDER BY position") == OLD_ROWS
     assert [v for (v,) in raw(url, "SELECT version FROM incident_schema")] == [1, 2]
+
+
+def test_a_fold_batch_is_read_through_the_stream_index(store: SQLiteEventStore) -> None:
+    """The fold joins a batch's payloads in one aggregate (``_JOINED``), which keeps the
+    order of the rows it is fed: that is version order only while the scan walks the
+    UNIQUE (aggregate_id, version) index, so a planner that chose another plan would
+    fold events out of order. This pins the plan."""
+    store.append("A", [MoneyDeposited(amount=1)], expected_version=0)
+    plan = (
+        store._db.conn()
+        .execute(f"EXPLAIN QUERY PLAN {sqlite_store._JOINED}", (10, "A", 0, 4096))
+        .fetchall()
+    )
+    # the outer scan (the subquery asking whether the stream goes on comes after it)
+    outer = [step for step in plan if step[1] == 0]
+    assert outer[0][-1] == (
+        "SEARCH events USING INDEX sqlite_autoindex_events_1 "
+        "(aggregate_id=? AND version>? AND version<?)"
+    ), plan

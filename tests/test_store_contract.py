@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import incident
+from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited, MoneyWithdrawn, Transfer
 
 
@@ -419,6 +420,29 @@ def test_an_id_no_store_can_keep_is_refused_with_a_short_message(
         event_store.append(aggregate_id, deposited(1), expected_version=0)
     assert len(str(caught.value)) < 200
     assert event_store.read_all() is not None and list(event_store.read_all()) == []
+
+
+@pytest.mark.parametrize(
+    "aggregate_id",
+    ["x" * 10_000, "a\x00b", "a\udc80", "\ud800"],
+    ids=["10000", "nul", "surrogate", "lone-high"],
+)
+def test_an_id_no_store_can_keep_reads_as_an_empty_stream(
+    store_url: str, aggregate_id: str
+) -> None:
+    """No stream can have such an id, so every read of one is empty, on every store as on
+    memory: no UnicodeEncodeError, no StoreError."""
+    app = incident.CommandHandler(store_url, aggregates=[bank.bank_account])
+    try:
+        store = app.event_store
+        assert store.get(aggregate_id) == []
+        assert list(store.events(aggregate_id)) == []
+        assert list(store.stream(aggregate_id)) == []
+        assert store.version(aggregate_id) == 0
+        assert app.state(bank.bank_account, aggregate_id) == bank.AccountState()
+        assert app.projection_store.get(BankAccount, aggregate_id) is None
+    finally:
+        app.event_store.close()
 
 
 def test_an_id_of_255_characters_is_kept(event_store: incident.EventStore) -> None:

@@ -50,6 +50,7 @@ from ..errors import (
     StoreError,
 )
 from ..messages import ANY, Event, Projection, Recorded
+from ..storable import keepable_id
 from ._common import (
     OWED_COLUMNS,
     AppendVerbs,
@@ -83,6 +84,7 @@ logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 P = TypeVar("P", bound=Projection)
 EVENTS_PAGE = 16_384  # rows per query when folding a stream: one page for most streams
+_TAG = f'{{"{Event.__struct_config__.tag_field}":"'  # how an encoded event's payload opens
 Connection = psycopg.Connection[tuple[Any, ...]]
 Query = str | sql.SQL | sql.Composed
 
@@ -763,6 +765,8 @@ class PostgresProjectionStore:
         return [table.decode(text) for (text,) in rows]
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        if not keepable_id(key):
+            return None  # no row can have it
         rows: list[P] = self._rows(projection_type, True, key)
         return rows[0] if rows else None
 
@@ -986,10 +990,16 @@ class PostgresEventStore(AppendVerbs):
         self._span = f"{select} WHERE position BETWEEN %s AND %s ORDER BY position"
         # a payload stored at a later schema version than the first comes back NULL; the
         # version and type name come along to notice a lost row or another type's payload
-        self._data = (
-            f"SELECT version, event_type, CASE schema_version WHEN 1 THEN data::text END"
-            f" FROM {events}"
-            " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
+        # one page of a stream for a fold: its payloads joined in version order, with
+        # what proves it whole (the row count and last version, for a gapless run; how
+        # many are at the first schema version and open with their row's type as the tag;
+        # whether the stream goes on past the page); a page short of any goes row by row
+        self._joined = (
+            "SELECT string_agg(data::text, ',' ORDER BY version), count(*), max(version),"
+            " count(*) FILTER (WHERE schema_version = 1"
+            " AND starts_with(data::text, %s || event_type || '\"')),"
+            f" EXISTS (SELECT 1 FROM {events} WHERE aggregate_id = %s AND version > %s)"
+            f" FROM {events} WHERE aggregate_id = %s AND version > %s AND version <= %s"
         )
         self._payloads = (
             f"SELECT position, version, event_type, schema_version, data::text FROM {events}"
@@ -1345,6 +1355,8 @@ class PostgresEventStore(AppendVerbs):
         )
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
+        if not keepable_id(aggregate_id):
+            return []  # no stream can have it
         rows = self._fetch(f"reading stream {aggregate_id!r}", self._stream, aggregate_id, after)
         check_versions(aggregate_id, after, [r[4] for r in rows], [r[0] for r in rows])
         return [self._recorded(row) for row in rows]
@@ -1352,6 +1364,8 @@ class PostgresEventStore(AppendVerbs):
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches, so a stream of any length
         folds in constant memory (``aggregate.fold(store.stream(id))``)."""
+        if not keepable_id(aggregate_id):
+            return
         while True:
             rows = self._fetch(
                 f"reading stream {aggregate_id!r}",
@@ -1371,58 +1385,73 @@ class PostgresEventStore(AppendVerbs):
         """The stream's events without their envelopes, in version order and in pages:
         all a fold needs, without decoding ids, dates and metadata.
 
-        Each page is one query of the payloads alone, decoded in one call by the
-        registered types' union decoder (``EventTypes.decode_batch``); a page it stands
-        aside for (a type not registered, a damaged payload, a schema version other than
-        the first, which the query hands back as NULL) is read again with the type
-        names and decoded row by row, upcasting where needed. Each page's versions must
-        continue the stream without a hole and each payload's tag must agree with its row's
-        type name: CorruptEvent otherwise."""
+        Each page is one query that hands back the page's payloads joined in version
+        order, decoded in one call by the registered types' union decoder
+        (``EventTypes.decode_joined``), with what proves the page whole. Its versions
+        must continue the stream without a hole and each payload's tag must agree with
+        its row's type name; a page short of that, or holding a type not registered or
+        a schema version other than the first, is read again with the type names and
+        decoded row by row, upcasting where needed, and damage is a CorruptEvent."""
+        if not keepable_id(aggregate_id):
+            return iter(())
         return ChainedBatches.of(self._event_pages(aggregate_id, after))
 
     def _event_pages(self, aggregate_id: str, after: int) -> Generator[list[Event], None, None]:
         doing = f"reading stream {aggregate_id!r}"
         while True:
-            page = self._fetch(doing, self._data, aggregate_id, after, EVENTS_PAGE)
-            events: list[Event] | None = []
+            end = after + EVENTS_PAGE
+            ((joined, count, last, tagged, more),) = self._fetch(
+                doing, self._joined, _TAG, aggregate_id, end, aggregate_id, after, end
+            )
+            events = None
             damage: CorruptEvent | None = None
-            good = len(page)
-            if page:
-                versions, names, payloads = zip(*page, strict=True)
-                try:
-                    check_versions(aggregate_id, after, versions)
-                    events = self.types.decode_batch(list(payloads), list(names))
-                except CorruptEvent as hole:
-                    assert hole.version is not None
-                    good, events, damage = hole.version - after - 1, None, hole
+            if count and last == after + count and tagged == count:
+                events = self.types.decode_joined(joined, count)
+            elif not count and not more:
+                return  # the stream's end
             if events is None:
-                rows = self._fetch(doing, self._payloads, aggregate_id, after, good)
-                events = []
-                for position, version, event_type, schema_version, data in rows:
-                    try:
-                        events.append(
-                            self.types.decode(
-                                event_type,
-                                data,
-                                position=position,
-                                aggregate_id=aggregate_id,
-                                schema_version=schema_version,
-                            )
-                        )
-                    except CorruptEvent as bad:
-                        bad.version = version
-                        damage = bad  # before any hole: the rows stop there
-                        break
+                events, damage = self._row_by_row(doing, aggregate_id, after)
             # a fold that stops short of the damage (a subscription's, up to one event)
             # gets the events before it first
             yield events
             if damage is not None:
                 raise damage
-            if len(page) < EVENTS_PAGE:
+            if not more or not events:  # the end (or rows deleted as we read)
                 return
-            after += len(page)
+            after += len(events)
+
+    def _row_by_row(
+        self, doing: str, aggregate_id: str, after: int
+    ) -> tuple[list[Event], CorruptEvent | None]:
+        """A page read again with its type names and decoded one row at a time (upcasting
+        where needed): the events up to the first hole or unreadable row, and why."""
+        rows = self._fetch(doing, self._payloads, aggregate_id, after, EVENTS_PAGE)
+        damage: CorruptEvent | None = None
+        try:
+            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+        except CorruptEvent as hole:
+            assert hole.version is not None
+            rows, damage = rows[: hole.version - after - 1], hole
+        events = []
+        for position, version, event_type, schema_version, data in rows:
+            try:
+                events.append(
+                    self.types.decode(
+                        event_type,
+                        data,
+                        position=position,
+                        aggregate_id=aggregate_id,
+                        schema_version=schema_version,
+                    )
+                )
+            except CorruptEvent as bad:
+                bad.version = version
+                return events, bad  # before any hole: the rows stop there
+        return events, damage
 
     def version(self, aggregate_id: str) -> int:
+        if not keepable_id(aggregate_id):
+            return 0
         rows = self._fetch(f"reading the version of {aggregate_id!r}", self._version, aggregate_id)
         return int(rows[0][0])
 

@@ -50,6 +50,7 @@ from ..errors import (
     StoreError,
 )
 from ..messages import Event, Projection, Recorded
+from ..storable import keepable_id
 from ._common import (
     OWED_COLUMNS,
     AppendVerbs,
@@ -216,22 +217,21 @@ _VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 # inside the write lock: the stream's version and the log's last position, in one step
 _HEAD = f"SELECT ({_VERSION}), (SELECT coalesce(max(position), 0) FROM events)"
 _STREAM = f"SELECT {_ENVELOPE} FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-# A payload stored at a later schema version than the first comes back NULL, which sends
-# its batch down the row-by-row path (the one that upcasts); so does one that does not
-# open with its row's type as the tag ({"type":"<event_type>"...), as an encoded event
-# does: a payload of another type's shape, or an edited event_type, which the row-by-row
-# path, decoding by the stored name, reports. Checked in SQL, this costs a fraction of
-# fetching the names.
+# One batch of a stream's payloads for a fold, joined by commas in SQL (one Python string
+# instead of one per row), with what proves the batch whole: how many rows there are and
+# the last version (gapless exactly when it is the batch's ``after`` + that count), how
+# many are at the first schema version and open with their row's type as the tag
+# ({"type":"<event_type>"...), as an encoded event does, and whether the stream goes on
+# past the batch (an empty batch before more rows is a hole, not the end). A batch short
+# of any of these goes down the row-by-row path, which upcasts and names the damage. The
+# WHERE pins the scan to the UNIQUE (aggregate_id, version) index, which SQLite walks in
+# version order and feeds to the aggregate in that order (tests/test_sqlite.py checks it).
 _TAG_AT = len(f'{{"{Event.__struct_config__.tag_field}":"') + 1
-_DATA = (
-    "SELECT CASE WHEN schema_version = 1 AND instr(data, event_type || '\"') = ? THEN data END "
-    "FROM events WHERE aggregate_id = ? AND version > ? ORDER BY version"
-)
-# the version of a stream's k-th event after a version: versions are UNIQUE per stream,
-# so it is ``after + k`` exactly when none of them is missing
-_NTH_VERSION = (
-    "SELECT version FROM events WHERE aggregate_id = ? AND version > ? "
-    "ORDER BY version LIMIT 1 OFFSET ?"
+_JOINED = (
+    "SELECT group_concat(data, ','), count(*), max(version), "
+    "sum(schema_version = 1 AND instr(data, event_type || '\"') = ?1), "
+    "EXISTS (SELECT 1 FROM events WHERE aggregate_id = ?2 AND version > ?4) "
+    "FROM events WHERE aggregate_id = ?2 AND version > ?3 AND version <= ?4"
 )
 _PAYLOADS = (
     "SELECT position, version, event_type, data, schema_version FROM events "
@@ -621,6 +621,8 @@ class SQLiteProjectionStore:
         return len(rows)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        if not keepable_id(key):
+            return None  # no row can have it
         table = self._db.table(projection_type)
         with self._db.errors():
             self._db.ready(table)
@@ -849,7 +851,7 @@ class SQLiteEventStore(AppendVerbs):
         older code stored it, through the aggregate's upcasters."""
         known = decoders.get(event_type)
         if known is None:
-            known = decoders[event_type] = self._decoder(event_type, position)
+            known = decoders[event_type] = self._decoder(event_type, position, aggregate_id)
         decoder, current = known
         if schema == current:
             event: Event = decoder.decode(data)
@@ -858,9 +860,11 @@ class SQLiteEventStore(AppendVerbs):
             event_type, data, position=position, aggregate_id=aggregate_id, schema_version=schema
         )
 
-    def _decoder(self, event_type: str, position: int) -> tuple[msgspec.json.Decoder[Any], int]:
+    def _decoder(
+        self, event_type: str, position: int, aggregate_id: str
+    ) -> tuple[msgspec.json.Decoder[Any], int]:
         """The reusable decoder for a stored type and the schema version it reads directly."""
-        decoder = self.types.decoder(event_type, position=position)
+        decoder = self.types.decoder(event_type, position=position, aggregate_id=aggregate_id)
         resolved = self.types.resolve(event_type)
         return decoder, resolved.schema_version if resolved is not None else 1
 
@@ -877,6 +881,8 @@ class SQLiteEventStore(AppendVerbs):
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream in version order, read in one snapshot."""
+        if not keepable_id(aggregate_id):
+            return []
         rows = self._rows(_STREAM, (aggregate_id, after))
         check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
         return self._decode(rows, aggregate_id)
@@ -885,17 +891,19 @@ class SQLiteEventStore(AppendVerbs):
         """The stream's events without their envelopes, in version order and in batches:
         all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
         raw SQL and in constant memory (full envelopes cost two to three times as much).
-        Versions are gapless, so the stream is at ``after`` + the number of events: each
-        batch is checked for it (its first version and its span), and each payload's tag
-        against its row's type name; a hole or a mismatch is a CorruptEvent.
+        Versions are gapless, so each batch must end at its start + its number of events,
+        and each payload's tag must agree with its row's type name; a hole or a mismatch
+        is a CorruptEvent.
 
-        One query, fetched ``EVENTS_BATCH`` rows at a time; each batch of payloads is
-        decoded in one call by the registered types' union decoder
-        (``EventTypes.decode_batch``). A batch it stands aside for (a type not
+        One query per ``EVENTS_BATCH`` versions hands back the batch's payloads joined in
+        SQL, decoded in one call by the registered types' union decoder
+        (``EventTypes.decode_joined``). A batch it stands aside for (a type not
         registered, a damaged payload, a schema version other than the first) is read
         again with the type names and decoded row by row, upcasting where needed and
         naming the position of whatever is wrong.
         """
+        if not keepable_id(aggregate_id):
+            return iter(())
         # chained lists: the caller's loop steps through each batch at C speed
         return ChainedBatches.of(self._event_batches(aggregate_id, after))
 
@@ -907,28 +915,29 @@ class SQLiteEventStore(AppendVerbs):
         with db.guard:
             try:
                 conn = db.conn()
-                cursor = conn.execute(_DATA, (_TAG_AT, aggregate_id, after))
-                try:
-                    while rows := cursor.fetchmany(EVENTS_BATCH):
-                        nth = conn.execute(_NTH_VERSION, (aggregate_id, after, len(rows) - 1))
-                        events = None
-                        if nth.fetchone()[0] == after + len(rows):  # no version missing
-                            events = self.types.decode_batch([data for (data,) in rows])
-                        if events is None:
-                            again = conn.execute(_PAYLOADS, (aggregate_id, after, len(rows)))
-                            events, damage = self._checked(
-                                again.fetchall(), aggregate_id, after, decoders
-                            )
-                            # a fold that stops short of the damage (a subscription's, up
-                            # to one event) gets the events before it first
-                            yield events
-                            if damage is not None:
-                                raise damage
-                        else:
-                            yield events
-                        after += len(rows)
-                finally:
-                    cursor.close()
+                while True:
+                    window = (_TAG_AT, aggregate_id, after, after + EVENTS_BATCH)
+                    joined, count, last, tagged, more = conn.execute(_JOINED, window).fetchone()
+                    events = None
+                    if count and last == after + count and tagged == count:
+                        events = self.types.decode_joined(joined, count)
+                    elif not count and not more:
+                        return  # the stream's end
+                    if events is None:
+                        again = conn.execute(_PAYLOADS, (aggregate_id, after, EVENTS_BATCH))
+                        events, damage = self._checked(
+                            again.fetchall(), aggregate_id, after, decoders
+                        )
+                        # a fold that stops short of the damage (a subscription's, up to
+                        # one event) gets the events before it first
+                        yield events
+                        if damage is not None:
+                            raise damage
+                    else:
+                        yield events
+                    if not more or not events:  # the end (or rows deleted as we read)
+                        return
+                    after += len(events)
             except sqlite3.Error as error:
                 raise db.store_error(error) from error
 
@@ -975,6 +984,8 @@ class SQLiteEventStore(AppendVerbs):
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
         (``aggregate.fold(store.stream(id))``) without holding it in memory."""
+        if not keepable_id(aggregate_id):
+            return
         while True:
             rows = self._rows(f"{_STREAM} LIMIT {BATCH}", (aggregate_id, after))
             check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
@@ -998,6 +1009,8 @@ class SQLiteEventStore(AppendVerbs):
                 remaining -= len(rows)
 
     def version(self, aggregate_id: str) -> int:
+        if not keepable_id(aggregate_id):
+            return 0
         version: int = self._rows(_VERSION, (aggregate_id,))[0][0]
         return version
 
