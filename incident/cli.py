@@ -559,7 +559,7 @@ def _postgres_tables(url: str) -> tuple[set[str], str]:
     try:
         import psycopg
 
-        from .stores.postgres import _split_url
+        from .stores.postgres import split_url as _split_url
     except ImportError as error:
         raise click.ClickException(
             f"Cannot open postgresql:// stores: {error} (pip install 'incident[postgres]')"

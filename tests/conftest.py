@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 import incident
-from incident.stores.postgres import _split_url
+from incident.stores.postgres import split_url
 from incident.stores.sqlite import sqlite_path
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
@@ -96,7 +96,7 @@ def _write_postgres_row(url: str, row: RawEvent) -> None:
         raise AssertionError(
             "a json column cannot hold invalid JSON: run this test on INVALID_JSON_BACKENDS"
         ) from None
-    conninfo, schema = _split_url(url)
+    conninfo, schema = split_url(url)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(
             f'INSERT INTO "{schema}".events (position, event_id, aggregate_id, aggregate,'
@@ -137,7 +137,7 @@ def _edit_sqlite_row(url: str, position: int, columns: dict[str, object] | None)
 
 
 def _edit_postgres_row(url: str, position: int, columns: dict[str, object] | None) -> None:
-    conninfo, schema = _split_url(url)
+    conninfo, schema = split_url(url)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         if columns is None:
             conn.execute(f'DELETE FROM "{schema}".events WHERE position = %s', (position,))

@@ -16,7 +16,7 @@ from conftest import postgres_server
 
 import incident
 from incident.cli import main
-from incident.stores.postgres import _split_url
+from incident.stores.postgres import split_url as _split_url
 
 WIDE = {"COLUMNS": "200"}
 

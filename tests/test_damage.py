@@ -12,7 +12,7 @@ import pytest
 from conftest import RAW_BACKENDS, on_backends
 
 import incident
-import incident.stores.postgres
+import incident.stores.postgres.reads
 import incident.stores.sqlite
 from incident.examples import bank
 from incident.examples.bank import (
@@ -229,7 +229,7 @@ def test_a_hole_wider_than_a_fold_batch_is_found(
     batches of two leave whole batches empty, which must read as a hole, not as the
     stream's end (a balance of 2 instead of 12)."""
     monkeypatch.setattr(incident.stores.sqlite, "EVENTS_BATCH", 2)
-    monkeypatch.setattr(incident.stores.postgres, "EVENTS_PAGE", 2)
+    monkeypatch.setattr(incident.stores.postgres.reads, "EVENTS_PAGE", 2)
     app = new_app(store_url)
     app.dispatch(OpenAccount(aggregate_id="A"))
     for _ in range(11):

@@ -25,8 +25,8 @@ from test_tables import projection_class
 import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited, RequestTransfer, WithdrawMoney
-from incident.stores import postgres as postgres_store
-from incident.stores.postgres import PostgresEventStore, _lock_key
+from incident.stores.postgres import PostgresEventStore, migrations, session
+from incident.stores.postgres.session import lock_key
 
 pytestmark = pytest.mark.postgres
 
@@ -111,7 +111,7 @@ def a_log_from_before_json_payloads(
     """Deposits appended to account "a" by a store with the migrations of the releases
     before 0004, whose events table kept data and metadata as jsonb."""
     with monkeypatch.context() as older_release:
-        older_release.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:3])
+        older_release.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
         older = open_store(url)
         written = older.append("a", deposited(*amounts), expected_version=0, metadata={"k": [1]})
         older.close()
@@ -137,7 +137,7 @@ def test_a_log_stored_as_jsonb_is_rewritten_as_json_with_every_event_kept(
         ("metadata", "jsonb"),
     ]
 
-    monkeypatch.setattr(postgres_store, "ANNOUNCED_REWRITE", 3)
+    monkeypatch.setattr(migrations, "ANNOUNCED_REWRITE", 3)
     store = open_store(postgres_url)
     with caplog.at_level("WARNING", logger="incident.stores.postgres"):
         done = store.initialize()
@@ -166,7 +166,7 @@ def test_a_short_log_is_rewritten_without_a_warning(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     a_log_from_before_json_payloads(postgres_url, monkeypatch, 1, 2)
-    monkeypatch.setattr(postgres_store, "ANNOUNCED_REWRITE", 3)
+    monkeypatch.setattr(migrations, "ANNOUNCED_REWRITE", 3)
     store = open_store(postgres_url)
     with caplog.at_level("WARNING", logger="incident.stores.postgres"):
         assert store.initialize()
@@ -716,7 +716,7 @@ def test_a_fork_while_an_append_takes_its_turn_leaves_the_child_free(postgres_ur
 
 
 def waiting_on_append_lock(admin: Admin, schema: str) -> int:
-    key = _lock_key(schema, "append") & 0xFFFF_FFFF_FFFF_FFFF
+    key = lock_key(schema, "append") & 0xFFFF_FFFF_FFFF_FFFF
     row = admin.execute(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         " AND classid::bigint = %s AND objid::bigint = %s",
@@ -1008,7 +1008,7 @@ def test_writers_of_a_stream_take_turns_and_an_error_gives_the_turn_back(
     fails."""
     other = open_store(postgres_url)
     assert isinstance(other, PostgresEventStore)
-    key = _lock_key(schema_of(postgres_url), "stream A")
+    key = lock_key(schema_of(postgres_url), "stream A")
     order: list[str] = []
 
     def second() -> None:
@@ -1051,7 +1051,7 @@ def test_a_turn_whose_session_dies_still_ends_cleanly(
     """The server ends the session of a turn mid-block: the append in it finds nothing
     stored and is made again on a new connection (its expected version keeps it right
     without the lock), the lock went with the session, and the next turn takes it."""
-    key = _lock_key(schema_of(postgres_url), "stream A")
+    key = lock_key(schema_of(postgres_url), "stream A")
     with store.turn("A"):
         (holder,) = advisory_locks(postgres_admin, key, granted=True)
         postgres_admin.execute("SELECT pg_terminate_backend(%s)", [holder])
@@ -1070,7 +1070,7 @@ def test_a_stuck_turn_is_waited_for_only_so_long(
 ) -> None:
     """A writer whose turn does not come within TURN_WAIT appends without it: the turn
     only spares retries, the expected version still decides."""
-    monkeypatch.setattr(postgres_store, "TURN_WAIT", "50ms")
+    monkeypatch.setattr(session, "TURN_WAIT", "50ms")
     other = open_store(postgres_url)
     assert isinstance(other, PostgresEventStore)
     with store.turn("A"), other.turn("A"):

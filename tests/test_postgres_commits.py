@@ -20,8 +20,8 @@ import pytest
 import incident
 from incident.examples import bank
 from incident.examples.bank import MoneyDeposited
-from incident.stores import postgres as postgres_store
 from incident.stores.postgres import PostgresEventStore
+from incident.stores.postgres import events as postgres_events
 
 pytestmark = pytest.mark.postgres
 
@@ -38,7 +38,7 @@ def open_store(url: str, **options: Any) -> PostgresEventStore:
 def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> list[int]:
     """Appends commit, then their connection dies before the reply is read: the
     window a server kill during COMMIT opens. Returns the count of commits hidden."""
-    original = postgres_store._one_sync_transaction
+    original = postgres_events.one_sync_transaction
     hidden: list[int] = []
 
     @contextmanager
@@ -50,7 +50,7 @@ def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> 
             conn.close()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(postgres_store, "_one_sync_transaction", commit_then_lose)
+    monkeypatch.setattr(postgres_events, "one_sync_transaction", commit_then_lose)
     return hidden
 
 

@@ -17,7 +17,7 @@ if "postgres" not in STORE_BACKENDS:
 
 import psycopg
 
-from incident.stores.postgres import _lock_key
+from incident.stores.postgres.session import lock_key
 
 
 class Seen(incident.Projection):
@@ -56,7 +56,7 @@ def test_a_runner_whose_session_dies_loses_the_lock(
     seen: list[tuple[int, int]] = []
     first, second = app(postgres_url, recorder(seen)), app(postgres_url, recorder(seen))
     schema = parse_qs(urlsplit(postgres_url).query)["schema"][0]
-    key = _lock_key(schema, "handler recorder") & 0xFFFF_FFFF_FFFF_FFFF  # as pg_locks shows it
+    key = lock_key(schema, "handler recorder") & 0xFFFF_FFFF_FFFF_FFFF  # as pg_locks shows it
     first.dispatch(bank.OpenAccount(aggregate_id="A"))
     try:
         first.subscriptions.start()

@@ -1,0 +1,411 @@
+"""The Postgres event store: reads (:mod:`.reads`) and the writes, where every append
+is one transaction, numbered under the schema's append lock, predicted or locked
+(:mod:`.prediction`), and resolved by its events' ids when the connection dies in it;
+also idempotency keys' rejections, owed work, turns on a stream, and the waits for
+appends (:mod:`.notify`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from ...codec import EventTypes
+from ...errors import CommitUnknown, ConcurrencyError, DuplicateCommand, StoreError
+from ...messages import ANY, Event, Projection, Recorded
+from .._common import (
+    AppendVerbs,
+    check_expected_version,
+    checked_events,
+    effects_of,
+    event_json,
+    metadata_json,
+    stamp,
+)
+from ..protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from .checkpoints import PostgresCheckpointStore
+from .database import Database
+from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
+from .notify import Listener
+from .prediction import Predictor
+from .projections import PostgresProjectionStore, writes_into
+from .reads import PostgresEventReads
+from .session import (
+    Connection,
+    fetch_value,
+    first_line,
+    give_turn,
+    lock_key,
+    log,
+    one_sync_transaction,
+    take_turn,
+)
+from .sql import event_row, owed_row
+
+# what an append wrote: its events, its projections, the projection types it created
+_Written = tuple[list[Recorded[Any]], list[Projection], list[type[Projection]]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One append, checked and encoded, ready to write. ``sent`` keeps what each try
+    of it wrote into a transaction, so a commit the connection died in can be looked up
+    by its events' ids."""
+
+    aggregate_id: str
+    aggregate: str | None
+    events: list[Event]
+    payloads: list[str]
+    expected_version: object
+    metadata: Mapping[str, Any] | None
+    metadata_text: str  # encoded once, for every row
+    idempotency_key: str | None
+    project: ProjectFn | None
+    shared: bool  # the projections go into this database, in the same transaction
+    sent: list[_Written] = field(default_factory=list)
+
+
+def _may_hide_a_commit(conn: Connection, error: BaseException | None) -> bool:
+    """Whether an append's failure leaves its COMMIT in doubt: the connection died, or
+    the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
+    while busy", the connection not yet marked broken), so the reply may be what was
+    lost. An error the server sent (a conflict, a constraint) is an answer."""
+    if conn.broken or conn.closed:
+        return True
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    return isinstance(error, psycopg.OperationalError) and (
+        error.sqlstate is None or error.sqlstate.startswith(("08", "57P"))
+    )
+
+
+class PostgresEventStore(PostgresEventReads, AppendVerbs):
+    """The event log in one Postgres table; thread-safe, many processes may share it.
+
+    Positions are gapless and in commit order. A bigserial is neither: a sequence value
+    is taken when a row is inserted, not when its transaction commits, so a transaction
+    that took 7 can commit after one that took 8, and a reader tailing the log that has
+    already seen 8 never looks back for 7 (and rolled-back transactions leave holes).
+    So every append takes a transaction-scoped advisory lock (one per schema) before it
+    reads the last position, and holds it until its commit: appends to one schema commit
+    one at a time, each numbered after the last committed one, and a reader's snapshot
+    always holds a gapless prefix of the log. The lock is taken in a statement of its
+    own: under READ COMMITTED each statement takes a fresh snapshot, so the statement
+    after the lock sees every append committed before it was granted.
+
+    Reading the heads under the lock costs a round trip before the rows can be sent. A
+    store that wrote the last position it knows of predicts the heads instead (the
+    caller's expected version, its own last position) and sends the lock, a check of
+    that prediction and the rows in one round trip; a wrong prediction rolls back and
+    the append is done again the locked way (see ``Predictor``).
+    """
+
+    def __init__(self, db: Database, *, types: EventTypes | None = None, batch_size: int) -> None:
+        super().__init__(db, types=types, batch_size=batch_size)
+        self._projections = PostgresProjectionStore(db)
+        self._predictor = Predictor()
+        # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
+        self._channel = f"incident_events:{db.schema}"
+        self._listener = Listener(db.conninfo, self._channel)
+
+    def __repr__(self) -> str:
+        return f"PostgresEventStore({self._db.describe()})"
+
+    def _append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[Recorded[Any]]:
+        # everything that can be refused is refused before the database is touched
+        batch = checked_events(aggregate_id, events)
+        if expected_version is not ANY and (
+            isinstance(expected_version, bool)
+            or not isinstance(expected_version, int)
+            or expected_version < 0
+        ):
+            check_expected_version(aggregate_id, expected_version, 0)  # raises: not a version
+        payloads = [event_json(event)[0] for event in batch]
+        if not batch:
+            if expected_version is not ANY:
+                check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
+            return []
+        job = _Job(
+            aggregate_id,
+            aggregate,
+            batch,
+            payloads,
+            expected_version,
+            metadata,
+            metadata_json(metadata),
+            idempotency_key,
+            project,
+            shared=projection_store is not None and self.shares_database_with(projection_store),
+        )
+        self._db.ready()
+        written = self._append_resolved(job)
+        recorded, projections, fresh = written
+        self._projections.remember(fresh)
+        if projection_store is not None and not job.shared:
+            # another database: the events have committed, the projections follow
+            for projection in projections:
+                projection_store.project(projection)
+        return recorded
+
+    def _append_resolved(self, job: _Job) -> _Written:
+        """Append; when the connection dies during it, find out whether it committed
+        rather than leave the caller guessing. Found: what was stored. Not found:
+        nothing was written, so the same append (same expected version) is tried once
+        more, on a new connection. Not knowable in time: CommitUnknown."""
+        doing = f"appending {len(job.events)} event(s) to {job.aggregate_id!r}"
+        for attempt in range(2):
+            job.sent.clear()
+            used: list[Connection] = []
+            try:
+                # a turn's connection that died stays dead: the second try takes another
+                with self._db.connection(doing, fresh=attempt > 0) as conn:
+                    used.append(conn)
+                    return self._append_once(conn, job)
+            except StoreError as error:
+                if not (used and _may_hide_a_commit(used[0], error.__cause__)):
+                    raise  # the server answered: it said what happened
+                stored = self._look_up_sent(job, doing, error)
+                if stored is not None:
+                    log.info("incident: %s: the connection was lost, not the commit", doing)
+                    return stored
+                log.info("incident: %s: the connection was lost, nothing was stored", doing)
+                if attempt > 0:
+                    raise StoreError(
+                        f"Postgres failed {doing}: the connection was lost twice and "
+                        "nothing was stored (looked up); it is safe to try again"
+                    ) from error.__cause__
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _append_once(self, conn: Connection, job: _Job) -> _Written:
+        try:
+            # while predicting, this process's appends take turns so each one's guess
+            # holds; while others are writing, they queue for the lock in the server
+            turn = self._db.append_turns if self._predictor.predicting else nullcontext()
+            with turn:
+                written = self._append_predicted(conn, job) or self._append_locked(conn, job)
+                self._predictor.committed(written[0][-1].position)
+        except psycopg.errors.UniqueViolation as error:
+            # only a writer that bypassed the lock could get here; still a clean conflict
+            if error.diag.constraint_name != "events_stream_version":
+                raise
+            actual = fetch_value(conn, self._sql.version, job.aggregate_id)
+            raise ConcurrencyError(job.aggregate_id, job.expected_version, actual) from error
+        return written
+
+    def _look_up_sent(self, job: _Job, doing: str, lost: StoreError) -> _Written | None:
+        """After a lost connection: the append as stored, or None when it was not (its
+        transaction's rows are all there or none is). Event ids are made here, before
+        sending, and unique in the table. Connections are asked for until the pool's
+        timeout has passed; then CommitUnknown."""
+        if not job.sent:
+            return None  # no row was sent: there was nothing to commit
+        recorded, projections, fresh = job.sent[-1]  # an earlier try rolled back
+        ids = [record.event_id for record in recorded]
+        deadline = time.monotonic() + max(float(self._db.pool.timeout), 1.0)
+        seen: BaseException = lost.__cause__ or lost
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                with self._db.pool.connection(timeout=remaining) as conn:
+                    rows = conn.execute(self._sql.by_ids, [ids]).fetchall()
+            except psycopg.Error as error:
+                seen = error
+                if not isinstance(error, PoolTimeout):
+                    self._db.lost(error)
+                time.sleep(min(0.05, max(remaining, 0)))
+                continue
+            if not rows:
+                return None
+            stored = [self._recorded(row) for row in rows]
+            self._predictor.committed(stored[-1].position)
+            return stored, projections, fresh
+        raise CommitUnknown(
+            f"Postgres lost the connection {doing} ({first_line(lost.__cause__ or lost)})"
+            f" and could not find out whether it committed ({first_line(seen)})",
+            aggregate_id=job.aggregate_id,
+            event_ids=ids,
+        ) from lost.__cause__
+
+    @contextmanager
+    def turn(self, aggregate_id: str) -> Iterator[None]:
+        """``with store.turn(stream):`` read the stream, decide and append while writers
+        of every process that take the same turn wait in the server: a session-level
+        advisory lock per stream, on a pooled connection that this thread's calls to
+        the store use until the block ends, so the turn costs no second connection.
+
+        CommandHandler takes it on the streams its process has collided on, so writers
+        that keep colliding queue instead of spending their retries; an uncontended
+        stream never takes it. The lock is released when the block ends, however it
+        ends (or the session is closed, which releases it too). A turn taken inside a
+        turn takes nothing more: one stream lock per session, so no two writers can
+        each hold one stream and wait for the other's."""
+        db = self._db
+        if getattr(db.pinned, "conn", None) is not None:
+            yield
+            return
+        db.ready()
+        key = lock_key(db.schema, f"stream {aggregate_id}")
+        with db.connection(f"taking the turn on {aggregate_id!r}") as conn:
+            taken = take_turn(conn, key)
+            db.pinned.conn = conn
+            try:
+                yield
+            finally:
+                db.pinned.conn = None
+                if taken:
+                    give_turn(conn, key)
+
+    def _append_locked(self, conn: Connection, job: _Job) -> _Written:
+        """Take the lock and read the heads, then write and commit: two round trips."""
+        with one_sync_transaction(conn):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+            heads = conn.execute(self._sql.heads, [job.aggregate_id])
+            if job.idempotency_key is not None:
+                earlier = self._outcome(conn, job.idempotency_key)
+                if earlier is not None:
+                    raise DuplicateCommand(job.idempotency_key, *earlier)
+            version, last_position = heads.fetchone()  # type: ignore[misc]
+            self._predictor.observed(last_position)
+            check_expected_version(job.aggregate_id, job.expected_version, version)
+            written = self._write(conn, job, version, last_position)
+            # delivered when (and only if) this transaction commits
+            new_last = str(written[0][-1].position)
+            conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
+            return written
+
+    def _append_predicted(self, conn: Connection, job: _Job) -> _Written | None:
+        """Send the lock, a check of the heads this process expects and the writes in one
+        round trip. The expected version is the caller's; the last position is the one
+        this process last committed, right whenever nobody else has appended since, as
+        with a single writer. begin_append (migration 0003) takes the lock, checks, and
+        queues the NOTIFY. A stream at another version is a ConcurrencyError at once;
+        another writer's append, or a used key, returns None (nothing written) for the
+        locked path to append, or to say what the key stored."""
+        last_position = self._predictor.guess()
+        version = job.expected_version
+        if last_position is None or not isinstance(version, int):
+            return None
+        new_last = str(last_position + len(job.events))
+        try:
+            with one_sync_transaction(conn):
+                conn.execute(
+                    self._sql.begin_append,
+                    [
+                        self._db.append_lock,
+                        job.aggregate_id,
+                        version,
+                        last_position,
+                        job.idempotency_key,
+                        self._channel,
+                        new_last,
+                    ],
+                )
+                written = self._write(conn, job, version, last_position)
+        except psycopg.errors.UndefinedFunction:
+            self._predictor.unavailable()  # a schema from before 0003, not migrated here
+            return None
+        except psycopg.Error as error:
+            if error.sqlstate == STREAM_MOVED:
+                actual = int(error.diag.message_detail or 0)
+                raise ConcurrencyError(job.aggregate_id, version, actual) from None
+            if error.sqlstate == LOG_MOVED:
+                self._predictor.missed()
+            elif error.sqlstate != KEY_USED:
+                raise
+            return None
+        return written
+
+    def _write(self, conn: Connection, job: _Job, version: int, last_position: int) -> _Written:
+        """Inside the append's transaction, the heads known: the rows, the key and the
+        projections, queued in the pipeline."""
+        recorded = stamp(
+            job.aggregate_id,
+            job.aggregate,
+            job.events,
+            first_position=last_position + 1,
+            first_version=version + 1,
+            metadata=job.metadata,
+        )
+        # one execute per row: queued in the pipeline all the same, while executemany
+        # opens a pipeline of its own, which logs a warning when the check before it failed
+        for record, payload in zip(recorded, job.payloads, strict=True):
+            conn.execute(self._sql.insert, event_row(record, payload, job.metadata_text))
+        if job.idempotency_key is not None:
+            conn.execute(
+                self._sql.remember_key,
+                [job.idempotency_key, recorded[0].position, recorded[-1].position],
+            )
+        projections, owed = effects_of(job.project, recorded)
+        for work in owed:  # in this schema whatever the projection store: with the events
+            conn.execute(self._sql.owe, owed_row(work))
+        fresh: list[type[Projection]] = []
+        if job.shared:
+            fresh = self._projections.prepare(conn, map(type, projections))
+            self._projections.queue(conn, projections)
+        job.sent.append((recorded, list(projections), fresh))
+        return job.sent[-1]
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        """Under the append lock, like an append's key, so the two cannot both win."""
+        self._db.ready()
+        doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
+        with self._db.connection(doing) as conn:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+                conn.execute(self._sql.remember_rejection, [idempotency_key, reason, detail])
+            stored = self._outcome(conn, idempotency_key)
+        assert stored is not None  # inserted, or there already
+        return stored
+
+    def owe(self, owed: Owed) -> None:
+        self._db.ready()
+        with self._db.connection(f"recording the work {owed.handler} owes") as conn:
+            conn.execute(self._sql.owe, owed_row(owed))
+
+    def settle(self, handler: str, position: int) -> None:
+        self._db.ready()
+        with self._db.connection(f"settling the work {handler} owed") as conn:
+            conn.execute(self._sql.settle, [handler, position])
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return writes_into(self._db, projection_store)
+
+    def initialize(self) -> list[str]:
+        return self._db.initialize()
+
+    def projections(self) -> PostgresProjectionStore:
+        return self._projections
+
+    def checkpoints(self) -> PostgresCheckpointStore:
+        """Subscription checkpoints in this schema (beside the projections: one commit)."""
+        return PostgresCheckpointStore(self._db)
+
+    def wait_for_append(self, after: int, timeout: float) -> bool:
+        """Wait for an append's NOTIFY; the store's waiting threads share one LISTEN
+        connection (see ``Listener``)."""
+        try:
+            return self._listener.wait(timeout, lambda: self.last_position() > after)
+        except psycopg.Error as error:
+            raise StoreError(f"Postgres failed waiting for appends: {error}") from error
+
+    def close(self) -> None:
+        """Closes the pool, which this store's projections() share, and the LISTEN
+        connection."""
+        self._listener.close()
+        self._db.close()

@@ -1,0 +1,107 @@
+"""What runs on one session (one connection) of a Postgres store: the statement helpers
+every module uses, transactions synced once, and the advisory lock keys and turns. No
+pool here: :mod:`.database` hands out the sessions these work on."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+# one logger for the whole package, under the name the docs give
+log = logging.getLogger("incident.stores.postgres")
+# psycopg and its pool log each failed reconnection; with no handler of the
+# application's anywhere, Python's last resort would print them to stderr, while the
+# StoreError already says what failed. A NullHandler stops only that: handlers the
+# application installs still receive every record.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+Query = str | sql.SQL | sql.Composed
+# how long a writer queues for a stream's turn before it goes on without one: a holder
+# that takes this long is stuck, and the expected version keeps the append correct anyway
+TURN_WAIT = "5s"
+
+
+def lock_key(schema: str, purpose: str) -> int:
+    """A stable 64-bit advisory lock key per schema, so applications in other schemas of
+    the same database never wait on each other."""
+    digest = hashlib.blake2b(f"incident:{schema}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first line (a driver error's detail follows it), for messages."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
+    """The first column of the query's first row, or None when it returns no row."""
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+@contextmanager
+def one_sync_transaction(conn: Connection) -> Iterator[None]:
+    """BEGIN, the block's statements and COMMIT in one pipeline, synced once at the end
+    (psycopg's ``transaction()`` syncs once more, before its COMMIT). A failed statement
+    makes the server skip everything after it up to the sync, the COMMIT included; the
+    transaction it leaves open, or one a Python error left open, is rolled back here."""
+    failed: psycopg.Error | None = None
+    try:
+        with conn.pipeline():
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see database.py
+                yield
+                conn.execute("COMMIT")
+            except psycopg.Error as error:
+                # a statement failed and its error came back before the block ended: end
+                # the pipeline quietly (its sync then says it was aborted), raise it below
+                failed = error
+    except BaseException:
+        roll_back(conn)
+        if failed is not None:
+            raise failed from None  # not the "pipeline aborted" that followed it
+        raise
+    if failed is not None:
+        roll_back(conn)
+        raise failed
+
+
+def roll_back(conn: Connection) -> None:
+    """psycopg's rollback(), not a ROLLBACK statement: it also forgets the statements it
+    has prepared on the connection. A failed pipeline skips the statements queued after
+    the failure, and psycopg would otherwise count one it was preparing there as
+    prepared ("prepared statement _pg3_4 does not exist" on its next use)."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with suppress(psycopg.Error):  # a broken connection: the pool discards it
+            conn.rollback()
+
+
+def take_turn(conn: Connection, key: int) -> bool:
+    """Queue for a stream's lock, for TURN_WAIT at most; False when it did not come.
+    Taken inside a transaction only to bound the wait: a session lock outlives it."""
+    try:
+        with one_sync_transaction(conn):
+            conn.execute(f"SET LOCAL lock_timeout = '{TURN_WAIT}'")
+            conn.execute("SELECT pg_advisory_lock(%s)", [key])
+    except psycopg.errors.LockNotAvailable:
+        log.warning("incident: a stream's turn took over %s; appending without it", TURN_WAIT)
+        return False
+    return True
+
+
+def give_turn(conn: Connection, key: int) -> None:
+    """Release a stream's lock; a session that cannot say so is closed, which releases
+    it as well (and the pool discards a closed connection)."""
+    try:
+        roll_back(conn)  # a transaction left open would keep the unlock waiting
+        conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+    except psycopg.Error:
+        conn.close()

@@ -1,0 +1,61 @@
+"""What a ``postgresql://`` URL opens: the libpq URL and the schema it names
+(:func:`split_url`, also for tools that connect directly), and the event store its
+options describe (:func:`open_postgres`)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from ...codec import EventTypes
+from ...errors import IncidentError, StoreError
+from .database import Database
+from .events import PostgresEventStore
+from .session import first_line
+
+
+def split_url(url: str) -> tuple[str, str | None]:
+    """A libpq URL without incident's own query parameters, and the schema it named.
+
+    >>> split_url("postgresql+psycopg://u@h/db?schema=bank&sslmode=disable")
+    ('postgresql://u@h/db?sslmode=disable', 'bank')
+    >>> split_url("postgresql://u@h/db?options=-c%20statement_timeout%3D5s")[0]
+    'postgresql://u@h/db?options=-c%20statement_timeout%3D5s'
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((value for key, value in query if key == "schema"), None)
+    # libpq decodes %20 but not +, so spaces (as in options) must stay %20
+    kept = [(key, value) for key, value in query if key != "schema"]
+    rest = urlencode(kept, quote_via=quote)
+    return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), schema
+
+
+def open_postgres(
+    url: str,
+    *,
+    schema: str | None = None,
+    pool_size: int = 10,
+    create_tables: bool = True,
+    timeout: float = 10.0,
+    batch_size: int = 1000,
+    types: EventTypes | None = None,
+) -> PostgresEventStore:
+    """``postgresql://user:password@host:port/dbname?schema=name``: an event store whose
+    ``projections()`` share its pool. Nothing is created until first use (or ``initialize``)."""
+    conninfo, url_schema = split_url(url)
+    if schema is not None and url_schema is not None and schema != url_schema:
+        raise IncidentError(f"Two schemas for one store: {url_schema!r} in the URL, {schema!r}")
+    schema = schema or url_schema or "public"
+    if pool_size < 1 or batch_size < 1:
+        raise IncidentError(f"pool_size and batch_size must be >= 1, got {pool_size}, {batch_size}")
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.Error as error:
+        raise StoreError(f"Not a usable Postgres URL: {first_line(error)}") from error
+    db = Database(
+        conninfo, schema=schema, pool_size=pool_size, create_tables=create_tables, timeout=timeout
+    )
+    return PostgresEventStore(db, types=types, batch_size=batch_size)
