@@ -42,6 +42,7 @@ from .session import (
     give_turn,
     lock_key,
     log,
+    may_hide_a_commit,
     one_sync_transaction,
     take_turn,
 )
@@ -68,20 +69,6 @@ class _Job:
     project: ProjectFn | None
     shared: bool  # the projections go into this database, in the same transaction
     sent: list[_Written] = field(default_factory=list)
-
-
-def _may_hide_a_commit(conn: Connection, error: BaseException | None) -> bool:
-    """Whether an append's failure leaves its COMMIT in doubt: the connection died, or
-    the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
-    while busy", the connection not yet marked broken), so the reply may be what was
-    lost. An error the server sent (a conflict, a constraint) is an answer."""
-    if conn.broken or conn.closed:
-        return True
-    if isinstance(error, psycopg.InterfaceError):
-        return True
-    return isinstance(error, psycopg.OperationalError) and (
-        error.sqlstate is None or error.sqlstate.startswith(("08", "57P"))
-    )
 
 
 class PostgresEventStore(PostgresEventReads, AppendVerbs):
@@ -177,7 +164,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                     used.append(conn)
                     return self._append_once(conn, job)
             except StoreError as error:
-                if not (used and _may_hide_a_commit(used[0], error.__cause__)):
+                if not (used and may_hide_a_commit(used[0], error.__cause__)):
                     raise  # the server answered: it said what happened
                 stored = self._look_up_sent(job, doing, error)
                 if stored is not None:

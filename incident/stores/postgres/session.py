@@ -105,3 +105,17 @@ def give_turn(conn: Connection, key: int) -> None:
         conn.execute("SELECT pg_advisory_unlock(%s)", [key])
     except psycopg.Error:
         conn.close()
+
+
+def may_hide_a_commit(conn: Connection, error: BaseException | None) -> bool:
+    """Whether an append's failure leaves its COMMIT in doubt: the connection died, or
+    the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
+    while busy", the connection not yet marked broken), so the reply may be what was
+    lost. An error the server sent (a conflict, a constraint) is an answer."""
+    if conn.broken or conn.closed:
+        return True
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    return isinstance(error, psycopg.OperationalError) and (
+        error.sqlstate is None or error.sqlstate.startswith(("08", "57P"))
+    )
