@@ -1,6 +1,7 @@
 """What runs on one session (one connection) of a Postgres store: the statement helpers
-every module uses, transactions synced once, and the advisory lock keys and turns. No
-pool here: :mod:`.database` hands out the sessions these work on."""
+every module uses, transactions synced once, advisory lock keys and turns, and whether a
+failure on a session may hide a commit. No pool here: :mod:`.database` hands out the
+sessions these work on."""
 
 from __future__ import annotations
 
