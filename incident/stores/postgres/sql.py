@@ -45,8 +45,6 @@ class EventStatements:
         self.stream_page = f"{self.stream} LIMIT %s"
         self.page = f"{select} WHERE position > %s ORDER BY position LIMIT %s"
         self.span = f"{select} WHERE position BETWEEN %s AND %s ORDER BY position"
-        # a payload stored at a later schema version than the first comes back NULL; the
-        # version and type name come along to notice a lost row or another type's payload
         # one page of a stream for a fold: its payloads joined in version order, with
         # what proves it whole (the row count and last version, for a gapless run; how
         # many are at the first schema version and open with their row's type as the tag;
