@@ -31,7 +31,13 @@ import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited
 from incident.stores import sqlite as sqlite_store
-from incident.stores.sqlite import SQLiteEventStore, SQLiteProjectionStore, migrations, open_sqlite
+from incident.stores.sqlite import (
+    SQLiteEventStore,
+    SQLiteProjectionStore,
+    migrations,
+    open_sqlite,
+    reading,
+)
 from incident.stores.sqlite.sql import JOINED
 
 
@@ -446,7 +452,7 @@ def test_a_projection_that_cannot_be_stored_writes_nothing(url: str) -> None:
 def test_reads_stream_in_batches(store: SQLiteEventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_all and stream() fetch a batch at a time as they are consumed, so a reader
     holds one batch, not the log (it also sees what commits while it reads)."""
-    monkeypatch.setattr(sqlite_store, "BATCH", 3)
+    monkeypatch.setattr(reading, "BATCH", 3)
     store.append("a", deposits(*range(1, 8)), expected_version=0)
     log = store.read_all()
     assert [next(log).position for _ in range(3)] == [1, 2, 3]
@@ -465,7 +471,7 @@ def test_events_reads_payloads_only(
 ) -> None:
     """events() is what a fold needs: the payloads in version order, in batches; bad rows
     still raise."""
-    monkeypatch.setattr(sqlite_store, "BATCH", 2)
+    monkeypatch.setattr(reading, "BATCH", 2)
     store.append("a", deposits(1, 2, 3, 4, 5), expected_version=0)
     store.append("b", deposits(9), expected_version=0)
     assert list(store.events("a")) == deposits(1, 2, 3, 4, 5)

@@ -1,12 +1,9 @@
-"""One SQLite file (or in-memory database) as the stores of a URL share it: its
-connections, its write transactions, the translation of driver errors, the schema gate and
-the projection tables known to exist.
-
-A file gets one connection per thread, so readers never wait for each other (WAL); an
-in-memory database lives in its one connection, shared by the threads under a lock
-(``Database.guard``). Every write opens with ``BEGIN IMMEDIATE`` (``WriteTransaction``),
-which takes SQLite's single write lock at once, so a racing writer waits for it instead of
-failing half-way with "database is locked".
+"""One SQLite file (or in-memory database) as the stores opened on it share it: its
+connections (one per thread for a file, so readers never wait for each other; the one
+connection of an in-memory database, under ``Database.guard``), its write transactions
+(``WriteTransaction``, which takes the write lock at its first statement), driver errors
+as StoreError, the schema gate (``Database.migrate``) and the projection tables known to
+exist.
 """
 
 from __future__ import annotations
@@ -53,8 +50,8 @@ def sqlite_path(url: str) -> str:
 
 class Database:
     """One SQLite file (or in-memory database): connections, transactions, the schema,
-    and the projection tables known to exist. Shared by an event store and its
-    projection store."""
+    and the projection tables known to exist. Shared by an event store, its projection
+    store and its checkpoint store."""
 
     def __init__(self, path: str, *, synchronous: str = "FULL", timeout: float = 30.0) -> None:
         self.path = path
@@ -175,6 +172,8 @@ class Database:
         self._ready_tables.difference_update(changed)
 
     def store_error(self, error: sqlite3.Error) -> StoreError:
+        """A driver error as callers see it, naming the file, and the wait when the write
+        lock was the cause."""
         hint = ""
         if "locked" in str(error) or "busy" in str(error):
             hint = f" (another connection holds the lock; writers wait up to {self.timeout} s)"
@@ -201,7 +200,7 @@ class Database:
 
     def migrate(self) -> list[str]:
         """Create or migrate the event tables (:mod:`incident.stores.sqlite.migrations`);
-        returns one line per step taken. Stores call it until ``schema_ready``."""
+        returns one line per step taken. Stores call it while ``schema_ready`` is false."""
         with self.errors():
             with self.guard:
                 if schema_version(self.conn()) == SCHEMA_VERSION:

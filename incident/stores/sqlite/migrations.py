@@ -32,7 +32,7 @@ from .sql import (
 
 __all__ = ["LAYOUT", "MIGRATIONS", "SCHEMA_VERSION", "schema_version", "upgrade"]
 
-# the name the package's users know, whichever module logs
+# the package's logger, the one docs/sqlite.md names
 log = logging.getLogger("incident.stores.sqlite")
 
 ANNOUNCED_REBUILD = 100_000  # events: a copy long enough to wonder about says so first

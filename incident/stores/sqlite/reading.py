@@ -1,8 +1,8 @@
 """Reading an SQLite event log: streams and the log as envelopes, and the fold's batches.
 
-The reading half of ``SQLiteEventStore`` (its writing half, in
-:mod:`incident.stores.sqlite.events`, inherits it). Everything here reads in one snapshot
-per query and checks what it reads: versions gapless within a stream, positions within the
+The reading half of ``SQLiteEventStore``, which inherits it (its appends are in
+:mod:`incident.stores.sqlite.events`). Everything here reads in one snapshot per query
+and checks what it reads: versions gapless within a stream, positions within the
 log, and each payload decodable as its type; what is wrong is a CorruptEvent naming its
 position.
 """
@@ -35,7 +35,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 class EventReads:
     """The reads of an SQLite event store, for the store to inherit: it sets ``types``
-    (how payloads decode) and ``_db`` (the file)."""
+    (how payloads decode) and ``_db`` (the file). ``_rows`` and ``_decode`` serve its
+    writing half too (owed follow-ups, a keyed command's outcome)."""
 
     types: EventTypes
     _db: Database
