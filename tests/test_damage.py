@@ -13,7 +13,7 @@ from conftest import RAW_BACKENDS, on_backends
 
 import incident
 import incident.stores.postgres.reads
-import incident.stores.sqlite
+import incident.stores.sqlite.reading
 from incident.examples import bank
 from incident.examples.bank import (
     AccountOpened,
@@ -228,7 +228,7 @@ def test_a_hole_wider_than_a_fold_batch_is_found(
     """A fold reads a stream a batch of versions at a time: seven deleted versions with
     batches of two leave whole batches empty, which must read as a hole, not as the
     stream's end (a balance of 2 instead of 12)."""
-    monkeypatch.setattr(incident.stores.sqlite, "EVENTS_BATCH", 2)
+    monkeypatch.setattr(incident.stores.sqlite.reading, "EVENTS_BATCH", 2)
     monkeypatch.setattr(incident.stores.postgres.reads, "EVENTS_PAGE", 2)
     app = new_app(store_url)
     app.dispatch(OpenAccount(aggregate_id="A"))

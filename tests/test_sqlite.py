@@ -31,7 +31,14 @@ import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited
 from incident.stores import sqlite as sqlite_store
-from incident.stores.sqlite import SQLiteEventStore, SQLiteProjectionStore, open_sqlite
+from incident.stores.sqlite import (
+    SQLiteEventStore,
+    SQLiteProjectionStore,
+    migrations,
+    open_sqlite,
+    reading,
+)
+from incident.stores.sqlite.sql import JOINED
 
 
 @pytest.fixture
@@ -445,7 +452,7 @@ def test_a_projection_that_cannot_be_stored_writes_nothing(url: str) -> None:
 def test_reads_stream_in_batches(store: SQLiteEventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_all and stream() fetch a batch at a time as they are consumed, so a reader
     holds one batch, not the log (it also sees what commits while it reads)."""
-    monkeypatch.setattr(sqlite_store, "BATCH", 3)
+    monkeypatch.setattr(reading, "BATCH", 3)
     store.append("a", deposits(*range(1, 8)), expected_version=0)
     log = store.read_all()
     assert [next(log).position for _ in range(3)] == [1, 2, 3]
@@ -464,7 +471,7 @@ def test_events_reads_payloads_only(
 ) -> None:
     """events() is what a fold needs: the payloads in version order, in batches; bad rows
     still raise."""
-    monkeypatch.setattr(sqlite_store, "BATCH", 2)
+    monkeypatch.setattr(reading, "BATCH", 2)
     store.append("a", deposits(1, 2, 3, 4, 5), expected_version=0)
     store.append("b", deposits(9), expected_version=0)
     assert list(store.events("a")) == deposits(1, 2, 3, 4, 5)
@@ -796,7 +803,7 @@ def test_a_long_rebuild_is_announced_before_it_starts(
 ) -> None:
     """Copying a large log takes seconds per million events: a warning says so first."""
     old_file(url, release=2)
-    monkeypatch.setattr(sqlite_store, "ANNOUNCED_REBUILD", 3)
+    monkeypatch.setattr(migrations, "ANNOUNCED_REBUILD", 3)
     with caplog.at_level("WARNING", logger="incident.stores.sqlite"):
         assert incident.open_event_store(url).initialize()[0] == REBUILT
     assert "copies its 3 events once" in caplog.text
@@ -811,11 +818,11 @@ def test_a_migration_that_fails_leaves_the_file_as_it_was(
     before = raw(url, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
 
     def rebuild_then_fail(conn: sqlite3.Connection) -> str:
-        sqlite_store._rebuild_events(conn)
+        migrations._rebuild_events(conn)
         raise sqlite3.OperationalError("disk I/O error")
 
-    failing = [*sqlite_store.MIGRATIONS[:-1], (3, "one index on events", [rebuild_then_fail])]
-    monkeypatch.setattr(sqlite_store, "MIGRATIONS", failing)
+    failing = [*migrations.MIGRATIONS[:-1], (3, "one index on events", [rebuild_then_fail])]
+    monkeypatch.setattr(migrations, "MIGRATIONS", failing)
     with pytest.raises(incident.StoreError, match="disk I/O error"):
         incident.open_event_store(url).initialize()
     assert raw(url, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
@@ -824,16 +831,12 @@ def test_a_migration_that_fails_leaves_the_file_as_it_was(
 
 
 def test_a_fold_batch_is_read_through_the_stream_index(store: SQLiteEventStore) -> None:
-    """The fold joins a batch's payloads in one aggregate (``_JOINED``), which keeps the
+    """The fold joins a batch's payloads in one aggregate (``JOINED``), which keeps the
     order of the rows it is fed: that is version order only while the scan walks the
     UNIQUE (aggregate_id, version) index, so a planner that chose another plan would
     fold events out of order. This pins the plan."""
     store.append("A", [MoneyDeposited(amount=1)], expected_version=0)
-    plan = (
-        store._db.conn()
-        .execute(f"EXPLAIN QUERY PLAN {sqlite_store._JOINED}", (10, "A", 0, 4096))
-        .fetchall()
-    )
+    plan = store._db.conn().execute(f"EXPLAIN QUERY PLAN {JOINED}", (10, "A", 0, 4096)).fetchall()
     # the outer scan (the subquery asking whether the stream goes on comes after it)
     outer = [step for step in plan if step[1] == 0]
     assert outer[0][-1] == (

@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import msgspec
 import sqlite_utils
 
-from ..codec import encode
-from ..errors import IncidentError
-from ..messages import Projection
-from ._common import projection_json
-from .tables import Kind, TableSpec
+from ...codec import encode
+from ...errors import IncidentError
+from ...messages import Projection
+from .._common import projection_json
+from ..tables import Kind, TableSpec
 
-__all__ = ["ProjectionTable"]
+__all__ = ["ProjectionTable", "quote_identifier"]
 
 P = TypeVar("P", bound=Projection)
 
@@ -96,7 +96,7 @@ class ProjectionTable:
                 self._converted.append((index, write))
             if how == "json":
                 self._json_columns.add(column.name)
-        q = _quote
+        q = quote_identifier
         names = ", ".join(q(c) for c in self.columns)
         updates = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in self.columns if c != self.key)
         conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
@@ -184,5 +184,11 @@ class ProjectionTable:
         return added
 
 
-def _quote(identifier: str) -> str:
+def quote_identifier(identifier: str) -> str:
+    """A table or column name as SQL reads it whatever it holds (a keyword, a space, a
+    quote: quotes are doubled), for the statements built from a projection type's names.
+
+    >>> print(quote_identifier("order"), quote_identifier('my"table'))
+    "order" "my""table"
+    """
     return '"' + identifier.replace('"', '""') + '"'

@@ -1,0 +1,302 @@
+"""One SQLite file (or in-memory database) as the stores opened on it share it: its
+connections (one per thread for a file, so readers never wait for each other; the one
+connection of an in-memory database, under ``Database.guard``), its write transactions
+(``WriteTransaction``, which takes the write lock at its first statement), driver errors
+as StoreError, the schema gate (``Database.migrate``) and the projection tables known to
+exist.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..._forks import renew_in_forked_children
+from ...errors import IncidentError, StoreError
+from ...messages import Projection
+from ..tables import TableOwners
+from .migrations import SCHEMA_VERSION, schema_version, upgrade
+from .projection_tables import ProjectionTable
+
+__all__ = ["MEMORY", "Database", "WriteTransaction", "sqlite_path"]
+
+MEMORY = ":memory:"
+
+
+def sqlite_path(url: str) -> str:
+    """The file a ``sqlite://`` URL names (``:memory:`` for ``sqlite://``).
+
+    >>> sqlite_path("sqlite:///bank.db"), sqlite_path("sqlite:////var/lib/bank.db")
+    ('bank.db', '/var/lib/bank.db')
+    >>> sqlite_path("sqlite://")
+    ':memory:'
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        raise IncidentError(
+            f"Not an SQLite URL: {url!r}; expected sqlite:///relative.db, "
+            "sqlite:////absolute/path.db or sqlite:// (in memory)"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return path or MEMORY
+
+
+class Database:
+    """One SQLite file (or in-memory database): connections, transactions, the schema,
+    and the projection tables known to exist. Shared by an event store, its projection
+    store and its checkpoint store."""
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", timeout: float = 30.0) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.timeout = timeout
+        self.closed = False
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self.schema_ready = False
+        self._tables: dict[type[Projection], ProjectionTable] = {}
+        self._table_owners = TableOwners()
+        self._ready_tables: set[str] = set()
+        # an in-memory database lives in its connection: one, shared under the lock;
+        # a file gets one connection per thread, which need no lock
+        self._shared = self._connect() if path == MEMORY else None
+        self.guard: AbstractContextManager[Any] = (
+            self._lock if self._shared is not None else nullcontext()
+        )
+        renew_in_forked_children(self._forget_connections)
+
+    def _forget_connections(self) -> None:
+        """In a forked child: SQLite connections must not cross a fork, so the child opens
+        its own (the parent's are left alone, not closed: they are still the parent's)."""
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.RLock()
+        if self._shared is not None:
+            self.guard = self._lock
+
+    @property
+    def in_memory(self) -> bool:
+        return self._shared is not None
+
+    def same_as(self, other: Database) -> bool:
+        if other is self:
+            return True
+        if self.in_memory or other.in_memory:
+            return False
+        return os.path.realpath(self.path) == os.path.realpath(other.path)
+
+    # -- connections and transactions -----------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        with self.errors():
+            # isolation_level=None: no implicit transactions, we BEGIN IMMEDIATE ourselves
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                if self.path != MEMORY:
+                    self._use_wal(conn)
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            except sqlite3.Error:
+                conn.close()
+                raise
+        return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite answers "locked"
+        # at once instead of waiting (it avoids a deadlock that way) when several
+        # processes open the file together: wait here instead, within the same timeout.
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _thread_connection(self) -> sqlite3.Connection:
+        conn = self._connect()
+        with self._lock:
+            if self.closed:
+                conn.close()
+                raise StoreError(f"The SQLite store {self.path!r} is closed")
+            # close what threads that have ended left behind
+            alive = []
+            for thread, other in self._connections:
+                owner = thread()
+                if owner is None or not owner.is_alive():
+                    other.close()
+                else:
+                    alive.append((thread, other))
+            self._connections = [*alive, (weakref.ref(threading.current_thread()), conn)]
+        self._local.conn = conn
+        return conn
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        if conn is self._shared:
+            return  # an in-memory database cannot be reopened; SQLite rolls it back itself
+        self._local.conn = None
+        with self._lock:
+            self._connections = [(t, c) for t, c in self._connections if c is not conn]
+        conn.close()
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection; use it inside ``with self.guard``."""
+        if self.closed:
+            raise StoreError(f"The SQLite store {self.path!r} is closed")
+        if self._shared is not None:
+            return self._shared
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        return conn if conn is not None else self._thread_connection()
+
+    def transaction(self) -> WriteTransaction:
+        """``with database.transaction() as conn``: a write transaction holding SQLite's
+        write lock from its first statement, committed at the end or rolled back."""
+        return WriteTransaction(self)
+
+    def forget_tables(self, changed: list[str]) -> None:
+        """Tables created or altered in a transaction that failed are undone: forget them
+        before the lock is released, so the next writer makes them again."""
+        self._ready_tables.difference_update(changed)
+
+    def store_error(self, error: sqlite3.Error) -> StoreError:
+        """A driver error as callers see it, naming the file, and the wait when the write
+        lock was the cause."""
+        hint = ""
+        if "locked" in str(error) or "busy" in str(error):
+            hint = f" (another connection holds the lock; writers wait up to {self.timeout} s)"
+        return StoreError(f"SQLite failed on {self.path!r}: {error}{hint}")
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Driver errors become StoreError, chained."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise self.store_error(error) from error
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            for _, conn in self._connections:
+                conn.close()
+            self._connections.clear()
+            if self._shared is not None:
+                self._shared.close()
+
+    # -- schema -------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Create or migrate the event tables (:mod:`incident.stores.sqlite.migrations`);
+        returns one line per step taken. Stores call it while ``schema_ready`` is false."""
+        with self.errors():
+            with self.guard:
+                if schema_version(self.conn()) == SCHEMA_VERSION:
+                    self.schema_ready = True
+                    return []
+            with self.transaction() as conn:  # two processes initializing take turns
+                lines = upgrade(conn, self.path)
+        self.schema_ready = True
+        return lines
+
+    # -- projection tables ------------------------------------------------------
+
+    def table(self, projection_type: type[Projection]) -> ProjectionTable:
+        table = self._tables.get(projection_type)
+        if table is not None:
+            return table
+        spec, took_over = self._table_owners.claim(projection_type)
+        table = ProjectionTable(spec)
+        with self._lock:
+            if took_over:
+                # a class redefined (in a notebook, say) may have new fields: check again
+                self._ready_tables.discard(table.name)
+            self._tables[projection_type] = table
+        return table
+
+    def ensure_table(self, conn: sqlite3.Connection, table: ProjectionTable) -> None:
+        """Inside a write transaction: create or migrate the table once per process."""
+        if table.name not in self._ready_tables:
+            if table.ensure(conn):
+                self._local.changed_tables.append(table.name)
+            self._ready_tables.add(table.name)
+
+    def ready(self, table: ProjectionTable) -> None:
+        """Outside a transaction: make sure the table exists before reading it."""
+        if table.name not in self._ready_tables:
+            with self.transaction() as conn:
+                self.ensure_table(conn, table)
+
+    def write_projections(
+        self, conn: sqlite3.Connection, projections: Sequence[Projection]
+    ) -> None:
+        """Upsert inside the caller's transaction; everything is encoded before any write."""
+        if len(projections) == 1:  # what a command's inline handler usually returns
+            table = self.table(type(projections[0]))
+            row = table.row(projections[0])
+            self.ensure_table(conn, table)
+            conn.execute(table.upsert_sql, row)
+            return
+        tables = [self.table(type(p)) for p in projections]
+        rows = [table.row(p) for table, p in zip(tables, projections, strict=True)]
+        for table, row in zip(tables, rows, strict=True):
+            self.ensure_table(conn, table)
+            conn.execute(table.upsert_sql, row)
+
+
+class WriteTransaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception. A class rather than a
+    generator-based context manager: every append opens one. Unlike Postgres, a commit
+    here cannot succeed unseen: it runs in this process, returns or raises, and one that
+    raised is rolled back before the error leaves, so no append needs looking up."""
+
+    __slots__ = ("_changed", "_conn", "_db")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        db = self._db
+        db.guard.__enter__()
+        try:
+            conn = db.conn()
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            db.guard.__exit__(None, None, None)
+            raise
+        self._conn = conn
+        self._changed = db._local.changed_tables = []
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                try:
+                    self._conn.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._roll_back()
+                    raise
+            self._roll_back()
+        finally:
+            self._db.guard.__exit__(None, None, None)
+
+    def _roll_back(self) -> None:
+        self._db.forget_tables(self._changed)
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._db._discard(self._conn)  # unusable now: the next use reconnects

@@ -1,0 +1,278 @@
+"""The SQLite event store: appends, idempotency keys and owed follow-ups, and the stores
+that share its file (projections, checkpoints); its reads are
+:mod:`incident.stores.sqlite.reading`, which it inherits.
+
+An append takes SQLite's write lock at its first statement (``BEGIN IMMEDIATE``), reads
+the stream's version and the log's last position inside it, and writes the events, the
+command's key, its inline projections (when they are in this file) and what it owes, in
+that one transaction: one commit, one fsync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ...codec import EventTypes
+from ...errors import ConcurrencyError, DuplicateCommand, IncidentError
+from ...messages import Event, Projection, Recorded
+from .._common import (
+    AppendVerbs,
+    check_expected_version,
+    checked_events,
+    effects_of,
+    event_json,
+    metadata_json,
+    owed_from_row,
+    stamp,
+)
+from ..protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from .checkpoints import SQLiteCheckpointStore
+from .database import Database, sqlite_path
+from .projections import SQLiteProjectionStore, writes_into
+from .reading import EventReads
+from .sql import (
+    ADD_KEY,
+    ADD_REJECTION,
+    HEAD,
+    INSERT_EVENT,
+    KEY_OUTCOME,
+    LOG_BETWEEN,
+    OWE,
+    OWED,
+    OWED_BY,
+    SETTLE,
+    date_text,
+)
+
+__all__ = ["SYNCHRONOUS", "SQLiteEventStore", "open_sqlite"]
+
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class SQLiteEventStore(EventReads, AppendVerbs):
+    """An event log in an SQLite file. ``projections()`` is a projection store in the same
+    file; ``append_and_project`` then commits events and projections together."""
+
+    def __init__(self, database: Database, *, types: EventTypes | None = None) -> None:
+        self.types = types or EventTypes()
+        self._db = database
+        self._projections: SQLiteProjectionStore | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventStore({self._db.path!r})"
+
+    @property
+    def path(self) -> str:
+        return self._db.path
+
+    # -- writing ------------------------------------------------------------------
+
+    def _append(
+        self,
+        aggregate_id: str,
+        events: Iterable[Event],
+        expected_version: object,
+        aggregate: str | None,
+        metadata: Mapping[str, Any] | None,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[Recorded[Any]]:
+        batch = checked_events(aggregate_id, events)
+        # encode before taking the lock: a bad event or metadata fails with nothing written
+        payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
+        metadata_text = metadata_json(metadata)
+        together = projection_store is not None and self.shares_database_with(projection_store)
+        projections: Sequence[Projection] = ()
+        if not self._db.schema_ready:
+            self._db.migrate()
+        try:
+            try:
+                with self._db.transaction() as conn:
+                    if idempotency_key is not None:
+                        earlier = self._outcome(conn, idempotency_key)
+                        if earlier is not None:
+                            raise DuplicateCommand(idempotency_key, *earlier)
+                    actual, last = conn.execute(HEAD, (aggregate_id,)).fetchone()
+                    check_expected_version(aggregate_id, expected_version, actual)
+                    if not batch:
+                        return []
+                    recorded = stamp(
+                        aggregate_id,
+                        aggregate,
+                        batch,
+                        first_position=last + 1,
+                        first_version=actual + 1,
+                        metadata=metadata,
+                    )
+                    date = date_text(recorded[0].event_date)
+                    conn.executemany(
+                        INSERT_EVENT,
+                        [
+                            (
+                                r.position,
+                                r.event_id,
+                                r.aggregate_id,
+                                r.aggregate,
+                                r.version,
+                                r.event_type,
+                                schema_version,
+                                date,
+                                data,
+                                metadata_text,
+                            )
+                            for r, (data, schema_version) in zip(recorded, payloads, strict=True)
+                        ],
+                    )
+                    if idempotency_key is not None:
+                        keyed = (idempotency_key, recorded[0].position, recorded[-1].position)
+                        conn.execute(ADD_KEY, keyed)
+                    if project is not None:
+                        projections, owed = effects_of(project, recorded)
+                        if together:
+                            self._db.write_projections(conn, projections)
+                        if owed:  # in this file whatever the projection store: with the events
+                            conn.executemany(OWE, [_owed_row(o) for o in owed])
+            except sqlite3.IntegrityError as error:
+                if "events.aggregate_id, events.version" not in str(error):
+                    raise
+                # only a writer that skipped BEGIN IMMEDIATE could get here; same meaning
+                raise ConcurrencyError(
+                    aggregate_id, expected_version, self.version(aggregate_id)
+                ) from error
+        except sqlite3.Error as error:  # what errors() does, without a context per append
+            raise self._db.store_error(error) from error
+        if projection_store is not None and not together:
+            # another database: the events are committed, the projections follow
+            for projection in projections:
+                projection_store.project(projection)
+        return recorded
+
+    def _outcome(self, conn: sqlite3.Connection, key: str) -> Outcome | None:
+        found = conn.execute(KEY_OUTCOME, (key,)).fetchone()
+        if found is None:
+            return None
+        first, last, rejected, detail = found
+        if rejected is not None:
+            return Outcome([], rejected, detail)
+        return Outcome(self._decode(conn.execute(LOG_BETWEEN, (first, last)).fetchall(), None))
+
+    def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        found: Outcome | None = self._read(lambda conn: self._outcome(conn, idempotency_key))
+        return found
+
+    def remember_rejection(
+        self, idempotency_key: str, reason: str, detail: str | None = None
+    ) -> Outcome:
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(ADD_REJECTION, (idempotency_key, reason, detail))
+            stored = self._outcome(conn, idempotency_key)
+        assert stored is not None  # inserted, or there already
+        return stored
+
+    def owed(self, handler: str | None = None) -> list[Owed]:
+        rows = self._rows(OWED, ()) if handler is None else self._rows(OWED_BY, (handler,))
+        return [owed_from_row(row) for row in rows]
+
+    def owe(self, owed: Owed) -> None:
+        self._write(OWE, _owed_row(owed))
+
+    def settle(self, handler: str, position: int) -> None:
+        self._write(SETTLE, (handler, position))
+
+    def _write(self, statement: str, params: tuple[Any, ...]) -> None:
+        if not self._db.schema_ready:
+            self._db.migrate()
+        with self._db.errors(), self._db.transaction() as conn:
+            conn.execute(statement, params)
+
+    def _read(self, read: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self._db
+        if not db.schema_ready:
+            db.migrate()
+        with db.errors(), db.guard:
+            return read(db.conn())
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return writes_into(self._db, projection_store)
+
+    # -- the database ----------------------------------------------------------
+
+    def projections(self) -> SQLiteProjectionStore:
+        if self._projections is None:
+            self._projections = SQLiteProjectionStore(self._db)
+        return self._projections
+
+    def checkpoints(self) -> SQLiteCheckpointStore:
+        """Subscription checkpoints in this file (beside the projections: one commit)."""
+        return SQLiteCheckpointStore(self._db)
+
+    def initialize(self) -> list[str]:
+        """Create or migrate the tables; returns what was done (nothing the second time).
+
+        >>> store = open_sqlite("sqlite://")
+        >>> for line in store.initialize():
+        ...     print(line)
+        created table incident_schema
+        created table events
+        created table incident_idempotency
+        created table incident_owed
+        recorded schema version 4 (the event log)
+        >>> store.initialize()
+        []
+        """
+        return self._db.migrate()
+
+    def close(self) -> None:
+        """Close the database (its projection store shares it)."""
+        self._db.close()
+
+
+def _owed_row(owed: Owed) -> tuple[Any, ...]:
+    return (
+        owed.handler,
+        owed.position,
+        owed.event_id,
+        owed.aggregate_id,
+        owed.event_type,
+        owed.error,
+        owed.attempts,
+        date_text(owed.owed_at),
+    )
+
+
+def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
+    """Open ``sqlite:///path.db`` (created on first use) or ``sqlite://`` (in memory).
+
+    Options, as keywords or in the URL's query string (keywords win): ``synchronous``
+    (``FULL`` by default; ``NORMAL`` trades the last commits on power loss for speed)
+    and ``timeout`` (seconds a writer waits for the write lock, 30 by default).
+
+    >>> open_sqlite("sqlite://?synchronous=normal")
+    SQLiteEventStore(':memory:')
+    """
+    path = sqlite_path(url.split("?", 1)[0])
+    settings: dict[str, Any] = dict(parse_qsl(urlsplit(url).query))
+    settings.update(options)
+    unknown = set(settings) - {"synchronous", "timeout", "types"}
+    if unknown:
+        raise IncidentError(
+            f"Unknown SQLite store options {sorted(unknown)}; known: synchronous, timeout, types"
+        )
+    synchronous = str(settings.get("synchronous", "FULL")).upper()
+    if synchronous not in SYNCHRONOUS:
+        raise IncidentError(
+            f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {settings['synchronous']!r}"
+        )
+    try:
+        timeout = float(settings.get("timeout", 30.0))
+    except ValueError as error:
+        raise IncidentError(f"timeout must be a number of seconds: {error}") from error
+    types = settings.get("types")
+    if types is not None and not isinstance(types, EventTypes):
+        raise IncidentError(f"types must be an incident.EventTypes, got {types!r}")
+    database = Database(path, synchronous=synchronous, timeout=timeout)
+    return SQLiteEventStore(database, types=types)

@@ -1,0 +1,87 @@
+"""Read models in an SQLite file: the projection store, one table per Projection type.
+
+Its tables live in the event store's file, so a command's events and the projections its
+inline handlers return commit together when both stores are on one file (``writes_into``
+says whether they are). How a type becomes a table is
+:mod:`incident.stores.sqlite.projection_tables`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from ...messages import Projection
+from ...storable import keepable_id
+from .._common import projection_key
+from ..protocols import ProjectionStore
+from .database import Database
+from .projection_tables import quote_identifier
+
+__all__ = ["SQLiteProjectionStore", "writes_into"]
+
+P = TypeVar("P", bound=Projection)
+
+
+class SQLiteProjectionStore:
+    """Read models in an SQLite file: one table per Projection type (see
+    :mod:`incident.stores.sqlite.projection_tables`)."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def __repr__(self) -> str:
+        return f"SQLiteProjectionStore({self._db.path!r})"
+
+    def project(self, projection: P) -> P:
+        table = self._db.table(type(projection))
+        row = table.row(projection)
+        with self._db.errors(), self._db.transaction() as conn:
+            self._db.ensure_table(conn, table)
+            if conn.execute(table.upsert_sql, row).rowcount:
+                return projection
+            # a newer version is stored: say which one won
+            stored = conn.execute(table.select_one_sql, (projection_key(projection),)).fetchone()
+        winner: P = table.decode(stored)
+        return winner
+
+    def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        """Swap the whole table for ``projections`` in one transaction (replay)."""
+        table = self._db.table(projection_type)
+        rows = [table.row(p) for p in projections]
+        with self._db.errors(), self._db.transaction() as conn:
+            self._db.ensure_table(conn, table)
+            conn.execute(f"DELETE FROM {quote_identifier(table.name)}")
+            conn.executemany(table.upsert_sql, rows)
+        return len(rows)
+
+    def get(self, projection_type: type[P], key: str) -> P | None:
+        if not keepable_id(key):
+            return None  # no row can have it
+        table = self._db.table(projection_type)
+        with self._db.errors():
+            self._db.ready(table)
+            with self._db.guard:
+                row = self._db.conn().execute(table.select_one_sql, (key,)).fetchone()
+        found: P | None = None if row is None else table.decode(row)
+        return found
+
+    def all(self, projection_type: type[P]) -> list[P]:
+        table = self._db.table(projection_type)
+        with self._db.errors():
+            self._db.ready(table)
+            with self._db.guard:
+                rows = self._db.conn().execute(f"{table.select_sql} ORDER BY rowid").fetchall()
+        return [table.decode(row) for row in rows]
+
+    def close(self) -> None:
+        """Closes the database, which the event store it came from shares."""
+        self._db.close()
+
+
+def writes_into(database: Database, projection_store: ProjectionStore) -> bool:
+    """Whether a transaction on ``database`` can write ``projection_store``'s tables: an
+    SQLite projection store on the same file (or the same in-memory database)."""
+    return isinstance(projection_store, SQLiteProjectionStore) and database.same_as(
+        projection_store._db
+    )
