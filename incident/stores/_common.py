@@ -17,6 +17,7 @@ import msgspec
 from .. import storable
 from .._forks import renew_in_forked_children
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, Unstorable
+from ..mapper import gap_in_versions
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
 from .tables import Kind, TableSpec
@@ -358,24 +359,10 @@ def check_versions(
     aggregate_id: str, after: int, versions: Sequence[int], positions: Sequence[int] = ()
 ) -> None:
     """CorruptEvent unless a stream read after ``after`` runs ``after + 1, after + 2, ...``
-    without a hole (a deleted row). Versions come ordered and UNIQUE per stream, so the
-    first one and the span are enough: O(1) unless something is wrong."""
-    if not versions:
-        return
-    first = versions[0]
-    if first == after + 1 and versions[-1] - first + 1 == len(versions):
-        return
-    expected = after + 1
-    for index, version in enumerate(versions):
-        if version != expected:
-            raise CorruptEvent(
-                positions[index] if positions else None,
-                aggregate_id,
-                f"version {expected} is missing: the stream goes from version {expected - 1} "
-                f"to {version}",
-                version=expected,
-            )
-        expected += 1
+    without a hole (a deleted row): :func:`incident.mapper.gap_in_versions`, raised."""
+    hole = gap_in_versions(aggregate_id, after, versions, positions)
+    if hole is not None:
+        raise hole
 
 
 def check_positions(after: int, positions: Sequence[int]) -> None:

@@ -217,7 +217,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 continue
             if not rows:
                 return None
-            stored = [self._recorded(row) for row in rows]
+            stored = self._envelopes(rows)
             self._predictor.committed(stored[-1].position)
             return stored, projections, fresh
         raise CommitUnknown(

@@ -8,10 +8,9 @@ import datetime as dt
 from collections.abc import Generator, Iterator
 from typing import Any
 
-import msgspec
-
 from ...codec import EventTypes
-from ...errors import CorruptEvent, IncidentError
+from ...errors import IncidentError
+from ...mapper import JoinedBatch, envelopes, fold_batches
 from ...messages import Event, Recorded
 from ...storable import keepable_id
 from .._common import ChainedBatches, check_positions, check_versions, owed_from_row
@@ -19,6 +18,11 @@ from ..protocols import Outcome, Owed
 from .database import Database
 from .session import Connection, Query
 from .sql import PAYLOAD_OPENING, EventStatements
+
+
+def _in_utc(stored: dt.datetime) -> dt.datetime:
+    return stored.astimezone(dt.UTC)
+
 
 EVENTS_PAGE = 16_384  # rows per query when folding a stream: one page for most streams
 
@@ -44,31 +48,9 @@ class PostgresEventReads:
         with self._db.connection(doing) as conn:
             return conn.execute(query, params).fetchall()
 
-    def _recorded(self, row: tuple[Any, ...]) -> Recorded[Any]:
-        (position, event_id, aggregate_id, aggregate, version, event_type, schema_version,
-         event_date, data, metadata) = row  # fmt: skip
-        event = self.types.decode(
-            event_type,
-            data,
-            position=position,
-            aggregate_id=aggregate_id,
-            schema_version=schema_version,
-        )
-        try:
-            meta = msgspec.json.decode(metadata, type=dict[str, Any])
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
-            raise CorruptEvent(position, aggregate_id, f"metadata: {error}") from error
-        return Recorded(
-            position=position,
-            event_id=event_id,
-            aggregate_id=aggregate_id,
-            aggregate=aggregate,
-            version=version,
-            event_type=event_type,
-            event_date=event_date.astimezone(dt.UTC),
-            data=event,
-            metadata=meta,
-        )
+    def _envelopes(self, rows: list[tuple[Any, ...]]) -> list[Recorded[Any]]:
+        """Rows of ``EventStatements`` envelope columns back as envelopes."""
+        return envelopes(self.types, rows, None, _in_utc)
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         if not keepable_id(aggregate_id):
@@ -76,8 +58,8 @@ class PostgresEventReads:
         rows = self._fetch(
             f"reading stream {aggregate_id!r}", self._sql.stream, aggregate_id, after
         )
-        check_versions(aggregate_id, after, [r[4] for r in rows], [r[0] for r in rows])
-        return [self._recorded(row) for row in rows]
+        check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+        return self._envelopes(rows)
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches, so a stream of any length
@@ -92,12 +74,11 @@ class PostgresEventReads:
                 after,
                 self._batch_size,
             )
-            check_versions(aggregate_id, after, [r[4] for r in rows], [r[0] for r in rows])
-            for row in rows:
-                yield self._recorded(row)
+            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+            yield from self._envelopes(rows)
             if len(rows) < self._batch_size:
                 return
-            after = rows[-1][4]
+            after = rows[-1][1]
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order and in pages:
@@ -116,63 +97,16 @@ class PostgresEventReads:
 
     def _event_pages(self, aggregate_id: str, after: int) -> Generator[list[Event], None, None]:
         doing = f"reading stream {aggregate_id!r}"
-        while True:
-            end = after + EVENTS_PAGE
-            ((joined, count, last, tagged, more),) = self._fetch(
-                doing,
-                self._sql.joined,
-                PAYLOAD_OPENING,
-                aggregate_id,
-                end,
-                aggregate_id,
-                after,
-                end,
-            )
-            events = None
-            damage: CorruptEvent | None = None
-            if count and last == after + count and tagged == count:
-                events = self.types.decode_joined(joined, count)
-            elif not count and not more:
-                return  # the stream's end
-            if events is None:
-                events, damage = self._row_by_row(doing, aggregate_id, after)
-            # a fold that stops short of the damage (a subscription's, up to one event)
-            # gets the events before it first
-            yield events
-            if damage is not None:
-                raise damage
-            if not more or not events:  # the end (or rows deleted as we read)
-                return
-            after += len(events)
 
-    def _row_by_row(
-        self, doing: str, aggregate_id: str, after: int
-    ) -> tuple[list[Event], CorruptEvent | None]:
-        """A page read again with its type names and decoded one row at a time (upcasting
-        where needed): the events up to the first hole or unreadable row, and why."""
-        rows = self._fetch(doing, self._sql.payloads, aggregate_id, after, EVENTS_PAGE)
-        damage: CorruptEvent | None = None
-        try:
-            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
-        except CorruptEvent as hole:
-            assert hole.version is not None
-            rows, damage = rows[: hole.version - after - 1], hole
-        events = []
-        for position, version, event_type, schema_version, data in rows:
-            try:
-                events.append(
-                    self.types.decode(
-                        event_type,
-                        data,
-                        position=position,
-                        aggregate_id=aggregate_id,
-                        schema_version=schema_version,
-                    )
-                )
-            except CorruptEvent as bad:
-                bad.version = version
-                return events, bad  # before any hole: the rows stop there
-        return events, damage
+        def read_page(after: int, end: int) -> JoinedBatch:
+            sql, opening = self._sql.joined, PAYLOAD_OPENING
+            (row,) = self._fetch(doing, sql, opening, aggregate_id, end, aggregate_id, after, end)
+            return JoinedBatch(*row)
+
+        def read_payloads(after: int, limit: int) -> list[tuple[Any, ...]]:
+            return self._fetch(doing, self._sql.payloads, aggregate_id, after, limit)
+
+        return fold_batches(self.types, aggregate_id, after, EVENTS_PAGE, read_page, read_payloads)
 
     def version(self, aggregate_id: str) -> int:
         if not keepable_id(aggregate_id):
@@ -195,8 +129,7 @@ class PostgresEventReads:
             size = self._batch_size if remaining is None else min(self._batch_size, remaining)
             rows = self._fetch("reading the log", self._sql.page, after, size)
             check_positions(after, [r[0] for r in rows])
-            for row in rows:
-                yield self._recorded(row)
+            yield from self._envelopes(rows)
             if len(rows) < size:
                 return
             after = rows[-1][0]
@@ -217,7 +150,7 @@ class PostgresEventReads:
         if rejected is not None:
             return Outcome([], rejected, detail)
         rows = conn.execute(self._sql.span, [first, last]).fetchall()
-        return Outcome([self._recorded(row) for row in rows])
+        return Outcome(self._envelopes(rows))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
         self._db.ready()

@@ -12,9 +12,11 @@ from ..protocols import Owed
 
 # how an encoded event's payload opens: the fold page query checks each row's tag by it
 PAYLOAD_OPENING = f'{{"{Event.__struct_config__.tag_field}":"'
+# incident.mapper's envelope columns (ENVELOPE_COLUMNS) as Postgres hands them over as
+# text, then the stream's id
 _EVENT_COLUMNS = (
-    "position, event_id::text, aggregate_id, aggregate, version, event_type, schema_version,"
-    " event_date, data::text, metadata::text"
+    "position, version, event_type, data::text, event_id::text, event_date, metadata::text,"
+    " aggregate, schema_version, aggregate_id"
 )
 
 
@@ -56,7 +58,7 @@ class EventStatements:
             f" EXISTS (SELECT 1 FROM {events} WHERE aggregate_id = %s AND version > %s)"
             f" FROM {events} WHERE aggregate_id = %s AND version > %s AND version <= %s"
         )
-        self.payloads = (
+        self.payloads = (  # incident.mapper's PAYLOAD_COLUMNS
             f"SELECT position, version, event_type, schema_version, data::text FROM {events}"
             " WHERE aggregate_id = %s AND version > %s ORDER BY version LIMIT %s"
         )

@@ -14,10 +14,8 @@ import sqlite3
 from collections.abc import Generator, Iterator
 from typing import Any
 
-import msgspec
-
 from ...codec import EventTypes
-from ...errors import CorruptEvent
+from ...mapper import JoinedBatch, envelopes, fold_batches
 from ...messages import Event, Recorded
 from ...storable import keepable_id
 from .._common import ChainedBatches, check_positions, check_versions
@@ -28,9 +26,6 @@ __all__ = ["BATCH", "EVENTS_BATCH", "EventReads"]
 
 BATCH = 1000  # rows per query when streaming; bounds memory whatever the log's size
 EVENTS_BATCH = 4096  # rows fetched and decoded at a time when folding a stream
-
-_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class EventReads:
@@ -43,78 +38,8 @@ class EventReads:
 
     def _decode(self, rows: list[tuple[Any, ...]], aggregate_id: str | None) -> list[Recorded[Any]]:
         """Rows (``ENVELOPE`` columns, without aggregate_id when reading one stream) back
-        as envelopes. This is the hot loop of every load, hence the local caches: events of
-        one append share their date and metadata text, and a stream few event types."""
-        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
-        metadata_cache: dict[str, dict[str, Any]] = {}
-        last_date, event_date = "", _EPOCH
-        recorded = []
-        for row in rows:
-            position, version, event_type, data, event_id, date, meta, aggregate, schema = row[:9]
-            stream = aggregate_id if aggregate_id is not None else row[9]
-            try:
-                event = self._payload(decoders, event_type, data, schema, position, stream)
-                if date != last_date:
-                    last_date, event_date = date, dt.datetime.fromisoformat(date)
-                metadata = metadata_cache.get(meta)
-                if metadata is None:
-                    metadata = metadata_cache[meta] = _metadata_decoder.decode(meta)
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise CorruptEvent(
-                    position, stream, str(error), version=version, event_type=event_type
-                ) from error
-            except (ValueError, TypeError) as error:
-                raise CorruptEvent(
-                    position,
-                    stream,
-                    f"bad envelope: {error}",
-                    version=version,
-                    event_type=event_type,
-                ) from error
-            recorded.append(
-                Recorded(
-                    position=position,
-                    event_id=event_id,
-                    aggregate_id=stream,
-                    aggregate=aggregate,
-                    version=version,
-                    event_type=event_type,
-                    event_date=event_date,
-                    data=event,
-                    metadata=metadata.copy(),  # each envelope owns its dict, as on append
-                )
-            )
-        return recorded
-
-    def _payload(
-        self,
-        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
-        event_type: str,
-        data: str,
-        schema: int,
-        position: int,
-        aggregate_id: str,
-    ) -> Event:
-        """One stored payload as an event: straight through the reused decoder, or, when
-        older code stored it, through the aggregate's upcasters."""
-        known = decoders.get(event_type)
-        if known is None:
-            known = decoders[event_type] = self._decoder(event_type, position, aggregate_id)
-        decoder, current = known
-        if schema == current:
-            event: Event = decoder.decode(data)
-            return event
-        return self.types.decode(
-            event_type, data, position=position, aggregate_id=aggregate_id, schema_version=schema
-        )
-
-    def _decoder(
-        self, event_type: str, position: int, aggregate_id: str
-    ) -> tuple[msgspec.json.Decoder[Any], int]:
-        """The reusable decoder for a stored type and the schema version it reads directly."""
-        decoder = self.types.decoder(event_type, position=position, aggregate_id=aggregate_id)
-        resolved = self.types.resolve(event_type)
-        return decoder, resolved.schema_version if resolved is not None else 1
+        as envelopes: :func:`incident.mapper.envelopes`, with the dates stored as text."""
+        return envelopes(self.types, rows, aggregate_id, dt.datetime.fromisoformat)
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         db = self._db
@@ -159,75 +84,23 @@ class EventReads:
         db = self._db
         if not db.schema_ready:
             db.migrate()
-        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
         with db.guard:
             try:
                 conn = db.conn()
-                while True:
-                    window = (TAG_AT, aggregate_id, after, after + EVENTS_BATCH)
-                    joined, count, last, tagged, more = conn.execute(JOINED, window).fetchone()
-                    events = None
-                    if count and last == after + count and tagged == count:
-                        events = self.types.decode_joined(joined, count)
-                    elif not count and not more:
-                        return  # the stream's end
-                    if events is None:
-                        again = conn.execute(PAYLOADS, (aggregate_id, after, EVENTS_BATCH))
-                        events, damage = self._checked(
-                            again.fetchall(), aggregate_id, after, decoders
-                        )
-                        # a fold that stops short of the damage (a subscription's, up to
-                        # one event) gets the events before it first
-                        yield events
-                        if damage is not None:
-                            raise damage
-                    else:
-                        yield events
-                    if not more or not events:  # the end (or rows deleted as we read)
-                        return
-                    after += len(events)
+
+                def read_batch(after: int, end: int) -> JoinedBatch:
+                    return JoinedBatch(
+                        *conn.execute(JOINED, (TAG_AT, aggregate_id, after, end)).fetchone()
+                    )
+
+                def read_payloads(after: int, limit: int) -> list[tuple[Any, ...]]:
+                    return conn.execute(PAYLOADS, (aggregate_id, after, limit)).fetchall()
+
+                yield from fold_batches(
+                    self.types, aggregate_id, after, EVENTS_BATCH, read_batch, read_payloads
+                )
             except sqlite3.Error as error:
                 raise db.store_error(error) from error
-
-    def _checked(
-        self,
-        rows: list[tuple[Any, ...]],
-        aggregate_id: str,
-        after: int,
-        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
-    ) -> tuple[list[Event], CorruptEvent | None]:
-        """``PAYLOADS`` rows decoded one by one up to the first hole in their versions or
-        the first that cannot be read, and the CorruptEvent for it."""
-        try:
-            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
-        except CorruptEvent as hole:
-            assert hole.version is not None
-            events, bad = self._one_by_one(rows[: hole.version - after - 1], aggregate_id, decoders)
-            return events, bad or hole
-        return self._one_by_one(rows, aggregate_id, decoders)
-
-    def _one_by_one(
-        self,
-        rows: list[tuple[Any, ...]],
-        aggregate_id: str,
-        decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]],
-    ) -> tuple[list[Event], CorruptEvent | None]:
-        """The rows' events up to the first that cannot be read, and why it cannot."""
-        batch = []
-        for position, version, event_type, data, schema in rows:
-            try:
-                batch.append(
-                    self._payload(decoders, event_type, data, schema, position, aggregate_id)
-                )
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                damage = CorruptEvent(
-                    position, aggregate_id, str(error), version=version, event_type=event_type
-                )
-                damage.__cause__ = error
-                return batch, damage
-            except CorruptEvent as damage:
-                return batch, damage
-        return batch, None
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length

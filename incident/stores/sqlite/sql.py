@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import textwrap
 
+from ...mapper import ENVELOPE_COLUMNS, PAYLOAD_COLUMNS
 from ...messages import Event
 from .._common import OWED_COLUMNS, PARKED_COLUMNS
 
@@ -76,9 +77,7 @@ RECORD_VERSION = "INSERT INTO incident_schema VALUES (?, ?, ?)"
 # -- the log --------------------------------------------------------------------------
 
 # the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
-ENVELOPE = (
-    "position, version, event_type, data, event_id, event_date, metadata, aggregate, schema_version"
-)
+ENVELOPE = ENVELOPE_COLUMNS  # the column order incident.mapper reads envelopes in
 INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"
 LAST_POSITION = "SELECT coalesce(max(position), 0) FROM events"
@@ -102,7 +101,7 @@ JOINED = (
     "FROM events WHERE aggregate_id = ?2 AND version > ?3 AND version <= ?4"
 )
 PAYLOADS = (
-    "SELECT position, version, event_type, data, schema_version FROM events "
+    f"SELECT {PAYLOAD_COLUMNS} FROM events "
     "WHERE aggregate_id = ? AND version > ? ORDER BY version LIMIT ?"
 )
 LOG_AFTER = (
