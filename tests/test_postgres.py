@@ -785,7 +785,7 @@ def count_locked_appends(store: PostgresEventStore, monkeypatch: pytest.MonkeyPa
     original = store._append_locked
 
     def counting(conn: Any, job: Any) -> Any:
-        locked.append(job.aggregate_id)
+        locked.append(job.request.aggregate_id)
         return original(conn, job)
 
     monkeypatch.setattr(store, "_append_locked", counting)

@@ -13,7 +13,9 @@ from ..errors import IncidentError
 from .memory import MemoryCheckpointStore, MemoryEventStore, MemoryProjectionStore
 from .protocols import (
     AppendNotifier,
+    AppendRequest,
     CheckpointStore,
+    Committed,
     Effects,
     EventStore,
     HandlerLock,
@@ -27,7 +29,9 @@ from .protocols import (
 
 __all__ = [
     "AppendNotifier",
+    "AppendRequest",
     "CheckpointStore",
+    "Committed",
     "Effects",
     "EventStore",
     "HandlerLock",

@@ -19,7 +19,15 @@ from .._forks import renew_in_forked_children
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, Unstorable
 from ..mapper import gap_in_versions
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
-from .protocols import Effects, Owed, Parked, ProjectFn, ProjectionStore
+from .protocols import (
+    AppendRequest,
+    Committed,
+    Effects,
+    Owed,
+    Parked,
+    ProjectFn,
+    ProjectionStore,
+)
 from .tables import Kind, TableSpec
 
 __all__ = [
@@ -255,8 +263,17 @@ def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
 
 
 class AppendVerbs:
-    """The two public append verbs of every event store, in terms of one ``_append``:
-    a plain append is an append with no projections and no idempotency key."""
+    """``append`` and ``append_and_project`` for a store that implements the one append
+    verb, ``commit``: each builds an :class:`AppendRequest` and asks for it."""
+
+    def commit(
+        self,
+        request: AppendRequest,
+        *,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+    ) -> Committed:
+        raise NotImplementedError
 
     def append(
         self,
@@ -267,7 +284,14 @@ class AppendVerbs:
         aggregate: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> list[Recorded[Any]]:
-        return self._append(aggregate_id, events, expected_version, aggregate, metadata)
+        request = AppendRequest(
+            aggregate_id=aggregate_id,
+            events=list(events),
+            expected_version=expected_version,
+            aggregate=aggregate,
+            metadata=metadata,
+        )
+        return self.commit(request).recorded
 
     def append_and_project(
         self,
@@ -281,29 +305,15 @@ class AppendVerbs:
         project: ProjectFn,
         idempotency_key: str | None = None,
     ) -> list[Recorded[Any]]:
-        return self._append(
-            aggregate_id,
-            events,
-            expected_version,
-            aggregate,
-            metadata,
-            projection_store,
-            project,
-            idempotency_key,
+        request = AppendRequest(
+            aggregate_id=aggregate_id,
+            events=list(events),
+            expected_version=expected_version,
+            aggregate=aggregate,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
         )
-
-    def _append(
-        self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
-        projection_store: ProjectionStore | None = None,
-        project: ProjectFn | None = None,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        raise NotImplementedError
+        return self.commit(request, projection_store=projection_store, project=project).recorded
 
 
 def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, cap: float) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,7 +26,15 @@ from ._common import (
     projection_key,
     stamp,
 )
-from .protocols import Outcome, Owed, Parked, ProjectFn, ProjectionStore
+from .protocols import (
+    AppendRequest,
+    Committed,
+    Outcome,
+    Owed,
+    Parked,
+    ProjectFn,
+    ProjectionStore,
+)
 from .tables import TableOwners, TableSpec
 
 __all__ = [
@@ -158,48 +166,48 @@ class MemoryEventStore(AppendVerbs):
     def __repr__(self) -> str:
         return f"MemoryEventStore({len(self._log)} events)"
 
-    def _append(
+    def commit(
         self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
+        request: AppendRequest,
+        *,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
+    ) -> Committed:
+        aggregate_id, key = request.aggregate_id, request.idempotency_key
         # what is kept is what a durable store would read back: events and metadata
         # through their JSON, refused here as on every store
-        batch = [event_json(event)[1] for event in checked_events(aggregate_id, events)]
+        checked = checked_events(aggregate_id, request.events)
+        batch = [event_json(event)[1] for event in checked]
+        metadata = request.metadata
         if metadata:
             metadata = msgspec.json.decode(metadata_json(metadata))
         with self._lock:
-            if idempotency_key is not None and idempotency_key in self._keys:
-                raise DuplicateCommand(idempotency_key, *self._keys[idempotency_key])
+            if key is not None and key in self._keys:
+                raise DuplicateCommand(key, *self._keys[key])
             stream = self._streams.get(aggregate_id, [])
-            check_expected_version(aggregate_id, expected_version, len(stream))
+            check_expected_version(aggregate_id, request.expected_version, len(stream))
             if not batch:
-                return []
+                return Committed([])
             recorded = stamp(
                 aggregate_id,
-                aggregate,
+                request.aggregate,
                 batch,
                 first_position=len(self._log) + 1,
                 first_version=len(stream) + 1,
                 metadata=metadata,
             )
-            projections, owed = effects_of(project, recorded)
+            effects = effects_of(project, recorded)
             if projection_store is not None and not self.shares_database_with(projection_store):
                 # another database: the events commit first, the projections right after
-                self._commit(aggregate_id, recorded, idempotency_key, owed)
-                for projection in projections:
+                self._commit(aggregate_id, recorded, key, effects.owed)
+                for projection in effects.projections:
                     projection_store.project(projection)
-                return recorded
+                return Committed(recorded, effects)
             if isinstance(projection_store, MemoryProjectionStore):
-                projection_store.project_many(projections)  # checks all before writing any
-            self._commit(aggregate_id, recorded, idempotency_key, owed)
-            return recorded
+                # checks all before writing any
+                projection_store.project_many(effects.projections)
+            self._commit(aggregate_id, recorded, key, effects.owed)
+            return Committed(recorded, effects)
 
     def _commit(
         self,

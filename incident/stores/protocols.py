@@ -13,7 +13,9 @@ from ..messages import Event, Projection, Recorded
 
 __all__ = [
     "AppendNotifier",
+    "AppendRequest",
     "CheckpointStore",
+    "Committed",
     "Effects",
     "EventStore",
     "HandlerLock",
@@ -47,16 +49,43 @@ class Owed(msgspec.Struct, frozen=True, kw_only=True):
 class Effects(NamedTuple):
     """What an append writes besides its events, in the same transaction: the
     projections (in the projection store) and the owed follow-ups (always in the event
-    store's own database, so they commit with the events that cause them)."""
+    store's own database, so they commit with the events that cause them). ``result``
+    is the caller's own: the store hands it back untouched in :class:`Committed` (the
+    command handler keeps there the state the events reached and the follow-up commands
+    they call for)."""
 
     projections: Sequence[Projection] = ()
     owed: Sequence[Owed] = ()
+    result: Any = None
 
 
 #: Called inside an append's transaction with the freshly stamped events; returns the
 #: projections to write in that same transaction (a sequence, or Effects with the owed
-#: follow-ups too). Must be pure: it may run again on retry.
+#: follow-ups too). Must be pure: it may run again on retry, and what the last run
+#: returned is what the append committed.
 ProjectFn = Callable[[list[Recorded[Any]]], Sequence[Projection] | Effects]
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One append, as a value: new events for one stream, written only if the stream is
+    at ``expected_version`` (0 for a new stream, or ``incident.ANY``), each stamped with
+    ``metadata``; with an ``idempotency_key``, recorded under it in the same
+    transaction (a key already used raises DuplicateCommand carrying what it came to)."""
+
+    aggregate_id: str
+    events: Sequence[Event]
+    expected_version: Any
+    aggregate: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
+
+
+class Committed(NamedTuple):
+    """What an append committed: the events' envelopes, and the Effects ``project``
+    returned for them (empty Effects without a ``project``)."""
+
+    recorded: list[Recorded[Any]]
+    effects: Effects = Effects()
 
 
 class Outcome(NamedTuple):
@@ -103,6 +132,20 @@ class EventStore(Protocol):
     ) -> list[Recorded[Any]]:
         """Append atomically if the stream is at ``expected_version`` (0 for a new stream,
         or ``incident.ANY``); otherwise raise ConcurrencyError and write nothing."""
+        ...
+
+    def commit(
+        self,
+        request: AppendRequest,
+        *,
+        projection_store: ProjectionStore | None = None,
+        project: ProjectFn | None = None,
+    ) -> Committed:
+        """The one append verb (``append`` and ``append_and_project`` are requests for
+        it): write ``request`` atomically, and ``project(recorded)``'s Effects with it,
+        the projections in ``projection_store`` (in the same transaction when
+        :meth:`shares_database_with` says so, else right after), the owed follow-ups in
+        this database, in the append's transaction, whatever the projection store."""
         ...
 
     def append_and_project(

@@ -7,7 +7,7 @@ appends (:mod:`.notify`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,15 @@ from .._common import (
     metadata_json,
     stamp,
 )
-from ..protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from ..protocols import (
+    AppendRequest,
+    Committed,
+    Effects,
+    Outcome,
+    Owed,
+    ProjectFn,
+    ProjectionStore,
+)
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
 from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
@@ -48,8 +56,8 @@ from .session import (
 )
 from .sql import event_row, owed_row
 
-# what an append wrote: its events, its projections, the projection types it created
-_Written = tuple[list[Recorded[Any]], list[Projection], list[type[Projection]]]
+# what an append wrote: its events, its effects, the projection types it created
+_Written = tuple[list[Recorded[Any]], Effects, list[type[Projection]]]
 
 
 @dataclass(frozen=True)
@@ -58,14 +66,10 @@ class _Job:
     of it wrote into a transaction, so a commit the connection died in can be looked up
     by its events' ids."""
 
-    aggregate_id: str
-    aggregate: str | None
-    events: list[Event]
+    request: AppendRequest
+    events: list[Event]  # the request's, checked
     payloads: list[str]
-    expected_version: object
-    metadata: Mapping[str, Any] | None
     metadata_text: str  # encoded once, for every row
-    idempotency_key: str | None
     project: ProjectFn | None
     shared: bool  # the projections go into this database, in the same transaction
     sent: list[_Written] = field(default_factory=list)
@@ -103,19 +107,16 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
 
-    def _append(
+    def commit(
         self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
+        request: AppendRequest,
+        *,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
+    ) -> Committed:
         # everything that can be refused is refused before the database is touched
-        batch = checked_events(aggregate_id, events)
+        aggregate_id, expected_version = request.aggregate_id, request.expected_version
+        batch = checked_events(aggregate_id, request.events)
         if expected_version is not ANY and (
             isinstance(expected_version, bool)
             or not isinstance(expected_version, int)
@@ -126,35 +127,30 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         if not batch:
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
-            return []
+            return Committed([])
         job = _Job(
-            aggregate_id,
-            aggregate,
+            request,
             batch,
             payloads,
-            expected_version,
-            metadata,
-            metadata_json(metadata),
-            idempotency_key,
+            metadata_json(request.metadata),
             project,
             shared=projection_store is not None and self.shares_database_with(projection_store),
         )
         self._db.ready()
-        written = self._append_resolved(job)
-        recorded, projections, fresh = written
+        recorded, effects, fresh = self._append_resolved(job)
         self._projections.remember(fresh)
         if projection_store is not None and not job.shared:
             # another database: the events have committed, the projections follow
-            for projection in projections:
+            for projection in effects.projections:
                 projection_store.project(projection)
-        return recorded
+        return Committed(recorded, effects)
 
     def _append_resolved(self, job: _Job) -> _Written:
         """Append; when the connection dies during it, find out whether it committed
         rather than leave the caller guessing. Found: what was stored. Not found:
         nothing was written, so the same append (same expected version) is tried once
         more, on a new connection. Not knowable in time: CommitUnknown."""
-        doing = f"appending {len(job.events)} event(s) to {job.aggregate_id!r}"
+        doing = f"appending {len(job.events)} event(s) to {job.request.aggregate_id!r}"
         for attempt in range(2):
             job.sent.clear()
             used: list[Connection] = []
@@ -190,8 +186,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             # only a writer that bypassed the lock could get here; still a clean conflict
             if error.diag.constraint_name != "events_stream_version":
                 raise
-            actual = fetch_value(conn, self._sql.version, job.aggregate_id)
-            raise ConcurrencyError(job.aggregate_id, job.expected_version, actual) from error
+            actual = fetch_value(conn, self._sql.version, job.request.aggregate_id)
+            raise ConcurrencyError(
+                job.request.aggregate_id, job.request.expected_version, actual
+            ) from error
         return written
 
     def _look_up_sent(self, job: _Job, doing: str, lost: StoreError) -> _Written | None:
@@ -201,7 +199,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         timeout has passed; then CommitUnknown."""
         if not job.sent:
             return None  # no row was sent: there was nothing to commit
-        recorded, projections, fresh = job.sent[-1]  # an earlier try rolled back
+        recorded, effects, fresh = job.sent[-1]  # an earlier try rolled back
         ids = [record.event_id for record in recorded]
         deadline = time.monotonic() + max(float(self._db.pool.timeout), 1.0)
         seen: BaseException = lost.__cause__ or lost
@@ -219,11 +217,11 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 return None
             stored = self._envelopes(rows)
             self._predictor.committed(stored[-1].position)
-            return stored, projections, fresh
+            return stored, effects, fresh
         raise CommitUnknown(
             f"Postgres lost the connection {doing} ({first_line(lost.__cause__ or lost)})"
             f" and could not find out whether it committed ({first_line(seen)})",
-            aggregate_id=job.aggregate_id,
+            aggregate_id=job.request.aggregate_id,
             event_ids=ids,
         ) from lost.__cause__
 
@@ -260,14 +258,14 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         """Take the lock and read the heads, then write and commit: two round trips."""
         with one_sync_transaction(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
-            heads = conn.execute(self._sql.heads, [job.aggregate_id])
-            if job.idempotency_key is not None:
-                earlier = self._outcome(conn, job.idempotency_key)
+            heads = conn.execute(self._sql.heads, [job.request.aggregate_id])
+            if job.request.idempotency_key is not None:
+                earlier = self._outcome(conn, job.request.idempotency_key)
                 if earlier is not None:
-                    raise DuplicateCommand(job.idempotency_key, *earlier)
+                    raise DuplicateCommand(job.request.idempotency_key, *earlier)
             version, last_position = heads.fetchone()  # type: ignore[misc]
             self._predictor.observed(last_position)
-            check_expected_version(job.aggregate_id, job.expected_version, version)
+            check_expected_version(job.request.aggregate_id, job.request.expected_version, version)
             written = self._write(conn, job, version, last_position)
             # delivered when (and only if) this transaction commits
             new_last = str(written[0][-1].position)
@@ -283,7 +281,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         another writer's append, or a used key, returns None (nothing written) for the
         locked path to append, or to say what the key stored."""
         last_position = self._predictor.guess()
-        version = job.expected_version
+        version = job.request.expected_version
         if last_position is None or not isinstance(version, int):
             return None
         new_last = str(last_position + len(job.events))
@@ -293,10 +291,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                     self._sql.begin_append,
                     [
                         self._db.append_lock,
-                        job.aggregate_id,
+                        job.request.aggregate_id,
                         version,
                         last_position,
-                        job.idempotency_key,
+                        job.request.idempotency_key,
                         self._channel,
                         new_last,
                     ],
@@ -308,7 +306,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         except psycopg.Error as error:
             if error.sqlstate == STREAM_MOVED:
                 actual = int(error.diag.message_detail or 0)
-                raise ConcurrencyError(job.aggregate_id, version, actual) from None
+                raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
             if error.sqlstate == LOG_MOVED:
                 self._predictor.missed()
             elif error.sqlstate != KEY_USED:
@@ -320,30 +318,30 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         """Inside the append's transaction, the heads known: the rows, the key and the
         projections, queued in the pipeline."""
         recorded = stamp(
-            job.aggregate_id,
-            job.aggregate,
+            job.request.aggregate_id,
+            job.request.aggregate,
             job.events,
             first_position=last_position + 1,
             first_version=version + 1,
-            metadata=job.metadata,
+            metadata=job.request.metadata,
         )
         # one execute per row: queued in the pipeline all the same, while executemany
         # opens a pipeline of its own, which logs a warning when the check before it failed
         for record, payload in zip(recorded, job.payloads, strict=True):
             conn.execute(self._sql.insert, event_row(record, payload, job.metadata_text))
-        if job.idempotency_key is not None:
+        if job.request.idempotency_key is not None:
             conn.execute(
                 self._sql.remember_key,
-                [job.idempotency_key, recorded[0].position, recorded[-1].position],
+                [job.request.idempotency_key, recorded[0].position, recorded[-1].position],
             )
-        projections, owed = effects_of(job.project, recorded)
-        for work in owed:  # in this schema whatever the projection store: with the events
+        effects = effects_of(job.project, recorded)
+        for work in effects.owed:  # in this schema whatever the projection store
             conn.execute(self._sql.owe, owed_row(work))
         fresh: list[type[Projection]] = []
         if job.shared:
-            fresh = self._projections.prepare(conn, map(type, projections))
-            self._projections.queue(conn, projections)
-        job.sent.append((recorded, list(projections), fresh))
+            fresh = self._projections.prepare(conn, map(type, effects.projections))
+            self._projections.queue(conn, effects.projections)
+        job.sent.append((recorded, effects, fresh))
         return job.sent[-1]
 
     def remember_rejection(

@@ -11,13 +11,12 @@ that one transaction: one commit, one fsync.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ...codec import EventTypes
 from ...errors import ConcurrencyError, DuplicateCommand, IncidentError
-from ...messages import Event, Projection, Recorded
 from .._common import (
     AppendVerbs,
     check_expected_version,
@@ -28,7 +27,15 @@ from .._common import (
     owed_from_row,
     stamp,
 )
-from ..protocols import Outcome, Owed, ProjectFn, ProjectionStore
+from ..protocols import (
+    AppendRequest,
+    Committed,
+    Effects,
+    Outcome,
+    Owed,
+    ProjectFn,
+    ProjectionStore,
+)
 from .checkpoints import SQLiteCheckpointStore
 from .database import Database, sqlite_path
 from .projections import SQLiteProjectionStore, writes_into
@@ -70,43 +77,40 @@ class SQLiteEventStore(EventReads, AppendVerbs):
 
     # -- writing ------------------------------------------------------------------
 
-    def _append(
+    def commit(
         self,
-        aggregate_id: str,
-        events: Iterable[Event],
-        expected_version: object,
-        aggregate: str | None,
-        metadata: Mapping[str, Any] | None,
+        request: AppendRequest,
+        *,
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
-        idempotency_key: str | None = None,
-    ) -> list[Recorded[Any]]:
-        batch = checked_events(aggregate_id, events)
+    ) -> Committed:
+        aggregate_id, key = request.aggregate_id, request.idempotency_key
+        batch = checked_events(aggregate_id, request.events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
-        metadata_text = metadata_json(metadata)
+        metadata_text = metadata_json(request.metadata)
         together = projection_store is not None and self.shares_database_with(projection_store)
-        projections: Sequence[Projection] = ()
+        effects = Effects()
         if not self._db.schema_ready:
             self._db.migrate()
         try:
             try:
                 with self._db.transaction() as conn:
-                    if idempotency_key is not None:
-                        earlier = self._outcome(conn, idempotency_key)
+                    if key is not None:
+                        earlier = self._outcome(conn, key)
                         if earlier is not None:
-                            raise DuplicateCommand(idempotency_key, *earlier)
+                            raise DuplicateCommand(key, *earlier)
                     actual, last = conn.execute(HEAD, (aggregate_id,)).fetchone()
-                    check_expected_version(aggregate_id, expected_version, actual)
+                    check_expected_version(aggregate_id, request.expected_version, actual)
                     if not batch:
-                        return []
+                        return Committed([])
                     recorded = stamp(
                         aggregate_id,
-                        aggregate,
+                        request.aggregate,
                         batch,
                         first_position=last + 1,
                         first_version=actual + 1,
-                        metadata=metadata,
+                        metadata=request.metadata,
                     )
                     date = date_text(recorded[0].event_date)
                     conn.executemany(
@@ -127,29 +131,28 @@ class SQLiteEventStore(EventReads, AppendVerbs):
                             for r, (data, schema_version) in zip(recorded, payloads, strict=True)
                         ],
                     )
-                    if idempotency_key is not None:
-                        keyed = (idempotency_key, recorded[0].position, recorded[-1].position)
-                        conn.execute(ADD_KEY, keyed)
+                    if key is not None:
+                        conn.execute(ADD_KEY, (key, recorded[0].position, recorded[-1].position))
                     if project is not None:
-                        projections, owed = effects_of(project, recorded)
+                        effects = effects_of(project, recorded)
                         if together:
-                            self._db.write_projections(conn, projections)
-                        if owed:  # in this file whatever the projection store: with the events
-                            conn.executemany(OWE, [_owed_row(o) for o in owed])
+                            self._db.write_projections(conn, effects.projections)
+                        if effects.owed:  # in this file whatever the projection store
+                            conn.executemany(OWE, [_owed_row(o) for o in effects.owed])
             except sqlite3.IntegrityError as error:
                 if "events.aggregate_id, events.version" not in str(error):
                     raise
                 # only a writer that skipped BEGIN IMMEDIATE could get here; same meaning
                 raise ConcurrencyError(
-                    aggregate_id, expected_version, self.version(aggregate_id)
+                    aggregate_id, request.expected_version, self.version(aggregate_id)
                 ) from error
         except sqlite3.Error as error:  # what errors() does, without a context per append
             raise self._db.store_error(error) from error
         if projection_store is not None and not together:
             # another database: the events are committed, the projections follow
-            for projection in projections:
+            for projection in effects.projections:
                 projection_store.project(projection)
-        return recorded
+        return Committed(recorded, effects)
 
     def _outcome(self, conn: sqlite3.Connection, key: str) -> Outcome | None:
         found = conn.execute(KEY_OUTCOME, (key,)).fetchone()
