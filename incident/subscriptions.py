@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -59,6 +59,7 @@ from .errors import (
 from .event_handler import EventHandler
 from .follow_ups import split_outputs
 from .messages import Projection, Recorded, event_type_name
+from .reactor import Reactor
 from .stores import (
     CheckpointStore,
     EventStore,
@@ -67,9 +68,6 @@ from .stores import (
     checkpoint_store_for,
 )
 from .stores._common import closing_iterator, newer_or_equal, projection_key, utc_now
-
-if TYPE_CHECKING:
-    from .command_handler import CommandHandler
 
 __all__ = ["Replayed", "Subscription", "SubscriptionFailed", "Subscriptions", "last_position"]
 
@@ -104,15 +102,16 @@ def last_position(event_store: EventStore, after: int = 0) -> int:
 class Subscription:
     """Runs one EventHandler over the global log, durably.
 
-    ``command_handler`` supplies the stores, the aggregates (to compute the state each
-    listener receives) and the dispatching of returned commands. ``checkpoints`` defaults
-    to the checkpoint store beside the event store.
+    ``command_handler`` (a :class:`~incident.CommandHandler`, or any
+    :class:`~incident.reactor.Reactor`) supplies the stores, the aggregates (to compute
+    the state each listener receives) and the carrying out of returned commands.
+    ``checkpoints`` defaults to the checkpoint store beside the event store.
     """
 
     def __init__(
         self,
         handler: EventHandler,
-        command_handler: CommandHandler,
+        command_handler: Reactor,
         *,
         checkpoints: CheckpointStore | None = None,
         batch_size: int = 5000,
