@@ -261,7 +261,7 @@ class CommandHandler:
         metadata: dict[str, Any],
         key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         stream = (aggregate.name, aggregate_id)
         for attempt in range(self.retries + 1):
             try:
@@ -296,7 +296,7 @@ class CommandHandler:
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         """Decide once and append with the version decided on (ConcurrencyError when
         another writer got there first)."""
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         state, version, events = self._decide(aggregate, command, trust_cache=trust_cache)
         if not events:
             return [], []
@@ -330,7 +330,7 @@ class CommandHandler:
         """(state, version, events decided). On a cached state the store is not read; a
         rejection or an empty decision there may come from a stale state, so it stands
         only once the events after the cached version have been read and folded."""
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         cached = self.cache.get((aggregate.name, aggregate_id)) if trust_cache else None
         if cached is not None:
             state, version = cached

@@ -2,7 +2,7 @@
 
 import datetime as dt
 import functools
-from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
@@ -44,6 +44,15 @@ class Command(msgspec.Struct, frozen=True, metaclass=_KeywordOnly):
     Subclasses declare ``aggregate_id: str`` plus their own fields; ``msgspec.Meta``
     constraints on the fields are enforced when the command is dispatched.
     """
+
+    if TYPE_CHECKING:
+        # Declared for type checkers only, so ``command.aggregate_id`` is a str on any
+        # Command. A runtime field here would come first in every subclass: a command
+        # declaring it after other fields would change its field order, hence its JSON
+        # and the idempotency keys of its follow-ups (command_key), and, under
+        # ``kw_only=False``, what its positional arguments mean. Registering an execute
+        # function checks the subclass declares it (Aggregate.execute).
+        aggregate_id: str
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
