@@ -40,42 +40,113 @@ def encode(value: Any) -> bytes:
         raise IncidentError(f"Cannot store {value!r} as JSON: {error}") from error
 
 
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 class EventTypes:
     """Resolves stored event type names to Event classes, with one reused decoder each.
 
-    Types registered here (by a command handler, from its aggregates) win; any other
-    name falls back to the Event subclasses defined in the process, the latest
-    definition winning, so a notebook can redefine a class and keep reading.
+    Resolution is explicit first: a name registered here (by every command handler on
+    the store, from its aggregates, see :meth:`include`) always reads as its registered
+    class, and one name belongs to one class: a second class under it is refused with a
+    RegistrationError naming both, whoever registers it. Only a name nobody registered
+    falls back, as a last resort, to the Event subclasses defined in the process (the
+    latest definition still reachable from its module winning), so a notebook or the CLI
+    can read a log without registering anything; the fallback never shadows a
+    registered name.
     """
 
     def __init__(self, types: Iterable[type[Event]] = ()) -> None:
         self._types: dict[str, type[Event]] = {}
+        self._owners: dict[str, str | None] = {}  # who registered each name, if said
         self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
-        self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        self._upcasters: dict[tuple[str, int], tuple[Upcaster, str | None]] = {}
         self._batch: msgspec.json.Decoder[list[Any]] | None = None
         self._batch_names: dict[type[Event], str] = {}
         self.register(*types)
 
-    def register(self, *types: type[Event]) -> None:
-        """Register event classes under their stored names. A name belongs to one class:
-        another class stored under it is refused (RegistrationError naming both), unless
-        it is the same class defined again (same module and qualified name: a notebook
-        cell run twice), which takes over."""
+    def register(self, *types: type[Event], owner: str | None = None) -> None:
+        """Register event classes under their stored names, all or none. A name belongs
+        to one class: another class stored under it is refused (RegistrationError naming
+        both, and both owners when given: the aggregates that apply them). The one
+        exception is the same class defined again (same module and qualified name: a
+        notebook cell run twice) registered again by the same owner, which takes over.
+
+        >>> class Opened(Event):
+        ...     number: str
+        >>> types = EventTypes()
+        >>> types.register(Opened, owner="account")
+        >>> class Other(Event, tag="Opened"):
+        ...     pass
+        >>> types.register(Other, owner="ledger")
+        Traceback (most recent call last):
+        ...
+        incident.errors.RegistrationError: account and ledger both store an event as 'Opened' ...
+        """
+        claimed: dict[str, type[Event]] = {}
         for event_type in types:
             name = event_type_name(event_type)
-            known = self._types.get(name)
-            if (
-                known is not None
-                and known is not event_type
-                and _place(known) != _place(event_type)
-            ):
-                raise RegistrationError(
-                    f"{_place(event_type)} and {_place(known)} would both be stored as "
-                    f"{name!r}, and one store cannot tell them apart; give one a name of its "
-                    f"own: class {event_type.__name__}(incident.Event, tag=...)"
-                )
+            first = claimed.setdefault(name, event_type)
+            if first is not event_type:  # two classes in one registration never take over
+                raise _clash(name, first, owner, event_type, owner)
+            self._check(name, event_type, owner)
+        for name, event_type in claimed.items():
             self._types[name] = event_type
+            self._owners[name] = owner or self._owners.get(name)
+        if claimed:
             self._batch = None
+
+    def register_upcaster(
+        self, name: str, from_version: int, upcaster: Upcaster, *, owner: str | None = None
+    ) -> None:
+        """Use ``upcaster`` on payloads of ``name`` stored at schema version
+        ``from_version``. One step has one upcaster: another function for it is refused
+        (RegistrationError), unless it is the same function defined again by the same
+        owner, as for event classes."""
+        self._check_upcaster(name, from_version, upcaster, owner)
+        self._upcasters[(name, from_version)] = (upcaster, owner)
+
+    def include(self, other: "EventTypes") -> None:
+        """Register everything ``other`` registers, with its owners, all or none: how a
+        command handler adds its aggregates' types to the registry of a store that other
+        command handlers may share (a name one of them registered is never overwritten
+        by another's class)."""
+        for name, event_type in other._types.items():
+            self._check(name, event_type, other._owners.get(name))
+        for (name, version), (upcaster, owner) in other._upcasters.items():
+            self._check_upcaster(name, version, upcaster, owner)
+        for name, event_type in other._types.items():
+            self.register(event_type, owner=other._owners.get(name))
+        for (name, version), (upcaster, owner) in other._upcasters.items():
+            self._upcasters[(name, version)] = (upcaster, owner)
+
+    def _check(self, name: str, event_type: type[Event], owner: str | None) -> None:
+        known = self._types.get(name)
+        if known is None or known is event_type:
+            return
+        known_owner = self._owners.get(name)
+        if _place(known) == _place(event_type) and (
+            owner is None or known_owner is None or owner == known_owner
+        ):
+            return  # defined again (a notebook cell run twice): it takes over
+        raise _clash(name, known, known_owner, event_type, owner)
+
+    def _check_upcaster(
+        self, name: str, version: int, upcaster: Upcaster, owner: str | None
+    ) -> None:
+        known = self._upcasters.get((name, version))
+        if known is None or known[0] is upcaster:
+            return
+        known_owner = known[1]
+        if _place(known[0]) == _place(upcaster) and (
+            owner is None or known_owner is None or owner == known_owner
+        ):
+            return
+        raise RegistrationError(
+            f"{_place(known[0])} ({known_owner or 'registered first'}) and {_place(upcaster)} "
+            f"({owner or 'registered now'}) both upcast {name!r} from schema version "
+            f"{version}; one store reads each stored payload one way: keep one of them"
+        )
 
     def decode_batch(
         self, payloads: list[str | None], names: list[str] | None = None
@@ -138,21 +209,21 @@ class EventTypes:
         # a damaged payload could merge with or split its neighbours: the count must hold
         return events if len(events) == count else None
 
-    def register_upcaster(
-        self, name: str, from_version: int, upcaster: Callable[[dict[str, Any]], dict[str, Any]]
-    ) -> None:
-        """Use ``upcaster`` on payloads of ``name`` stored at schema version ``from_version``."""
-        self._upcasters[(name, from_version)] = upcaster
-
     def resolve(self, name: str) -> type[Event] | None:
-        """The class for a stored name: registered first, else the latest defined, else None."""
+        """The class for a stored name: the registered one; for a name nobody registered,
+        the latest defined (the fallback); else None."""
         found = self._types.get(name)
         if found is None:
             found = _defined_event_type(name)
         return found
 
+    def registered(self) -> dict[str, type[Event]]:
+        """Stored name -> the class registered under it (a copy; no fallback names)."""
+        return dict(self._types)
+
     def names(self) -> set[str]:
-        """Every stored name this registry can resolve."""
+        """Every stored name this registry can resolve: the registered ones, and those the
+        fallback to the classes defined in the process finds."""
         return set(self._types) | set(_candidates())
 
     def decoder(
@@ -210,14 +281,15 @@ class EventTypes:
             )
         payload = msgspec.json.decode(data)
         for version in range(stored, target):
-            upcaster = self._upcasters.get((name, version))
-            if upcaster is None:
+            found = self._upcasters.get((name, version))
+            if found is None:
                 raise CorruptEvent(
                     position,
                     aggregate_id,
                     f"{name} is stored at schema version {version} and no upcaster brings it "
                     f"to {version + 1}; register one with @aggregate.upcast({name!r}, {version})",
                 )
+            upcaster = found[0]
             try:
                 payload = upcaster(payload)
             except Exception as error:  # the stored payload is not what the upcaster expects
@@ -231,8 +303,30 @@ class EventTypes:
         return event
 
 
-def _place(cls: type[Any]) -> str:
+def _place(cls: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _clash(
+    name: str,
+    known: type[Event],
+    known_owner: str | None,
+    event_type: type[Event],
+    owner: str | None,
+) -> RegistrationError:
+    """The error for two classes under one stored name, naming both (and their owners)."""
+    if known_owner is not None and owner is not None:
+        suggested = f"{owner.title().replace('_', '')}{event_type.__name__}"
+        return RegistrationError(
+            f"{known_owner} and {owner} both store an event as {name!r} ({_place(known)} and "
+            f"{_place(event_type)}); a store could not tell them apart: give one a name of "
+            f'its own, e.g. class {event_type.__name__}(incident.Event, tag="{suggested}")'
+        )
+    return RegistrationError(
+        f"{_place(event_type)} and {_place(known)} would both be stored as {name!r}, and one "
+        f"store cannot tell them apart; give one a name of its own: "
+        f"class {event_type.__name__}(incident.Event, tag=...)"
+    )
 
 
 def _subclasses(cls: type[Event]) -> Iterable[type[Event]]:

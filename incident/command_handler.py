@@ -33,7 +33,7 @@ from .event_handler import EventHandler
 from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
 from .inline_handlers import InlineHandlers
 from .messages import Command, Recorded
-from .registration import refuse_shared_names, routes
+from .registration import register_event_types, routes
 from .state_cache import StateCache
 from .state_loading import StateLoader
 from .stores import (
@@ -128,12 +128,8 @@ class CommandHandler:
         )
         self._load = self._loader.load  # bound once: the command path calls it often
         self._routes = routes(self.aggregates)
-        refuse_shared_names(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
-        for aggregate in self.aggregates:
-            self.event_store.types.register(*aggregate.event_types)
-            for (name, version), upcaster in aggregate.upcasters.items():
-                self.event_store.types.register_upcaster(name, version, upcaster)
+        register_event_types(self.event_store.types, self.aggregates)
         both = {h.name for h in self.event_handlers} & {h.name for h in subscriptions}
         if both:
             raise RegistrationError(

@@ -1,5 +1,6 @@
-"""What a command handler checks when it is built: which aggregate each command type
-belongs to, and that no two aggregates share a name."""
+"""What a command handler checks and registers when it is built: which aggregate each
+command type belongs to, that no two aggregates share a name, and its aggregates' event
+types in the store's registry."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .aggregate import Aggregate
+from .codec import EventTypes
 from .errors import RegistrationError
-from .messages import Command, event_type_name
+from .messages import Command
 
-__all__ = ["refuse_shared_names", "routes"]
+__all__ = ["register_event_types", "routes"]
 
 
 def routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:
@@ -33,19 +35,15 @@ def routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregat
     return found
 
 
-def refuse_shared_names(aggregates: Iterable[Aggregate[Any]]) -> None:
-    """Stored event type names are one name space per store: two aggregates may share an
-    Event class, but not store two different classes under one name."""
-    seen: dict[str, tuple[Aggregate[Any], type[Any]]] = {}
+def register_event_types(types: EventTypes, aggregates: Iterable[Aggregate[Any]]) -> None:
+    """Add the aggregates' event types and upcasters to a store's registry, all or none,
+    each owned by its aggregate: two aggregates may share an Event class, but one stored
+    name never stands for two classes, within this command handler or across the
+    command handlers sharing the store (RegistrationError naming both, by the rule of
+    :meth:`EventTypes.register <incident.codec.EventTypes.register>`)."""
+    own = EventTypes()
     for aggregate in aggregates:
-        for event_type in aggregate.event_types:
-            name = event_type_name(event_type)
-            other = seen.setdefault(name, (aggregate, event_type))
-            if other[1] is not event_type:
-                first, second = (f"{t.__module__}.{t.__qualname__}" for t in (other[1], event_type))
-                raise RegistrationError(
-                    f"{other[0].name} and {aggregate.name} both store an event as {name!r} "
-                    f"({first} and {second}); a store could not tell them apart: give one a "
-                    f"name of its own, e.g. class {event_type.__name__}(incident.Event, "
-                    f'tag="{aggregate.name.title().replace("_", "")}{event_type.__name__}")'
-                )
+        own.register(*aggregate.event_types, owner=aggregate.name)
+        for (name, version), upcaster in aggregate.upcasters.items():
+            own.register_upcaster(name, version, upcaster, owner=aggregate.name)
+    types.include(own)
