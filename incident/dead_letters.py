@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ._fp import groupby
 from .errors import CorruptEvent, IncidentError, StoreError
 from .messages import Projection, Recorded
 from .stores import CheckpointStore, EventStore, Parked, ProjectionStore
@@ -284,7 +285,4 @@ def _held_behind(head: Parked) -> str:
 
 def by_stream(parked: Iterable[Parked]) -> dict[str, list[Parked]]:
     """Dead letters per aggregate id, each stream's in position order."""
-    streams: dict[str, list[Parked]] = {}
-    for entry in sorted(parked, key=lambda p: p.position):
-        streams.setdefault(entry.aggregate_id, []).append(entry)
-    return streams
+    return groupby(lambda p: p.aggregate_id, sorted(parked, key=lambda p: p.position))

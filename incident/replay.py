@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from ._fp import partition_all
+from ._fp import groupby, partition_all
 from .event_handler import EventHandler
 from .follow_ups import split_outputs
 from .messages import Projection, Recorded
@@ -79,7 +79,4 @@ def rebuild(
         position = batch[-1].position
         if progress is not None:
             progress(len(batch))
-    tables: dict[type[Projection], list[Projection]] = {}
-    for (projection_type, _), projection in rebuilt.items():
-        tables.setdefault(projection_type, []).append(projection)
-    return Rebuilt(tables, position, skipped)
+    return Rebuilt(groupby(type, rebuilt.values()), position, skipped)
