@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "Projection",
     "Recorded",
+    "event_classes_defined",
     "event_type_name",
 ]
 
@@ -70,7 +71,9 @@ class Event(msgspec.Struct, frozen=True, tag=True, metaclass=_KeywordOnly):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         global _event_classes_defined
-        _event_classes_defined += 1  # lets codec cache its name -> class map until this moves
+        _event_classes_defined += (
+            1  # lets the registry cache its name -> class map until this moves
+        )
 
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
@@ -147,3 +150,9 @@ def event_type_name(event_type: type[Event]) -> str:
                 f"class {event_type.__name__}({base.__name__}, tag=...)"
             )
     return tag
+
+
+def event_classes_defined() -> int:
+    """How many Event subclasses have been defined in this process so far: a registry
+    that maps names to the defined classes keeps its map until this number moves."""
+    return _event_classes_defined

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .aggregate import Aggregate
-from .codec import EventTypes
 from .errors import RegistrationError
+from .event_types import EventTypes
 from .messages import Command
 
 __all__ = ["register_event_types", "routes"]
