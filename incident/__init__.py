@@ -31,6 +31,7 @@ from .errors import (
 )
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
+from .reactor import Reactor
 from .stores import (
     CheckpointStore,
     EventStore,
@@ -71,6 +72,7 @@ __all__ = [
     "Parked",
     "Projection",
     "ProjectionStore",
+    "Reactor",
     "Recorded",
     "RegistrationError",
     "Rejected",

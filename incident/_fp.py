@@ -7,8 +7,9 @@ from typing import TypeVar, cast
 
 import toolz
 
-__all__ = ["accumulate", "partition_all"]
+__all__ = ["accumulate", "groupby", "partition_all"]
 
+K = TypeVar("K")
 S = TypeVar("S")
 T = TypeVar("T")
 
@@ -29,3 +30,13 @@ def partition_all(size: int, items: Iterable[T]) -> Iterator[tuple[T, ...]]:
     [(1, 2), (3,)]
     """
     return cast(Iterator[tuple[T, ...]], toolz.partition_all(size, items))
+
+
+def groupby(key: Callable[[T], K], items: Iterable[T]) -> dict[K, list[T]]:
+    """``items`` by ``key``: groups in the order of their first item, each in the order
+    of ``items``.
+
+    >>> groupby(len, ["ab", "c", "de"])
+    {2: ['ab', 'de'], 1: ['c']}
+    """
+    return cast(dict[K, list[T]], toolz.groupby(key, items))

@@ -239,10 +239,10 @@ class Aggregate(Generic[S]):
                 f"it handles: {_names(self._executors)}"
             )
         if self._terminal is not None and self._terminal(state):
-            target = getattr(command, "aggregate_id", "?")
             raise Rejected(
                 "aggregate_terminated",
-                f"{self.name} {target} has reached a terminal state and takes no commands",
+                f"{self.name} {command.aggregate_id} has reached a terminal state and takes no "
+                "commands",
             )
         decided = executor(state, command)
         if decided is None:

@@ -4,6 +4,10 @@ validate -> route -> state (cached, else loaded and folded) -> decide -> append 
 version, bounded retries) -> inline event handlers (their projections commit with the
 events when the stores share a database) -> dispatch the commands they returned ->
 return the recorded events.
+
+Its parts: routing and name checks in :mod:`incident.registration`, loading states (cache,
+snapshots) in :mod:`incident.state_loading`, the inline handlers run inside the append in
+:mod:`incident.inline_handlers`, carrying out their commands in :mod:`incident.follow_ups`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -20,37 +24,28 @@ from .codec import validate_command
 from .errors import (
     ConcurrencyError,
     DuplicateCommand,
-    ForeignStream,
     InvalidCommand,
     RegistrationError,
     Rejected,
     RoutingError,
 )
-from .event_handler import Attempt, EventHandler
-from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps, owed_by, split_outputs
-from .messages import Command, Projection, Recorded, event_type_name
-from .snapshots import (
-    Snapshot,
-    check_snapshottable,
-    code_key,
-    load_snapshot,
-    snapshot_key,
-    take_snapshot,
-    verify_snapshot,
-)
+from .event_handler import EventHandler
+from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
+from .inline_handlers import InlineHandlers
+from .messages import Command, Recorded
+from .registration import register_event_types, routes
 from .state_cache import StateCache
+from .state_loading import StateLoader
 from .stores import (
     CheckpointStore,
-    Effects,
     EventStore,
     Outcome,
     Owed,
-    ProjectFn,
     ProjectionStore,
     open_event_store,
     open_projection_store,
 )
-from .stores._common import closing_iterator, new_uuid
+from .stores._common import new_uuid
 from .subscriptions import Subscription, Subscriptions
 from .turns import Turns
 
@@ -121,33 +116,36 @@ class CommandHandler:
         self.backoff = backoff
         self.cache = StateCache(cache_size)
         self.turns = Turns()
-        if snapshot_every is not None and snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
         self.snapshot_every = snapshot_every
         self.verify_snapshots = verify_snapshots
-        self._codes: dict[str, str] = {}
-        if snapshot_every is not None:
-            for aggregate in self.aggregates:
-                check_snapshottable(aggregate)
-                self._codes[aggregate.name] = code_key(aggregate)
-        self._routes = _routes(self.aggregates)
-        _refuse_shared_names(self.aggregates)
+        self._loader = StateLoader(
+            self.event_store,
+            self.projection_store,
+            self.cache,
+            self.aggregates,
+            snapshot_every=snapshot_every,
+            verify_snapshots=verify_snapshots,
+        )
+        self._load = self._loader.load  # bound once: the command path calls it often
+        self._routes = routes(self.aggregates)
         self._by_name = {aggregate.name: aggregate for aggregate in self.aggregates}
-        for aggregate in self.aggregates:
-            self.event_store.types.register(*aggregate.event_types)
-            for (name, version), upcaster in aggregate.upcasters.items():
-                self.event_store.types.register_upcaster(name, version, upcaster)
+        register_event_types(self.event_store.types, self.aggregates)
         both = {h.name for h in self.event_handlers} & {h.name for h in subscriptions}
         if both:
             raise RegistrationError(
                 f"{', '.join(sorted(both))} cannot run both inline and as a subscription"
             )
+        self._inline = InlineHandlers(
+            self.event_handlers,
+            route=self.aggregate_for,
+            snapshot=None if snapshot_every is None else self._loader.snapshot,
+        )
         self._follow_ups = FollowUps(
             dispatch=self.dispatch,
             event_store=self.event_store,
             handlers=self.event_handlers,
             aggregate=self._aggregate,
-            check=self._check_reaction,
+            check=self._inline.check_reaction,
         )
         self.subscriptions = Subscriptions(
             Subscription(handler, self, checkpoints=checkpoint_store) for handler in subscriptions
@@ -198,59 +196,12 @@ class CommandHandler:
         """The current state of one aggregate, folded from its stream."""
         return self._load(self._aggregate(aggregate), aggregate_id)[0]
 
-    def _from_snapshot(
-        self, aggregate: Aggregate[Any], aggregate_id: str
-    ) -> tuple[Any, int] | None:
-        if self.snapshot_every is None:
-            return None
-        stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
-        loaded = load_snapshot(aggregate, stored, self._codes[aggregate.name])
-        if loaded is not None and self.verify_snapshots:
-            with closing_iterator(self.event_store.events(aggregate_id)) as events:
-                verify_snapshot(aggregate, aggregate_id, loaded, events)
-        return loaded
-
     def verify_snapshot(self, aggregate: Aggregate[Any] | str, aggregate_id: str) -> int | None:
         """Check the stored snapshot of one aggregate against its events: the version it
         was taken at, once its state equals the fold of the stream up to there; None when
         there is no snapshot this code would read; SnapshotMismatch (the first field that
         differs, both values) when they disagree."""
-        aggregate = self._aggregate(aggregate)
-        code = self._codes.get(aggregate.name) or code_key(aggregate)
-        stored = self.projection_store.get(Snapshot, snapshot_key(aggregate, aggregate_id))
-        loaded = load_snapshot(aggregate, stored, code)
-        if loaded is None:
-            return None
-        with closing_iterator(self.event_store.events(aggregate_id)) as events:
-            verify_snapshot(aggregate, aggregate_id, loaded, events)
-        return loaded[1]
-
-    def _load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
-        """(state, version): from the cache plus the events after it, else the whole stream."""
-        key = (aggregate.name, aggregate_id)
-        state, version = (
-            self.cache.get(key)
-            or self._from_snapshot(aggregate, aggregate_id)
-            or (aggregate.initial, 0)
-        )
-        # the events alone (no envelopes), streamed; versions have no gaps
-        try:
-            with closing_iterator(self.event_store.events(aggregate_id, after=version)) as newer:
-                state, count = aggregate.fold_count(newer, state)
-        except RoutingError:
-            self._refuse_foreign_stream(aggregate, aggregate_id)
-            raise
-        if count:
-            version += count
-            self.cache.put(key, state, version)
-        return state, version
-
-    def _refuse_foreign_stream(self, aggregate: Aggregate[Any], aggregate_id: str) -> None:
-        """A fold that met an event this aggregate does not apply: when the stream is
-        another aggregate's, say so (the usual cause) instead of naming the event."""
-        first = next(iter(self.event_store.get(aggregate_id)), None)
-        if first is not None and first.aggregate and first.aggregate != aggregate.name:
-            raise ForeignStream(aggregate_id, aggregate.name, first.aggregate)
+        return self._loader.verify_snapshot(self._aggregate(aggregate), aggregate_id)
 
     # -- writing -----------------------------------------------------------
 
@@ -306,7 +257,7 @@ class CommandHandler:
         metadata: dict[str, Any],
         key: str | None = None,
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         stream = (aggregate.name, aggregate_id)
         for attempt in range(self.retries + 1):
             try:
@@ -341,13 +292,13 @@ class CommandHandler:
     ) -> tuple[list[Recorded[Any]], list[FollowUp]]:
         """Decide once and append with the version decided on (ConcurrencyError when
         another writer got there first)."""
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         state, version, events = self._decide(aggregate, command, trust_cache=trust_cache)
         if not events:
             return [], []
         follow_ups: list[FollowUp] = []
         after: list[Any] = []  # the state after the new events, as project() saw it
-        project = self._projector(aggregate, aggregate_id, state, follow_ups, after)
+        project = self._inline.projector(aggregate, aggregate_id, state, follow_ups, after)
         try:
             recorded = self.event_store.append_and_project(
                 aggregate_id,
@@ -375,7 +326,7 @@ class CommandHandler:
         """(state, version, events decided). On a cached state the store is not read; a
         rejection or an empty decision there may come from a stale state, so it stands
         only once the events after the cached version have been read and folded."""
-        aggregate_id: str = command.aggregate_id  # type: ignore[attr-defined]
+        aggregate_id = command.aggregate_id
         cached = self.cache.get((aggregate.name, aggregate_id)) if trust_cache else None
         if cached is not None:
             state, version = cached
@@ -387,62 +338,6 @@ class CommandHandler:
                 return state, version, events
         state, version = self._load(aggregate, aggregate_id)
         return state, version, aggregate.decide(state, command)
-
-    def _projector(
-        self,
-        aggregate: Aggregate[Any],
-        aggregate_id: str,
-        state: Any,
-        follow_ups: list[FollowUp],
-        after: list[Any],
-    ) -> ProjectFn:
-        """What runs inside the append's transaction: the inline handlers, pure. It
-        returns the projections to commit with the events and, for every handler that
-        returned commands for an event, a record that it owes them (committed with the
-        events too); it collects those commands in ``follow_ups`` and leaves the state
-        after the events in ``after``."""
-
-        def project(recorded: list[Recorded[Any]]) -> Effects:
-            follow_ups.clear()  # the store may call this more than once
-            after.clear()
-            projections: list[Projection] = []
-            current = state
-            for record in recorded:
-                current = aggregate.evolve(current, record)
-                for handler in self.event_handlers:
-                    outputs = handler.outputs(record, current)
-                    if not outputs:
-                        continue
-                    steps = split_outputs(outputs, projections)
-                    if steps:
-                        for _, commands in steps:
-                            for output in commands:
-                                self._check_reaction(output)
-                        follow_ups.append((owed_by(handler.name, record), record, steps))
-                every = self.snapshot_every
-                if every is not None and record.version % every == 0:
-                    code = self._codes[aggregate.name]
-                    snapshot = take_snapshot(aggregate, aggregate_id, current, record.version, code)
-                    if snapshot is not None:
-                        projections.append(snapshot)
-            after.append(current)
-            return Effects(projections, [owed for owed, _, _ in follow_ups])
-
-        return project
-
-    def _check_reaction(self, reaction: Any) -> None:
-        """Validate and route a listener's commands (every branch) inside the transaction,
-        so a listener bug stores nothing rather than failing after its cause committed."""
-        if isinstance(reaction, tuple):
-            for step in reaction:
-                self._check_reaction(step)
-        elif isinstance(reaction, Attempt):
-            self._check_reaction(reaction.command)
-            self._check_reaction(reaction.on_success)
-            if not callable(reaction.on_rejected):  # checked once it has answered
-                self._check_reaction(reaction.on_rejected)
-        else:
-            self.aggregate_for(validate_command(reaction))
 
     # -- follow-ups: see incident.follow_ups --------------------------------------
 
@@ -480,39 +375,3 @@ def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None
     if key is not None and not isinstance(key, str):
         raise InvalidCommand(type(command).__name__, IDEMPOTENCY_KEY, "must be a str")
     return key or None
-
-
-def _refuse_shared_names(aggregates: Iterable[Aggregate[Any]]) -> None:
-    """Stored event type names are one name space per store: two aggregates may share an
-    Event class, but not store two different classes under one name."""
-    seen: dict[str, tuple[Aggregate[Any], type[Any]]] = {}
-    for aggregate in aggregates:
-        for event_type in aggregate.event_types:
-            name = event_type_name(event_type)
-            other = seen.setdefault(name, (aggregate, event_type))
-            if other[1] is not event_type:
-                first, second = (f"{t.__module__}.{t.__qualname__}" for t in (other[1], event_type))
-                raise RegistrationError(
-                    f"{other[0].name} and {aggregate.name} both store an event as {name!r} "
-                    f"({first} and {second}); a store could not tell them apart: give one a "
-                    f"name of its own, e.g. class {event_type.__name__}(incident.Event, "
-                    f'tag="{aggregate.name.title().replace("_", "")}{event_type.__name__}")'
-                )
-
-
-def _routes(aggregates: Iterable[Aggregate[Any]]) -> dict[type[Command], Aggregate[Any]]:
-    routes: dict[type[Command], Aggregate[Any]] = {}
-    names: dict[str, Aggregate[Any]] = {}
-    for aggregate in aggregates:
-        if aggregate.name in names:
-            raise RegistrationError(f"Two aggregates are named {aggregate.name!r}")
-        names[aggregate.name] = aggregate
-        for command_type in aggregate.command_types:
-            other = routes.get(command_type)
-            if other is not None:
-                raise RegistrationError(
-                    f"{command_type.__name__} is handled by both {other.name} and "
-                    f"{aggregate.name}; a command type must belong to one aggregate"
-                )
-            routes[command_type] = aggregate
-    return routes

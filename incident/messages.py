@@ -2,7 +2,7 @@
 
 import datetime as dt
 import functools
-from typing import Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "Projection",
     "Recorded",
+    "event_classes_defined",
     "event_type_name",
 ]
 
@@ -45,6 +46,15 @@ class Command(msgspec.Struct, frozen=True, metaclass=_KeywordOnly):
     constraints on the fields are enforced when the command is dispatched.
     """
 
+    if TYPE_CHECKING:
+        # Declared for type checkers only, so ``command.aggregate_id`` is a str on any
+        # Command. A runtime field here would come first in every subclass: a command
+        # declaring it after other fields would change its field order, hence its JSON
+        # and the idempotency keys of its follow-ups (command_key), and, under
+        # ``kw_only=False``, what its positional arguments mean. Registering an execute
+        # function checks the subclass declares it (Aggregate.execute).
+        aggregate_id: str
+
 
 @dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
 class Event(msgspec.Struct, frozen=True, tag=True, metaclass=_KeywordOnly):
@@ -61,7 +71,9 @@ class Event(msgspec.Struct, frozen=True, tag=True, metaclass=_KeywordOnly):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         global _event_classes_defined
-        _event_classes_defined += 1  # lets codec cache its name -> class map until this moves
+        _event_classes_defined += (
+            1  # lets the registry cache its name -> class map until this moves
+        )
 
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
@@ -138,3 +150,9 @@ def event_type_name(event_type: type[Event]) -> str:
                 f"class {event_type.__name__}({base.__name__}, tag=...)"
             )
     return tag
+
+
+def event_classes_defined() -> int:
+    """How many Event subclasses have been defined in this process so far: a registry
+    that maps names to the defined classes keeps its map until this number moves."""
+    return _event_classes_defined

@@ -199,3 +199,54 @@ def test_a_forked_child_does_not_reuse_its_parents_uuids() -> None:
     child.join(timeout=60)
     in_parent = [new_uuid() for _ in range(50)]
     assert not set(in_child) & set(in_parent)
+
+
+class Later(incident.Command):
+    """A command that names its target after its other fields."""
+
+    amount: int
+    aggregate_id: str
+
+
+class Positional(incident.Command, kw_only=False):
+    amount: int
+    aggregate_id: str
+
+
+def test_every_command_keeps_its_own_field_order() -> None:
+    """``Command.aggregate_id`` is declared for type checkers only: the base adds no
+    field, so a command's fields stay in the order it declares them (the Bank's, the
+    hotel's, one that names its target last, one built positionally), its JSON keeps
+    that order, and the idempotency keys of follow-ups stay what earlier releases made."""
+    from hotel import guests, reservations, rooms
+
+    from incident.event_handler import command_key
+    from incident.examples import bank
+
+    assert incident.Command.__struct_fields__ == ()
+    assert bank.DepositMoney.__struct_fields__ == ("aggregate_id", "amount")
+    assert bank.RequestTransfer.__struct_fields__[0] == "aggregate_id"
+    assert reservations.Reserve.__struct_fields__ == ("aggregate_id", "room", "guest", "nights")
+    assert rooms.CloseRoom.__struct_fields__ == ("aggregate_id",)
+    assert guests.RenameGuest(aggregate_id="G", name="Ann").aggregate_id == "G"
+    assert Later.__struct_fields__ == ("amount", "aggregate_id")
+    assert encode(Later(amount=5, aggregate_id="A")) == b'{"amount":5,"aggregate_id":"A"}'
+    assert Positional(5, "A") == Positional(amount=5, aggregate_id="A")
+    # digests of earlier releases: a follow-up dispatched again finds its first outcome
+    assert command_key(bank.DepositMoney(aggregate_id="A", amount=5)) == "9ad1fef193cb1057808d"
+    assert command_key(Later(amount=5, aggregate_id="A")) == "d2018b0d47a00a0260b0"
+
+
+def test_a_command_without_aggregate_id_cannot_be_registered() -> None:
+    """The declaration on the base is no runtime field: a command that does not declare
+    its own ``aggregate_id`` is refused where it is registered, as before."""
+
+    class Nameless(incident.Command):
+        amount: int
+
+    aggregate = incident.Aggregate("nameless", initial=0)
+    with pytest.raises(incident.RegistrationError, match="has no aggregate_id field"):
+
+        @aggregate.execute(Nameless)
+        def run(state: int, cmd: Any) -> tuple[()]:
+            return ()

@@ -426,3 +426,59 @@ def test_projections_in_another_database_catch_up_too(store_url: str) -> None:
     run_scenario(app, app.subscriptions.catch_up)
     assert read_models(app) == read_models(inline)
     assert app.projection_store is elsewhere
+
+
+class RecordingReactor:
+    """The least an application must offer a subscription: stores, aggregates, and a
+    follow_up that here only records what it was asked to carry out."""
+
+    def __init__(self, event_store: incident.EventStore) -> None:
+        self.event_store = event_store
+        self.projection_store = event_store.projections()
+        self.aggregates = (bank.bank_account,)
+        self.asked: list[tuple[str, int, list[tuple[str, list[Any]]]]] = []
+
+    def follow_up(self, handler: str, cause: incident.Recorded[Any], steps: Any) -> None:
+        self.asked.append((handler, cause.position, [(n, list(c)) for n, c in steps]))
+
+
+def test_a_subscription_runs_in_any_reactor_not_only_a_command_handler() -> None:
+    """Subscription(handler, app) asks of ``app`` only what incident.Reactor names: a
+    plain object with the stores, the aggregates and follow_up will do."""
+    app = incident.CommandHandler(aggregates=[bank.bank_account])
+    app.dispatch(OpenAccount(aggregate_id="A"))
+    app.dispatch(DepositMoney(aggregate_id="A", amount=5))
+    handler = incident.EventHandler("refunds")
+
+    @handler.listen(MoneyDeposited)
+    def refund(recorded: incident.Recorded[Any], state: AccountState) -> Any:
+        seen = Seen(aggregate_id="A", balance=state.balance, version=recorded.version)
+        return [seen, WithdrawMoney(aggregate_id="A", amount=recorded.data.amount)]
+
+    reactor = RecordingReactor(app.event_store)
+    reactor_typed: incident.Reactor = reactor  # it satisfies the protocol
+    subscription = incident.Subscription(handler, reactor_typed)
+    assert subscription.catch_up() == 2
+    assert reactor.projection_store.get(Seen, "A") == Seen(aggregate_id="A", balance=5, version=2)
+    [(name, position, [(listener, commands)])] = reactor.asked
+    assert (name, position, listener.rsplit(".", 1)[-1]) == ("refunds", 2, "refund")
+    assert commands == [WithdrawMoney(aggregate_id="A", amount=5)]
+
+
+def test_subscriptions_do_not_import_the_write_side() -> None:
+    """The subscription modules depend on stores, aggregates and the Reactor protocol;
+    the command handler depends on them, never the reverse (no import cycle)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(incident.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        if "Subscription" not in path.read_text() or path.name == "command_handler.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.lstrip(".") != "command_handler" or path.name in (
+                    "__init__.py",
+                    "cli.py",
+                ), f"{path.name} imports the command handler"

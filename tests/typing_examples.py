@@ -88,5 +88,12 @@ def use_subscriptions() -> int:
     parked: list[incident.Parked] = subscription.parked()
     read: int = subscription.catch_up()
     checkpoints: incident.CheckpointStore = subscription.checkpoints
+    reactor: incident.Reactor = durable  # a command handler is what subscriptions run in
+    incident.Subscription(balances, reactor, checkpoints=checkpoints)
     row = durable.projection_store.get(Balance, "a")
     return checkpoints.load("typed_balances") + read + len(parked) + (row.balance if row else 0)
+
+
+def target(command: incident.Command) -> str:
+    """Every command names its target: ``aggregate_id`` is a str on the base type."""
+    return command.aggregate_id

@@ -1,0 +1,385 @@
+"""Subscription: one event handler run durably over the global log (the overview is in
+:mod:`incident.subscriptions`). Its parts live beside it: the states its listeners
+receive in :mod:`incident.subscription_states`, parking and retrying in
+:mod:`incident.dead_letters`, rebuilding in :mod:`incident.replay`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
+from .errors import CheckpointConflict, CorruptEvent, IncidentError, StoreError
+from .event_handler import EventHandler
+from .follow_ups import split_outputs
+from .messages import Projection, Recorded, event_type_name
+from .reactor import Reactor
+from .replay import Replayed, rebuild
+from .stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
+from .stores._common import projection_key
+from .subscription_states import Pending, StreamStates, aggregates_for, merge_projections
+
+__all__ = ["Subscription"]
+
+log = logging.getLogger("incident.subscriptions")
+
+
+class Subscription:
+    """Runs one EventHandler over the global log, durably.
+
+    ``command_handler`` (a :class:`~incident.CommandHandler`, or any
+    :class:`~incident.reactor.Reactor`) supplies the stores, the aggregates (to compute
+    the state each listener receives) and the carrying out of returned commands.
+    ``checkpoints`` defaults to the checkpoint store beside the event store.
+    """
+
+    def __init__(
+        self,
+        handler: EventHandler,
+        command_handler: Reactor,
+        *,
+        checkpoints: CheckpointStore | None = None,
+        batch_size: int = 5000,
+        retries: int = 3,
+        backoff: float = 0.05,
+        on_failure: OnFailure = "park",
+        cache_size: int = 10_000,
+        idle: float = 0.25,
+        outage_backoff: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_failure not in ("park", "stop"):
+            raise ValueError(f"on_failure must be 'park' or 'stop', got {on_failure!r}")
+        self.handler = handler
+        self.name = handler.name
+        self.command_handler = command_handler
+        self.event_store = command_handler.event_store
+        self.projection_store = command_handler.projection_store
+        self.checkpoints = checkpoints or checkpoint_store_for(self.event_store)
+        self.batch_size, self.retries, self.backoff = batch_size, retries, backoff
+        self.on_failure: OnFailure = on_failure
+        self.idle, self.outage_backoff = idle, outage_backoff
+        self._outage_pause = backoff  # the wait after the next StoreError, while running
+        aggregates = aggregates_for(handler, command_handler.aggregates)
+        self._states = StreamStates(self.name, self.event_store, aggregates, cache_size)
+        self._dead_letters = DeadLetters(
+            self.name,
+            checkpoints=self.checkpoints,
+            event_store=self.event_store,
+            projection_store=self.projection_store,
+            handle=self._handle,
+            listened={event_type_name(t) for t in handler.event_types},
+            on_failure=on_failure,
+        )
+        self._position: int | None = None
+        self._progress = threading.Condition()
+        self._lock = self.checkpoints.lock(self.name)  # across processes: one runner
+        # within this object: the states, _position and the dead letters are shared by
+        # whichever thread calls step(), retry_parked(), skip_parked() or replay()
+        self._guard = threading.RLock()
+        self.error: BaseException | None = None  # why run() ended, if it failed
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.name!r}, position={self.position})"
+
+    @property
+    def cache_size(self) -> int:
+        """How many aggregates' states are kept between their events."""
+        return self._states.size
+
+    @cache_size.setter
+    def cache_size(self, size: int) -> None:
+        self._states.size = size
+
+    @property
+    def position(self) -> int:
+        """The last position this subscription has processed and checkpointed."""
+        if self._position is None:
+            self._position = self.checkpoints.load(self.name)
+        return self._position
+
+    # -- processing ----------------------------------------------------------
+
+    def catch_up(self, until: int | None = None) -> int:
+        """Process batches until the end of the log (or ``until``); returns how many
+        events were read. Runs in the calling thread and takes no handler lock (``run``
+        does), only this object's: a ``run()`` of this same object in another thread is
+        simply interleaved batch by batch. If a runner elsewhere moves the checkpoint
+        meanwhile, the save's compare-and-set raises CheckpointConflict and writes
+        nothing."""
+        total = 0
+        while until is None or self.position < until:
+            read = self.step()
+            if not read:
+                break
+            total += read
+        return total
+
+    def step(self) -> int:
+        """Process one batch and checkpoint it; returns how many events were read."""
+        with self._guard:
+            return self._step()
+
+    def _step(self) -> int:
+        dead_letters = self._dead_letters
+        dead_letters.load()
+        batch = read_batch(self.event_store, self.position, self.batch_size)
+        pending: Pending = {}
+        done = self.position
+        for recorded in batch:
+            if isinstance(recorded, CorruptEvent):
+                try:
+                    dead_letters.damaged(recorded)
+                except SubscriptionFailed:
+                    self._commit(done, pending)
+                    raise
+                done = recorded.position or done
+                continue
+            if not self.handler.handles(recorded.data) or recorded.position in (
+                dead_letters.positions  # parked already (handled again after a crash)
+            ):
+                self._states.follow(recorded)
+                done = recorded.position
+                continue
+            head = dead_letters.blocked.get(recorded.aggregate_id)
+            if head is not None and head.position < recorded.position:
+                self._states.follow(recorded)  # keep a cached state current: no listener saw it
+                dead_letters.hold(recorded, head)
+                done = recorded.position
+                continue
+            try:
+                projections, dispatched = self._process(recorded)
+            except SubscriptionFailed:
+                self._commit(done, pending)
+                raise
+            merge_projections(pending, projections)
+            done = recorded.position
+            if dispatched:  # commands went out: checkpoint now, so a crash re-sends less
+                self._commit(done, pending)
+                pending = {}
+        self._commit(done, pending)
+        return len(batch)
+
+    def _process(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
+        """The listeners' projections for one event, after dispatching their commands;
+        retried with backoff, then parked (or SubscriptionFailed)."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self._handle(recorded)
+            except StoreError:
+                raise  # the database, not this event: run() waits for it, nothing is parked
+            except Exception as error:
+                # a damaged row does not heal by waiting: park (or stop) at once
+                if attempts <= self.retries and not isinstance(error, CorruptEvent):
+                    log.warning(
+                        "%s failed on #%s (%s), try %s of %s: %s",
+                        self.name,
+                        recorded.position,
+                        recorded.event_type,
+                        attempts,
+                        self.retries + 1,
+                        error,
+                    )
+                    time.sleep(self.backoff * 2 ** (attempts - 1))
+                    continue
+                self._dead_letters.failed(recorded, error, attempts)
+                return [], False
+
+    def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
+        projections: list[Projection] = []
+        dispatched = False
+        steps = split_outputs(
+            self.handler.outputs(recorded, self._states.at(recorded)), projections
+        )
+        for projection in projections:
+            key = getattr(projection, "aggregate_id", None)
+            if type(key) is not str or not key:
+                projection_key(projection)  # raises: a row that cannot be stored fails
+        if steps:
+            # keyed by handler, event, listener and the command itself: handled again, it
+            # sends nothing twice, and takes the branch the first run took
+            self.command_handler.follow_up(self.name, recorded, steps)
+            dispatched = True
+        return projections, dispatched
+
+    def _commit(self, position: int, pending: Pending) -> None:
+        if position == self.position and not pending:
+            return
+        try:
+            self.checkpoints.save(
+                self.name,
+                position,
+                expected=self.position,
+                projections=list(pending.values()),
+                projection_store=self.projection_store,
+            )
+        except CheckpointConflict:
+            self._position = None  # reload: whoever moved it knows better
+            self._states.clear()
+            raise
+        self._moved_to(position)
+
+    def _moved_to(self, position: int) -> None:
+        with self._progress:
+            self._position = position
+            self._progress.notify_all()
+
+    # -- running -------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Take the handler's lock (waiting while another runner holds it), then follow
+        the log until ``stop`` is set: wake-ups from the store where it can notify,
+        polling with backoff otherwise. A database that goes away (StoreError) is waited
+        for, with backoff up to ``outage_backoff`` seconds, and the lock taken again;
+        a listener error is not a StoreError: it is retried, then parked."""
+        stop = stop or threading.Event()
+        self._outage_pause = self.backoff
+        lock_failed = False  # the last StoreError came from a lock attempt
+        try:
+            while not stop.is_set():
+                locking = True
+                try:
+                    taken = self._lock.acquire(timeout=self.idle)
+                    locking = False
+                    if lock_failed:  # what failed works again; a failing read still waits
+                        self._outage_pause, lock_failed = self.backoff, False
+                    if not taken:
+                        continue
+                    try:
+                        with self._guard:
+                            self._position = None  # whoever held it before may have moved it
+                            self._states.clear()
+                        self._follow_log(stop)
+                    finally:
+                        self._lock.release()
+                    stop.wait(self.idle)  # lost it: let a runner that kept its session go first
+                except StoreError as error:
+                    lock_failed = locking
+                    pause = self._outage_pause
+                    log.warning("%s: %s; trying again in %.2fs", self.name, error, pause)
+                    stop.wait(pause)
+                    self._outage_pause = min(max(pause, 0.01) * 2, self.outage_backoff)
+        finally:
+            self._lock.release()  # a standby stops trying: what it tried with is closed
+
+    def _follow_log(self, stop: threading.Event) -> None:
+        pause = 0.001
+        while not stop.is_set():
+            if not self._lock.held():
+                log.warning("%s lost its lock; waiting to take it again", self.name)
+                return
+            try:
+                read = self.step()
+            except CheckpointConflict as conflict:
+                log.warning("%s", conflict)
+                return
+            # a step that worked ends an outage: the next one is waited for from the start
+            self._outage_pause = self.backoff
+            if read:
+                pause = 0.001
+                continue
+            wait_for_append = getattr(self.event_store, "wait_for_append", None)
+            if callable(wait_for_append):
+                wait_for_append(self.position, min(self.idle, 0.1))
+            else:
+                stop.wait(pause)
+                pause = min(pause * 2, self.idle)
+
+    def wait_until_caught_up(self, position: int, timeout: float = 10.0) -> None:
+        """Block until this subscription has processed ``position`` (wherever it runs:
+        the checkpoint store is read too). Raises TimeoutError, or the runner's error."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                stored = self.checkpoints.load(self.name)
+                if max(stored, self._position or 0) >= position:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{self.name} is at {stored}, not {position}, after {timeout}s"
+                    )
+                self._progress.wait(min(remaining, 0.05))
+
+    # -- replay --------------------------------------------------------------
+
+    def replay(self, progress: Callable[[int], object] | None = None) -> Replayed:
+        """Rebuild this handler's projections from the start of the log, then swap each
+        projection type's table for the rebuilt one and move the checkpoint to the end.
+
+        Commands the listeners return for events the subscription had already handled
+        are not dispatched again (a replay rebuilds read models, it does not re-run a
+        process); for events past the old checkpoint they are, as running would have.
+        Takes the handler's lock, so nothing else runs this handler meanwhile; a
+        listener error aborts the replay with nothing replaced, and success empties the
+        handler's dead letters. ``progress`` is called with the number of events read
+        after each batch. The rebuilt rows are held in memory until the swap.
+        """
+        target = self.projection_store
+        if not isinstance(target, ReplaceableProjectionStore):
+            raise IncidentError(f"{target!r} cannot replace tables, so it cannot be replayed into")
+        with self._guard, self._replaying():
+            already = self._position = self.checkpoints.load(self.name)
+            rebuilt = rebuild(
+                self.handler,
+                self.event_store.read_all(),
+                self._states,
+                already=already,
+                follow_up=self.command_handler.follow_up,
+                batch_size=self.batch_size,
+                progress=progress,
+            )
+            written = {
+                t.__name__: target.replace_all(t, rows) for t, rows in rebuilt.tables.items()
+            }
+            self.checkpoints.reset(self.name, rebuilt.position)
+            self._dead_letters.unpark_upto(rebuilt.position)  # every event was handled
+            self._moved_to(rebuilt.position)
+            return Replayed(self.name, rebuilt.position, written, rebuilt.skipped_commands)
+
+    @contextlib.contextmanager
+    def _replaying(self) -> Iterator[None]:
+        """Hold the handler's lock for a replay. This object's own run() in another thread
+        may hold it already: the guard pauses that run meanwhile, and it keeps its lock."""
+        if self._lock.held():
+            yield
+            return
+        if not self._lock.acquire(timeout=0):
+            self._lock.release()  # not held: closes what the attempt opened
+            raise IncidentError(f"{self.name} is running elsewhere; stop it before replaying")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- dead letters: see incident.dead_letters --------------------------------
+
+    def parked(self) -> list[Parked]:
+        return self._dead_letters.parked()
+
+    def retry_parked(self, position: int | None = None) -> list[int]:
+        """Handle parked events again, stream by stream in position order: all of them,
+        or those of ``position``'s stream up to and including it (the earlier ones go
+        first). One that fails again stays parked (one more attempt, its new error) and
+        the rest of its stream stays held behind it, untried. Those that succeed leave
+        the dead-letter store and their projections are written. Returns the positions
+        that succeeded."""
+        with self._guard:
+            return self._dead_letters.retry(position)
+
+    def skip_parked(self, position: int) -> Parked:
+        """Drop one parked event from the dead letters without handling it, so that the
+        events held behind it can be retried (``retry_parked``, or the runner's next
+        step). Returns the dropped entry; raises IncidentError if nothing is parked
+        there."""
+        with self._guard:
+            return self._dead_letters.skip(position)
