@@ -24,6 +24,10 @@ import incident
 from incident.stores.postgres import split_url
 from incident.stores.sqlite import sqlite_path
 
+# the public store contract's failed assertions are explained as a test module's are
+# (the hook must run before the test modules import it)
+pytest.register_assert_rewrite("incident.testing.contract")
+
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
 StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
 
@@ -210,9 +214,19 @@ def edit_raw_event(
 
 @pytest.fixture
 def event_store(store_url: str) -> Iterator[incident.EventStore]:
-    store = incident.open_event_store(store_url)
-    yield store
-    store.close()
+    with closing(incident.open_event_store(store_url)) as store:
+        yield store
+
+
+class OnEveryBackend:
+    """Mixed in before a class of ``incident.testing.contract``, runs that public suite
+    on every backend: its ``event_store`` fixture becomes the one above, one per
+    ``store_url``."""
+
+    @pytest.fixture
+    def event_store(self, store_url: str) -> Iterator[incident.EventStore]:
+        with closing(incident.open_event_store(store_url)) as store:
+            yield store
 
 
 def running_under_ci() -> bool:

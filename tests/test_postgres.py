@@ -1278,7 +1278,10 @@ def test_a_tail_reader_sees_every_event_once_in_order(postgres_url: str) -> None
 def test_an_unreachable_server_fails_under_ci_and_skips_elsewhere(ci: str, outcome: str) -> None:
     """CI must not pass by skipping the Postgres tests; a laptop without Postgres may."""
     root = Path(__file__).resolve().parent.parent
-    test = "tests/test_store_contract.py::test_an_empty_append_writes_nothing[postgres]"
+    test = (
+        "tests/test_store_contract.py::TestEventStores::test_an_empty_append_writes_nothing"
+        "[postgres]"
+    )
     env = {
         **os.environ,
         "CI": ci,
