@@ -12,8 +12,9 @@ shows what handling and checkpointing cost on top of reading.
 
 from __future__ import annotations
 
-import argparse
 import time
+
+import common
 
 import incident
 from incident.examples import bank
@@ -53,7 +54,7 @@ def measure(url: str, events: int, accounts: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("urls", nargs="*", default=["memory://"])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--accounts", type=int, default=1_000)

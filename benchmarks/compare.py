@@ -31,7 +31,6 @@ its documented ``env`` mapping, and only here.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import functools
 import gc
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import common
 import msgspec
 
 import incident
@@ -685,15 +685,15 @@ def run_backend(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer commands and repeats")
     parser.add_argument("--only", choices=["sqlite", "postgres"])
-    parser.add_argument(
+    common.add_postgres_url(
+        parser,
         "--postgres-url",
-        default="postgresql://postgres@127.0.0.1:5432/test",
-        help="a database to connect to; the benchmark creates its own bench_* databases",
+        "a database to connect to; the benchmark creates its own bench_* databases",
     )
-    parser.add_argument("--dir", help="where the SQLite files go (default: a temp folder)")
+    common.add_dir(parser, "where the SQLite files go (default: a temp folder)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
 

@@ -23,6 +23,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import common
+
 from incident.examples import bank
 
 LIMIT_MB = 100
@@ -77,7 +79,7 @@ def fold(path: Path, events: int, *, trace: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--db", help="the SQLite file (default: one in the temp folder)")
     parser.add_argument("--fold", choices=["rss", "trace"], help=argparse.SUPPRESS)

@@ -13,7 +13,6 @@ schema that is dropped at the end.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import queue
@@ -23,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import common
 import psycopg
 
 import incident
@@ -92,21 +92,14 @@ def run(target: Any, args: Callable[[int], tuple[Any, ...]], workers: int, comma
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(
-            "INCIDENT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-        ),
-    )
-    parser.add_argument("--commands", type=int, default=500, help="per worker")
-    parser.add_argument("--workers", default="1,8", help="comma-separated process counts")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = common.parser(__doc__)
+    common.add_postgres_url(parser, "--url", "the server to measure, in a scratch schema")
+    common.add_workers(parser, commands=500)
     options = parser.parse_args()
-    counts = [int(n) for n in options.workers.split(",")]
+    counts = options.workers
     schema = f"incident_bench_{uuid.uuid4().hex[:8]}"
     conninfo = options.url
-    url = f"{conninfo}{'&' if '?' in conninfo else '?'}schema={schema}"
+    url = common.with_schema(conninfo, schema)
 
     with psycopg.connect(conninfo, autocommit=True) as admin:
         server = admin.execute("SHOW server_version").fetchone()

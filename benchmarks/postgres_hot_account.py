@@ -13,7 +13,6 @@ measures the uncontended case (every worker on accounts of its own).
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import queue
@@ -23,6 +22,7 @@ import uuid
 from contextlib import suppress
 from typing import Any
 
+import common
 import psycopg
 
 import incident
@@ -80,19 +80,12 @@ def run(url: str, workers: int, commands: int, retries: int) -> tuple[float, int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(
-            "INCIDENT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-        ),
-    )
-    parser.add_argument("--commands", type=int, default=200, help="per worker")
-    parser.add_argument("--workers", default="1,8", help="comma-separated process counts")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = common.parser(__doc__)
+    common.add_postgres_url(parser, "--url", "the server to measure, in scratch schemas")
+    common.add_workers(parser, commands=200)
     parser.add_argument("--retries", type=int, default=10, help="CommandHandler(retries=)")
     options = parser.parse_args()
-    counts = [int(n) for n in options.workers.split(",")]
+    counts = options.workers
     print(
         f"{options.commands} withdrawals per worker from one account, retries="
         f"{options.retries}, {os.cpu_count()} CPUs; medians of {options.rounds} rounds\n"
@@ -103,7 +96,7 @@ def main() -> None:
         for n in counts:
             # a fresh schema per run: every run starts from a two-event account
             schema = f"incident_bench_{uuid.uuid4().hex[:8]}"
-            url = f"{options.url}{'&' if '?' in options.url else '?'}schema={schema}"
+            url = common.with_schema(options.url, schema)
             try:
                 rate, failed = run(url, n, options.commands, options.retries)
             finally:

@@ -26,7 +26,6 @@ ceiling, dispatch >= 80%. Run by hand; nothing here is a test.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import shutil
 import sqlite3
@@ -39,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 import msgspec
 
 import incident
@@ -201,11 +201,11 @@ def dispatch_pair(work: Path, per_round: int, synchronous: str) -> tuple[Work, W
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--commands", type=int, default=2_000)
     parser.add_argument("--synchronous", nargs="+", default=["FULL", "NORMAL"])
-    parser.add_argument("--dir", type=Path, default=None)
+    common.add_dir(parser, "where the scratch folder of SQLite files goes (default: here)")
     args = parser.parse_args(argv)
     base = args.dir or Path(__file__).resolve().parent
     root = Path(tempfile.mkdtemp(prefix="incident-bench-", dir=base))

@@ -1,6 +1,9 @@
 """The ``incident`` command: init, demo, events, subscribe, replay, subscriptions, retry.
 
-The CLI is the one place that may read the environment; the library never does.
+The CLI is the one place that may read the environment; the library never does. This
+module holds the group, the commands that read and set up a store, and what every
+command uses to open one and report its errors; the subscription commands are in
+:mod:`incident.cli_subscriptions`.
 """
 
 from __future__ import annotations
@@ -10,39 +13,97 @@ import importlib
 import itertools
 import logging
 import os
-import signal
 import sqlite3
 import sys
-import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
 import click
 import msgspec
 from rich.console import Console
-from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
 from . import errors
 from .aggregate import Aggregate
-from .command_handler import CommandHandler
-from .event_handler import EventHandler
 from .messages import Recorded
-from .stores import Owed, checkpoint_store_for, open_event_store
+from .stores import EventStore, checkpoint_store_for, open_event_store
 from .stores.sqlite import MEMORY, sqlite_path
-from .subscriptions import Subscription, Subscriptions, last_position
+
+__all__ = [
+    "DEFAULT_DEMO_STORE",
+    "console",
+    "events_table",
+    "main",
+    "opened_store",
+    "reported",
+    "require_store",
+]
 
 DEFAULT_DEMO_STORE = "sqlite:///incident-demo.db"
 
 
-def _console() -> Console:
-    # made per command, so the terminal's width (or COLUMNS) at run time is what counts
+def console() -> Console:
+    """Where a command prints: made per command, so the terminal's width (or COLUMNS)
+    at run time is what counts."""
     return Console(highlight=False)
 
 
-@click.group()
+@contextmanager
+def reported(hints: Mapping[type[errors.IncidentError], str] | None = None) -> Iterator[None]:
+    """Ends the command on an incident error the way click ends it on bad usage: the
+    message (and the hint given for its type, if any) on stderr, exit status 1; a
+    traceback would tell a user of the command nothing."""
+    try:
+        yield
+    except errors.IncidentError as error:
+        hint = next((h for kind, h in (hints or {}).items() if isinstance(error, kind)), "")
+        raise click.ClickException(f"{error}{hint}") from error
+
+
+@contextmanager
+def opened_store(
+    url: str,
+    *,
+    create_tables: bool = True,
+    hints: Mapping[type[errors.IncidentError], str] | None = None,
+) -> Iterator[EventStore]:
+    """The store at URL, open for the block and closed after it, its errors
+    :func:`reported`; with create_tables=False a Postgres store creates nothing (a
+    read-only command checks with :func:`require_store` first that there is something
+    to read)."""
+    options = {} if create_tables or not _is_postgres(url) else {"create_tables": False}
+    with reported(hints):
+        store = open_event_store(url, **options)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+class _Group(click.Group):
+    """The ``incident`` group: its own commands, and those of
+    :mod:`incident.cli_subscriptions`, added when a command is looked up. That module
+    imports this one's helpers, so this one imports it only once it is complete."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_subscription_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_subscription_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def _add_subscription_commands(self) -> None:
+        from .cli_subscriptions import COMMANDS
+
+        for command in COMMANDS:
+            self.commands.setdefault(command.name or "", command)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="incident")
 def main() -> None:
     """Event Sourcing and CQRS with pure, decorated functions."""
@@ -59,20 +120,15 @@ def main() -> None:
 @click.argument("url")
 def init(url: str) -> None:
     """Create or migrate the tables of the store at URL (idempotent)."""
-    store = _open(url)
-    try:
+    with opened_store(url) as store:
         done = store.initialize()
         if callable(getattr(store, "checkpoints", None)):  # the subscriptions' tables too
             done += checkpoint_store_for(store).initialize()
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    console = _console()
+    out = console()
     for line in done:
-        console.print(f"[green]✓[/] {line}")
+        out.print(f"[green]✓[/] {line}")
     if not done:
-        console.print(f"{url}: already up to date, nothing to do")
+        out.print(f"{url}: already up to date, nothing to do")
 
 
 @main.command()
@@ -116,9 +172,11 @@ def events(
             imported.append(importlib.import_module(name))
         except ImportError as error:
             raise click.ClickException(f"Cannot import {name}: {error}") from error
-    _require_store(url, "events")
-    store = _open(url, create_tables=False)
-    try:
+    require_store(url, "events")
+    unknown: dict[type[errors.IncidentError], str] = {
+        errors.UnknownEventType: " (--import the module that defines it)"
+    }
+    with opened_store(url, create_tables=False, hints=unknown) as store:
         # what a CommandHandler would register: the event types and their upcasters
         for module in imported:
             for aggregate in vars(module).values():
@@ -134,14 +192,7 @@ def events(
         if correlation_id is not None:
             found = (r for r in found if r.metadata.get("correlation_id") == correlation_id)
         rows = list(itertools.islice(found, limit))
-    except errors.UnknownEventType as error:
-        hint = " (--import the module that defines it)"
-        raise click.ClickException(f"{error}{hint}") from error
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    _console().print(events_table(rows, title=stream_id or correlation_id or url))
+    console().print(events_table(rows, title=stream_id or correlation_id or url))
 
 
 def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
@@ -178,351 +229,21 @@ def demo(url: str) -> None:
     """Run the Bank example end to end and tell what happened."""
     from .examples.bank import demo as bank_demo
 
-    try:
-        bank_demo.run(url, console=_console(), run_id=uuid.uuid4().hex[:4].upper())
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-
-
-@main.command()
-@click.argument("url")
-@click.option(
-    "--handler",
-    "handler_path",
-    required=True,
-    help="The EventHandler to rebuild, as module:object "
-    "(e.g. incident.examples.bank:bank_projections).",
-)
-@click.option(
-    "--aggregate",
-    "aggregate_paths",
-    multiple=True,
-    help="An Aggregate whose state the listeners receive, as module:object (repeatable); "
-    "by default every Aggregate in the handler's module.",
-)
-def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> None:
-    """Rebuild a handler's projections from the start of the log at URL.
-
-    The rebuilt tables replace the old ones when the replay is done, and the handler's
-    checkpoint moves to the end of the log. The handler must not be running elsewhere.
-    """
-    console = _console()
-    handler = _load(handler_path, EventHandler)
-    aggregates = _aggregates_for([handler_path], aggregate_paths)
-    store = _open(url)
-    try:
-        app = CommandHandler(store, aggregates=aggregates)
-        subscription = Subscription(handler, app)
-        total = last_position(store)
-        with Progress(
-            *Progress.get_default_columns()[:-1],
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task(f"replaying {handler.name}", total=total)
-            done = subscription.replay(lambda read: progress.advance(task, read))
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    rows = ", ".join(f"{count} {name}" for name, count in done.written.items()) or "no rows"
-    console.print(f"[green]✓[/] {handler.name}: rebuilt {rows} up to position {done.position}")
-    if done.skipped_commands:
-        console.print(
-            f"  {done.skipped_commands} commands for events it had already handled were "
-            "not dispatched again"
-        )
-
-
-@main.command()
-@click.argument("url")
-@click.option(
-    "--parked",
-    "show_parked",
-    is_flag=True,
-    help="Also list the parked events and the owed follow-ups, one by one.",
-)
-def subscriptions(url: str, show_parked: bool) -> None:
-    """List the subscriptions of the store at URL: checkpoint, lag and parked events;
-    and the follow-ups inline handlers still owe."""
-    console = _console()
-    tables = _require_store(url, "events")
-    store = _open(url, create_tables=False)
-    positions: dict[str, int] = {}
-    parked: list[Any] = []
-    owed: list[Owed] = []
-    try:
-        head = last_position(store)
-        # no subscription has run here yet; reading would create the tables
-        if tables is None or {"incident_checkpoints", "incident_parked"} <= tables:
-            checkpoints = checkpoint_store_for(store)
-            positions = checkpoints.checkpoints()
-            parked = checkpoints.parked()
-        if tables is None or "incident_owed" in tables:  # a store from before owed work
-            owed = store.owed()
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    table = Table(title=f"{url}: log at position {head}")
-    for column in ("handler", "checkpoint", "lag", "parked"):
-        table.add_column(column, justify="left" if column == "handler" else "right")
-    for name in sorted(positions.keys() | {p.handler for p in parked}):
-        position = positions.get(name, 0)
-        mine = [p for p in parked if p.handler == name]
-        held = sum(1 for p in mine if p.held)
-        count = f"{len(mine)} ({held} held)" if held else str(len(mine))
-        table.add_row(name, str(position), str(max(head - position, 0)), count)
-    console.print(table)
-    if show_parked and parked:
-        # a failed event's listeners raised; a held one was never tried: it waits behind
-        # an earlier parked event of its stream
-        detail = Table(title="parked events (held: waiting behind its stream's failure)")
-        for column in ("handler", "pos", "aggregate id", "type", "state", "error"):
-            detail.add_column(column)
-        for p in parked:
-            state = "held" if p.held else f"[red]{p.attempts} tries[/]"
-            detail.add_row(p.handler, str(p.position), p.aggregate_id, p.event_type, state, p.error)
-        console.print(detail)
-    _print_owed(console, owed, show_parked)
-
-
-@main.command()
-@click.argument("url")
-@click.option(
-    "--handler",
-    "handler_path",
-    default=None,
-    help="A subscription's EventHandler, as module:object.",
-)
-@click.option(
-    "--inline",
-    "inline_paths",
-    multiple=True,
-    metavar="MODULE:OBJECT",
-    help="An inline EventHandler of the application whose owed follow-ups to complete "
-    "(repeatable: give them all).",
-)
-@click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
-@click.option(
-    "--position",
-    type=int,
-    default=None,
-    help="Retry this parked event only (and the ones of its stream before it, first).",
-)
-@click.option(
-    "--skip",
-    "skips",
-    type=int,
-    multiple=True,
-    metavar="POSITION",
-    help="Drop this parked event without handling it, then retry (repeatable).",
-)
-def retry(
-    url: str,
-    handler_path: str | None,
-    inline_paths: tuple[str, ...],
-    aggregate_paths: tuple[str, ...],
-    position: int | None,
-    skips: tuple[int, ...],
-) -> None:
-    """Handle a subscription's parked events again, stream by stream in log order; those
-    that succeed leave the dead letters. One that fails again keeps the rest of its
-    stream held behind it; --skip drops it (unhandled) so that the rest can go.
-
-    --inline names the application's inline handlers (all of them: the commands
-    dispatched run them, as in the application): the follow-ups they still owe are
-    completed, each command once."""
-    if handler_path is None and not inline_paths:
-        raise click.UsageError("name a subscription (--handler) or inline handlers (--inline)")
-    console = _console()
-    inline = [_load(path, EventHandler) for path in inline_paths]
-    paths = [*([handler_path] if handler_path else []), *inline_paths]
-    aggregates = _aggregates_for(paths, aggregate_paths)
-    store = _open(url)
-    try:
-        app = CommandHandler(store, aggregates=aggregates, event_handlers=inline)
-        if inline:
-            waiting_owed = [o for o in store.owed() if o.handler in {h.name for h in inline}]
-            completed = app.complete_owed()
-            still_owed = [o for o in store.owed() if o.handler in {h.name for h in inline}]
-        if handler_path is not None:
-            handler = _load(handler_path, EventHandler)
-            subscription = Subscription(handler, app)
-            skipped = [subscription.skip_parked(skip) for skip in skips]
-            waiting = len(subscription.parked())
-            done = subscription.retry_parked(position)
-            left = subscription.parked()
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-    if inline:
-        console.print(f"{len(completed)} of {len(waiting_owed)} owed follow-ups completed")
-        for owed in still_owed:
-            console.print(
-                f"  still owed: {owed.handler} for #{owed.position} {owed.event_type}: {owed.error}"
-            )
-    if handler_path is None:
-        return
-    for parked in skipped:
-        console.print(f"{handler.name}: skipped #{parked.position} {parked.event_type} unhandled")
-    console.print(f"{handler.name}: {len(done)} of {waiting} parked events handled")
-    for parked in left:
-        state = "held" if parked.held else "failed"
-        console.print(
-            f"  still parked ({state}): #{parked.position} {parked.event_type}: {parked.error}"
-        )
-
-
-@main.command()
-@click.argument("url")
-@click.option(
-    "--handler",
-    "handler_paths",
-    required=True,
-    multiple=True,
-    help="An EventHandler to run, as module:object (repeatable).",
-)
-@click.option(
-    "--inline",
-    "inline_paths",
-    multiple=True,
-    metavar="MODULE:OBJECT",
-    help="An inline EventHandler of the application: the commands the subscriptions "
-    "dispatch run it, as in the application (repeatable).",
-)
-@click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
-@click.option("--batch-size", type=int, default=5000, show_default=True)
-def subscribe(
-    url: str,
-    handler_paths: tuple[str, ...],
-    inline_paths: tuple[str, ...],
-    aggregate_paths: tuple[str, ...],
-    batch_size: int,
-) -> None:
-    """Run handlers as durable subscriptions on the store at URL until interrupted.
-
-    Start as many of these as you like, on as many machines: for each handler one
-    process works and the others wait to take over.
-    """
-    console = _console()
-    handlers = [_load(path, EventHandler) for path in handler_paths]
-    aggregates = _aggregates_for(handler_paths, aggregate_paths)
-    store = _open(url)
-    try:
-        app = CommandHandler(
-            store,
-            aggregates=aggregates,
-            event_handlers=[_load(p, EventHandler) for p in inline_paths],
-        )
-        running = Subscriptions(Subscription(h, app, batch_size=batch_size) for h in handlers)
-        console.print(f"running {', '.join(running)} on {url} (Ctrl-C stops)")
-        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same
-        running.start()
-        try:
-            while all(s.error is None for s in running.values()):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            running.stop()
-        failed = [s for s in running.values() if s.error is not None]
-        if failed:
-            raise click.ClickException(f"{failed[0].name} stopped: {failed[0].error}")
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
-    finally:
-        store.close()
-
-
-def _print_owed(console: Console, owed: list[Owed], detailed: bool) -> None:
-    """What inline handlers still owe: a count per handler, each one with ``detailed``."""
-    if not owed:
-        return
-    table = Table(title="owed follow-ups (incident retry URL --inline ... completes them)")
-    for column in ("inline handler", "owed", "oldest"):
-        table.add_column(column, justify="left" if column == "inline handler" else "right")
-    for name in sorted({o.handler for o in owed}):
-        mine = [o for o in owed if o.handler == name]
-        table.add_row(name, str(len(mine)), f"#{mine[0].position}")
-    console.print(table)
-    if detailed:
-        detail = Table(title="owed follow-ups")
-        for column in ("handler", "pos", "aggregate id", "type", "tries", "error"):
-            detail.add_column(column)
-        for o in owed:
-            detail.add_row(
-                o.handler,
-                str(o.position),
-                o.aggregate_id,
-                o.event_type,
-                str(o.attempts),
-                o.error or "",
-            )
-        console.print(detail)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _load(path: str, kind: type[Any]) -> Any:
-    module_name, _, attribute = path.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise click.ClickException(f"Cannot load {path!r} (module:object): {error}") from error
-    if not isinstance(found, kind):
-        raise click.ClickException(f"{path} is a {type(found).__name__}, not a {kind.__name__}")
-    return found
-
-
-def _aggregates_for(
-    handler_paths: Iterable[str], aggregate_paths: Iterable[str]
-) -> list[Aggregate[Any]]:
-    """The aggregates named with --aggregate, else every Aggregate in the handlers'
-    modules; one per name."""
-    found = [_load(path, Aggregate) for path in aggregate_paths] or [
-        aggregate for path in handler_paths for aggregate in _aggregates_beside(path)
-    ]
-    return list({aggregate.name: aggregate for aggregate in found}.values())
-
-
-def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:
-    module = importlib.import_module(handler_path.partition(":")[0])
-    found = [value for value in vars(module).values() if isinstance(value, Aggregate)]
-    if not found:
-        raise click.ClickException(
-            f"No Aggregate in {module.__name__}; name them with --aggregate module:object"
-        )
-    return found
-
-
-def _open(url: str, *, create_tables: bool = True) -> Any:
-    """The store at URL; with create_tables=False a Postgres store creates nothing (a
-    read-only command checks with _require_store first that there is something to read)."""
-    options = {} if create_tables or not _is_postgres(url) else {"create_tables": False}
-    try:
-        return open_event_store(url, **options)
-    except errors.IncidentError as error:
-        raise click.ClickException(str(error)) from error
+    with reported():
+        bank_demo.run(url, console=console(), run_id=uuid.uuid4().hex[:4].upper())
 
 
 def _is_postgres(url: str) -> bool:
     return url.split("://", 1)[0].split("+", 1)[0].lower() in {"postgres", "postgresql"}
 
 
-def _require_store(url: str, *needed: str) -> set[str] | None:
+def require_store(url: str, *needed: str) -> set[str] | None:
     """The incident tables of the store at URL, or a "no such store" error when it has
     not the ``needed`` ones; None for a store that lives in this process (nothing to
     check). Looks without creating anything: a mistyped path or schema is not a store."""
     if url.split("://", 1)[0].lower() == "sqlite":
-        try:
+        with reported():
             path = sqlite_path(url.split("?", 1)[0])
-        except errors.IncidentError as error:
-            raise click.ClickException(str(error)) from error
         if path == MEMORY:
             return None
         if not os.path.isfile(path):

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psycopg
@@ -23,6 +24,10 @@ import pytest
 import incident
 from incident.stores.postgres import split_url
 from incident.stores.sqlite import sqlite_path
+
+# the public store contract's failed assertions are explained as a test module's are
+# (the hook must run before the test modules import it)
+pytest.register_assert_rewrite("incident.testing.contract")
 
 # backend name -> a function (tmp_path, request) -> store URL that is fresh for one test
 StoreFactory = Callable[[Path, pytest.FixtureRequest], str]
@@ -210,9 +215,19 @@ def edit_raw_event(
 
 @pytest.fixture
 def event_store(store_url: str) -> Iterator[incident.EventStore]:
-    store = incident.open_event_store(store_url)
-    yield store
-    store.close()
+    with closing(incident.open_event_store(store_url)) as store:
+        yield store
+
+
+class OnEveryBackend:
+    """Mixed in before a class of ``incident.testing.contract``, runs that public suite
+    on every backend: its ``event_store`` fixture becomes the one above, one per
+    ``store_url``."""
+
+    @pytest.fixture
+    def event_store(self, store_url: str) -> Iterator[incident.EventStore]:
+        with closing(incident.open_event_store(store_url)) as store:
+            yield store
 
 
 def running_under_ci() -> bool:
@@ -252,8 +267,12 @@ def postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _postgres(tmp_path, request)
 
 
+#: a plain autocommit connection to the test server (``postgres_admin``)
+Admin = psycopg.Connection[tuple[Any, ...]]
+
+
 @pytest.fixture
-def postgres_admin() -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+def postgres_admin() -> Iterator[Admin]:
     """A plain autocommit psycopg connection to the test server, for inspecting and
     killing the store's backends."""
     with psycopg.connect(postgres_server(), autocommit=True) as conn:
@@ -270,3 +289,17 @@ def initialized_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     incident.stores.checkpoint_store_for(store).initialize()
     store.close()
     yield url
+
+
+def kill_backends(admin: Admin, application_name: str, *, wait: float = 0) -> int:
+    """Terminates the server sessions of stores opened with this ``application_name``
+    (never ``admin``'s own), as a server restart or an operator would, and returns how
+    many there were. With ``wait`` (seconds) each termination waits that long at most
+    for the session to be gone (pg_terminate_backend's timeout), so the next call sees
+    it dead; without, the kill lands while the store may still be mid-query."""
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
+        " WHERE application_name = %s AND pid <> pg_backend_pid()",
+        [round(wait * 1000), application_name],
+    ).fetchall()
+    return len(rows)

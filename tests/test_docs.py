@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -65,3 +66,34 @@ def test_a_block_that_needs_an_earlier_one_says_so(
         except Exception:
             pass  # fails alone for another reason (a file an earlier block wrote, say)
     assert not unmarked, f"{page.name}: start these blocks with {CONTINUES!r}: {unmarked}"
+
+
+TESTING = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+
+
+@pytest.mark.parametrize(
+    "line, block",
+    [
+        pytest.param(line, block, id=f"testing.md:{line}")
+        for line, block in _blocks_of(TESTING)
+        if "incident.testing.contract" in block
+    ],
+)
+def test_the_store_contract_examples_pass_under_pytest(
+    line: int, block: str, tmp_path: Path
+) -> None:
+    """docs/testing.md's third-party store test modules, saved as files and run by
+    pytest as a user would, run the contract's tests and pass every one."""
+    (tmp_path / "test_example.py").write_text(block)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
+    assert run.returncode == 0, f"testing.md:{line}: {summary}\n{run.stdout[-3000:]}"
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 20, summary
+    assert "skipped" not in summary and "failed" not in summary, summary

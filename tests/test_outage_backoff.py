@@ -13,6 +13,19 @@ import incident
 from incident.examples import bank
 
 
+def pauses_of_a_run(
+    subscription: incident.Subscription, stop: threading.Event, caplog: pytest.LogCaptureFixture
+) -> list[float]:
+    """Runs the subscription in a thread until ``stop`` is set (within 10 s) and returns
+    the pauses, in seconds, its warnings announced after failures."""
+    caplog.set_level(logging.WARNING, logger="incident.subscriptions")
+    runner = threading.Thread(target=subscription.run, args=(stop,), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive()
+    return [float(m) for m in re.findall(r"trying again in ([\d.]+)s", caplog.text)]
+
+
 def test_a_step_that_works_resets_the_outage_backoff(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -35,12 +48,7 @@ def test_a_step_that_works_resets_the_outage_backoff(
         return 0
 
     monkeypatch.setattr(subscription, "step", step)
-    caplog.set_level(logging.WARNING, logger="incident.subscriptions")
-    runner = threading.Thread(target=subscription.run, args=(stop,), daemon=True)
-    runner.start()
-    runner.join(10)
-    assert not runner.is_alive()
-    pauses = [float(m) for m in re.findall(r"trying again in ([\d.]+)s", caplog.text)]
+    pauses = pauses_of_a_run(subscription, stop, caplog)
     assert pauses == [0.01, 0.02, 0.04, 0.08, 0.01]
 
 
@@ -72,10 +80,5 @@ def test_a_lock_attempt_that_works_again_resets_the_outage_backoff(
 
     monkeypatch.setattr(subscription._lock, "acquire", failing_acquire)
     monkeypatch.setattr(subscription, "step", step)
-    caplog.set_level(logging.WARNING, logger="incident.subscriptions")
-    runner = threading.Thread(target=subscription.run, args=(stop,), daemon=True)
-    runner.start()
-    runner.join(10)
-    assert not runner.is_alive()
-    pauses = [float(m) for m in re.findall(r"trying again in ([\d.]+)s", caplog.text)]
+    pauses = pauses_of_a_run(subscription, stop, caplog)
     assert pauses == [0.01, 0.02, 0.04, 0.01]

@@ -114,6 +114,18 @@ def open_accounts(app: incident.CommandHandler, *numbers: str) -> None:
         app.dispatch(OpenAccount(aggregate_id=number))
 
 
+def held_behind_a_failure(app: incident.CommandHandler) -> tuple[Listener, Any]:
+    """A caught-up subscription of stream A: opened (#1), a deposit of 11 whose
+    listener failed (#2, parked) and one of 100 held behind it (#3)."""
+    listener = Listener()
+    subscription = subscribe(app, listener)
+    open_accounts(app, "A")
+    listener.broken_positions = {2}
+    deposits(app, ("A", 11), ("A", 100))
+    subscription.catch_up()
+    return listener, subscription
+
+
 def test_retrying_a_parked_event_never_moves_a_read_model_backwards(
     app: incident.CommandHandler,
 ) -> None:
@@ -224,12 +236,7 @@ def test_skipping_a_parked_event_lets_the_ones_behind_it_be_retried(
 ) -> None:
     """skip_parked drops one dead letter without handling it (and says so in the log);
     the events held behind it are then retried."""
-    listener = Listener()
-    subscription = subscribe(app, listener)
-    open_accounts(app, "A")  # 1
-    listener.broken_positions = {2}
-    deposits(app, ("A", 11), ("A", 100))  # 2, 3
-    subscription.catch_up()
+    listener, subscription = held_behind_a_failure(app)
     listener.calls.clear()
 
     with caplog.at_level(logging.WARNING, logger="incident.subscriptions"):
@@ -260,12 +267,7 @@ def test_a_held_stream_with_nothing_failed_ahead_is_retried_at_the_next_step(
 ) -> None:
     """If the failure a stream was held behind is gone (another process retried or
     dropped it while this one parked), the runner retries the held events itself."""
-    listener = Listener()
-    subscription = subscribe(app, listener)
-    open_accounts(app, "A")  # 1
-    listener.broken_positions = {2}
-    deposits(app, ("A", 11), ("A", 100))  # 2, 3
-    subscription.catch_up()
+    listener, subscription = held_behind_a_failure(app)
     listener.broken_positions.clear()
     # the race's outcome: #2 left the dead letters, #3 is still held behind it
     other = subscribe(new_app(app.event_store), Listener())

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from conftest import Admin, kill_backends
 from test_tables import projection_class
 
 import incident
@@ -30,7 +31,6 @@ from incident.stores.postgres.session import lock_key
 
 pytestmark = pytest.mark.postgres
 
-Admin = psycopg.Connection[tuple[Any, ...]]
 spawn = multiprocessing.get_context("spawn")
 
 
@@ -571,15 +571,6 @@ def test_a_projection_store_of_its_own_pool_still_shares_the_transaction(
 # -- lost connections --------------------------------------------------------------------
 
 
-def kill_backends(admin: Admin, application_name: str) -> int:
-    rows = admin.execute(
-        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
-        " WHERE application_name = %s AND pid <> pg_backend_pid()",
-        [application_name],
-    ).fetchall()
-    return len(rows)
-
-
 def test_a_connection_killed_mid_append_leaves_nothing_and_recovers(
     postgres_url: str, postgres_admin: Admin
 ) -> None:
@@ -602,7 +593,7 @@ def test_a_connection_killed_mid_append_leaves_nothing_and_recovers(
                     "SELECT query FROM pg_stat_activity WHERE application_name = %s", [name]
                 )
             ]
-        killed.append(kill_backends(postgres_admin, name))
+        killed.append(kill_backends(postgres_admin, name, wait=10))
         return []
 
     with pytest.raises(incident.StoreError, match="appending 3 event") as caught:
@@ -631,7 +622,7 @@ def test_idle_connections_the_server_dropped_are_replaced(
     name = f"idle-{uuid.uuid4().hex[:8]}"
     store = open_store(f"{postgres_url}&application_name={name}", pool_size=4)
     store.append("a", deposited(1), expected_version=0)
-    assert kill_backends(postgres_admin, name) >= 1
+    assert kill_backends(postgres_admin, name, wait=10) >= 1
     assert [r.data for r in store.get("a")] == deposited(1)
     store.append("a", deposited(2), expected_version=1)
     store.close()
@@ -1278,7 +1269,10 @@ def test_a_tail_reader_sees_every_event_once_in_order(postgres_url: str) -> None
 def test_an_unreachable_server_fails_under_ci_and_skips_elsewhere(ci: str, outcome: str) -> None:
     """CI must not pass by skipping the Postgres tests; a laptop without Postgres may."""
     root = Path(__file__).resolve().parent.parent
-    test = "tests/test_store_contract.py::test_an_empty_append_writes_nothing[postgres]"
+    test = (
+        "tests/test_store_contract.py::TestEventStores::test_an_empty_append_writes_nothing"
+        "[postgres]"
+    )
     env = {
         **os.environ,
         "CI": ci,

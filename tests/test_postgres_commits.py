@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
+from conftest import Admin, kill_backends
 
 import incident
 from incident.examples import bank
@@ -24,8 +25,6 @@ from incident.stores.postgres import PostgresEventStore
 from incident.stores.postgres import events as postgres_events
 
 pytestmark = pytest.mark.postgres
-
-Admin = psycopg.Connection[tuple[Any, ...]]
 
 
 def open_store(url: str, **options: Any) -> PostgresEventStore:
@@ -113,15 +112,6 @@ def test_a_commit_that_cannot_be_looked_up_is_commit_unknown(
     stored = store.get("a")
     assert [r.event_id for r in stored] == caught.value.event_ids  # it had committed
     store.close()
-
-
-def kill_backends(admin: Admin, application_name: str) -> int:
-    rows = admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE application_name = %s AND pid <> pg_backend_pid()",
-        [application_name],
-    ).fetchall()
-    return len(rows)
 
 
 def test_an_append_killed_before_commit_is_tried_again_and_stored_once(

@@ -217,16 +217,6 @@ def test_a_subscription_told_to_stop_stops_at_the_failing_event(store_url: str) 
     assert subscription.parked() == []
 
 
-def test_checkpoints_move_by_compare_and_set(event_store: incident.EventStore) -> None:
-    """A save that expects a checkpoint another runner has moved writes nothing."""
-    checkpoints = incident.stores.checkpoint_store_for(event_store)
-    checkpoints.save("h", 5, expected=0)
-    with pytest.raises(incident.CheckpointConflict, match="at 5, expected 0"):
-        checkpoints.save("h", 7, expected=0)
-    assert checkpoints.load("h") == 5
-    assert checkpoints.checkpoints()["h"] == 5
-
-
 def test_one_runner_per_handler(store_url: str) -> None:
     """Two runners of one handler: only the one holding the lock handles events; when it
     stops, the other takes over from the checkpoint."""

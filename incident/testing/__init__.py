@@ -19,6 +19,10 @@ Strategies generate commands that pass :func:`incident.validate_command` (or, fr
 :func:`invalid_commands`, that fail it), and :func:`aggregate_machine` turns an
 aggregate into a hypothesis ``RuleBasedStateMachine``.
 
+Stores have a test suite of their own, :mod:`incident.testing.contract`, which a store
+of yours runs by subclassing; it needs pytest, so it is imported on its own, never from
+here.
+
 See Also: :class:`Scenario`, :func:`commands`, :func:`events`, :func:`invalid_commands`,
 :func:`aggregate_machine`, :func:`diff_events`.
 """

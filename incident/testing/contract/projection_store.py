@@ -1,0 +1,128 @@
+"""The projection store contract: upserts guarded by version, and read-model columns that
+mean the same on every store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Annotated
+
+import msgspec
+import pytest
+
+from ... import errors
+from ...examples.bank import BankAccount, Transfer
+from ...messages import Projection
+from ...stores import ProjectionStore
+from .fixtures import StoreFixtures
+
+__all__ = ["ProjectionStoreContract", "Reading", "account_row"]
+
+
+class Reading(Projection):
+    """A read model with an int column and both kinds of datetime column."""
+
+    aggregate_id: str
+    count: int = 0
+    at: dt.datetime | None = None
+    wall: Annotated[dt.datetime, msgspec.Meta(tz=False)] | None = None
+    version: int = 1
+
+
+def account_row(key: str, *, version: int, balance: int) -> BankAccount:
+    """A Bank ``BankAccount`` read model row of that version and balance."""
+    return BankAccount(
+        aggregate_id=key,
+        account_number=key,
+        balance=balance,
+        version=version,
+        event_id=str(uuid.uuid4()),
+        event_date=dt.datetime.now(dt.UTC),
+    )
+
+
+class ProjectionStoreContract(StoreFixtures):
+    """What every :class:`~incident.ProjectionStore` does: upsert by key, never move a
+    read model backwards, and store exactly the column values it can give back. Its tests
+    take the ``projection_store`` fixture."""
+
+    @pytest.fixture
+    def in_tokyo(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+        """The process (TZ) and libpq session (PGTZ) time zone is Asia/Tokyo for the test,
+        not UTC. A test asks for it before its stores, which are then opened under it."""
+        monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+        monkeypatch.setenv("TZ", "Asia/Tokyo")
+        time.tzset()
+        yield
+        monkeypatch.undo()
+        time.tzset()
+
+    def test_projection_upsert_get_all(self, projection_store: ProjectionStore) -> None:
+        row = account_row("A", version=1, balance=10)
+        assert projection_store.get(BankAccount, "A") is None
+        assert projection_store.project(row) == row
+        assert projection_store.get(BankAccount, "A") == row
+        newer = account_row("A", version=2, balance=20)
+        projection_store.project(newer)
+        assert projection_store.get(BankAccount, "A") == newer
+        assert projection_store.all(BankAccount) == [newer]
+        assert projection_store.all(Transfer) == []
+
+    def test_projection_never_moves_backwards(self, projection_store: ProjectionStore) -> None:
+        """A projection of a lower version never replaces a stored newer one."""
+        projection_store.project(account_row("A", version=5, balance=50))
+        winner = projection_store.project(account_row("A", version=3, balance=30))
+        assert winner.version == 5
+        stored = projection_store.get(BankAccount, "A")
+        assert stored is not None
+        assert (stored.version, stored.balance) == (5, 50)
+
+    def test_projection_without_key_is_refused(self, projection_store: ProjectionStore) -> None:
+        class Keyless(Projection):
+            name: str
+
+        with pytest.raises(errors.IncidentError, match="aggregate_id"):
+            projection_store.project(Keyless(name="x"))
+
+    def test_read_model_integers_past_64_bits_are_refused(
+        self, projection_store: ProjectionStore
+    ) -> None:
+        """An int column holds signed 64 bits on every store: the limits come back, one
+        past either is refused with Unstorable naming the field, and nothing is written."""
+        for count in (2**63, -(2**63) - 1):
+            with pytest.raises(errors.Unstorable) as caught:
+                projection_store.project(Reading(aggregate_id="r", count=count))
+            assert caught.value.field == "count"
+        assert projection_store.get(Reading, "r") is None
+        for count in (2**63 - 1, -(2**63)):
+            projection_store.project(Reading(aggregate_id="r", count=count))
+            assert projection_store.get(Reading, "r") == Reading(aggregate_id="r", count=count)
+
+    def test_read_model_datetimes_follow_one_rule_in_any_time_zone(
+        self, in_tokyo: None, projection_store: ProjectionStore
+    ) -> None:
+        """Under a process and Postgres session zone of Asia/Tokyo, an aware datetime
+        comes back as the same instant in UTC, a naive one in a tz=False field with the
+        same wall time; a naive one where an instant is stored, or an aware one in a
+        tz=False field, is refused naming the field and what to declare."""
+        india = dt.timezone(dt.timedelta(hours=5, minutes=30))
+        for at in (
+            dt.datetime(2024, 5, 1, 7, 8, tzinfo=dt.UTC),
+            dt.datetime(2024, 5, 1, 7, 8, tzinfo=india),
+        ):
+            projection_store.project(
+                Reading(aggregate_id="r", at=at, wall=dt.datetime(2024, 5, 1, 7, 8))
+            )
+            got = projection_store.get(Reading, "r")
+            assert got is not None and got.at == at and got.at.utcoffset() == dt.timedelta(0)
+            assert got.wall == dt.datetime(2024, 5, 1, 7, 8) and got.wall.tzinfo is None
+        with pytest.raises(errors.Unstorable, match="tz=False") as caught:
+            projection_store.project(Reading(aggregate_id="r", at=dt.datetime(2024, 5, 1, 7, 8)))
+        assert caught.value.field == "at"
+        with pytest.raises(errors.Unstorable, match="tz=False") as caught:
+            projection_store.project(
+                Reading(aggregate_id="r", wall=dt.datetime(2024, 5, 1, tzinfo=india))
+            )
+        assert caught.value.field == "wall"
