@@ -9,8 +9,8 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, get_type_hints, overload
 
-from . import _fp
 from .errors import RegistrationError, Rejected, RoutingError
+from .fp import accumulate
 from .messages import Command, Event, Recorded, event_type_name
 
 __all__ = ["Aggregate"]
@@ -313,7 +313,7 @@ class Aggregate(Generic[S]):
 
     def history(self, events: Iterable[Event | Recorded[Event]]) -> Iterator[S]:
         """One state per event: the state right after each of them."""
-        states = _fp.accumulate(self.evolve, events, self.initial)
+        states = accumulate(self.evolve, events, self.initial)
         next(states)  # the initial state comes before any event
         return states
 

@@ -1,7 +1,7 @@
 """The subscription commands of ``incident``: replay, subscriptions, retry, subscribe.
 
-They run event handlers named as ``module:object``. :mod:`incident.cli` adds them to its
-group and lends them its helpers for opening stores and reporting errors.
+They run event handlers named as ``module:object``; :mod:`incident.cli` adds them to its
+group.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
 from .aggregate import Aggregate
-from .cli import console, opened_store, require_store
+from .cli_support import console, opened_store, require_store
 from .command_handler import CommandHandler
 from .event_handler import EventHandler
 from .stores import Owed, checkpoint_store_for

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._fp import groupby
 from .errors import CorruptEvent, IncidentError, StoreError
+from .fp import groupby
 from .messages import Projection, Recorded
 from .stores import CheckpointStore, EventStore, Parked, ProjectionStore
 from .stores._common import utc_now

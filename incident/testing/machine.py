@@ -104,7 +104,7 @@ def aggregate_machine(
                 tally["invalid"] += 1
                 tally["at aggregate_id"] += error.field == "aggregate_id"
                 return
-            key: str = command.aggregate_id  # type: ignore[attr-defined]
+            key: str = command.aggregate_id
             state = self.states.get(key, aggregate.initial)
             before = copy.deepcopy(state)
             try:

@@ -1,0 +1,123 @@
+"""Subscription checkpoints, dead letters and handler locks in memory, for one process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TypeVar
+
+from ...errors import CheckpointConflict
+from ...messages import Projection
+from ..protocols import (
+    Parked,
+    ProjectionStore,
+)
+from .projections import MemoryProjectionStore
+
+__all__ = ["MemoryCheckpointStore", "MemoryHandlerLock"]
+
+P = TypeVar("P", bound=Projection)
+
+
+class MemoryHandlerLock:
+    """A per-handler lock shared by everything that uses one MemoryCheckpointStore."""
+
+    def __init__(self, handler: str, lock: threading.Lock) -> None:
+        self.handler = handler
+        self._lock = lock
+        self._held = False
+
+    def __repr__(self) -> str:
+        return f"MemoryHandlerLock({self.handler!r}, held={self._held})"
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if self._held:
+            return True
+        if timeout is None:
+            self._held = self._lock.acquire()
+        elif timeout <= 0:
+            self._held = self._lock.acquire(blocking=False)
+        else:
+            self._held = self._lock.acquire(timeout=timeout)
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def held(self) -> bool:
+        return self._held
+
+
+class MemoryCheckpointStore:
+    """Checkpoints, dead letters and handler locks in dicts, for one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._positions: dict[str, int] = {}
+        self._parked: dict[tuple[str, int], Parked] = {}
+        self._handler_locks: dict[str, threading.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryCheckpointStore({self._positions})"
+
+    def load(self, handler: str) -> int:
+        with self._lock:
+            return self._positions.get(handler, 0)
+
+    def save(
+        self,
+        handler: str,
+        position: int,
+        *,
+        expected: int,
+        projections: Sequence[Projection] = (),
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        with self._lock:
+            actual = self._positions.get(handler, 0)
+            if actual != expected:
+                raise CheckpointConflict(handler, expected, actual)
+            if projections and projection_store is not None:
+                if isinstance(projection_store, MemoryProjectionStore):
+                    projection_store.project_many(projections)
+                else:
+                    for projection in projections:
+                        projection_store.project(projection)
+            self._positions[handler] = position
+
+    def reset(self, handler: str, position: int = 0) -> None:
+        with self._lock:
+            self._positions[handler] = position
+
+    def checkpoints(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._positions)
+
+    def park(self, parked: Parked) -> None:
+        with self._lock:
+            self._parked[parked.handler, parked.position] = parked
+
+    def parked(self, handler: str | None = None) -> list[Parked]:
+        with self._lock:
+            found = [p for p in self._parked.values() if handler in (None, p.handler)]
+        return sorted(found, key=lambda p: (p.handler, p.position))
+
+    def unpark(self, handler: str, position: int) -> None:
+        with self._lock:
+            self._parked.pop((handler, position), None)
+
+    def lock(self, handler: str) -> MemoryHandlerLock:
+        with self._lock:
+            shared = self._handler_locks.setdefault(handler, threading.Lock())
+        return MemoryHandlerLock(handler, shared)
+
+    def shares_database_with(self, projection_store: ProjectionStore) -> bool:
+        return isinstance(projection_store, MemoryProjectionStore)
+
+    def initialize(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
