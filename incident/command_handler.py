@@ -37,6 +37,7 @@ from .registration import register_event_types, routes
 from .state_cache import StateCache
 from .state_loading import StateLoader
 from .stores import (
+    AppendRequest,
     CheckpointStore,
     EventStore,
     Outcome,
@@ -296,27 +297,27 @@ class CommandHandler:
         state, version, events = self._decide(aggregate, command, trust_cache=trust_cache)
         if not events:
             return [], []
-        follow_ups: list[FollowUp] = []
-        after: list[Any] = []  # the state after the new events, as project() saw it
-        project = self._inline.projector(aggregate, aggregate_id, state, follow_ups, after)
+        request = AppendRequest(
+            aggregate_id=aggregate_id,
+            events=events,
+            expected_version=version,
+            aggregate=aggregate.name,
+            metadata=metadata,
+            idempotency_key=key,
+        )
+        project = self._inline.projector(aggregate, aggregate_id, state)
         try:
-            recorded = self.event_store.append_and_project(
-                aggregate_id,
-                events,
-                expected_version=version,
-                aggregate=aggregate.name,
-                metadata=metadata,
-                projection_store=self.projection_store,
-                project=project,
-                idempotency_key=key,
+            committed = self.event_store.commit(
+                request, projection_store=self.projection_store, project=project
             )
         except DuplicateCommand as duplicate:  # a racing twin committed first
             if duplicate.rejected is not None:
                 raise Rejected(duplicate.rejected, duplicate.detail) from None
             return duplicate.recorded, []  # the twin carries out what it owes
-        # cached only now that the events are committed; stores call project() inside
-        # the transaction, so the state it reached is not folded a second time
-        reached = after[0] if after else aggregate.fold(recorded, state)
+        recorded = committed.recorded
+        # cached only now that the events are committed; project() ran inside the
+        # transaction and its result is the state it reached: no second fold
+        reached, follow_ups = committed.effects.result
         self.cache.put((aggregate.name, aggregate_id), reached, recorded[-1].version)
         return recorded, follow_ups
 

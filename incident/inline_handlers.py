@@ -36,24 +36,17 @@ class InlineHandlers:
         self.handlers = tuple(handlers)
         self._route, self._snapshot = route, snapshot
 
-    def projector(
-        self,
-        aggregate: Aggregate[Any],
-        aggregate_id: str,
-        state: Any,
-        follow_ups: list[FollowUp],
-        after: list[Any],
-    ) -> ProjectFn:
+    def projector(self, aggregate: Aggregate[Any], aggregate_id: str, state: Any) -> ProjectFn:
         """What runs inside the append's transaction: the inline handlers, pure. It
         returns the projections to commit with the events and, for every handler that
         returned commands for an event, a record that it owes them (committed with the
-        events too); it collects those commands in ``follow_ups`` and leaves the state
-        after the events in ``after``."""
+        events too); its Effects' ``result`` is ``(state, follow_ups)``: the state after
+        the events and the commands owed, which the store hands back once it commits
+        (it may call this more than once: each call starts afresh)."""
         handlers, check, take_snapshot = self.handlers, self.check_reaction, self._snapshot
 
         def project(recorded: list[Recorded[Any]]) -> Effects:
-            follow_ups.clear()  # the store may call this more than once
-            after.clear()
+            follow_ups: list[FollowUp] = []
             projections: list[Projection] = []
             current = state
             for record in recorded:
@@ -72,8 +65,8 @@ class InlineHandlers:
                     snapshot = take_snapshot(aggregate, aggregate_id, current, record.version)
                     if snapshot is not None:
                         projections.append(snapshot)
-            after.append(current)
-            return Effects(projections, [owed for owed, _, _ in follow_ups])
+            owed = [owed for owed, _, _ in follow_ups]
+            return Effects(projections, owed, result=(current, follow_ups))
 
         return project
 

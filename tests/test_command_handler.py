@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 import incident
+from incident.stores import AppendRequest, Committed
 from incident.stores.memory import MemoryEventStore
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -299,7 +300,7 @@ def test_an_invalid_command_names_the_field_and_stores_nothing(
 
 
 class AlwaysConflicts:
-    """Wraps a store; every append_and_project raises ConcurrencyError and writes nothing."""
+    """Wraps a store; every commit raises ConcurrencyError and writes nothing."""
 
     def __init__(self, inner: MemoryEventStore) -> None:
         self.inner = inner
@@ -308,11 +309,10 @@ class AlwaysConflicts:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def append_and_project(
-        self, aggregate_id: str, events: Any, *, expected_version: Any, **options: Any
-    ) -> list[incident.Recorded[Any]]:
+    def commit(self, request: AppendRequest, **options: Any) -> Committed:
         self.calls += 1
-        raise incident.ConcurrencyError(aggregate_id, expected_version, expected_version + 1)
+        version = request.expected_version
+        raise incident.ConcurrencyError(request.aggregate_id, version, version + 1)
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
@@ -354,13 +354,16 @@ class RacedOnce:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def append_and_project(self, aggregate_id: str, events: Any, **options: Any) -> Any:
+    def commit(self, request: AppendRequest, **options: Any) -> Committed:
         self.calls += 1
         if self.calls == 1:
             self.inner.append(
-                aggregate_id, [self.racing], expected_version=incident.ANY, aggregate="wallet"
+                request.aggregate_id,
+                [self.racing],
+                expected_version=incident.ANY,
+                aggregate="wallet",
             )
-        return self.inner.append_and_project(aggregate_id, events, **options)
+        return self.inner.commit(request, **options)
 
 
 def raced_app(racing: incident.Event, seen: list[tuple[str, Wallet]]) -> Any:
@@ -422,9 +425,9 @@ class OffersTurns(RacedOnce):
         finally:
             self._inside = False
 
-    def append_and_project(self, aggregate_id: str, events: Any, **options: Any) -> Any:
+    def commit(self, request: AppendRequest, **options: Any) -> Committed:
         self.in_turn.append(self._inside)
-        return super().append_and_project(aggregate_id, events, **options)
+        return super().commit(request, **options)
 
 
 def test_after_a_conflict_commands_to_the_stream_take_the_stores_turn() -> None:
@@ -713,12 +716,12 @@ class ProjectsTwice:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def append_and_project(self, aggregate_id: str, events: Any, *, project: Any, **kw: Any) -> Any:
+    def commit(self, request: AppendRequest, *, project: Any, **kw: Any) -> Committed:
         def twice(recorded: list[incident.Recorded[Any]]) -> Any:
             project(recorded)
             return project(recorded)
 
-        return self.inner.append_and_project(aggregate_id, events, project=twice, **kw)
+        return self.inner.commit(request, project=twice, **kw)
 
 
 def test_follow_ups_are_not_duplicated_when_a_store_reruns_the_handlers() -> None:
