@@ -37,7 +37,6 @@ class EventTypes:
         self._decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {}
         self._upcasters: dict[tuple[str, int], tuple[Upcaster, str | None]] = {}
         self._batch: msgspec.json.Decoder[list[Any]] | None = None
-        self._batch_names: dict[type[Event], str] = {}
         self.register(*types)
 
     def register(self, *types: type[Event], owner: str | None = None) -> None:
@@ -123,43 +122,15 @@ class EventTypes:
             f"{version}; one store reads each stored payload one way: keep one of them"
         )
 
-    def decode_batch(
-        self, payloads: list[str | None], names: list[str] | None = None
-    ) -> list[Event] | None:
-        """Decode many stored payloads in one call: one reused decoder of a JSON array of
-        the registered types' tagged union (each payload carries its tag). None when any
-        payload is not one of them, is damaged or is None: the caller then decodes row by
-        row by type name, which resolves unregistered names and says where the damage
-        is. It never upcasts, so it is only used while every registered type is at its
-        first schema version; a store passes None for a payload stored at another one.
-        ``names``, the stored type names, must each agree with the tag its payload was
-        decoded by: a payload of another type's shape is not read as that type.
-
-        >>> class Opened(Event):
-        ...     number: str
-        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'])
-        [Opened(number='A1')]
-        >>> EventTypes([Opened]).decode_batch(['{"type":"Closed"}']) is None
-        True
-        >>> EventTypes([Opened]).decode_batch(['{"type":"Opened","number":"A1"}'], ["Closed"])
-        """
-        try:
-            joined = ",".join(payloads)  # type: ignore[arg-type]  # a None raises TypeError
-        except TypeError:  # a payload stored at another schema version
-            return None
-        events = self.decode_joined(joined, len(payloads))
-        if (
-            events is not None
-            and names is not None
-            and list(map(self._batch_names.__getitem__, map(type, events))) != names
-        ):
-            return None  # a tag that disagrees with its row's type: row by row names it
-        return events
-
     def decode_joined(self, joined: str, count: int) -> list[Event] | None:
-        """:meth:`decode_batch` of payloads already joined by commas (a store that joins
-        them in SQL hands over one string instead of ``count``): the ``count`` events,
-        or None when they are not exactly ``count`` events of the registered types.
+        """Decode ``count`` stored payloads, joined by commas (a store joins them in SQL),
+        in one call: one reused decoder of a JSON array of the registered types' tagged
+        union (each payload carries its tag). None when they are not exactly ``count``
+        events of the registered types (one unknown, or damaged): the caller then decodes
+        row by row by type name, which resolves unregistered names and says where the
+        damage is. It never upcasts, so it stands aside while any registered type is past
+        its first schema version. The store checks that each payload's tag agrees with
+        its row's type name before handing them over.
 
         >>> class Opened(Event):
         ...     number: str
@@ -176,7 +147,6 @@ class EventTypes:
             except TypeError:  # types that cannot share one union (different tag fields)
                 return None
             self._batch = decoder
-            self._batch_names = {cls: name for name, cls in self._types.items()}
         try:
             events: list[Event] = decoder.decode(f"[{joined}]")
         except (msgspec.DecodeError, msgspec.ValidationError):
