@@ -31,6 +31,7 @@ from .errors import (
 )
 from .event_handler import EventHandler
 from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
+from .ids import new_uuid
 from .inline_handlers import InlineHandlers
 from .messages import Command, Recorded
 from .registration import register_event_types, routes
@@ -46,7 +47,6 @@ from .stores import (
     open_event_store,
     open_projection_store,
 )
-from .stores._common import new_uuid
 from .subscriptions import Subscription, Subscriptions
 from .turns import Turns
 

@@ -20,9 +20,9 @@ import msgspec
 
 from .errors import CorruptEvent, IncidentError, StoreError
 from .fp import groupby
+from .ids import utc_now
 from .messages import Projection, Recorded
 from .stores import CheckpointStore, EventStore, Parked, ProjectionStore
-from .stores._common import utc_now
 
 __all__ = [
     "DeadLetters",

@@ -159,7 +159,7 @@ def test_messages_can_be_defined_dynamically() -> None:
 
 
 def test_new_uuids_are_random_version_4() -> None:
-    from incident.stores._common import new_uuid
+    from incident.ids import new_uuid
 
     ids = [new_uuid() for _ in range(2_000)]
     assert len(set(ids)) == len(ids)
@@ -171,7 +171,7 @@ def test_new_uuids_are_random_version_4() -> None:
 
 def test_threads_never_share_a_uuid() -> None:
     """Ids are drawn 128 at a time; threads taking them at once still get distinct ones."""
-    from incident.stores._common import new_uuid
+    from incident.ids import new_uuid
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         batches = list(pool.map(lambda _: [new_uuid() for _ in range(3_000)], range(8)))
@@ -180,7 +180,7 @@ def test_threads_never_share_a_uuid() -> None:
 
 
 def _uuids_in_child(results: Any) -> None:
-    from incident.stores._common import new_uuid
+    from incident.ids import new_uuid
 
     results.put([new_uuid() for _ in range(50)])
 
@@ -188,7 +188,7 @@ def _uuids_in_child(results: Any) -> None:
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs os.fork")
 def test_a_forked_child_does_not_reuse_its_parents_uuids() -> None:
     """A child forked while the parent holds drawn ids draws its own."""
-    from incident.stores._common import new_uuid
+    from incident.ids import new_uuid
 
     new_uuid()  # the parent now holds ids drawn but not handed out
     context = multiprocessing.get_context("fork")

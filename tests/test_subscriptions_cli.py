@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import STORE_BACKENDS
 
 import incident
+import incident.ids
 from incident.cli import main
 from incident.examples import bank
 
@@ -56,7 +57,7 @@ def test_subscriptions_lists_checkpoints_lag_and_parked_events(durable_url: str)
             event_type="MoneyDeposited",
             error="RuntimeError: boom",
             attempts=4,
-            parked_at=incident.stores._common.utc_now(),
+            parked_at=incident.ids.utc_now(),
         )
     )
     result = CliRunner().invoke(main, ["subscriptions", durable_url, "--parked"])

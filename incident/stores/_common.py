@@ -3,10 +3,8 @@ projection keys. Backends differ only in how they persist."""
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import itertools
-import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,8 +13,8 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from .. import storable
-from .._forks import renew_in_forked_children
 from ..errors import ConcurrencyError, CorruptEvent, IncidentError, Unstorable
+from ..ids import new_uuid, utc_now
 from ..mapper import gap_in_versions
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 from .protocols import (
@@ -40,8 +38,8 @@ __all__ = [
     "event_json",
     "OWED_COLUMNS",
     "owed_from_row",
+    "owed_row",
     "metadata_json",
-    "new_uuid",
     "PARKED_COLUMNS",
     "parked_from_row",
     "newer_or_equal",
@@ -50,7 +48,6 @@ __all__ = [
     "projection_key",
     "projection_version",
     "stamp",
-    "utc_now",
 ]
 
 
@@ -164,6 +161,15 @@ def parked_from_row(row: Sequence[Any]) -> Parked:
 OWED_COLUMNS = ", ".join(Owed.__struct_fields__)
 
 
+def owed_row(owed: Owed, date: Callable[[dt.datetime], Any] = lambda when: when) -> tuple[Any, ...]:
+    """Owed work as the values of its ``OWED_COLUMNS`` row, its dates through ``date``
+    (a store that keeps dates as text passes its formatter)."""
+    return tuple(
+        date(value) if isinstance(value, dt.datetime) else value
+        for value in msgspec.structs.astuple(owed)
+    )
+
+
 def owed_from_row(row: Sequence[Any]) -> Owed:
     """Owed work from its ``OWED_COLUMNS`` row (dates as ISO text or datetimes)."""
     return msgspec.convert(dict(zip(Owed.__struct_fields__, row, strict=True)), Owed)
@@ -176,38 +182,6 @@ def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effe
         return Effects()
     effects = project(recorded)
     return effects if isinstance(effects, Effects) else Effects(list(effects))
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-# Random UUIDs made 128 at a time: one os.urandom call per 128 ids instead of one each
-# (every command makes two). deque.popleft is atomic, so threads never share an id, and
-# a forked child drops what its parent had drawn, so processes never share one either.
-_UUIDS_PER_DRAW = 128
-_drawn_uuids: collections.deque[str] = collections.deque()
-renew_in_forked_children(_drawn_uuids.clear)
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
-
-
-def _draw_uuids() -> None:
-    digits = os.urandom(16 * _UUIDS_PER_DRAW).hex()
-    _drawn_uuids.extend(
-        # the version nibble set to 4 and the variant's two bits to 10 (RFC 4122)
-        f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
-        for h in (digits[i : i + 32] for i in range(0, len(digits), 32))
-    )
-
-
-def new_uuid() -> str:
-    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` spells it, from the
-    operating system's random source like ``uuid.uuid4()``, without a UUID object."""
-    while True:  # other threads may take every id drawn here before this one does
-        try:
-            return _drawn_uuids.popleft()
-        except IndexError:
-            _draw_uuids()  # two threads may both draw: the spare ids wait for next calls
 
 
 def stamp(

@@ -25,6 +25,7 @@ from .._common import (
     effects_of,
     event_json,
     metadata_json,
+    owed_row,
     stamp,
 )
 from ..protocols import (
@@ -54,7 +55,7 @@ from .session import (
     one_sync_transaction,
     take_turn,
 )
-from .sql import event_row, owed_row
+from .sql import event_row
 
 # what an append wrote: its events, its effects, the projection types it created
 _Written = tuple[list[Recorded[Any]], Effects, list[type[Projection]]]

@@ -8,7 +8,6 @@ from typing import Any
 
 from ...messages import Event, Recorded
 from .._common import OWED_COLUMNS
-from ..protocols import Owed
 
 # how an encoded event's payload opens: the fold page query checks each row's tag by it
 PAYLOAD_OPENING = f'{{"{Event.__struct_config__.tag_field}":"'
@@ -81,20 +80,6 @@ class EventStatements:
         self.owed = f"SELECT {columns} FROM {owed} ORDER BY position, handler"
         self.owed_by = f"SELECT {columns} FROM {owed} WHERE handler = %s ORDER BY position"
         self.settle = f"DELETE FROM {owed} WHERE handler = %s AND position = %s"
-
-
-def owed_row(owed: Owed) -> list[Any]:
-    """The parameters of ``EventStatements.owe``, in its column order."""
-    return [
-        owed.handler,
-        owed.position,
-        owed.event_id,
-        owed.aggregate_id,
-        owed.event_type,
-        owed.error,
-        owed.attempts,
-        owed.owed_at,
-    ]
 
 
 def event_row(recorded: Recorded[Any], payload: str, metadata_text: str) -> tuple[Any, ...]:

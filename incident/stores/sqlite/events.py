@@ -25,6 +25,7 @@ from .._common import (
     event_json,
     metadata_json,
     owed_from_row,
+    owed_row,
     stamp,
 )
 from ..protocols import (
@@ -138,7 +139,7 @@ class SQLiteEventStore(EventReads, AppendVerbs):
                         if together:
                             self._db.write_projections(conn, effects.projections)
                         if effects.owed:  # in this file whatever the projection store
-                            conn.executemany(OWE, [_owed_row(o) for o in effects.owed])
+                            conn.executemany(OWE, [owed_row(o, date_text) for o in effects.owed])
             except sqlite3.IntegrityError as error:
                 if "events.aggregate_id, events.version" not in str(error):
                     raise
@@ -181,7 +182,7 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         return [owed_from_row(row) for row in rows]
 
     def owe(self, owed: Owed) -> None:
-        self._write(OWE, _owed_row(owed))
+        self._write(OWE, owed_row(owed, date_text))
 
     def settle(self, handler: str, position: int) -> None:
         self._write(SETTLE, (handler, position))
@@ -232,19 +233,6 @@ class SQLiteEventStore(EventReads, AppendVerbs):
     def close(self) -> None:
         """Close the database (its projection store shares it)."""
         self._db.close()
-
-
-def _owed_row(owed: Owed) -> tuple[Any, ...]:
-    return (
-        owed.handler,
-        owed.position,
-        owed.event_id,
-        owed.aggregate_id,
-        owed.event_type,
-        owed.error,
-        owed.attempts,
-        date_text(owed.owed_at),
-    )
 
 
 def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
