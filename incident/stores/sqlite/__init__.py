@@ -13,6 +13,8 @@ How it stays correct:
 - When the projection store is the same file, a command's events and the projections its
   inline handlers return are written in the same transaction: one commit, one fsync.
 - Each thread gets its own connection, so readers never wait for each other (WAL).
+- Threads appending at the same time share one transaction and one fsync (group
+  commit), each append in its own savepoint, acknowledged once the commit returned.
 
 Durability: the file is in WAL mode with ``synchronous=FULL`` by default, so a command
 that returned is on disk even if the machine loses power right after. ``synchronous=
@@ -28,6 +30,7 @@ The package, one concern a module, each importing only those listed before it:
 - ``migrations``: the layout and the steps that bring older files to it
 - ``projection_tables``: how a Projection type becomes a table
 - ``database``: connections, write transactions, driver errors (shared by the stores)
+- ``group_commit``: concurrent appends sharing one transaction
 - ``projections``: the projection store
 - ``checkpoints``: subscription checkpoints, parked events, handler locks
 - ``reading``: streams, the log and the fold's batches

@@ -25,7 +25,7 @@ from ..tables import TableOwners
 from .migrations import SCHEMA_VERSION, schema_version, upgrade
 from .projection_tables import ProjectionTable
 
-__all__ = ["MEMORY", "Database", "WriteTransaction", "sqlite_path"]
+__all__ = ["MEMORY", "Database", "Savepoint", "WriteTransaction", "sqlite_path"]
 
 MEMORY = ":memory:"
 
@@ -166,6 +166,11 @@ class Database:
         write lock from its first statement, committed at the end or rolled back."""
         return WriteTransaction(self)
 
+    def savepoint(self, conn: sqlite3.Connection) -> Savepoint:
+        """``with database.savepoint(conn)``, inside a write transaction on ``conn``: what
+        the block writes is undone alone if it raises (group commit: one append)."""
+        return Savepoint(self, conn)
+
     def forget_tables(self, changed: list[str]) -> None:
         """Tables created or altered in a transaction that failed are undone: forget them
         before the lock is released, so the next writer makes them again."""
@@ -300,3 +305,47 @@ class WriteTransaction:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._db._discard(self._conn)  # unusable now: the next use reconnects
+
+
+class Savepoint:
+    """SAVEPOINT ... RELEASE inside a WriteTransaction, or on an exception ROLLBACK TO
+    and RELEASE, which undoes the block's writes alone and forgets the projection tables
+    it made (they are gone with it, so the next writer makes them again). When the
+    savepoint cannot be closed, the whole transaction is rolled back (if it can be)
+    rather than left holding writes whose caller is told they failed. ``closed`` says
+    whether the block ended cleanly, kept or undone; when it is false the transaction
+    must not commit (SQLite may also have rolled it all back by itself: a full disk)."""
+
+    __slots__ = ("_conn", "_db", "_mark", "closed")
+
+    def __init__(self, db: Database, conn: sqlite3.Connection) -> None:
+        self._db = db
+        self._conn = conn
+        self.closed = False
+
+    def __enter__(self) -> None:
+        self._conn.execute("SAVEPOINT incident_append")
+        self._mark = len(self._db._local.changed_tables)
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        conn = self._conn
+        try:
+            if kind is None:
+                conn.execute("RELEASE incident_append")
+                self.closed = True
+                return
+            changed = self._db._local.changed_tables
+            self._db.forget_tables(changed[self._mark :])
+            del changed[self._mark :]
+            if not conn.in_transaction:
+                return  # SQLite rolled the whole transaction back itself
+            conn.execute("ROLLBACK TO incident_append")
+            conn.execute("RELEASE incident_append")
+            self.closed = True
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # not closed: the transaction's own rollback tries again
+            raise

@@ -5,7 +5,9 @@ that share its file (projections, checkpoints); its reads are
 An append takes SQLite's write lock at its first statement (``BEGIN IMMEDIATE``), reads
 the stream's version and the log's last position inside it, and writes the events, the
 command's key, its inline projections (when they are in this file) and what it owes, in
-that one transaction: one commit, one fsync.
+that one transaction. Appends made at the same time by threads of this process share
+that transaction, each in a savepoint of its own, and so one fsync
+(:mod:`incident.stores.sqlite.group_commit`, ``docs/writes.md``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ...codec import EventTypes
 from ...errors import ConcurrencyError, DuplicateCommand, IncidentError
+from ...messages import Event
 from .._common import (
     AppendVerbs,
     check_expected_version,
@@ -39,11 +42,13 @@ from ..protocols import (
 )
 from .checkpoints import SQLiteCheckpointStore
 from .database import Database, sqlite_path
+from .group_commit import GroupCommit
 from .projections import SQLiteProjectionStore, writes_into
 from .reading import EventReads
 from .sql import (
     ADD_KEY,
     ADD_REJECTION,
+    EVENT_ID_AT,
     HEAD,
     INSERT_EVENT,
     KEY_OUTCOME,
@@ -60,6 +65,28 @@ __all__ = ["SYNCHRONOUS", "SQLiteEventStore", "open_sqlite"]
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
+class _Append:
+    """One append checked and encoded, waiting for its transaction: what the writer
+    (this caller's thread, or the leader of a shared commit) needs to write it."""
+
+    __slots__ = ("events", "metadata_text", "payloads", "project", "request", "together")
+
+    def __init__(
+        self,
+        request: AppendRequest,
+        events: list[Event],
+        payloads: list[tuple[str, int]],
+        metadata_text: str,
+        project: ProjectFn | None,
+    ) -> None:
+        self.request = request
+        self.events = events
+        self.payloads = payloads
+        self.metadata_text = metadata_text
+        self.project = project
+        self.together = False
+
+
 class SQLiteEventStore(EventReads, AppendVerbs):
     """An event log in an SQLite file. ``projections()`` is a projection store in the same
     file; ``append_and_project`` then commits events and projections together."""
@@ -68,6 +95,10 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         self.types = types or EventTypes()
         self._db = database
         self._projections: SQLiteProjectionStore | None = None
+        #: the queue concurrent appends share commits through (see ``group_commit``)
+        self.group: GroupCommit[_Append, Committed] = GroupCommit(
+            database, self._write_append, self._landed
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteEventStore({self._db.path!r})"
@@ -85,75 +116,102 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
     ) -> Committed:
-        aggregate_id, key = request.aggregate_id, request.idempotency_key
-        batch = checked_events(aggregate_id, request.events)
+        batch = checked_events(request.aggregate_id, request.events)
         # encode before taking the lock: a bad event or metadata fails with nothing written
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
-        metadata_text = metadata_json(request.metadata)
         together = projection_store is not None and self.shares_database_with(projection_store)
-        effects = Effects()
+        append = _Append(request, batch, payloads, metadata_json(request.metadata), project)
+        append.together = together
         if not self._db.schema_ready:
             self._db.migrate()
-        try:
-            try:
-                with self._db.transaction() as conn:
-                    if key is not None:
-                        earlier = self._outcome(conn, key)
-                        if earlier is not None:
-                            raise DuplicateCommand(key, *earlier)
-                    actual, last = conn.execute(HEAD, (aggregate_id,)).fetchone()
-                    check_expected_version(aggregate_id, request.expected_version, actual)
-                    if not batch:
-                        return Committed([])
-                    recorded = stamp(
-                        aggregate_id,
-                        request.aggregate,
-                        batch,
-                        first_position=last + 1,
-                        first_version=actual + 1,
-                        metadata=request.metadata,
-                    )
-                    date = date_text(recorded[0].event_date)
-                    conn.executemany(
-                        INSERT_EVENT,
-                        [
-                            (
-                                r.position,
-                                r.event_id,
-                                r.aggregate_id,
-                                r.aggregate,
-                                r.version,
-                                r.event_type,
-                                schema_version,
-                                date,
-                                data,
-                                metadata_text,
-                            )
-                            for r, (data, schema_version) in zip(recorded, payloads, strict=True)
-                        ],
-                    )
-                    if key is not None:
-                        conn.execute(ADD_KEY, (key, recorded[0].position, recorded[-1].position))
-                    if project is not None:
-                        effects = effects_of(project, recorded)
-                        if together:
-                            self._db.write_projections(conn, effects.projections)
-                        if effects.owed:  # in this file whatever the projection store
-                            conn.executemany(OWE, [owed_row(o, date_text) for o in effects.owed])
-            except sqlite3.IntegrityError as error:
-                if "events.aggregate_id, events.version" not in str(error):
-                    raise
-                # only a writer that skipped BEGIN IMMEDIATE could get here; same meaning
-                raise ConcurrencyError(
-                    aggregate_id, request.expected_version, self.version(aggregate_id)
-                ) from error
-        except sqlite3.Error as error:  # what errors() does, without a context per append
-            raise self._db.store_error(error) from error
+        if self._db.in_memory:
+            # no fsync to share, and a reader on this thread may hold the one
+            # connection's guard: the append runs here, alone, as it always has
+            committed = self._commit_alone(append)
+        else:
+            committed = self.group.commit(append, len(batch))
         if projection_store is not None and not together:
             # another database: the events are committed, the projections follow
-            for projection in effects.projections:
+            for projection in committed.effects.projections:
                 projection_store.project(projection)
+        return committed
+
+    def _commit_alone(self, append: _Append) -> Committed:
+        try:
+            with self._db.transaction() as conn:
+                return self._write_append(conn, append)
+        except sqlite3.Error as error:  # what errors() does, without a context per append
+            raise self._db.store_error(error) from error
+
+    def _write_append(self, conn: sqlite3.Connection, append: _Append) -> Committed:
+        """One append inside the open write transaction (a savepoint of it when its commit
+        is shared): key, heads, version check, events, key row, projections, owed."""
+        request = append.request
+        aggregate_id, key = request.aggregate_id, request.idempotency_key
+        if key is not None:
+            earlier = self._outcome(conn, key)
+            if earlier is not None:
+                raise DuplicateCommand(key, *earlier)
+        actual, last = conn.execute(HEAD, (aggregate_id,)).fetchone()
+        check_expected_version(aggregate_id, request.expected_version, actual)
+        if not append.events:
+            return Committed([])
+        recorded = stamp(
+            aggregate_id,
+            request.aggregate,
+            append.events,
+            first_position=last + 1,
+            first_version=actual + 1,
+            metadata=request.metadata,
+        )
+        date = date_text(recorded[0].event_date)
+        metadata_text = append.metadata_text
+        try:
+            conn.executemany(
+                INSERT_EVENT,
+                [
+                    (
+                        r.position,
+                        r.event_id,
+                        r.aggregate_id,
+                        r.aggregate,
+                        r.version,
+                        r.event_type,
+                        schema_version,
+                        date,
+                        data,
+                        metadata_text,
+                    )
+                    for r, (data, schema_version) in zip(recorded, append.payloads, strict=True)
+                ],
+            )
+        except sqlite3.IntegrityError as error:
+            if "events.aggregate_id, events.version" not in str(error):
+                raise
+            # only a writer that skipped BEGIN IMMEDIATE could get here; same meaning
+            now = conn.execute(HEAD, (aggregate_id,)).fetchone()[0]
+            raise ConcurrencyError(aggregate_id, request.expected_version, now) from error
+        if key is not None:
+            conn.execute(ADD_KEY, (key, recorded[0].position, recorded[-1].position))
+        effects = Effects()
+        if append.project is not None:
+            effects = effects_of(append.project, recorded)
+            if append.together:
+                self._db.write_projections(conn, effects.projections)
+            if effects.owed:  # in this file whatever the projection store
+                conn.executemany(OWE, [owed_row(o, date_text) for o in effects.owed])
         return Committed(recorded, effects)
+
+    @staticmethod
+    def _landed(conn: sqlite3.Connection, written: list[Committed]) -> bool:
+        """Whether appends written in a transaction whose end went unseen are in the log:
+        their events' ids are random, so finding the first one at its position says so."""
+        for committed in written:
+            if committed.recorded:
+                first = committed.recorded[0]
+                found = conn.execute(EVENT_ID_AT, (first.position,)).fetchone()
+                return found is not None and found[0] == first.event_id
+        return False
 
     def _outcome(self, conn: sqlite3.Connection, key: str) -> Outcome | None:
         found = conn.execute(KEY_OUTCOME, (key,)).fetchone()

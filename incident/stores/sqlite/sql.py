@@ -107,6 +107,7 @@ PAYLOADS = (
 LOG_AFTER = (
     f"SELECT {ENVELOPE}, aggregate_id FROM events WHERE position > ? ORDER BY position LIMIT ?"
 )
+EVENT_ID_AT = "SELECT event_id FROM events WHERE position = ?"
 LOG_BETWEEN = f"SELECT {ENVELOPE}, aggregate_id FROM events WHERE position BETWEEN ? AND ?"
 
 # -- idempotency keys and owed follow-ups -----------------------------------------------

@@ -1,0 +1,246 @@
+"""Group commit: concurrent appends to one SQLite file share one transaction, so one
+fsync makes a whole batch of commands durable.
+
+A combining writer, no writer thread. A caller whose append finds no batch in flight
+becomes the *leader* and writes on its own thread, with its own connection; one that
+finds a batch in flight queues and waits. When the leader's transaction is over, it
+wakes the callers of its batch with their own outcomes and hands the lead to the first
+caller still queued, which takes everything queued since (up to a bound) as the next
+batch. So while one batch waits for its fsync the next one gathers, and a writer alone
+runs exactly as it would without any of this: on its own thread, in a transaction of
+its own, without a savepoint.
+
+Inside a batch of several, each append runs in its own ``SAVEPOINT``: its error (a
+conflict, a duplicate key, an exception from ``project``, a row that cannot be stored)
+rolls back that append alone and goes to its caller alone, and the others go on. Then
+one ``COMMIT``; only once it has returned is anyone woken, so an acknowledged append is
+durable. When ``BEGIN`` or ``COMMIT`` fails, or SQLite rolls the whole transaction back
+itself (a full disk, an I/O error), nothing of the batch was written and every caller
+of the batch gets the error. ``docs/writes.md`` says why ordering and gapless positions
+hold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from ..._forks import renew_in_forked_children
+from .database import Database
+
+__all__ = ["MAX_BATCH_EVENTS", "MAX_BATCH_REQUESTS", "GroupCommit"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: bounds on one batch (its first append is taken whatever its size): a batch holds the
+#: write lock, and its callers' acknowledgements, for as long as it takes to write it
+MAX_BATCH_REQUESTS = 64
+MAX_BATCH_EVENTS = 4096
+
+# where a caller's append is; every change happens under GroupCommit._mutex
+_QUEUED = 0  # waiting in the queue
+_LEADS = 1  # first in the queue and handed the lead: it takes the next batch
+_TAKEN = 2  # in a batch a leader is writing
+_DONE = 3  # its outcome is final (the batch's transaction is over)
+
+
+class _Ticket(Generic[T, R]):
+    """One caller's append, its place in the queue and, once its batch is over, its
+    outcome. A follower sleeps on ``wake`` (a lock taken at creation), released once:
+    when its outcome is final, or when it is handed the lead."""
+
+    __slots__ = ("error", "item", "result", "size", "state", "wake")
+
+    def __init__(self, item: T, size: int) -> None:
+        self.item = item
+        self.size = size
+        self.state = _QUEUED
+        self.wake: Any = None  # threading.Lock, for a follower only
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> R:
+        error = self.error
+        if error is not None:
+            self.error = None  # no cycle through the traceback
+            raise error
+        return self.result  # type: ignore[return-value]  # set whenever error is not
+
+
+class GroupCommit(Generic[T, R]):
+    """Commits the appends of concurrent callers on one database together (see the
+    module). ``write(conn, item)`` writes one append inside the open transaction and
+    returns its outcome; it may raise, which undoes that append alone. ``landed(conn,
+    outcomes)`` says whether the appends that were written are in the log now: it settles
+    the one case where a batch's fate is not known from the call itself (its leader
+    interrupted around ``COMMIT``).
+
+    ``transactions`` and ``appends`` count what has been committed through it, so a
+    test or a benchmark can tell how many appends shared each commit."""
+
+    def __init__(
+        self,
+        db: Database,
+        write: Callable[[sqlite3.Connection, T], R],
+        landed: Callable[[sqlite3.Connection, list[R]], bool],
+        *,
+        max_requests: int = MAX_BATCH_REQUESTS,
+        max_events: int = MAX_BATCH_EVENTS,
+    ) -> None:
+        self._db = db
+        self._write = write
+        self._landed = landed
+        self.max_requests = max_requests
+        self.max_events = max_events
+        self.transactions = 0
+        self.appends = 0
+        self._renew()
+        renew_in_forked_children(self._renew)
+
+    def _renew(self) -> None:
+        """A fresh queue (also in a forked child: a parent's thread may have been
+        leading, and the child has no such thread to finish the batch or hand on)."""
+        self._mutex = threading.Lock()
+        self._queue: deque[_Ticket[T, R]] = deque()
+        self._busy = False  # a leader is writing, or has been handed the lead
+
+    @property
+    def queued(self) -> int:
+        """How many appends wait for a leader to take them (a batch in flight excluded)."""
+        with self._mutex:
+            return sum(1 for ticket in self._queue if ticket.state != _TAKEN)
+
+    def commit(self, item: T, size: int = 1) -> R:
+        """Write ``item`` (``size`` events) in the next commit and return its outcome
+        once that commit is durable, or raise its own error (or the batch's)."""
+        ticket: _Ticket[T, R] = _Ticket(item, size)
+        with self._mutex:
+            follower = self._busy
+            if follower:
+                ticket.wake = threading.Lock()
+                ticket.wake.acquire()
+            self._busy = True
+            self._queue.append(ticket)
+        if follower:
+            try:
+                ticket.wake.acquire()
+            except BaseException:
+                self._abandon(ticket)
+                raise
+            if ticket.state == _DONE:
+                return ticket.outcome()
+        self._lead(ticket)
+        return ticket.outcome()
+
+    def _abandon(self, ticket: _Ticket[T, R]) -> None:
+        """A follower interrupted while waiting (KeyboardInterrupt, say): an append not
+        yet taken leaves the queue unwritten, and a lead it was handed goes on to the
+        next caller. One already taken is written or not with its batch; no one is told."""
+        with self._mutex:
+            if ticket.state in (_QUEUED, _LEADS):
+                self._queue.remove(ticket)
+                if ticket.state == _LEADS:
+                    self._hand_on()
+            ticket.state = _DONE
+
+    def _hand_on(self) -> None:
+        """Under the mutex, the lead passes to the first caller queued, or lapses."""
+        if self._queue:
+            first = self._queue[0]
+            first.state = _LEADS
+            first.wake.release()
+        else:
+            self._busy = False
+
+    def _lead(self, ticket: _Ticket[T, R]) -> None:
+        with self._mutex:
+            # the leader's own append is first in the queue: a caller that found no
+            # batch in flight found the queue empty, and the lead goes to the first
+            batch = [self._queue.popleft()]
+            events = batch[0].size
+            while self._queue and len(batch) < self.max_requests:
+                events += self._queue[0].size
+                if events > self.max_events:
+                    break
+                batch.append(self._queue.popleft())
+            for taken in batch:
+                taken.state = _TAKEN
+        assert batch[0] is ticket
+        try:
+            self._run(batch)
+        finally:
+            with self._mutex:
+                if ticket.state != _DONE:
+                    # interrupted (KeyboardInterrupt, say) before every outcome was
+                    # known: if the batch is not in the log, the others go back, first
+                    # in line, for the next leader; this caller's own append leaves
+                    # with its interruption
+                    if not self._in_log(batch):
+                        for other in reversed(batch[1:]):
+                            other.state = _QUEUED
+                            other.result = other.error = None
+                            self._queue.appendleft(other)
+                        batch = [ticket]
+                    for done in batch:
+                        done.state = _DONE
+                self._hand_on()
+            for done in batch[1:]:
+                done.wake.release()
+
+    def _in_log(self, batch: list[_Ticket[T, R]]) -> bool:
+        """After an interruption: whether the batch committed (the interruption came
+        once COMMIT had returned), read back from the log; the transaction is over
+        either way, so the batch is in the log whole or not at all."""
+        written = [t.result for t in batch if t.error is None and t.result is not None]
+        if not written:
+            return False
+        try:
+            with self._db.guard:
+                return self._landed(self._db.conn(), written)
+        except sqlite3.Error as error:
+            # the log cannot say: the others get an error rather than a second write
+            for ticket in batch[1:]:
+                ticket.error = self._own(error)
+            return True
+
+    def _run(self, batch: list[_Ticket[T, R]]) -> None:
+        """One transaction for the batch; every ticket ends with its outcome."""
+        db, write = self._db, self._write
+        try:
+            with db.transaction() as conn:
+                if len(batch) == 1:  # alone: no savepoint, its error undoes the transaction
+                    batch[0].result = write(conn, batch[0].item)
+                else:
+                    for ticket in batch:
+                        savepoint = db.savepoint(conn)
+                        try:
+                            with savepoint:
+                                ticket.result = write(conn, ticket.item)
+                        except Exception as error:
+                            if not (savepoint.closed and conn.in_transaction):
+                                raise  # the transaction is gone or must not commit
+                            ticket.result = None
+                            ticket.error = self._own(error)
+        except Exception as error:
+            # BEGIN or COMMIT failed, or the transaction is gone: nothing was written
+            for ticket in batch:
+                ticket.result = None
+                ticket.error = self._own(error)
+        else:
+            self.transactions += 1
+            self.appends += sum(1 for ticket in batch if ticket.error is None)
+        for ticket in batch:
+            ticket.state = _DONE
+
+    def _own(self, error: Exception) -> Exception:
+        """The error as its caller sees it: a driver error becomes a StoreError naming
+        the file, a new one for each caller (each raises it on its own thread)."""
+        if not isinstance(error, sqlite3.Error):
+            return error
+        translated = self._db.store_error(error)
+        translated.__cause__ = error
+        return translated
