@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -344,8 +344,7 @@ class Savepoint:
             self.closed = True
         except BaseException:
             if conn.in_transaction:
-                try:
+                # should this fail too, the transaction's own rollback tries again
+                with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # not closed: the transaction's own rollback tries again
             raise
