@@ -1,0 +1,441 @@
+"""Group commit on SQLite: concurrent appends share one transaction and one fsync, and
+each keeps its own outcome (incident.stores.sqlite.group_commit, docs/writes.md).
+
+A batch is forced by holding a first append inside its ``project`` while the others
+queue behind it; the connections count their COMMITs, so these tests fail if grouping
+silently stops happening. Nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, WithdrawMoney
+from incident.stores.protocols import AppendRequest, Committed
+from incident.stores.sqlite import SQLiteEventStore, open_sqlite
+
+# -- a connection that counts its COMMITs and can be made to fail ----------------------
+
+
+class Faults:
+    """What the counting connections do: record every COMMIT (by thread), fail the
+    COMMITs numbered in ``fail_commits``, and on writing into table ``full_table`` act as
+    SQLite does on a full disk (roll the whole transaction back and raise)."""
+
+    def __init__(self) -> None:
+        self.commits: list[str] = []
+        self.fail_commits: set[int] = set()
+        self.full_table: str | None = None
+        self.lock = threading.Lock()
+
+
+FAULTS = Faults()
+
+
+class CountingConnection(sqlite3.Connection):
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            with FAULTS.lock:
+                FAULTS.commits.append(threading.current_thread().name)
+                number = len(FAULTS.commits)
+            if number in FAULTS.fail_commits:
+                raise sqlite3.OperationalError("disk I/O error (simulated)")
+        elif FAULTS.full_table is not None and f'"{FAULTS.full_table}"' in sql:
+            super().execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full (simulated)")
+        return super().execute(sql, parameters)
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
+    """Every connection the stores open from here on is a CountingConnection."""
+    original = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return original(*args, **kwargs, factory=CountingConnection)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    FAULTS.__init__()  # type: ignore[misc]
+    yield FAULTS
+    FAULTS.__init__()  # type: ignore[misc]
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'group.db'}"
+
+
+def deposit(aggregate_id: str, expected: object = 0, key: str | None = None) -> AppendRequest:
+    return AppendRequest(
+        aggregate_id=aggregate_id,
+        events=[MoneyDeposited(amount=1)],
+        expected_version=expected,
+        aggregate="bank_account",
+        idempotency_key=key,
+    )
+
+
+def account(recorded: Sequence[incident.Recorded[Any]]) -> list[incident.Projection]:
+    last = recorded[-1]
+    return [
+        BankAccount(
+            aggregate_id=last.aggregate_id,
+            account_number=last.aggregate_id,
+            balance=last.version,
+            version=last.version,
+            event_id=last.event_id,
+            event_date=last.event_date,
+        )
+    ]
+
+
+Outcome = Committed | BaseException
+
+
+class Batch:
+    """Holds a first append (the leader) inside its ``project`` until the appends given
+    to :meth:`queue` wait behind it, then lets it go: they are the next batch, written
+    in one transaction by the first of them."""
+
+    def __init__(self, store: SQLiteEventStore) -> None:
+        self.store = store
+        self.outcomes: dict[str, Outcome] = {}
+        self.threads: list[threading.Thread] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+        def hold(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+            self.entered.set()
+            assert self.release.wait(10)
+            return account(recorded)
+
+        self._start("leader", deposit("leader"), hold)
+        assert self.entered.wait(10)
+
+    def _start(self, name: str, request: AppendRequest, project: Any) -> None:
+        def run() -> None:
+            try:
+                self.outcomes[name] = self.store.commit(
+                    request, projection_store=self.store.projections(), project=project
+                )
+            except BaseException as error:
+                self.outcomes[name] = error
+
+        thread = threading.Thread(target=run, name=name)
+        self.threads.append(thread)
+        thread.start()
+
+    def queue(self, appends: dict[str, tuple[AppendRequest, Any]]) -> dict[str, Outcome]:
+        for queued, (name, (request, project)) in enumerate(appends.items(), 1):
+            self._start(name, request, project)
+            wait_until(lambda q=queued: self.store.group.queued == q)
+        self.release.set()
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive()
+        return self.outcomes
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def log(store: SQLiteEventStore) -> list[tuple[int, str]]:
+    return [(r.position, r.aggregate_id) for r in store.read_all()]
+
+
+def ready(url: str) -> SQLiteEventStore:
+    """A store whose tables (and the BankAccount table) exist already."""
+    store = open_sqlite(url)
+    store.commit(deposit("setup"), projection_store=store.projections(), project=account)
+    return store
+
+
+# -- one batch, several outcomes ---------------------------------------------------------
+
+
+def test_each_append_of_a_shared_commit_gets_its_own_outcome(url: str, faults: Faults) -> None:
+    """The appends queued behind a busy leader share one COMMIT; an append whose project
+    raises, whose expected version is stale or whose key was used gets its own error and
+    writes nothing, and the others of the batch commit, gapless, in queue order."""
+    store = ready(url)
+    store.commit(deposit("keyed", key="k1"), projection_store=store.projections(), project=account)
+    faults.commits.clear()
+    transactions = store.group.transactions
+
+    def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise ValueError("a bug in an inline handler")
+
+    outcomes = Batch(store).queue(
+        {
+            "first": (deposit("first"), account),
+            "raises": (deposit("raises"), broken),
+            "stale": (deposit("setup", expected=0), account),  # setup is at version 1
+            "duplicate": (deposit("dup", key="k1"), account),
+            "last": (deposit("last"), account),
+        }
+    )
+    assert faults.commits == ["leader", "first"]  # the leader's, then the batch's one
+    assert store.group.transactions - transactions == 2
+    assert isinstance(outcomes["raises"], ValueError)
+    assert isinstance(outcomes["stale"], incident.ConcurrencyError)
+    assert isinstance(outcomes["duplicate"], incident.DuplicateCommand)
+    assert [p for p, _ in log(store)] == list(range(1, 6))
+    assert log(store)[2:] == [(3, "leader"), (4, "first"), (5, "last")]
+    for name in ("first", "last"):
+        committed = outcomes[name]
+        assert isinstance(committed, Committed)
+        assert committed.recorded == store.get(name)
+        row = store.projections().get(BankAccount, name)
+        assert row is not None and row.event_id == committed.recorded[0].event_id
+    for name in ("raises", "dup"):
+        assert store.get(name) == []
+        assert store.projections().get(BankAccount, name) is None
+    assert store.version("setup") == 1
+
+
+def test_a_projection_table_undone_with_its_savepoint_is_made_again(
+    url: str, faults: Faults
+) -> None:
+    """An append that created a projection table and then failed takes the table with it;
+    the next append of the same batch that needs the table creates it again."""
+
+    class Fresh(incident.Projection):
+        aggregate_id: str
+
+    class Misfit(incident.Projection):
+        aggregate_id: str
+
+    store = ready(url)
+    with store._db.transaction() as conn:
+        conn.execute("CREATE TABLE misfit (aggregate_id TEXT)")  # no key: refuses upserts
+    outcomes = Batch(store).queue(
+        {
+            "fails": (
+                deposit("a"),
+                lambda recorded: [Fresh(aggregate_id="a"), Misfit(aggregate_id="a")],
+            ),
+            "needs": (deposit("b"), lambda recorded: [Fresh(aggregate_id="b")]),
+        }
+    )
+    assert isinstance(outcomes["fails"], incident.IncidentError)
+    assert isinstance(outcomes["needs"], Committed)
+    assert store.projections().all(Fresh) == [Fresh(aggregate_id="b")]
+    assert faults.commits[-1] == "fails"  # the batch's leader, which wrote "needs" too
+
+
+def test_a_failing_commit_fails_every_caller_of_the_batch(url: str, faults: Faults) -> None:
+    """When the batch's COMMIT fails, nothing of it was written and each caller gets a
+    StoreError of its own; the store goes on, with gapless positions."""
+    store = ready(url)
+    faults.commits.clear()
+    faults.fail_commits = {2}  # the leader's commits, then the batch's fails
+    outcomes = Batch(store).queue({name: (deposit(name), account) for name in ("a", "b", "c")})
+    assert faults.commits == ["leader", "a"]
+    assert isinstance(outcomes["leader"], Committed)
+    errors = [outcomes[name] for name in ("a", "b", "c")]
+    assert all(isinstance(e, incident.StoreError) for e in errors)
+    assert len({id(e) for e in errors}) == 3  # one each: each raises it on its own thread
+    assert "disk I/O error" in str(errors[0])
+    assert log(store) == [(1, "setup"), (2, "leader")]
+    assert store.projections().get(BankAccount, "a") is None
+    store.commit(deposit("after"), projection_store=store.projections(), project=account)
+    assert log(store)[-1] == (3, "after")
+
+
+def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults: Faults) -> None:
+    """A full disk makes SQLite roll the whole transaction back in the middle of a batch:
+    the appends written before it are gone too, so every caller gets the error."""
+
+    class Doomed(incident.Projection):
+        aggregate_id: str
+
+    store = ready(url)
+    faults.full_table = "doomed"
+    outcomes = Batch(store).queue(
+        {
+            "before": (deposit("before"), account),
+            "full": (deposit("full"), lambda recorded: [Doomed(aggregate_id="full")]),
+            "after": (deposit("after"), account),
+        }
+    )
+    faults.full_table = None
+    for name in ("before", "full", "after"):
+        assert isinstance(outcomes[name], incident.StoreError), name
+        assert "disk is full" in str(outcomes[name])
+    assert log(store) == [(1, "setup"), (2, "leader")]
+    store.commit(deposit("later"), projection_store=store.projections(), project=account)
+    assert log(store)[-1] == (3, "later")
+
+
+def test_a_lone_writer_commits_on_its_own_thread_without_a_savepoint(url: str) -> None:
+    """No concurrency, no change: the caller's own connection runs BEGIN IMMEDIATE, the
+    append and COMMIT, with no savepoint and no other thread."""
+    store = ready(url)
+    statements: list[str] = []
+    conn = store._db.conn()
+    conn.set_trace_callback(statements.append)
+    store.commit(deposit("alone"), projection_store=store.projections(), project=account)
+    conn.set_trace_callback(None)
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+    assert not any("SAVEPOINT" in s for s in statements)
+
+
+def test_an_in_memory_database_commits_alone() -> None:
+    """``sqlite://`` has one connection and no fsync to share: appends do not queue."""
+    store = open_sqlite("sqlite://")
+    store.commit(deposit("a"), projection_store=store.projections(), project=account)
+    assert store.group.transactions == 0
+    assert [r.aggregate_id for r in store.read_all()] == ["a"]
+
+
+# -- a follower interrupted while it waits -----------------------------------------------
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def test_an_interrupted_follower_writes_nothing_and_the_queue_goes_on(url: str) -> None:
+    """A follower interrupted (here by a signal, as Ctrl-C would) before a leader took its
+    append leaves the queue: nothing of it is written, the lead passes on, and the
+    appends queued behind it commit."""
+    store = ready(url)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        batch = Batch(store)
+        killer = threading.Thread(
+            target=lambda: (
+                wait_until(lambda: store.group.queued == 1),
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1),
+            )
+        )
+        killer.start()
+        with pytest.raises(Interrupted):
+            store.commit(deposit("main"), projection_store=store.projections(), project=account)
+        killer.join()
+        outcomes = batch.queue({"behind": (deposit("behind"), account)})
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert isinstance(outcomes["leader"], Committed)
+    assert isinstance(outcomes["behind"], Committed)
+    assert log(store) == [(1, "setup"), (2, "leader"), (3, "behind")]
+    store.commit(deposit("next"), projection_store=store.projections(), project=account)
+    assert store.group.queued == 0 and log(store)[-1] == (4, "next")
+
+
+# -- many threads, one handler ---------------------------------------------------------------
+
+
+def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url: str) -> None:
+    """8 threads dispatch deposits and withdrawals to shared accounts and their own, with
+    stale appends and reused idempotency keys mixed in: every acknowledged command is in
+    the log exactly once, positions run 1..n, no conflicting append wrote anything, and
+    the balances are what the acknowledged commands imply. Commits were shared."""
+    app = bank.build(url, retries=100)
+    store = app.event_store
+    assert isinstance(store, SQLiteEventStore)
+    shared = ["S0", "S1", "S2"]
+    for name in shared:
+        app.dispatch(bank.OpenAccount(aggregate_id=name))
+    acknowledged: list[tuple[str, int, list[str]]] = []  # (account, +/- amount, event ids)
+    conflicts: list[str] = []
+    keyed: dict[str, list[str]] = {}
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def work(worker: int) -> None:
+        rng = random.Random(worker)
+        own = f"own-{worker}"
+        app.dispatch(bank.OpenAccount(aggregate_id=own))
+        start.wait()
+        try:
+            for n in range(60):
+                target = rng.choice([*shared, own])
+                roll = rng.random()
+                if roll < 0.1:  # stale: the stream is past version 0 for every account
+                    try:
+                        store.append(
+                            target,
+                            [MoneyDeposited(amount=777_777)],
+                            expected_version=store.version(target) - 1,
+                            aggregate="bank_account",
+                        )
+                    except incident.ConcurrencyError:
+                        with lock:
+                            conflicts.append(target)
+                    continue
+                # every fifth command is keyed, and sent by two threads at once (this
+                # one and its twin): one run is stored, and both see its events
+                key = f"k-{worker // 2}-{n}" if n % 5 == 0 else None
+                pick = random.Random(key) if key else rng
+                if key:
+                    target = pick.choice(shared)
+                amount = pick.randint(1, 9)
+                withdraw = pick.random() < 0.3
+                command: Any = (
+                    WithdrawMoney(aggregate_id=target, amount=amount)
+                    if withdraw
+                    else DepositMoney(aggregate_id=target, amount=amount)
+                )
+                try:
+                    recorded = app.dispatch(command, {"idempotency_key": key} if key else None)
+                except incident.Rejected:
+                    continue  # insufficient funds: nothing written
+                ids = [r.event_id for r in recorded]
+                with lock:
+                    if key is not None and key in keyed:
+                        assert keyed[key] == ids  # the twin's run, replayed
+                        continue
+                    if key is not None:
+                        keyed[key] = ids
+                    acknowledged.append((target, -amount if withdraw else amount, ids))
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    events = list(store.read_all())
+    assert [r.position for r in events] == list(range(1, len(events) + 1))
+    counts = Counter(r.event_id for r in events)
+    assert all(count == 1 for count in counts.values())
+    for _, _, ids in acknowledged:
+        assert all(counts[event_id] == 1 for event_id in ids)
+    assert conflicts and not any(
+        isinstance(r.data, MoneyDeposited) and r.data.amount == 777_777 for r in events
+    )
+    balances: Counter[str] = Counter()
+    for target, amount, _ in acknowledged:
+        balances[target] += amount
+    for name in [*shared, *(f"own-{w}" for w in range(8))]:
+        row = app.projection_store.get(BankAccount, name)
+        assert row is not None and row.balance == balances[name], name
+        app.cache.clear()
+        assert app.state(bank.bank_account, name).balance == balances[name]
+    opened = len(shared) + 8
+    assert len(events) == opened + sum(len(ids) for _, _, ids in acknowledged)
+    assert store.group.appends > store.group.transactions  # commits were shared
