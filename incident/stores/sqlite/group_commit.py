@@ -117,24 +117,41 @@ class GroupCommit(Generic[T, R]):
     def commit(self, item: T, size: int = 1) -> R:
         """Write ``item`` (``size`` events) in the next commit and return its outcome
         once that commit is durable, or raise its own error (or the batch's)."""
-        ticket: _Ticket[T, R] = _Ticket(item, size)
         with self._mutex:
-            follower = self._busy
-            if follower:
+            alone = not self._busy
+            self._busy = True
+            if not alone:
+                ticket: _Ticket[T, R] = _Ticket(item, size)
                 ticket.wake = threading.Lock()
                 ticket.wake.acquire()
-            self._busy = True
-            self._queue.append(ticket)
-        if follower:
+                self._queue.append(ticket)
+        if alone:
+            # no batch in flight, so the queue is empty: a batch of one, on this thread
             try:
-                ticket.wake.acquire()
-            except BaseException:
-                self._abandon(ticket)
-                raise
-            if ticket.state == _DONE:
-                return ticket.outcome()
-        self._lead(ticket)
+                return self._alone(item)
+            finally:
+                with self._mutex:
+                    self._hand_on()
+        try:
+            ticket.wake.acquire()
+        except BaseException:
+            self._abandon(ticket)
+            raise
+        if ticket.state != _DONE:
+            self._lead(ticket)
         return ticket.outcome()
+
+    def _alone(self, item: T) -> R:
+        """A batch of one: no savepoint, and its error undoes the transaction."""
+        db = self._db
+        try:
+            with db.transaction() as conn:
+                result = self._write(conn, item)
+        except sqlite3.Error as error:
+            raise db.store_error(error) from error
+        self.transactions += 1
+        self.appends += 1
+        return result
 
     def _abandon(self, ticket: _Ticket[T, R]) -> None:
         """A follower interrupted while waiting (KeyboardInterrupt, say): an append not
@@ -158,8 +175,7 @@ class GroupCommit(Generic[T, R]):
 
     def _lead(self, ticket: _Ticket[T, R]) -> None:
         with self._mutex:
-            # the leader's own append is first in the queue: a caller that found no
-            # batch in flight found the queue empty, and the lead goes to the first
+            # the lead goes to the first caller queued, so this caller's append is first
             batch = [self._queue.popleft()]
             events = batch[0].size
             while self._queue and len(batch) < self.max_requests:
@@ -208,23 +224,21 @@ class GroupCommit(Generic[T, R]):
             return True
 
     def _run(self, batch: list[_Ticket[T, R]]) -> None:
-        """One transaction for the batch; every ticket ends with its outcome."""
+        """One transaction for the batch, each append in a savepoint of its own; every
+        ticket ends with its outcome."""
         db, write = self._db, self._write
         try:
             with db.transaction() as conn:
-                if len(batch) == 1:  # alone: no savepoint, its error undoes the transaction
-                    batch[0].result = write(conn, batch[0].item)
-                else:
-                    for ticket in batch:
-                        savepoint = db.savepoint(conn)
-                        try:
-                            with savepoint:
-                                ticket.result = write(conn, ticket.item)
-                        except Exception as error:
-                            if not (savepoint.closed and conn.in_transaction):
-                                raise  # the transaction is gone or must not commit
-                            ticket.result = None
-                            ticket.error = self._own(error)
+                for ticket in batch:
+                    savepoint = db.savepoint(conn)
+                    try:
+                        with savepoint:
+                            ticket.result = write(conn, ticket.item)
+                    except Exception as error:
+                        if not (savepoint.closed and conn.in_transaction):
+                            raise  # the transaction is gone or must not commit
+                        ticket.result = None
+                        ticket.error = self._own(error)
         except Exception as error:
             # BEGIN or COMMIT failed, or the transaction is gone: nothing was written
             for ticket in batch:
