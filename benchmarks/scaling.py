@@ -24,9 +24,7 @@ lands on all of them alike. Run by hand; never part of the test suite.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import queue
 import sqlite3
 import statistics
 import tempfile
@@ -39,11 +37,11 @@ from typing import Any, NamedTuple
 
 import common
 import compare
+import postgres_dispatch
 
 import incident
 from incident.examples import bank
 
-spawn = multiprocessing.get_context("spawn")
 WARMUP = 20
 ACCOUNTS = 5
 CONTENDERS = ("incident", "raw", "raw + projection")
@@ -59,30 +57,13 @@ class Spec(NamedTuple):
     prefix: str  # the accounts' ids start with it (fresh streams each measurement)
 
 
-class AutocommitSqlite:
-    """sqlite3 in autocommit mode, as compare.py's raw contenders use it: the contender
-    writes ``BEGIN IMMEDIATE`` itself, and ``commit()`` writes ``COMMIT``."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)
-
-    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
-        return self._connection.execute(sql, parameters)
-
-    def commit(self) -> None:
-        if self._connection.in_transaction:
-            self._connection.execute("COMMIT")
-
-
 def raw_connection(spec: Spec) -> Any:
     if spec.backend == "sqlite":
+        # autocommit mode: Raw writes BEGIN IMMEDIATE itself, and commit() ends it
         connection = sqlite3.connect(spec.target, isolation_level=None, timeout=60)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
-        return AutocommitSqlite(connection)
+        return connection
     import psycopg
 
     return psycopg.connect(spec.target, options=f"-c search_path={spec.schema}")
@@ -168,26 +149,7 @@ def _process_worker(spec: Spec, worker: int, commands: int, start: Any, results:
 
 def in_processes(spec: Spec, workers: int, commands: int) -> float:
     """Commands per second over ``workers`` spawned processes, each its own writer."""
-    start = spawn.Barrier(workers, timeout=600)
-    results = spawn.Queue()
-    processes = [
-        spawn.Process(target=_process_worker, args=(spec, w, commands, start, results))
-        for w in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    spans: list[tuple[float, float]] = []
-    while len(spans) < workers:
-        try:
-            spans.append(results.get(timeout=1))
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in processes):
-                for process in processes:
-                    process.kill()
-                raise SystemExit("a worker failed; see its traceback above") from None
-    for process in processes:
-        process.join()
-    return workers * commands / (max(s[1] for s in spans) - min(s[0] for s in spans))
+    return postgres_dispatch.run(_process_worker, lambda w: (spec, w), workers, commands)
 
 
 class Backend(NamedTuple):
