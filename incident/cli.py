@@ -75,7 +75,7 @@ def init(url: str) -> None:
 @click.option(
     "--stream", "stream_id", metavar="ID", help="Show one stream instead of the whole log."
 )
-# the old name, taken by replay/subscribe/retry for module:object aggregates
+# deprecated spelling of --stream (replay, subscribe and retry take --aggregate MODULE:OBJECT)
 @click.option("--aggregate", "deprecated_stream_id", hidden=True)
 @click.option("--correlation", "correlation_id", help="Show every event of one correlation id.")
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this position.")

@@ -106,7 +106,7 @@ def subscriptions(url: str, show_parked: bool) -> None:
             checkpoints = checkpoint_store_for(store)
             positions = checkpoints.checkpoints()
             parked = checkpoints.parked()
-        if tables is None or "incident_owed" in tables:  # a store from before owed work
+        if tables is None or "incident_owed" in tables:  # an older store may have none
             owed = store.owed()
     table = Table(title=f"{url}: log at position {head}")
     for column in ("handler", "checkpoint", "lag", "parked"):

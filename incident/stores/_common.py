@@ -1,5 +1,6 @@
-"""Pure helpers every store backend shares: expected-version matching, stamping envelopes,
-projection keys. Backends differ only in how they persist."""
+"""Helpers every store backend shares: expected-version matching, stamping envelopes,
+projection keys, dead-letter and owed-work rows, the append verbs over ``commit``, and
+closing and checking streamed reads. Backends differ only in how they persist."""
 
 from __future__ import annotations
 

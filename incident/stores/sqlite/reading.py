@@ -62,8 +62,8 @@ class EventReads:
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order and in batches:
-        all a fold needs (``aggregate.fold(store.events(id))``), at close to the cost of
-        raw SQL and in constant memory (full envelopes cost two to three times as much).
+        all a fold needs (``aggregate.fold(store.events(id))``), without decoding ids,
+        dates and metadata, and in constant memory.
         Versions are gapless, so each batch must end at its start + its number of events,
         and each payload's tag must agree with its row's type name; a hole or a mismatch
         is a CorruptEvent.
