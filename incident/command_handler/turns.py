@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from ._forks import renew_in_forked_children
+from .._forks import renew_in_forked_children
 
 __all__ = ["Turns"]
 

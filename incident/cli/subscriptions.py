@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from .aggregate import Aggregate
-from .cli_support import console, opened_store, require_store
-from .command_handler import CommandHandler
-from .event_handler import EventHandler
-from .stores import Owed, checkpoint_store_for
-from .subscriptions import Subscription, Subscriptions, last_position
+from ..aggregate import Aggregate
+from ..command_handler import CommandHandler
+from ..event_handler import EventHandler
+from ..stores import Owed, checkpoint_store_for
+from ..subscriptions import Subscription, Subscriptions, last_position
+from .support import console, opened_store, require_store
 
 __all__ = ["COMMANDS", "replay", "retry", "subscribe", "subscriptions"]
 

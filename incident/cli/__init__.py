@@ -2,8 +2,8 @@
 
 The CLI is the one place that may read the environment; the library never does. This
 module holds the group and the commands that read and set up a store; the subscription
-commands are in :mod:`incident.cli_subscriptions`, and what every command uses to open
-a store and report its errors in :mod:`incident.cli_support`.
+commands are in :mod:`incident.cli.subscriptions`, and what every command uses to open
+a store and report its errors in :mod:`incident.cli.support`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import click
 import msgspec
 from rich.table import Table
 
-from . import errors
-from .aggregate import Aggregate
-from .cli_subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
-from .cli_support import console, opened_store, reported, require_store
-from .messages import Recorded
-from .stores import checkpoint_store_for
+from .. import errors
+from ..aggregate import Aggregate
+from ..messages import Recorded
+from ..stores import checkpoint_store_for
+from .subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
+from .support import console, opened_store, reported, require_store
 
 __all__ = [
     "DEFAULT_DEMO_STORE",
@@ -166,7 +166,7 @@ def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
 )
 def demo(url: str) -> None:
     """Run the Bank example end to end and tell what happened."""
-    from .examples.bank import demo as bank_demo
+    from ..examples.bank import demo as bank_demo
 
     with reported():
         bank_demo.run(url, console=console(), run_id=uuid.uuid4().hex[:4].upper())
