@@ -31,7 +31,6 @@ from .errors import (
 )
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
-from .reactor import Reactor
 from .stores import (
     CheckpointStore,
     EventStore,
@@ -44,6 +43,7 @@ from .stores import (
     open_stores,
 )
 from .subscriptions import Subscription, SubscriptionFailed, Subscriptions
+from .subscriptions.reactor import Reactor
 
 __version__ = "0.1.0"
 

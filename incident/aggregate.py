@@ -307,7 +307,7 @@ class Aggregate(Generic[S]):
                     return self.evolve(state, data), count  # raises, naming what it applies
                 event = data
             state = applier(state, event)
-            if state is None:  # one comparison per event: the loop stays as fast
+            if state is None:  # a forgotten return, caught at one comparison per event
                 raise _returned_none(applier, event)
         return state, count
 

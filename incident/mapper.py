@@ -13,13 +13,13 @@ below, so every backend (and a sync or async driver of one) reads alike.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 
 from .codec import EventTypes
-from .errors import CorruptEvent
+from .errors import CorruptEvent, IncidentError
 from .messages import Event, Recorded
 
 __all__ = [
@@ -28,8 +28,12 @@ __all__ = [
     "JoinedBatch",
     "PayloadDecoder",
     "envelopes",
+    "check_limit",
     "fold_batches",
+    "gap_in_positions",
     "gap_in_versions",
+    "log_pages",
+    "stream_pages",
 ]
 
 ENVELOPE_COLUMNS = (
@@ -63,6 +67,84 @@ def gap_in_versions(
             )
         expected += 1
     return None
+
+
+def gap_in_positions(after: int, positions: Sequence[int]) -> CorruptEvent | None:
+    """The CorruptEvent for the first hole in positions of the log read after ``after``
+    (appends assign them gaplessly under the log's lock, so a hole is a lost row), or
+    None."""
+    expected = max(after, 0) + 1
+    if not positions or (
+        positions[0] == expected and positions[-1] - positions[0] + 1 == len(positions)
+    ):
+        return None
+    for position in positions:
+        if position != expected:
+            return CorruptEvent(
+                expected,
+                "",
+                f"position {expected} is missing from the log: it goes from {expected - 1} "
+                f"to {position}",
+            )
+        expected += 1
+    return None
+
+
+def check_limit(limit: int | None) -> None:
+    """``read_all``'s limit is None or a count: a negative one is refused, not read as
+    "nothing"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise IncidentError(f"limit must be None or an int >= 0, got {limit!r}")
+
+
+#: rows in ``ENVELOPE_COLUMNS`` (with aggregate_id last) -> their envelopes
+Decode = Callable[[Sequence[tuple[Any, ...]]], list[Recorded[Any]]]
+
+
+def log_pages(
+    read_rows: Callable[[int, int], Sequence[tuple[Any, ...]]],
+    decode: Decode,
+    after: int,
+    limit: int | None,
+    size: int,
+) -> Iterator[Recorded[Any]]:
+    """The log after position ``after``, at most ``limit`` events, a page of at most
+    ``size`` rows at a time (``read_rows(after, size)``, in position order), each page's
+    positions checked for a hole before its envelopes are handed out."""
+    remaining = limit
+    while remaining is None or remaining > 0:
+        page = size if remaining is None else min(size, remaining)
+        rows = read_rows(after, page)
+        hole = gap_in_positions(after, [row[0] for row in rows])
+        if hole is not None:
+            raise hole
+        yield from decode(rows)
+        if len(rows) < page:
+            return
+        after = rows[-1][0]
+        if remaining is not None:
+            remaining -= len(rows)
+
+
+def stream_pages(
+    read_rows: Callable[[int, int], Sequence[tuple[Any, ...]]],
+    decode: Decode,
+    aggregate_id: str,
+    after: int,
+    size: int,
+) -> Iterator[Recorded[Any]]:
+    """One stream after version ``after``, a page of at most ``size`` rows at a time
+    (``read_rows(after, size)``, in version order), each page's versions checked for a
+    hole before its envelopes are handed out."""
+    while True:
+        rows = read_rows(after, size)
+        hole = gap_in_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
+        if hole is not None:
+            raise hole
+        yield from decode(rows)
+        if len(rows) < size:
+            return
+        after = rows[-1][1]
 
 
 class PayloadDecoder:

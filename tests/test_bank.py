@@ -271,7 +271,7 @@ def test_concurrent_withdrawals(app: incident.CommandHandler) -> None:
 
 def test_threads_hammering_one_account_never_run_out_of_retries(store_url: str) -> None:
     """Six threads depositing into one account at once, with three retries each: after
-    their first collision the threads take turns (incident.turns), so every command
+    their first collision the threads take turns (incident.command_handler.turns), so every command
     commits and no money is lost."""
     app = bank.build(store_url, retries=3)
     open_with(app, "ACC1")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from incident.turns import Turns
+from incident.command_handler.turns import Turns
 
 A = ("bank_account", "A")
 B = ("bank_account", "B")

@@ -1,4 +1,4 @@
-"""Opening stores from URLs. Each backend lives in its own module with the same verbs.
+"""Opening stores from URLs. Each backend lives in its own package with the same verbs.
 
 ``memory://`` (a fresh in-process store), ``sqlite:///relative.db``,
 ``sqlite:////absolute/path.db``, ``sqlite://`` (in memory), ``postgresql://...``.

@@ -1,5 +1,6 @@
-"""Pure helpers every store backend shares: expected-version matching, stamping envelopes,
-projection keys. Backends differ only in how they persist."""
+"""Helpers every store backend shares: expected-version matching, stamping envelopes,
+projection keys, dead-letter and owed-work rows, the append verbs over ``commit``, and
+closing and checking streamed reads. Backends differ only in how they persist."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from .. import storable
-from ..errors import ConcurrencyError, CorruptEvent, IncidentError, Unstorable
+from ..errors import ConcurrencyError, IncidentError, Unstorable
 from ..ids import new_uuid, utc_now
 from ..mapper import gap_in_versions
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
@@ -347,23 +348,3 @@ def check_versions(
     hole = gap_in_versions(aggregate_id, after, versions, positions)
     if hole is not None:
         raise hole
-
-
-def check_positions(after: int, positions: Sequence[int]) -> None:
-    """CorruptEvent unless positions read after ``after`` run ``after + 1, ...`` without a
-    hole: appends assign them gaplessly under the log's lock, so a hole is a lost row."""
-    if not positions:
-        return
-    first = positions[0]
-    expected = max(after, 0) + 1
-    if first == expected and positions[-1] - first + 1 == len(positions):
-        return
-    for position in positions:
-        if position != expected:
-            raise CorruptEvent(
-                expected,
-                "",
-                f"position {expected} is missing from the log: it goes from {expected - 1} "
-                f"to {position}",
-            )
-        expected += 1

@@ -200,10 +200,9 @@ class EventStore(Protocol):
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events with ``version > after`` in version order, without their
-        envelopes: what a fold needs and no more. Read with one query, decoded in batches
-        by one reused decoder, streamed, so a stream of any length folds in bounded
-        memory. The last version read is ``after`` plus the number of events (versions
-        have no gaps)."""
+        envelopes: what a fold needs and no more. Read and decoded in batches, streamed,
+        so a stream of any length folds in bounded memory. The last version read is
+        ``after`` plus the number of events (versions have no gaps)."""
         ...
 
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:

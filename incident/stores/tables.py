@@ -147,8 +147,8 @@ def snake_case(name: str) -> str:
 
 
 def legacy_name(spec: TableSpec) -> str | None:
-    """Where a type with a table_name was stored before table_name was honoured
-    everywhere (Postgres used the class name): None when that is its table anyway."""
+    """The snake_case of the class name, where Postgres stores of earlier releases kept a
+    type that declares a table_name: None when that is its table anyway."""
     old = snake_case(spec.type.__name__)
     return old if spec.explicit and old != spec.name else None
 

@@ -11,6 +11,7 @@ import msgspec
 
 from ...codec import EventTypes
 from ...errors import DuplicateCommand, IncidentError
+from ...mapper import check_limit
 from ...messages import Event, Recorded
 from .._common import (
     AppendVerbs,
@@ -166,6 +167,7 @@ class MemoryEventStore(AppendVerbs):
             return len(self._streams.get(aggregate_id, []))
 
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
+        check_limit(limit)
         with self._lock:
             end = len(self._log) if limit is None else min(len(self._log), after + limit)
             chunk = self._log[max(after, 0) : end]

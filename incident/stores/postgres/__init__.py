@@ -1,5 +1,5 @@
 """Postgres stores: the server backend, for many processes on many machines sharing one
-database. psycopg 3 with a psycopg_pool connection pool; the same verbs as memory.py.
+database. psycopg 3 with a psycopg_pool connection pool; the same verbs as the memory stores.
 
 ``postgresql://user@host:5432/db?schema=bank`` opens the event store of schema ``bank``
 (default ``public``); its ``projections()`` share the pool, so a command's events and its

@@ -84,8 +84,8 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
         "events keep data and metadata as json, the text incident wrote, which reads back"
         " without jsonb's conversion to text",
         [
-            # jsonb is rebuilt into text on every read: a third of a stream's load time.
-            # json is stored as written and still checked on the way in.
+            # jsonb is rebuilt into text on every read; json is stored as written and
+            # still checked on the way in.
             """
             ALTER TABLE {schema}.events
                 ALTER COLUMN data TYPE json USING data::json,

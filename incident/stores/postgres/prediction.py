@@ -9,8 +9,8 @@ class Predictor:
     the schema's only writer, which it assumes until shown otherwise.
 
     While predicting, the appends of this process take turns (``PostgresEventStore.
-    _append``), so the last position this store committed is the log's, unless another
-    process appended. Then a prediction fails: it cost a round trip and a second wait
+    _append_once``), so the last position this store committed is the log's, unless another
+    process appended. Then a prediction fails: it costs a round trip and a second wait
     for the lock, so the store stops predicting, and its appends queue for the lock in
     the server, reading the heads under it. When one finds this store's own last event
     still the last, nobody else appended in between; ``needed`` of those in a row and it

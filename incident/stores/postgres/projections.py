@@ -110,8 +110,8 @@ class _Table:
                 )
 
     def _rename_legacy(self, conn: Connection) -> bool:
-        """A type with a table_name used to be stored under the snake_case of its class
-        name: take that table over, unless a class of this store now owns that name."""
+        """Take over the table earlier releases kept this type in (:func:`legacy_name`),
+        unless another class of this store owns that name."""
         old = legacy_name(self.spec)
         if old is None:
             return False

@@ -5,15 +5,21 @@ owed work recorded. The event store (:mod:`.events`) is this and its writes."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from ...codec import EventTypes
-from ...errors import IncidentError
-from ...mapper import JoinedBatch, envelopes, fold_batches
+from ...mapper import (
+    JoinedBatch,
+    check_limit,
+    envelopes,
+    fold_batches,
+    log_pages,
+    stream_pages,
+)
 from ...messages import Event, Recorded
 from ...storable import keepable_id
-from .._common import ChainedBatches, check_positions, check_versions, owed_from_row
+from .._common import ChainedBatches, check_versions, owed_from_row
 from ..protocols import Outcome, Owed
 from .database import Database
 from .session import Connection, Query
@@ -48,7 +54,7 @@ class PostgresEventReads:
         with self._db.connection(doing) as conn:
             return conn.execute(query, params).fetchall()
 
-    def _envelopes(self, rows: list[tuple[Any, ...]]) -> list[Recorded[Any]]:
+    def _envelopes(self, rows: Sequence[tuple[Any, ...]]) -> list[Recorded[Any]]:
         """Rows of ``EventStatements`` envelope columns back as envelopes."""
         return envelopes(self.types, rows, None, _in_utc)
 
@@ -65,20 +71,13 @@ class PostgresEventReads:
         """The stream in version order, fetched in batches, so a stream of any length
         folds in constant memory (``aggregate.fold(store.stream(id))``)."""
         if not keepable_id(aggregate_id):
-            return
-        while True:
-            rows = self._fetch(
-                f"reading stream {aggregate_id!r}",
-                self._sql.stream_page,
-                aggregate_id,
-                after,
-                self._batch_size,
-            )
-            check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
-            yield from self._envelopes(rows)
-            if len(rows) < self._batch_size:
-                return
-            after = rows[-1][1]
+            return iter(())
+        doing = f"reading stream {aggregate_id!r}"
+
+        def read_rows(after: int, size: int) -> list[tuple[Any, ...]]:
+            return self._fetch(doing, self._sql.stream_page, aggregate_id, after, size)
+
+        return stream_pages(read_rows, self._envelopes, aggregate_id, after, self._batch_size)
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes, in version order and in pages:
@@ -119,22 +118,12 @@ class PostgresEventReads:
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
         """The log after ``after``, fetched in batches (one short checkout each), so a slow
         consumer holds no connection and every batch starts where the last one ended."""
-        if limit is not None and limit < 0:
-            raise IncidentError(f"limit must be None or >= 0, got {limit}")
-        return self._pages(after, limit)
+        check_limit(limit)
 
-    def _pages(self, after: int, limit: int | None) -> Iterator[Recorded[Any]]:
-        remaining = limit
-        while remaining is None or remaining > 0:
-            size = self._batch_size if remaining is None else min(self._batch_size, remaining)
-            rows = self._fetch("reading the log", self._sql.page, after, size)
-            check_positions(after, [r[0] for r in rows])
-            yield from self._envelopes(rows)
-            if len(rows) < size:
-                return
-            after = rows[-1][0]
-            if remaining is not None:
-                remaining -= len(rows)
+        def read_rows(after: int, size: int) -> list[tuple[Any, ...]]:
+            return self._fetch("reading the log", self._sql.page, after, size)
+
+        return log_pages(read_rows, self._envelopes, after, limit, self._batch_size)
 
     def last_position(self) -> int:
         position: int = self._fetch("reading the last position", self._sql.last_position)[0][0]

@@ -20,7 +20,7 @@ Durability: the file is in WAL mode with ``synchronous=FULL`` by default, so a c
 that returned is on disk even if the machine loses power right after. ``synchronous=
 "NORMAL"`` (``open_event_store(url, synchronous="NORMAL")`` or ``?synchronous=normal``
 in the URL) skips the fsync at each commit and syncs at checkpoints instead: commits get
-several times cheaper and the database can never be corrupted, but a power cut (not a
+cheaper and the database can never be corrupted, but a power cut (not a
 crash of the process) may lose the last transactions that had returned. See
 ``docs/sqlite.md``.
 

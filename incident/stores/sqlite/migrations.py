@@ -44,7 +44,7 @@ def _rebuild_events(conn: sqlite3.Connection) -> str:
     Every index is a page written at each commit; the log is read by position (the
     primary key) and streams by ``UNIQUE (aggregate_id, version)``, so the unique index
     on event_id (ids are random UUIDs, made by incident) and events_by_type (no incident
-    query reads by type) cost commits and served nothing. SQLite cannot drop a UNIQUE
+    query reads by type) cost commits and serve nothing. SQLite cannot drop a UNIQUE
     constraint in place, so the table is copied, inside the migration's transaction:
     it is rebuilt whole or not at all. Indexes and triggers users added are kept."""
     (events,) = conn.execute(LAST_POSITION).fetchone()

@@ -32,7 +32,7 @@ EVENTS_TABLE = textwrap.dedent("""\
         metadata TEXT NOT NULL DEFAULT '{}',
         UNIQUE (aggregate_id, version)
     )""")
-# as schema 2 made it; schema 4 adds the outcome of a rejected command
+# as migration 2 makes it; migration 4 adds the outcome of a rejected command
 IDEMPOTENCY_TABLE_2 = textwrap.dedent("""\
     CREATE TABLE incident_idempotency (
         key TEXT PRIMARY KEY,
@@ -76,7 +76,6 @@ RECORD_VERSION = "INSERT INTO incident_schema VALUES (?, ?, ?)"
 
 # -- the log --------------------------------------------------------------------------
 
-# the columns of an envelope, cheapest first; a stream's reader knows its aggregate_id
 ENVELOPE = ENVELOPE_COLUMNS  # the column order incident.mapper reads envelopes in
 INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?"

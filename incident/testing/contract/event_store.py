@@ -215,7 +215,14 @@ class EventStoreContract(StoreFixtures):
         assert [r.position for r in event_store.read_all(after=2)] == [3, 4]
         assert [r.position for r in event_store.read_all(after=1, limit=2)] == [2, 3]
         assert list(event_store.read_all(after=4)) == []
+        assert list(event_store.read_all(limit=0)) == []
         assert log[2].data == MoneyWithdrawn(amount=5)
+
+    def test_a_negative_limit_is_refused(self, event_store: EventStore) -> None:
+        """A limit is None or a count: -1 is a typed error at the call, not an empty log."""
+        event_store.append("a", deposited(1), expected_version=0)
+        with pytest.raises(errors.IncidentError, match="limit"):
+            event_store.read_all(limit=-1)
 
     def test_events_are_the_stream_without_envelopes(self, event_store: EventStore) -> None:
         """events() yields the bare events after a version, in order, from registered

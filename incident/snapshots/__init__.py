@@ -6,14 +6,14 @@ keeps them, version-guarded, and on the event store's own database it commits in
 same transaction as the event that triggered it.
 
 A snapshot is only trusted when its ``code`` equals :func:`code_key` of the running
-code, a hash of everything that decides what the state is (:mod:`incident.snapshot_code`),
+code, a hash of everything that decides what the state is (:mod:`incident.snapshots.code`),
 so a changed program ignores the snapshots of the old one.
 
 The state is encoded as JSON and decoded as the aggregate's ``state_type``, so it comes
 back with its own types (int keys, ``Decimal``, tuples, sets, nested Structs, dates).
-:func:`check_snapshottable` (:mod:`incident.snapshot_checks`) refuses, when the command
+:func:`check_snapshottable` (:mod:`incident.snapshots.checks`) refuses, when the command
 handler is built, a state type that would not come back as it went in; the encoding and
-the comparison are in :mod:`incident.snapshot_state`.
+the comparison are in :mod:`incident.snapshots.state`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 
 import msgspec
 
-from .aggregate import Aggregate
-from .errors import SnapshotMismatch
-from .messages import Projection
-from .snapshot_checks import check_snapshottable
-from .snapshot_code import code_key
-from .snapshot_state import first_difference, round_trip, state_decoder
+from ..aggregate import Aggregate
+from ..errors import SnapshotMismatch
+from ..messages import Projection
+from .checks import check_snapshottable
+from .code import code_key
+from .state import first_difference, round_trip, state_decoder
 
 __all__ = [
     "Snapshot",

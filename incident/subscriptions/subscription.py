@@ -1,7 +1,7 @@
 """Subscription: one event handler run durably over the global log (the overview is in
 :mod:`incident.subscriptions`). Its parts live beside it: the states its listeners
-receive in :mod:`incident.subscription_states`, parking and retrying in
-:mod:`incident.dead_letters`, rebuilding in :mod:`incident.replay`."""
+receive in :mod:`incident.subscriptions.states`, parking and retrying in
+:mod:`incident.subscriptions.dead_letters`, rebuilding in :mod:`incident.subscriptions.replay`."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import CheckpointConflict, CorruptEvent, IncidentError, StoreError
+from ..event_handler import EventHandler
+from ..follow_ups import split_outputs
+from ..messages import Projection, Recorded, event_type_name
+from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
+from ..stores._common import projection_key
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
-from .errors import CheckpointConflict, CorruptEvent, IncidentError, StoreError
-from .event_handler import EventHandler
-from .follow_ups import split_outputs
-from .messages import Projection, Recorded, event_type_name
 from .reactor import Reactor
 from .replay import Replayed, rebuild
-from .stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
-from .stores._common import projection_key
-from .subscription_states import Pending, StreamStates, aggregates_for, merge_projections
+from .states import Pending, StreamStates, aggregates_for, merge_projections
 
 __all__ = ["Subscription"]
 
@@ -32,8 +32,9 @@ class Subscription:
     """Runs one EventHandler over the global log, durably.
 
     ``command_handler`` (a :class:`~incident.CommandHandler`, or any
-    :class:`~incident.reactor.Reactor`) supplies the stores, the aggregates (to compute
-    the state each listener receives) and the carrying out of returned commands.
+    :class:`~incident.subscriptions.reactor.Reactor`) supplies the stores, the aggregates
+    (to compute the state each listener receives) and the carrying out of returned
+    commands.
     ``checkpoints`` defaults to the checkpoint store beside the event store.
     """
 
@@ -361,7 +362,7 @@ class Subscription:
         finally:
             self._lock.release()
 
-    # -- dead letters: see incident.dead_letters --------------------------------
+    # -- dead letters: see incident.subscriptions.dead_letters --------------------------------
 
     def parked(self) -> list[Parked]:
         return self._dead_letters.parked()

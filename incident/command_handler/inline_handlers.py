@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .aggregate import Aggregate
-from .codec import validate_command
-from .event_handler import Attempt, EventHandler
-from .follow_ups import FollowUp, owed_by, split_outputs
-from .messages import Command, Projection, Recorded
-from .snapshots import Snapshot
-from .stores import Effects, ProjectFn
+from ..aggregate import Aggregate
+from ..codec import validate_command
+from ..event_handler import Attempt, EventHandler
+from ..follow_ups import FollowUp, owed_by, split_outputs
+from ..messages import Command, Projection, Recorded
+from ..snapshots import Snapshot
+from ..stores import Effects, ProjectFn
 
 __all__ = ["InlineHandlers"]
 

@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect
 
-from .aggregate import Aggregate
-from .errors import RegistrationError
-from .snapshot_state import first_difference, round_trip
+from ..aggregate import Aggregate
+from ..errors import RegistrationError
+from .state import first_difference, round_trip
 
 __all__ = ["check_snapshottable"]
 

@@ -13,9 +13,9 @@ from urllib.parse import quote
 import click
 from rich.console import Console
 
-from . import errors
-from .stores import EventStore, open_event_store
-from .stores.sqlite import MEMORY, sqlite_path
+from .. import errors
+from ..stores import EventStore, open_event_store
+from ..stores.sqlite import MEMORY, sqlite_path
 
 __all__ = ["console", "opened_store", "reported", "require_store"]
 
@@ -105,7 +105,7 @@ def _postgres_tables(url: str) -> tuple[set[str], str]:
     try:
         import psycopg
 
-        from .stores.postgres import split_url
+        from ..stores.postgres import split_url
     except ImportError as error:
         raise click.ClickException(
             f"Cannot open postgresql:// stores: {error} (pip install 'incident[postgres]')"

@@ -8,7 +8,7 @@ again, and a command can run out of retries.
 
 So once threads of this process have collided on an aggregate, its commands take turns
 here: one decides and appends while the others wait, then the next decides on the state
-the first left. An aggregate nobody collides on costs one set lookup. Correctness never
+the first left. An aggregate nobody collides on costs one dict lookup. Correctness never
 depends on turns: the append's expected version still decides. A store that can make
 other processes wait too (Postgres: ``PostgresEventStore.turn``, a lock per stream in
 the server) is asked for its turn inside this one, so a process queues there with one
@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from ._forks import renew_in_forked_children
+from .._forks import renew_in_forked_children
 
 __all__ = ["Turns"]
 

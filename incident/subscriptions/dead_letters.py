@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import CorruptEvent, IncidentError, StoreError
-from .fp import groupby
-from .ids import utc_now
-from .messages import Projection, Recorded
-from .stores import CheckpointStore, EventStore, Parked, ProjectionStore
+from ..errors import CorruptEvent, IncidentError, StoreError
+from ..fp import groupby
+from ..ids import utc_now
+from ..messages import Projection, Recorded
+from ..stores import CheckpointStore, EventStore, Parked, ProjectionStore
 
 __all__ = [
     "DeadLetters",

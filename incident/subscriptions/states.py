@@ -8,12 +8,12 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from .aggregate import Aggregate
-from .errors import RegistrationError, RoutingError
-from .event_handler import EventHandler
-from .messages import Projection, Recorded
-from .stores import EventStore
-from .stores._common import closing_iterator, newer_or_equal
+from ..aggregate import Aggregate
+from ..errors import RegistrationError, RoutingError
+from ..event_handler import EventHandler
+from ..messages import Projection, Recorded
+from ..stores import EventStore
+from ..stores._common import closing_iterator, newer_or_equal
 
 __all__ = ["Pending", "StreamStates", "aggregates_for", "merge_projections"]
 

@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .aggregate import Aggregate
-from .messages import event_type_name
+from ..aggregate import Aggregate
+from ..messages import event_type_name
 
 __all__ = ["code_key"]
 

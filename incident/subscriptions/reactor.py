@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .aggregate import Aggregate
-from .messages import Recorded
-from .stores import EventStore, ProjectionStore
+from ..aggregate import Aggregate
+from ..messages import Recorded
+from ..stores import EventStore, ProjectionStore
 
 __all__ = ["Reactor"]
 

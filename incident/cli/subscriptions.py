@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from .aggregate import Aggregate
-from .cli_support import console, opened_store, require_store
-from .command_handler import CommandHandler
-from .event_handler import EventHandler
-from .stores import Owed, checkpoint_store_for
-from .subscriptions import Subscription, Subscriptions, last_position
+from ..aggregate import Aggregate
+from ..command_handler import CommandHandler
+from ..event_handler import EventHandler
+from ..stores import Owed, checkpoint_store_for
+from ..subscriptions import Subscription, Subscriptions, last_position
+from .support import console, opened_store, require_store
 
 __all__ = ["COMMANDS", "replay", "retry", "subscribe", "subscriptions"]
 
@@ -106,7 +106,7 @@ def subscriptions(url: str, show_parked: bool) -> None:
             checkpoints = checkpoint_store_for(store)
             positions = checkpoints.checkpoints()
             parked = checkpoints.parked()
-        if tables is None or "incident_owed" in tables:  # a store from before owed work
+        if tables is None or "incident_owed" in tables:  # an older store may have none
             owed = store.owed()
     table = Table(title=f"{url}: log at position {head}")
     for column in ("handler", "checkpoint", "lag", "parked"):

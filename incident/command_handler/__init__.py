@@ -5,9 +5,11 @@ version, bounded retries) -> inline event handlers (their projections commit wit
 events when the stores share a database) -> dispatch the commands they returned ->
 return the recorded events.
 
-Its parts: routing and name checks in :mod:`incident.registration`, loading states (cache,
-snapshots) in :mod:`incident.state_loading`, the inline handlers run inside the append in
-:mod:`incident.inline_handlers`, carrying out their commands in :mod:`incident.follow_ups`.
+Its parts, in this package: routing and name checks in :mod:`.registration`, loading
+states (the cache of :mod:`.state_cache`, snapshots) in :mod:`.state_loading`, the
+inline handlers run inside the append in :mod:`.inline_handlers`, the turns colliding
+threads take in :mod:`.turns`; carrying out the commands handlers return is in
+:mod:`incident.follow_ups`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-from .aggregate import Aggregate
-from .codec import validate_command
-from .errors import (
+from ..aggregate import Aggregate
+from ..codec import validate_command
+from ..errors import (
     ConcurrencyError,
     DuplicateCommand,
     InvalidCommand,
@@ -29,15 +31,11 @@ from .errors import (
     Rejected,
     RoutingError,
 )
-from .event_handler import EventHandler
-from .follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
-from .ids import new_uuid
-from .inline_handlers import InlineHandlers
-from .messages import Command, Recorded
-from .registration import register_event_types, routes
-from .state_cache import StateCache
-from .state_loading import StateLoader
-from .stores import (
+from ..event_handler import EventHandler
+from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
+from ..ids import new_uuid
+from ..messages import Command, Recorded
+from ..stores import (
     AppendRequest,
     CheckpointStore,
     EventStore,
@@ -47,7 +45,11 @@ from .stores import (
     open_event_store,
     open_projection_store,
 )
-from .subscriptions import Subscription, Subscriptions
+from ..subscriptions import Subscription, Subscriptions
+from .inline_handlers import InlineHandlers
+from .registration import register_event_types, routes
+from .state_cache import StateCache
+from .state_loading import StateLoader
 from .turns import Turns
 
 __all__ = ["CommandHandler"]
@@ -63,7 +65,7 @@ class CommandHandler:
     events and the projections its handlers return commit in one transaction.
     ``retries`` bounds how often a command is decided again after a version conflict;
     threads of this process that collide on an aggregate take turns at it from then on
-    (``self.turns``, see :mod:`incident.turns`), and so do the writers of every process
+    (``self.turns``, see :mod:`.turns`), and so do the writers of every process
     where the store offers turns (``PostgresEventStore.turn``), so they stop spending
     retries on each other.
     ``cache_size`` bounds the LRU of (state, version) per aggregate: a command to an

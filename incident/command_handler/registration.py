@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .aggregate import Aggregate
-from .errors import RegistrationError
-from .event_types import EventTypes
-from .messages import Command
+from ..aggregate import Aggregate
+from ..errors import RegistrationError
+from ..event_types import EventTypes
+from ..messages import Command
 
 __all__ = ["register_event_types", "routes"]
 

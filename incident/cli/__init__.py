@@ -2,8 +2,8 @@
 
 The CLI is the one place that may read the environment; the library never does. This
 module holds the group and the commands that read and set up a store; the subscription
-commands are in :mod:`incident.cli_subscriptions`, and what every command uses to open
-a store and report its errors in :mod:`incident.cli_support`.
+commands are in :mod:`incident.cli.subscriptions`, and what every command uses to open
+a store and report its errors in :mod:`incident.cli.support`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import click
 import msgspec
 from rich.table import Table
 
-from . import errors
-from .aggregate import Aggregate
-from .cli_subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
-from .cli_support import console, opened_store, reported, require_store
-from .messages import Recorded
-from .stores import checkpoint_store_for
+from .. import errors
+from ..aggregate import Aggregate
+from ..messages import Recorded
+from ..stores import checkpoint_store_for
+from .subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
+from .support import console, opened_store, reported, require_store
 
 __all__ = [
     "DEFAULT_DEMO_STORE",
@@ -75,7 +75,7 @@ def init(url: str) -> None:
 @click.option(
     "--stream", "stream_id", metavar="ID", help="Show one stream instead of the whole log."
 )
-# the old name, taken by replay/subscribe/retry for module:object aggregates
+# deprecated spelling of --stream (replay, subscribe and retry take --aggregate MODULE:OBJECT)
 @click.option("--aggregate", "deprecated_stream_id", hidden=True)
 @click.option("--correlation", "correlation_id", help="Show every event of one correlation id.")
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this position.")
@@ -166,7 +166,7 @@ def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
 )
 def demo(url: str) -> None:
     """Run the Bank example end to end and tell what happened."""
-    from .examples.bank import demo as bank_demo
+    from ..examples.bank import demo as bank_demo
 
     with reported():
         bank_demo.run(url, console=console(), run_id=uuid.uuid4().hex[:4].upper())

@@ -23,11 +23,11 @@ once (no retries: the row will not heal), holding its stream, or stops there wit
 ``on_failure="stop"``. So does an event whose aggregate's state cannot be folded because
 an earlier event of its stream is damaged.
 
-The parts: :class:`~incident.subscription.Subscription` runs one handler, with the states
-of :mod:`incident.subscription_states`, the parking and retrying of
-:mod:`incident.dead_letters` and the rebuilding of :mod:`incident.replay`; it asks of the
-application only what :class:`~incident.reactor.Reactor` names. This module runs several
-on threads (:class:`Subscriptions`) and keeps every public name importable from here.
+The parts, in this package: :class:`~.subscription.Subscription` runs one handler,
+with the states of :mod:`.states`, the parking and retrying of :mod:`.dead_letters` and
+the rebuilding of :mod:`.replay`; it asks of the application only what
+:class:`~.reactor.Reactor` names. This module runs several on threads
+(:class:`Subscriptions`) and keeps every public name importable from here.
 
 One Subscription object may be used from several threads: ``step``, ``retry_parked``,
 ``skip_parked`` and ``replay`` take a per-object lock, so they run one at a time.
@@ -47,10 +47,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
+from ..errors import RegistrationError
+from ..stores import EventStore, Parked
 from .dead_letters import SubscriptionFailed
-from .errors import RegistrationError
 from .replay import Replayed
-from .stores import EventStore, Parked
 from .subscription import Subscription
 
 __all__ = ["Replayed", "Subscription", "SubscriptionFailed", "Subscriptions", "last_position"]

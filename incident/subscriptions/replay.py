@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from .event_handler import EventHandler
-from .follow_ups import split_outputs
-from .fp import groupby, partition_all
-from .messages import Projection, Recorded
-from .stores._common import projection_key
-from .subscription_states import Pending, StreamStates, merge_projections
+from ..event_handler import EventHandler
+from ..follow_ups import split_outputs
+from ..fp import groupby, partition_all
+from ..messages import Projection, Recorded
+from ..stores._common import projection_key
+from .states import Pending, StreamStates, merge_projections
 
 __all__ = ["Rebuilt", "Replayed", "rebuild"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .aggregate import Aggregate
-from .errors import ForeignStream, RoutingError
-from .snapshots import (
+from ..aggregate import Aggregate
+from ..errors import ForeignStream, RoutingError
+from ..snapshots import (
     Snapshot,
     check_snapshottable,
     code_key,
@@ -17,9 +17,9 @@ from .snapshots import (
     take_snapshot,
     verify_snapshot,
 )
+from ..stores import EventStore, ProjectionStore
+from ..stores._common import closing_iterator
 from .state_cache import StateCache
-from .stores import EventStore, ProjectionStore
-from .stores._common import closing_iterator
 
 __all__ = ["StateLoader"]
 
