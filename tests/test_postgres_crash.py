@@ -433,3 +433,37 @@ def check_read_models(handler: incident.CommandHandler, log: list[incident.Recor
         if row is None or row.version != version:
             behind[account] = (version, row and row.version)
     assert not behind, f"read models not at their stream's version: {behind}"
+
+
+@pytest.mark.slow
+def test_after_a_restart_pool_errors_say_the_server_refused_not_that_the_pool_was_busy(
+    cluster: PrivateCluster,
+) -> None:
+    """While the server is down the pool's own reconnects are refused and back off; once
+    it is up again a checkout can still time out before the pool's next try. What that
+    error says must be what happened (the server refused connections), never "raise
+    pool_size", which would send an operator after the wrong knob."""
+    store = incident.open_event_store(cluster.url(schema="refused"), timeout=0.3)
+    try:
+        assert store.version("A") == 0
+        cluster.crash()
+        messages = []
+        down_until = time.monotonic() + 3.0  # long enough for the pool's backoff to grow
+        while time.monotonic() < down_until:
+            with pytest.raises(incident.StoreError) as caught:
+                store.version("A")
+            messages.append(str(caught.value))
+        cluster.start()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert store.version("A") == 0
+                break
+            except incident.StoreError as error:
+                messages.append(str(error))
+                assert time.monotonic() < deadline, messages[-3:]
+        assert messages, "the outage was never noticed"
+        busy = [m for m in messages if "raise pool_size" in m]
+        assert not busy, busy[:3]
+    finally:
+        store.close()

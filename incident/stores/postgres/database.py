@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,28 @@ from ...errors import StoreError
 from ..tables import TableOwners
 from .migrations import migrate
 from .session import Connection, first_line, lock_key
+
+# conninfo -> (when, why) of the last connect of a pool the server refused, and when a
+# pool's connect last succeeded: the pool retries in the background, backing off, and
+# only ever reports a timeout
+_refused: dict[str, tuple[float, str]] = {}
+_connected: dict[str, float] = {}
+
+
+class WatchedConnection(psycopg.Connection[Any]):
+    """The pools' connection class: a connect the server refuses (down, restarting,
+    out of slots) is remembered, so a checkout that then times out says so instead of
+    blaming a busy pool."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        try:
+            connection = super().connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            _refused[conninfo] = (time.monotonic(), first_line(error))
+            raise
+        _connected[conninfo] = time.monotonic()
+        return connection
 
 
 class Database:
@@ -57,6 +80,7 @@ class Database:
             min_size=1,
             max_size=int(self._pool_options["max_size"]),
             kwargs={"autocommit": True, "options": _in_utc(self.conninfo)},
+            connection_class=WatchedConnection,
             configure=_read_committed,
             check=self._check_if_disturbed,
             timeout=self._pool_options["timeout"],
@@ -156,6 +180,12 @@ class Database:
             return (
                 f"no pooled connection was usable for {timeout}s: the server kept ending "
                 f"them (last: {why}), though it accepts new ones now"
+            )
+        when, why = _refused.get(self.conninfo, (-float("inf"), ""))
+        if when > _connected.get(self.conninfo, -float("inf")):  # not reconnected since
+            return (
+                f"the pool could not connect for {timeout}s: the server refused it (last: "
+                f"{why}); it accepts connections again now and the pool reconnects by itself"
             )
         return (
             f"all {self.pool.max_size} pooled connections stayed busy for {timeout}s;"
