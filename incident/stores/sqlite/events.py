@@ -78,13 +78,14 @@ class _Append:
         payloads: list[tuple[str, int]],
         metadata_text: str,
         project: ProjectFn | None,
+        together: bool,
     ) -> None:
         self.request = request
         self.events = events
         self.payloads = payloads
         self.metadata_text = metadata_text
         self.project = project
-        self.together = False
+        self.together = together  # the projections go into this file, in the transaction
 
 
 class SQLiteEventStore(EventReads, AppendVerbs):
@@ -96,8 +97,10 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         self._db = database
         self._projections: SQLiteProjectionStore | None = None
         #: the queue concurrent appends share commits through (see ``group_commit``)
+        # an in-memory database has no fsync to share, and a reader on this thread may
+        # hold its one connection's guard: there, every append commits alone
         self.group: GroupCommit[_Append, Committed] = GroupCommit(
-            database, self._write_append, self._landed
+            database, self._write_append, self._landed, shared=not database.in_memory
         )
 
     def __repr__(self) -> str:
@@ -120,28 +123,16 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         # encode before taking the lock: a bad event or metadata fails with nothing written
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
         together = projection_store is not None and self.shares_database_with(projection_store)
-        append = _Append(request, batch, payloads, metadata_json(request.metadata), project)
-        append.together = together
+        metadata_text = metadata_json(request.metadata)
+        append = _Append(request, batch, payloads, metadata_text, project, together)
         if not self._db.schema_ready:
             self._db.migrate()
-        if self._db.in_memory:
-            # no fsync to share, and a reader on this thread may hold the one
-            # connection's guard: the append runs here, alone, as it always has
-            committed = self._commit_alone(append)
-        else:
-            committed = self.group.commit(append, len(batch))
+        committed = self.group.commit(append, len(batch))
         if projection_store is not None and not together:
             # another database: the events are committed, the projections follow
             for projection in committed.effects.projections:
                 projection_store.project(projection)
         return committed
-
-    def _commit_alone(self, append: _Append) -> Committed:
-        try:
-            with self._db.transaction() as conn:
-                return self._write_append(conn, append)
-        except sqlite3.Error as error:  # what errors() does, without a context per append
-            raise self._db.store_error(error) from error
 
     def _write_append(self, conn: sqlite3.Connection, append: _Append) -> Committed:
         """One append inside the open write transaction (a savepoint of it when its commit

@@ -90,8 +90,10 @@ class GroupCommit(Generic[T, R]):
         *,
         max_requests: int = MAX_BATCH_REQUESTS,
         max_events: int = MAX_BATCH_EVENTS,
+        shared: bool = True,
     ) -> None:
         self._db = db
+        self.shared = shared
         self._write = write
         self._landed = landed
         self.max_requests = max_requests
@@ -116,7 +118,11 @@ class GroupCommit(Generic[T, R]):
 
     def commit(self, item: T, size: int = 1) -> R:
         """Write ``item`` (``size`` events) in the next commit and return its outcome
-        once that commit is durable, or raise its own error (or the batch's)."""
+        once that commit is durable, or raise its own error (or the batch's). Unless
+        commits are ``shared``, each append commits by itself on its caller's thread,
+        outside the queue and its counts."""
+        if not self.shared:
+            return self._transaction_of_one(item)
         with self._mutex:
             alone = not self._busy
             self._busy = True
@@ -142,16 +148,21 @@ class GroupCommit(Generic[T, R]):
         return ticket.outcome()
 
     def _alone(self, item: T) -> R:
-        """A batch of one: no savepoint, and its error undoes the transaction."""
-        db = self._db
-        try:
-            with db.transaction() as conn:
-                result = self._write(conn, item)
-        except sqlite3.Error as error:
-            raise db.store_error(error) from error
+        """A batch of one, counted as one."""
+        result = self._transaction_of_one(item)
         self.transactions += 1
         self.appends += 1
         return result
+
+    def _transaction_of_one(self, item: T) -> R:
+        """One append in a transaction of its own: no savepoint, and its error undoes
+        the transaction."""
+        db = self._db
+        try:
+            with db.transaction() as conn:
+                return self._write(conn, item)
+        except sqlite3.Error as error:
+            raise db.store_error(error) from error
 
     def _abandon(self, ticket: _Ticket[T, R]) -> None:
         """A follower interrupted while waiting (KeyboardInterrupt, say): an append not
