@@ -41,9 +41,9 @@ def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> 
     hidden: list[int] = []
 
     @contextmanager
-    def commit_then_lose(conn: Any) -> Iterator[None]:
-        with original(conn):
-            yield
+    def commit_then_lose(conn: Any, **options: Any) -> Iterator[Any]:
+        with original(conn, **options) as afterwards:
+            yield afterwards
         if len(hidden) < times:
             hidden.append(1)
             conn.close()

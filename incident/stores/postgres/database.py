@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..._forks import renew_in_forked_children
 from ...errors import StoreError
 from ..tables import TableOwners
+from .durability import Durability
 from .migrations import migrate
 from .session import Connection, first_line, lock_key
 
@@ -62,6 +63,7 @@ class Database:
         self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self.append_turns = threading.Lock()  # this process's appends, while predicting
         self.pinned = threading.local()  # the connection of a thread's turn on a stream
+        self.durability = Durability()  # how far the WAL is known flushed (durability.py)
         self._initialized = False
         self._closed = False
         self.owners = TableOwners()
@@ -124,6 +126,7 @@ class Database:
         self._lock, self._pool_lock = threading.Lock(), threading.Lock()
         self.append_turns = threading.Lock()
         self.pinned = threading.local()  # a turn the forking thread held is the parent's
+        self.durability = Durability()  # its condition may be held by a parent's thread
         if self._pool is not None and not self._closed:
             self._inherited.append(self._pool)
             self._pool = None

@@ -39,6 +39,7 @@ from ..protocols import (
 )
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
+from .durability import ASYNC_COMMIT, WAL_POSITIONS, durable_rows
 from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
 from .notify import Listener
 from .prediction import Predictor
@@ -59,6 +60,8 @@ from .sql import event_row
 
 # what an append wrote: its events, its effects, the projection types it created
 _Written = tuple[list[Recorded[Any]], Effects, list[type[Projection]]]
+# and the WAL positions read right after its commit (durability.WAL_POSITIONS)
+_Committing = tuple[_Written, tuple[Any, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -181,8 +184,17 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             # holds; while others are writing, they queue for the lock in the server
             turn = self._db.append_turns if self._predictor.predicting else nullcontext()
             with turn:
-                written = self._append_predicted(conn, job) or self._append_locked(conn, job)
+                written, positions = self._append_predicted(conn, job) or self._append_locked(
+                    conn, job
+                )
                 self._predictor.committed(written[0][-1].position)
+            # committed, not yet acknowledged: only once its WAL is flushed (shared with
+            # every append that committed meanwhile), outside the turn and the lock
+            self._db.durability.after(positions, conn)
+        except DuplicateCommand:
+            # what the key stored may still be in flight: say so only once it is durable
+            self._db.durability.after(conn.execute(WAL_POSITIONS).fetchone(), conn)
+            raise
         except psycopg.errors.UniqueViolation as error:
             # only a writer that bypassed the lock could get here; still a clean conflict
             if error.diag.constraint_name != "events_stream_version":
@@ -207,7 +219,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 with self._db.pool.connection(timeout=remaining) as conn:
-                    rows = conn.execute(self._sql.by_ids, [ids]).fetchall()
+                    rows = durable_rows(conn, self._db.durability, self._sql.by_ids, [ids])
             except psycopg.Error as error:
                 seen = error
                 if not isinstance(error, PoolTimeout):
@@ -255,9 +267,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 if taken:
                     give_turn(conn, key)
 
-    def _append_locked(self, conn: Connection, job: _Job) -> _Written:
+    def _append_locked(self, conn: Connection, job: _Job) -> _Committing:
         """Take the lock and read the heads, then write and commit: two round trips."""
-        with one_sync_transaction(conn):
+        with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
+            conn.execute(ASYNC_COMMIT)  # the lock is let go before the flush: see wait()
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
             heads = conn.execute(self._sql.heads, [job.request.aggregate_id])
             if job.request.idempotency_key is not None:
@@ -271,9 +284,9 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             # delivered when (and only if) this transaction commits
             new_last = str(written[0][-1].position)
             conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
-            return written
+        return written, afterwards.row
 
-    def _append_predicted(self, conn: Connection, job: _Job) -> _Written | None:
+    def _append_predicted(self, conn: Connection, job: _Job) -> _Committing | None:
         """Send the lock, a check of the heads this process expects and the writes in one
         round trip. The expected version is the caller's; the last position is the one
         this process last committed, right whenever nobody else has appended since, as
@@ -287,7 +300,8 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             return None
         new_last = str(last_position + len(job.events))
         try:
-            with one_sync_transaction(conn):
+            with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
+                conn.execute(ASYNC_COMMIT)
                 conn.execute(
                     self._sql.begin_append,
                     [
@@ -313,7 +327,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             elif error.sqlstate != KEY_USED:
                 raise
             return None
-        return written
+        return written, afterwards.row
 
     def _write(self, conn: Connection, job: _Job, version: int, last_position: int) -> _Written:
         """Inside the append's transaction, the heads known: the rows, the key and the

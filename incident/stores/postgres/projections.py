@@ -19,6 +19,7 @@ from .._common import projection_json, projection_key
 from ..protocols import ProjectionStore
 from ..tables import Kind, TableSpec, legacy_name, qualified
 from .database import Database
+from .durability import durable_rows
 from .session import Connection, fetch_value, lock_key, log
 
 P = TypeVar("P", bound=Projection)
@@ -252,7 +253,8 @@ class PostgresProjectionStore:
                     fresh = self.prepare(conn, [projection_type])
                 self.remember(fresh)
             query = table.select_one if one else table.select_all
-            rows = conn.execute(query, params).fetchall()
+            # rows an append committed are read once they are durable, as its events are
+            rows = durable_rows(conn, self._db.durability, query, params)
         return [table.decode(text) for (text,) in rows]
 
     def get(self, projection_type: type[P], key: str) -> P | None:

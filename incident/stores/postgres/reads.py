@@ -22,6 +22,7 @@ from ...storable import keepable_id
 from .._common import ChainedBatches, check_versions, owed_from_row
 from ..protocols import Outcome, Owed
 from .database import Database
+from .durability import WAL_POSITIONS, durable_rows
 from .session import Connection, Query
 from .sql import PAYLOAD_OPENING, EventStatements
 
@@ -52,7 +53,7 @@ class PostgresEventReads:
     def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
         self._db.ready()
         with self._db.connection(doing) as conn:
-            return conn.execute(query, params).fetchall()
+            return durable_rows(conn, self._db.durability, query, params)
 
     def _envelopes(self, rows: Sequence[tuple[Any, ...]]) -> list[Recorded[Any]]:
         """Rows of ``EventStatements`` envelope columns back as envelopes."""
@@ -144,7 +145,10 @@ class PostgresEventReads:
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
         self._db.ready()
         with self._db.connection(f"looking up idempotency key {idempotency_key!r}") as conn:
-            return self._outcome(conn, idempotency_key)
+            outcome = self._outcome(conn, idempotency_key)
+            # what the key stored may be in flight: returned once it is durable
+            self._db.durability.after(conn.execute(WAL_POSITIONS).fetchone(), conn)
+            return outcome
 
     def owed(self, handler: str | None = None) -> list[Owed]:
         if handler is None:

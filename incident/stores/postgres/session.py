@@ -48,19 +48,31 @@ def fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
     return None if row is None else row[0]
 
 
+class Afterwards:
+    """What one_sync_transaction's ``then`` statement returned, once the block is over."""
+
+    row: tuple[Any, ...] | None = None
+
+
 @contextmanager
-def one_sync_transaction(conn: Connection) -> Iterator[None]:
+def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterator[Afterwards]:
     """BEGIN, the block's statements and COMMIT in one pipeline, synced once at the end
     (psycopg's ``transaction()`` syncs once more, before its COMMIT). A failed statement
     makes the server skip everything after it up to the sync, the COMMIT included; the
-    transaction it leaves open, or one a Python error left open, is rolled back here."""
+    transaction it leaves open, or one a Python error left open, is rolled back here.
+    ``then``, a statement run after the COMMIT in the same round trip, has its first row
+    in the yielded ``Afterwards`` once the block is over."""
     failed: psycopg.Error | None = None
+    afterwards = Afterwards()
+    cursor = None
     try:
         with conn.pipeline():
             try:
                 conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see database.py
-                yield
+                yield afterwards
                 conn.execute("COMMIT")
+                if then is not None:
+                    cursor = conn.execute(then)
             except psycopg.Error as error:
                 # a statement failed and its error came back before the block ended: end
                 # the pipeline quietly (its sync then says it was aborted), raise it below
@@ -73,6 +85,8 @@ def one_sync_transaction(conn: Connection) -> Iterator[None]:
     if failed is not None:
         roll_back(conn)
         raise failed
+    if cursor is not None:
+        afterwards.row = cursor.fetchone()
 
 
 def roll_back(conn: Connection) -> None:
