@@ -23,6 +23,7 @@ from incident.examples import bank
 from incident.examples.bank import MoneyDeposited
 from incident.stores.postgres import PostgresEventStore
 from incident.stores.postgres import events as postgres_events
+from incident.stores.postgres import numbered as postgres_numbered
 
 pytestmark = pytest.mark.postgres
 
@@ -50,6 +51,7 @@ def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> 
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     monkeypatch.setattr(postgres_events, "one_sync_transaction", commit_then_lose)
+    monkeypatch.setattr(postgres_numbered, "one_sync_transaction", commit_then_lose)
     return hidden
 
 

@@ -97,14 +97,14 @@ def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
 ) -> None:
     """Threads share flushes (one runs, the others wait for it); each is still covered."""
     with closing(incident.open_event_store(postgres_url)) as store:
-        store.append("warm", [bank.MoneyDeposited(amount=1)])
+        store.append("warm", [bank.MoneyDeposited(amount=1)], expected_version=incident.ANY)
         spy = Spy(monkeypatch)
         late: list[tuple[int, int]] = []
 
         def write(n: int) -> None:
             with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as admin:
                 for _ in range(25):
-                    store.append(f"t{n}", [bank.MoneyDeposited(amount=1)])
+                    store.append(f"t{n}", [bank.MoneyDeposited(amount=1)], expected_version=incident.ANY)
                     mine = spy.by_thread[threading.get_ident()]
                     now = flushed(admin)
                     if now < mine:

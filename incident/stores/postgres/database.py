@@ -149,7 +149,7 @@ class Database:
             with self.pool.connection() if pinned is None else nullcontext(pinned) as conn:
                 used.append(conn)
                 yield conn
-        except psycopg.errors.UndefinedTable as error:
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
             raise StoreError(
                 f"Postgres failed {doing}: {first_line(error)}. Create the tables with "
                 f"`incident init URL`, or open the store with create_tables=True"

@@ -9,15 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
 from ...codec import EventTypes
 from ...errors import CommitUnknown, ConcurrencyError, DuplicateCommand, StoreError
-from ...messages import ANY, Event, Projection, Recorded
+from ...messages import ANY, Projection
 from .._common import (
     AppendVerbs,
     check_expected_version,
@@ -31,17 +29,18 @@ from .._common import (
 from ..protocols import (
     AppendRequest,
     Committed,
-    Effects,
     Outcome,
     Owed,
     ProjectFn,
     ProjectionStore,
 )
+from .append_job import AppendJob, Committing, Written
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
 from .durability import ASYNC_COMMIT, WAL_POSITIONS, durable_rows
 from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
 from .notify import Listener
+from .numbered import NumberedAppends
 from .prediction import Predictor
 from .projections import PostgresProjectionStore, writes_into
 from .reads import PostgresEventReads
@@ -57,26 +56,6 @@ from .session import (
     take_turn,
 )
 from .sql import event_row
-
-# what an append wrote: its events, its effects, the projection types it created
-_Written = tuple[list[Recorded[Any]], Effects, list[type[Projection]]]
-# and the WAL positions read right after its commit (durability.WAL_POSITIONS)
-_Committing = tuple[_Written, tuple[Any, ...] | None]
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One append, checked and encoded, ready to write. ``sent`` keeps what each try
-    of it wrote into a transaction, so a commit the connection died in can be looked up
-    by its events' ids."""
-
-    request: AppendRequest
-    events: list[Event]  # the request's, checked
-    payloads: list[str]
-    metadata_text: str  # encoded once, for every row
-    project: ProjectFn | None
-    shared: bool  # the projections go into this database, in the same transaction
-    sent: list[_Written] = field(default_factory=list)
 
 
 class PostgresEventStore(PostgresEventReads, AppendVerbs):
@@ -104,6 +83,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
         super().__init__(db, types=types, batch_size=batch_size)
         self._projections = PostgresProjectionStore(db)
         self._predictor = Predictor()
+        self._numbered = NumberedAppends(db, self._sql, self._projections)
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
         self._listener = Listener(db.conninfo, self._channel)
@@ -132,7 +112,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
             return Committed([])
-        job = _Job(
+        job = AppendJob(
             request,
             batch,
             payloads,
@@ -149,7 +129,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 projection_store.project(projection)
         return Committed(recorded, effects)
 
-    def _append_resolved(self, job: _Job) -> _Written:
+    def _append_resolved(self, job: AppendJob) -> Written:
         """Append; when the connection dies during it, find out whether it committed
         rather than leave the caller guessing. Found: what was stored. Not found:
         nothing was written, so the same append (same expected version) is tried once
@@ -178,16 +158,17 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                     ) from error.__cause__
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _append_once(self, conn: Connection, job: _Job) -> _Written:
+    def _append_once(self, conn: Connection, job: AppendJob) -> Written:
         try:
             # while predicting, this process's appends take turns so each one's guess
             # holds; while others are writing, they queue for the lock in the server
-            turn = self._db.append_turns if self._predictor.predicting else nullcontext()
-            with turn:
-                written, positions = self._append_predicted(conn, job) or self._append_locked(
-                    conn, job
-                )
-                self._predictor.committed(written[0][-1].position)
+            committing = self._numbered.append(conn, job, self._channel)
+            if committing is None:  # numbered here: its inline work looks at positions
+                turn = self._db.append_turns if self._predictor.predicting else nullcontext()
+                with turn:
+                    committing = self._append_predicted(conn, job) or self._append_locked(conn, job)
+                    self._predictor.committed(committing[0][0][-1].position)
+            written, positions = committing
             # committed, not yet acknowledged: only once its WAL is flushed (shared with
             # every append that committed meanwhile), outside the turn and the lock
             self._db.durability.after(positions, conn)
@@ -205,7 +186,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             ) from error
         return written
 
-    def _look_up_sent(self, job: _Job, doing: str, lost: StoreError) -> _Written | None:
+    def _look_up_sent(self, job: AppendJob, doing: str, lost: StoreError) -> Written | None:
         """After a lost connection: the append as stored, or None when it was not (its
         transaction's rows are all there or none is). Event ids are made here, before
         sending, and unique in the table. Connections are asked for until the pool's
@@ -230,6 +211,8 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 return None
             stored = self._envelopes(rows)
             self._predictor.committed(stored[-1].position)
+            if effects.owed:  # owed work holds its cause's envelope: the one stored
+                effects = effects_of(job.project, stored)
             return stored, effects, fresh
         raise CommitUnknown(
             f"Postgres lost the connection {doing} ({first_line(lost.__cause__ or lost)})"
@@ -267,7 +250,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
                 if taken:
                     give_turn(conn, key)
 
-    def _append_locked(self, conn: Connection, job: _Job) -> _Committing:
+    def _append_locked(self, conn: Connection, job: AppendJob) -> Committing:
         """Take the lock and read the heads, then write and commit: two round trips."""
         with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
             conn.execute(ASYNC_COMMIT)  # the lock is let go before the flush: see wait()
@@ -286,7 +269,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
         return written, afterwards.row
 
-    def _append_predicted(self, conn: Connection, job: _Job) -> _Committing | None:
+    def _append_predicted(self, conn: Connection, job: AppendJob) -> Committing | None:
         """Send the lock, a check of the heads this process expects and the writes in one
         round trip. The expected version is the caller's; the last position is the one
         this process last committed, right whenever nobody else has appended since, as
@@ -329,7 +312,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs):
             return None
         return written, afterwards.row
 
-    def _write(self, conn: Connection, job: _Job, version: int, last_position: int) -> _Written:
+    def _write(self, conn: Connection, job: AppendJob, version: int, last_position: int) -> Written:
         """Inside the append's transaction, the heads known: the rows, the key and the
         projections, queued in the pipeline."""
         recorded = stamp(

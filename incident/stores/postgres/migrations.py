@@ -120,6 +120,43 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        "0006_numbered_appends",
+        "a function that numbers an append in the database, so the append lock is held"
+        " for one server-side step whoever else is writing",
+        [
+            # Like begin_append, but it reads the last position under the lock instead of
+            # checking a guess, and leaves it in incident.base for the rows that follow
+            # in the same transaction (position = base + their place in the append).
+            """
+            CREATE FUNCTION {schema}.append_numbered(
+                append_lock bigint, stream text, stream_version integer, wanted_key text,
+                channel text, count integer
+            ) RETURNS bigint LANGUAGE plpgsql AS $$
+            DECLARE
+                actual integer;
+                last bigint;
+            BEGIN
+                PERFORM pg_advisory_xact_lock(append_lock);
+                SELECT coalesce(max(version), 0) INTO actual FROM {schema}.events
+                    WHERE aggregate_id = stream;
+                IF actual <> stream_version THEN
+                    RAISE EXCEPTION 'stream % is at version %', stream, actual
+                        USING ERRCODE = 'IN409', DETAIL = actual::text;
+                END IF;
+                IF EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key) THEN
+                    RAISE EXCEPTION 'idempotency key % was used', wanted_key
+                        USING ERRCODE = 'IN411';
+                END IF;
+                SELECT coalesce(max(position), 0) INTO last FROM {schema}.events;
+                PERFORM set_config('incident.base', last::text, true);
+                PERFORM pg_notify(channel, (last + count)::text);
+                RETURN last;
+            END
+            $$
+            """,
+        ],
+    ),
 ]
 # a migration that rewrites the events table says so first when the log is this long
 ANNOUNCED_REWRITE = 100_000

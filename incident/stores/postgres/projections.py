@@ -226,13 +226,21 @@ class PostgresProjectionStore:
 
     def queue(self, conn: Connection, projections: Sequence[Projection]) -> None:
         """Inside an append's transaction: checks every row, then sends the upserts."""
+        for upsert, payload in self.upserts(projections):
+            conn.execute(upsert, [payload])
+
+    def upserts(self, projections: Sequence[Projection]) -> list[tuple[str, str]]:
+        """Each projection's upsert statement and its checked JSON."""
         rows = []
         for projection in projections:
             self._check(projection)
             table = self._table(type(projection))
-            rows.append((table, projection_json(projection, table.spec)[1].decode()))
-        for table, payload in rows:
-            conn.execute(table.upsert, [payload])
+            rows.append((table.upsert, projection_json(projection, table.spec)[1].decode()))
+        return rows
+
+    def known(self, types: Iterable[type[Projection]]) -> bool:
+        """Whether these types' tables are known to exist (no DDL is needed to write)."""
+        return all(projection_type in self._tables for projection_type in types)
 
     def write_many(self, conn: Connection, projections: Sequence[Projection]) -> None:
         """Upsert a batch's projections, one pipelined ``executemany`` per table rather than

@@ -48,6 +48,7 @@ class PostgresEventReads:
             keys=db.table("idempotency_keys").as_string(),
             owed=db.table("incident_owed").as_string(),
             begin_append=db.table("begin_append").as_string(),
+            append_numbered=db.table("append_numbered").as_string(),
         )
 
     def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:

@@ -24,12 +24,19 @@ class EventStatements:
     its table names come quoted by psycopg (``Database.table(name).as_string()``), so
     every statement is a plain string, built once."""
 
-    def __init__(self, events: str, keys: str, owed: str, begin_append: str) -> None:
+    def __init__(
+        self, events: str, keys: str, owed: str, begin_append: str, append_numbered: str
+    ) -> None:
         self.insert = (
             f"INSERT INTO {events} (position, event_id, aggregate_id, aggregate, version,"
             " event_type, schema_version, event_date, data, metadata)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::json, %s::json)"
         )
+        # an append the database numbers (append_numbered): a row's position is the
+        # base it left in incident.base plus the row's place in the append
+        base = "current_setting('incident.base')::bigint + %s"
+        self.insert_numbered = self.insert.replace("VALUES (%s,", f"VALUES ({base},", 1)
+        self.append_numbered = f"SELECT {append_numbered}(%s, %s, %s, %s, %s, %s)"
         self.heads = (
             f"SELECT (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = %s),"
             f" (SELECT coalesce(max(position), 0) FROM {events})"
@@ -67,6 +74,10 @@ class EventStatements:
         self.remember_key = (
             f"INSERT INTO {keys} (key, first_position, last_position) VALUES (%s, %s, %s)"
         )
+        self.remember_key_numbered = (
+            f"INSERT INTO {keys} (key, first_position, last_position)"
+            f" VALUES (%s, {base.replace('%s', '1')}, {base})"
+        )
         self.remember_rejection = (
             f"INSERT INTO {keys} (key, first_position, last_position, rejected, detail)"
             " VALUES (%s, 0, 0, %s, %s) ON CONFLICT (key) DO NOTHING"
@@ -77,6 +88,8 @@ class EventStatements:
             " ON CONFLICT (handler, position) DO UPDATE SET error = excluded.error,"
             " attempts = excluded.attempts"
         )
+        # OWED_COLUMNS' second is the position (Owed's field order)
+        self.owe_numbered = self.owe.replace("VALUES (%s, %s,", f"VALUES (%s, {base},", 1)
         self.owed = f"SELECT {columns} FROM {owed} ORDER BY position, handler"
         self.owed_by = f"SELECT {columns} FROM {owed} WHERE handler = %s ORDER BY position"
         self.settle = f"DELETE FROM {owed} WHERE handler = %s AND position = %s"

@@ -1,0 +1,164 @@
+"""Appends the database numbers: one round trip whoever else is writing, with the append
+lock held for one server-side step.
+
+Predicting the log's last position (:mod:`.prediction`) works for one writing process.
+Under several, the guess is usually wrong and the append reads the heads under the lock,
+then writes: the lock then waits for a round trip to the client, for every append in
+the schema. An append whose inline work does not look at positions needs neither: the
+``append_numbered`` function (migration 0006) takes the lock, checks the stream's
+version and the key, and leaves the last position in ``incident.base``; the rows sent
+with it in the same pipeline number themselves from it. Whether the inline work looks at
+positions is found by running it on placeholder positions first (:mod:`..unnumbered`);
+if it does, the append goes the predicted or locked way, as before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import psycopg
+
+from ...errors import ConcurrencyError
+from ...messages import Recorded
+from .._common import effects_of, owed_row, stamp
+from ..protocols import Effects
+from ..unnumbered import Placeholders, Unnumbered
+from .append_job import AppendJob, Committing, Written
+from .database import Database
+from .durability import ASYNC_COMMIT, WAL_POSITIONS
+from .migrations import KEY_USED, STREAM_MOVED
+from .projections import PostgresProjectionStore
+from .session import Connection, one_sync_transaction
+from .sql import EventStatements, event_row
+
+_OWED_POSITION = 1  # the position's place in an owed row (OWED_COLUMNS)
+
+
+class NumberedAppends:
+    """The numbered path of one event store; ``available`` until a schema without
+    ``append_numbered`` (not migrated by this version) says otherwise."""
+
+    def __init__(
+        self, db: Database, statements: EventStatements, projections: PostgresProjectionStore
+    ) -> None:
+        self._db, self._sql, self._projections = db, statements, projections
+        self.available = True
+
+    def append(self, conn: Connection, job: AppendJob, channel: str) -> Committing | None:
+        """The append, committed (not yet durable), or None when it must be numbered in
+        the client: its inline work looks at positions, its expected version is ANY, a
+        projection's table may still need making, or the key was used (the locked path
+        says what it stored). A conflict is a ConcurrencyError, nothing written."""
+        version = job.request.expected_version
+        if not self.available or not isinstance(version, int):
+            return None
+        stand_ins = stamp(
+            job.request.aggregate_id,
+            job.request.aggregate,
+            job.events,
+            first_position=0,
+            first_version=version + 1,
+            metadata=job.request.metadata,
+        )
+        placeholders = Placeholders()
+        prepared = self._prepare(job, placeholders, placeholders.stand_in(stand_ins))
+        if prepared is None:
+            return None
+        recorded, effects, upserts = prepared
+        job.sent.append((recorded, effects, []))  # its ids, if the connection dies
+        try:
+            with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
+                conn.execute(ASYNC_COMMIT)
+                numbered = conn.execute(
+                    self._sql.append_numbered,
+                    [
+                        self._db.append_lock,
+                        job.request.aggregate_id,
+                        version,
+                        job.request.idempotency_key,
+                        channel,
+                        len(recorded),
+                    ],
+                )
+                self._write(conn, job, recorded, effects, upserts)
+        except psycopg.errors.UndefinedFunction:
+            self.available = False  # a schema from before 0006, not migrated here
+            return None
+        except psycopg.Error as error:
+            if error.sqlstate == STREAM_MOVED:
+                actual = int(error.diag.message_detail or 0)
+                raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
+            if error.sqlstate == KEY_USED:
+                return None
+            raise
+        row = numbered.fetchone()
+        assert row is not None
+        final = renumbered(recorded, int(row[0]))
+        # owed work holds its cause's envelope: made again with the real positions
+        written: Written = (
+            final,
+            effects_of(job.project, final) if effects.owed else effects,
+            [],
+        )
+        job.sent[-1] = written
+        return written, afterwards.row
+
+    def _prepare(
+        self, job: AppendJob, placeholders: Placeholders, stand_ins: list[Recorded[Any]]
+    ) -> tuple[list[Recorded[Any]], Effects, list[tuple[str, str]]] | None:
+        """The inline work run on placeholder positions, and its projections encoded;
+        None if it looked at a position (or failed, which the ordinary path will show
+        again on real positions), or a projection's table may need making."""
+        try:
+            effects = effects_of(job.project, stand_ins)
+            if placeholders.used:
+                return None
+            projections = effects.projections if job.shared else []
+            if not self._projections.known(map(type, projections)):
+                return None
+            # a placeholder copied into a row fails to encode here
+            upserts = self._projections.upserts(projections)
+            if not job.shared:
+                for projection in effects.projections:
+                    msgspec.json.encode(projection)
+        except Exception:
+            return None
+        if placeholders.used:
+            return None
+        return stand_ins, effects, upserts
+
+    def _write(
+        self,
+        conn: Connection,
+        job: AppendJob,
+        recorded: list[Recorded[Any]],
+        effects: Effects,
+        upserts: list[tuple[str, str]],
+    ) -> None:
+        """The rows, numbered by the database, queued in the pipeline after the lock."""
+        for record, payload in zip(recorded, job.payloads, strict=True):
+            row = event_row(record, payload, job.metadata_text)
+            conn.execute(self._sql.insert_numbered, (_offset(record.position), *row[1:]))
+        if job.request.idempotency_key is not None:
+            conn.execute(
+                self._sql.remember_key_numbered, [job.request.idempotency_key, len(recorded)]
+            )
+        for work in effects.owed:
+            values = list(owed_row(work))
+            values[_OWED_POSITION] = _offset(values[_OWED_POSITION])
+            conn.execute(self._sql.owe_numbered, values)
+        for upsert, payload in upserts:
+            conn.execute(upsert, [payload])
+
+
+def renumbered(stand_ins: list[Recorded[Any]], base: int) -> list[Recorded[Any]]:
+    """The envelopes with their real positions, once the database has said the base."""
+    return [
+        msgspec.structs.replace(record, position=base + _offset(record.position))
+        for record in stand_ins
+    ]
+
+
+def _offset(position: Any) -> int:
+    assert isinstance(position, Unnumbered)
+    return position.offset
