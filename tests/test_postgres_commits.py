@@ -50,8 +50,18 @@ def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> 
             conn.close()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
+    def sent_then_lost(conn: Any, *args: Any, **options: Any) -> Any:
+        results = original_message(conn, *args, **options)
+        if len(hidden) < times:
+            hidden.append(1)
+            conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return results
+
+    original_message = postgres_numbered.one_message_transaction
     monkeypatch.setattr(postgres_events, "one_sync_transaction", commit_then_lose)
-    monkeypatch.setattr(postgres_numbered, "one_sync_transaction", commit_then_lose)
+    # appends the database numbers send their transaction as one message
+    monkeypatch.setattr(postgres_numbered, "one_message_transaction", sent_then_lost)
     return hidden
 
 

@@ -13,6 +13,7 @@ if it does, the append goes the predicted or locked way, as before."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -28,7 +29,7 @@ from .database import Database
 from .durability import ASYNC_COMMIT, WAL_POSITIONS
 from .migrations import KEY_USED, STREAM_MOVED
 from .projections import PostgresProjectionStore
-from .session import Connection, one_sync_transaction
+from .session import Connection, one_message_transaction
 from .sql import EventStatements, event_row
 
 _OWED_POSITION = 1  # the position's place in an owed row (OWED_COLUMNS)
@@ -66,21 +67,23 @@ class NumberedAppends:
             return None
         recorded, effects, upserts = prepared
         job.sent.append((recorded, effects, []))  # its ids, if the connection dies
+        statements = [
+            (ASYNC_COMMIT, ()),
+            (
+                self._sql.append_numbered,
+                (
+                    self._db.append_lock,
+                    job.request.aggregate_id,
+                    version,
+                    job.request.idempotency_key,
+                    channel,
+                    len(recorded),
+                ),
+            ),
+            *self._rows(job, recorded, effects, upserts),
+        ]
         try:
-            with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
-                conn.execute(ASYNC_COMMIT)
-                numbered = conn.execute(
-                    self._sql.append_numbered,
-                    [
-                        self._db.append_lock,
-                        job.request.aggregate_id,
-                        version,
-                        job.request.idempotency_key,
-                        channel,
-                        len(recorded),
-                    ],
-                )
-                self._write(conn, job, recorded, effects, upserts)
+            results = one_message_transaction(conn, statements, then=WAL_POSITIONS)
         except psycopg.errors.UndefinedFunction:
             self.available = False  # a schema from before 0006, not migrated here
             return None
@@ -91,9 +94,9 @@ class NumberedAppends:
             if error.sqlstate == KEY_USED:
                 return None
             raise
-        row = numbered.fetchone()
-        assert row is not None
-        final = renumbered(recorded, int(row[0]))
+        numbered, positions = results[1], results[-1]
+        assert numbered and positions
+        final = renumbered(recorded, int(numbered[0][0]))
         # owed work holds its cause's envelope: made again with the real positions
         written: Written = (
             final,
@@ -101,7 +104,7 @@ class NumberedAppends:
             [],
         )
         job.sent[-1] = written
-        return written, afterwards.row
+        return written, positions[0]
 
     def _prepare(
         self, job: AppendJob, placeholders: Placeholders, stand_ins: list[Recorded[Any]]
@@ -127,28 +130,27 @@ class NumberedAppends:
             return None
         return stand_ins, effects, upserts
 
-    def _write(
+    def _rows(
         self,
-        conn: Connection,
         job: AppendJob,
         recorded: list[Recorded[Any]],
         effects: Effects,
         upserts: list[tuple[str, str]],
-    ) -> None:
-        """The rows, numbered by the database, queued in the pipeline after the lock."""
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """The statements after the lock: rows numbered by the database."""
+        statements: list[tuple[str, Sequence[Any]]] = []
         for record, payload in zip(recorded, job.payloads, strict=True):
             row = event_row(record, payload, job.metadata_text)
-            conn.execute(self._sql.insert_numbered, (_offset(record.position), *row[1:]))
+            statements.append((self._sql.insert_numbered, (_offset(record.position), *row[1:])))
         if job.request.idempotency_key is not None:
-            conn.execute(
-                self._sql.remember_key_numbered, [job.request.idempotency_key, len(recorded)]
-            )
+            key = job.request.idempotency_key
+            statements.append((self._sql.remember_key_numbered, (key, len(recorded))))
         for work in effects.owed:
             values = list(owed_row(work))
             values[_OWED_POSITION] = _offset(values[_OWED_POSITION])
-            conn.execute(self._sql.owe_numbered, values)
-        for upsert, payload in upserts:
-            conn.execute(upsert, [payload])
+            statements.append((self._sql.owe_numbered, values))
+        statements.extend((upsert, (payload,)) for upsert, payload in upserts)
+        return statements
 
 
 def renumbered(stand_ins: list[Recorded[Any]], base: int) -> list[Recorded[Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -87,6 +87,33 @@ def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterat
         raise failed
     if cursor is not None:
         afterwards.row = cursor.fetchone()
+
+
+def one_message_transaction(
+    conn: Connection, statements: Sequence[tuple[str, Sequence[Any]]], *, then: str
+) -> list[list[tuple[Any, ...]] | None]:
+    """BEGIN, the statements, COMMIT and ``then`` sent as one message (the simple query
+    protocol, values bound in the client by psycopg's literal quoting), so the server runs
+    them back to back: a lock the first one takes is held for none of this process's time
+    (no round trip, no wait for it to be scheduled again) while the rest arrive. Returns
+    each statement's rows (None for one without), ``then``'s last. A failure rolls back."""
+    cursor = psycopg.ClientCursor(conn)
+    text = ";".join(
+        ["BEGIN ISOLATION LEVEL READ COMMITTED"]
+        + [cursor.mogrify(query, params) for query, params in statements]
+        + ["COMMIT", then]
+    )
+    try:
+        cursor.execute(text)
+        results: list[list[tuple[Any, ...]] | None] = []
+        while True:
+            results.append(cursor.fetchall() if cursor.description else None)
+            if not cursor.nextset():
+                break
+    except BaseException:
+        roll_back(conn)
+        raise
+    return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
 
 
 def roll_back(conn: Connection) -> None:
