@@ -88,8 +88,8 @@ def test_a_read_returns_only_flushed_commits(
                 other.execute(f'UPDATE "{schema}".events SET metadata = metadata')
             read()
             assert flushed(postgres_admin) >= spy.inserted[-1], name
-    for closing in (reader, projections, handler):
-        closing.close()
+    for opened in (reader, projections, handler):
+        opened.close()
 
 
 def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
@@ -104,7 +104,8 @@ def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
         def write(n: int) -> None:
             with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as admin:
                 for _ in range(25):
-                    store.append(f"t{n}", [bank.MoneyDeposited(amount=1)], expected_version=incident.ANY)
+                    deposit = [bank.MoneyDeposited(amount=1)]
+                    store.append(f"t{n}", deposit, expected_version=incident.ANY)
                     mine = spy.by_thread[threading.get_ident()]
                     now = flushed(admin)
                     if now < mine:

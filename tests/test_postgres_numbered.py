@@ -166,9 +166,11 @@ def test_owed_work_records_the_real_position(postgres_url: str) -> None:
     for account in ("x", "y"):
         handler.dispatch(bank.OpenAccount(aggregate_id=account))
     handler.dispatch(bank.DepositMoney(aggregate_id="x", amount=50))
-    handler.dispatch(bank.RequestTransfer(
+    handler.dispatch(
+        bank.RequestTransfer(
             aggregate_id="t1", source_account_number="x", destination_account_number="y", amount=20
-        ))
+        )
+    )
     log = list(handler.event_store.read_all())
     assert [r.position for r in log] == list(range(1, len(log) + 1))
     assert handler.event_store.owed() == []  # carried out and settled, by position
