@@ -123,7 +123,12 @@ def main() -> None:
         seconds: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.rounds):
             for backend, fresh in backends.items():
-                for case, (run, writers) in cases.items():
+                # the order turns each round, so no case is always first (or last)
+                order = (
+                    list(cases.items())[round_ % len(cases) :]
+                    + list(cases.items())[: round_ % len(cases)]
+                )
+                for case, (run, writers) in order:
                     commands = args.commands - args.commands % writers
                     with fresh() as url:
                         took = run(url, writers, commands)

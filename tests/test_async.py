@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections import Counter
 from typing import Any
 
 import pytest
+from conftest import DURABLE_BACKENDS, on_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import incident
+from incident.command_handler.asynchronous import TaskTurns
 from incident.examples import bank
 from incident.examples.bank import (
     BankAccount,
@@ -210,6 +213,88 @@ def test_snapshots_are_taken_and_read_back(store_url: str) -> None:
             assert (await fresh.state("bank_account", "A")).balance == 6
             snapshots = await store.projections().all(incident.snapshots.Snapshot)
             assert [s.version for s in snapshots] == [4]
+
+    asyncio.run(main())
+
+
+def test_concurrent_sqlite_appends_share_commits(tmp_path: Any) -> None:
+    """Tasks' appends reach the SQLite store's group commit from several workers at
+    once, so they share transactions (one fsync for several commands)."""
+
+    async def main() -> None:
+        async with bank.build_async(f"sqlite:///{tmp_path}/shared.db") as app:
+            for number in ACCOUNTS:
+                await app.dispatch(OpenAccount(aggregate_id=number))
+
+            async def deposit(number: str) -> None:
+                for _ in range(10):
+                    await app.dispatch(DepositMoney(aggregate_id=number, amount=1))
+
+            group = app.event_store.sync.group  # type: ignore[attr-defined]
+            before = group.appends, group.transactions
+            await asyncio.gather(*(deposit(number) for number in ACCOUNTS for _ in range(4)))
+            appends, transactions = group.appends - before[0], group.transactions - before[1]
+            assert appends == len(ACCOUNTS) * 4 * 10
+            assert transactions < appends  # commits were shared
+
+    asyncio.run(main())
+
+
+def test_tasks_that_collide_take_turns() -> None:
+    """Once tasks have collided on a stream, the next ones take its turn (a lock), and a
+    stream nobody collided on takes none."""
+
+    async def main() -> None:
+        turns = TaskTurns(size=2)
+        stream = ("bank_account", "A")
+        assert not turns.contended(stream)
+        turns.collided(stream)
+        assert turns.contended(stream)
+        order: list[str] = []
+
+        async def take(name: str) -> None:
+            async with turns.turn(stream):
+                order.append(f"{name} in")
+                await asyncio.sleep(0)
+                order.append(f"{name} out")
+
+        await asyncio.gather(take("first"), take("second"))
+        assert order == ["first in", "first out", "second in", "second out"]
+        for n in range(3):  # the oldest idle streams are forgotten beyond the size
+            turns.collided(("bank_account", f"B{n}"))
+        assert not turns.contended(stream)
+
+    asyncio.run(main())
+
+
+@on_backends(DURABLE_BACKENDS)
+def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> None:
+    """On SQLite and Postgres the commit runs on a worker thread: while it is in
+    flight, other tasks of the loop run. Here the commit waits for a task to let it go;
+    a commit on the loop's own thread would wait forever (and fail after 10 s)."""
+
+    async def main() -> None:
+        store = incident.open_async_event_store(store_url)
+        release = threading.Event()
+        commit = store.sync.commit
+
+        def held_commit(*args: Any, **kwargs: Any) -> Any:
+            if not release.wait(10):
+                raise AssertionError("the loop was blocked while a commit was in flight")
+            return commit(*args, **kwargs)
+
+        async with store:
+            app = bank.build_async(store)
+            store.sync.commit = held_commit  # type: ignore[method-assign]
+
+            async def let_go() -> None:
+                await asyncio.sleep(0)
+                release.set()
+
+            recorded, _ = await asyncio.gather(
+                app.dispatch(OpenAccount(aggregate_id="A")), let_go()
+            )
+            assert [r.version for r in recorded] == [1]
 
     asyncio.run(main())
 

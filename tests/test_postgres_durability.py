@@ -10,6 +10,7 @@ the outcome end to end: nothing acknowledged or read is gone after a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from contextlib import closing
 from typing import Any
@@ -139,3 +140,25 @@ def test_the_flush_statement_really_flushes(postgres_url: str, postgres_admin: A
         assert flushed(postgres_admin) >= lsn(row[0])
     finally:
         postgres_admin.execute(f'DROP TABLE "{schema}".probe')
+
+
+def test_an_async_append_returns_once_its_commit_is_flushed(
+    postgres_url: str, postgres_admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async store keeps the guarantee: an awaited append (and a dispatch of the
+    async handler) returns only once the WAL flush covers its commit."""
+
+    async def main() -> None:
+        async with incident.open_async_event_store(postgres_url) as store:
+            deposit = [bank.MoneyDeposited(amount=1)]
+            await store.append("a", deposit, expected_version=0)  # tables made
+            spy = Spy(monkeypatch)
+            for version in range(1, 21):
+                await store.append("a", deposit, expected_version=version)
+                assert flushed(postgres_admin) >= spy.inserted[-1]
+            assert len(spy.inserted) == 20
+            app = bank.build_async(store)
+            await app.dispatch(bank.OpenAccount(aggregate_id="acc"))  # a read, then a commit
+            assert len(spy.inserted) > 20 and flushed(postgres_admin) >= max(spy.inserted)
+
+    asyncio.run(main())

@@ -46,9 +46,11 @@ class TaskTurns:
         self._size = size
 
     def contended(self, stream: Key) -> bool:
+        """Whether tasks have collided on ``stream`` (so its commands take turns)."""
         return stream in self._locks
 
     def collided(self, stream: Key) -> None:
+        """Tasks collided on ``stream``: its commands take turns from now on."""
         if stream in self._locks:
             self._locks.move_to_end(stream)
             return

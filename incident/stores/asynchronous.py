@@ -74,6 +74,7 @@ class Workers:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def shutdown(self) -> None:
+        """Stop the threads once their work is done; work not started is cancelled."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -150,25 +151,32 @@ class AsyncEventStore:
         return await self.run(commit)
 
     async def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        """What an earlier command with this idempotency key came to, or None."""
         return await self.run(partial(self.sync.outcome_for, idempotency_key))
 
     async def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        """Record that the command keyed so was rejected, unless the key already has an
+        outcome; returns the outcome now stored."""
         return await self.run(
             partial(self.sync.remember_rejection, idempotency_key, reason, detail)
         )
 
     async def owed(self, handler: str | None = None) -> list[Owed]:
+        """Follow-up work still owed, in position order, of one inline handler or all."""
         return await self.run(partial(self.sync.owed, handler))
 
     async def owe(self, owed: Owed) -> None:
+        """Keep (or update) a record of owed work."""
         await self.run(partial(self.sync.owe, owed))
 
     async def settle(self, handler: str, position: int) -> None:
+        """The work ``handler`` owed for the event at ``position`` is done."""
         await self.run(partial(self.sync.settle, handler, position))
 
     async def initialize(self) -> list[str]:
+        """Create or migrate the tables, idempotently; returns what was done."""
         return await self.run(self.sync.initialize)
 
     # -- reading -----------------------------------------------------------
@@ -223,6 +231,7 @@ class AsyncEventStore:
     def shares_database_with(
         self, projection_store: AsyncProjectionStore | ProjectionStore
     ) -> bool:
+        """Whether ``projection_store`` is in this store's database (one commit for both)."""
         if isinstance(projection_store, AsyncProjectionStore):
             projection_store = projection_store.sync
         return self.sync.shares_database_with(projection_store)
@@ -247,12 +256,16 @@ class AsyncProjectionStore:
         return await self.workers.run(partial(self.sync.project, projection))
 
     async def get(self, projection_type: type[P], key: str) -> P | None:
+        """The stored projection of that type and key, or None."""
         return await self.workers.run(partial(self.sync.get, projection_type, key))
 
     async def all(self, projection_type: type[P]) -> list[P]:
+        """Every stored projection of that type."""
         return await self.workers.run(partial(self.sync.all, projection_type))
 
     async def close(self) -> None:
+        """Close the sync store (and the event store sharing its database), then stop
+        the workers."""
         try:
             await self.workers.run(self.sync.close)
         finally:
