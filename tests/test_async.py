@@ -299,6 +299,46 @@ def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> Non
     asyncio.run(main())
 
 
+def test_bad_options_and_urls_are_refused() -> None:
+    with pytest.raises(incident.IncidentError, match="Not a store URL"):
+        incident.open_async_event_store("bank.db")
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        incident.open_async_event_store("memory://", workers=-1)
+    with pytest.raises(ValueError, match="page_size must be >= 1"):
+        incident.AsyncEventStore(incident.open_event_store("memory://"), workers=0, page_size=0)
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        bank.build_async("memory://", retries=-1)
+
+
+@on_backends(["postgres"])
+def test_postgres_reads_run_on_async_connections(store_url: str) -> None:
+    """The async Postgres store reads on psycopg's async connections, not on its
+    workers: with the workers refusing work, its reads still answer (its writes, the
+    sync store's append path, need them)."""
+
+    async def main() -> None:
+        store = incident.open_async_event_store(store_url)
+        async with store:
+            await store.append("a", [MoneyDeposited(amount=1)], expected_version=0)
+            await store.version("a")  # the tables are made (by the sync store's code)
+
+            async def refuse(work: Any) -> Any:
+                raise AssertionError("a read went to the worker threads")
+
+            run = store.workers.run
+            store.workers.run = refuse  # type: ignore[method-assign]
+            assert [r.version for r in await store.get("a")] == [1]
+            assert [r.position async for r in store.read_all()] == [1]
+            assert [e.amount async for e in store.events("a")] == [1]
+            assert (await store.version("a"), await store.last_position()) == (1, 1)
+            assert await store.owed() == []
+            with pytest.raises(AssertionError, match="worker threads"):
+                await store.append("a", [MoneyDeposited(amount=2)], expected_version=1)
+            store.workers.run = run  # type: ignore[method-assign]
+
+    asyncio.run(main())
+
+
 def test_close_closes_only_the_stores_it_opened(tmp_path: Any) -> None:
     async def main() -> None:
         store = incident.open_async_event_store(f"sqlite:///{tmp_path}/given.db")

@@ -162,3 +162,38 @@ def test_an_async_append_returns_once_its_commit_is_flushed(
             assert len(spy.inserted) > 20 and flushed(postgres_admin) >= max(spy.inserted)
 
     asyncio.run(main())
+
+
+def test_async_reads_return_only_flushed_commits(postgres_url: str, postgres_admin: Admin) -> None:
+    """The async store's native reads are bounded by the flushed WAL like the sync ones:
+    another writer's commit that is visible but not yet flushed is flushed before a read
+    returns it."""
+    schema = postgres_url.rsplit("schema=", 1)[1]
+
+    async def main() -> None:
+        async with incident.open_async_event_store(postgres_url) as store:
+            store.types.register(*bank.bank_account.event_types)
+            await store.append("acc", [bank.MoneyDeposited(amount=1)], expected_version=0)
+            reads: dict[str, Any] = {
+                "read_all": lambda: _drained(store.read_all()),
+                "get": lambda: store.get("acc"),
+                "stream": lambda: _drained(store.stream("acc")),
+                "version": lambda: store.version("acc"),
+                "last_position": store.last_position,
+                "owed": store.owed,
+            }
+            with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as other:
+                for name, read in reads.items():
+                    with other.transaction():
+                        other.execute("SET LOCAL synchronous_commit = off")
+                        other.execute(f'UPDATE "{schema}".events SET metadata = metadata')
+                    row = other.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+                    assert row is not None
+                    await read()
+                    assert flushed(postgres_admin) >= lsn(row[0]), name
+
+    asyncio.run(main())
+
+
+async def _drained(items: Any) -> list[Any]:
+    return [item async for item in items]

@@ -34,7 +34,7 @@ from ..stores import (
     open_projection_store,
 )
 from ..subscriptions import Subscription, Subscriptions
-from .core import HandlerCore, HandlerParts, idempotency_key, open_pair
+from .core import HandlerCore, HandlerParts, Tuning, idempotency_key, open_pair
 from .turns import Turns
 
 __all__ = ["CommandHandler", "idempotency_key"]
@@ -90,14 +90,10 @@ class CommandHandler(HandlerParts):
             self._core = core = HandlerCore(
                 events,
                 projections,
-                aggregates=aggregates,
-                event_handlers=event_handlers,
-                subscriptions=subscriptions,
-                retries=retries,
-                backoff=backoff,
-                cache_size=cache_size,
-                snapshot_every=snapshot_every,
-                verify_snapshots=verify_snapshots,
+                aggregates,
+                event_handlers,
+                Tuning(retries, backoff, cache_size, snapshot_every, verify_snapshots),
+                subscriptions,
             )
         except BaseException:
             self.close()

@@ -27,7 +27,7 @@ from ..stores import (
     open_async_event_store,
     open_async_projection_store,
 )
-from .core import HandlerCore, HandlerParts, open_pair
+from .core import HandlerCore, HandlerParts, Tuning, open_pair
 
 __all__ = ["AsyncCommandHandler", "TaskTurns"]
 
@@ -119,17 +119,19 @@ class AsyncCommandHandler(HandlerParts):
         )
         self.event_store: AsyncEventStore = events
         self.projection_store: AsyncProjectionStore = projections
-        self._core = core = HandlerCore(
-            events.sync,
-            projections.sync,
-            aggregates=aggregates,
-            event_handlers=event_handlers,
-            retries=retries,
-            backoff=backoff,
-            cache_size=cache_size,
-            snapshot_every=snapshot_every,
-            verify_snapshots=verify_snapshots,
-        )
+        try:
+            self._core = core = HandlerCore(
+                events.sync,
+                projections.sync,
+                aggregates,
+                event_handlers,
+                Tuning(retries, backoff, cache_size, snapshot_every, verify_snapshots),
+            )
+        except BaseException:
+            for store in self._opened:  # no loop to await on here: closed directly
+                store.sync.close()
+                store.workers.shutdown()
+            raise
         self.adopt(core, snapshot_every, verify_snapshots)
         self.turns = TaskTurns()
         # store work runs on the event store's workers, else the projection store's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ..aggregate import Aggregate
 from ..codec import validate_command
@@ -33,7 +33,7 @@ from .registration import register_event_types, routes
 from .state_cache import StateCache
 from .state_loading import StateLoader
 
-__all__ = ["HandlerCore", "HandlerParts", "idempotency_key", "open_pair"]
+__all__ = ["HandlerCore", "HandlerParts", "Tuning", "idempotency_key", "open_pair"]
 
 
 class OpensProjections(Protocol):
@@ -44,6 +44,16 @@ E = TypeVar("E", bound=OpensProjections)
 S = TypeVar("S")
 
 
+class Tuning(NamedTuple):
+    """A command handler's retry, cache and snapshot options (``CommandHandler``'s)."""
+
+    retries: int
+    backoff: float
+    cache_size: int
+    snapshot_every: int | None
+    verify_snapshots: bool
+
+
 class HandlerCore:
     """Everything a command handler decides, over sync stores, as plans; the options are
     ``CommandHandler``'s (see its docstring)."""
@@ -52,16 +62,12 @@ class HandlerCore:
         self,
         event_store: EventStore,
         projection_store: ProjectionStore,
-        *,
         aggregates: Sequence[Aggregate[Any]],
         event_handlers: Sequence[EventHandler],
+        tuning: Tuning,
         subscriptions: Sequence[EventHandler] = (),
-        retries: int,
-        backoff: float,
-        cache_size: int,
-        snapshot_every: int | None,
-        verify_snapshots: bool,
     ) -> None:
+        retries, backoff, cache_size, snapshot_every, verify_snapshots = tuning
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.event_store, self.projection_store = event_store, projection_store

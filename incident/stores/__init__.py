@@ -127,8 +127,13 @@ def open_async_event_store(
     AsyncEventStore(MemoryEventStore(0 events), workers=0)
     """
     store = open_event_store(url, **options)
+    scheme = _scheme(url)
     if workers is None:
-        workers = 0 if _scheme(url) == "memory" else ASYNC_WORKERS
+        workers = 0 if scheme == "memory" else ASYNC_WORKERS
+    if scheme.startswith("postgres"):  # reads on psycopg's async connections
+        from .postgres.asynchronous import AsyncPostgresEventStore
+
+        return AsyncPostgresEventStore(store, workers=workers)  # type: ignore[arg-type]
     return AsyncEventStore(store, workers=workers)
 
 

@@ -14,10 +14,11 @@ and every guarantee are the sync store's, because they are the sync store's code
   fsync on one connection or open connections that fight for SQLite's write lock; the
   group commit, which is what makes SQLite appends scale, needs concurrent callers on
   threads, and that is what the workers are.
-- **Postgres.** An append is acknowledged only once the WAL flush covers it, and reads
-  are bounded by the flushed WAL (docs/postgres-writes.md): the workers run the sync
-  store's commit and reads, which do exactly that. (A store on psycopg's async
-  connections is a later step; see docs/async.md.)
+- **Postgres.** An append is acknowledged only once the WAL flush covers it
+  (docs/postgres-writes.md): the workers run the sync store's commit, which does exactly
+  that. Its reads run natively on psycopg's async connections
+  (:class:`incident.stores.postgres.asynchronous.AsyncPostgresEventStore`), bounded by
+  the flushed WAL like the sync reads.
 
 Reads that stream (``read_all``, ``stream``) are async iterators that fetch pages of
 ``page_size`` on the workers, so a long log never blocks the loop for long and never
@@ -189,7 +190,7 @@ class AsyncEventStore:
         """The stream's events with ``version > after``, fetched a page at a time."""
         size = self.page_size
         while True:
-            page = await self.run(partial(_stream_page, self.sync, aggregate_id, after, size))
+            page = await self.stream_page(aggregate_id, after, size)
             for recorded in page:
                 yield recorded
             if len(page) < size:
@@ -210,7 +211,7 @@ class AsyncEventStore:
     async def _read_all(self, after: int, left: int | None) -> AsyncIterator[Recorded[Any]]:
         while left is None or left > 0:
             size = self.page_size if left is None else min(left, self.page_size)
-            page = await self.run(partial(_log_page, self.sync, after, size))
+            page = await self.log_page(after, size)
             for recorded in page:
                 yield recorded
             if len(page) < size:
@@ -218,6 +219,18 @@ class AsyncEventStore:
             after = page[-1].position
             if left is not None:
                 left -= len(page)
+
+    async def stream_page(
+        self, aggregate_id: str, after: int, size: int
+    ) -> Sequence[Recorded[Any]]:
+        """Up to ``size`` of the stream's events after version ``after`` (what ``stream``
+        fetches at a time)."""
+        return await self.run(partial(_stream_page, self.sync, aggregate_id, after, size))
+
+    async def log_page(self, after: int, size: int) -> Sequence[Recorded[Any]]:
+        """Up to ``size`` events of the log after position ``after`` (what ``read_all``
+        fetches at a time)."""
+        return await self.run(partial(_log_page, self.sync, after, size))
 
     async def version(self, aggregate_id: str) -> int:
         """The stream's current version (0 when it has no events)."""
