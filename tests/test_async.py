@@ -29,6 +29,11 @@ from incident.examples.bank import (
 ACCOUNTS = [f"ACC{n}" for n in range(8)]
 
 
+class Note(incident.Projection):
+    aggregate_id: str
+    text: str
+
+
 def test_sixty_four_tasks_with_conflicts_lose_nothing(store_url: str) -> None:
     """64 tasks dispatch deposits and withdrawals to 8 accounts at once (so they collide
     and retry), while stale appends, which must conflict, and withdrawals beyond the
@@ -313,14 +318,16 @@ def test_bad_options_and_urls_are_refused() -> None:
 @on_backends(["postgres"])
 def test_postgres_reads_run_on_async_connections(store_url: str) -> None:
     """The async Postgres store reads on psycopg's async connections, not on its
-    workers: with the workers refusing work, its reads still answer (its writes, the
-    sync store's append path, need them)."""
+    workers: with the workers refusing work, its reads (events and read models) still
+    answer; its writes, the sync store's append path, need them."""
 
     async def main() -> None:
         store = incident.open_async_event_store(store_url)
         async with store:
             await store.append("a", [MoneyDeposited(amount=1)], expected_version=0)
             await store.version("a")  # the tables are made (by the sync store's code)
+            notes = store.projections()
+            await notes.project(Note(aggregate_id="n1", text="hello"))  # on a worker
 
             async def refuse(work: Any) -> Any:
                 raise AssertionError("a read went to the worker threads")
@@ -332,6 +339,8 @@ def test_postgres_reads_run_on_async_connections(store_url: str) -> None:
             assert [e.amount async for e in store.events("a")] == [1]
             assert (await store.version("a"), await store.last_position()) == (1, 1)
             assert await store.owed() == []
+            assert await notes.get(Note, "n1") == Note(aggregate_id="n1", text="hello")
+            assert await notes.all(Note) == [Note(aggregate_id="n1", text="hello")]
             with pytest.raises(AssertionError, match="worker threads"):
                 await store.append("a", [MoneyDeposited(amount=2)], expected_version=1)
             store.workers.run = run  # type: ignore[method-assign]

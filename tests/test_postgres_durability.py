@@ -181,6 +181,8 @@ def test_async_reads_return_only_flushed_commits(postgres_url: str, postgres_adm
                 "version": lambda: store.version("acc"),
                 "last_position": store.last_position,
                 "owed": store.owed,
+                "projection": lambda: store.projections().get(bank.BankAccount, "acc"),
+                "projections": lambda: store.projections().all(bank.BankAccount),
             }
             with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as other:
                 for name, read in reads.items():

@@ -2,9 +2,10 @@
 (``psycopg_pool.AsyncConnectionPool``), its writes on the sync store's workers.
 
 Reads (``get``, ``stream``, ``events``, ``read_all``, ``version``, ``last_position``,
-``owed``) run the sync store's own statements (:class:`.sql.EventStatements`) and map
-rows with its own mapping (``envelopes_of``, ``owed_from_row``), on a pool of async
-connections configured like the sync pool's (READ COMMITTED, UTC). Each returns only
+``owed``; the projection store's ``get`` and ``all``) run the sync store's own
+statements (:class:`.sql.EventStatements`, the projection tables' selects) and map rows
+with its own mapping (``envelopes_of``, ``owed_from_row``, a table's ``decode``), on a
+pool of async connections configured like the sync pool's (READ COMMITTED, UTC). Each returns only
 what the flushed WAL covers, as the sync reads do (docs/postgres-writes.md): the WAL
 positions are read in the same pipeline as the query, and when the flush is behind,
 one small synchronous commit (``durability.FLUSH``) is run on the async connection,
@@ -22,21 +23,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from ...messages import Recorded
+from ...messages import Projection, Recorded
 from ...storable import keepable_id
 from .._common import check_versions, owed_from_row
-from ..asynchronous import AsyncEventStore
+from ..asynchronous import AsyncEventStore, AsyncProjectionStore, Workers
 from ..protocols import Owed
 from .database import session_options
 from .durability import FLUSH, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
+from .projections import PostgresProjectionStore
+from .session import Query
 
-__all__ = ["AsyncPostgresEventStore"]
+__all__ = ["AsyncPostgresEventStore", "AsyncPostgresProjectionStore"]
+
+P = TypeVar("P", bound=Projection)
 
 AsyncConnection = psycopg.AsyncConnection[Any]
 
@@ -108,7 +114,7 @@ class AsyncPostgresEventStore(AsyncEventStore):
             failure = await asyncio.to_thread(self._db.failure, doing, error, broken=broken)
             raise failure from error
 
-    async def _fetch(self, doing: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    async def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
         """The query's rows, once every commit it could see is flushed (the sync reads'
         ``durable_rows``, awaited)."""
         async with self._connection(doing) as conn:
@@ -137,6 +143,10 @@ class AsyncPostgresEventStore(AsyncEventStore):
             row = await (await conn.execute(FLUSH)).fetchone()
             assert row is not None
             durability.reached(lsn(row[0]))
+
+    def projections(self) -> AsyncPostgresProjectionStore:
+        """The projection store in this store's schema, reading on the same async pool."""
+        return AsyncPostgresProjectionStore(self.postgres.projections(), self.workers, self)
 
     # -- reads ------------------------------------------------------------------
 
@@ -181,3 +191,38 @@ class AsyncPostgresEventStore(AsyncEventStore):
             doing = f"reading the work {handler} owes"
             rows = await self._fetch(doing, self._sql.owed_by, handler)
         return [owed_from_row(row) for row in rows]
+
+
+class AsyncPostgresProjectionStore(AsyncProjectionStore):
+    """Read models of a Postgres schema: ``get`` and ``all`` on the event store's async
+    pool, with the sync store's statements and decoding, bounded by the flushed WAL;
+    ``project`` (an upsert) and a table's creation on first use on the workers."""
+
+    def __init__(
+        self, store: PostgresProjectionStore, workers: Workers, events: AsyncPostgresEventStore
+    ) -> None:
+        super().__init__(store, workers)
+        self.postgres, self._events = store, events
+
+    async def _rows(self, projection_type: type[P], one: bool, *params: Any) -> list[P]:
+        if not self.postgres.known([projection_type]):  # its table made, or checked, once
+            await self.workers.run(partial(self.postgres.ensure_table, projection_type))
+        name, select_one, select_all, decode = self.postgres.queries(projection_type)
+        query = select_one if one else select_all
+        rows = await self._events._fetch(f"reading {name}", query, *params)
+        return [decode(text) for (text,) in rows]
+
+    async def get(self, projection_type: type[P], key: str) -> P | None:
+        """The stored projection of that type and key, or None."""
+        if not keepable_id(key):
+            return None  # no row can have it
+        rows = await self._rows(projection_type, True, key)
+        return rows[0] if rows else None
+
+    async def all(self, projection_type: type[P]) -> list[P]:
+        """Every stored projection of that type, in key order."""
+        return await self._rows(projection_type, False)
+
+    async def close(self) -> None:
+        """Close the event store (its async pool, the shared database, the workers)."""
+        await self._events.close()
