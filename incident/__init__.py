@@ -11,6 +11,7 @@ from . import errors
 from .aggregate import Aggregate
 from .codec import EventTypes, decode_command, validate_command
 from .command_handler import CommandHandler
+from .command_handler.asynchronous import AsyncCommandHandler
 from .errors import (
     CheckpointConflict,
     CommitUnknown,
@@ -21,6 +22,7 @@ from .errors import (
     ForeignStream,
     IncidentError,
     InvalidCommand,
+    NotSupported,
     RegistrationError,
     Rejected,
     RoutingError,
@@ -32,12 +34,16 @@ from .errors import (
 from .event_handler import Attempt, EventHandler
 from .messages import ANY, Command, Event, Projection, Recorded, event_type_name
 from .stores import (
+    AsyncEventStore,
+    AsyncProjectionStore,
     CheckpointStore,
     EventStore,
     Outcome,
     Owed,
     Parked,
     ProjectionStore,
+    open_async_event_store,
+    open_async_projection_store,
     open_event_store,
     open_projection_store,
     open_stores,
@@ -50,6 +56,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ANY",
     "Aggregate",
+    "AsyncCommandHandler",
+    "AsyncEventStore",
+    "AsyncProjectionStore",
     "Attempt",
     "CheckpointConflict",
     "CheckpointStore",
@@ -67,6 +76,7 @@ __all__ = [
     "ForeignStream",
     "IncidentError",
     "InvalidCommand",
+    "NotSupported",
     "Outcome",
     "Owed",
     "Parked",
@@ -88,6 +98,8 @@ __all__ = [
     "decode_command",
     "errors",
     "event_type_name",
+    "open_async_event_store",
+    "open_async_projection_store",
     "open_event_store",
     "open_projection_store",
     "open_stores",

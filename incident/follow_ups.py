@@ -1,6 +1,7 @@
 """Follow-ups: the commands event handlers return, carried out exactly once.
 
-A listener returns commands and Attempts; this module dispatches them, each under a key
+A listener returns commands and Attempts; this module dispatches them (as plans, see
+:mod:`incident.plans`, so the sync and the async command handler share every step), each under a key
 made of the handler, the cause, the listener and the command itself (see
 :func:`~incident.event_handler.keyed_steps`), so that carrying out the same follow-up
 again (a redelivered event, owed work completed after a crash) returns its first
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -25,6 +27,7 @@ from .aggregate import Aggregate
 from .errors import FollowUpFailed, IncidentError, Rejected, StoreError
 from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
 from .messages import Command, Projection, Recorded
+from .plans import Blocking, Dispatch, Plan
 from .stores import EventStore, Owed
 from .stores._common import closing_iterator
 
@@ -37,75 +40,83 @@ IDEMPOTENCY_KEY = "idempotency_key"
 # A follow-up to run after the command commits: the record that it is owed, the event
 # that caused it, and what each listener of the handler returned for it.
 FollowUp = tuple[Owed, Recorded[Any], list[tuple[str, list[Any]]]]
-Dispatch = Callable[[Command, Mapping[str, Any] | None], list[Recorded[Any]]]
 
 
 class FollowUps:
-    """Carries out follow-ups for one command handler: ``dispatch`` is its dispatch,
-    ``aggregate`` finds an aggregate by name, ``check`` validates and routes a reaction
-    (what a compensation function returns is checked like a listener's output)."""
+    """Carries out follow-ups for one command handler, as plans (:mod:`incident.plans`):
+    each method returns a generator that yields the dispatches and store work it needs,
+    so the sync and the async command handler run the same steps. ``aggregate`` finds an
+    aggregate by name, ``check`` validates and routes a reaction (what a compensation
+    function returns is checked like a listener's output)."""
 
     def __init__(
         self,
         *,
-        dispatch: Dispatch,
         event_store: EventStore,
         handlers: Sequence[EventHandler],
         aggregate: Callable[[str], Aggregate[Any]],
         check: Callable[[Any], None],
     ) -> None:
-        self._dispatch, self._event_store = dispatch, event_store
+        self._event_store = event_store
         self._handlers = {handler.name: handler for handler in handlers}
         self._aggregate, self._check = aggregate, check
 
     # -- owed work ------------------------------------------------------------------
 
-    def carry_out(self, recorded: list[Recorded[Any]], follow_ups: list[FollowUp]) -> None:
+    def carry_out(self, recorded: list[Recorded[Any]], follow_ups: list[FollowUp]) -> Plan[None]:
         """After the commit: each handler's commands for each event, then its owed record
         settled. A failure leaves that record (and those after it) owed."""
         for index, (owed, cause, steps) in enumerate(follow_ups):
             try:
-                self.follow_up(owed.handler, cause, steps)
+                yield from self.follow_up(owed.handler, cause, steps)
             except Exception as error:
-                still = [self._failed(owed, error), *(o for o, _, _ in follow_ups[index + 1 :])]
+                failed = yield from self._failed(owed, error)
+                still = [failed, *(o for o, _, _ in follow_ups[index + 1 :])]
                 raise FollowUpFailed(recorded, still, _problem(error)) from error
-            self._event_store.settle(owed.handler, owed.position)
+            yield Blocking(partial(self._event_store.settle, owed.handler, owed.position))
 
-    def complete_owed(self) -> list[Owed]:
+    def complete_owed(self) -> Plan[list[Owed]]:
         """Every follow-up the handlers still owe, oldest first; returns what was
         completed. One that fails again stays owed, with its error; the others go on."""
         completed = []
-        for owed in self._event_store.owed():
+        for owed in (yield Blocking(self._event_store.owed)):
             handler = self._handlers.get(owed.handler)
             if handler is None:
                 continue  # another application's handler
             try:
-                self._complete(handler, owed)
+                yield from self._complete(handler, owed)
             except Exception as error:
-                failed = self._failed(owed, error)
+                failed = yield from self._failed(owed, error)
                 log.warning("%s still owes #%s: %s", owed.handler, owed.position, failed.error)
                 continue
             completed.append(owed)
         return completed
 
-    def complete_owed_for(self, recorded: list[Recorded[Any]]) -> None:
+    def complete_owed_for(self, recorded: list[Recorded[Any]]) -> Plan[None]:
         """Complete what the handlers still owe for these events (a command dispatched
         again under its key: its first run may have stopped half way)."""
         if not recorded or not self._handlers:
             return
         positions = {r.position for r in recorded}
-        for owed in self._event_store.owed():
+        for owed in (yield Blocking(self._event_store.owed)):
             handler = self._handlers.get(owed.handler)
             if handler is not None and owed.position in positions:
                 try:
-                    self._complete(handler, owed)
+                    yield from self._complete(handler, owed)
                 except Exception as error:
-                    failed = [self._failed(owed, error)]
+                    failed = [(yield from self._failed(owed, error))]
                     raise FollowUpFailed(recorded, failed, _problem(error)) from error
 
-    def _complete(self, handler: EventHandler, owed: Owed) -> None:
+    def _complete(self, handler: EventHandler, owed: Owed) -> Plan[None]:
         """Run ``handler``'s listeners on the cause again (they are pure: same event, same
         state, same commands, same keys) and carry out their commands."""
+        cause, before = yield Blocking(partial(self._cause_of, owed))
+        steps = split_outputs(handler.outputs(cause, before), [])
+        yield from self.follow_up(handler.name, cause, steps)
+        yield Blocking(partial(self._event_store.settle, owed.handler, owed.position))
+
+    def _cause_of(self, owed: Owed) -> tuple[Recorded[Any], Any]:
+        """The event owed work is for, and its aggregate's state after it."""
         store = self._event_store
         cause = next(iter(store.read_all(after=owed.position - 1, limit=1)), None)
         if cause is None or cause.event_id != owed.event_id:
@@ -113,14 +124,12 @@ class FollowUps:
         aggregate = self._aggregate(cause.aggregate)
         with closing_iterator(store.events(cause.aggregate_id)) as events:
             before = aggregate.fold(itertools.islice(events, cause.version - 1))
-        steps = split_outputs(handler.outputs(cause, aggregate.evolve(before, cause)), [])
-        self.follow_up(handler.name, cause, steps)
-        store.settle(owed.handler, owed.position)
+        return cause, aggregate.evolve(before, cause)
 
-    def _failed(self, owed: Owed, error: BaseException) -> Owed:
+    def _failed(self, owed: Owed, error: BaseException) -> Plan[Owed]:
         failed = msgspec.structs.replace(owed, error=_problem(error), attempts=owed.attempts + 1)
         try:
-            self._event_store.owe(failed)
+            yield Blocking(partial(self._event_store.owe, failed))
         except StoreError:  # the root's transaction keeps it owed all the same
             log.warning("could not record why %s failed on #%s", owed.handler, owed.position)
         return failed
@@ -129,14 +138,15 @@ class FollowUps:
 
     def follow_up(
         self, handler: str, cause: Recorded[Any], steps: Sequence[tuple[str, Sequence[Any]]]
-    ) -> None:
+    ) -> Plan[None]:
         """Dispatch what ``handler``'s listeners returned for ``cause`` (``(listener name,
         commands and attempts)`` pairs), each command under a key made of the handler's
         name, the cause's event id, the listener's name and the command itself: carried
         out again, a command that already ran returns its first outcome instead."""
         for listener, commands in steps:
             if commands:
-                self.react(tuple(commands), cause, key=f"{handler}:{cause.event_id}:{listener}")
+                key = f"{handler}:{cause.event_id}:{listener}"
+                yield from self.react(tuple(commands), cause, key=key)
 
     def react(
         self,
@@ -145,7 +155,7 @@ class FollowUps:
         root: Mapping[str, Any] | None = None,
         *,
         key: str | None = None,
-    ) -> None:
+    ) -> Plan[None]:
         """Carry out a listener's command, Attempt, or tuple of them, caused by ``cause``.
 
         ``root`` is the metadata the dispatched commands inherit (the correlation id and
@@ -156,7 +166,7 @@ class FollowUps:
         if root is None:
             root = {**cause.metadata, "causation_id": cause.event_id}
         for step_key, step in keyed_steps(key, reaction):
-            self._react_once(step, cause, root, step_key)
+            yield from self._react_once(step, cause, root, step_key)
 
     def _react_once(
         self,
@@ -164,14 +174,14 @@ class FollowUps:
         cause: Recorded[Any],
         root: Mapping[str, Any],
         key: str | None,
-    ) -> None:
+    ) -> Plan[None]:
         metadata = {**root, "causation_id": cause.event_id}
         metadata.pop(IDEMPOTENCY_KEY, None)  # the key names the root command only
         if key is not None:
             metadata[IDEMPOTENCY_KEY] = key
         command = step.command if isinstance(step, Attempt) else step
         try:
-            recorded = self._dispatch(command, metadata)
+            recorded = yield Dispatch(command, metadata)
         except Rejected as rejection:
             if isinstance(step, Attempt):
                 branch = step.on_rejected
@@ -179,7 +189,7 @@ class FollowUps:
                     branch = branch(rejection)
                     flatten(branch, f"on_rejected of {type(command).__name__}")
                     self._check(branch)
-                self.react(branch, cause, root, key=_branch(key, "rejected"))
+                yield from self.react(branch, cause, root, key=_branch(key, "rejected"))
             else:
                 log.warning(
                     "%s, dispatched by a listener on %s #%s, was rejected: %s",
@@ -192,7 +202,7 @@ class FollowUps:
         if isinstance(step, Attempt):
             # what follows a success was caused by the attempted command's last event
             after = recorded[-1] if recorded else cause
-            self.react(step.on_success, after, root, key=_branch(key, "succeeded"))
+            yield from self.react(step.on_success, after, root, key=_branch(key, "succeeded"))
 
 
 def split_outputs(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -17,13 +18,22 @@ from incident.examples.bank import (
     Transfer,
     WithdrawMoney,
 )
+from incident.testing.asynchronous import EventLoopThread
 
 
-@pytest.fixture
-def app(store_url: str) -> Iterator[incident.CommandHandler]:
-    handler = bank.build(store_url)
-    yield handler
-    handler.event_store.close()
+@pytest.fixture(params=["sync", "async"])
+def app(request: pytest.FixtureRequest, store_url: str) -> Iterator[incident.CommandHandler]:
+    """The Bank on a CommandHandler, and on an AsyncCommandHandler driven through one
+    event loop (every test below runs on both, on every store)."""
+    if request.param == "sync":
+        handler = bank.build(store_url)
+        yield handler
+        handler.event_store.close()
+        return
+    with EventLoopThread() as loop:
+        view: Any = loop.view(bank.build_async(store_url))
+        yield view
+        view.event_store.close()
 
 
 def account(app: incident.CommandHandler, number: str) -> BankAccount:

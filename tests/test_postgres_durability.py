@@ -10,6 +10,7 @@ the outcome end to end: nothing acknowledged or read is gone after a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from contextlib import closing
 from typing import Any
@@ -139,3 +140,62 @@ def test_the_flush_statement_really_flushes(postgres_url: str, postgres_admin: A
         assert flushed(postgres_admin) >= lsn(row[0])
     finally:
         postgres_admin.execute(f'DROP TABLE "{schema}".probe')
+
+
+def test_an_async_append_returns_once_its_commit_is_flushed(
+    postgres_url: str, postgres_admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async store keeps the guarantee: an awaited append (and a dispatch of the
+    async handler) returns only once the WAL flush covers its commit."""
+
+    async def main() -> None:
+        async with incident.open_async_event_store(postgres_url) as store:
+            deposit = [bank.MoneyDeposited(amount=1)]
+            await store.append("a", deposit, expected_version=0)  # tables made
+            spy = Spy(monkeypatch)
+            for version in range(1, 21):
+                await store.append("a", deposit, expected_version=version)
+                assert flushed(postgres_admin) >= spy.inserted[-1]
+            assert len(spy.inserted) == 20
+            app = bank.build_async(store)
+            await app.dispatch(bank.OpenAccount(aggregate_id="acc"))  # a read, then a commit
+            assert len(spy.inserted) > 20 and flushed(postgres_admin) >= max(spy.inserted)
+
+    asyncio.run(main())
+
+
+def test_async_reads_return_only_flushed_commits(postgres_url: str, postgres_admin: Admin) -> None:
+    """The async store's native reads are bounded by the flushed WAL like the sync ones:
+    another writer's commit that is visible but not yet flushed is flushed before a read
+    returns it."""
+    schema = postgres_url.rsplit("schema=", 1)[1]
+
+    async def main() -> None:
+        async with incident.open_async_event_store(postgres_url) as store:
+            store.types.register(*bank.bank_account.event_types)
+            await store.append("acc", [bank.MoneyDeposited(amount=1)], expected_version=0)
+            reads: dict[str, Any] = {
+                "read_all": lambda: _drained(store.read_all()),
+                "get": lambda: store.get("acc"),
+                "stream": lambda: _drained(store.stream("acc")),
+                "version": lambda: store.version("acc"),
+                "last_position": store.last_position,
+                "owed": store.owed,
+                "projection": lambda: store.projections().get(bank.BankAccount, "acc"),
+                "projections": lambda: store.projections().all(bank.BankAccount),
+            }
+            with psycopg.connect(postgres_url.split("?")[0], autocommit=True) as other:
+                for name, read in reads.items():
+                    with other.transaction():
+                        other.execute("SET LOCAL synchronous_commit = off")
+                        other.execute(f'UPDATE "{schema}".events SET metadata = metadata')
+                    row = other.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+                    assert row is not None
+                    await read()
+                    assert flushed(postgres_admin) >= lsn(row[0]), name
+
+    asyncio.run(main())
+
+
+async def _drained(items: Any) -> list[Any]:
+    return [item async for item in items]

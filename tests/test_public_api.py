@@ -64,7 +64,16 @@ def test_every_public_name_exists_and_is_documented(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [incident.Aggregate, incident.EventHandler, incident.EventTypes, incident.Attempt]
+    "cls",
+    [
+        incident.Aggregate,
+        incident.EventHandler,
+        incident.EventTypes,
+        incident.Attempt,
+        incident.AsyncCommandHandler,
+        incident.AsyncEventStore,
+        incident.AsyncProjectionStore,
+    ],
 )
 def test_public_methods_of_the_core_classes_are_documented(cls: type[Any]) -> None:
     """help() in a notebook says something for every public method and property."""

@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from ..errors import IncidentError
+from .asynchronous import AsyncEventStore, AsyncProjectionStore
 from .memory import MemoryCheckpointStore, MemoryEventStore, MemoryProjectionStore
 from .protocols import (
     AppendNotifier,
@@ -28,8 +29,11 @@ from .protocols import (
 )
 
 __all__ = [
+    "ASYNC_WORKERS",
     "AppendNotifier",
     "AppendRequest",
+    "AsyncEventStore",
+    "AsyncProjectionStore",
     "CheckpointStore",
     "Committed",
     "Effects",
@@ -45,6 +49,8 @@ __all__ = [
     "ProjectionStore",
     "ReplaceableProjectionStore",
     "checkpoint_store_for",
+    "open_async_event_store",
+    "open_async_projection_store",
     "open_event_store",
     "open_projection_store",
     "open_stores",
@@ -103,6 +109,43 @@ def open_stores(url: str, **options: Any) -> tuple[EventStore, ProjectionStore]:
     """An event store and a projection store in the same database (one commit per command)."""
     events = open_event_store(url, **options)
     return events, events.projections()
+
+
+#: how many worker threads an async store opened from a URL runs its sync store's verbs
+#: on (the memory store needs none: its verbs never wait)
+ASYNC_WORKERS = 16
+
+
+def open_async_event_store(
+    url: str, *, workers: int | None = None, **options: Any
+) -> AsyncEventStore:
+    """Open the async event store a URL names (the URLs of :func:`open_event_store`);
+    ``workers`` threads run its verbs off the event loop (default 0 for ``memory://``,
+    else ``ASYNC_WORKERS``). See :mod:`incident.stores.asynchronous`.
+
+    >>> open_async_event_store("memory://")
+    AsyncEventStore(MemoryEventStore(0 events), workers=0)
+    """
+    store = open_event_store(url, **options)
+    scheme = _scheme(url)
+    if workers is None:
+        workers = 0 if scheme == "memory" else ASYNC_WORKERS
+    if scheme.startswith("postgres"):  # reads on psycopg's async connections
+        from .postgres.asynchronous import AsyncPostgresEventStore
+
+        return AsyncPostgresEventStore(store, workers=workers)  # type: ignore[arg-type]
+    return AsyncEventStore(store, workers=workers)
+
+
+def open_async_projection_store(
+    url: str, *, workers: int | None = None, **options: Any
+) -> AsyncProjectionStore:
+    """Open the async projection store a URL names (see :func:`open_async_event_store`).
+
+    >>> open_async_projection_store("memory://")
+    AsyncProjectionStore(MemoryProjectionStore())
+    """
+    return open_async_event_store(url, workers=workers, **options).projections()
 
 
 def checkpoint_store_for(event_store: EventStore) -> CheckpointStore:

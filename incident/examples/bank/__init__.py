@@ -7,7 +7,14 @@
 100
 """
 
-from incident import CommandHandler, EventStore, ProjectionStore
+from incident import (
+    AsyncCommandHandler,
+    AsyncEventStore,
+    AsyncProjectionStore,
+    CommandHandler,
+    EventStore,
+    ProjectionStore,
+)
 
 from .account import AccountState, bank_account
 from .messages import (
@@ -68,6 +75,7 @@ __all__ = [
     "bank_account",
     "bank_projections",
     "build",
+    "build_async",
     "money_transfer",
     "transfer",
 ]
@@ -93,5 +101,21 @@ def build(
         aggregates=[bank_account, transfer],
         event_handlers=[] if subscriptions else handlers,
         subscriptions=handlers if subscriptions else [],
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def build_async(
+    event_store: AsyncEventStore | str = "memory://",
+    projection_store: AsyncProjectionStore | str | None = None,
+    **options: int | float,
+) -> AsyncCommandHandler:
+    """The Bank on an AsyncCommandHandler (docs/async.md): the same aggregates, with its
+    projections and transfer process inline."""
+    return AsyncCommandHandler(
+        event_store,
+        projection_store,
+        aggregates=[bank_account, transfer],
+        event_handlers=[bank_projections, money_transfer],
         **options,  # type: ignore[arg-type]
     )

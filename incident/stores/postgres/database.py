@@ -149,24 +149,30 @@ class Database:
             with self.pool.connection() if pinned is None else nullcontext(pinned) as conn:
                 used.append(conn)
                 yield conn
-        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
-            raise StoreError(
+        except psycopg.Error as error:
+            # a session ended mid-pipeline can surface as the driver's own confusion
+            # ("cannot exit pipeline mode while busy") before it is marked broken
+            lost = bool(used and may_hide_a_commit(used[0], error))
+            raise self.failure(doing, error, broken=lost) from error
+
+    def failure(self, doing: str, error: psycopg.Error, *, broken: bool) -> StoreError:
+        """The StoreError a driver failure while ``doing`` becomes, saying what failed and
+        why (a missing table: how to create it; a pool timeout: why no connection came);
+        a session the server ended (``broken``) is remembered (:meth:`lost`). The async
+        store's connections fail the same way and are told the same."""
+        if isinstance(error, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
+            return StoreError(
                 f"Postgres failed {doing}: {first_line(error)}. Create the tables with "
                 f"`incident init URL`, or open the store with create_tables=True"
-            ) from error
-        except PoolTimeout as error:
-            raise StoreError(f"Postgres failed {doing}: {self._why_no_connection()}") from error
-        except psycopg.Error as error:
-            if used and used[0].broken:
-                self.lost(error)
-            elif used and may_hide_a_commit(used[0], error):
-                # a session ended mid-pipeline can surface as the driver's own confusion
-                # ("cannot exit pipeline mode while busy") before it is marked broken
-                self.lost(error)
-                raise StoreError(
-                    f"Postgres failed {doing}: the connection was lost ({first_line(error)})"
-                ) from error
-            raise StoreError(f"Postgres failed {doing}: {first_line(error)}") from error
+            )
+        if isinstance(error, PoolTimeout):
+            return StoreError(f"Postgres failed {doing}: {self._why_no_connection()}")
+        if broken:
+            self.lost(error)
+            return StoreError(
+                f"Postgres failed {doing}: the connection was lost ({first_line(error)})"
+            )
+        return StoreError(f"Postgres failed {doing}: {first_line(error)}")
 
     def lost(self, error: BaseException) -> None:
         """A session the server ended: remembered for the pool's next timeout to report,
@@ -234,6 +240,11 @@ def _read_committed(conn: Connection) -> None:
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
     if conn.info.parameter_status("TimeZone") != "UTC":
         conn.execute("SET TimeZone TO 'UTC'")
+
+
+def session_options(conninfo: str) -> str:
+    """The ``options`` every session of the store starts with (see ``_in_utc``)."""
+    return _in_utc(conninfo)
 
 
 def _in_utc(conninfo: str) -> str:

@@ -88,6 +88,20 @@ class Durability:
                 self._flushed = max(self._flushed, reached)
                 self._changed.notify_all()
 
+    @property
+    def flushed(self) -> int:
+        """How far the WAL is known flushed, by this process's flushes or the server's."""
+        return self._flushed
+
+    def reached(self, flushed: int) -> None:
+        """The WAL is known flushed up to ``flushed`` (read from the server, or returned
+        by a flush the async store ran): waiting threads covered by it go on."""
+        if flushed > self._flushed:
+            with self._changed:
+                if flushed > self._flushed:
+                    self._flushed = flushed
+                    self._changed.notify_all()
+
     def after(self, positions: tuple[Any, ...] | None, conn: Connection) -> None:
         """Given the row of WAL_POSITIONS read after a statement: return once what that
         statement could see (or, after a COMMIT, what it wrote) is flushed. The server's
@@ -95,11 +109,7 @@ class Durability:
         WAL writer's): then no flush is needed."""
         assert positions is not None
         inserted, flushed = lsn(positions[0]), lsn(positions[1])
-        if flushed > self._flushed:
-            with self._changed:
-                if flushed > self._flushed:
-                    self._flushed = flushed
-                    self._changed.notify_all()
+        self.reached(flushed)
         self.wait(inserted, conn)
 
 

@@ -20,7 +20,7 @@ from ..protocols import ProjectionStore
 from ..tables import Kind, TableSpec, legacy_name, qualified
 from .database import Database
 from .durability import durable_rows
-from .session import Connection, fetch_value, lock_key, log
+from .session import Connection, Query, fetch_value, lock_key, log
 
 P = TypeVar("P", bound=Projection)
 
@@ -251,6 +251,24 @@ class PostgresProjectionStore:
         for projection_type, rows in by_type.items():
             with conn.cursor() as cursor:
                 cursor.executemany(self._table(projection_type).upsert, rows)
+
+    def ensure_table(self, projection_type: type[Projection]) -> None:
+        """Create (or, for a newer class, extend) the type's table on first use, as a read
+        of it does; the async store's reads call this on a worker first."""
+        if projection_type in self._tables:
+            return
+        table = self._table(projection_type)
+        self._db.ready()
+        with self._db.connection(f"reading {table.name}") as conn:
+            with conn.transaction():
+                fresh = self.prepare(conn, [projection_type])
+            self.remember(fresh)
+
+    def queries(self, projection_type: type[Projection]) -> tuple[str, Query, Query, Any]:
+        """The type's table name, its statements to read one row (by key) and every row,
+        and the function that turns a row's text back into the projection."""
+        table = self._table(projection_type)
+        return table.name, table.select_one, table.select_all, table.decode
 
     def _rows(self, projection_type: type[Projection], one: bool, *params: Any) -> list[Any]:
         table = self._table(projection_type)

@@ -51,6 +51,20 @@ class PostgresEventReads:
             append_numbered=db.table("append_numbered").as_string(),
         )
 
+    @property
+    def database(self) -> Database:
+        """The pool and schema this store shares with its projection store."""
+        return self._db
+
+    @property
+    def statements(self) -> EventStatements:
+        """This store's statements (the async store runs the same ones)."""
+        return self._sql
+
+    def envelopes_of(self, rows: Sequence[tuple[Any, ...]]) -> list[Recorded[Any]]:
+        """Rows of ``EventStatements`` envelope columns back as envelopes."""
+        return self._envelopes(rows)
+
     def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
         self._db.ready()
         with self._db.connection(doing) as conn:
