@@ -84,3 +84,46 @@ def test_python_dash_m_incident_works() -> None:
         [sys.executable, "-m", "incident", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in result.stdout and "events" in result.stdout
+
+
+def test_events_follow_prints_each_later_event_of_its_stream_until_interrupted(
+    initialized_url: str,
+) -> None:
+    """`events --follow`: the table, then one line per new event of the stream as it
+    commits (from another process: this one), none of another stream, none twice; Ctrl-C
+    ends it cleanly."""
+    import queue
+    import signal
+    import threading
+
+    app = bank.build(initialized_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    command = [sys.executable, "-m", "incident", "events", initialized_url, "--stream", "A", "-f"]
+    follower = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout or []]).start()
+
+    printed: list[str] = []
+
+    def line_with(text: str) -> str:
+        while True:
+            printed.append(lines.get(timeout=60))
+            if text in printed[-1]:
+                return printed[-1]
+
+    try:
+        line_with("AccountOpened")  # the table has been printed: the tail is on
+        app.dispatch(bank.OpenAccount(aggregate_id="B"))
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=7))
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=8))
+        first, second = line_with("MoneyDeposited"), line_with("MoneyDeposited")
+        assert first.split()[:3] == ["3", "bank_account/A", "2"] and "amount=7" in first
+        assert second.split()[:3] == ["4", "bank_account/A", "3"] and "amount=8" in second
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=60) == 0
+        app.close()
+    while not lines.empty():
+        printed.append(lines.get())
+    assert not [line for line in printed if "bank_account/B" in line]
+    assert sum("MoneyDeposited" in line for line in printed) == 2

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
@@ -25,7 +25,8 @@ from rich.table import Table
 from .. import errors
 from ..aggregate import Aggregate
 from ..messages import Recorded
-from ..stores import checkpoint_store_for
+from ..stores import EventStore, checkpoint_store_for
+from ..subscriptions import last_position
 from .subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
 from .support import console, opened_store, reported, require_store
 
@@ -81,6 +82,13 @@ def init(url: str) -> None:
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this position.")
 @click.option("--limit", type=int, default=None, help="Show at most this many events.")
 @click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Then print each new event (of the stream or correlation, if given) as it "
+    "commits, one line each, until interrupted.",
+)
+@click.option(
     "--import",
     "-i",
     "modules",
@@ -95,6 +103,7 @@ def events(
     correlation_id: str | None,
     after: int,
     limit: int | None,
+    follow: bool,
     modules: tuple[str, ...],
 ) -> None:
     """Print the event log (or one stream) of the store at URL as a table.
@@ -123,6 +132,8 @@ def events(
                     store.types.register(*aggregate.event_types)
                     for (name, version), upcaster in aggregate.upcasters.items():
                         store.types.register_upcaster(name, version, upcaster)
+        # a filtered listing is not read from the log: its tail starts where the log was
+        log_end = last_position(store) if follow else 0
         found: Iterable[Recorded[Any]] = (
             (r for r in store.get(stream_id) if r.position > after)
             if stream_id is not None
@@ -131,7 +142,34 @@ def events(
         if correlation_id is not None:
             found = (r for r in found if r.metadata.get("correlation_id") == correlation_id)
         rows = list(itertools.islice(found, limit))
-    console().print(events_table(rows, title=stream_id or correlation_id or url))
+        console().print(events_table(rows, title=stream_id or correlation_id or url))
+        if follow:
+            shown = rows[-1].position if rows else after
+            filtered = stream_id is not None or correlation_id is not None
+            tail_events(
+                store,
+                after=max(log_end, after) if filtered else shown,
+                shown=shown,
+                keep=lambda r: (
+                    (stream_id is None or r.aggregate_id == stream_id)
+                    and (
+                        correlation_id is None or r.metadata.get("correlation_id") == correlation_id
+                    )
+                ),
+            )
+
+
+def tail_events(
+    store: EventStore, *, after: int, shown: int, keep: Callable[[Recorded[Any]], bool]
+) -> None:
+    """``events --follow``: each later event that ``keep`` takes, one line each, until
+    Ctrl-C (which ends it quietly); one the table already showed is not printed again."""
+    try:
+        for recorded in store.subscribe(after=after):
+            if recorded.position > shown and keep(recorded):
+                click.echo("  ".join(event_cells(recorded)))
+    except KeyboardInterrupt:
+        pass
 
 
 def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
@@ -144,16 +182,22 @@ def events_table(rows: list[Recorded[Any]], title: str = "") -> Table:
     table.add_column("data", overflow="fold", min_width=16)
     table.add_column("UTC", no_wrap=True)
     for r in rows:
-        fields = msgspec.structs.asdict(r.data)
-        table.add_row(
-            str(r.position),
-            f"{r.aggregate}/{r.aggregate_id}" if r.aggregate else r.aggregate_id,
-            str(r.version),
-            r.event_type,
-            " ".join(f"{key}={value}" for key, value in fields.items()),
-            r.event_date.astimezone(dt.UTC).strftime("%m-%d %H:%M:%S"),
-        )
+        table.add_row(*event_cells(r))
     return table
+
+
+def event_cells(r: Recorded[Any]) -> list[str]:
+    """One event as the table's columns: position, stream, version, type, the payload as
+    field=value, the UTC time."""
+    fields = msgspec.structs.asdict(r.data)
+    return [
+        str(r.position),
+        f"{r.aggregate}/{r.aggregate_id}" if r.aggregate else r.aggregate_id,
+        str(r.version),
+        r.event_type,
+        " ".join(f"{key}={value}" for key, value in fields.items()),
+        r.event_date.astimezone(dt.UTC).strftime("%m-%d %H:%M:%S"),
+    ]
 
 
 @main.command()

@@ -209,6 +209,14 @@ class EventStore(Protocol):
         """The global log from ``position > after``, in position order, streamed."""
         ...
 
+    def subscribe(
+        self, after: int = 0, *, poll_interval: float = 1.0, batch_size: int = 500
+    ) -> Iterator[Recorded[Any]]:
+        """The log from ``position > after``, then each event as it commits, in order,
+        without end: a live tail. A store of your own gets it by inheriting
+        ``incident.stores.live.Live`` (``read_all`` plus ``wait_for_append``)."""
+        ...
+
     def version(self, aggregate_id: str) -> int:
         """The stream's current version (0 when it has no events)."""
         ...

@@ -22,6 +22,7 @@ from .._common import (
     metadata_json,
     stamp,
 )
+from ..live import Live
 from ..protocols import (
     AppendRequest,
     Committed,
@@ -36,7 +37,7 @@ from .projections import MemoryProjectionStore
 __all__ = ["MemoryEventStore", "open_memory"]
 
 
-class MemoryEventStore(AppendVerbs):
+class MemoryEventStore(AppendVerbs, Live):
     """An in-process event log. ``projections()`` gives a projection store that commits
     together with it (both are guarded by this store's lock)."""
 

@@ -23,7 +23,7 @@ from ...errors import StoreError
 from ..tables import TableOwners
 from .durability import Durability
 from .migrations import migrate
-from .session import Connection, first_line, lock_key
+from .session import Connection, first_line, lock_key, may_hide_a_commit
 
 # conninfo -> (when, why) of the last connect of a pool the server refused, and when a
 # pool's connect last succeeded: the pool retries in the background, backing off, and
@@ -159,6 +159,13 @@ class Database:
         except psycopg.Error as error:
             if used and used[0].broken:
                 self.lost(error)
+            elif used and may_hide_a_commit(used[0], error):
+                # a session ended mid-pipeline can surface as the driver's own confusion
+                # ("cannot exit pipeline mode while busy") before it is marked broken
+                self.lost(error)
+                raise StoreError(
+                    f"Postgres failed {doing}: the connection was lost ({first_line(error)})"
+                ) from error
             raise StoreError(f"Postgres failed {doing}: {first_line(error)}") from error
 
     def lost(self, error: BaseException) -> None:

@@ -31,6 +31,11 @@ WAL_POSITIONS = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_
 # flushed once it has committed.
 FLUSH = "SELECT pg_logical_emit_message(true, 'incident.flush', '')::text"
 
+# FLUSH as a row of WAL_POSITIONS: sent after an append's COMMIT in the same message, it
+# makes the append durable before the reply comes back, one round trip in all (the
+# server reports the end of a message's last statement only once it has committed).
+FLUSHED_POSITIONS = f"SELECT flushed, flushed FROM ({FLUSH}) AS flush(flushed)"
+
 # an append commits with this, the first statement of its transaction
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 

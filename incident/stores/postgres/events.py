@@ -26,6 +26,7 @@ from .._common import (
     owed_row,
     stamp,
 )
+from ..live import Live
 from ..protocols import (
     AppendRequest,
     Committed,
@@ -58,7 +59,7 @@ from .session import (
 from .sql import event_row
 
 
-class PostgresEventStore(PostgresEventReads, AppendVerbs):
+class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
     """The event log in one Postgres table; thread-safe, many processes may share it.
 
     Positions are gapless and in commit order. A bigserial is neither: a sequence value

@@ -26,7 +26,7 @@ from ..protocols import Effects
 from ..unnumbered import Placeholders, Unnumbered
 from .append_job import AppendJob, Committing, Written
 from .database import Database
-from .durability import ASYNC_COMMIT, WAL_POSITIONS
+from .durability import ASYNC_COMMIT, FLUSHED_POSITIONS
 from .migrations import KEY_USED, STREAM_MOVED
 from .projections import PostgresProjectionStore
 from .session import Connection, one_message_transaction
@@ -83,7 +83,7 @@ class NumberedAppends:
             *self._rows(job, recorded, effects, upserts),
         ]
         try:
-            results = one_message_transaction(conn, statements, then=WAL_POSITIONS)
+            results = one_message_transaction(conn, statements, then=FLUSHED_POSITIONS)
         except psycopg.errors.UndefinedFunction:
             self.available = False  # a schema from before 0006, not migrated here
             return None

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from ..._forks import renew_in_forked_children
 from ...errors import IncidentError, StoreError
 from ...messages import Projection
+from ..live import AppendSignal, signal_for
 from ..tables import TableOwners
 from .migrations import SCHEMA_VERSION, schema_version, upgrade
 from .projection_tables import ProjectionTable
@@ -71,6 +72,8 @@ class Database:
         self.guard: AbstractContextManager[Any] = (
             self._lock if self._shared is not None else nullcontext()
         )
+        # wakes this process's live readers after an append commits (stores.live)
+        self.appends = AppendSignal() if self.in_memory else signal_for(os.path.realpath(path))
         renew_in_forked_children(self._forget_connections)
 
     def _forget_connections(self) -> None:

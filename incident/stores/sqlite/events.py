@@ -31,6 +31,7 @@ from .._common import (
     owed_row,
     stamp,
 )
+from ..live import Live
 from ..protocols import (
     AppendRequest,
     Committed,
@@ -88,7 +89,7 @@ class _Append:
         self.together = together  # the projections go into this file, in the transaction
 
 
-class SQLiteEventStore(EventReads, AppendVerbs):
+class SQLiteEventStore(EventReads, AppendVerbs, Live):
     """An event log in an SQLite file. ``projections()`` is a projection store in the same
     file; ``append_and_project`` then commits events and projections together."""
 
@@ -128,6 +129,7 @@ class SQLiteEventStore(EventReads, AppendVerbs):
         if not self._db.schema_ready:
             self._db.migrate()
         committed = self.group.commit(append, len(batch))
+        self._db.appends.appended()
         if projection_store is not None and not together:
             # another database: the events are committed, the projections follow
             for projection in committed.effects.projections:

@@ -142,3 +142,8 @@ class EventReads:
     def last_position(self) -> int:
         position: int = self._rows(LAST_POSITION, ())[0][0]
         return position
+
+    def wait_for_append(self, after: int, timeout: float) -> bool:
+        """Wait for an append of this process to the file (the database's signal); one of
+        another process is seen when ``timeout`` runs out and the log is read again."""
+        return self._db.appends.wait(timeout, lambda: self.last_position() > after)
