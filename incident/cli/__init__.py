@@ -1,4 +1,5 @@
-"""The ``incident`` command: init, demo, events, subscribe, replay, subscriptions, retry.
+"""The ``incident`` command: init, demo, serve, events, subscribe, replay, subscriptions,
+retry.
 
 The CLI is the one place that may read the environment; the library never does. This
 module holds the group and the commands that read and set up a store; the subscription
@@ -200,20 +201,45 @@ def event_cells(r: Recorded[Any]) -> list[str]:
     ]
 
 
+def demo_store(help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The --store option of the commands that run the Bank (an SQLite file by default)."""
+    return click.option("--store", "url", default=DEFAULT_DEMO_STORE, show_default=True, help=help)
+
+
 @main.command()
-@click.option(
-    "--store",
-    "url",
-    default=DEFAULT_DEMO_STORE,
-    show_default=True,
-    help="Where to keep the demo's events and read models.",
-)
+@demo_store("Where to keep the demo's events and read models.")
 def demo(url: str) -> None:
     """Run the Bank example end to end and tell what happened."""
     from ..examples.bank import demo as bank_demo
 
     with reported():
         bank_demo.run(url, console=console(), run_id=uuid.uuid4().hex[:4].upper())
+
+
+@main.command()
+@demo_store("The Bank's store (an SQLite file by default; any store URL).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="How often a conflicting command is decided again before a 409 (default 10).",
+)
+def serve(url: str, host: str, port: int, retries: int | None) -> None:
+    """Serve the Bank over HTTP (POST /commands/{CommandType}, GET /accounts/{id},
+    GET /events as Server-Sent Events) with uvicorn; needs `pip install 'incident[web]'`."""
+    try:
+        import uvicorn
+
+        from ..examples.bank.web import app
+    except ImportError as error:
+        raise click.ClickException(
+            f"incident serve needs the web extra: pip install 'incident[web]' ({error})"
+        ) from error
+    options = {} if retries is None else {"retries": retries}
+    with reported():
+        uvicorn.run(app(url, **options), host=host, port=port, log_level="info")
 
 
 for _command in SUBSCRIPTION_COMMANDS:

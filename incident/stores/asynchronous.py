@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 from ..mapper import check_limit
 from ..messages import Event, Projection, Recorded
 from ._common import closing_iterator
+from .async_live import follow_async
+from .live import BATCH_SIZE, POLL_INTERVAL
 from .protocols import (
     AppendRequest,
     Committed,
@@ -240,6 +242,18 @@ class AsyncEventStore:
         """The position of the last event in the log (0 when it is empty)."""
         last: Callable[[], int] = getattr(self.sync, "last_position")  # noqa: B009
         return await self.run(last)
+
+    def subscribe(
+        self,
+        after: int = 0,
+        *,
+        poll_interval: float = POLL_INTERVAL,
+        batch_size: int = BATCH_SIZE,
+    ) -> AsyncIterator[Recorded[Any]]:
+        """The log after position ``after``, then each event as it commits, in order,
+        never skipping one (``async for recorded in store.subscribe(after=N)``); waiting
+        holds no worker (see :mod:`incident.stores.async_live`)."""
+        return follow_async(self, after, poll_interval=poll_interval, batch_size=batch_size)
 
     def shares_database_with(
         self, projection_store: AsyncProjectionStore | ProjectionStore

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from .._forks import renew_in_forked_children
 from ..messages import Recorded
 
-__all__ = ["AppendSignal", "Live", "follow", "signal_for"]
+__all__ = ["AppendSignal", "Live", "checked_tail_arguments", "follow", "signal_for"]
 
 POLL_INTERVAL = 1.0  # seconds between reads when no wake-up comes
 BATCH_SIZE = 500  # events read per query while catching up
@@ -55,13 +55,18 @@ def follow(
     """Every event of ``store``'s log after position ``after``, then every new one as
     it commits; see the module's docstring. Stop it with ``close()`` or by leaving the
     loop; a store that fails (closed, unreachable) raises out of it."""
+    checked_tail_arguments(after, poll_interval, batch_size)
+    return _follow(store, after, poll_interval, batch_size)
+
+
+def checked_tail_arguments(after: Any, poll_interval: Any, batch_size: Any) -> None:
+    """ValueError for a tail's bad arguments, sync or async, before it starts."""
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise ValueError(f"after must be a position (an int >= 0), got {after!r}")
-    if not poll_interval > 0:
+    if not isinstance(poll_interval, int | float) or not poll_interval > 0:
         raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return _follow(store, after, poll_interval, batch_size)
 
 
 def _follow(

@@ -1,0 +1,213 @@
+"""An AsyncCommandHandler over HTTP: an ASGI application (Starlette) that takes commands
+as JSON, streams the log as Server-Sent Events, and serves what an application adds
+(read models, states). ``pip install 'incident[web]'``; the Bank's is
+:mod:`incident.examples.bank.web`, run by ``incident serve``.
+
+- ``POST /commands/{CommandType}``: the body is the command as JSON, decoded and
+  checked with the command's own type; an ``Idempotency-Key`` header makes a retry safe
+  (the first call's outcome comes back). 200 with ``{"events": [...]}``, the recorded
+  events; 404 for a command type the handler does not route; 422 ``InvalidCommand``
+  naming the field; 409 ``Rejected`` with its reason, ``ConcurrencyError`` once the
+  handler's retries are spent, ``ForeignStream``; 503 when the store failed
+  (``CommitUnknown``: the command may have been stored, retry with the same key).
+- ``GET /events?after=N``: the log after position N, then each event as it commits,
+  as ``text/event-stream`` (``id`` is the position, ``event`` the event type, ``data``
+  the recorded event as JSON); a reconnecting client's ``Last-Event-ID`` resumes after
+  the last event it got. Comment lines keep an idle stream open through proxies.
+- ``GET /health``: 200 with the log's last position, once the handler is open.
+
+Starlette rather than FastAPI: incident's commands are msgspec Structs that check
+themselves (:func:`incident.decode_command`), so FastAPI's pydantic models would be a
+second description of the same types; Starlette is the part of FastAPI this needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from .codec import decode_command
+from .command_handler.asynchronous import AsyncCommandHandler
+from .errors import (
+    CommitUnknown,
+    ConcurrencyError,
+    ForeignStream,
+    InvalidCommand,
+    RegistrationError,
+    Rejected,
+    StoreError,
+)
+from .messages import Command
+
+__all__ = ["KEEP_ALIVE", "command_app", "json_response", "problem"]
+
+KEEP_ALIVE = 15.0  # seconds of silence after which an event stream sends a comment
+QUEUED = 1024  # events an event stream reads ahead of a slow client
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    """``value`` as JSON, encoded by msgspec (Structs, datetimes and all)."""
+    return Response(_encoder.encode(value), status, media_type="application/json")
+
+
+def problem(status: int, error: str, message: str, **details: Any) -> Response:
+    """An error as JSON: ``{"error": <type>, "message": ..., <details>}``."""
+    return json_response({"error": error, "message": message, **details}, status)
+
+
+def command_app(
+    open_handler: Callable[[], AsyncCommandHandler],
+    *,
+    routes: Sequence[BaseRoute] = (),
+    keep_alive: float = KEEP_ALIVE,
+) -> Starlette:
+    """The ASGI app: the command, event-stream and health routes, plus ``routes`` (read
+    sides, which find the handler at ``request.app.state.handler``). The handler is
+    opened by ``open_handler()`` when the server starts and closed when it stops."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        handler = open_handler()
+        app.state.handler = handler
+        app.state.commands = commands_by_name(handler)
+        try:
+            yield
+        finally:
+            await handler.close()
+
+    async def events(request: Request) -> Response:
+        return await event_stream(request, keep_alive)
+
+    return Starlette(
+        routes=[
+            Route("/commands/{command_type}", post_command, methods=["POST"]),
+            Route("/events", events, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            *routes,
+        ],
+        lifespan=lifespan,
+    )
+
+
+def commands_by_name(handler: AsyncCommandHandler) -> dict[str, type[Command]]:
+    """The command types the handler routes, by class name (the URL's last part)."""
+    found: dict[str, type[Command]] = {}
+    for aggregate in handler.aggregates:
+        for command_type in aggregate.command_types:
+            other = found.setdefault(command_type.__name__, command_type)
+            if other is not command_type:
+                raise RegistrationError(
+                    f"Two command types are named {command_type.__name__!r} "
+                    f"({other.__module__} and {command_type.__module__}): "
+                    "POST /commands/{name} could not tell them apart"
+                )
+    return found
+
+
+async def post_command(request: Request) -> Response:
+    name = request.path_params["command_type"]
+    commands: Mapping[str, type[Command]] = request.app.state.commands
+    command_type = commands.get(name)
+    if command_type is None:
+        return problem(
+            404,
+            "UnknownCommand",
+            f"No command type {name!r} here",
+            commands=sorted(commands),
+        )
+    key = request.headers.get("idempotency-key")
+    try:
+        command = decode_command(command_type, await request.body())
+        handler: AsyncCommandHandler = request.app.state.handler
+        recorded = await handler.dispatch(command, {"idempotency_key": key} if key else None)
+    except InvalidCommand as error:
+        return problem(422, "InvalidCommand", str(error), command=name, field=error.field)
+    except Rejected as error:
+        return problem(409, "Rejected", str(error), reason=error.reason, detail=error.detail)
+    except ConcurrencyError as error:
+        return problem(
+            409,
+            "ConcurrencyError",
+            str(error),
+            aggregate_id=error.aggregate_id,
+            actual=error.actual,
+        )
+    except ForeignStream as error:
+        return problem(409, "ForeignStream", str(error), aggregate_id=error.aggregate_id)
+    except CommitUnknown as error:
+        return problem(503, "CommitUnknown", str(error), event_ids=error.event_ids)
+    except StoreError as error:
+        return problem(503, "StoreError", str(error))
+    return json_response({"events": recorded})
+
+
+async def health(request: Request) -> Response:
+    handler: AsyncCommandHandler = request.app.state.handler
+    try:
+        last = await handler.event_store.last_position()
+    except StoreError as error:
+        return problem(503, "StoreError", str(error))
+    return json_response({"ok": True, "last_position": last})
+
+
+async def event_stream(request: Request, keep_alive: float) -> Response:
+    after_text = request.headers.get("last-event-id") or request.query_params.get("after", "0")
+    try:
+        after = int(after_text)
+        if after < 0:
+            raise ValueError
+    except ValueError:
+        return problem(
+            422, "InvalidPosition", f"after must be a position (an int >= 0), got {after_text!r}"
+        )
+    handler: AsyncCommandHandler = request.app.state.handler
+    live = handler.event_store.subscribe(after=after, poll_interval=keep_alive)
+    return StreamingResponse(
+        _frames(live, keep_alive),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[bytes]:
+    """Server-Sent Event frames, one per event, and a comment line whenever the log stays
+    quiet for ``keep_alive`` seconds. The tail runs in a task of its own, feeding a
+    bounded queue, so waiting for the next event can time out without cancelling it."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUED)
+
+    async def pump() -> None:
+        try:
+            async for recorded in live:
+                await queue.put(recorded)
+        except Exception as error:  # the stream ends; the client reconnects and resumes
+            await queue.put(error)
+
+    feeding = asyncio.create_task(pump())
+    try:
+        yield b": incident event stream\n\n"  # the headers go out now, not at the first event
+        while True:
+            try:
+                recorded = await asyncio.wait_for(queue.get(), keep_alive)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if isinstance(recorded, Exception):
+                return
+            yield (
+                b"id: %d\nevent: %s\ndata: %s\n\n"
+                % (recorded.position, recorded.event_type.encode(), _encoder.encode(recorded))
+            )
+    finally:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding

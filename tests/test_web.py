@@ -1,0 +1,315 @@
+"""The Bank over HTTP (incident/web.py, incident/examples/bank/web.py), served by
+`incident serve` as a real process on a free loopback port and driven by an HTTP
+client: every status code the API promises, the live event stream, and a concurrent
+load after which money is conserved and the log has no gap and no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import httpx
+import pytest
+
+import incident
+from incident.examples import bank
+
+START = 60.0  # seconds for a server to answer /health before the test gives up on it
+TIMEOUT = httpx.Timeout(60.0)
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Server:
+    """`incident serve` in a process of its own, stopped (SIGINT, then SIGKILL) after."""
+
+    def __init__(self, store_url: str, *options: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.said = ""  # the end of its stderr, once stopped
+        command = [sys.executable, "-m", "incident", "serve", "--store", store_url]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port), *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + START
+        while True:
+            assert self.process.poll() is None, self.stopped_saying()
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+
+    def stopped_saying(self) -> str:
+        self.process.wait(10)
+        return (self.process.stderr.read() if self.process.stderr else b"").decode()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process.stderr:
+            self.said = self.process.stderr.read().decode()[-4000:]
+            self.process.stderr.close()
+
+
+@pytest.fixture
+def strict_server(initialized_url: str) -> Iterator[tuple[Server, str]]:
+    """A server that gives up on a conflict at once (--retries 0)."""
+    server = Server(initialized_url, "--retries", "0")
+    try:
+        yield server, initialized_url
+    finally:
+        server.stop()
+
+
+def post(base: str, command: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return httpx.post(f"{base}/commands/{command}", json=body, headers=headers, timeout=TIMEOUT)
+
+
+def test_every_status_code_the_api_promises(strict_server: tuple[Server, str]) -> None:
+    server, url = strict_server
+    base = server.base
+    opened = post(base, "OpenAccount", {"aggregate_id": "A"})
+    assert opened.status_code == 200
+    assert [e["event_type"] for e in opened.json()["events"]] == ["AccountOpened"]
+    assert post(base, "DepositMoney", {"aggregate_id": "A", "amount": 50}).status_code == 200
+
+    invalid = post(base, "DepositMoney", {"aggregate_id": "A", "amount": 0})
+    assert invalid.status_code == 422
+    assert invalid.json()["error"] == "InvalidCommand" and invalid.json()["field"] == "amount"
+    missing = post(base, "DepositMoney", {"aggregate_id": "A"})
+    assert (missing.status_code, missing.json()["field"]) == (422, "amount")
+    not_json = httpx.post(f"{base}/commands/DepositMoney", content=b"{", timeout=TIMEOUT)
+    assert not_json.status_code == 422
+
+    unknown = post(base, "StealMoney", {"aggregate_id": "A"})
+    assert unknown.status_code == 404 and "DepositMoney" in unknown.json()["commands"]
+
+    rejected = post(base, "WithdrawMoney", {"aggregate_id": "A", "amount": 500})
+    assert rejected.status_code == 409
+    assert rejected.json() | {"message": ""} == {
+        "error": "Rejected",
+        "message": "",
+        "reason": "no_enough_balance",
+        "detail": None,
+    }
+
+    # another writer moves A on: the server's cached state is stale, and with no retries
+    # its next command to A conflicts; the one after reads the stream again
+    with bank.build(url) as other:
+        other.dispatch(bank.DepositMoney(aggregate_id="A", amount=1))
+    conflict = post(base, "DepositMoney", {"aggregate_id": "A", "amount": 2})
+    assert conflict.status_code == 409
+    assert conflict.json()["error"] == "ConcurrencyError" and conflict.json()["actual"] == 3
+    assert post(base, "DepositMoney", {"aggregate_id": "A", "amount": 3}).status_code == 200
+
+    account = httpx.get(f"{base}/accounts/A", timeout=TIMEOUT)
+    assert account.status_code == 200 and account.json()["balance"] == 54
+    at_two = httpx.get(f"{base}/accounts/A", params={"version": 2}, timeout=TIMEOUT)
+    assert at_two.json() == {
+        "account_id": "A",
+        "version": 2,
+        "state": {"account_number": "A", "balance": 50},
+    }
+    assert httpx.get(f"{base}/accounts/A?version=99", timeout=TIMEOUT).status_code == 404
+    assert httpx.get(f"{base}/accounts/A?version=x", timeout=TIMEOUT).status_code == 422
+    assert httpx.get(f"{base}/accounts/nobody", timeout=TIMEOUT).status_code == 404
+
+    keyed = {"Idempotency-Key": "k1"}
+    first = post(base, "DepositMoney", {"aggregate_id": "A", "amount": 5}, **keyed)
+    again = post(base, "DepositMoney", {"aggregate_id": "A", "amount": 5}, **keyed)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["events"] == again.json()["events"]
+    assert httpx.get(f"{base}/accounts/A", timeout=TIMEOUT).json()["balance"] == 59
+
+
+def frames(lines: Iterator[str], count: int) -> list[dict[str, str]]:
+    """The next ``count`` Server-Sent Events (comment lines skipped)."""
+    found: list[dict[str, str]] = []
+    frame: dict[str, str] = {}
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if not line:
+            if frame:
+                found.append(frame)
+                frame = {}
+                if len(found) == count:
+                    return found
+            continue
+        name, _, value = line.partition(": ")
+        frame[name] = value
+    raise AssertionError(f"the stream ended after {len(found)} events")
+
+
+def test_the_event_stream_delivers_what_is_dispatched_after_it_opened_in_order(
+    strict_server: tuple[Server, str],
+) -> None:
+    server, _ = strict_server
+    base = server.base
+    post(base, "OpenAccount", {"aggregate_id": "S"})
+    with httpx.stream("GET", f"{base}/events", params={"after": 1}, timeout=TIMEOUT) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        sent = [post(base, "DepositMoney", {"aggregate_id": "S", "amount": n}) for n in (1, 2, 3)]
+        got = frames(lines, 3)
+    expected = [r.json()["events"][0] for r in sent]
+    assert [int(f["id"]) for f in got] == [e["position"] for e in expected] == [2, 3, 4]
+    assert [f["event"] for f in got] == ["MoneyDeposited"] * 3
+    assert [json.loads(f["data"]) for f in got] == expected
+
+    # a client that reconnects says the last id it saw, and resumes right after it
+    resume = {"Last-Event-ID": "2"}
+    with httpx.stream("GET", f"{base}/events", headers=resume, timeout=TIMEOUT) as again:
+        assert [int(f["id"]) for f in frames(again.iter_lines(), 2)] == [3, 4]
+    bad = httpx.get(f"{base}/events", params={"after": "-1"}, timeout=TIMEOUT)
+    assert bad.status_code == 422
+
+
+ACCOUNTS = [f"L{n}" for n in range(16)]
+CLIENTS = 64
+COMMANDS = 2_000
+
+
+async def load(base: str) -> list[tuple[str, dict[str, Any], str | None, int, Any]]:
+    """COMMANDS commands from CLIENTS concurrent clients: deposits, withdrawals (some
+    beyond the balance: rejected), transfers (some beyond the balance: cancelled), and
+    keyed deposits sent twice at once (one must be stored, both answered alike)."""
+    # the client lets an idle connection go well before the server's keep-alive timeout
+    # (uvicorn: 5 s) can close it under a request it is sending
+    limits = httpx.Limits(
+        max_connections=CLIENTS, max_keepalive_connections=CLIENTS, keepalive_expiry=1.0
+    )
+    async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT, limits=limits) as client:
+
+        async def send(command: str, body: dict[str, Any], key: str | None) -> Any:
+            headers = {"Idempotency-Key": key} if key else {}
+            response = await client.post(f"/commands/{command}", json=body, headers=headers)
+            return (command, body, key, response.status_code, response.json())
+
+        for account in ACCOUNTS:
+            await send("OpenAccount", {"aggregate_id": account}, None)
+        plan: list[tuple[str, dict[str, Any], str | None]] = []
+        for n in range(COMMANDS - len(ACCOUNTS)):
+            account, other = ACCOUNTS[n % len(ACCOUNTS)], ACCOUNTS[(n * 7 + 3) % len(ACCOUNTS)]
+            kind = n % 5
+            if kind in (0, 1):
+                plan.append(("DepositMoney", {"aggregate_id": account, "amount": 10}, None))
+            elif kind == 2:
+                plan.append(("WithdrawMoney", {"aggregate_id": account, "amount": 15}, None))
+            elif kind == 3 and account != other:
+                body = {
+                    "aggregate_id": f"T{n}",
+                    "source_account_number": account,
+                    "destination_account_number": other,
+                    "amount": 12,
+                }
+                plan.append(("RequestTransfer", body, None))
+            else:
+                key = f"key-{n // 2}"  # two in a row share a key
+                plan.append(("DepositMoney", {"aggregate_id": account, "amount": 1}, key))
+        queue: asyncio.Queue[tuple[str, dict[str, Any], str | None]] = asyncio.Queue()
+        for item in plan:
+            queue.put_nowait(item)
+        results: list[Any] = []
+
+        async def client_loop() -> None:
+            while not queue.empty():
+                results.append(await send(*queue.get_nowait()))
+
+        await asyncio.gather(*(client_loop() for _ in range(CLIENTS)))
+        return results
+
+
+@pytest.mark.slow
+def test_a_concurrent_load_loses_nothing_and_duplicates_nothing(initialized_url: str) -> None:
+    server = Server(initialized_url)
+    try:
+        try:
+            results = asyncio.run(load(server.base))
+        except httpx.TransportError as error:
+            server.stop()
+            raise AssertionError(f"{error!r}; the server said: {server.said}") from error
+        balances = {
+            account: httpx.get(f"{server.base}/accounts/{account}", timeout=TIMEOUT).json()
+            for account in ACCOUNTS
+        }
+    finally:
+        server.stop()
+    statuses = Counter(status for *_, status, _ in results)
+    assert set(statuses) <= {200, 409}, statuses
+    refused = [answer for *_, status, answer in results if status == 409]
+    assert {answer["error"] for answer in refused} <= {"Rejected"}
+    assert statuses[409] > 0  # withdrawals beyond the balance were mixed in
+
+    with closing(incident.open_event_store(initialized_url)) as store:
+        log = list(store.read_all())
+    assert [r.position for r in log] == list(range(1, len(log) + 1))
+    ids = Counter(r.event_id for r in log)
+    assert max(ids.values()) == 1
+    answered = {
+        e["event_id"] for *_, status, answer in results if status == 200 for e in answer["events"]
+    }
+    assert answered <= set(ids), "an acknowledged event is not in the log"
+    keyed: dict[str, list[Any]] = {}
+    for _, _, key, status, answer in results:
+        if key is not None:
+            keyed.setdefault(key, []).append((status, answer))
+    for answers in keyed.values():  # both sends of a key got the one outcome
+        assert all(answer == answers[0] for answer in answers)
+
+    # money is conserved: what the accepted deposits and withdrawals moved (a key's
+    # deposit once, however often it was sent); transfers only move it between accounts
+    expected, counted = 0, set()
+    for command, body, key, status, _ in results:
+        if status != 200 or command not in ("DepositMoney", "WithdrawMoney"):
+            continue
+        if key is not None:
+            if key in counted:
+                continue
+            counted.add(key)
+        expected += body["amount"] if command == "DepositMoney" else -body["amount"]
+    assert sum(b["balance"] for b in balances.values()) == expected
+    assert all(b["balance"] >= 0 for b in balances.values())
+    keyed_deposits = [r for r in log if r.event_type == "MoneyDeposited" and r.data.amount == 1]
+    assert len(keyed_deposits) == len(counted)
+
+
+def test_serve_without_the_web_extra_names_it(tmp_path: Any) -> None:
+    """`incident serve` names the extra to install when uvicorn (or starlette) is missing."""
+    blocker = (
+        "import sys, runpy; sys.modules['uvicorn'] = None; sys.argv = ['incident', 'serve', "
+        f"'--store', 'sqlite:///{tmp_path / 'x.db'}']; runpy.run_module('incident', "
+        "run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "pip install 'incident[web]'" in done.stderr
