@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -58,18 +58,34 @@ class CountingConnection(sqlite3.Connection):
         return super().execute(sql, parameters)
 
 
-@pytest.fixture
-def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
-    """Every connection the stores open from here on is a CountingConnection."""
+def connect_with(monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection]) -> None:
+    """Every connection the stores open from here on is a ``factory``."""
     original = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        return original(*args, **kwargs, factory=CountingConnection)
+        return original(*args, **kwargs, factory=factory)
 
     monkeypatch.setattr(sqlite3, "connect", connect)
-    FAULTS.__init__()  # type: ignore[misc]
-    yield FAULTS
-    FAULTS.__init__()  # type: ignore[misc]
+
+
+S = TypeVar("S")
+
+
+def recording(
+    monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection], state: S
+) -> Iterator[S]:
+    """A fixture's body: connections made by ``factory``, writing into ``state``, which
+    starts afresh and is reset at the end."""
+    connect_with(monkeypatch, factory)
+    state.__init__()  # type: ignore[misc]
+    yield state
+    state.__init__()  # type: ignore[misc]
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
+    """Every connection the stores open from here on is a CountingConnection."""
+    yield from recording(monkeypatch, CountingConnection, FAULTS)
 
 
 @pytest.fixture
@@ -153,6 +169,32 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.001)
+
+
+def in_threads(
+    work: Callable[[int], None], count: int, store: SQLiteEventStore
+) -> list[incident.Recorded[Any]]:
+    """``work(0)`` ... ``work(count - 1)``, each on a thread of its own, to their end;
+    raises the first error one of them raised, else returns the log, checked gapless."""
+    failures: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        try:
+            work(worker)
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive()
+    if failures:
+        raise failures[0]
+    events = list(store.read_all())
+    assert [r.position for r in events] == list(range(1, len(events) + 1))
+    return events
 
 
 def log(store: SQLiteEventStore) -> list[tuple[int, str]]:
@@ -360,7 +402,6 @@ def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url:
     acknowledged: list[tuple[str, int, list[str]]] = []  # (account, +/- amount, event ids)
     conflicts: list[str] = []
     keyed: dict[str, list[str]] = {}
-    failures: list[BaseException] = []
     lock = threading.Lock()
     start = threading.Barrier(8)
 
@@ -369,58 +410,48 @@ def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url:
         own = f"own-{worker}"
         app.dispatch(bank.OpenAccount(aggregate_id=own))
         start.wait()
-        try:
-            for n in range(60):
-                target = rng.choice([*shared, own])
-                roll = rng.random()
-                if roll < 0.1:  # stale: the stream is past version 0 for every account
-                    try:
-                        store.append(
-                            target,
-                            [MoneyDeposited(amount=777_777)],
-                            expected_version=store.version(target) - 1,
-                            aggregate="bank_account",
-                        )
-                    except incident.ConcurrencyError:
-                        with lock:
-                            conflicts.append(target)
-                    continue
-                # every fifth command is keyed, and sent by two threads at once (this
-                # one and its twin): one run is stored, and both see its events
-                key = f"k-{worker // 2}-{n}" if n % 5 == 0 else None
-                pick = random.Random(key) if key else rng
-                if key:
-                    target = pick.choice(shared)
-                amount = pick.randint(1, 9)
-                withdraw = pick.random() < 0.3
-                command: Any = (
-                    WithdrawMoney(aggregate_id=target, amount=amount)
-                    if withdraw
-                    else DepositMoney(aggregate_id=target, amount=amount)
-                )
+        for n in range(60):
+            target = rng.choice([*shared, own])
+            roll = rng.random()
+            if roll < 0.1:  # stale: the stream is past version 0 for every account
                 try:
-                    recorded = app.dispatch(command, {"idempotency_key": key} if key else None)
-                except incident.Rejected:
-                    continue  # insufficient funds: nothing written
-                ids = [r.event_id for r in recorded]
-                with lock:
-                    if key is not None and key in keyed:
-                        assert keyed[key] == ids  # the twin's run, replayed
-                        continue
-                    if key is not None:
-                        keyed[key] = ids
-                    acknowledged.append((target, -amount if withdraw else amount, ids))
-        except BaseException as error:
-            failures.append(error)
+                    store.append(
+                        target,
+                        [MoneyDeposited(amount=777_777)],
+                        expected_version=store.version(target) - 1,
+                        aggregate="bank_account",
+                    )
+                except incident.ConcurrencyError:
+                    with lock:
+                        conflicts.append(target)
+                continue
+            # every fifth command is keyed, and sent by two threads at once (this
+            # one and its twin): one run is stored, and both see its events
+            key = f"k-{worker // 2}-{n}" if n % 5 == 0 else None
+            pick = random.Random(key) if key else rng
+            if key:
+                target = pick.choice(shared)
+            amount = pick.randint(1, 9)
+            withdraw = pick.random() < 0.3
+            command: Any = (
+                WithdrawMoney(aggregate_id=target, amount=amount)
+                if withdraw
+                else DepositMoney(aggregate_id=target, amount=amount)
+            )
+            try:
+                recorded = app.dispatch(command, {"idempotency_key": key} if key else None)
+            except incident.Rejected:
+                continue  # insufficient funds: nothing written
+            ids = [r.event_id for r in recorded]
+            with lock:
+                if key is not None and key in keyed:
+                    assert keyed[key] == ids  # the twin's run, replayed
+                    continue
+                if key is not None:
+                    keyed[key] = ids
+                acknowledged.append((target, -amount if withdraw else amount, ids))
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not failures, failures
-    events = list(store.read_all())
-    assert [r.position for r in events] == list(range(1, len(events) + 1))
+    events = in_threads(work, 8, store)
     counts = Counter(r.event_id for r in events)
     assert all(count == 1 for count in counts.values())
     for _, _, ids in acknowledged:

@@ -10,14 +10,17 @@ batch. So while one batch waits for its fsync the next one gathers, and a writer
 runs exactly as it would without any of this: on its own thread, in a transaction of
 its own, without a savepoint.
 
-Inside a batch of several, each append runs in its own ``SAVEPOINT``: its error (a
-conflict, a duplicate key, an exception from ``project``, a row that cannot be stored)
-rolls back that append alone and goes to its caller alone, and the others go on. Then
-one ``COMMIT``; only once it has returned is anyone woken, so an acknowledged append is
-durable. When ``BEGIN`` or ``COMMIT`` fails, or SQLite rolls the whole transaction back
-itself (a full disk, an I/O error), nothing of the batch was written and every caller
-of the batch gets the error. ``docs/writes.md`` says why ordering and gapless positions
-hold.
+Inside a batch of several, the appends are written in bulk
+(:mod:`incident.stores.sqlite.batch`): each is checked in turn (its key, its expected
+version, its ``project``), one that fails gets its error alone and writes nothing, and
+the rows of the others go in with a statement per table, inside a savepoint. Should one
+of those writes fail, the savepoint undoes them and the batch is written again one
+append at a time, each in its own ``SAVEPOINT``, so the append whose rows cannot be
+stored fails alone and the others go on. Then one ``COMMIT``; only once it has returned
+is anyone woken, so an acknowledged append is durable. When ``BEGIN`` or ``COMMIT``
+fails, or SQLite rolls the whole transaction back itself (a full disk, an I/O error),
+nothing of the batch was written and every caller of the batch gets the error.
+``docs/writes.md`` says why ordering and gapless positions hold.
 """
 
 from __future__ import annotations
@@ -73,8 +76,11 @@ class _Ticket(Generic[T, R]):
 
 class GroupCommit(Generic[T, R]):
     """Commits the appends of concurrent callers on one database together (see the
-    module). ``write(conn, item)`` writes one append inside the open transaction and
-    returns its outcome; it may raise, which undoes that append alone. ``landed(conn,
+    module). ``write(conn, items)`` writes appends inside the open transaction and
+    returns each one's outcome (its result, or the error that kept it out, with nothing
+    of it written), or None, having written nothing, when a batch of several must be
+    written one by one; if it raises, its writes are undone (for a batch of several,
+    which then goes one by one, each in a savepoint). ``R`` is never an exception. ``landed(conn,
     outcomes)`` says whether the appends that were written are in the log now: it settles
     the one case where a batch's fate is not known from the call itself (its leader
     interrupted around ``COMMIT``).
@@ -85,7 +91,7 @@ class GroupCommit(Generic[T, R]):
     def __init__(
         self,
         db: Database,
-        write: Callable[[sqlite3.Connection, T], R],
+        write: Callable[[sqlite3.Connection, list[T]], list[R | Exception] | None],
         landed: Callable[[sqlite3.Connection, list[R]], bool],
         *,
         max_requests: int = MAX_BATCH_REQUESTS,
@@ -160,7 +166,7 @@ class GroupCommit(Generic[T, R]):
         db = self._db
         try:
             with db.transaction() as conn:
-                return self._write(conn, item)
+                return self._one(conn, item)
         except sqlite3.Error as error:
             raise db.store_error(error) from error
 
@@ -235,21 +241,22 @@ class GroupCommit(Generic[T, R]):
             return True
 
     def _run(self, batch: list[_Ticket[T, R]]) -> None:
-        """One transaction for the batch, each append in a savepoint of its own; every
-        ticket ends with its outcome."""
-        db, write = self._db, self._write
+        """One transaction for the batch: its rows written in bulk, or, when that cannot
+        be done, each append in a savepoint of its own; every ticket ends with its
+        outcome."""
+        db = self._db
         try:
             with db.transaction() as conn:
-                for ticket in batch:
-                    savepoint = db.savepoint(conn)
-                    try:
-                        with savepoint:
-                            ticket.result = write(conn, ticket.item)
-                    except Exception as error:
-                        if not (savepoint.closed and conn.in_transaction):
-                            raise  # the transaction is gone or must not commit
-                        ticket.result = None
-                        ticket.error = self._own(error)
+                outcomes = self._bulk(conn, [t.item for t in batch]) if len(batch) > 1 else None
+                if outcomes is None:
+                    for ticket in batch:
+                        self._in_savepoint(conn, ticket)
+                else:
+                    for ticket, outcome in zip(batch, outcomes, strict=True):
+                        if isinstance(outcome, Exception):
+                            ticket.error = self._own(outcome)
+                        else:
+                            ticket.result = outcome
         except Exception as error:
             # BEGIN or COMMIT failed, or the transaction is gone: nothing was written
             for ticket in batch:
@@ -260,6 +267,40 @@ class GroupCommit(Generic[T, R]):
             self.appends += sum(1 for ticket in batch if ticket.error is None)
         for ticket in batch:
             ticket.state = _DONE
+
+    def _bulk(self, conn: sqlite3.Connection, items: list[T]) -> list[R | Exception] | None:
+        """The whole batch in one go, inside a savepoint: the outcomes, or None with
+        nothing written when the batch must go one append at a time (a write failed, so
+        some append's rows cannot be stored, and only its own savepoint can tell which)."""
+        savepoint = self._db.savepoint(conn)
+        try:
+            with savepoint:
+                return self._write(conn, items)
+        except Exception:
+            if not (savepoint.closed and conn.in_transaction):
+                raise  # the transaction is gone or must not commit
+            return None
+
+    def _in_savepoint(self, conn: sqlite3.Connection, ticket: _Ticket[T, R]) -> None:
+        """One append of the batch in its own savepoint: its error undoes it alone."""
+        savepoint = self._db.savepoint(conn)
+        try:
+            with savepoint:
+                ticket.result = self._one(conn, ticket.item)
+        except Exception as error:
+            if not (savepoint.closed and conn.in_transaction):
+                raise  # the transaction is gone or must not commit
+            ticket.result = None
+            ticket.error = self._own(error)
+
+    def _one(self, conn: sqlite3.Connection, item: T) -> R:
+        """One append written by itself: its outcome, or its error raised."""
+        outcomes = self._write(conn, [item])
+        assert outcomes is not None  # only a batch of several is sent one by one
+        outcome = outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _own(self, error: Exception) -> Exception:
         """The error as its caller sees it: a driver error becomes a StoreError naming
