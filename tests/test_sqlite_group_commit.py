@@ -2,8 +2,9 @@
 each keeps its own outcome (incident.stores.sqlite.group_commit, docs/writes.md).
 
 A batch is forced by holding a first append inside its ``project`` while the others
-queue behind it; the connections count their COMMITs, so these tests fail if grouping
-silently stops happening. Nothing here is timed.
+queue behind it, so that its writer takes them into its transaction; the connections
+count their COMMITs, so these tests fail if grouping silently stops happening. Nothing
+here is timed.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ Outcome = Committed | BaseException
 
 class Batch:
     """Holds a first append (the leader) inside its ``project`` until the appends given
-    to :meth:`queue` wait behind it, then lets it go: they are the next batch, written
-    in one transaction by the first of them."""
+    to :meth:`queue` wait behind it, then lets it go: its writer takes them, in queue
+    order, into the same transaction, after its own append and before its COMMIT."""
 
     def __init__(self, store: SQLiteEventStore) -> None:
         self.store = store
@@ -212,7 +213,7 @@ def ready(url: str) -> SQLiteEventStore:
 
 
 def test_each_append_of_a_shared_commit_gets_its_own_outcome(url: str, faults: Faults) -> None:
-    """The appends queued behind a busy leader share one COMMIT; an append whose project
+    """The appends queued behind a busy leader share its COMMIT; an append whose project
     raises, whose expected version is stale or whose key was used gets its own error and
     writes nothing, and the others of the batch commit, gapless, in queue order."""
     store = ready(url)
@@ -232,8 +233,8 @@ def test_each_append_of_a_shared_commit_gets_its_own_outcome(url: str, faults: F
             "last": (deposit("last"), account),
         }
     )
-    assert faults.commits == ["leader", "first"]  # the leader's, then the batch's one
-    assert store.group.transactions - transactions == 2
+    assert faults.commits == ["leader"]  # one, for the leader's append and the batch
+    assert store.group.transactions - transactions == 1
     assert isinstance(outcomes["raises"], ValueError)
     assert isinstance(outcomes["stale"], incident.ConcurrencyError)
     assert isinstance(outcomes["duplicate"], incident.DuplicateCommand)
@@ -278,26 +279,26 @@ def test_a_projection_table_undone_with_its_savepoint_is_made_again(
     assert isinstance(outcomes["fails"], incident.IncidentError)
     assert isinstance(outcomes["needs"], Committed)
     assert store.projections().all(Fresh) == [Fresh(aggregate_id="b")]
-    assert faults.commits[-1] == "fails"  # the batch's leader, which wrote "needs" too
+    assert faults.commits[-1] == "leader"  # the batch's writer, which wrote "needs" too
 
 
 def test_a_failing_commit_fails_every_caller_of_the_batch(url: str, faults: Faults) -> None:
-    """When the batch's COMMIT fails, nothing of it was written and each caller gets a
-    StoreError of its own; the store goes on, with gapless positions."""
+    """When the batch's COMMIT fails, nothing of it was written and each caller, its
+    leader's too, gets a StoreError of its own; the store goes on, with gapless
+    positions."""
     store = ready(url)
     faults.commits.clear()
-    faults.fail_commits = {2}  # the leader's commits, then the batch's fails
+    faults.fail_commits = {1}  # the batch's, the leader's append in it
     outcomes = Batch(store).queue({name: (deposit(name), account) for name in ("a", "b", "c")})
-    assert faults.commits == ["leader", "a"]
-    assert isinstance(outcomes["leader"], Committed)
-    errors = [outcomes[name] for name in ("a", "b", "c")]
+    assert faults.commits == ["leader"]
+    errors = [outcomes[name] for name in ("leader", "a", "b", "c")]
     assert all(isinstance(e, incident.StoreError) for e in errors)
-    assert len({id(e) for e in errors}) == 3  # one each: each raises it on its own thread
+    assert len({id(e) for e in errors}) == 4  # one each: each raises it on its own thread
     assert "disk I/O error" in str(errors[0])
-    assert log(store) == [(1, "setup"), (2, "leader")]
+    assert log(store) == [(1, "setup")]
     assert store.projections().get(BankAccount, "a") is None
     store.commit(deposit("after"), projection_store=store.projections(), project=account)
-    assert log(store)[-1] == (3, "after")
+    assert log(store)[-1] == (2, "after")
 
 
 def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults: Faults) -> None:
@@ -317,12 +318,12 @@ def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults:
         }
     )
     faults.full_table = None
-    for name in ("before", "full", "after"):
+    for name in ("leader", "before", "full", "after"):
         assert isinstance(outcomes[name], incident.StoreError), name
         assert "disk is full" in str(outcomes[name])
-    assert log(store) == [(1, "setup"), (2, "leader")]
+    assert log(store) == [(1, "setup")]
     store.commit(deposit("later"), projection_store=store.projections(), project=account)
-    assert log(store)[-1] == (3, "later")
+    assert log(store)[-1] == (2, "later")
 
 
 def test_a_lone_writer_commits_on_its_own_thread_without_a_savepoint(url: str) -> None:

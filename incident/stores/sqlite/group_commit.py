@@ -129,21 +129,21 @@ class GroupCommit(Generic[T, R]):
         outside the queue and its counts."""
         if not self.shared:
             return self._transaction_of_one(item)
+        ticket: _Ticket[T, R] = _Ticket(item, size)
         with self._mutex:
             alone = not self._busy
             self._busy = True
-            if not alone:
-                ticket: _Ticket[T, R] = _Ticket(item, size)
+            if alone:
+                # no batch in flight, so the queue is empty: this caller leads at once,
+                # on its own thread, and its append is written without a savepoint
+                ticket.state = _TAKEN
+            else:
                 ticket.wake = threading.Lock()
                 ticket.wake.acquire()
                 self._queue.append(ticket)
         if alone:
-            # no batch in flight, so the queue is empty: a batch of one, on this thread
-            try:
-                return self._alone(item)
-            finally:
-                with self._mutex:
-                    self._hand_on()
+            self._write_batch(ticket, [ticket])
+            return ticket.outcome()
         try:
             ticket.wake.acquire()
         except BaseException:
@@ -152,13 +152,6 @@ class GroupCommit(Generic[T, R]):
         if ticket.state != _DONE:
             self._lead(ticket)
         return ticket.outcome()
-
-    def _alone(self, item: T) -> R:
-        """A batch of one, counted as one."""
-        result = self._transaction_of_one(item)
-        self.transactions += 1
-        self.appends += 1
-        return result
 
     def _transaction_of_one(self, item: T) -> R:
         """One append in a transaction of its own: no savepoint, and its error undoes
@@ -193,16 +186,28 @@ class GroupCommit(Generic[T, R]):
     def _lead(self, ticket: _Ticket[T, R]) -> None:
         with self._mutex:
             # the lead goes to the first caller queued, so this caller's append is first
-            batch = [self._queue.popleft()]
-            events = batch[0].size
-            while self._queue and len(batch) < self.max_requests:
-                events += self._queue[0].size
-                if events > self.max_events:
-                    break
-                batch.append(self._queue.popleft())
-            for taken in batch:
-                taken.state = _TAKEN
+            batch: list[_Ticket[T, R]] = []
+            self._take(batch)
         assert batch[0] is ticket
+        self._write_batch(ticket, batch)
+
+    def _take(self, batch: list[_Ticket[T, R]]) -> list[_Ticket[T, R]]:
+        """Under the mutex, move queued appends into the batch, in queue order, within its
+        bounds (its first append whatever its size); returns those taken."""
+        events = sum(taken.size for taken in batch)
+        start = len(batch)
+        while self._queue and len(batch) < self.max_requests:
+            events += self._queue[0].size
+            if events > self.max_events and batch:
+                break
+            taken = self._queue.popleft()
+            taken.state = _TAKEN
+            batch.append(taken)
+        return batch[start:]
+
+    def _write_batch(self, ticket: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> None:
+        """Write the batch ``ticket`` leads (it grows while it is written: see ``_run``),
+        then wake the others with their outcomes and hand the lead on."""
         try:
             self._run(batch)
         finally:
@@ -217,7 +222,7 @@ class GroupCommit(Generic[T, R]):
                             other.state = _QUEUED
                             other.result = other.error = None
                             self._queue.appendleft(other)
-                        batch = [ticket]
+                        del batch[1:]
                     for done in batch:
                         done.state = _DONE
                 self._hand_on()
@@ -241,24 +246,30 @@ class GroupCommit(Generic[T, R]):
             return True
 
     def _run(self, batch: list[_Ticket[T, R]]) -> None:
-        """One transaction for the batch: its rows written in bulk, or, when that cannot
-        be done, each append in a savepoint of its own; every ticket ends with its
-        outcome."""
+        """One transaction for the batch, every ticket ending with its outcome. A first
+        part of one append (a writer alone) is written as it is: its error undoes the
+        transaction, which holds nothing else. Then, before COMMIT, whatever queued
+        while the part was written joins the batch, as the next part, until nothing
+        more has come or the batch is full. A part of several goes in bulk, or, when
+        that cannot be done, each append in a savepoint of its own, and so does a part
+        of one after the first."""
         db = self._db
         try:
             with db.transaction() as conn:
-                outcomes = self._bulk(conn, [t.item for t in batch]) if len(batch) > 1 else None
-                if outcomes is None:
-                    for ticket in batch:
-                        self._in_savepoint(conn, ticket)
+                part = batch[:]
+                if len(part) == 1:
+                    part[0].result = self._one(conn, part[0].item)
                 else:
-                    for ticket, outcome in zip(batch, outcomes, strict=True):
-                        if isinstance(outcome, Exception):
-                            ticket.error = self._own(outcome)
-                        else:
-                            ticket.result = outcome
+                    self._write_part(conn, part)
+                while True:
+                    with self._mutex:
+                        part = self._take(batch)
+                    if not part:
+                        break
+                    self._write_part(conn, part)
         except Exception as error:
-            # BEGIN or COMMIT failed, or the transaction is gone: nothing was written
+            # BEGIN or COMMIT failed, the first append alone failed, or the transaction
+            # is gone: nothing was written
             for ticket in batch:
                 ticket.result = None
                 ticket.error = self._own(error)
@@ -267,6 +278,18 @@ class GroupCommit(Generic[T, R]):
             self.appends += sum(1 for ticket in batch if ticket.error is None)
         for ticket in batch:
             ticket.state = _DONE
+
+    def _write_part(self, conn: sqlite3.Connection, part: list[_Ticket[T, R]]) -> None:
+        outcomes = self._bulk(conn, [t.item for t in part]) if len(part) > 1 else None
+        if outcomes is None:
+            for ticket in part:
+                self._in_savepoint(conn, ticket)
+            return
+        for ticket, outcome in zip(part, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                ticket.error = self._own(outcome)
+            else:
+                ticket.result = outcome
 
     def _bulk(self, conn: sqlite3.Connection, items: list[T]) -> list[R | Exception] | None:
         """The whole batch in one go, inside a savepoint: the outcomes, or None with
