@@ -95,25 +95,18 @@ class BatchWriter:
     def __call__(
         self, conn: sqlite3.Connection, appends: list[Append]
     ) -> list[Committed | Exception] | None:
-        try:
-            return self._write(conn, appends)
-        except _OneByOne:
-            return None
-
-    def _write(
-        self, conn: sqlite3.Connection, appends: list[Append]
-    ) -> list[Committed | Exception]:
         one = len(appends) == 1
-        if one:
+        if one:  # the usual case, a writer alone: the queries it always ran
             request = appends[0].request
             version, last = conn.execute(HEAD, (request.aggregate_id,)).fetchone()
             heads = {request.aggregate_id: version}
+            keys = [request.idempotency_key] if request.idempotency_key else []
         else:
             streams = list(dict.fromkeys(a.request.aggregate_id for a in appends))
             rows = conn.execute(heads_sql(len(streams)), streams).fetchall()
             last = rows[0][0]
             heads = {stream: version for _, stream, version in rows}
-        keys = [a.request.idempotency_key for a in appends if a.request.idempotency_key]
+            keys = [a.request.idempotency_key for a in appends if a.request.idempotency_key]
         used = {}
         if keys:
             used = {row[0]: row for row in conn.execute(keys_sql(len(keys)), keys).fetchall()}
@@ -123,7 +116,7 @@ class BatchWriter:
             try:
                 outcomes.append(batch.add(append))
             except _OneByOne:
-                raise
+                return None
             except Exception as error:  # this append alone: nothing of it is in the rows
                 outcomes.append(error)
         batch.write()
@@ -201,7 +194,8 @@ class _Rows:
             effects = effects_of(append.project, recorded)
             if append.together:
                 upserts = self._projection_rows(effects)
-            owed = [owed_row(o, date_text) for o in effects.owed]
+            if effects.owed:
+                owed = [owed_row(o, date_text) for o in effects.owed]
         # everything of this append is checked: take its rows
         if self.first is None:
             self.first = append
@@ -224,7 +218,8 @@ class _Rows:
         ]
         for sql, row in upserts:
             self.upserts.setdefault(sql, []).append(row)
-        self.owed += owed
+        if owed:
+            self.owed += owed
         committed = Committed(recorded, effects)
         if key is not None:
             self.keys.append((key, recorded[0].position, recorded[-1].position))
@@ -266,8 +261,16 @@ class _Rows:
                     request.aggregate_id, request.expected_version, now
                 ) from error
         if self.keys:
-            conn.executemany(ADD_KEY, self.keys)
+            _insert(conn, ADD_KEY, self.keys)
         for sql, rows in self.upserts.items():
-            conn.executemany(sql, rows)
+            _insert(conn, sql, rows)
         if self.owed:
-            conn.executemany(OWE, self.owed)
+            _insert(conn, OWE, self.owed)
+
+
+def _insert(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    # one row, the usual case alone: execute costs less than executemany
+    if len(rows) == 1:
+        conn.execute(sql, rows[0])
+    else:
+        conn.executemany(sql, rows)

@@ -226,8 +226,9 @@ class GroupCommit(Generic[T, R]):
                     for done in batch:
                         done.state = _DONE
                 self._hand_on()
-            for done in batch[1:]:
-                done.wake.release()
+            if len(batch) > 1:
+                for done in batch[1:]:
+                    done.wake.release()
 
     def _in_log(self, batch: list[_Ticket[T, R]]) -> bool:
         """After an interruption: whether the batch committed (the interruption came
@@ -256,12 +257,11 @@ class GroupCommit(Generic[T, R]):
         db = self._db
         try:
             with db.transaction() as conn:
-                part = batch[:]
-                if len(part) == 1:
-                    part[0].result = self._one(conn, part[0].item)
+                if len(batch) == 1:
+                    batch[0].result = self._one(conn, batch[0].item)
                 else:
-                    self._write_part(conn, part)
-                while True:
+                    self._write_part(conn, batch[:])
+                while self._queue:  # read without the mutex: one missed waits its turn
                     with self._mutex:
                         part = self._take(batch)
                     if not part:
@@ -275,9 +275,10 @@ class GroupCommit(Generic[T, R]):
                 ticket.error = self._own(error)
         else:
             self.transactions += 1
-            self.appends += sum(1 for ticket in batch if ticket.error is None)
         for ticket in batch:
             ticket.state = _DONE
+            if ticket.error is None:
+                self.appends += 1
 
     def _write_part(self, conn: sqlite3.Connection, part: list[_Ticket[T, R]]) -> None:
         outcomes = self._bulk(conn, [t.item for t in part]) if len(part) > 1 else None
