@@ -199,8 +199,8 @@ class GroupCommit(Generic[T, R]):
     def _take(self, batch: list[_Ticket[T, R]]) -> list[_Ticket[T, R]]:
         """Under the mutex, move queued appends into the batch, in queue order, within its
         bounds (its first append whatever its size); returns those taken."""
+        events = sum(taken.size for taken in batch)
         start = len(batch)
-        events = sum(taken.size for taken in batch) if start else 0
         while self._queue and len(batch) < self.max_requests:
             events += self._queue[0].size
             if events > self.max_events and batch:
@@ -240,7 +240,7 @@ class GroupCommit(Generic[T, R]):
                             done.state = _DONE
                     else:
                         rounds += 1
-                        if self._queue and rounds < self.max_rounds:
+                        if rounds < self.max_rounds:
                             self._take(following)
                     if not following:
                         self._hand_on()
