@@ -326,23 +326,6 @@ def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults:
     assert log(store)[-1] == (2, "later")
 
 
-def test_a_writer_goes_on_to_write_the_batches_queued_behind_its_own(
-    url: str, faults: Faults
-) -> None:
-    """More appends queue than one batch holds: the thread that wrote the batch writes
-    the next one too, up to ``max_rounds`` batches, each with its own COMMIT, then hands
-    the lead to the first caller still queued, which does the same. Every caller gets
-    its own outcome, and the log follows the queue."""
-    store = ready(url)
-    store.group.max_requests, store.group.max_rounds = 2, 2
-    faults.commits.clear()
-    outcomes = Batch(store).queue({name: (deposit(name), account) for name in "abcdefg"})
-    assert faults.commits == ["leader", "leader", "d", "d"]
-    assert all(isinstance(outcomes[name], Committed) for name in ["leader", *"abcdefg"])
-    assert [name for _, name in log(store)] == ["setup", "leader", *"abcdefg"]
-    assert store.group.queued == 0
-
-
 def test_a_lone_writer_commits_on_its_own_thread_without_a_savepoint(url: str) -> None:
     """No concurrency, no change: the caller's own connection runs BEGIN IMMEDIATE, the
     append and COMMIT, with no savepoint and no other thread."""

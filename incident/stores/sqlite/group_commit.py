@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 from ..._forks import renew_in_forked_children
 from .database import Database
 
-__all__ = ["MAX_BATCH_EVENTS", "MAX_BATCH_REQUESTS", "MAX_ROUNDS", "GroupCommit"]
+__all__ = ["MAX_BATCH_EVENTS", "MAX_BATCH_REQUESTS", "GroupCommit"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,9 +43,6 @@ R = TypeVar("R")
 #: write lock, and its callers' acknowledgements, for as long as it takes to write it
 MAX_BATCH_REQUESTS = 64
 MAX_BATCH_EVENTS = 4096
-#: how many batches in a row one thread writes before it hands the lead on (its own
-#: caller waits for them all)
-MAX_ROUNDS = 4
 
 # where a caller's append is; every change happens under GroupCommit._mutex
 _QUEUED = 0  # waiting in the queue
@@ -99,7 +96,6 @@ class GroupCommit(Generic[T, R]):
         *,
         max_requests: int = MAX_BATCH_REQUESTS,
         max_events: int = MAX_BATCH_EVENTS,
-        max_rounds: int = MAX_ROUNDS,
         shared: bool = True,
     ) -> None:
         self._db = db
@@ -108,7 +104,6 @@ class GroupCommit(Generic[T, R]):
         self._landed = landed
         self.max_requests = max_requests
         self.max_events = max_events
-        self.max_rounds = max_rounds
         self.transactions = 0
         self.appends = 0
         self._renew()
@@ -210,46 +205,32 @@ class GroupCommit(Generic[T, R]):
             batch.append(taken)
         return batch[start:]
 
-    def _write_batch(self, own: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> None:
-        """Write the batch that ``own`` (this caller's append) leads (it grows while it
-        is written: see ``_run``), then wake the others with their outcomes. If more
-        have queued meanwhile, this thread, awake already, writes them as the next
-        batch itself (up to ``max_rounds`` batches in all, so its own caller is not
-        kept waiting long) rather than waking a sleeping caller to do it; then the lead
-        passes on."""
-        rounds = 0
-        while batch:
-            following: list[_Ticket[T, R]] = []
-            try:
-                self._run(batch)
-            finally:
-                with self._mutex:
-                    if batch[0].state != _DONE:
-                        # interrupted (KeyboardInterrupt, say) before every outcome was
-                        # known: if the batch is not in the log, the others go back,
-                        # first in line, for the next leader; this caller's own append
-                        # leaves with its interruption
-                        if not self._in_log(own, batch):
-                            for other in reversed(batch):
-                                if other is not own:
-                                    other.state = _QUEUED
-                                    other.result = other.error = None
-                                    self._queue.appendleft(other)
-                            batch = [own] if batch[0] is own else []
-                        for done in batch:
-                            done.state = _DONE
-                    else:
-                        rounds += 1
-                        if rounds < self.max_rounds:
-                            self._take(following)
-                    if not following:
-                        self._hand_on()
-                for done in batch:
-                    if done is not own:
-                        done.wake.release()
-            batch = following
+    def _write_batch(self, ticket: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> None:
+        """Write the batch ``ticket`` leads (it grows while it is written: see ``_run``),
+        then wake the others with their outcomes and hand the lead on."""
+        try:
+            self._run(batch)
+        finally:
+            with self._mutex:
+                if ticket.state != _DONE:
+                    # interrupted (KeyboardInterrupt, say) before every outcome was
+                    # known: if the batch is not in the log, the others go back, first
+                    # in line, for the next leader; this caller's own append leaves
+                    # with its interruption
+                    if not self._in_log(batch):
+                        for other in reversed(batch[1:]):
+                            other.state = _QUEUED
+                            other.result = other.error = None
+                            self._queue.appendleft(other)
+                        del batch[1:]
+                    for done in batch:
+                        done.state = _DONE
+                self._hand_on()
+            if len(batch) > 1:
+                for done in batch[1:]:
+                    done.wake.release()
 
-    def _in_log(self, own: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> bool:
+    def _in_log(self, batch: list[_Ticket[T, R]]) -> bool:
         """After an interruption: whether the batch committed (the interruption came
         once COMMIT had returned), read back from the log; the transaction is over
         either way, so the batch is in the log whole or not at all."""
@@ -261,9 +242,8 @@ class GroupCommit(Generic[T, R]):
                 return self._landed(self._db.conn(), written)
         except sqlite3.Error as error:
             # the log cannot say: the others get an error rather than a second write
-            for ticket in batch:
-                if ticket is not own:
-                    ticket.error = self._own(error)
+            for ticket in batch[1:]:
+                ticket.error = self._own(error)
             return True
 
     def _run(self, batch: list[_Ticket[T, R]]) -> None:
