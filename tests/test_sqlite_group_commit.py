@@ -2,8 +2,9 @@
 each keeps its own outcome (incident.stores.sqlite.group_commit, docs/writes.md).
 
 A batch is forced by holding a first append inside its ``project`` while the others
-queue behind it; the connections count their COMMITs, so these tests fail if grouping
-silently stops happening. Nothing here is timed.
+queue behind it, so that its writer takes them into its transaction; the connections
+count their COMMITs, so these tests fail if grouping silently stops happening. Nothing
+here is timed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -58,18 +59,34 @@ class CountingConnection(sqlite3.Connection):
         return super().execute(sql, parameters)
 
 
-@pytest.fixture
-def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
-    """Every connection the stores open from here on is a CountingConnection."""
+def connect_with(monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection]) -> None:
+    """Every connection the stores open from here on is a ``factory``."""
     original = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        return original(*args, **kwargs, factory=CountingConnection)
+        return original(*args, **kwargs, factory=factory)
 
     monkeypatch.setattr(sqlite3, "connect", connect)
-    FAULTS.__init__()  # type: ignore[misc]
-    yield FAULTS
-    FAULTS.__init__()  # type: ignore[misc]
+
+
+S = TypeVar("S")
+
+
+def recording(
+    monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection], state: S
+) -> Iterator[S]:
+    """A fixture's body: connections made by ``factory``, writing into ``state``, which
+    starts afresh and is reset at the end."""
+    connect_with(monkeypatch, factory)
+    state.__init__()  # type: ignore[misc]
+    yield state
+    state.__init__()  # type: ignore[misc]
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
+    """Every connection the stores open from here on is a CountingConnection."""
+    yield from recording(monkeypatch, CountingConnection, FAULTS)
 
 
 @pytest.fixture
@@ -106,8 +123,8 @@ Outcome = Committed | BaseException
 
 class Batch:
     """Holds a first append (the leader) inside its ``project`` until the appends given
-    to :meth:`queue` wait behind it, then lets it go: they are the next batch, written
-    in one transaction by the first of them."""
+    to :meth:`queue` wait behind it, then lets it go: its writer takes them, in queue
+    order, into the same transaction, after its own append and before its COMMIT."""
 
     def __init__(self, store: SQLiteEventStore) -> None:
         self.store = store
@@ -155,6 +172,32 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.001)
 
 
+def in_threads(
+    work: Callable[[int], None], count: int, store: SQLiteEventStore
+) -> list[incident.Recorded[Any]]:
+    """``work(0)`` ... ``work(count - 1)``, each on a thread of its own, to their end;
+    raises the first error one of them raised, else returns the log, checked gapless."""
+    failures: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        try:
+            work(worker)
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive()
+    if failures:
+        raise failures[0]
+    events = list(store.read_all())
+    assert [r.position for r in events] == list(range(1, len(events) + 1))
+    return events
+
+
 def log(store: SQLiteEventStore) -> list[tuple[int, str]]:
     return [(r.position, r.aggregate_id) for r in store.read_all()]
 
@@ -170,7 +213,7 @@ def ready(url: str) -> SQLiteEventStore:
 
 
 def test_each_append_of_a_shared_commit_gets_its_own_outcome(url: str, faults: Faults) -> None:
-    """The appends queued behind a busy leader share one COMMIT; an append whose project
+    """The appends queued behind a busy leader share its COMMIT; an append whose project
     raises, whose expected version is stale or whose key was used gets its own error and
     writes nothing, and the others of the batch commit, gapless, in queue order."""
     store = ready(url)
@@ -190,8 +233,8 @@ def test_each_append_of_a_shared_commit_gets_its_own_outcome(url: str, faults: F
             "last": (deposit("last"), account),
         }
     )
-    assert faults.commits == ["leader", "first"]  # the leader's, then the batch's one
-    assert store.group.transactions - transactions == 2
+    assert faults.commits == ["leader"]  # one, for the leader's append and the batch
+    assert store.group.transactions - transactions == 1
     assert isinstance(outcomes["raises"], ValueError)
     assert isinstance(outcomes["stale"], incident.ConcurrencyError)
     assert isinstance(outcomes["duplicate"], incident.DuplicateCommand)
@@ -236,26 +279,26 @@ def test_a_projection_table_undone_with_its_savepoint_is_made_again(
     assert isinstance(outcomes["fails"], incident.IncidentError)
     assert isinstance(outcomes["needs"], Committed)
     assert store.projections().all(Fresh) == [Fresh(aggregate_id="b")]
-    assert faults.commits[-1] == "fails"  # the batch's leader, which wrote "needs" too
+    assert faults.commits[-1] == "leader"  # the batch's writer, which wrote "needs" too
 
 
 def test_a_failing_commit_fails_every_caller_of_the_batch(url: str, faults: Faults) -> None:
-    """When the batch's COMMIT fails, nothing of it was written and each caller gets a
-    StoreError of its own; the store goes on, with gapless positions."""
+    """When the batch's COMMIT fails, nothing of it was written and each caller, its
+    leader's too, gets a StoreError of its own; the store goes on, with gapless
+    positions."""
     store = ready(url)
     faults.commits.clear()
-    faults.fail_commits = {2}  # the leader's commits, then the batch's fails
+    faults.fail_commits = {1}  # the batch's, the leader's append in it
     outcomes = Batch(store).queue({name: (deposit(name), account) for name in ("a", "b", "c")})
-    assert faults.commits == ["leader", "a"]
-    assert isinstance(outcomes["leader"], Committed)
-    errors = [outcomes[name] for name in ("a", "b", "c")]
+    assert faults.commits == ["leader"]
+    errors = [outcomes[name] for name in ("leader", "a", "b", "c")]
     assert all(isinstance(e, incident.StoreError) for e in errors)
-    assert len({id(e) for e in errors}) == 3  # one each: each raises it on its own thread
+    assert len({id(e) for e in errors}) == 4  # one each: each raises it on its own thread
     assert "disk I/O error" in str(errors[0])
-    assert log(store) == [(1, "setup"), (2, "leader")]
+    assert log(store) == [(1, "setup")]
     assert store.projections().get(BankAccount, "a") is None
     store.commit(deposit("after"), projection_store=store.projections(), project=account)
-    assert log(store)[-1] == (3, "after")
+    assert log(store)[-1] == (2, "after")
 
 
 def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults: Faults) -> None:
@@ -275,12 +318,12 @@ def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults:
         }
     )
     faults.full_table = None
-    for name in ("before", "full", "after"):
+    for name in ("leader", "before", "full", "after"):
         assert isinstance(outcomes[name], incident.StoreError), name
         assert "disk is full" in str(outcomes[name])
-    assert log(store) == [(1, "setup"), (2, "leader")]
+    assert log(store) == [(1, "setup")]
     store.commit(deposit("later"), projection_store=store.projections(), project=account)
-    assert log(store)[-1] == (3, "later")
+    assert log(store)[-1] == (2, "later")
 
 
 def test_a_lone_writer_commits_on_its_own_thread_without_a_savepoint(url: str) -> None:
@@ -360,7 +403,6 @@ def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url:
     acknowledged: list[tuple[str, int, list[str]]] = []  # (account, +/- amount, event ids)
     conflicts: list[str] = []
     keyed: dict[str, list[str]] = {}
-    failures: list[BaseException] = []
     lock = threading.Lock()
     start = threading.Barrier(8)
 
@@ -369,58 +411,48 @@ def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url:
         own = f"own-{worker}"
         app.dispatch(bank.OpenAccount(aggregate_id=own))
         start.wait()
-        try:
-            for n in range(60):
-                target = rng.choice([*shared, own])
-                roll = rng.random()
-                if roll < 0.1:  # stale: the stream is past version 0 for every account
-                    try:
-                        store.append(
-                            target,
-                            [MoneyDeposited(amount=777_777)],
-                            expected_version=store.version(target) - 1,
-                            aggregate="bank_account",
-                        )
-                    except incident.ConcurrencyError:
-                        with lock:
-                            conflicts.append(target)
-                    continue
-                # every fifth command is keyed, and sent by two threads at once (this
-                # one and its twin): one run is stored, and both see its events
-                key = f"k-{worker // 2}-{n}" if n % 5 == 0 else None
-                pick = random.Random(key) if key else rng
-                if key:
-                    target = pick.choice(shared)
-                amount = pick.randint(1, 9)
-                withdraw = pick.random() < 0.3
-                command: Any = (
-                    WithdrawMoney(aggregate_id=target, amount=amount)
-                    if withdraw
-                    else DepositMoney(aggregate_id=target, amount=amount)
-                )
+        for n in range(60):
+            target = rng.choice([*shared, own])
+            roll = rng.random()
+            if roll < 0.1:  # stale: the stream is past version 0 for every account
                 try:
-                    recorded = app.dispatch(command, {"idempotency_key": key} if key else None)
-                except incident.Rejected:
-                    continue  # insufficient funds: nothing written
-                ids = [r.event_id for r in recorded]
-                with lock:
-                    if key is not None and key in keyed:
-                        assert keyed[key] == ids  # the twin's run, replayed
-                        continue
-                    if key is not None:
-                        keyed[key] = ids
-                    acknowledged.append((target, -amount if withdraw else amount, ids))
-        except BaseException as error:
-            failures.append(error)
+                    store.append(
+                        target,
+                        [MoneyDeposited(amount=777_777)],
+                        expected_version=store.version(target) - 1,
+                        aggregate="bank_account",
+                    )
+                except incident.ConcurrencyError:
+                    with lock:
+                        conflicts.append(target)
+                continue
+            # every fifth command is keyed, and sent by two threads at once (this
+            # one and its twin): one run is stored, and both see its events
+            key = f"k-{worker // 2}-{n}" if n % 5 == 0 else None
+            pick = random.Random(key) if key else rng
+            if key:
+                target = pick.choice(shared)
+            amount = pick.randint(1, 9)
+            withdraw = pick.random() < 0.3
+            command: Any = (
+                WithdrawMoney(aggregate_id=target, amount=amount)
+                if withdraw
+                else DepositMoney(aggregate_id=target, amount=amount)
+            )
+            try:
+                recorded = app.dispatch(command, {"idempotency_key": key} if key else None)
+            except incident.Rejected:
+                continue  # insufficient funds: nothing written
+            ids = [r.event_id for r in recorded]
+            with lock:
+                if key is not None and key in keyed:
+                    assert keyed[key] == ids  # the twin's run, replayed
+                    continue
+                if key is not None:
+                    keyed[key] = ids
+                acknowledged.append((target, -amount if withdraw else amount, ids))
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not failures, failures
-    events = list(store.read_all())
-    assert [r.position for r in events] == list(range(1, len(events) + 1))
+    events = in_threads(work, 8, store)
     counts = Counter(r.event_id for r in events)
     assert all(count == 1 for count in counts.values())
     for _, _, ids in acknowledged:

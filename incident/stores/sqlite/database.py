@@ -241,6 +241,10 @@ class Database:
                 self._local.changed_tables.append(table.name)
             self._ready_tables.add(table.name)
 
+    def table_ready(self, table: ProjectionTable) -> bool:
+        """Whether this process made or checked the table already (no DDL to run)."""
+        return table.name in self._ready_tables
+
     def ready(self, table: ProjectionTable) -> None:
         """Outside a transaction: make sure the table exists before reading it."""
         if table.name not in self._ready_tables:

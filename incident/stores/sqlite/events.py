@@ -18,40 +18,33 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ...codec import EventTypes
-from ...errors import ConcurrencyError, DuplicateCommand, IncidentError
-from ...messages import Event
+from ...errors import IncidentError
 from .._common import (
     AppendVerbs,
-    check_expected_version,
     checked_events,
-    effects_of,
     event_json,
     metadata_json,
     owed_from_row,
     owed_row,
-    stamp,
 )
 from ..live import Live
 from ..protocols import (
     AppendRequest,
     Committed,
-    Effects,
     Outcome,
     Owed,
     ProjectFn,
     ProjectionStore,
 )
+from .batch import Append, BatchWriter
 from .checkpoints import SQLiteCheckpointStore
 from .database import Database, sqlite_path
 from .group_commit import GroupCommit
 from .projections import SQLiteProjectionStore, writes_into
 from .reading import EventReads
 from .sql import (
-    ADD_KEY,
     ADD_REJECTION,
     EVENT_ID_AT,
-    HEAD,
-    INSERT_EVENT,
     KEY_OUTCOME,
     LOG_BETWEEN,
     OWE,
@@ -66,29 +59,6 @@ __all__ = ["SYNCHRONOUS", "SQLiteEventStore", "open_sqlite"]
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-class _Append:
-    """One append checked and encoded, waiting for its transaction: what the writer
-    (this caller's thread, or the leader of a shared commit) needs to write it."""
-
-    __slots__ = ("events", "metadata_text", "payloads", "project", "request", "together")
-
-    def __init__(
-        self,
-        request: AppendRequest,
-        events: list[Event],
-        payloads: list[tuple[str, int]],
-        metadata_text: str,
-        project: ProjectFn | None,
-        together: bool,
-    ) -> None:
-        self.request = request
-        self.events = events
-        self.payloads = payloads
-        self.metadata_text = metadata_text
-        self.project = project
-        self.together = together  # the projections go into this file, in the transaction
-
-
 class SQLiteEventStore(EventReads, AppendVerbs, Live):
     """An event log in an SQLite file. ``projections()`` is a projection store in the same
     file; ``append_and_project`` then commits events and projections together."""
@@ -100,8 +70,11 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         #: the queue concurrent appends share commits through (see ``group_commit``)
         # an in-memory database has no fsync to share, and a reader on this thread may
         # hold its one connection's guard: there, every append commits alone
-        self.group: GroupCommit[_Append, Committed] = GroupCommit(
-            database, self._write_append, self._landed, shared=not database.in_memory
+        self.group: GroupCommit[Append, Committed] = GroupCommit(
+            database,
+            BatchWriter(database, self._outcome),
+            self._landed,
+            shared=not database.in_memory,
         )
 
     def __repr__(self) -> str:
@@ -125,7 +98,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
         together = projection_store is not None and self.shares_database_with(projection_store)
         metadata_text = metadata_json(request.metadata)
-        append = _Append(request, batch, payloads, metadata_text, project, together)
+        append = Append(request, batch, payloads, metadata_text, project, together)
         if not self._db.schema_ready:
             self._db.migrate()
         committed = self.group.commit(append, len(batch))
@@ -135,65 +108,6 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
             for projection in committed.effects.projections:
                 projection_store.project(projection)
         return committed
-
-    def _write_append(self, conn: sqlite3.Connection, append: _Append) -> Committed:
-        """One append inside the open write transaction (a savepoint of it when its commit
-        is shared): key, heads, version check, events, key row, projections, owed."""
-        request = append.request
-        aggregate_id, key = request.aggregate_id, request.idempotency_key
-        if key is not None:
-            earlier = self._outcome(conn, key)
-            if earlier is not None:
-                raise DuplicateCommand(key, *earlier)
-        actual, last = conn.execute(HEAD, (aggregate_id,)).fetchone()
-        check_expected_version(aggregate_id, request.expected_version, actual)
-        if not append.events:
-            return Committed([])
-        recorded = stamp(
-            aggregate_id,
-            request.aggregate,
-            append.events,
-            first_position=last + 1,
-            first_version=actual + 1,
-            metadata=request.metadata,
-        )
-        date = date_text(recorded[0].event_date)
-        metadata_text = append.metadata_text
-        try:
-            conn.executemany(
-                INSERT_EVENT,
-                [
-                    (
-                        r.position,
-                        r.event_id,
-                        r.aggregate_id,
-                        r.aggregate,
-                        r.version,
-                        r.event_type,
-                        schema_version,
-                        date,
-                        data,
-                        metadata_text,
-                    )
-                    for r, (data, schema_version) in zip(recorded, append.payloads, strict=True)
-                ],
-            )
-        except sqlite3.IntegrityError as error:
-            if "events.aggregate_id, events.version" not in str(error):
-                raise
-            # only a writer that skipped BEGIN IMMEDIATE could get here; same meaning
-            now = conn.execute(HEAD, (aggregate_id,)).fetchone()[0]
-            raise ConcurrencyError(aggregate_id, request.expected_version, now) from error
-        if key is not None:
-            conn.execute(ADD_KEY, (key, recorded[0].position, recorded[-1].position))
-        effects = Effects()
-        if append.project is not None:
-            effects = effects_of(append.project, recorded)
-            if append.together:
-                self._db.write_projections(conn, effects.projections)
-            if effects.owed:  # in this file whatever the projection store
-                conn.executemany(OWE, [owed_row(o, date_text) for o in effects.owed])
-        return Committed(recorded, effects)
 
     @staticmethod
     def _landed(conn: sqlite3.Connection, written: list[Committed]) -> bool:

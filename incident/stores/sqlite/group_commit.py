@@ -10,14 +10,17 @@ batch. So while one batch waits for its fsync the next one gathers, and a writer
 runs exactly as it would without any of this: on its own thread, in a transaction of
 its own, without a savepoint.
 
-Inside a batch of several, each append runs in its own ``SAVEPOINT``: its error (a
-conflict, a duplicate key, an exception from ``project``, a row that cannot be stored)
-rolls back that append alone and goes to its caller alone, and the others go on. Then
-one ``COMMIT``; only once it has returned is anyone woken, so an acknowledged append is
-durable. When ``BEGIN`` or ``COMMIT`` fails, or SQLite rolls the whole transaction back
-itself (a full disk, an I/O error), nothing of the batch was written and every caller
-of the batch gets the error. ``docs/writes.md`` says why ordering and gapless positions
-hold.
+Inside a batch of several, the appends are written in bulk
+(:mod:`incident.stores.sqlite.batch`): each is checked in turn (its key, its expected
+version, its ``project``), one that fails gets its error alone and writes nothing, and
+the rows of the others go in with a statement per table, inside a savepoint. Should one
+of those writes fail, the savepoint undoes them and the batch is written again one
+append at a time, each in its own ``SAVEPOINT``, so the append whose rows cannot be
+stored fails alone and the others go on. Then one ``COMMIT``; only once it has returned
+is anyone woken, so an acknowledged append is durable. When ``BEGIN`` or ``COMMIT``
+fails, or SQLite rolls the whole transaction back itself (a full disk, an I/O error),
+nothing of the batch was written and every caller of the batch gets the error.
+``docs/writes.md`` says why ordering and gapless positions hold.
 """
 
 from __future__ import annotations
@@ -73,8 +76,11 @@ class _Ticket(Generic[T, R]):
 
 class GroupCommit(Generic[T, R]):
     """Commits the appends of concurrent callers on one database together (see the
-    module). ``write(conn, item)`` writes one append inside the open transaction and
-    returns its outcome; it may raise, which undoes that append alone. ``landed(conn,
+    module). ``write(conn, items)`` writes appends inside the open transaction and
+    returns each one's outcome (its result, or the error that kept it out, with nothing
+    of it written), or None, having written nothing, when a batch of several must be
+    written one by one; if it raises, its writes are undone (for a batch of several,
+    which then goes one by one, each in a savepoint). ``R`` is never an exception. ``landed(conn,
     outcomes)`` says whether the appends that were written are in the log now: it settles
     the one case where a batch's fate is not known from the call itself (its leader
     interrupted around ``COMMIT``).
@@ -85,7 +91,7 @@ class GroupCommit(Generic[T, R]):
     def __init__(
         self,
         db: Database,
-        write: Callable[[sqlite3.Connection, T], R],
+        write: Callable[[sqlite3.Connection, list[T]], list[R | Exception] | None],
         landed: Callable[[sqlite3.Connection, list[R]], bool],
         *,
         max_requests: int = MAX_BATCH_REQUESTS,
@@ -123,21 +129,21 @@ class GroupCommit(Generic[T, R]):
         outside the queue and its counts."""
         if not self.shared:
             return self._transaction_of_one(item)
+        ticket: _Ticket[T, R] = _Ticket(item, size)
         with self._mutex:
             alone = not self._busy
             self._busy = True
-            if not alone:
-                ticket: _Ticket[T, R] = _Ticket(item, size)
+            if alone:
+                # no batch in flight, so the queue is empty: this caller leads at once,
+                # on its own thread, and its append is written without a savepoint
+                ticket.state = _TAKEN
+            else:
                 ticket.wake = threading.Lock()
                 ticket.wake.acquire()
                 self._queue.append(ticket)
         if alone:
-            # no batch in flight, so the queue is empty: a batch of one, on this thread
-            try:
-                return self._alone(item)
-            finally:
-                with self._mutex:
-                    self._hand_on()
+            self._write_batch(ticket, [ticket])
+            return ticket.outcome()
         try:
             ticket.wake.acquire()
         except BaseException:
@@ -147,20 +153,13 @@ class GroupCommit(Generic[T, R]):
             self._lead(ticket)
         return ticket.outcome()
 
-    def _alone(self, item: T) -> R:
-        """A batch of one, counted as one."""
-        result = self._transaction_of_one(item)
-        self.transactions += 1
-        self.appends += 1
-        return result
-
     def _transaction_of_one(self, item: T) -> R:
         """One append in a transaction of its own: no savepoint, and its error undoes
         the transaction."""
         db = self._db
         try:
             with db.transaction() as conn:
-                return self._write(conn, item)
+                return self._one(conn, item)
         except sqlite3.Error as error:
             raise db.store_error(error) from error
 
@@ -187,16 +186,28 @@ class GroupCommit(Generic[T, R]):
     def _lead(self, ticket: _Ticket[T, R]) -> None:
         with self._mutex:
             # the lead goes to the first caller queued, so this caller's append is first
-            batch = [self._queue.popleft()]
-            events = batch[0].size
-            while self._queue and len(batch) < self.max_requests:
-                events += self._queue[0].size
-                if events > self.max_events:
-                    break
-                batch.append(self._queue.popleft())
-            for taken in batch:
-                taken.state = _TAKEN
+            batch: list[_Ticket[T, R]] = []
+            self._take(batch)
         assert batch[0] is ticket
+        self._write_batch(ticket, batch)
+
+    def _take(self, batch: list[_Ticket[T, R]]) -> list[_Ticket[T, R]]:
+        """Under the mutex, move queued appends into the batch, in queue order, within its
+        bounds (its first append whatever its size); returns those taken."""
+        events = sum(taken.size for taken in batch)
+        start = len(batch)
+        while self._queue and len(batch) < self.max_requests:
+            events += self._queue[0].size
+            if events > self.max_events and batch:
+                break
+            taken = self._queue.popleft()
+            taken.state = _TAKEN
+            batch.append(taken)
+        return batch[start:]
+
+    def _write_batch(self, ticket: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> None:
+        """Write the batch ``ticket`` leads (it grows while it is written: see ``_run``),
+        then wake the others with their outcomes and hand the lead on."""
         try:
             self._run(batch)
         finally:
@@ -211,12 +222,13 @@ class GroupCommit(Generic[T, R]):
                             other.state = _QUEUED
                             other.result = other.error = None
                             self._queue.appendleft(other)
-                        batch = [ticket]
+                        del batch[1:]
                     for done in batch:
                         done.state = _DONE
                 self._hand_on()
-            for done in batch[1:]:
-                done.wake.release()
+            if len(batch) > 1:
+                for done in batch[1:]:
+                    done.wake.release()
 
     def _in_log(self, batch: list[_Ticket[T, R]]) -> bool:
         """After an interruption: whether the batch committed (the interruption came
@@ -235,31 +247,84 @@ class GroupCommit(Generic[T, R]):
             return True
 
     def _run(self, batch: list[_Ticket[T, R]]) -> None:
-        """One transaction for the batch, each append in a savepoint of its own; every
-        ticket ends with its outcome."""
-        db, write = self._db, self._write
+        """One transaction for the batch, every ticket ending with its outcome. A first
+        part of one append (a writer alone) is written as it is: its error undoes the
+        transaction, which holds nothing else. Then, before COMMIT, whatever queued
+        while the part was written joins the batch, as the next part, until nothing
+        more has come or the batch is full. A part of several goes in bulk, or, when
+        that cannot be done, each append in a savepoint of its own, and so does a part
+        of one after the first."""
+        db = self._db
         try:
             with db.transaction() as conn:
-                for ticket in batch:
-                    savepoint = db.savepoint(conn)
-                    try:
-                        with savepoint:
-                            ticket.result = write(conn, ticket.item)
-                    except Exception as error:
-                        if not (savepoint.closed and conn.in_transaction):
-                            raise  # the transaction is gone or must not commit
-                        ticket.result = None
-                        ticket.error = self._own(error)
+                if len(batch) == 1:
+                    batch[0].result = self._one(conn, batch[0].item)
+                else:
+                    self._write_part(conn, batch[:])
+                while self._queue:  # read without the mutex: one missed waits its turn
+                    with self._mutex:
+                        part = self._take(batch)
+                    if not part:
+                        break
+                    self._write_part(conn, part)
         except Exception as error:
-            # BEGIN or COMMIT failed, or the transaction is gone: nothing was written
+            # BEGIN or COMMIT failed, the first append alone failed, or the transaction
+            # is gone: nothing was written
             for ticket in batch:
                 ticket.result = None
                 ticket.error = self._own(error)
         else:
             self.transactions += 1
-            self.appends += sum(1 for ticket in batch if ticket.error is None)
         for ticket in batch:
             ticket.state = _DONE
+            if ticket.error is None:
+                self.appends += 1
+
+    def _write_part(self, conn: sqlite3.Connection, part: list[_Ticket[T, R]]) -> None:
+        outcomes = self._bulk(conn, [t.item for t in part]) if len(part) > 1 else None
+        if outcomes is None:
+            for ticket in part:
+                self._in_savepoint(conn, ticket)
+            return
+        for ticket, outcome in zip(part, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                ticket.error = self._own(outcome)
+            else:
+                ticket.result = outcome
+
+    def _bulk(self, conn: sqlite3.Connection, items: list[T]) -> list[R | Exception] | None:
+        """The whole batch in one go, inside a savepoint: the outcomes, or None with
+        nothing written when the batch must go one append at a time (a write failed, so
+        some append's rows cannot be stored, and only its own savepoint can tell which)."""
+        savepoint = self._db.savepoint(conn)
+        try:
+            with savepoint:
+                return self._write(conn, items)
+        except Exception:
+            if not (savepoint.closed and conn.in_transaction):
+                raise  # the transaction is gone or must not commit
+            return None
+
+    def _in_savepoint(self, conn: sqlite3.Connection, ticket: _Ticket[T, R]) -> None:
+        """One append of the batch in its own savepoint: its error undoes it alone."""
+        savepoint = self._db.savepoint(conn)
+        try:
+            with savepoint:
+                ticket.result = self._one(conn, ticket.item)
+        except Exception as error:
+            if not (savepoint.closed and conn.in_transaction):
+                raise  # the transaction is gone or must not commit
+            ticket.result = None
+            ticket.error = self._own(error)
+
+    def _one(self, conn: sqlite3.Connection, item: T) -> R:
+        """One append written by itself: its outcome, or its error raised."""
+        outcomes = self._write(conn, [item])
+        assert outcomes is not None  # only a batch of several is sent one by one
+        outcome = outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _own(self, error: Exception) -> Exception:
         """The error as its caller sees it: a driver error becomes a StoreError naming
