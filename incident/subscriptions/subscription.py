@@ -2,6 +2,7 @@
 :mod:`incident.subscriptions`). Its parts live beside it: the listeners' states in
 :mod:`.states`, parking and retrying in :mod:`.dead_letters`, batches cut into waves in
 :mod:`.waves` and run by :mod:`.fan_out`, rebuilding in :mod:`.replay`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -169,9 +170,8 @@ class Subscription:
         self._commit(done, pending)
 
     def _wave(self, batch: list[Item]) -> None:
-        """The batch as one wave (:mod:`.waves`, :mod:`.fan_out`), then the checkpoint,
-        past every event whose unit got that far and no further, with their projections
-        merged in log order (as one by one); the first failure in log order after that."""
+        """The batch as one wave (:mod:`.fan_out`); the checkpoint past its done prefix,
+        with their projections merged in log order; then the first failure, if any."""
         handles = self.handler.handles
         units = split(batch, self.sequence_by, lambda recorded: handles(recorded.data))
         done, outcomes, error = self._fan_out.wave(
