@@ -78,37 +78,74 @@ def _writer(url: str, worker: int, accounts: int, start: Any, stop: Any, results
     app.close()
 
 
-def _subscriber(url: str, concurrency: int, ready: Any, stop: Any, report: Any) -> None:
+def _time_the_write_lock() -> list[float]:
+    """On SQLite, add up how long this process waits in BEGIN IMMEDIATE (for the file's
+    one write lock, which the writer processes contend for too)."""
+    from incident.stores.sqlite.database import WriteTransaction
+
+    waited = [0.0]
+    enter = WriteTransaction.__enter__
+
+    def timed(self: WriteTransaction) -> Any:
+        began = time.perf_counter()
+        try:
+            return enter(self)
+        finally:
+            waited[0] += time.perf_counter() - began
+
+    WriteTransaction.__enter__ = timed  # type: ignore[method-assign]
+    return waited
+
+
+def _subscriber(
+    url: str, concurrency: int, signals: tuple[Any, Any, Any, Any], report: Any
+) -> None:
+    """Runs the transfer process until ``stop``; reports where its time went while the
+    writers ran (from ``start`` to ``writers_stopped``)."""
+    ready, start, writers_stopped, stop = signals
+    lock_wait = _time_the_write_lock() if url.startswith("sqlite") else [0.0]
     app = application(url, pool=concurrency + 4)  # a connection per worker, and its own
     subscription = incident.Subscription(bank.money_transfer, app, concurrency=concurrency)
     group = getattr(app.event_store, "group", None)  # SQLite's group commit, if any
-    ready.set()
     done = threading.Event()
+    ready.set()
 
-    def relay() -> None:  # run() waits on a thread's Event, the parent sets a process's
+    def watch() -> None:  # run() waits on a thread's Event; the parent sets a process's
+        start.wait()
+        began, cpu, waited = time.monotonic(), time.process_time(), lock_wait[0]
+        commits = (group.transactions, group.appends) if group else (0, 0)
+        writers_stopped.wait()
+        wall = time.monotonic() - began
+        transactions = group.transactions - commits[0] if group else 0
+        shared = (group.appends - commits[1]) / transactions if group and transactions else 0.0
+        report.put(Where(time.process_time() - cpu, wall, shared, lock_wait[0] - waited))
         stop.wait()
         done.set()
 
-    threading.Thread(target=relay, daemon=True).start()
-    began, cpu = time.monotonic(), time.process_time()
+    threading.Thread(target=watch, daemon=True).start()
     subscription.run(done)
-    shared = group.appends / group.transactions if group and group.transactions else 0.0
-    report.put(Where(time.process_time() - cpu, time.monotonic() - began, shared))
     app.close()
 
 
 class Where(NamedTuple):
-    """Where the subscriber's time went: CPU seconds (all its threads), wall seconds,
-    and on SQLite the mean number of appends that shared one commit."""
+    """Where the subscriber's time went while the writers ran: CPU seconds (all its
+    threads), wall seconds, and on SQLite the mean number of appends that shared one
+    commit and the seconds its committing thread waited for the write lock."""
 
     cpu_s: float
     wall_s: float
     appends_per_commit: float
+    lock_wait_s: float
 
     def __str__(self) -> str:
         shared = self.appends_per_commit
-        per_commit = f", {shared:.1f} appends/commit" if shared else ""
-        return f"subscriber {self.cpu_s / self.wall_s:.2f} cores busy{per_commit}"
+        sqlite = (
+            f", {shared:.1f} appends/commit, waited for the write lock"
+            f" {self.lock_wait_s / self.wall_s:.0%} of the time"
+            if shared
+            else ""
+        )
+        return f"subscriber {self.cpu_s / self.wall_s:.2f} cores busy{sqlite}"
 
 
 class Sample(NamedTuple):
@@ -148,7 +185,9 @@ def run_once(url: str, concurrency: int, options: Any) -> Result:
     context = multiprocessing.get_context("spawn")
     start, stop, ready, done = (context.Event() for _ in range(4))
     results, report = context.Queue(), context.Queue()
-    subscriber = context.Process(target=_subscriber, args=(url, concurrency, ready, done, report))
+    subscriber = context.Process(
+        target=_subscriber, args=(url, concurrency, (ready, start, stop, done), report)
+    )
     writers = [
         context.Process(
             target=_writer, args=(url, w, options.accounts, start, stop, results), daemon=True
@@ -181,7 +220,8 @@ def run_once(url: str, concurrency: int, options: Any) -> Result:
             if last_position(store) == head and checkpoints.load(HANDLER) == head:
                 break
         if time.monotonic() - stopped > options.catch_up_limit:
-            problems.append(f"not caught up {options.catch_up_limit}s after the writers stopped")
+            limit = options.catch_up_limit
+            problems.append(f"not caught up {limit:.0f}s after the writers stopped")
             break
         time.sleep(0.02)
     catch_up = time.monotonic() - stopped

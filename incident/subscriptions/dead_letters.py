@@ -60,6 +60,9 @@ class DeadLetters:
     the handler's later events of that stream are held behind; ``positions`` are the
     parked positions. Both are loaded afresh by :meth:`load` for every batch. ``handle``
     handles one event as the subscription does (used by the retries).
+
+    In a wave (:mod:`.fan_out`) several workers park and hold at once, each for streams
+    no other worker has: they add entries under their own keys, never the same one.
     """
 
     def __init__(
