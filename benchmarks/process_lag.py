@@ -4,6 +4,7 @@ up with writer processes dispatching transfers and deposits at full speed? (issu
     python benchmarks/process_lag.py [--only sqlite|postgres] [--seconds 20]
                                      [--writers 4] [--concurrency 1,16] [--rounds 2]
                                      [--accounts 100] [--dir DIR] [--postgres-url URL]
+                                     [--sqlite-lock-poll MS]
 
 For each backend, each ``--concurrency`` and each round, on a fresh database: ``--writers``
 spawned processes dispatch, as fast as they can for ``--seconds``, RequestTransfer and
@@ -43,11 +44,14 @@ from incident.examples import bank
 from incident.subscriptions import last_position
 
 OPENING_BALANCE = 10**9
+POLL_VARIABLE = "PROCESS_LAG_SQLITE_POLL_MS"  # --sqlite-lock-poll, seen by spawned children
 HANDLER = bank.money_transfer.name
 
 
 def application(url: str, pool: int = 10) -> incident.CommandHandler:
     options = {"pool_size": pool} if url.startswith("postgres") else {}
+    if url.startswith("sqlite"):
+        _poll_if_asked()
     return incident.CommandHandler(
         incident.open_event_store(url, **options),
         aggregates=[bank.bank_account, bank.transfer],
@@ -78,11 +82,60 @@ def _writer(url: str, worker: int, accounts: int, start: Any, stop: Any, results
     app.close()
 
 
+def _poll_if_asked() -> None:
+    poll = float(os.environ.get(POLL_VARIABLE) or 0)
+    if poll:
+        _poll_for_the_write_lock(poll / 1000)
+
+
+def _poll_for_the_write_lock(interval: float) -> None:
+    """An experiment, not the store's behaviour: BEGIN IMMEDIATE without SQLite's busy
+    handler (whose sleeps grow to 100 ms, so a process that has waited a while polls
+    seldom), tried again every ``interval`` seconds, so waiting processes take turns."""
+    import sqlite3
+
+    from incident.stores.sqlite.database import WriteTransaction
+
+    if getattr(WriteTransaction, "polled", False):
+        return
+    enter = WriteTransaction.__enter__
+
+    def polled(self: WriteTransaction) -> Any:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with _no_busy_handler(self):
+                    return enter(self)
+            except incident.StoreError as error:
+                cause = error.__cause__
+                locked = isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)
+                if not locked or time.monotonic() > deadline:
+                    raise
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(interval)
+
+    WriteTransaction.__enter__ = polled  # type: ignore[method-assign]
+    WriteTransaction.polled = True  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _no_busy_handler(transaction: Any) -> Iterator[None]:
+    conn = transaction._db.conn()
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(transaction._db.timeout * 1000)}")
+
+
 def _time_the_write_lock() -> list[float]:
     """On SQLite, add up how long this process waits in BEGIN IMMEDIATE (for the file's
     one write lock, which the writer processes contend for too)."""
     from incident.stores.sqlite.database import WriteTransaction
 
+    _poll_if_asked()  # first, so that the time of every try is counted
     waited = [0.0]
     enter = WriteTransaction.__enter__
 
@@ -312,9 +365,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--catch-up-limit", type=float, default=300)
+    parser.add_argument(
+        "--sqlite-lock-poll",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="an experiment: every process polls for SQLite's write lock at this interval"
+        " instead of using SQLite's busy handler",
+    )
     common.add_dir(parser, "where the SQLite files go (default: a temporary folder)")
     common.add_postgres_url(parser, "--postgres-url", "the server to measure")
     options = parser.parse_args()
+    if options.sqlite_lock_poll:
+        os.environ[POLL_VARIABLE] = str(options.sqlite_lock_poll)
     backends = [options.only] if options.only else ["postgres", "sqlite"]
     for backend in backends:
         runs: dict[int, list[Result]] = {c: [] for c in options.concurrency}
