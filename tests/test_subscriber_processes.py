@@ -31,14 +31,16 @@ pytestmark = pytest.mark.slow
 class Subscriber:
     """An ``incident subscribe`` process running the audit handler, killed by the test."""
 
-    def __init__(self, url: str, batch_size: int = 100, delay: float = 0.0) -> None:
+    def __init__(
+        self, url: str, batch_size: int = 100, delay: float = 0.0, concurrency: int = 1
+    ) -> None:
         path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "PYTHONPATH": path, "INCIDENT_TEST_LISTENER_DELAY": str(delay)}
         aggregates = ["incident.examples.bank:bank_account", "incident.examples.bank:transfer"]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "incident", "subscribe", url, "--handler", "audit_handler:audit"]
             + [arg for aggregate in aggregates for arg in ("--aggregate", aggregate)]
-            + ["--batch-size", str(batch_size)],
+            + ["--batch-size", str(batch_size), "--concurrency", str(concurrency)],
             env=env,
             stdout=subprocess.DEVNULL,
         )
@@ -118,12 +120,14 @@ def full_replay(store: incident.EventStore) -> MemoryProjectionStore:
     return expected
 
 
+@pytest.mark.parametrize("concurrency", [1, 8], ids=["one-by-one", "in-waves"])
 def test_a_subscriber_killed_again_and_again_ends_equal_to_a_full_replay(
-    initialized_url: str,
+    initialized_url: str, concurrency: int
 ) -> None:
     """SIGKILLed at random moments ten times while thousands of events arrive, then
     restarted: no event is skipped or applied twice, and the read models equal an
-    uninterrupted run."""
+    uninterrupted run; also when it handles its batches in waves (``incident subscribe
+    --concurrency 8``), killed in the middle of one."""
     rng = random.Random(7)
     writer = app(initialized_url)
     store = writer.event_store
@@ -132,11 +136,16 @@ def test_a_subscriber_killed_again_and_again_ends_equal_to_a_full_replay(
     for _ in range(10):
         # a slowed-down subscriber (about a millisecond per event) killed at a random
         # moment while a burst of events arrives: mostly in the middle of a batch
-        subscriber = Subscriber(initialized_url, batch_size=rng.choice([7, 50, 200]), delay=0.001)
+        subscriber = Subscriber(
+            initialized_url,
+            batch_size=rng.choice([7, 50, 200]),
+            delay=0.001,
+            concurrency=concurrency,
+        )
         append_deposits(store, rng, 300)
         time.sleep(rng.uniform(0.1, 0.8))
         subscriber.kill()
-    subscriber = Subscriber(initialized_url)
+    subscriber = Subscriber(initialized_url, concurrency=concurrency)
     head = incident.subscriptions.last_position(store)
     assert head >= 3000
     try:

@@ -247,3 +247,18 @@ def test_retry_needs_a_subscription_or_inline_handlers(durable_url: str) -> None
     result = CliRunner().invoke(main, ["retry", durable_url])
     assert result.exit_code == 2
     assert "--handler" in result.output and "--inline" in result.output
+
+
+@pytest.mark.parametrize("concurrency", ["0", "-2", "many"])
+def test_subscribe_refuses_a_bad_concurrency_before_opening_the_store(
+    tmp_path: Path, concurrency: str
+) -> None:
+    """`incident subscribe --concurrency N` takes an int of at least 1; anything else is
+    a usage error naming the option, and no database is created."""
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    handler = "incident.examples.bank:money_transfer"
+    arguments = ["subscribe", url, "--handler", handler, "--concurrency", concurrency]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    assert "--concurrency" in result.output
+    assert not (tmp_path / "never.db").exists()

@@ -90,6 +90,12 @@ def use_subscriptions() -> int:
     checkpoints: incident.CheckpointStore = subscription.checkpoints
     reactor: incident.Reactor = durable  # a command handler is what subscriptions run in
     incident.Subscription(balances, reactor, checkpoints=checkpoints)
+    in_waves = incident.Subscription(
+        balances, reactor, concurrency=8, sequence_by=lambda recorded: recorded.aggregate_id
+    )
+    in_waves.concurrency = 4
+    concurrency: int = in_waves.concurrency
+    assert concurrency == 4
     row = durable.projection_store.get(Balance, "a")
     return checkpoints.load("typed_balances") + read + len(parked) + (row.balance if row else 0)
 

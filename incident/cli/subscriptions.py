@@ -225,12 +225,20 @@ def retry(
 )
 @click.option("--aggregate", "aggregate_paths", multiple=True, help="As for replay.")
 @click.option("--batch-size", type=int, default=5000, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Streams handled at once in each batch, on as many threads (docs/subscriptions.md).",
+)
 def subscribe(
     url: str,
     handler_paths: tuple[str, ...],
     inline_paths: tuple[str, ...],
     aggregate_paths: tuple[str, ...],
     batch_size: int,
+    concurrency: int,
 ) -> None:
     """Run handlers as durable subscriptions on the store at URL until interrupted.
 
@@ -246,7 +254,9 @@ def subscribe(
             aggregates=aggregates,
             event_handlers=[_load(p, EventHandler) for p in inline_paths],
         )
-        running = Subscriptions(Subscription(h, app, batch_size=batch_size) for h in handlers)
+        running = Subscriptions(
+            Subscription(h, app, batch_size=batch_size, concurrency=concurrency) for h in handlers
+        )
         out.print(f"running {', '.join(running)} on {url} (Ctrl-C stops)")
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same
         running.start()

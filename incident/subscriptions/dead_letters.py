@@ -13,6 +13,7 @@ does not heal by waiting.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -59,6 +60,9 @@ class DeadLetters:
     the handler's later events of that stream are held behind; ``positions`` are the
     parked positions. Both are loaded afresh by :meth:`load` for every batch. ``handle``
     handles one event as the subscription does (used by the retries).
+
+    In a wave (:mod:`.fan_out`) several workers park and hold at once, each for streams
+    no other worker has: they add entries under their own keys, never the same one.
     """
 
     def __init__(
@@ -99,6 +103,36 @@ class DeadLetters:
                 self.positions.update(p.position for p in stream)
 
     # -- parking ---------------------------------------------------------------
+
+    def attempt(
+        self, recorded: Recorded[Any], retries: int, backoff: float
+    ) -> tuple[list[Projection], bool]:
+        """``handle(recorded)``, tried again ``retries`` times with exponential backoff
+        when a listener raises, then parked (:meth:`failed`): nothing, then. A
+        StoreError is the database, not this event: it is raised, nothing is parked."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self.handle(recorded)
+            except StoreError:
+                raise  # run() waits for the database
+            except Exception as error:
+                # a damaged row does not heal by waiting: park (or stop) at once
+                if attempts <= retries and not isinstance(error, CorruptEvent):
+                    log.warning(
+                        "%s failed on #%s (%s), try %s of %s: %s",
+                        self.name,
+                        recorded.position,
+                        recorded.event_type,
+                        attempts,
+                        retries + 1,
+                        error,
+                    )
+                    time.sleep(backoff * 2 ** (attempts - 1))
+                    continue
+                self.failed(recorded, error, attempts)
+                return [], False
 
     def damaged(self, damage: CorruptEvent) -> None:
         """An event the store cannot read: skipped when this handler does not listen to

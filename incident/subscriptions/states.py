@@ -5,6 +5,7 @@ and the projections its listeners returned that are not committed yet."""
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +25,9 @@ Pending = dict[tuple[type[Projection], str], Projection]
 class StreamStates:
     """(state, version) per aggregate, least recently used first, at most ``size``.
 
-    Not locked: the subscription that owns it uses it under its own lock.
+    The subscription that owns it uses it under its own lock; the workers of a wave
+    (:mod:`.waves`) use it at once, each for streams no other worker has, so only the
+    LRU itself (whose eviction touches any stream) is locked, never a fold.
     """
 
     def __init__(
@@ -38,10 +41,12 @@ class StreamStates:
         )
         # a dict keeps insertion order: popped and put back, an entry moves to the end
         self._states: dict[tuple[str, str], tuple[Any, int]] = {}
+        self._lru = threading.Lock()
 
     def clear(self) -> None:
         """Forget every state (another runner may have moved on meanwhile)."""
-        self._states.clear()
+        with self._lru:
+            self._states.clear()
 
     def at(self, recorded: Recorded[Any]) -> Any:
         """The aggregate's state right after ``recorded``: the cached state evolved by one
@@ -53,7 +58,8 @@ class StreamStates:
                 f"{recorded.aggregate!r}, which is not among this subscription's aggregates"
             )
         key = (aggregate.name, recorded.aggregate_id)
-        cached = self._states.pop(key, None)
+        with self._lru:
+            cached = self._states.pop(key, None)
         if cached is not None and cached[1] >= recorded.version:
             cached = None  # handled again (a retry or a reset): start over
         base, version = cached or (aggregate.initial, 0)
@@ -73,14 +79,16 @@ class StreamStates:
         if aggregate is None:
             return
         key = (aggregate.name, recorded.aggregate_id)
-        cached = self._states.pop(key, None)
+        with self._lru:
+            cached = self._states.pop(key, None)
         if cached is not None and cached[1] == recorded.version - 1:
             self._remember(key, aggregate.evolve(cached[0], recorded), recorded.version)
 
     def _remember(self, key: tuple[str, str], state: Any, version: int) -> None:
-        self._states[key] = (state, version)  # popped first: now the most recently used
-        if len(self._states) > self.size:
-            del self._states[next(iter(self._states))]
+        with self._lru:
+            self._states[key] = (state, version)  # popped first: now the most recently used
+            if len(self._states) > self.size:
+                del self._states[next(iter(self._states))]
 
 
 def aggregates_for(

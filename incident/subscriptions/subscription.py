@@ -1,7 +1,7 @@
-"""Subscription: one event handler run durably over the global log (the overview is in
-:mod:`incident.subscriptions`). Its parts live beside it: the states its listeners
-receive in :mod:`incident.subscriptions.states`, parking and retrying in
-:mod:`incident.subscriptions.dead_letters`, rebuilding in :mod:`incident.subscriptions.replay`."""
+"""Subscription: one event handler run durably over the global log (overview in
+:mod:`incident.subscriptions`). Its parts live beside it: the listeners' states in
+:mod:`.states`, parking and retrying in :mod:`.dead_letters`, batches cut into waves in
+:mod:`.waves` and run by :mod:`.fan_out`, rebuilding in :mod:`.replay`."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from ..messages import Projection, Recorded, event_type_name
 from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
 from ..stores._common import projection_key
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
+from .fan_out import FanOut
 from .reactor import Reactor
 from .replay import Replayed, rebuild
 from .states import Pending, StreamStates, aggregates_for, merge_projections
+from .waves import Item, SequenceBy, split
 
 __all__ = ["Subscription"]
 
@@ -51,6 +53,8 @@ class Subscription:
         cache_size: int = 10_000,
         idle: float = 0.25,
         outage_backoff: float = 5.0,
+        concurrency: int = 1,
+        sequence_by: SequenceBy | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -65,6 +69,8 @@ class Subscription:
         self.batch_size, self.retries, self.backoff = batch_size, retries, backoff
         self.on_failure: OnFailure = on_failure
         self.idle, self.outage_backoff = idle, outage_backoff
+        self._fan_out = FanOut(concurrency, self.name)
+        self.sequence_by = sequence_by
         self._outage_pause = backoff  # the wait after the next StoreError, while running
         aggregates = aggregates_for(handler, command_handler.aggregates)
         self._states = StreamStates(self.name, self.event_store, aggregates, cache_size)
@@ -98,6 +104,18 @@ class Subscription:
         self._states.size = size
 
     @property
+    def concurrency(self) -> int:
+        """How many units of a batch are handled at once (see docs/subscriptions.md)."""
+        return self._fan_out.concurrency
+
+    @concurrency.setter
+    def concurrency(self, concurrency: int) -> None:
+        fan_out = FanOut(concurrency, self.name)  # refuses a bad value before anything
+        with self._guard:  # not in the middle of a wave
+            self._fan_out.close()
+            self._fan_out = fan_out
+
+    @property
     def position(self) -> int:
         """The last position this subscription has processed and checkpointed."""
         if self._position is None:
@@ -127,71 +145,66 @@ class Subscription:
             return self._step()
 
     def _step(self) -> int:
-        dead_letters = self._dead_letters
-        dead_letters.load()
+        self._dead_letters.load()
         batch = read_batch(self.event_store, self.position, self.batch_size)
+        if self._fan_out.concurrency > 1:
+            self._wave(batch)
+        else:
+            self._one_by_one(batch)
+        return len(batch)
+
+    def _one_by_one(self, batch: list[Item]) -> None:
         pending: Pending = {}
         done = self.position
-        for recorded in batch:
-            if isinstance(recorded, CorruptEvent):
-                try:
-                    dead_letters.damaged(recorded)
-                except SubscriptionFailed:
-                    self._commit(done, pending)
-                    raise
-                done = recorded.position or done
-                continue
-            if not self.handler.handles(recorded.data) or recorded.position in (
-                dead_letters.positions  # parked already (handled again after a crash)
-            ):
-                self._states.follow(recorded)
-                done = recorded.position
-                continue
-            head = dead_letters.blocked.get(recorded.aggregate_id)
-            if head is not None and head.position < recorded.position:
-                self._states.follow(recorded)  # keep a cached state current: no listener saw it
-                dead_letters.hold(recorded, head)
-                done = recorded.position
-                continue
+        for item in batch:
             try:
-                projections, dispatched = self._process(recorded)
+                projections, dispatched = self._item(item)
             except SubscriptionFailed:
                 self._commit(done, pending)
                 raise
             merge_projections(pending, projections)
-            done = recorded.position
+            done = item.position or done  # read_batch only keeps damage it can place
             if dispatched:  # commands went out: checkpoint now, so a crash re-sends less
                 self._commit(done, pending)
                 pending = {}
         self._commit(done, pending)
-        return len(batch)
 
-    def _process(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
-        """The listeners' projections for one event, after dispatching their commands;
-        retried with backoff, then parked (or SubscriptionFailed)."""
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                return self._handle(recorded)
-            except StoreError:
-                raise  # the database, not this event: run() waits for it, nothing is parked
-            except Exception as error:
-                # a damaged row does not heal by waiting: park (or stop) at once
-                if attempts <= self.retries and not isinstance(error, CorruptEvent):
-                    log.warning(
-                        "%s failed on #%s (%s), try %s of %s: %s",
-                        self.name,
-                        recorded.position,
-                        recorded.event_type,
-                        attempts,
-                        self.retries + 1,
-                        error,
-                    )
-                    time.sleep(self.backoff * 2 ** (attempts - 1))
-                    continue
-                self._dead_letters.failed(recorded, error, attempts)
-                return [], False
+    def _wave(self, batch: list[Item]) -> None:
+        """The batch as one wave (:mod:`.fan_out`); the checkpoint past its done prefix,
+        with their projections merged in log order; then the first failure, if any."""
+        handles = self.handler.handles
+        units = split(batch, self.sequence_by, lambda recorded: handles(recorded.data))
+        done, outcomes, error = self._fan_out.wave(
+            batch, units, lambda item: self._item(item)[0], lambda r: handles(r.data)
+        )
+        pending: Pending = {}
+        for projections in outcomes:
+            merge_projections(pending, projections)
+        last = batch[done - 1].position if done else None
+        self._commit(last or self.position, pending)
+        if error is not None:
+            raise error
+
+    def _item(self, item: Item) -> tuple[list[Projection], bool]:
+        """One entry of a batch: its listeners' projections and whether they dispatched,
+        or nothing for an event this handler skips, has parked already or holds behind
+        its stream's parked one. Raises SubscriptionFailed or StoreError."""
+        dead_letters = self._dead_letters
+        if isinstance(item, CorruptEvent):
+            dead_letters.damaged(item)
+            return [], False
+        if not self.handler.handles(item.data) or item.position in (
+            dead_letters.positions  # parked already (handled again after a crash)
+        ):
+            self._states.follow(item)
+            return [], False
+        head = dead_letters.blocked.get(item.aggregate_id)
+        if head is not None and head.position < item.position:
+            self._states.follow(item)  # keep a cached state current: no listener saw it
+            dead_letters.hold(item, head)
+            return [], False
+        # retried with backoff, then parked (or SubscriptionFailed)
+        return dead_letters.attempt(item, self.retries, self.backoff)
 
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         projections: list[Projection] = []
@@ -269,6 +282,7 @@ class Subscription:
                     self._outage_pause = min(max(pause, 0.01) * 2, self.outage_backoff)
         finally:
             self._lock.release()  # a standby stops trying: what it tried with is closed
+            self._fan_out.close()
 
     def _follow_log(self, stop: threading.Event) -> None:
         pause = 0.001
