@@ -212,7 +212,7 @@ def test_one_command_is_one_commit(url: str) -> None:
     handler.dispatch(bank.OpenAccount(aggregate_id="ACC1"))  # tables exist from here on
     assert isinstance(handler.event_store, SQLiteEventStore)
     statements: list[str] = []
-    conn = handler.event_store._db.conn()
+    conn = handler.event_store._db.write_conn()
     conn.set_trace_callback(statements.append)
     handler.dispatch(DepositMoney(aggregate_id="ACC1", amount=5))
     conn.set_trace_callback(None)

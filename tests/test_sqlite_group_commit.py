@@ -331,7 +331,7 @@ def test_a_lone_writer_commits_on_its_own_thread_without_a_savepoint(url: str) -
     append and COMMIT, with no savepoint and no other thread."""
     store = ready(url)
     statements: list[str] = []
-    conn = store._db.conn()
+    conn = store._db.write_conn()
     conn.set_trace_callback(statements.append)
     store.commit(deposit("alone"), projection_store=store.projections(), project=account)
     conn.set_trace_callback(None)

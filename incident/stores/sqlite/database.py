@@ -98,11 +98,18 @@ class Database:
 
     # -- connections and transactions -----------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, writes: bool = False) -> sqlite3.Connection:
+        """A reading connection waits in SQLite's busy handler; a writing one does not:
+        ``begin_immediate`` polls for the write lock itself, so waiting writers take turns
+        (the busy handler's sleeps grow to 100 ms, and a process that has waited long
+        keeps losing the lock to those that have just arrived)."""
         with self.errors():
             # isolation_level=None: no implicit transactions, we BEGIN IMMEDIATE ourselves
             conn = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=0 if writes else self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
             try:
                 if self.path != MEMORY:
@@ -129,8 +136,8 @@ class Database:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def _thread_connection(self) -> sqlite3.Connection:
-        conn = self._connect()
+    def _thread_connection(self, *, writes: bool = False) -> sqlite3.Connection:
+        conn = self._connect(writes=writes)
         with self._lock:
             if self.closed:
                 conn.close()
@@ -144,13 +151,15 @@ class Database:
                 else:
                     alive.append((thread, other))
             self._connections = [*alive, (weakref.ref(threading.current_thread()), conn)]
-        self._local.conn = conn
+        setattr(self._local, "writer" if writes else "conn", conn)
         return conn
 
     def _discard(self, conn: sqlite3.Connection) -> None:
         if conn is self._shared:
             return  # an in-memory database cannot be reopened; SQLite rolls it back itself
-        self._local.conn = None
+        for name in ("conn", "writer"):
+            if getattr(self._local, name, None) is conn:
+                setattr(self._local, name, None)
         with self._lock:
             self._connections = [(t, c) for t, c in self._connections if c is not conn]
         conn.close()
@@ -163,6 +172,16 @@ class Database:
             return self._shared
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         return conn if conn is not None else self._thread_connection()
+
+    def write_conn(self) -> sqlite3.Connection:
+        """This thread's writing connection (see ``_connect``): write transactions run on
+        it, reads on ``conn()``."""
+        if self.closed:
+            raise StoreError(f"The SQLite store {self.path!r} is closed")
+        if self._shared is not None:
+            return self._shared
+        conn: sqlite3.Connection | None = getattr(self._local, "writer", None)
+        return conn if conn is not None else self._thread_connection(writes=True)
 
     def transaction(self) -> WriteTransaction:
         """``with database.transaction() as conn``: a write transaction holding SQLite's
@@ -283,8 +302,8 @@ class WriteTransaction:
         db = self._db
         db.guard.__enter__()
         try:
-            conn = db.conn()
-            conn.execute("BEGIN IMMEDIATE")
+            conn = db.write_conn()
+            begin_immediate(conn, db.timeout)
         except BaseException:
             db.guard.__exit__(None, None, None)
             raise
@@ -355,3 +374,27 @@ class Savepoint:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+
+
+LOCK_POLL = 0.001  # seconds between tries at the write lock while another writer holds it
+
+
+def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
+    """BEGIN IMMEDIATE, trying again every LOCK_POLL while another connection (of any
+    process) holds the write lock, for ``timeout`` seconds at most. Every waiting writer
+    tries as often as every other, however long it has waited: they take turns, where
+    SQLite's own busy handler makes the longest waiters try least often."""
+    deadline: float | None = None
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now > deadline:
+                raise
+        time.sleep(LOCK_POLL)
