@@ -274,7 +274,9 @@ def main() -> None:
     )
     backends: list[Callable[[], Backend]] = []
     if options.only in (None, "sqlite"):
-        folder = options.dir or Path(tempfile.mkdtemp(prefix="scaling-"))
+        # a fresh folder each run, inside --dir when given: the files' accounts are named
+        # by round and writer, so a second run on the same files would find them opened
+        folder = Path(tempfile.mkdtemp(prefix="scaling-", dir=options.dir))
         backends.append(lambda: sqlite_backend(folder))
     if options.only in (None, "postgres"):
         unreachable = compare.postgres_reachable(options.postgres_url)

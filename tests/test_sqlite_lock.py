@@ -72,3 +72,20 @@ def test_writes_poll_for_the_lock_and_reads_keep_sqlites_busy_handler(tmp_path: 
         assert database.conn().execute("PRAGMA busy_timeout").fetchone() == (7000,)
     finally:
         store.close()
+
+
+def test_lock_poll_zero_leaves_the_wait_to_sqlites_busy_handler(tmp_path: Path) -> None:
+    store = incident.open_event_store(f"sqlite:///{tmp_path / 'lock.db'}?timeout=7&lock_poll=0")
+    assert isinstance(store, SQLiteEventStore)
+    try:
+        store.append("A", deposit(), expected_version=0)
+        assert store._db.write_conn().execute("PRAGMA busy_timeout").fetchone() == (7000,)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("poll", ["-1", "2", "soon"])
+def test_a_bad_lock_poll_is_refused(tmp_path: Path, poll: str) -> None:
+    with pytest.raises(incident.IncidentError, match="lock_poll"):
+        incident.open_event_store(f"sqlite:///{tmp_path / 'lock.db'}?lock_poll={poll}")
+    assert not (tmp_path / "lock.db").exists()

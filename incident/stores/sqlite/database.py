@@ -25,6 +25,7 @@ from ..live import AppendSignal, signal_for
 from ..tables import TableOwners
 from .migrations import SCHEMA_VERSION, schema_version, upgrade
 from .projection_tables import ProjectionTable
+from .write_lock import LOCK_POLL, begin_immediate
 
 __all__ = ["MEMORY", "Database", "Savepoint", "WriteTransaction", "sqlite_path"]
 
@@ -54,10 +55,18 @@ class Database:
     and the projection tables known to exist. Shared by an event store, its projection
     store and its checkpoint store."""
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        timeout: float = 30.0,
+        lock_poll: float = LOCK_POLL,
+    ) -> None:
         self.path = path
         self.synchronous = synchronous
         self.timeout = timeout
+        self.lock_poll = lock_poll  # 0: SQLite's busy handler waits for the write lock
         self.closed = False
         self._local = threading.local()
         self._lock = threading.RLock()
@@ -107,7 +116,7 @@ class Database:
             # isolation_level=None: no implicit transactions, we BEGIN IMMEDIATE ourselves
             conn = sqlite3.connect(
                 self.path,
-                timeout=0 if writes else self.timeout,
+                timeout=0 if writes and self.lock_poll else self.timeout,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -303,7 +312,7 @@ class WriteTransaction:
         db.guard.__enter__()
         try:
             conn = db.write_conn()
-            begin_immediate(conn, db.timeout)
+            begin_immediate(conn, db.timeout, db.lock_poll)
         except BaseException:
             db.guard.__exit__(None, None, None)
             raise
@@ -374,27 +383,3 @@ class Savepoint:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
-
-
-LOCK_POLL = 0.001  # seconds between tries at the write lock while another writer holds it
-
-
-def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
-    """BEGIN IMMEDIATE, trying again every LOCK_POLL while another connection (of any
-    process) holds the write lock, for ``timeout`` seconds at most. Every waiting writer
-    tries as often as every other, however long it has waited: they take turns, where
-    SQLite's own busy handler makes the longest waiters try least often."""
-    deadline: float | None = None
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) and "busy" not in str(error):
-                raise
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + timeout
-            elif now > deadline:
-                raise
-        time.sleep(LOCK_POLL)

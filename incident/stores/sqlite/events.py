@@ -53,6 +53,7 @@ from .sql import (
     SETTLE,
     date_text,
 )
+from .write_lock import LOCK_POLL
 
 __all__ = ["SYNCHRONOUS", "SQLiteEventStore", "open_sqlite"]
 
@@ -205,7 +206,10 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
 
     Options, as keywords or in the URL's query string (keywords win): ``synchronous``
     (``FULL`` by default; ``NORMAL`` trades the last commits on power loss for speed)
-    and ``timeout`` (seconds a writer waits for the write lock, 30 by default).
+    ``timeout`` (seconds a writer waits for the write lock, 30 by default) and
+    ``lock_poll`` (seconds between a waiting writer's tries at the lock, 0.001 by
+    default, so waiting processes take turns; 0 leaves the waiting to SQLite's busy
+    handler, which is unfair to long waiters but spends less CPU: docs/sqlite.md).
 
     >>> open_sqlite("sqlite://?synchronous=normal")
     SQLiteEventStore(':memory:')
@@ -213,10 +217,11 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
     path = sqlite_path(url.split("?", 1)[0])
     settings: dict[str, Any] = dict(parse_qsl(urlsplit(url).query))
     settings.update(options)
-    unknown = set(settings) - {"synchronous", "timeout", "types"}
+    unknown = set(settings) - {"synchronous", "timeout", "lock_poll", "types"}
     if unknown:
         raise IncidentError(
-            f"Unknown SQLite store options {sorted(unknown)}; known: synchronous, timeout, types"
+            f"Unknown SQLite store options {sorted(unknown)}; "
+            "known: synchronous, timeout, lock_poll, types"
         )
     synchronous = str(settings.get("synchronous", "FULL")).upper()
     if synchronous not in SYNCHRONOUS:
@@ -225,10 +230,13 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
         )
     try:
         timeout = float(settings.get("timeout", 30.0))
+        lock_poll = float(settings.get("lock_poll", LOCK_POLL))
     except ValueError as error:
-        raise IncidentError(f"timeout must be a number of seconds: {error}") from error
+        raise IncidentError(f"timeout and lock_poll are seconds: {error}") from error
+    if not 0 <= lock_poll <= 1:
+        raise IncidentError(f"lock_poll must be between 0 and 1 second, got {lock_poll}")
     types = settings.get("types")
     if types is not None and not isinstance(types, EventTypes):
         raise IncidentError(f"types must be an incident.EventTypes, got {types!r}")
-    database = Database(path, synchronous=synchronous, timeout=timeout)
+    database = Database(path, synchronous=synchronous, timeout=timeout, lock_poll=lock_poll)
     return SQLiteEventStore(database, types=types)
