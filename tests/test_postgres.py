@@ -80,6 +80,7 @@ def test_initialize_creates_then_reports_nothing_to_do(postgres_url: str, postgr
         ("0004_json_payloads",),
         ("0005_outcomes_and_owed_work",),
         ("0006_numbered_appends",),
+        ("0007_sync_when_alone",),
     ]
     first.close()
     second.close()
@@ -146,6 +147,7 @@ def test_a_log_stored_as_jsonb_is_rewritten_as_json_with_every_event_kept(
         "applied migration 0004_json_payloads",
         "applied migration 0005_outcomes_and_owed_work",
         "applied migration 0006_numbered_appends",
+        "applied migration 0007_sync_when_alone",
     ]
     assert "rewrites the 3 events" in caplog.text
     assert postgres_admin.execute(column_types).fetchall() == [
@@ -942,13 +944,13 @@ def test_a_schema_without_begin_append_nor_append_numbered_uses_the_locked_path(
     every append reads the heads first, and works."""
     open_store(postgres_url).initialize()
     schema = schema_of(postgres_url)
-    for function, migration in (
-        ("begin_append", "0003_begin_append"),
-        ("append_numbered", "0006_numbered_appends"),
+    for function, names in (
+        ("begin_append", ["0003_begin_append"]),
+        ("append_numbered", ["0006_numbered_appends", "0007_sync_when_alone"]),
     ):
         postgres_admin.execute(f'DROP FUNCTION "{schema}".{function}')
         postgres_admin.execute(
-            f"DELETE FROM \"{schema}\".incident_migrations WHERE name = '{migration}'"
+            f'DELETE FROM "{schema}".incident_migrations WHERE name = ANY(%s)', [names]
         )
     older = open_store(postgres_url, create_tables=False)
     for version in range(3):

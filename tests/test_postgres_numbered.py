@@ -5,6 +5,7 @@ position is numbered in the client, as before, and gets the real positions."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,9 @@ def paths(store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch) -> list[st
 
     monkeypatch.setattr(store._numbered, "append", by_database)
     monkeypatch.setattr(store, "_append_predicted", predicted)
+    # as if other appends of this process were under way: a lone predicting writer
+    # would commit synchronously on the predicted path instead (see the last test)
+    monkeypatch.setattr(store._db.in_flight, "one", lambda: contextlib.nullcontext(False))
     return taken
 
 
@@ -206,3 +210,61 @@ def test_threads_and_stores_numbered_by_the_database_stay_gapless(postgres_url: 
         assert batch[1].position == batch[0].position + 1  # an append's rows are together
     for store in stores:
         store.close()
+
+
+def test_an_append_alone_commits_synchronously_one_behind_another_async_then_flushed(
+    postgres_url: str, postgres_admin: Any
+) -> None:
+    """Alone, holding the lock through the commit's fsync delays nobody: the commit is
+    synchronous (one fsync, as a bare insert). Behind another holder of the lock, the
+    commit is asynchronous, so the lock is free at once, and the statement after COMMIT
+    flushes it before the append returns (the flag it resets is the sign)."""
+    store = incident.open_event_store(postgres_url, pool_size=1)
+    assert isinstance(store, PostgresEventStore)
+    flag = "SELECT current_setting('incident.unflushed', true)"
+    try:
+        store.append("A", [bank.MoneyDeposited(amount=1)], expected_version=0)
+        with store._db.connection("reading the flag") as conn:
+            assert conn.execute(flag).fetchone() == (None,)  # never set: synchronous
+
+        postgres_admin.execute("SELECT pg_advisory_lock(%s)", [store._db.append_lock])
+        done = threading.Event()
+        writer = threading.Thread(
+            target=lambda: (
+                store.append("A", [bank.MoneyDeposited(amount=2)], expected_version=1),
+                done.set(),
+            )
+        )
+        writer.start()
+        assert not done.wait(0.5), "appended while another session held the append lock"
+        postgres_admin.execute("SELECT pg_advisory_unlock(%s)", [store._db.append_lock])
+        writer.join(30)
+        assert done.is_set()
+        with store._db.connection("reading the flag") as conn:
+            assert conn.execute(flag).fetchone() == ("off",)  # set, then reset by the flush
+        assert [r.data.amount for r in store.read_all()] == [1, 2]
+    finally:
+        store.close()
+
+
+def test_a_lone_predicting_writer_commits_synchronously_on_the_predicted_path(
+    store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One writer, alone in its process and the last to write: prepared statements, one
+    round trip, one synchronous commit (a bare insert's cost), no separate flush; once
+    another append of the process is under way, the numbered path."""
+    calls: list[bool] = []
+    predicted = store._append_predicted
+
+    def spy(conn: Any, job: Any, *, synchronous: bool = False) -> Any:
+        calls.append(synchronous)
+        return predicted(conn, job, synchronous=synchronous)
+
+    monkeypatch.setattr(store, "_append_predicted", spy)
+    for version in range(0, 6, 2):
+        append(store, "alone", version)
+    assert calls[-2:] == [True, True]  # predicting from the first commit on
+    assert [r.position for r in store.read_all()] == [1, 2, 3, 4, 5, 6]
+    taken = paths(store, monkeypatch)
+    append(store, "alone", 6)
+    assert taken == ["numbered"]

@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..._forks import renew_in_forked_children
 from ...errors import StoreError
 from ..tables import TableOwners
+from .append_job import InFlight
 from .durability import Durability
 from .migrations import migrate
 from .session import Connection, first_line, lock_key, may_hide_a_commit
@@ -62,6 +63,7 @@ class Database:
         self._lock = threading.Lock()  # guards initialization
         self._pool_lock = threading.Lock()  # guards opening a pool after a fork
         self.append_turns = threading.Lock()  # this process's appends, while predicting
+        self.in_flight = InFlight()
         self.pinned = threading.local()  # the connection of a thread's turn on a stream
         self.durability = Durability()  # how far the WAL is known flushed (durability.py)
         self._initialized = False
@@ -125,6 +127,7 @@ class Database:
         # a parent thread may have held one at the fork: the child starts with its own
         self._lock, self._pool_lock = threading.Lock(), threading.Lock()
         self.append_turns = threading.Lock()
+        self.in_flight = InFlight()
         self.pinned = threading.local()  # a turn the forking thread held is the parent's
         self.durability = Durability()  # its condition may be held by a parent's thread
         if self._pool is not None and not self._closed:

@@ -31,10 +31,21 @@ WAL_POSITIONS = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_
 # flushed once it has committed.
 FLUSH = "SELECT pg_logical_emit_message(true, 'incident.flush', '')::text"
 
-# FLUSH as a row of WAL_POSITIONS: sent after an append's COMMIT in the same message, it
-# makes the append durable before the reply comes back, one round trip in all (the
-# server reports the end of a message's last statement only once it has committed).
-FLUSHED_POSITIONS = f"SELECT flushed, flushed FROM ({FLUSH}) AS flush(flushed)"
+# Sent after a numbered append's COMMIT in the same message: the flush when the append
+# committed asynchronously (it waited for the lock: append_numbered set
+# incident.unflushed, which the flush's message resets), else nothing to do (it
+# committed synchronously, so the flush position is past it). A row of WAL_POSITIONS.
+FLUSH_IF_WAITED = (
+    "SELECT flushed, flushed FROM (SELECT CASE"
+    " WHEN current_setting('incident.unflushed', true) = 'on'"
+    " THEN pg_logical_emit_message(true, 'incident.flush',"
+    " set_config('incident.unflushed', 'off', false))::text"
+    " ELSE pg_current_wal_flush_lsn()::text END) AS flush(flushed)"
+)
+
+# after a synchronous COMMIT, the server's flush position, which is past it: a row of
+# WAL_POSITIONS that needs no flush
+FLUSHED = "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_flush_lsn()::text"
 
 # an append commits with this, the first statement of its transaction
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"

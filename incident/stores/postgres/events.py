@@ -4,6 +4,9 @@ is one transaction, numbered under the schema's append lock, predicted or locked
 also idempotency keys' rejections, owed work, turns on a stream, and the waits for
 appends (:mod:`.notify`)."""
 
+# Long: choosing among an append's paths (alone and predicted, numbered by the database,
+# locked) and looking up a commit whose reply was lost read best next to each other.
+
 from __future__ import annotations
 
 import time
@@ -38,7 +41,7 @@ from ..protocols import (
 from .append_job import AppendJob, Committing, Written
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
-from .durability import ASYNC_COMMIT, WAL_POSITIONS, durable_rows
+from .durability import ASYNC_COMMIT, FLUSHED, WAL_POSITIONS, durable_rows
 from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
 from .notify import Listener
 from .numbered import NumberedAppends
@@ -163,7 +166,14 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         try:
             # while predicting, this process's appends take turns so each one's guess
             # holds; while others are writing, they queue for the lock in the server
-            committing = self._numbered.append(conn, job, self._channel)
+            with self._db.in_flight.one() as alone:
+                committing = None
+                if alone and self._predictor.predicting:  # see InFlight
+                    with self._db.append_turns:
+                        committing = self._append_predicted(conn, job, synchronous=True)
+                        if committing is not None:
+                            self._predictor.committed(committing[0][0][-1].position)
+                committing = committing or self._numbered.append(conn, job, self._channel)
             if committing is None:  # numbered here: its inline work looks at positions
                 turn = self._db.append_turns if self._predictor.predicting else nullcontext()
                 with turn:
@@ -270,7 +280,9 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
         return written, afterwards.row
 
-    def _append_predicted(self, conn: Connection, job: AppendJob) -> Committing | None:
+    def _append_predicted(
+        self, conn: Connection, job: AppendJob, *, synchronous: bool = False
+    ) -> Committing | None:
         """Send the lock, a check of the heads this process expects and the writes in one
         round trip. The expected version is the caller's; the last position is the one
         this process last committed, right whenever nobody else has appended since, as
@@ -284,8 +296,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             return None
         new_last = str(last_position + len(job.events))
         try:
-            with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
-                conn.execute(ASYNC_COMMIT)
+            then = FLUSHED if synchronous else WAL_POSITIONS
+            with one_sync_transaction(conn, then=then) as afterwards:
+                if not synchronous:
+                    conn.execute(ASYNC_COMMIT)
                 conn.execute(
                     self._sql.begin_append,
                     [

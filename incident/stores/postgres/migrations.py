@@ -8,6 +8,55 @@ from psycopg import sql
 
 from .session import Connection, fetch_value, log
 
+
+def _append_numbered(replace: str, lock: str) -> str:
+    """The body of append_numbered (0006, and 0007's version, which differs in how it
+    takes the lock), for migrations to create or replace."""
+    return _APPEND_NUMBERED.replace("{replace}", replace).replace("{lock}", lock)
+
+
+# append_numbered, with a placeholder for how the lock is taken (see 0006 and 0007)
+_APPEND_NUMBERED = """
+            CREATE {replace}FUNCTION {schema}.append_numbered(
+                append_lock bigint, stream text, stream_version integer, wanted_key text,
+                channel text, count integer
+            ) RETURNS bigint LANGUAGE plpgsql AS $$
+            DECLARE
+                actual integer;
+                last bigint;
+            BEGIN
+{lock}                SELECT coalesce(max(version), 0) INTO actual FROM {schema}.events
+                    WHERE aggregate_id = stream;
+                IF actual <> stream_version THEN
+                    RAISE EXCEPTION 'stream % is at version %', stream, actual
+                        USING ERRCODE = 'IN409', DETAIL = actual::text;
+                END IF;
+                IF EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key) THEN
+                    RAISE EXCEPTION 'idempotency key % was used', wanted_key
+                        USING ERRCODE = 'IN411';
+                END IF;
+                SELECT coalesce(max(position), 0) INTO last FROM {schema}.events;
+                PERFORM set_config('incident.base', last::text, true);
+                PERFORM pg_notify(channel, (last + count)::text);
+                RETURN last;
+            END
+            $$
+            """
+
+# how 0006's append_numbered takes the lock, and 0007's (see 0007)
+_LOCK_WAITING = """
+                PERFORM pg_advisory_xact_lock(append_lock);
+"""
+
+_LOCK_SYNC_WHEN_ALONE = """
+                IF NOT pg_try_advisory_xact_lock(append_lock) THEN
+                    PERFORM pg_advisory_xact_lock(append_lock);
+                    PERFORM set_config('synchronous_commit', 'off', true);
+                    PERFORM set_config('incident.unflushed', 'on', false);
+                END IF;
+"""
+
+
 # name, what it does (printed by `incident init`), statements ({schema} is filled in)
 MIGRATIONS: list[tuple[str, str, list[str]]] = [
     (
@@ -128,33 +177,20 @@ MIGRATIONS: list[tuple[str, str, list[str]]] = [
             # Like begin_append, but it reads the last position under the lock instead of
             # checking a guess, and leaves it in incident.base for the rows that follow
             # in the same transaction (position = base + their place in the append).
-            """
-            CREATE FUNCTION {schema}.append_numbered(
-                append_lock bigint, stream text, stream_version integer, wanted_key text,
-                channel text, count integer
-            ) RETURNS bigint LANGUAGE plpgsql AS $$
-            DECLARE
-                actual integer;
-                last bigint;
-            BEGIN
-                PERFORM pg_advisory_xact_lock(append_lock);
-                SELECT coalesce(max(version), 0) INTO actual FROM {schema}.events
-                    WHERE aggregate_id = stream;
-                IF actual <> stream_version THEN
-                    RAISE EXCEPTION 'stream % is at version %', stream, actual
-                        USING ERRCODE = 'IN409', DETAIL = actual::text;
-                END IF;
-                IF EXISTS (SELECT 1 FROM {schema}.idempotency_keys WHERE key = wanted_key) THEN
-                    RAISE EXCEPTION 'idempotency key % was used', wanted_key
-                        USING ERRCODE = 'IN411';
-                END IF;
-                SELECT coalesce(max(position), 0) INTO last FROM {schema}.events;
-                PERFORM set_config('incident.base', last::text, true);
-                PERFORM pg_notify(channel, (last + count)::text);
-                RETURN last;
-            END
-            $$
-            """,
+            _append_numbered("", _LOCK_WAITING),
+        ],
+    ),
+    (
+        "0007_sync_when_alone",
+        "an append the lock did not keep waiting commits synchronously (one fsync, as a"
+        " bare insert); one that waited commits without waiting for its flush",
+        [
+            # Alone, holding the lock through the fsync costs nobody anything, and one
+            # synchronous commit is one fsync. Behind another append, the commit is made
+            # asynchronous (the lock is freed once the commit record is written) and
+            # incident.unflushed tells the statement sent after COMMIT to flush it
+            # (durability.FLUSH_IF_WAITED). Both settings roll back with a failed append.
+            _append_numbered("OR REPLACE ", _LOCK_SYNC_WHEN_ALONE),
         ],
     ),
 ]

@@ -26,7 +26,7 @@ from ..protocols import Effects
 from ..unnumbered import Placeholders, Unnumbered
 from .append_job import AppendJob, Committing, Written
 from .database import Database
-from .durability import ASYNC_COMMIT, FLUSHED_POSITIONS
+from .durability import FLUSH_IF_WAITED
 from .migrations import KEY_USED, STREAM_MOVED
 from .projections import PostgresProjectionStore
 from .session import Connection, one_message_transaction
@@ -67,8 +67,8 @@ class NumberedAppends:
             return None
         recorded, effects, upserts = prepared
         job.sent.append((recorded, effects, []))  # its ids, if the connection dies
+        # append_numbered makes the commit asynchronous if it waited for the lock
         statements = [
-            (ASYNC_COMMIT, ()),
             (
                 self._sql.append_numbered,
                 (
@@ -83,7 +83,7 @@ class NumberedAppends:
             *self._rows(job, recorded, effects, upserts),
         ]
         try:
-            results = one_message_transaction(conn, statements, then=FLUSHED_POSITIONS)
+            results = one_message_transaction(conn, statements, then=FLUSH_IF_WAITED)
         except psycopg.errors.UndefinedFunction:
             self.available = False  # a schema from before 0006, not migrated here
             return None
@@ -94,7 +94,7 @@ class NumberedAppends:
             if error.sqlstate == KEY_USED:
                 return None
             raise
-        numbered, positions = results[1], results[-1]
+        numbered, positions = results[0], results[-1]
         assert numbered and positions
         final = renumbered(recorded, int(numbered[0][0]))
         # owed work holds its cause's envelope: made again with the real positions
