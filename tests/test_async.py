@@ -144,16 +144,6 @@ def test_the_sync_and_the_async_handler_write_the_same_log(commands: list[Any]) 
     assert asyncio.run(main()) == expected
 
 
-def test_subscriptions_are_refused_by_name() -> None:
-    """Durable subscriptions are not offered on the async handler yet: a typed error
-    that names them, before any store is opened."""
-    with pytest.raises(incident.NotSupported, match="bank_projections"):
-        incident.AsyncCommandHandler(
-            "memory://", aggregates=[bank.bank_account], subscriptions=[bank.bank_projections]
-        )
-    assert issubclass(incident.NotSupported, NotImplementedError)
-
-
 def test_a_sync_store_is_refused_with_the_way_to_open_an_async_one() -> None:
     with pytest.raises(TypeError, match="open_async_event_store"):
         incident.AsyncCommandHandler(incident.open_event_store("memory://"))  # type: ignore[arg-type]

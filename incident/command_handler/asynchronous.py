@@ -16,17 +16,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..aggregate import Aggregate
-from ..errors import NotSupported
 from ..event_handler import EventHandler
 from ..messages import Command, Recorded
 from ..plans import Blocking, Collided, Dispatch, OnStream, Op, Plan, advance
 from ..stores import (
     AsyncEventStore,
     AsyncProjectionStore,
+    CheckpointStore,
     Owed,
     open_async_event_store,
     open_async_projection_store,
 )
+from .async_subscriptions import AsyncSubscriptions, LoopReactor
 from .core import HandlerCore, HandlerParts, Tuning, open_pair
 
 __all__ = ["AsyncCommandHandler", "TaskTurns"]
@@ -79,8 +80,10 @@ class AsyncCommandHandler(HandlerParts):
     Tasks that collide on an aggregate take turns at it (:class:`TaskTurns`); the
     turns Postgres offers writers of several processes (``PostgresEventStore.turn``)
     are not taken here, so across processes the expected version and the retries
-    alone decide. Durable subscriptions (``subscriptions=``) are not offered yet:
-    passing any raises NotSupported.
+    alone decide. Durable subscriptions (``subscriptions=``, their checkpoints in
+    ``checkpoint_store``, a sync checkpoint store, by default the one beside the event
+    store) are ``self.subscriptions``: ``await start()``, ``await catch_up()``, ...
+    (:class:`~incident.command_handler.async_subscriptions.AsyncSubscriptions`).
     """
 
     def __init__(
@@ -91,19 +94,13 @@ class AsyncCommandHandler(HandlerParts):
         aggregates: Sequence[Aggregate[Any]] = (),
         event_handlers: Sequence[EventHandler] = (),
         subscriptions: Sequence[EventHandler] = (),
+        checkpoint_store: CheckpointStore | None = None,
         retries: int = 10,
         backoff: float = 0.002,
         cache_size: int = 10_000,
         snapshot_every: int | None = None,
         verify_snapshots: bool = False,
     ) -> None:
-        if subscriptions:
-            names = ", ".join(sorted(handler.name for handler in subscriptions))
-            raise NotSupported(
-                f"AsyncCommandHandler does not run durable subscriptions yet ({names}): "
-                "run them inline (event_handlers=...), or as subscriptions of a "
-                "CommandHandler on the same store"
-            )
         if not isinstance(event_store, (AsyncEventStore, str)):
             raise TypeError(
                 f"AsyncCommandHandler needs an async event store or a URL, got "
@@ -134,6 +131,9 @@ class AsyncCommandHandler(HandlerParts):
             raise
         self.adopt(core, snapshot_every, verify_snapshots)
         self.turns = TaskTurns()
+        reactor = LoopReactor(self, events.sync, projections.sync)
+        #: the durable subscriptions, each an asyncio task once ``await start()``ed
+        self.subscriptions = AsyncSubscriptions(reactor, subscriptions, checkpoint_store)
         # store work runs on the event store's workers, else the projection store's
         # (a memory event store beside a SQLite projection store)
         workers = events.workers
@@ -144,8 +144,11 @@ class AsyncCommandHandler(HandlerParts):
         return f"AsyncCommandHandler([{names}], event_store={self.event_store!r})"
 
     async def close(self) -> None:
-        """Close the stores this handler opened from URLs; stores given as objects stay
-        open (they are the caller's to close)."""
+        """Stop the subscriptions, then close the stores this handler opened from URLs;
+        stores given as objects stay open (they are the caller's to close)."""
+        subscriptions = getattr(self, "subscriptions", None)
+        if subscriptions is not None:
+            await subscriptions.stop()
         opened, self._opened = self._opened, []
         for store in opened:
             await store.close()
@@ -166,6 +169,13 @@ class AsyncCommandHandler(HandlerParts):
         """``CommandHandler.dispatch``, awaited: validate, decide, append and react;
         returns this command's recorded events, raises what it raises."""
         return await self._run(self._core.dispatch(command, metadata))
+
+    async def follow_up(
+        self, handler: str, cause: Recorded[Any], steps: Sequence[tuple[str, Sequence[Any]]]
+    ) -> None:
+        """Dispatch what a subscription's listeners returned for ``cause``, each command
+        under its stable key (``CommandHandler.follow_up``)."""
+        await self._run(self._core.follow_ups.follow_up(handler, cause, steps))
 
     async def complete_owed(self) -> list[Owed]:
         """Carry out every follow-up the inline handlers still owe
