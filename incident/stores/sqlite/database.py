@@ -30,6 +30,8 @@ from .write_lock import LOCK_POLL, begin_immediate
 __all__ = ["MEMORY", "Database", "Savepoint", "WriteTransaction", "sqlite_path"]
 
 MEMORY = ":memory:"
+# where a thread keeps its connections: reading (False) and writing (True)
+_SLOTS = {False: "conn", True: "writer"}
 
 
 def sqlite_path(url: str) -> str:
@@ -160,13 +162,13 @@ class Database:
                 else:
                     alive.append((thread, other))
             self._connections = [*alive, (weakref.ref(threading.current_thread()), conn)]
-        setattr(self._local, "writer" if writes else "conn", conn)
+        setattr(self._local, _SLOTS[writes], conn)
         return conn
 
     def _discard(self, conn: sqlite3.Connection) -> None:
         if conn is self._shared:
             return  # an in-memory database cannot be reopened; SQLite rolls it back itself
-        for name in ("conn", "writer"):
+        for name in _SLOTS.values():
             if getattr(self._local, name, None) is conn:
                 setattr(self._local, name, None)
         with self._lock:
@@ -175,22 +177,20 @@ class Database:
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection; use it inside ``with self.guard``."""
-        if self.closed:
-            raise StoreError(f"The SQLite store {self.path!r} is closed")
-        if self._shared is not None:
-            return self._shared
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        return conn if conn is not None else self._thread_connection()
+        return self._this_threads(writes=False)
 
     def write_conn(self) -> sqlite3.Connection:
         """This thread's writing connection (see ``_connect``): write transactions run on
         it, reads on ``conn()``."""
+        return self._this_threads(writes=True)
+
+    def _this_threads(self, *, writes: bool) -> sqlite3.Connection:
         if self.closed:
             raise StoreError(f"The SQLite store {self.path!r} is closed")
         if self._shared is not None:
             return self._shared
-        conn: sqlite3.Connection | None = getattr(self._local, "writer", None)
-        return conn if conn is not None else self._thread_connection(writes=True)
+        conn: sqlite3.Connection | None = getattr(self._local, _SLOTS[writes], None)
+        return conn if conn is not None else self._thread_connection(writes=writes)
 
     def transaction(self) -> WriteTransaction:
         """``with database.transaction() as conn``: a write transaction holding SQLite's
