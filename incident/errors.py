@@ -19,7 +19,6 @@ __all__ = [
     "ForeignStream",
     "IncidentError",
     "InvalidCommand",
-    "NotSupported",
     "RegistrationError",
     "Rejected",
     "RoutingError",
@@ -277,11 +276,6 @@ class CommitUnknown(StoreError):
 
 class RegistrationError(IncidentError, TypeError):
     """A decorator was used wrongly: a duplicate, a missing annotation, a wrong type."""
-
-
-class NotSupported(IncidentError, NotImplementedError):
-    """Something this object does not offer (yet); the message names it, and what to
-    use instead."""
 
 
 class RoutingError(IncidentError, LookupError):

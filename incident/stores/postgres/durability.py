@@ -1,7 +1,8 @@
-"""When a Postgres append is durable, and what a reader may see: appends commit without
-waiting for their WAL flush, so the schema's append lock is held for the insert alone,
-and one flush that many appends share makes them durable before any is acknowledged;
-every read returns only what is already flushed. See docs/writes.md.
+"""When a Postgres append is durable, and what a reader may see: an append that others
+wait behind commits without waiting for its WAL flush, so the schema's append lock is
+held for the insert alone, and one flush that many appends share makes them durable
+before any is acknowledged (an append alone commits synchronously); every read returns
+only what is already flushed. See docs/postgres-writes.md.
 
 WAL is written and flushed in order, so a flush that reaches a position covers every
 commit record before it: one small synchronous commit, made after an append's commit,
