@@ -1,12 +1,14 @@
 """Plans: the command handler's logic as generators that do no I/O, run by a sync or an
 async driver (the sans-I/O shape of h11 and of psycopg's protocol generators).
 
-A plan yields the I/O it needs as values (:class:`Blocking` work on a store,
+A plan yields the I/O it needs as values (:class:`Blocking` work on a store, a
+:class:`~incident.stores.CommitCall` to commit an append,
 :class:`Dispatch` of a follow-up command, a :class:`Pause`, an :class:`OnStream` try to run
 in the stream's turn once it is contended, a :class:`Collided` notice) and is sent each
 result, or thrown its error, at the ``yield``. :func:`drive` runs a plan on the calling
 thread; ``incident.AsyncCommandHandler`` runs the same plans on an event loop, handing
-``Blocking`` work to its store's worker threads. So there is one copy of the decisions
+``Blocking`` work to its store's worker threads and each commit to its async event
+store, which hands concurrent ones over together. So there is one copy of the decisions
 (validate, route, decide, retry, interpret the commit, pick the follow-ups) and two small
 drivers that differ only in how they wait.
 
@@ -23,6 +25,7 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 from .messages import Command
+from .stores.protocols import CommitCall
 
 __all__ = [
     "Blocking",
@@ -77,7 +80,7 @@ class Collided(NamedTuple):
     stream: tuple[str, str]
 
 
-Op = Blocking | Dispatch | Pause | OnStream | Collided
+Op = Blocking | CommitCall | Dispatch | Pause | OnStream | Collided
 Plan = Generator[Op, Any, T]
 
 

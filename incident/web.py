@@ -30,9 +30,11 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .codec import decode_command
 from .command_handler.asynchronous import AsyncCommandHandler
@@ -47,12 +49,21 @@ from .errors import (
 )
 from .messages import Command
 
-__all__ = ["KEEP_ALIVE", "command_app", "json_response", "problem"]
+__all__ = [
+    "KEEP_ALIVE",
+    "CommandRoute",
+    "command_app",
+    "command_outcome",
+    "json_response",
+    "problem",
+]
 
 KEEP_ALIVE = 15.0  # seconds of silence after which an event stream sends a comment
 QUEUED = 1024  # events an event stream reads ahead of a slow client
 
 _encoder = msgspec.json.Encoder()
+COMMANDS = "/commands/"
+ALLOW: tuple[tuple[bytes, bytes], ...] = ((b"allow", b"POST"),)
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -62,7 +73,8 @@ def json_response(value: Any, status: int = 200) -> Response:
 
 def problem(status: int, error: str, message: str, **details: Any) -> Response:
     """An error as JSON: ``{"error": <type>, "message": ..., <details>}``."""
-    return json_response({"error": error, "message": message, **details}, status)
+    code, body = _problem(status, error, message, **details)
+    return Response(body, code, media_type="application/json")
 
 
 def command_app(
@@ -90,11 +102,11 @@ def command_app(
 
     return Starlette(
         routes=[
-            Route("/commands/{command_type}", post_command, methods=["POST"]),
             Route("/events", events, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *routes,
         ],
+        middleware=[Middleware(CommandRoute)],
         lifespan=lifespan,
     )
 
@@ -114,28 +126,85 @@ def commands_by_name(handler: AsyncCommandHandler) -> dict[str, type[Command]]:
     return found
 
 
-async def post_command(request: Request) -> Response:
-    name = request.path_params["command_type"]
-    commands: Mapping[str, type[Command]] = request.app.state.commands
+class CommandRoute:
+    """``POST /commands/{CommandType}`` as plain ASGI, ahead of Starlette's router: the
+    route every command takes does without a Request object, the router's matching and
+    the exception middleware's wrapping, since its answers are all known here (see
+    :func:`command_outcome`); every other path goes on to the router."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(COMMANDS):
+            await self.app(scope, receive, send)
+            return
+        name = path[len(COMMANDS) :]
+        if scope["method"] != "POST":
+            status, body, extra = 405, _encoder.encode({"error": "MethodNotAllowed"}), ALLOW
+        elif not name or "/" in name:
+            await self.app(scope, receive, send)  # the router's 404
+            return
+        else:
+            posted = await _body(receive)
+            if posted is None:
+                return  # the client left: no one to answer
+            key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
+            state = scope["app"].state
+            status, body = await command_outcome(
+                state.handler,
+                state.commands,
+                name,
+                posted,
+                None if key is None else key.decode("latin-1"),
+            )
+            extra = ()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The whole request body, however many messages it came in (None if the client
+    disconnected first)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def command_outcome(
+    handler: AsyncCommandHandler,
+    commands: Mapping[str, type[Command]],
+    name: str,
+    body: bytes,
+    key: str | None,
+) -> tuple[int, bytes]:
+    """The status and JSON body answering a command posted as ``name`` (see the module
+    for each status)."""
     command_type = commands.get(name)
     if command_type is None:
-        return problem(
-            404,
-            "UnknownCommand",
-            f"No command type {name!r} here",
-            commands=sorted(commands),
+        return _problem(
+            404, "UnknownCommand", f"No command type {name!r} here", commands=sorted(commands)
         )
-    key = request.headers.get("idempotency-key")
     try:
-        command = decode_command(command_type, await request.body())
-        handler: AsyncCommandHandler = request.app.state.handler
+        command = decode_command(command_type, body)
         recorded = await handler.dispatch(command, {"idempotency_key": key} if key else None)
     except InvalidCommand as error:
-        return problem(422, "InvalidCommand", str(error), command=name, field=error.field)
+        return _problem(422, "InvalidCommand", str(error), command=name, field=error.field)
     except Rejected as error:
-        return problem(409, "Rejected", str(error), reason=error.reason, detail=error.detail)
+        return _problem(409, "Rejected", str(error), reason=error.reason, detail=error.detail)
     except ConcurrencyError as error:
-        return problem(
+        return _problem(
             409,
             "ConcurrencyError",
             str(error),
@@ -143,12 +212,16 @@ async def post_command(request: Request) -> Response:
             actual=error.actual,
         )
     except ForeignStream as error:
-        return problem(409, "ForeignStream", str(error), aggregate_id=error.aggregate_id)
+        return _problem(409, "ForeignStream", str(error), aggregate_id=error.aggregate_id)
     except CommitUnknown as error:
-        return problem(503, "CommitUnknown", str(error), event_ids=error.event_ids)
+        return _problem(503, "CommitUnknown", str(error), event_ids=error.event_ids)
     except StoreError as error:
-        return problem(503, "StoreError", str(error))
-    return json_response({"events": recorded})
+        return _problem(503, "StoreError", str(error))
+    return 200, _encoder.encode({"events": recorded})
+
+
+def _problem(status: int, error: str, message: str, **details: Any) -> tuple[int, bytes]:
+    return status, _encoder.encode({"error": error, "message": message, **details})
 
 
 async def health(request: Request) -> Response:

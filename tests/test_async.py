@@ -278,9 +278,20 @@ def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> Non
                 raise AssertionError("the loop was blocked while a commit was in flight")
             return commit(*args, **kwargs)
 
+        commit_many = getattr(store.sync, "commit_many", None)
+        held: list[str] = []
+
+        def held_commit_many(*args: Any, **kwargs: Any) -> Any:
+            held.append("commit_many")
+            if not release.wait(10):
+                raise AssertionError("the loop was blocked while a commit was in flight")
+            return commit_many(*args, **kwargs)  # type: ignore[misc]
+
         async with store:
             app = bank.build_async(store)
             store.sync.commit = held_commit  # type: ignore[method-assign]
+            if store.batches is not None:  # SQLite: commits go over in batches
+                store.sync.commit_many = held_commit_many  # type: ignore[attr-defined]
 
             async def let_go() -> None:
                 await asyncio.sleep(0)
@@ -290,6 +301,7 @@ def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> Non
                 app.dispatch(OpenAccount(aggregate_id="A")), let_go()
             )
             assert [r.version for r in recorded] == [1]
+            assert held == (["commit_many"] if store.batches is not None else [])
 
     asyncio.run(main())
 
@@ -345,5 +357,57 @@ def test_close_closes_only_the_stores_it_opened(tmp_path: Any) -> None:
             await app.dispatch(OpenAccount(aggregate_id="A"))
         assert await store.version("A") == 1  # still open: the caller's to close
         await store.close()
+
+    asyncio.run(main())
+
+
+def test_sqlite_commits_go_to_the_store_in_batches(tmp_path: Any) -> None:
+    """The loop's concurrent commits reach SQLite a batch at a time (``commit_many`` on
+    one worker); a task cancelled before its commit was handed over writes nothing,
+    and a batch the store fails as a whole fails each of its tasks with that error."""
+
+    async def main() -> None:
+        store = incident.open_async_event_store(f"sqlite:///{tmp_path}/batches.db")
+        async with store:
+            batches = store.batches
+            assert batches is not None
+            app = bank.build_async(store)
+            await asyncio.gather(*(app.dispatch(OpenAccount(aggregate_id=n)) for n in ACCOUNTS))
+            assert batches.commits == len(ACCOUNTS) and batches.batches < len(ACCOUNTS)
+
+            # hold a first batch on its worker; a second commit gathers behind it
+            commit_many = store.sync.commit_many  # type: ignore[attr-defined]
+            entered, release = threading.Event(), threading.Event()
+
+            def held(calls: Any) -> Any:
+                entered.set()
+                assert release.wait(10)
+                return commit_many(calls)
+
+            store.sync.commit_many = held  # type: ignore[attr-defined]
+            first = asyncio.ensure_future(app.dispatch(DepositMoney(aggregate_id="ACC0", amount=1)))
+            while not entered.is_set():
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(
+                app.dispatch(DepositMoney(aggregate_id="ACC1", amount=5))
+            )
+            await asyncio.sleep(0.01)  # the second has gathered
+            second.cancel()
+            release.set()
+            assert [r.data.amount for r in await first] == [1]
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert [r.aggregate_id async for r in store.read_all(after=len(ACCOUNTS))] == ["ACC0"]
+
+            def broken(calls: Any) -> Any:
+                raise incident.StoreError("the disk is gone (simulated)")
+
+            store.sync.commit_many = broken  # type: ignore[attr-defined]
+            failed = await asyncio.gather(
+                *(app.dispatch(DepositMoney(aggregate_id=n, amount=1)) for n in ACCOUNTS),
+                return_exceptions=True,
+            )
+            assert all(isinstance(f, incident.StoreError) for f in failed)
+            assert await store.last_position() == len(ACCOUNTS) + 1
 
     asyncio.run(main())

@@ -24,7 +24,7 @@ import pytest
 import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, WithdrawMoney
-from incident.stores.protocols import AppendRequest, Committed
+from incident.stores.protocols import AppendRequest, CommitCall, Committed
 from incident.stores.sqlite import SQLiteEventStore, open_sqlite
 
 # -- a connection that counts its COMMITs and can be made to fail ----------------------
@@ -471,3 +471,100 @@ def test_eight_threads_sharing_a_handler_lose_nothing_and_write_no_conflict(url:
     opened = len(shared) + 8
     assert len(events) == opened + sum(len(ids) for _, _, ids in acknowledged)
     assert store.group.appends > store.group.transactions  # commits were shared
+
+
+# -- several appends from one caller (what the async stores hand over) ------------------
+
+
+def calls(*requests: tuple[AppendRequest, Any], store: SQLiteEventStore) -> list[CommitCall]:
+    return [CommitCall(request, store.projections(), project) for request, project in requests]
+
+
+def test_commit_many_shares_one_commit_and_gives_each_append_its_own_outcome(
+    url: str, faults: Faults
+) -> None:
+    """One caller's appends go in one transaction: a stale one, one whose project raises,
+    one with a used key and one with an event that cannot be stored each get their own
+    error and write nothing; the others commit in order, gapless, with one COMMIT."""
+    store = ready(url)
+    store.commit(deposit("keyed", key="k1"), projection_store=store.projections(), project=account)
+    faults.commits.clear()
+
+    def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise ValueError("a bug in an inline handler")
+
+    unstorable = AppendRequest(
+        aggregate_id="bad\x00", events=[MoneyDeposited(amount=1)], expected_version=0
+    )
+    outcomes = store.commit_many(
+        calls(
+            (deposit("first"), account),
+            (deposit("setup", expected=0), account),
+            (deposit("raises"), broken),
+            (deposit("dup", key="k1"), account),
+            (unstorable, account),
+            (deposit("last"), account),
+            store=store,
+        )
+    )
+    assert len(faults.commits) == 1
+    first, stale, raises, duplicate, bad, last = outcomes
+    assert isinstance(stale, incident.ConcurrencyError)
+    assert isinstance(raises, ValueError)
+    assert isinstance(duplicate, incident.DuplicateCommand)
+    assert isinstance(bad, incident.Unstorable)
+    assert isinstance(first, Committed) and isinstance(last, Committed)
+    assert log(store)[2:] == [(3, "first"), (4, "last")]
+    assert first.recorded == store.get("first") and last.recorded == store.get("last")
+    for name in ("raises", "dup", "bad\x00"):
+        assert store.get(name) == []
+    row = store.projections().get(BankAccount, "last")
+    assert row is not None and row.event_id == last.recorded[0].event_id
+
+
+def test_commit_many_behind_a_busy_leader_joins_its_batch(url: str, faults: Faults) -> None:
+    """Appends handed over while another thread's batch is being written queue like
+    callers of their own and go into that batch: one COMMIT for all of them."""
+    store = ready(url)
+    faults.commits.clear()
+    batch = Batch(store)
+    handed: list[Committed | Exception] = []
+    many = threading.Thread(
+        target=lambda: handed.extend(
+            store.commit_many(calls(*[(deposit(f"m{n}"), account) for n in range(3)], store=store))
+        )
+    )
+    many.start()
+    wait_until(lambda: store.group.queued == 3)
+    outcomes = batch.queue({})
+    many.join(10)
+    assert isinstance(outcomes["leader"], Committed)
+    assert all(isinstance(outcome, Committed) for outcome in handed)
+    assert faults.commits == ["leader"]
+    assert [name for _, name in log(store)[1:]] == ["leader", "m0", "m1", "m2"]
+
+
+def test_commit_many_beyond_the_batch_bound_takes_several_commits_in_order(
+    url: str, faults: Faults
+) -> None:
+    store = ready(url)
+    store.group.max_requests = 4
+    faults.commits.clear()
+    outcomes = store.commit_many(
+        calls(*[(deposit(f"n{n}"), account) for n in range(10)], store=store)
+    )
+    assert all(isinstance(outcome, Committed) for outcome in outcomes)
+    assert len(faults.commits) == 3  # 4 + 4 + 2
+    assert [name for _, name in log(store)[1:]] == [f"n{n}" for n in range(10)]
+    assert store.group.queued == 0
+
+
+def test_commit_many_in_memory_commits_each_alone() -> None:
+    store = open_sqlite("sqlite://")
+    outcomes = store.commit_many(
+        calls(
+            (deposit("a"), account), (deposit("a"), account), (deposit("b"), account), store=store
+        )
+    )
+    assert isinstance(outcomes[1], incident.ConcurrencyError)  # "a" is at version 1 by then
+    assert [r.aggregate_id for r in store.read_all()] == ["a", "b"]

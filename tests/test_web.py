@@ -109,6 +109,10 @@ def test_every_status_code_the_api_promises(strict_server: tuple[Server, str]) -
 
     unknown = post(base, "StealMoney", {"aggregate_id": "A"})
     assert unknown.status_code == 404 and "DepositMoney" in unknown.json()["commands"]
+    not_posted = httpx.get(f"{base}/commands/DepositMoney", timeout=TIMEOUT)
+    assert not_posted.status_code == 405 and not_posted.headers["allow"] == "POST"
+    assert httpx.post(f"{base}/commands/", timeout=TIMEOUT).status_code == 404
+    assert httpx.post(f"{base}/commands/a/b", timeout=TIMEOUT).status_code == 404
 
     rejected = post(base, "WithdrawMoney", {"aggregate_id": "A", "amount": 500})
     assert rejected.status_code == 409

@@ -226,7 +226,13 @@ def demo(url: str) -> None:
     default=None,
     help="How often a conflicting command is decided again before a 409 (default 10).",
 )
-def serve(url: str, host: str, port: int, retries: int | None) -> None:
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log a line per request (the log itself records every command that landed).",
+)
+def serve(url: str, host: str, port: int, retries: int | None, access_log: bool) -> None:
     """Serve the Bank over HTTP (POST /commands/{CommandType}, GET /accounts/{id},
     GET /events as Server-Sent Events) with uvicorn; needs `pip install 'incident[web]'`."""
     try:
@@ -239,7 +245,9 @@ def serve(url: str, host: str, port: int, retries: int | None) -> None:
         ) from error
     options = {} if retries is None else {"retries": retries}
     with reported():
-        uvicorn.run(app(url, **options), host=host, port=port, log_level="info")
+        uvicorn.run(
+            app(url, **options), host=host, port=port, log_level="info", access_log=access_log
+        )
 
 
 for _command in SUBSCRIPTION_COMMANDS:

@@ -27,6 +27,7 @@ from ..messages import Command, Recorded
 from ..plans import Blocking, Collided, Dispatch, OnStream, Op, drive
 from ..stores import (
     CheckpointStore,
+    CommitCall,
     EventStore,
     Owed,
     ProjectionStore,
@@ -161,6 +162,10 @@ class CommandHandler(HandlerParts):
         """Do one op of a plan (:mod:`incident.plans`) on this thread."""
         if isinstance(op, Blocking):
             return op.work()
+        if isinstance(op, CommitCall):
+            return self.event_store.commit(
+                op.request, projection_store=op.projection_store, project=op.project
+            )
         if isinstance(op, OnStream):
             stream = op.stream
             if not self.turns.contended(stream):  # the usual case: no turn to take

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from ..aggregate import Aggregate
@@ -23,6 +24,7 @@ from ..stores import (
     AsyncEventStore,
     AsyncProjectionStore,
     CheckpointStore,
+    CommitCall,
     Owed,
     open_async_event_store,
     open_async_projection_store,
@@ -199,6 +201,17 @@ class AsyncCommandHandler(HandlerParts):
     async def _perform(self, op: Op) -> Any:
         if isinstance(op, Blocking):
             return await self._workers.run(op.work)
+        if isinstance(op, CommitCall):
+            batches = self.event_store.batches
+            if batches is not None:  # with the loop's other commits (async_commits)
+                return await batches.commit(op)
+            commit = partial(
+                self._core.event_store.commit,
+                op.request,
+                projection_store=op.projection_store,
+                project=op.project,
+            )
+            return await self._workers.run(commit)
         if isinstance(op, OnStream):
             if not self.turns.contended(op.stream):
                 return await self._run(op.plan(op.first))

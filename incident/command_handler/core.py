@@ -27,7 +27,7 @@ from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
 from ..ids import new_uuid
 from ..messages import Command, Recorded
 from ..plans import Blocking, Collided, OnStream, Pause, Plan
-from ..stores import AppendRequest, EventStore, Outcome, Owed, ProjectionStore
+from ..stores import AppendRequest, CommitCall, EventStore, Outcome, Owed, ProjectionStore
 from .inline_handlers import InlineHandlers
 from .registration import register_event_types, routes
 from .state_cache import StateCache
@@ -223,14 +223,8 @@ class HandlerCore:
             idempotency_key=key,
         )
         project = self.inline.projector(aggregate, aggregate_id, state)
-        commit = partial(
-            self.event_store.commit,
-            request,
-            projection_store=self.projection_store,
-            project=project,
-        )
         try:
-            committed = yield Blocking(commit)
+            committed = yield CommitCall(request, self.projection_store, project)
         except DuplicateCommand as duplicate:  # a racing twin committed first
             if duplicate.rejected is not None:
                 raise Rejected(duplicate.rejected, duplicate.detail) from None

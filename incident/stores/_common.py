@@ -20,6 +20,7 @@ from ..mapper import gap_in_versions
 from ..messages import ANY, Event, Projection, Recorded, event_type_name
 from .protocols import (
     AppendRequest,
+    CommitCall,
     Committed,
     Effects,
     Owed,
@@ -249,6 +250,26 @@ class AppendVerbs:
         project: ProjectFn | None = None,
     ) -> Committed:
         raise NotImplementedError
+
+    #: whether ``commit_many`` writes its commits in one transaction (SQLite's group
+    #: commit); the async stores hand such a store their concurrent commits together
+    shares_commits = False
+
+    def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
+        """Each call's commit, in order: its Committed, or the error that kept it out of
+        the log (each is all-or-nothing by itself, as ``commit`` is). Here one commit
+        after another; a store that can share one transaction among them does."""
+        outcomes: list[Committed | Exception] = []
+        for call in calls:
+            try:
+                outcomes.append(
+                    self.commit(
+                        call.request, projection_store=call.projection_store, project=call.project
+                    )
+                )
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
     def append(
         self,

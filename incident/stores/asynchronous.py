@@ -37,10 +37,12 @@ from typing import Any, TypeVar
 from ..mapper import check_limit
 from ..messages import Event, Projection, Recorded
 from ._common import closing_iterator
+from .async_commits import CommitBatches
 from .async_live import follow_async
 from .live import BATCH_SIZE, POLL_INTERVAL
 from .protocols import (
     AppendRequest,
+    CommitCall,
     Committed,
     EventStore,
     Outcome,
@@ -95,6 +97,10 @@ class AsyncEventStore:
         self.types = store.types
         self.workers = Workers(workers)
         self.page_size = page_size
+        # a store that shares commits gets the loop's concurrent commits a batch at a
+        # time, on one worker (see incident.stores.async_commits)
+        shared = workers and getattr(store, "shares_commits", False)
+        self.batches = CommitBatches(store, self.workers) if shared else None  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"AsyncEventStore({self.sync!r}, workers={self.workers.count})"
@@ -150,6 +156,8 @@ class AsyncEventStore:
     ) -> Committed:
         """The sync store's one append verb (``EventStore.commit``)."""
         target = sync_projection_store(projection_store)
+        if self.batches is not None:
+            return await self.batches.commit(CommitCall(request, target, project))
         commit = partial(self.sync.commit, request, projection_store=target, project=project)
         return await self.run(commit)
 

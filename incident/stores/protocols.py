@@ -15,6 +15,7 @@ __all__ = [
     "AppendNotifier",
     "AppendRequest",
     "CheckpointStore",
+    "CommitCall",
     "Committed",
     "Effects",
     "EventStore",
@@ -86,6 +87,15 @@ class Committed(NamedTuple):
 
     recorded: list[Recorded[Any]]
     effects: Effects = Effects()
+
+
+class CommitCall(NamedTuple):
+    """One commit among several asked of a store at once (``commit_many``): the
+    arguments of :meth:`EventStore.commit`."""
+
+    request: AppendRequest
+    projection_store: ProjectionStore | None = None
+    project: ProjectFn | None = None
 
 
 class Outcome(NamedTuple):

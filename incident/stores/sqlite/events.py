@@ -13,7 +13,7 @@ that transaction, each in a savepoint of its own, and so one fsync
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -30,6 +30,7 @@ from .._common import (
 from ..live import Live
 from ..protocols import (
     AppendRequest,
+    CommitCall,
     Committed,
     Outcome,
     Owed,
@@ -77,6 +78,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
             self._landed,
             shared=not database.in_memory,
         )
+        self.shares_commits = self.group.shared
 
     def __repr__(self) -> str:
         return f"SQLiteEventStore({self._db.path!r})"
@@ -94,21 +96,58 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
     ) -> Committed:
+        append = self._prepared(CommitCall(request, projection_store, project))
+        committed = self.group.commit(append, len(append.events))
+        self._db.appends.appended()
+        self._project_elsewhere(committed, projection_store, append.together)
+        return committed
+
+    def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
+        """The calls' appends through the group commit together (one transaction and
+        one fsync when they fit one batch), each with its own outcome or error."""
+        outcomes: list[Committed | Exception | None] = []
+        prepared: list[tuple[int, Append]] = []
+        for call in calls:
+            try:
+                prepared.append((len(outcomes), self._prepared(call)))
+                outcomes.append(None)
+            except Exception as error:  # refused before the lock: nothing written
+                outcomes.append(error)
+        if prepared:
+            written = self.group.commit_many([(a, len(a.events)) for _, a in prepared])
+            self._db.appends.appended()
+            for (at, append), outcome in zip(prepared, written, strict=True):
+                if not isinstance(outcome, Exception):
+                    try:
+                        self._project_elsewhere(
+                            outcome, calls[at].projection_store, append.together
+                        )
+                    except Exception as error:
+                        outcome = error
+                outcomes[at] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _prepared(self, call: CommitCall) -> Append:
+        """The append checked and encoded before taking the lock: a bad event or
+        metadata fails with nothing written."""
+        request = call.request
         batch = checked_events(request.aggregate_id, request.events)
-        # encode before taking the lock: a bad event or metadata fails with nothing written
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
-        together = projection_store is not None and self.shares_database_with(projection_store)
+        store = call.projection_store
+        together = store is not None and self.shares_database_with(store)
         metadata_text = metadata_json(request.metadata)
-        append = Append(request, batch, payloads, metadata_text, project, together)
         if not self._db.schema_ready:
             self._db.migrate()
-        committed = self.group.commit(append, len(batch))
-        self._db.appends.appended()
+        return Append(request, batch, payloads, metadata_text, call.project, together)
+
+    @staticmethod
+    def _project_elsewhere(
+        committed: Committed, projection_store: ProjectionStore | None, together: bool
+    ) -> None:
+        """Projections in another database follow the committed events."""
         if projection_store is not None and not together:
-            # another database: the events are committed, the projections follow
             for projection in committed.effects.projections:
                 projection_store.project(projection)
-        return committed
 
     @staticmethod
     def _landed(conn: sqlite3.Connection, written: list[Committed]) -> bool:

@@ -153,6 +153,57 @@ class GroupCommit(Generic[T, R]):
             self._lead(ticket)
         return ticket.outcome()
 
+    def commit_many(self, items: list[tuple[T, int]]) -> list[R | Exception]:
+        """Several appends (item, size) of one caller, as if each came from a caller of
+        its own, and so in as few commits as the bounds allow: each one's outcome, in
+        order, or the error that kept it out. This is how the async stores hand over
+        what their tasks append at the same time: one thread, not one per append."""
+        if not self.shared:
+            outcomes: list[R | Exception] = []
+            for item, _ in items:
+                try:
+                    outcomes.append(self._transaction_of_one(item))
+                except Exception as error:
+                    outcomes.append(error)
+            return outcomes
+        tickets: list[_Ticket[T, R]] = [_Ticket(item, size) for item, size in items]
+        for ticket in tickets:
+            ticket.wake = threading.Lock()
+            ticket.wake.acquire()
+        with self._mutex:
+            idle = not self._busy
+            alone = idle and len(tickets) <= self.max_requests
+            self._busy = True
+            if alone:  # no batch in flight: these are the batch
+                for ticket in tickets:
+                    ticket.state = _TAKEN
+            else:
+                self._queue.extend(tickets)
+                if idle:  # too many for one batch: the first leads at once
+                    self._hand_on()
+        try:
+            if alone:
+                self._write_batch(tickets[0], list(tickets))  # a batch grows as written
+            else:
+                # each is written by the leader of its batch, or leads one (the first
+                # of this caller's still queued when the lead comes to it)
+                for ticket in tickets:
+                    ticket.wake.acquire()
+                    if ticket.state != _DONE:
+                        self._lead(ticket)
+        except BaseException:
+            for ticket in tickets:  # none left queued for a caller who is gone
+                if ticket.state != _DONE:
+                    self._abandon(ticket)
+            raise
+        outcomes = []
+        for ticket in tickets:
+            try:
+                outcomes.append(ticket.outcome())
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
     def _transaction_of_one(self, item: T) -> R:
         """One append in a transaction of its own: no savepoint, and its error undoes
         the transaction."""
