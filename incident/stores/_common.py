@@ -312,6 +312,16 @@ class AppendVerbs:
         return self.commit(request, projection_store=projection_store, project=project).recorded
 
 
+def project_elsewhere(
+    committed: Committed, projection_store: ProjectionStore | None, together: bool
+) -> None:
+    """Projections in another database than the events follow the committed events
+    (``together``: they were written in the append's own transaction)."""
+    if projection_store is not None and not together:
+        for projection in committed.effects.projections:
+            projection_store.project(projection)
+
+
 def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, cap: float) -> bool:
     """Call ``attempt`` until it returns True, sleeping ``first`` seconds and doubling up to
     ``cap`` in between; False once ``timeout`` seconds have passed (None: wait for ever)."""

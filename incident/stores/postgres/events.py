@@ -10,7 +10,7 @@ appends (:mod:`.notify`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import psycopg
@@ -27,11 +27,13 @@ from .._common import (
     event_json,
     metadata_json,
     owed_row,
+    project_elsewhere,
     stamp,
 )
 from ..live import Live
 from ..protocols import (
     AppendRequest,
+    CommitCall,
     Committed,
     Outcome,
     Owed,
@@ -39,6 +41,7 @@ from ..protocols import (
     ProjectionStore,
 )
 from .append_job import AppendJob, Committing, Written
+from .batch import BatchAppends
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
 from .durability import ASYNC_COMMIT, FLUSHED, WAL_POSITIONS, durable_rows
@@ -87,9 +90,19 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         super().__init__(db, types=types, batch_size=batch_size)
         self._projections = PostgresProjectionStore(db)
         self._predictor = Predictor()
-        self._numbered = NumberedAppends(db, self._sql, self._projections)
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
+        self._numbered = NumberedAppends(db, self._sql, self._projections)
+        self._batches = BatchAppends(
+            db,
+            self._sql,
+            self._projections,
+            self._predictor,
+            self._channel,
+            self._look_up_sent,
+        )
+        #: the async store hands this store its tasks' concurrent commits together
+        self.shares_commits = True
         self._listener = Listener(db.conninfo, self._channel)
 
     def __repr__(self) -> str:
@@ -102,7 +115,54 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
     ) -> Committed:
-        # everything that can be refused is refused before the database is touched
+        job = self._job(CommitCall(request, projection_store, project))
+        if isinstance(job, Committed):
+            return job
+        recorded, effects, fresh = self._append_resolved(job)
+        self._projections.remember(fresh)
+        committed = Committed(recorded, effects)
+        project_elsewhere(committed, projection_store, job.shared)
+        return committed
+
+    def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
+        """Appends without an idempotency key go in one transaction (:mod:`.batch`), the
+        others, and any the batch could not write, one by one; each its own outcome."""
+        outcomes: dict[int, Committed | Exception] = {}
+        jobs: list[tuple[int, AppendJob]] = []
+        for at, call in enumerate(calls):
+            if call.request.idempotency_key is None:
+                try:
+                    job = self._job(call)
+                except Exception as error:  # refused before the database is touched
+                    outcomes[at] = error
+                    continue
+                if isinstance(job, AppendJob):
+                    jobs.append((at, job))
+        if len(jobs) > 1:
+            outcomes.update(self._batches.append(jobs))
+        results: list[Committed | Exception] = []
+        for at, call in enumerate(calls):
+            outcome = outcomes.get(at)
+            try:
+                if outcome is None:
+                    outcome = self.commit(
+                        call.request, projection_store=call.projection_store, project=call.project
+                    )
+                elif isinstance(outcome, Committed):
+                    project_elsewhere(outcome, call.projection_store, self._shared(call))
+            except Exception as error:
+                outcome = error
+            results.append(outcome)
+        return results
+
+    def _shared(self, call: CommitCall) -> bool:
+        store = call.projection_store
+        return store is not None and self.shares_database_with(store)
+
+    def _job(self, call: CommitCall) -> AppendJob | Committed:
+        """The append checked and encoded (everything that can be refused is refused
+        before the database is touched), or, with no events, its Committed."""
+        request = call.request
         aggregate_id, expected_version = request.aggregate_id, request.expected_version
         batch = checked_events(aggregate_id, request.events)
         if expected_version is not ANY and (
@@ -121,17 +181,11 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             batch,
             payloads,
             metadata_json(request.metadata),
-            project,
-            shared=projection_store is not None and self.shares_database_with(projection_store),
+            call.project,
+            shared=self._shared(call),
         )
         self._db.ready()
-        recorded, effects, fresh = self._append_resolved(job)
-        self._projections.remember(fresh)
-        if projection_store is not None and not job.shared:
-            # another database: the events have committed, the projections follow
-            for projection in effects.projections:
-                projection_store.project(projection)
-        return Committed(recorded, effects)
+        return job
 
     def _append_resolved(self, job: AppendJob) -> Written:
         """Append; when the connection dies during it, find out whether it committed

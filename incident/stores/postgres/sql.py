@@ -42,6 +42,10 @@ class EventStatements:
             f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
         self.last_position = f"SELECT coalesce(max(position), 0) FROM {events}"
+        self.versions_of = (
+            f"SELECT aggregate_id, max(version) FROM {events}"
+            " WHERE aggregate_id = ANY(%s::text[]) GROUP BY aggregate_id"
+        )
         self.by_ids = (
             f"SELECT {_EVENT_COLUMNS} FROM {events} WHERE event_id = ANY(%s::uuid[])"
             " ORDER BY position"

@@ -26,6 +26,7 @@ from .._common import (
     metadata_json,
     owed_from_row,
     owed_row,
+    project_elsewhere,
 )
 from ..live import Live
 from ..protocols import (
@@ -99,7 +100,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         append = self._prepared(CommitCall(request, projection_store, project))
         committed = self.group.commit(append, len(append.events))
         self._db.appends.appended()
-        self._project_elsewhere(committed, projection_store, append.together)
+        project_elsewhere(committed, projection_store, append.together)
         return committed
 
     def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
@@ -119,9 +120,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
             for (at, append), outcome in zip(prepared, written, strict=True):
                 if not isinstance(outcome, Exception):
                     try:
-                        self._project_elsewhere(
-                            outcome, calls[at].projection_store, append.together
-                        )
+                        project_elsewhere(outcome, calls[at].projection_store, append.together)
                     except Exception as error:
                         outcome = error
                 outcomes[at] = outcome
@@ -139,15 +138,6 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         if not self._db.schema_ready:
             self._db.migrate()
         return Append(request, batch, payloads, metadata_text, call.project, together)
-
-    @staticmethod
-    def _project_elsewhere(
-        committed: Committed, projection_store: ProjectionStore | None, together: bool
-    ) -> None:
-        """Projections in another database follow the committed events."""
-        if projection_store is not None and not together:
-            for projection in committed.effects.projections:
-                projection_store.project(projection)
 
     @staticmethod
     def _landed(conn: sqlite3.Connection, written: list[Committed]) -> bool:

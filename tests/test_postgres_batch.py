@@ -1,0 +1,196 @@
+"""Several appends in one Postgres transaction (incident/stores/postgres/batch.py), as
+the async store hands over its tasks' concurrent commits: one transaction for the
+batch, each append its own outcome, and whatever the server refuses or a lost
+connection leaves unclear resolved append by append, never half-written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Admin
+from test_sqlite_group_commit import account
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import BankAccount, MoneyDeposited
+from incident.stores.postgres import PostgresEventStore
+from incident.stores.protocols import AppendRequest, CommitCall, Committed
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresEventStore]:
+    opened = incident.open_event_store(postgres_url)
+    assert isinstance(opened, PostgresEventStore)
+    opened.types.register(*bank.bank_account.event_types)
+    opened.append("setup", [MoneyDeposited(amount=1)], expected_version=0)
+    yield opened
+    opened.close()
+
+
+def deposit(aggregate_id: str, expected: object = 0, key: str | None = None) -> AppendRequest:
+    return AppendRequest(
+        aggregate_id=aggregate_id,
+        events=[MoneyDeposited(amount=1), MoneyDeposited(amount=2)],
+        expected_version=expected,
+        aggregate="bank_account",
+        idempotency_key=key,
+    )
+
+
+def call(store: PostgresEventStore, request: AppendRequest, project: Any = account) -> CommitCall:
+    return CommitCall(request, store.projections(), project)
+
+
+def transactions_of(admin: Admin, store: PostgresEventStore, streams: list[str]) -> dict[str, int]:
+    """Each stream's rows by the transaction that wrote them (xmin)."""
+    rows = admin.execute(
+        f'SELECT aggregate_id, xmin::text::bigint FROM "{store._db.schema}".events'
+        " WHERE aggregate_id = ANY(%s)",
+        [streams],
+    ).fetchall()
+    return dict(rows)
+
+
+def log(store: PostgresEventStore) -> list[tuple[int, str]]:
+    return [(r.position, r.aggregate_id) for r in store.read_all()]
+
+
+def test_a_batch_is_one_transaction_and_each_append_has_its_own_outcome(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """A stale append, one whose project raises, one refused before the database (a NUL
+    in its id) and one that moves a stream twice in the batch each get their own
+    outcome; the others commit in one transaction, numbered gapless in order, with their
+    projections; a keyed append goes by itself and still answers its key."""
+    store.append("twice", [MoneyDeposited(amount=1)], expected_version=0)
+    before = store.projections()
+
+    def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise ValueError("a bug in an inline handler")
+
+    outcomes = store.commit_many(
+        [
+            call(store, deposit("first")),
+            call(store, deposit("setup", expected=0)),  # setup is at version 1
+            call(store, deposit("raises"), broken),
+            call(store, deposit("bad\x00")),
+            call(store, deposit("twice", expected=1)),
+            call(store, deposit("twice", expected=1)),  # the batch moved it to 3
+            call(store, deposit("keyed", key="k1")),
+            call(store, deposit("last")),
+        ]
+    )
+    first, stale, raises, bad, twice, twice_again, keyed, last = outcomes
+    assert isinstance(stale, incident.ConcurrencyError)
+    assert isinstance(raises, ValueError)
+    assert isinstance(bad, incident.Unstorable)
+    assert isinstance(twice_again, incident.ConcurrencyError) and twice_again.actual == 3
+    for committed in (first, twice, keyed, last):
+        assert isinstance(committed, Committed)
+        assert committed.recorded[-1].position > 0
+    written = transactions_of(postgres_admin, store, ["first", "twice", "last", "keyed"])
+    batch_xmins = {written["first"], written["last"]}
+    assert len(batch_xmins) == 1 and written["keyed"] not in batch_xmins
+    assert [p for p, _ in log(store)] == list(range(1, len(log(store)) + 1))
+    assert [s for _, s in log(store)] == [
+        "setup",
+        "twice",
+        "first",
+        "first",
+        "twice",
+        "twice",
+        "last",
+        "last",
+        "keyed",
+        "keyed",
+    ]
+    assert store.get("raises") == [] and store.version("setup") == 1
+    row = before.get(BankAccount, "last")
+    assert row is not None and row.event_id == last.recorded[-1].event_id  # type: ignore[union-attr]
+    assert store.outcome_for("k1") is not None
+
+
+def test_a_row_the_server_refuses_sends_each_append_again_by_itself(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """The server refusing one append's row aborts the whole transaction: nothing of the
+    batch is written, and each append goes again alone, so only that one fails."""
+    schema = store._db.schema
+    postgres_admin.execute(
+        f"""CREATE FUNCTION "{schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.aggregate_id = 'poison' THEN RAISE EXCEPTION 'poisoned row'; END IF;
+        RETURN NEW; END $$"""
+    )
+    postgres_admin.execute(
+        f'CREATE TRIGGER refuse BEFORE INSERT ON "{schema}".events'
+        f' FOR EACH ROW EXECUTE FUNCTION "{schema}".refuse()'
+    )
+    outcomes = store.commit_many(
+        [call(store, deposit("a")), call(store, deposit("poison")), call(store, deposit("b"))]
+    )
+    assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
+    assert isinstance(outcomes[1], incident.StoreError) and "poisoned" in str(outcomes[1])
+    assert [s for _, s in log(store)] == ["setup", "a", "a", "b", "b"]
+    assert store.get("poison") == []
+
+
+def test_a_connection_lost_in_a_batch_writes_each_append_once(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """The batch's session is killed while the transaction is open (from inside an
+    append's project): nothing of it committed, so the store finds none of its events
+    and sends each append again by itself; every one is in the log exactly once."""
+    killed: list[int] = []
+
+    def kill_the_batch(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        if not killed:
+            pids = postgres_admin.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid <> pg_backend_pid()"
+            ).fetchall()
+            for (pid,) in pids:
+                postgres_admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+                killed.append(pid)
+        return account(recorded)
+
+    outcomes = store.commit_many(
+        [
+            call(store, deposit("a")),
+            call(store, deposit("b"), kill_the_batch),
+            call(store, deposit("c")),
+        ]
+    )
+    assert killed
+    assert all(isinstance(outcome, Committed) for outcome in outcomes), outcomes
+    assert [s for _, s in log(store)] == ["setup", "a", "a", "b", "b", "c", "c"]
+    ids = [r.event_id for r in store.read_all()]
+    assert len(set(ids)) == len(ids)
+
+
+def test_sixty_four_tasks_share_transactions(postgres_url: str) -> None:
+    """Concurrent dispatches on the async handler reach Postgres in batches: fewer
+    transactions than commands, and every command once in the log."""
+
+    async def main() -> None:
+        async with bank.build_async(postgres_url) as app:
+            sync = app.event_store.sync
+            assert isinstance(sync, PostgresEventStore)
+            names = [f"T{n}" for n in range(64)]
+            await asyncio.gather(*(app.dispatch(bank.OpenAccount(aggregate_id=n)) for n in names))
+            batches = sync._batches.transactions
+            await asyncio.gather(
+                *(app.dispatch(bank.DepositMoney(aggregate_id=n, amount=3)) for n in names)
+            )
+            assert sync._batches.transactions > batches
+            log = [r async for r in app.event_store.read_all()]
+            assert [r.position for r in log] == list(range(1, 129))
+            for name in names:
+                row = await app.projection_store.get(BankAccount, name)
+                assert row is not None and row.balance == 3
+
+    asyncio.run(main())
