@@ -6,8 +6,9 @@ directly (issue 19): 64 concurrent clients, ratios measured in one run.
 
 ``direct``: 64 tasks on one AsyncCommandHandler in this process dispatch ``--commands``
 DepositMoney commands over 64 accounts. ``http``: a server process (`incident serve`,
-uvicorn, one worker) on a fresh store, and 64 concurrent httpx clients in this process
-posting the same commands over loopback; the client's CPU is on the same 2 cores as
+uvicorn, one worker, no access log) on a fresh store, and 64 concurrent keep-alive
+clients in this process (plain HTTP/1.1 on asyncio streams) posting the same commands
+over loopback; the client's CPU is on the same 2 cores as
 the server's, as in any load test on one machine. After each HTTP run the log is
 checked: every acknowledged event in it once, positions without a gap. The figure is
 http throughput over direct throughput (goal: at least 0.7). Every measurement takes
