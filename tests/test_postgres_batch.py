@@ -149,9 +149,11 @@ def test_a_connection_lost_in_a_batch_writes_each_append_once(
 
     def kill_the_batch(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         if not killed:
+            key = store._db.append_lock  # this schema's: other tests' sessions live on
             pids = postgres_admin.execute(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND pid <> pg_backend_pid()"
+                " AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
+                [(key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF],
             ).fetchall()
             for (pid,) in pids:
                 postgres_admin.execute("SELECT pg_terminate_backend(%s)", [pid])
