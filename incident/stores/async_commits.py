@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from .protocols import CommitCall, Committed
+from .protocols import CommitCall, CommitsMany, Committed
 
 __all__ = ["CommitBatches", "MAX_BATCH"]
 
 #: commits handed over at a time (the group commit's own bound on one batch)
 MAX_BATCH = 64
-
-
-class _CommitsMany(Protocol):
-    def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]: ...
 
 
 class _Runs(Protocol):
@@ -54,7 +50,7 @@ class CommitBatches:
     """Batches the commits of an event loop's tasks for ``store.commit_many`` (see the
     module), run on ``workers``."""
 
-    def __init__(self, store: _CommitsMany, workers: _Runs, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, store: CommitsMany, workers: _Runs, max_batch: int = MAX_BATCH) -> None:
         self.store = store
         self._workers = workers
         self.max_batch = max_batch

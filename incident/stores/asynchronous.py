@@ -43,6 +43,7 @@ from .live import BATCH_SIZE, POLL_INTERVAL
 from .protocols import (
     AppendRequest,
     CommitCall,
+    CommitsMany,
     Committed,
     EventStore,
     Outcome,
@@ -99,8 +100,11 @@ class AsyncEventStore:
         self.page_size = page_size
         # a store that shares commits gets the loop's concurrent commits a batch at a
         # time, on one worker (see incident.stores.async_commits)
-        shared = workers and getattr(store, "shares_commits", False)
-        self.batches = CommitBatches(store, self.workers) if shared else None  # type: ignore[arg-type]
+        self.batches = (
+            CommitBatches(store, self.workers)
+            if workers and isinstance(store, CommitsMany) and store.shares_commits
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"AsyncEventStore({self.sync!r}, workers={self.workers.count})"

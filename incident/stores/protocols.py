@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointStore",
     "CommitCall",
     "Committed",
+    "CommitsMany",
     "Effects",
     "EventStore",
     "HandlerLock",
@@ -96,6 +97,16 @@ class CommitCall(NamedTuple):
     request: AppendRequest
     projection_store: ProjectionStore | None = None
     project: ProjectFn | None = None
+
+
+@runtime_checkable
+class CommitsMany(Protocol):
+    """A store that takes several commits at once; when ``shares_commits`` it writes
+    them together (one transaction, one flush), each still with its own outcome."""
+
+    shares_commits: bool
+
+    def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]: ...
 
 
 class Outcome(NamedTuple):

@@ -115,20 +115,22 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
     ) -> Committed:
-        job = self._job(CommitCall(request, projection_store, project))
-        if isinstance(job, Committed):
-            return job
+        call = CommitCall(request, projection_store, project)
+        job = self._job(call)
+        return job if isinstance(job, Committed) else self._commit_job(job, call)
+
+    def _commit_job(self, job: AppendJob, call: CommitCall) -> Committed:
         recorded, effects, fresh = self._append_resolved(job)
         self._projections.remember(fresh)
         committed = Committed(recorded, effects)
-        project_elsewhere(committed, projection_store, job.shared)
+        project_elsewhere(committed, call.projection_store, job.shared)
         return committed
 
     def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
         """Appends without an idempotency key go in one transaction (:mod:`.batch`), the
         others, and any the batch could not write, one by one; each its own outcome."""
         outcomes: dict[int, Committed | Exception] = {}
-        jobs: list[tuple[int, AppendJob]] = []
+        prepared: dict[int, AppendJob] = {}  # checked and encoded once, however it goes
         for at, call in enumerate(calls):
             if call.request.idempotency_key is None:
                 try:
@@ -137,18 +139,27 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
                     outcomes[at] = error
                     continue
                 if isinstance(job, AppendJob):
-                    jobs.append((at, job))
-        if len(jobs) > 1:
-            outcomes.update(self._batches.append(jobs))
+                    prepared[at] = job
+                else:
+                    outcomes[at] = job
+        if len(prepared) > 1:
+            outcomes.update(self._batches.append(list(prepared.items())))
         results: list[Committed | Exception] = []
         for at, call in enumerate(calls):
             outcome = outcomes.get(at)
             try:
                 if outcome is None:
-                    outcome = self.commit(
-                        call.request, projection_store=call.projection_store, project=call.project
+                    ready = prepared.get(at)
+                    outcome = (
+                        self._commit_job(ready, call)
+                        if ready is not None
+                        else self.commit(
+                            call.request,
+                            projection_store=call.projection_store,
+                            project=call.project,
+                        )
                     )
-                elif isinstance(outcome, Committed):
+                elif isinstance(outcome, Committed) and at in prepared:
                     project_elsewhere(outcome, call.projection_store, self._shared(call))
             except Exception as error:
                 outcome = error
