@@ -13,7 +13,8 @@ as JSON, streams the log as Server-Sent Events, and serves what an application a
 - ``GET /events?after=N``: the log after position N, then each event as it commits,
   as ``text/event-stream`` (``id`` is the position, ``event`` the event type, ``data``
   the recorded event as JSON); a reconnecting client's ``Last-Event-ID`` resumes after
-  the last event it got. Comment lines keep an idle stream open through proxies.
+  the last event it got. Comment lines keep an idle stream open through proxies; a
+  stream whose tail fails ends with an ``error`` event saying why.
 - ``GET /health``: 200 with the log's last position, once the handler is open.
 
 Starlette rather than FastAPI: incident's commands are msgspec Structs that check
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,8 +62,10 @@ __all__ = [
 
 KEEP_ALIVE = 15.0  # seconds of silence after which an event stream sends a comment
 QUEUED = 1024  # events an event stream reads ahead of a slow client
+RECONNECT_MS = 1000  # what a stream that ends asks its client to wait before reconnecting
 
 _encoder = msgspec.json.Encoder()
+log = logging.getLogger("incident.web")
 COMMANDS = "/commands/"
 ALLOW: tuple[tuple[bytes, bytes], ...] = ((b"allow", b"POST"),)
 
@@ -264,6 +268,8 @@ async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[
                 await queue.put(recorded)
         except Exception as error:  # the stream ends; the client reconnects and resumes
             await queue.put(error)
+        else:
+            await queue.put(_ENDED)
 
     feeding = asyncio.create_task(pump())
     try:
@@ -274,7 +280,8 @@ async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
-            if isinstance(recorded, Exception):
+            if recorded is _ENDED or isinstance(recorded, Exception):
+                yield _closing_frame(recorded)
                 return
             yield (
                 b"id: %d\nevent: %s\ndata: %s\n\n"
@@ -284,3 +291,18 @@ async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[
         feeding.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeding
+
+
+_ENDED = object()  # the tail finished (its store closed), as opposed to failed
+
+
+def _closing_frame(why: object) -> bytes:
+    """The last frame of a stream whose tail stopped: an ``error`` event saying why, so
+    a client is not left guessing between a quiet log and a dead stream. Its reconnect
+    (``Last-Event-ID``: the last ``id`` it got) resumes where it was."""
+    if isinstance(why, Exception):
+        log.warning("incident: an event stream's tail failed; the stream ends", exc_info=why)
+        body = {"error": type(why).__name__, "message": str(why)}
+    else:
+        body = {"error": "StreamClosed", "message": "the event store was closed"}
+    return b"retry: %d\nevent: error\ndata: %s\n\n" % (RECONNECT_MS, _encoder.encode(body))

@@ -317,3 +317,43 @@ def test_serve_without_the_web_extra_names_it(tmp_path: Any) -> None:
     )
     assert done.returncode != 0
     assert "pip install 'incident[web]'" in done.stderr
+
+
+def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
+    """A stream whose tail stops does not go quiet as if the log were idle: it ends
+    with an ``error`` event naming the failure (and logs it), and the client's reconnect
+    from the last id it got resumes there."""
+    from incident.examples.bank import web
+
+    app = web.app("memory://")
+
+    async def scenario() -> list[list[dict[str, str]]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+                for name in ("F1", "F2"):
+                    opened = await client.post("/commands/OpenAccount", json={"aggregate_id": name})
+                    assert opened.status_code == 200
+                store = app.state.handler.event_store
+                real_subscribe = store.subscribe
+
+                async def failing(after: int = 0, **options: Any) -> Any:
+                    async for recorded in real_subscribe(after=after, **options):
+                        yield recorded
+                        raise incident.StoreError("the server went away")
+
+                store.subscribe = failing
+                first = await client.get("/events", params={"after": 0})
+                again = await client.get("/events", headers={"Last-Event-ID": "1"})
+                return [frames(iter(r.text.splitlines()), 2) for r in (first, again)]
+
+    with caplog.at_level("WARNING", logger="incident.web"):
+        first, again = asyncio.run(scenario())
+    for got, position in ((first, "1"), (again, "2")):
+        assert got[0]["id"] == position and got[0]["event"] == "AccountOpened"
+        assert got[1]["event"] == "error" and got[1]["retry"] == "1000"
+        assert json.loads(got[1]["data"]) == {
+            "error": "StoreError",
+            "message": "the server went away",
+        }
+    assert "tail failed" in caplog.text
