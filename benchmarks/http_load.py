@@ -64,12 +64,13 @@ async def run_direct(url: str, count: int) -> float:
         return count / (time.perf_counter() - start)
 
 
-def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    serve = ["serve", "--store", url, "--port", str(port), "--workers", str(workers)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "incident", "serve", "--store", url, "--port", str(port)],
+        [sys.executable, "-m", "incident", *serve],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -117,8 +118,8 @@ async def post_all(base: str, count: int) -> tuple[float, set[str]]:
     return count / (time.perf_counter() - start), acknowledged
 
 
-def run_http(url: str, count: int) -> float:
-    server, base = start_server(url)
+def run_http(url: str, count: int, workers: int) -> float:
+    server, base = start_server(url, workers)
     try:
         rate, acknowledged = asyncio.run(post_all(base, count))
     finally:
@@ -145,6 +146,12 @@ def main() -> None:
     parser.add_argument("--only", choices=["sqlite", "postgres"], default=None)
     parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--server-workers",
+        type=lambda text: [int(w) for w in text.split(",")],
+        default=[1, 2],
+        help="server process counts to measure (incident serve --workers), e.g. 1,2",
+    )
     common.add_dir(parser, "where the SQLite files go (default: a temporary folder)")
     common.add_postgres_url(parser, "--postgres-url", "the Postgres server")
     options = parser.parse_args()
@@ -152,22 +159,24 @@ def main() -> None:
     folder = Path(options.dir or tempfile.mkdtemp(prefix="http_load_"))
     print(f"{os.cpu_count()} CPUs, {CLIENTS} clients, {options.commands} commands per run")
     for backend in backends:
-        direct, http = [], []
+        direct: list[float] = []
+        http: dict[int, list[float]] = {w: [] for w in options.server_workers}
         for round_number in range(options.rounds):
             direct.append(
                 asyncio.run(
                     run_direct(fresh_url(backend, folder, options.postgres_url), options.commands)
                 )
             )
-            http.append(
-                run_http(fresh_url(backend, folder, options.postgres_url), options.commands)
-            )
-            print(f"  {backend} round {round_number + 1}: ", end="")
-            print(f"direct {direct[-1]:,.0f}/s, http {http[-1]:,.0f}/s")
-        d, h = statistics.median(direct), statistics.median(http)
-        print(f"{backend}: direct {d:,.0f} cmd/s, http {h:,.0f} cmd/s, ", end="")
-        print(f"http/direct {h / d:.2f} (goal >= 0.7)")
-
+            for workers, rates in http.items():
+                url = fresh_url(backend, folder, options.postgres_url)
+                rates.append(run_http(url, options.commands, workers))
+            print(f"  {backend} round {round_number + 1}: direct {direct[-1]:,.0f}/s, ", end="")
+            print(", ".join(f"http x{w} {r[-1]:,.0f}/s" for w, r in http.items()))
+        d = statistics.median(direct)
+        for workers, rates in http.items():
+            h = statistics.median(rates)
+            print(f"{backend}: direct {d:,.0f} cmd/s, http ({workers} server processes) ", end="")
+            print(f"{h:,.0f} cmd/s, http/direct {h / d:.2f} (goal >= 0.7)")
 
 if __name__ == "__main__":
     main()

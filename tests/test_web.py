@@ -252,8 +252,14 @@ async def load(base: str) -> list[tuple[str, dict[str, Any], str | None, int, An
 
 
 @pytest.mark.slow
-def test_a_concurrent_load_loses_nothing_and_duplicates_nothing(initialized_url: str) -> None:
-    server = Server(initialized_url)
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-processes"])
+def test_a_concurrent_load_loses_nothing_and_duplicates_nothing(
+    initialized_url: str, workers: int
+) -> None:
+    """With two server processes (``--workers 2``) each has its own handler and cache on
+    the same store: a command decided on a stale state conflicts and is decided again,
+    and the two sends of a key may reach different processes, yet one is stored."""
+    server = Server(initialized_url, "--workers", str(workers))
     try:
         try:
             results = asyncio.run(load(server.base))
@@ -303,6 +309,17 @@ def test_a_concurrent_load_loses_nothing_and_duplicates_nothing(initialized_url:
     assert all(b["balance"] >= 0 for b in balances.values())
     keyed_deposits = [r for r in log if r.event_type == "MoneyDeposited" and r.data.amount == 1]
     assert len(keyed_deposits) == len(counted)
+
+
+def test_serve_refuses_workers_on_a_store_of_one_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "incident", "serve", "--store", "memory://", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "needs a store the processes share" in done.stderr
 
 
 def test_serve_without_the_web_extra_names_it(tmp_path: Any) -> None:

@@ -29,7 +29,7 @@ from ..messages import Recorded
 from ..stores import EventStore, checkpoint_store_for
 from ..subscriptions import last_position
 from .subscriptions import COMMANDS as SUBSCRIPTION_COMMANDS
-from .support import console, opened_store, reported, require_store
+from .support import console, in_one_process, opened_store, reported, require_store
 
 __all__ = [
     "DEFAULT_DEMO_STORE",
@@ -232,21 +232,50 @@ def demo(url: str) -> None:
     show_default=True,
     help="Log a line per request (the log itself records every command that landed).",
 )
-def serve(url: str, host: str, port: int, retries: int | None, access_log: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (each with its own handler on the same store).",
+)
+def serve(
+    url: str, host: str, port: int, retries: int | None, access_log: bool, workers: int
+) -> None:
     """Serve the Bank over HTTP (POST /commands/{CommandType}, GET /accounts/{id},
     GET /events as Server-Sent Events) with uvicorn; needs `pip install 'incident[web]'`."""
     try:
         import uvicorn
 
-        from ..examples.bank.web import app
+        from ..examples.bank import web
     except ImportError as error:
         raise click.ClickException(
             f"incident serve needs the web extra: pip install 'incident[web]' ({error})"
         ) from error
-    options = {} if retries is None else {"retries": retries}
+    served: Any
+    if workers == 1:
+        served = web.app(url, **({} if retries is None else {"retries": retries}))
+    else:
+        if in_one_process(url):
+            raise click.ClickException(
+                f"--workers {workers} needs a store the processes share (a file or a "
+                f"server), not {url!r}, which lives in one process"
+            )
+        with opened_store(url):  # its tables made once, before the workers race to it
+            pass
+        # uvicorn starts each worker process from an import string, not from an object
+        os.environ[web.STORE_VARIABLE] = url
+        os.environ[web.RETRIES_VARIABLE] = "" if retries is None else str(retries)
+        served = f"{web.__name__}:{web.app_from_environment.__name__}"
     with reported():
         uvicorn.run(
-            app(url, **options), host=host, port=port, log_level="info", access_log=access_log
+            served,
+            factory=workers > 1,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=access_log,
         )
 
 

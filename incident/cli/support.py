@@ -17,7 +17,7 @@ from .. import errors
 from ..stores import EventStore, open_event_store
 from ..stores.sqlite import MEMORY, sqlite_path
 
-__all__ = ["console", "opened_store", "reported", "require_store"]
+__all__ = ["console", "in_one_process", "opened_store", "reported", "require_store"]
 
 
 def console() -> Console:
@@ -60,6 +60,15 @@ def opened_store(
 
 def _is_postgres(url: str) -> bool:
     return url.split("://", 1)[0].split("+", 1)[0].lower() in {"postgres", "postgresql"}
+
+
+def in_one_process(url: str) -> bool:
+    """Whether the store at URL lives in this process only (memory, in-memory SQLite)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        with reported():
+            return sqlite_path(url.split("?", 1)[0]) == MEMORY
+    return scheme == "memory"
 
 
 def require_store(url: str, *needed: str) -> set[str] | None:

@@ -12,6 +12,7 @@ docs/async.md; the generic part is :mod:`incident.web`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,9 +26,12 @@ from . import build_async
 from .account import bank_account
 from .projections import BankAccount, Transfer
 
-__all__ = ["app"]
+__all__ = ["STORE_VARIABLE", "app", "app_from_environment"]
 
 DEFAULT_STORE = "sqlite:///incident-demo.db"
+#: where ``incident serve --workers N`` tells its server processes the store (and retries)
+STORE_VARIABLE = "INCIDENT_SERVE_STORE"
+RETRIES_VARIABLE = "INCIDENT_SERVE_RETRIES"
 
 
 def app(store: str = DEFAULT_STORE, **options: Any) -> Starlette:
@@ -40,6 +44,15 @@ def app(store: str = DEFAULT_STORE, **options: Any) -> Starlette:
             Route("/transfers/{transfer_id}", transfer, methods=["GET"]),
         ],
     )
+
+
+def app_from_environment() -> Starlette:
+    """The app each server process of ``incident serve --workers N`` builds (uvicorn
+    starts workers from an import string): the store and retries come from
+    ``INCIDENT_SERVE_STORE`` and ``INCIDENT_SERVE_RETRIES``."""
+    retries = os.environ.get(RETRIES_VARIABLE)
+    options = {} if not retries else {"retries": int(retries)}
+    return app(os.environ.get(STORE_VARIABLE, DEFAULT_STORE), **options)
 
 
 async def account(request: Request) -> Response:
