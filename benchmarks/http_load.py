@@ -9,7 +9,9 @@ DepositMoney commands over 64 accounts. ``http``: a server process (`incident se
 uvicorn, one worker, no access log) on a fresh store, and 64 concurrent keep-alive
 clients in this process (plain HTTP/1.1 on asyncio streams) posting the same commands
 over loopback; the client's CPU is on the same 2 cores as
-the server's, as in any load test on one machine. After each HTTP run the log is
+the server's, as in any load test on one machine. ``bare``: the same client against an
+ASGI app that does nothing (bare_asgi.py), the cost of HTTP alone here, which bounds
+http/direct at bare / (bare + direct). After each HTTP run the log is
 checked: every acknowledged event in it once, positions without a gap. The figure is
 http throughput over direct throughput (goal: at least 0.7). Every measurement takes
 its turn in every round, on a fresh database; medians over rounds are reported. Run by
@@ -64,13 +66,25 @@ async def run_direct(url: str, count: int) -> float:
         return count / (time.perf_counter() - start)
 
 
-def start_server(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(url: str | None, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """`incident serve` on ``url``, or with None the bare ASGI app (bare_asgi.py)."""
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serve = ["serve", "--store", url, "--port", str(port), "--workers", str(workers)]
+    if url is None:
+        bare = [
+            "--app-dir",
+            str(Path(__file__).parent),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        command = ["uvicorn", "bare_asgi:app", "--port", str(port), *bare]
+    else:
+        command = ["incident", "serve", "--store", url, "--port", str(port)]
+        command += ["--workers", str(workers)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "incident", *serve],
+        [sys.executable, "-m", *command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -134,6 +148,17 @@ def run_http(url: str, count: int, workers: int) -> float:
     return rate
 
 
+def run_bare(count: int) -> float:
+    """The same client against bare_asgi.py: what HTTP alone allows here."""
+    server, base = start_server(None, 1)
+    try:
+        rate, _ = asyncio.run(post_all(base, count))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+    return rate
+
+
 def fresh_url(backend: str, folder: Path, postgres_url: str) -> str:
     name = f"http_{uuid.uuid4().hex[:10]}"
     if backend == "sqlite":
@@ -160,6 +185,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {CLIENTS} clients, {options.commands} commands per run")
     for backend in backends:
         direct: list[float] = []
+        bare: list[float] = []
         http: dict[int, list[float]] = {w: [] for w in options.server_workers}
         for round_number in range(options.rounds):
             direct.append(
@@ -170,13 +196,20 @@ def main() -> None:
             for workers, rates in http.items():
                 url = fresh_url(backend, folder, options.postgres_url)
                 rates.append(run_http(url, options.commands, workers))
+            bare.append(run_bare(options.commands))
             print(f"  {backend} round {round_number + 1}: direct {direct[-1]:,.0f}/s, ", end="")
-            print(", ".join(f"http x{w} {r[-1]:,.0f}/s" for w, r in http.items()))
+            print(", ".join(f"http x{w} {r[-1]:,.0f}/s" for w, r in http.items()), end="")
+            print(f", bare HTTP {bare[-1]:,.0f}/s")
         d = statistics.median(direct)
+        b = statistics.median(bare)
+        # if a command cost nothing over HTTP beyond what the bare app's request costs,
+        # one would take 1/d + 1/b seconds: the best http/direct this machine allows
+        print(f"{backend}: bare HTTP {b:,.0f} req/s; so http/direct at best {b / (b + d):.2f}")
         for workers, rates in http.items():
             h = statistics.median(rates)
             print(f"{backend}: direct {d:,.0f} cmd/s, http ({workers} server processes) ", end="")
             print(f"{h:,.0f} cmd/s, http/direct {h / d:.2f} (goal >= 0.7)")
+
 
 if __name__ == "__main__":
     main()
