@@ -21,9 +21,11 @@ themselves (their key's earlier outcome is read under the lock).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NamedTuple
 
 from ...errors import CommitUnknown, StoreError
+from ...messages import Projection
 from .._common import check_expected_version, effects_of, owed_row, stamp
 from ..protocols import Committed
 from .append_job import AppendJob, Written
@@ -31,15 +33,33 @@ from .database import Database
 from .durability import ASYNC_COMMIT, WAL_POSITIONS
 from .prediction import Predictor
 from .projections import PostgresProjectionStore
-from .session import Connection, may_hide_a_commit, one_sync_transaction
+from .session import Connection, Query, may_hide_a_commit, one_sync_transaction
 from .sql import EventStatements, event_row
 
-__all__ = ["BatchAppends"]
+__all__ = ["BatchAppends", "Plan", "Step", "Tables"]
 
 #: a batch's outcome per append (by its place in the caller's list); an append missing
 #: from it was not written and goes again by itself
 Outcomes = dict[int, Committed | Exception]
 LookUp = Callable[[AppendJob, str, StoreError], Written | None]
+
+
+class Step(NamedTuple):
+    """A statement of a batch's plan; with ``rows`` the plan waits for its rows."""
+
+    query: Query
+    params: Sequence[Any] = ()
+    rows: bool = False
+
+
+class Tables(NamedTuple):
+    """The plan is about to upsert into these types' tables; the answer is the types
+    whose tables the driver created in the transaction (to remember once committed)."""
+
+    types: list[type[Projection]]
+
+
+Plan = Generator[Step | Tables, Any, list[tuple[int, AppendJob]]]
 
 
 class BatchAppends:
@@ -67,13 +87,17 @@ class BatchAppends:
             with self._db.in_flight.one(), self._db.connection(doing) as conn:
                 used.append(conn)
                 with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
-                    conn.execute(ASYNC_COMMIT)
-                    written = self._write(conn, jobs, outcomes)
+                    written = self._run(conn, self.plan(jobs, outcomes))
                 self._db.durability.after(afterwards.row, conn)
         except StoreError as error:
             if not (used and may_hide_a_commit(used[0], error.__cause__)):
                 return outcomes  # the server said no: nothing was written, one by one
-            return self._resolve_lost(written, outcomes, doing, error)
+            return self.resolve_lost(written, outcomes, doing, error)
+        return self.settle(written, outcomes)
+
+    def settle(self, written: list[tuple[int, AppendJob]], outcomes: Outcomes) -> Outcomes:
+        """Once the batch's transaction committed and is flushed: each written append's
+        Committed (and its new projection tables remembered)."""
         self.transactions += 1
         for at, job in written:
             recorded, effects, fresh = job.sent[-1]
@@ -83,16 +107,33 @@ class BatchAppends:
             self._predictor.committed(written[-1][1].sent[-1][0][-1].position)
         return outcomes
 
-    def _write(
-        self, conn: Connection, jobs: list[tuple[int, AppendJob]], outcomes: Outcomes
-    ) -> list[tuple[int, AppendJob]]:
-        """Under the lock: the heads, then each append checked and its rows queued."""
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
+    def _run(self, conn: Connection, plan: Plan) -> list[tuple[int, AppendJob]]:
+        """The plan's statements on a sync connection (in the caller's pipeline)."""
+        reply: Any = None
+        while True:
+            try:
+                step = plan.send(reply)
+            except StopIteration as done:
+                written: list[tuple[int, AppendJob]] = done.value
+                return written
+            if isinstance(step, Tables):
+                reply = self._projections.prepare(conn, step.types)
+            elif step.rows:
+                reply = conn.execute(step.query, step.params).fetchall()
+            else:
+                conn.execute(step.query, step.params)
+                reply = None
+
+    def plan(self, jobs: list[tuple[int, AppendJob]], outcomes: Outcomes) -> Plan:
+        """The batch's statements, inside its transaction, for a driver to run (the sync
+        one above, the async store's): the lock, the heads, then each append checked and
+        its rows sent. An append's own failure goes into ``outcomes`` and sends nothing.
+        Returns the appends written, each with what it wrote in ``sent``."""
+        yield Step(ASYNC_COMMIT)
+        yield Step("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
         streams = list(dict.fromkeys(job.request.aggregate_id for _, job in jobs))
-        last_row = conn.execute(self._sql.last_position)
-        versions_rows = conn.execute(self._sql.versions_of, [streams])
-        last_position: int = last_row.fetchone()[0]  # type: ignore[index]
-        versions: dict[str, int] = dict(versions_rows.fetchall())
+        last_position: int = (yield Step(self._sql.last_position, rows=True))[0][0]
+        versions: dict[str, int] = dict((yield Step(self._sql.versions_of, [streams], True)))
         self._predictor.observed(last_position)
         written = []
         for at, job in jobs:
@@ -115,23 +156,23 @@ class BatchAppends:
                 outcomes[at] = error
                 continue
             for record, payload in zip(recorded, job.payloads, strict=True):
-                conn.execute(self._sql.insert, event_row(record, payload, job.metadata_text))
+                yield Step(self._sql.insert, event_row(record, payload, job.metadata_text))
             for row in owed:
-                conn.execute(self._sql.owe, row)
-            fresh = []
+                yield Step(self._sql.owe, row)
+            fresh: list[type[Projection]] = []
             if job.shared:
-                fresh = self._projections.prepare(conn, map(type, effects.projections))
+                fresh = yield Tables(list(map(type, effects.projections)))
                 for upsert, payload_text in upserts:
-                    conn.execute(upsert, [payload_text])
+                    yield Step(upsert, [payload_text])
             job.sent.append((recorded, effects, fresh))
             versions[request.aggregate_id] = recorded[-1].version
             last_position = recorded[-1].position
             written.append((at, job))
         if written:  # delivered when (and only if) this transaction commits
-            conn.execute("SELECT pg_notify(%s, %s)", [self._channel, str(last_position)])
+            yield Step("SELECT pg_notify(%s, %s)", [self._channel, str(last_position)])
         return written
 
-    def _resolve_lost(
+    def resolve_lost(
         self,
         written: list[tuple[int, AppendJob]],
         outcomes: Outcomes,
