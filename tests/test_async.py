@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import DURABLE_BACKENDS, on_backends
+from conftest import on_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -262,11 +262,12 @@ def test_tasks_that_collide_take_turns() -> None:
     asyncio.run(main())
 
 
-@on_backends(DURABLE_BACKENDS)
+@on_backends(["sqlite"])
 def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> None:
-    """On SQLite and Postgres the commit runs on a worker thread: while it is in
-    flight, other tasks of the loop run. Here the commit waits for a task to let it go;
-    a commit on the loop's own thread would wait forever (and fail after 10 s)."""
+    """On SQLite the commit runs on a worker thread: while it is in flight, other tasks
+    of the loop run. Here the commit waits for a task to let it go; a commit on the
+    loop's own thread would wait forever (and fail after 10 s). (Postgres commits on the
+    loop's async connections: test_postgres_batch.py.)"""
 
     async def main() -> None:
         store = incident.open_async_event_store(store_url)

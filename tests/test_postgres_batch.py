@@ -17,6 +17,7 @@ import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited
 from incident.stores.postgres import PostgresEventStore
+from incident.stores.postgres.asynchronous import AsyncPostgresEventStore
 from incident.stores.protocols import AppendRequest, CommitCall, Committed
 
 pytestmark = pytest.mark.postgres
@@ -30,6 +31,51 @@ def store(postgres_url: str) -> Iterator[PostgresEventStore]:
     opened.append("setup", [MoneyDeposited(amount=1)], expected_version=0)
     yield opened
     opened.close()
+
+
+class CommitMany:
+    """The batch as the sync store writes it (``commit_many``, as on a worker thread),
+    or as the async store does, on an async connection (postgres/async_batch.py), whose
+    ``appends`` then count what went in its transactions and what it left to the workers."""
+
+    def __init__(self, store: PostgresEventStore, asynchronous: bool) -> None:
+        self.store = store
+        self.loop = asyncio.new_event_loop() if asynchronous else None
+        self.appends = None
+        if asynchronous:
+            self.async_store = AsyncPostgresEventStore(store, workers=2)
+            self.appends = self.async_store.appends
+            store.projections().ensure_table(BankAccount)  # else the batch goes to the workers
+
+    def __call__(self, calls: list[CommitCall]) -> list[Committed | Exception]:
+        if self.loop is None or self.appends is None:
+            return self.store.commit_many(calls)
+        return self.loop.run_until_complete(self.appends.commit_many(calls))
+
+    def counted(self) -> tuple[int, int] | None:
+        """(transactions, appends handed to the workers) of the async driver."""
+        return (
+            None
+            if self.appends is None
+            else (
+                self.appends.transactions,
+                self.appends.handed_over,
+            )
+        )
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.run_until_complete(self.async_store.close())
+            self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def commit_many(request: pytest.FixtureRequest, store: PostgresEventStore) -> Iterator[CommitMany]:
+    driver = CommitMany(store, request.param == "async")
+    try:
+        yield driver
+    finally:
+        driver.close()
 
 
 def deposit(aggregate_id: str, expected: object = 0, key: str | None = None) -> AppendRequest:
@@ -61,7 +107,7 @@ def log(store: PostgresEventStore) -> list[tuple[int, str]]:
 
 
 def test_a_batch_is_one_transaction_and_each_append_has_its_own_outcome(
-    store: PostgresEventStore, postgres_admin: Admin
+    store: PostgresEventStore, postgres_admin: Admin, commit_many: CommitMany
 ) -> None:
     """A stale append, one whose project raises, one refused before the database (a NUL
     in its id) and one that moves a stream twice in the batch each get their own
@@ -73,7 +119,7 @@ def test_a_batch_is_one_transaction_and_each_append_has_its_own_outcome(
     def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         raise ValueError("a bug in an inline handler")
 
-    outcomes = store.commit_many(
+    outcomes = commit_many(
         [
             call(store, deposit("first")),
             call(store, deposit("setup", expected=0)),  # setup is at version 1
@@ -86,6 +132,7 @@ def test_a_batch_is_one_transaction_and_each_append_has_its_own_outcome(
         ]
     )
     first, stale, raises, bad, twice, twice_again, keyed, last = outcomes
+    assert commit_many.counted() in (None, (1, 1))  # async: one transaction, the key aside
     assert isinstance(stale, incident.ConcurrencyError)
     assert isinstance(raises, ValueError)
     assert isinstance(bad, incident.Unstorable)
@@ -116,7 +163,7 @@ def test_a_batch_is_one_transaction_and_each_append_has_its_own_outcome(
 
 
 def test_a_row_the_server_refuses_sends_each_append_again_by_itself(
-    store: PostgresEventStore, postgres_admin: Admin
+    store: PostgresEventStore, postgres_admin: Admin, commit_many: CommitMany
 ) -> None:
     """The server refusing one append's row aborts the whole transaction: nothing of the
     batch is written, and each append goes again alone, so only that one fails."""
@@ -130,17 +177,18 @@ def test_a_row_the_server_refuses_sends_each_append_again_by_itself(
         f'CREATE TRIGGER refuse BEFORE INSERT ON "{schema}".events'
         f' FOR EACH ROW EXECUTE FUNCTION "{schema}".refuse()'
     )
-    outcomes = store.commit_many(
+    outcomes = commit_many(
         [call(store, deposit("a")), call(store, deposit("poison")), call(store, deposit("b"))]
     )
     assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
     assert isinstance(outcomes[1], incident.StoreError) and "poisoned" in str(outcomes[1])
+    assert commit_many.counted() in (None, (0, 3))  # async: refused, all to the workers
     assert [s for _, s in log(store)] == ["setup", "a", "a", "b", "b"]
     assert store.get("poison") == []
 
 
 def test_a_connection_lost_in_a_batch_writes_each_append_once(
-    store: PostgresEventStore, postgres_admin: Admin
+    store: PostgresEventStore, postgres_admin: Admin, commit_many: CommitMany
 ) -> None:
     """The batch's session is killed while the transaction is open (from inside an
     append's project): nothing of it committed, so the store finds none of its events
@@ -160,7 +208,7 @@ def test_a_connection_lost_in_a_batch_writes_each_append_once(
                 killed.append(pid)
         return account(recorded)
 
-    outcomes = store.commit_many(
+    outcomes = commit_many(
         [
             call(store, deposit("a")),
             call(store, deposit("b"), kill_the_batch),
@@ -169,6 +217,7 @@ def test_a_connection_lost_in_a_batch_writes_each_append_once(
     )
     assert killed
     assert all(isinstance(outcome, Committed) for outcome in outcomes), outcomes
+    assert commit_many.counted() in (None, (0, 3))  # async: lost, nothing written, again
     assert [s for _, s in log(store)] == ["setup", "a", "a", "b", "b", "c", "c"]
     ids = [r.event_id for r in store.read_all()]
     assert len(set(ids)) == len(ids)
@@ -184,15 +233,61 @@ def test_sixty_four_tasks_share_transactions(postgres_url: str) -> None:
             assert isinstance(sync, PostgresEventStore)
             names = [f"T{n}" for n in range(64)]
             await asyncio.gather(*(app.dispatch(bank.OpenAccount(aggregate_id=n)) for n in names))
-            batches = sync._batches.transactions
+            batches = sync.batch_appends.transactions
             await asyncio.gather(
                 *(app.dispatch(bank.DepositMoney(aggregate_id=n, amount=3)) for n in names)
             )
-            assert sync._batches.transactions > batches
+            assert sync.batch_appends.transactions > batches
             log = [r async for r in app.event_store.read_all()]
             assert [r.position for r in log] == list(range(1, 129))
             for name in names:
                 row = await app.projection_store.get(BankAccount, name)
                 assert row is not None and row.balance == 3
+
+    asyncio.run(main())
+
+
+def test_async_commits_run_on_the_loop_on_async_connections(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """The async store's appends go to Postgres from the loop, on its async connections:
+    no worker thread writes them (the sync store's commit verbs fail here), and while
+    one waits for the schema's append lock (held by another session), the loop's other
+    tasks run. Concurrent dispatches share transactions."""
+
+    async def main() -> None:
+        async with bank.build_async(postgres_url) as app:
+            store = app.event_store
+            assert isinstance(store, AsyncPostgresEventStore)
+            await app.dispatch(bank.OpenAccount(aggregate_id="A"))  # makes the tables
+            handed_over = store.appends.handed_over  # that one: its projection's table
+
+            def on_a_worker(*args: Any, **kwargs: Any) -> Any:
+                raise AssertionError("a worker thread wrote an append")
+
+            store.sync.commit = on_a_worker  # type: ignore[method-assign]
+            store.sync.commit_many = on_a_worker  # type: ignore[method-assign]
+            lock = store.postgres.database.append_lock
+            postgres_admin.execute("SELECT pg_advisory_lock(%s)", [lock])
+            try:
+                waiting = asyncio.ensure_future(
+                    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))
+                )
+                ticks = 0
+                for _ in range(20):  # the loop runs while the commit waits for the lock
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+                assert ticks == 20 and not waiting.done()
+            finally:
+                postgres_admin.execute("SELECT pg_advisory_unlock(%s)", [lock])
+            recorded = await waiting
+            assert [r.version for r in recorded] == [2]
+            before = store.appends.transactions
+            names = [f"C{n}" for n in range(32)]
+            await asyncio.gather(*(app.dispatch(bank.OpenAccount(aggregate_id=n)) for n in names))
+            assert 0 < store.appends.transactions - before < len(names)
+            assert store.appends.handed_over == handed_over
+            row = await app.projection_store.get(BankAccount, "A")
+            assert row is not None and row.balance == 5
 
     asyncio.run(main())

@@ -305,5 +305,13 @@ def test_a_server_ending_every_connection_is_not_blamed_on_the_pool_size(
     assert not [m for m in said if "pool_size" in m], said
     ending = ("kept ending them", "terminat", "closed", "connection was lost")
     assert all(any(word in m for word in ending) for m in said), said
-    assert store.version("a") == 0
+    # a termination sent just before the killer stopped may land on a pooled session
+    # still: that one call says the connection was lost, the next ones work again
+    kill_backends(postgres_admin, name, wait=2)
+    for attempt in range(3):
+        try:
+            assert store.version("a") == 0
+            break
+        except incident.StoreError as error:
+            assert "connection was lost" in str(error) and attempt < 2, error
     store.close()

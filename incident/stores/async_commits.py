@@ -7,7 +7,9 @@ batch is being written wait on the loop; when the batch is over, everything that
 gathered goes to one worker as the next batch (``EventStore.commit_many``: one
 transaction and one fsync when it fits the group commit's bounds), and each task is
 woken with its own outcome. So one thread hop each way per batch, the shape of the
-group commit itself: while a batch waits for its fsync, the next one gathers.
+group commit itself: while a batch waits for its fsync, the next one gathers. The
+async Postgres store writes its batches on the loop itself, on async connections
+(:mod:`incident.stores.postgres.async_batch`): no thread hop at all.
 
 Each command stays its own: its version check, its all-or-nothing write and its
 error are its own (:mod:`incident.stores.sqlite.group_commit`), and a task is told
@@ -18,22 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
-from functools import partial
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
 
-from .protocols import CommitCall, CommitsMany, Committed
+from .protocols import CommitCall, Committed
 
-__all__ = ["CommitBatches", "MAX_BATCH"]
+__all__ = ["MAX_BATCH", "CommitBatches", "CommitMany"]
 
 #: commits handed over at a time (the group commit's own bound on one batch)
 MAX_BATCH = 64
 
 
-class _Runs(Protocol):
-    async def run(
-        self, work: Callable[[], list[Committed | Exception]]
-    ) -> list[Committed | Exception]: ...
+#: writes one batch: each call's outcome, in order
+CommitMany = Callable[[Sequence[CommitCall]], Awaitable[list[Committed | Exception]]]
 
 
 class _Lane:
@@ -47,12 +45,11 @@ class _Lane:
 
 
 class CommitBatches:
-    """Batches the commits of an event loop's tasks for ``store.commit_many`` (see the
-    module), run on ``workers``."""
+    """Batches the commits of an event loop's tasks for ``commit_many`` (see the
+    module): a store's, run on a worker, or an async store's own."""
 
-    def __init__(self, store: CommitsMany, workers: _Runs, max_batch: int = MAX_BATCH) -> None:
-        self.store = store
-        self._workers = workers
+    def __init__(self, commit_many: CommitMany, max_batch: int = MAX_BATCH) -> None:
+        self._commit_many = commit_many
         self.max_batch = max_batch
         # a store may serve several loops in turn (asyncio.run twice): one lane each
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = (
@@ -93,7 +90,7 @@ class CommitBatches:
                     continue
                 calls = [call for call, _ in batch]
                 try:
-                    outcomes = await self._workers.run(partial(self.store.commit_many, calls))
+                    outcomes = await self._commit_many(calls)
                 except Exception as error:  # the store failed as a whole
                     for _, done in batch:
                         if not done.done():

@@ -100,14 +100,19 @@ class AsyncEventStore:
         self.page_size = page_size
         # a store that shares commits gets the loop's concurrent commits a batch at a
         # time, on one worker (see incident.stores.async_commits)
-        self.batches = (
-            CommitBatches(store, self.workers)
-            if workers and isinstance(store, CommitsMany) and store.shares_commits
-            else None
-        )
+        self.batches: CommitBatches | None = None
+        if workers and isinstance(store, CommitsMany) and store.shares_commits:
+            self.batches = CommitBatches(self._commit_many_on_workers)
 
     def __repr__(self) -> str:
         return f"AsyncEventStore({self.sync!r}, workers={self.workers.count})"
+
+    async def _commit_many_on_workers(
+        self, calls: Sequence[CommitCall]
+    ) -> list[Committed | Exception]:
+        sync: Any = self.sync  # a CommitsMany: checked when the batches were made
+        outcomes: list[Committed | Exception] = await self.run(partial(sync.commit_many, calls))
+        return outcomes
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run blocking work on the store (a function of no arguments) off the loop."""

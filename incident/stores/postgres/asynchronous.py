@@ -1,5 +1,5 @@
-"""The async Postgres event store: its reads on psycopg's async connections
-(``psycopg_pool.AsyncConnectionPool``), its writes on the sync store's workers.
+"""The async Postgres event store: its reads and its appends on psycopg's async
+connections (``psycopg_pool.AsyncConnectionPool``).
 
 Reads (``get``, ``stream``, ``events``, ``read_all``, ``version``, ``last_position``,
 ``owed``; the projection store's ``get`` and ``all``) run the sync store's own
@@ -12,10 +12,12 @@ one small synchronous commit (``durability.FLUSH``) is run on the async connecti
 one task at a time; the position known flushed is the sync store's own
 (``Durability``), so a flush by either side covers both.
 
-Writes (``commit`` and the idempotency and owed-work verbs) are the sync store's, on
-worker threads: the append path (numbering by the database, predictions, the shared
-flush before acknowledging, the lookup after a lost connection) is one body of code, and
-it is acknowledged only once durable whichever handler calls it.
+Appends (``commit``) go in batches, the commits the loop's tasks make at once in one
+transaction on an async connection, with the sync store's batch plan and SQL
+(:mod:`.async_batch`); the rarer ones (under an idempotency key, a projection table not
+yet made, a batch the server refused or lost) and the idempotency and owed-work verbs
+run the sync store's code on worker threads. Either way an append is acknowledged only
+once the WAL flush covers it.
 """
 
 from __future__ import annotations
@@ -32,19 +34,19 @@ from psycopg_pool import AsyncConnectionPool
 from ...messages import Projection, Recorded
 from ...storable import keepable_id
 from .._common import check_versions, owed_from_row
+from ..async_commits import CommitBatches
 from ..asynchronous import AsyncEventStore, AsyncProjectionStore, Workers
 from ..protocols import Owed
+from .async_batch import AsyncBatchAppends
 from .database import session_options
 from .durability import FLUSH, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
 from .projections import PostgresProjectionStore
-from .session import Query
+from .session import AsyncConnection, Query
 
 __all__ = ["AsyncPostgresEventStore", "AsyncPostgresProjectionStore"]
 
 P = TypeVar("P", bound=Projection)
-
-AsyncConnection = psycopg.AsyncConnection[Any]
 
 
 async def _configure(conn: AsyncConnection) -> None:
@@ -80,6 +82,9 @@ class AsyncPostgresEventStore(AsyncEventStore):
         self._opened = False
         self._ready = False
         self._flushing: asyncio.Lock | None = None  # made on the loop that first flushes
+        #: appends on the async connections, the loop's concurrent ones in one transaction
+        self.appends = AsyncBatchAppends(self)
+        self.batches = CommitBatches(self.appends.commit_many)
 
     def __repr__(self) -> str:
         return f"AsyncPostgresEventStore({self._db.describe()})"
@@ -93,13 +98,17 @@ class AsyncPostgresEventStore(AsyncEventStore):
 
     # -- the session ----------------------------------------------------------
 
-    @asynccontextmanager
-    async def _connection(self, doing: str) -> AsyncIterator[AsyncConnection]:
-        """A pooled async connection; driver failures become the StoreError the sync
-        store raises for them (``Database.failure``)."""
-        if not self._ready:  # tables created or migrated by the sync store's code
+    async def ready(self) -> None:
+        """The tables created or migrated (by the sync store's code, on a worker)."""
+        if not self._ready:
             await self.run(self._db.ready)
             self._ready = True
+
+    @asynccontextmanager
+    async def connection(self, doing: str) -> AsyncIterator[AsyncConnection]:
+        """A pooled async connection; driver failures become the StoreError the sync
+        store raises for them (``Database.failure``)."""
+        await self.ready()
         if not self._opened:
             self._opened = True
             await self._pool.open()
@@ -117,17 +126,17 @@ class AsyncPostgresEventStore(AsyncEventStore):
     async def _fetch(self, doing: str, query: Query, *params: Any) -> list[tuple[Any, ...]]:
         """The query's rows, once every commit it could see is flushed (the sync reads'
         ``durable_rows``, awaited)."""
-        async with self._connection(doing) as conn:
+        async with self.connection(doing) as conn:
             async with conn.pipeline():
                 rows = await conn.execute(query, params)
                 positions = await conn.execute(WAL_POSITIONS)
             found = await rows.fetchall()
             wal = await positions.fetchone()
             assert wal is not None
-            await self._flushed_past(lsn(wal[0]), lsn(wal[1]), conn)
+            await self.flushed_past(lsn(wal[0]), lsn(wal[1]), conn)
         return found
 
-    async def _flushed_past(self, inserted: int, flushed: int, conn: AsyncConnection) -> None:
+    async def flushed_past(self, inserted: int, flushed: int, conn: AsyncConnection) -> None:
         """Return once the WAL is flushed past ``inserted``: at once when the server (or
         anyone's flush) is there already, else after a flush of this loop's, one at a
         time; tasks that waited for it are covered when it reached past them."""

@@ -36,7 +36,7 @@ from .projections import PostgresProjectionStore
 from .session import Connection, Query, may_hide_a_commit, one_sync_transaction
 from .sql import EventStatements, event_row
 
-__all__ = ["BatchAppends", "Plan", "Step", "Tables"]
+__all__ = ["BatchAppends", "Plan", "Step", "Tables", "next_step"]
 
 #: a batch's outcome per append (by its place in the caller's list); an append missing
 #: from it was not written and goes again by itself
@@ -60,6 +60,14 @@ class Tables(NamedTuple):
 
 
 Plan = Generator[Step | Tables, Any, list[tuple[int, AppendJob]]]
+
+
+def next_step(plan: Plan, reply: Any) -> tuple[Step | Tables | None, list[tuple[int, AppendJob]]]:
+    """The plan's next step, given the last one's reply; at its end (None), what it wrote."""
+    try:
+        return plan.send(reply), []
+    except StopIteration as done:
+        return None, done.value
 
 
 class BatchAppends:
@@ -111,10 +119,8 @@ class BatchAppends:
         """The plan's statements on a sync connection (in the caller's pipeline)."""
         reply: Any = None
         while True:
-            try:
-                step = plan.send(reply)
-            except StopIteration as done:
-                written: list[tuple[int, AppendJob]] = done.value
+            step, written = next_step(plan, reply)
+            if step is None:
                 return written
             if isinstance(step, Tables):
                 reply = self._projections.prepare(conn, step.types)

@@ -10,7 +10,7 @@ appends (:mod:`.notify`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import psycopg
@@ -93,7 +93,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self._channel = f"incident_events:{db.schema}"
         self._numbered = NumberedAppends(db, self._sql, self._projections)
-        self._batches = BatchAppends(
+        self.batch_appends = BatchAppends(
             db,
             self._sql,
             self._projections,
@@ -116,7 +116,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         project: ProjectFn | None = None,
     ) -> Committed:
         call = CommitCall(request, projection_store, project)
-        job = self._job(call)
+        job = self.prepare(call)
         return job if isinstance(job, Committed) else self._commit_job(job, call)
 
     def _commit_job(self, job: AppendJob, call: CommitCall) -> Committed:
@@ -129,21 +129,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
     def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
         """Appends without an idempotency key go in one transaction (:mod:`.batch`), the
         others, and any the batch could not write, one by one; each its own outcome."""
-        outcomes: dict[int, Committed | Exception] = {}
-        prepared: dict[int, AppendJob] = {}  # checked and encoded once, however it goes
-        for at, call in enumerate(calls):
-            if call.request.idempotency_key is None:
-                try:
-                    job = self._job(call)
-                except Exception as error:  # refused before the database is touched
-                    outcomes[at] = error
-                    continue
-                if isinstance(job, AppendJob):
-                    prepared[at] = job
-                else:
-                    outcomes[at] = job
+        # checked and encoded once, however each goes
+        prepared, outcomes = self.prepare_many(calls, lambda c: c.request.idempotency_key is None)
         if len(prepared) > 1:
-            outcomes.update(self._batches.append(list(prepared.items())))
+            outcomes.update(self.batch_appends.append(list(prepared.items())))
         results: list[Committed | Exception] = []
         for at, call in enumerate(calls):
             outcome = outcomes.get(at)
@@ -170,7 +159,28 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         store = call.projection_store
         return store is not None and self.shares_database_with(store)
 
-    def _job(self, call: CommitCall) -> AppendJob | Committed:
+    def prepare_many(
+        self, calls: Sequence[CommitCall], takes: Callable[[CommitCall], bool]
+    ) -> tuple[dict[int, AppendJob], dict[int, Committed | Exception]]:
+        """The calls ``takes`` accepts, prepared, by their place in ``calls``; and the
+        outcomes of those already decided (refused, or no events to write)."""
+        prepared: dict[int, AppendJob] = {}
+        outcomes: dict[int, Committed | Exception] = {}
+        for at, call in enumerate(calls):
+            if not takes(call):
+                continue
+            try:
+                job = self.prepare(call)
+            except Exception as error:  # refused before the database is touched
+                outcomes[at] = error
+                continue
+            if isinstance(job, AppendJob):
+                prepared[at] = job
+            else:
+                outcomes[at] = job
+        return prepared, outcomes
+
+    def prepare(self, call: CommitCall) -> AppendJob | Committed:
         """The append checked and encoded (everything that can be refused is refused
         before the database is touched), or, with no events, its Committed."""
         request = call.request

@@ -24,10 +24,13 @@ log = logging.getLogger("incident.stores.postgres")
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 Connection = psycopg.Connection[tuple[Any, ...]]
+AsyncConnection = psycopg.AsyncConnection[Any]
 Query = str | sql.SQL | sql.Composed
 # how long a writer queues for a stream's turn before it goes on without one: a holder
 # that takes this long is stuck, and the expected version keeps the append correct anyway
 TURN_WAIT = "5s"
+# how an append's transaction starts (the pools' sessions are autocommit; see database.py)
+BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
 def lock_key(schema: str, purpose: str) -> int:
@@ -68,7 +71,7 @@ def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterat
     try:
         with conn.pipeline():
             try:
-                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")  # see database.py
+                conn.execute(BEGIN)
                 yield afterwards
                 conn.execute("COMMIT")
                 if then is not None:
@@ -149,7 +152,7 @@ def give_turn(conn: Connection, key: int) -> None:
         conn.close()
 
 
-def may_hide_a_commit(conn: Connection, error: BaseException | None) -> bool:
+def may_hide_a_commit(conn: psycopg.BaseConnection[Any], error: BaseException | None) -> bool:
     """Whether an append's failure leaves its COMMIT in doubt: the connection died, or
     the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
     while busy", the connection not yet marked broken), so the reply may be what was

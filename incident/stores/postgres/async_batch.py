@@ -1,0 +1,179 @@
+"""The async Postgres store's appends, on its async connections: the commits its tasks
+make at the same time (gathered by :class:`incident.stores.async_commits.CommitBatches`)
+go to Postgres as one transaction, the batch of :mod:`.batch`, whose plan of statements
+this module runs on a ``psycopg.AsyncConnection``, so a commit crosses no thread: the
+loop sends the statements and awaits the replies and the shared flush.
+
+The plan, its checks, its rows and its SQL are the sync store's (``BatchAppends.plan``);
+what this adds is the driver, and the choice of what goes to the workers instead, where
+the sync store's own path runs it:
+
+- an append under an idempotency key (its key's earlier outcome is read under the lock,
+  on the sync path), one with no events, and one whose projections go to another store;
+- a batch that needs a projection table this process has not seen yet (the sync path
+  creates it inside the append's transaction);
+- a batch the server refused (a row it cannot store): nothing of it was written, and
+  each append goes again by itself, so the one at fault fails alone;
+- a batch whose connection died: it is looked up by its events' ids (``resolve_lost``)
+  and what is not in the log goes again.
+
+An append is acknowledged only once the WAL flush covers its commit, as on the sync
+path: the COMMIT is asynchronous (the schema's lock is let go before the flush) and the
+flush is shared with every task and thread of the process (``Durability``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from ...errors import StoreError
+from ..protocols import CommitCall, Committed
+from .append_job import AppendJob
+from .batch import Outcomes, Plan, Tables, next_step
+from .durability import WAL_POSITIONS, lsn
+from .events import PostgresEventStore
+from .session import BEGIN, AsyncConnection, may_hide_a_commit
+
+__all__ = ["AsyncBatchAppends"]
+
+T = TypeVar("T")
+
+
+class AsyncSide(Protocol):
+    """What the batches need of the async store (:mod:`.asynchronous`)."""
+
+    postgres: PostgresEventStore
+
+    async def ready(self) -> None: ...
+
+    def connection(self, doing: str) -> AbstractAsyncContextManager[AsyncConnection]: ...
+
+    async def flushed_past(self, inserted: int, flushed: int, conn: AsyncConnection) -> None: ...
+
+    async def run(self, work: Callable[[], T]) -> T: ...
+
+
+class NeedsTables(Exception):
+    """A projection table this process has not seen: the batch goes to the sync path."""
+
+
+class AsyncBatchAppends:
+    """``commit_many`` for an :class:`~.asynchronous.AsyncPostgresEventStore`, on its
+    async connections (see the module)."""
+
+    def __init__(self, store: AsyncSide) -> None:
+        self._store = store
+        self._sync = store.postgres
+        self._batches = store.postgres.batch_appends
+        #: transactions this driver committed, and appends it left to the workers
+        self.transactions = 0
+        self.handed_over = 0
+
+    async def commit_many(self, calls: Sequence[CommitCall]) -> list[Committed | Exception]:
+        """Each call's outcome, in order: the ones it can take in one transaction on an
+        async connection, the rest on the workers (see the module)."""
+        await self._store.ready()
+        prepared, outcomes = self._sync.prepare_many(calls, self._takes)
+        if prepared:
+            await self._append(prepared, outcomes)
+        rest = [at for at in range(len(calls)) if at not in outcomes]
+        if rest:  # on the workers, by the sync store's own path
+            self.handed_over += len(rest)
+            done = await self._store.run(
+                partial(self._sync.commit_many, [calls[at] for at in rest])
+            )
+            outcomes.update(zip(rest, done, strict=True))
+        return [outcomes[at] for at in range(len(calls))]
+
+    def _takes(self, call: CommitCall) -> bool:
+        store = call.projection_store
+        return (
+            call.request.idempotency_key is None
+            and bool(call.request.events)
+            and (store is None or self._sync.shares_database_with(store))
+        )
+
+    async def _append(self, prepared: dict[int, AppendJob], outcomes: Outcomes) -> None:
+        """The prepared appends in one transaction; what it could not write is left out
+        of ``outcomes`` (it goes to the workers)."""
+        jobs = list(prepared.items())
+        doing = f"appending the events of {len(jobs)} command(s) in one transaction"
+        written: list[tuple[int, AppendJob]] = []
+        used: list[AsyncConnection] = []
+        try:
+            with self._sync.database.in_flight.one():
+                async with self._store.connection(doing) as conn:
+                    used.append(conn)
+                    plan = self._batches.plan(jobs, outcomes)
+                    row = await self._transaction(conn, plan, written)
+                    await self._store.flushed_past(lsn(row[0]), lsn(row[1]), conn)
+        except NeedsTables:
+            return  # rolled back: the whole batch goes to the sync path
+        except StoreError as error:
+            if not (used and may_hide_a_commit(used[0], error.__cause__)):
+                return  # the server said no: nothing was written, one by one
+            resolved = partial(self._batches.resolve_lost, written, outcomes, doing, error)
+            outcomes.update(await self._store.run(resolved))
+            return
+        self.transactions += 1
+        self._batches.settle(written, outcomes)
+
+    async def _transaction(
+        self, conn: AsyncConnection, plan: Plan, written: list[tuple[int, AppendJob]]
+    ) -> tuple[Any, ...]:
+        """BEGIN, the plan's statements, COMMIT and WAL_POSITIONS in one pipeline (as
+        ``one_sync_transaction`` does on a sync connection); a failure rolls back. The
+        appends written are in ``written`` before the COMMIT is sent, so a connection
+        lost from then on is looked up, never taken for nothing written."""
+        failed: psycopg.Error | None = None
+        try:
+            async with conn.pipeline():
+                try:
+                    await conn.execute(BEGIN)
+                    written.extend(await self._run(conn, plan))
+                    await conn.execute("COMMIT")
+                    positions = await conn.execute(WAL_POSITIONS)
+                except psycopg.Error as error:
+                    failed = error  # the pipeline's sync then says it was aborted
+        except BaseException:
+            await _roll_back(conn)
+            if failed is not None:
+                raise failed from None
+            raise
+        if failed is not None:
+            await _roll_back(conn)
+            raise failed
+        row: tuple[Any, ...] | None = await positions.fetchone()
+        assert row is not None
+        return row
+
+    async def _run(self, conn: AsyncConnection, plan: Plan) -> list[tuple[int, AppendJob]]:
+        reply: Any = None
+        while True:
+            step, written = next_step(plan, reply)
+            if step is None:
+                return written
+            if isinstance(step, Tables):
+                if not self._sync.projections().known(step.types):
+                    raise NeedsTables
+                reply = []  # no table made here
+            elif step.rows:
+                reply = await (await conn.execute(step.query, step.params)).fetchall()
+            else:
+                await conn.execute(step.query, step.params)
+                reply = None
+
+
+async def _roll_back(conn: AsyncConnection) -> None:
+    """``roll_back`` of :mod:`.session`, awaited (psycopg's rollback also forgets the
+    statements it prepared in a failed pipeline)."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
+            await conn.rollback()
