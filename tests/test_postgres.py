@@ -781,7 +781,7 @@ def count_locked_appends(store: PostgresEventStore, monkeypatch: pytest.MonkeyPa
     """Records each append that took the locked path (heads read first, then the rows).
     The store numbers appends in the client, as it does when their inline work looks at
     positions: the database's numbering (tests/test_postgres_numbered.py) is off."""
-    monkeypatch.setattr(store._numbered, "available", False)
+    monkeypatch.setattr(store.numbered, "available", False)
     locked: list[str] = []
     original = store._append_locked
 
@@ -818,7 +818,7 @@ def test_a_wrong_prediction_writes_nothing_then_appends_in_order(
     mine, theirs = open_store(postgres_url), open_store(postgres_url)
     assert isinstance(mine, PostgresEventStore) and isinstance(theirs, PostgresEventStore)
     locked = count_locked_appends(mine, monkeypatch)
-    monkeypatch.setattr(theirs._numbered, "available", False)
+    monkeypatch.setattr(theirs.numbered, "available", False)
     mine.append("a", deposited(1), expected_version=0)
     mine.append("a", deposited(2), expected_version=1)
     assert len(locked) == 1  # predicting from the second append
@@ -957,7 +957,7 @@ def test_a_schema_without_begin_append_nor_append_numbered_uses_the_locked_path(
         older.append("a", deposited(version), expected_version=version)
     assert [r.position for r in older.read_all()] == [1, 2, 3]
     assert isinstance(older, PostgresEventStore)
-    assert not older._predictor.available and not older._numbered.available
+    assert not older._predictor.available and not older.numbered.available
     older.close()
 
 

@@ -36,14 +36,14 @@ def store(postgres_url: str) -> Iterator[PostgresEventStore]:
 def paths(store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Which path each append took: "numbered" (by the database) or "client"."""
     taken: list[str] = []
-    numbered, predicted = store._numbered.append, store._append_predicted
+    numbered, predicted = store.numbered.append, store._append_predicted
 
     def by_database(conn: Any, job: Any, channel: str) -> Any:
         done = numbered(conn, job, channel)
         taken.append("numbered" if done is not None else "client")
         return done
 
-    monkeypatch.setattr(store._numbered, "append", by_database)
+    monkeypatch.setattr(store.numbered, "append", by_database)
     monkeypatch.setattr(store, "_append_predicted", predicted)
     # as if other appends of this process were under way: a lone predicting writer
     # would commit synchronously on the predicted path instead (see the last test)

@@ -5,8 +5,12 @@ this module runs on a ``psycopg.AsyncConnection``, so a commit crosses no thread
 loop sends the statements and awaits the replies and the shared flush.
 
 The plan, its checks, its rows and its SQL are the sync store's (``BatchAppends.plan``);
-what this adds is the driver, and the choice of what goes to the workers instead, where
-the sync store's own path runs it:
+what this adds is the driver, and the choice of what goes elsewhere, where
+the sync store's own path runs it. An append alone (nothing else gathered) goes as the
+sync store's numbered append (:mod:`.numbered`): one message, numbered by the database,
+its flush included, so a lone task's commit is one round trip, as a sync one's.
+
+What goes to the workers:
 
 - an append under an idempotency key (its key's earlier outcome is read under the lock,
   on the sync path), one with no events, and one whose projections go to another store;
@@ -33,13 +37,13 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from ...errors import StoreError
+from ...errors import ConcurrencyError, StoreError
 from ..protocols import CommitCall, Committed
 from .append_job import AppendJob
 from .batch import Outcomes, Plan, Tables, next_step
-from .durability import WAL_POSITIONS, lsn
+from .durability import FLUSH_IF_WAITED, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
-from .session import BEGIN, AsyncConnection, may_hide_a_commit
+from .session import BEGIN, AsyncConnection, may_hide_a_commit, message_text
 
 __all__ = ["AsyncBatchAppends"]
 
@@ -81,6 +85,10 @@ class AsyncBatchAppends:
         async connection, the rest on the workers (see the module)."""
         await self._store.ready()
         prepared, outcomes = self._sync.prepare_many(calls, self._takes)
+        if len(prepared) == 1:
+            ((at, job),) = prepared.items()
+            if await self._append_alone(at, job, outcomes):
+                prepared = {}
         if prepared:
             await self._append(prepared, outcomes)
         rest = [at for at in range(len(calls)) if at not in outcomes]
@@ -99,6 +107,51 @@ class AsyncBatchAppends:
             and bool(call.request.events)
             and (store is None or self._sync.shares_database_with(store))
         )
+
+    async def _append_alone(self, at: int, job: AppendJob, outcomes: Outcomes) -> bool:
+        """An append by itself, numbered by the database in one message (``.numbered``):
+        one round trip, its flush included unless it waited for the lock. False (nothing
+        written) when it cannot go that way; then it goes the batch's way."""
+        statements = self._sync.numbered.message(job, self._sync.channel)
+        if statements is None:
+            return False
+        doing = f"appending {len(job.events)} event(s) to {job.request.aggregate_id!r}"
+        used: list[AsyncConnection] = []
+        try:
+            with self._sync.database.in_flight.one():
+                async with self._store.connection(doing) as conn:
+                    used.append(conn)
+                    try:
+                        results = await _one_message_transaction(conn, statements)
+                    except psycopg.Error as error:
+                        if self._sync.numbered.declined(job, error):  # or its conflict
+                            job.sent.clear()
+                            return False
+                        raise
+                    written, positions = self._sync.numbered.committed(job, results)
+                    assert positions is not None
+                    await self._store.flushed_past(lsn(positions[0]), lsn(positions[1]), conn)
+        except ConcurrencyError as error:
+            outcomes[at] = error
+            return True
+        except StoreError as error:
+            if not (used and may_hide_a_commit(used[0], error.__cause__)):
+                outcomes[at] = error  # the server's answer: its own error, as on the sync path
+                return True
+            look_up = partial(self._sync.look_up_sent, job, doing, error)
+            try:
+                found = await self._store.run(look_up)
+            except StoreError as unknown:  # CommitUnknown: not knowable in time
+                outcomes[at] = unknown
+                return True
+            if found is None:
+                job.sent.clear()
+                return False  # nothing was stored: it goes again
+            written = found
+        recorded, effects, fresh = written
+        self._sync.projections().remember(fresh)
+        outcomes[at] = Committed(recorded, effects)
+        return True
 
     async def _append(self, prepared: dict[int, AppendJob], outcomes: Outcomes) -> None:
         """The prepared appends in one transaction; what it could not write is left out
@@ -169,6 +222,24 @@ class AsyncBatchAppends:
             else:
                 await conn.execute(step.query, step.params)
                 reply = None
+
+
+async def _one_message_transaction(
+    conn: AsyncConnection, statements: Sequence[tuple[str, Sequence[Any]]]
+) -> list[list[tuple[Any, ...]] | None]:
+    """``one_message_transaction`` of :mod:`.session` with FLUSH_IF_WAITED, awaited."""
+    cursor = psycopg.AsyncClientCursor(conn)
+    try:
+        await cursor.execute(message_text(cursor, statements, FLUSH_IF_WAITED))
+        results: list[list[tuple[Any, ...]] | None] = []
+        while True:
+            results.append(await cursor.fetchall() if cursor.description else None)
+            if not cursor.nextset():
+                break
+    except BaseException:
+        await _roll_back(conn)
+        raise
+    return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
 
 
 async def _roll_back(conn: AsyncConnection) -> None:

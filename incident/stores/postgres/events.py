@@ -91,19 +91,19 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         self._projections = PostgresProjectionStore(db)
         self._predictor = Predictor()
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
-        self._channel = f"incident_events:{db.schema}"
-        self._numbered = NumberedAppends(db, self._sql, self._projections)
+        self.channel = f"incident_events:{db.schema}"
+        self.numbered = NumberedAppends(db, self._sql, self._projections)
         self.batch_appends = BatchAppends(
             db,
             self._sql,
             self._projections,
             self._predictor,
-            self._channel,
-            self._look_up_sent,
+            self.channel,
+            self.look_up_sent,
         )
         #: the async store hands this store its tasks' concurrent commits together
         self.shares_commits = True
-        self._listener = Listener(db.conninfo, self._channel)
+        self._listener = Listener(db.conninfo, self.channel)
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
@@ -225,7 +225,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             except StoreError as error:
                 if not (used and may_hide_a_commit(used[0], error.__cause__)):
                     raise  # the server answered: it said what happened
-                stored = self._look_up_sent(job, doing, error)
+                stored = self.look_up_sent(job, doing, error)
                 if stored is not None:
                     log.info("incident: %s: the connection was lost, not the commit", doing)
                     return stored
@@ -248,7 +248,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
                         committing = self._append_predicted(conn, job, synchronous=True)
                         if committing is not None:
                             self._predictor.committed(committing[0][0][-1].position)
-                committing = committing or self._numbered.append(conn, job, self._channel)
+                committing = committing or self.numbered.append(conn, job, self.channel)
             if committing is None:  # numbered here: its inline work looks at positions
                 turn = self._db.append_turns if self._predictor.predicting else nullcontext()
                 with turn:
@@ -272,7 +272,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             ) from error
         return written
 
-    def _look_up_sent(self, job: AppendJob, doing: str, lost: StoreError) -> Written | None:
+    def look_up_sent(self, job: AppendJob, doing: str, lost: StoreError) -> Written | None:
         """After a lost connection: the append as stored, or None when it was not (its
         transaction's rows are all there or none is). Event ids are made here, before
         sending, and unique in the table. Connections are asked for until the pool's
@@ -352,7 +352,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             written = self._write(conn, job, version, last_position)
             # delivered when (and only if) this transaction commits
             new_last = str(written[0][-1].position)
-            conn.execute("SELECT pg_notify(%s, %s)", [self._channel, new_last])
+            conn.execute("SELECT pg_notify(%s, %s)", [self.channel, new_last])
         return written, afterwards.row
 
     def _append_predicted(
@@ -383,7 +383,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
                         version,
                         last_position,
                         job.request.idempotency_key,
-                        self._channel,
+                        self.channel,
                         new_last,
                     ],
                 )

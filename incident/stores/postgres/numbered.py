@@ -50,6 +50,21 @@ class NumberedAppends:
         the client: its inline work looks at positions, its expected version is ANY, a
         projection's table may still need making, or the key was used (the locked path
         says what it stored). A conflict is a ConcurrencyError, nothing written."""
+        statements = self.message(job, channel)
+        if statements is None:
+            return None
+        try:
+            results = one_message_transaction(conn, statements, then=FLUSH_IF_WAITED)
+        except psycopg.Error as error:
+            if self.declined(job, error):
+                return None
+            raise
+        return self.committed(job, results)
+
+    def message(self, job: AppendJob, channel: str) -> list[tuple[str, Sequence[Any]]] | None:
+        """The statements of the append's one message (sent by ``one_message_transaction``
+        with FLUSH_IF_WAITED after them), or None if it cannot be numbered by the
+        database (see :meth:`append`)."""
         version = job.request.expected_version
         if not self.available or not isinstance(version, int):
             return None
@@ -68,7 +83,7 @@ class NumberedAppends:
         recorded, effects, upserts = prepared
         job.sent.append((recorded, effects, []))  # its ids, if the connection dies
         # append_numbered makes the commit asynchronous if it waited for the lock
-        statements = [
+        return [
             (
                 self._sql.append_numbered,
                 (
@@ -82,20 +97,26 @@ class NumberedAppends:
             ),
             *self._rows(job, recorded, effects, upserts),
         ]
-        try:
-            results = one_message_transaction(conn, statements, then=FLUSH_IF_WAITED)
-        except psycopg.errors.UndefinedFunction:
+
+    def declined(self, job: AppendJob, error: psycopg.Error) -> bool:
+        """Whether the server's refusal of the message means "not this way" (the key was
+        used, or the schema predates append_numbered): the append goes another way. A
+        moved stream is the append's ConcurrencyError (nothing was written)."""
+        if isinstance(error, psycopg.errors.UndefinedFunction):
             self.available = False  # a schema from before 0006, not migrated here
-            return None
-        except psycopg.Error as error:
-            if error.sqlstate == STREAM_MOVED:
-                actual = int(error.diag.message_detail or 0)
-                raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
-            if error.sqlstate == KEY_USED:
-                return None
-            raise
+            return True
+        if error.sqlstate == STREAM_MOVED:
+            actual = int(error.diag.message_detail or 0)
+            version = job.request.expected_version
+            raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
+        return error.sqlstate == KEY_USED
+
+    def committed(self, job: AppendJob, results: list[list[tuple[Any, ...]] | None]) -> Committing:
+        """What the message wrote, once committed: the envelopes renumbered from the base
+        the database gave, and the row of WAL positions (FLUSH_IF_WAITED's)."""
         numbered, positions = results[0], results[-1]
         assert numbered and positions
+        recorded, effects, _ = job.sent[-1]
         final = renumbered(recorded, int(numbered[0][0]))
         # owed work holds its cause's envelope: made again with the real positions
         written: Written = (

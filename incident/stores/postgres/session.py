@@ -101,13 +101,8 @@ def one_message_transaction(
     (no round trip, no wait for it to be scheduled again) while the rest arrive. Returns
     each statement's rows (None for one without), ``then``'s last. A failure rolls back."""
     cursor = psycopg.ClientCursor(conn)
-    text = ";".join(
-        ["BEGIN ISOLATION LEVEL READ COMMITTED"]
-        + [cursor.mogrify(query, params) for query, params in statements]
-        + ["COMMIT", then]
-    )
     try:
-        cursor.execute(text)
+        cursor.execute(message_text(cursor, statements, then))
         results: list[list[tuple[Any, ...]] | None] = []
         while True:
             results.append(cursor.fetchall() if cursor.description else None)
@@ -117,6 +112,17 @@ def one_message_transaction(
         roll_back(conn)
         raise
     return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
+
+
+def message_text(
+    cursor: psycopg.ClientCursor[Any] | psycopg.AsyncClientCursor[Any],
+    statements: Sequence[tuple[str, Sequence[Any]]],
+    then: str,
+) -> str:
+    """The one message of :func:`one_message_transaction` (the async store sends it too)."""
+    return ";".join(
+        [BEGIN] + [cursor.mogrify(query, params) for query, params in statements] + ["COMMIT", then]
+    )
 
 
 def roll_back(conn: Connection) -> None:
