@@ -106,6 +106,18 @@ def attempt(
     done = Attempt(writer, op, stream, key=key)
     try:
         recorded = call()
+    except Exception as error:
+        return settled(done, failure=error)
+    return settled(done, recorded)
+
+
+def settled(
+    done: Attempt, recorded: Sequence[Any] = (), *, failure: Exception | None = None
+) -> Attempt:
+    """``done`` with what its call returned, or the error it raised, sorted."""
+    try:
+        if failure is not None:
+            raise failure
     except incident.FollowUpFailed as error:
         done.outcome = "follow_up_failed"
         recorded = error.recorded
@@ -343,7 +355,7 @@ def test_a_crash_during_concurrent_dispatch_loses_nothing_acknowledged(
             event_types(store)
             log = list(store.read_all())
             check_log(log, done, reader.seen)
-            check_read_models(handler, log)
+            check_read_models(handler.projection_store, log)
         print(
             f"\n{len(log)} events, {outcomes}; reader errors {len(reader.errors)}; first dispatch"
             f" {first_success:.2f} s after the restart; outage seen by requests from"
@@ -420,7 +432,9 @@ def check_log(
     assert seen == [(r.position, r.event_id) for r in log], "the reader missed or repeated events"
 
 
-def check_read_models(handler: incident.CommandHandler, log: list[incident.Recorded[Any]]) -> None:
+def check_read_models(
+    projections: incident.ProjectionStore, log: list[incident.Recorded[Any]]
+) -> None:
     """The projections commit with their events: each account's read model is at its
     stream's last version."""
     last: dict[str, int] = {}
@@ -429,7 +443,7 @@ def check_read_models(handler: incident.CommandHandler, log: list[incident.Recor
             last[r.aggregate_id] = r.version
     behind = {}
     for account, version in last.items():
-        row = handler.projection_store.get(bank.BankAccount, account)
+        row = projections.get(bank.BankAccount, account)
         if row is None or row.version != version:
             behind[account] = (version, row and row.version)
     assert not behind, f"read models not at their stream's version: {behind}"
