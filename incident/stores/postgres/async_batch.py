@@ -39,10 +39,11 @@ from psycopg.pq import TransactionStatus
 
 from ...errors import ConcurrencyError, StoreError
 from ..protocols import CommitCall, Committed
-from .append_job import AppendJob
-from .batch import Outcomes, Plan, Tables, next_step
-from .durability import FLUSH_IF_WAITED, WAL_POSITIONS, lsn
+from .append_job import AppendJob, Committing
+from .batch import Outcomes
+from .durability import FLUSH_IF_WAITED, FLUSHED, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
+from .plans import Plan, Tables, next_step
 from .session import BEGIN, AsyncConnection, may_hide_a_commit, message_text
 
 __all__ = ["AsyncBatchAppends"]
@@ -109,28 +110,34 @@ class AsyncBatchAppends:
         )
 
     async def _append_alone(self, at: int, job: AppendJob, outcomes: Outcomes) -> bool:
-        """An append by itself, numbered by the database in one message (``.numbered``):
-        one round trip, its flush included unless it waited for the lock. False (nothing
-        written) when it cannot go that way; then it goes the batch's way."""
-        statements = self._sync.numbered.message(job, self._sync.channel)
-        if statements is None:
-            return False
+        """An append by itself in one round trip: on the predicted path when it is this
+        process's only append and the guess holds (:mod:`.predicted`, prepared
+        statements, its commit synchronous), else numbered by the database in one
+        message (:mod:`.numbered`, its flush included unless it waited for the lock).
+        False (nothing written) when it can go neither way: then the batch's way."""
         doing = f"appending {len(job.events)} event(s) to {job.request.aggregate_id!r}"
+        db, predictor = self._sync.database, self._sync.predictor
         used: list[AsyncConnection] = []
         try:
-            with self._sync.database.in_flight.one():
+            with db.in_flight.one() as alone:
                 async with self._store.connection(doing) as conn:
                     used.append(conn)
-                    try:
-                        results = await _one_message_transaction(conn, statements)
-                    except psycopg.Error as error:
-                        if self._sync.numbered.declined(job, error):  # or its conflict
-                            job.sent.clear()
-                            return False
-                        raise
-                    written, positions = self._sync.numbered.committed(job, results)
+                    committing = None
+                    # the turn a thread of this process may hold: never waited for here
+                    if alone and predictor.predicting and db.append_turns.acquire(False):
+                        try:
+                            committing = await self._predicted(conn, job)
+                        finally:
+                            db.append_turns.release()
+                    committing = committing or await self._numbered(conn, job)
+                    if committing is None:
+                        return False
+                    written, positions = committing
                     assert positions is not None
                     await self._store.flushed_past(lsn(positions[0]), lsn(positions[1]), conn)
+        except NeedsTables:
+            job.sent.clear()
+            return False
         except ConcurrencyError as error:
             outcomes[at] = error
             return True
@@ -153,46 +160,74 @@ class AsyncBatchAppends:
         outcomes[at] = Committed(recorded, effects)
         return True
 
+    async def _predicted(self, conn: AsyncConnection, job: AppendJob) -> Committing | None:
+        plan = self._sync.predicted.plan(job, synchronous=True)
+        if plan is None:
+            return None
+        try:
+            written, row = await self._transaction(conn, plan, FLUSHED)
+        except psycopg.Error as error:
+            if self._sync.predicted.declined(job, error):  # or its ConcurrencyError
+                job.sent.clear()
+                return None
+            raise
+        self._sync.predictor.committed(written[0][-1].position)
+        return written, row
+
+    async def _numbered(self, conn: AsyncConnection, job: AppendJob) -> Committing | None:
+        statements = self._sync.numbered.message(job, self._sync.channel)
+        if statements is None:
+            return None
+        try:
+            results = await _one_message_transaction(conn, statements)
+        except psycopg.Error as error:
+            if self._sync.numbered.declined(job, error):  # or its ConcurrencyError
+                job.sent.clear()
+                return None
+            raise
+        return self._sync.numbered.committed(job, results)
+
     async def _append(self, prepared: dict[int, AppendJob], outcomes: Outcomes) -> None:
         """The prepared appends in one transaction; what it could not write is left out
         of ``outcomes`` (it goes to the workers)."""
         jobs = list(prepared.items())
         doing = f"appending the events of {len(jobs)} command(s) in one transaction"
-        written: list[tuple[int, AppendJob]] = []
         used: list[AsyncConnection] = []
         try:
             with self._sync.database.in_flight.one():
                 async with self._store.connection(doing) as conn:
                     used.append(conn)
                     plan = self._batches.plan(jobs, outcomes)
-                    row = await self._transaction(conn, plan, written)
+                    written, row = await self._transaction(conn, plan, WAL_POSITIONS)
                     await self._store.flushed_past(lsn(row[0]), lsn(row[1]), conn)
         except NeedsTables:
             return  # rolled back: the whole batch goes to the sync path
         except StoreError as error:
             if not (used and may_hide_a_commit(used[0], error.__cause__)):
                 return  # the server said no: nothing was written, one by one
-            resolved = partial(self._batches.resolve_lost, written, outcomes, doing, error)
+            # the appends whose rows went out: their COMMIT may have been sent, so they
+            # are looked up by their ids before anything goes again
+            sent = [(at, job) for at, job in jobs if job.sent]
+            resolved = partial(self._batches.resolve_lost, sent, outcomes, doing, error)
             outcomes.update(await self._store.run(resolved))
             return
         self.transactions += 1
         self._batches.settle(written, outcomes)
 
     async def _transaction(
-        self, conn: AsyncConnection, plan: Plan, written: list[tuple[int, AppendJob]]
-    ) -> tuple[Any, ...]:
-        """BEGIN, the plan's statements, COMMIT and WAL_POSITIONS in one pipeline (as
-        ``one_sync_transaction`` does on a sync connection); a failure rolls back. The
-        appends written are in ``written`` before the COMMIT is sent, so a connection
-        lost from then on is looked up, never taken for nothing written."""
+        self, conn: AsyncConnection, plan: Plan[T], then: str
+    ) -> tuple[T, tuple[Any, ...]]:
+        """BEGIN, the plan's statements, COMMIT and ``then`` (a row of WAL positions) in
+        one pipeline, as ``one_sync_transaction`` does on a sync connection; a failure
+        rolls back. The plan's result, and ``then``'s row."""
         failed: psycopg.Error | None = None
         try:
             async with conn.pipeline():
                 try:
                     await conn.execute(BEGIN)
-                    written.extend(await self._run(conn, plan))
+                    result = await self._run(conn, plan)
                     await conn.execute("COMMIT")
-                    positions = await conn.execute(WAL_POSITIONS)
+                    positions = await conn.execute(then)
                 except psycopg.Error as error:
                     failed = error  # the pipeline's sync then says it was aborted
         except BaseException:
@@ -205,14 +240,16 @@ class AsyncBatchAppends:
             raise failed
         row: tuple[Any, ...] | None = await positions.fetchone()
         assert row is not None
-        return row
+        return result, row
 
-    async def _run(self, conn: AsyncConnection, plan: Plan) -> list[tuple[int, AppendJob]]:
+    async def _run(self, conn: AsyncConnection, plan: Plan[T]) -> T:
+        """The plan's statements on the async connection (``plans.run``, awaited); a
+        projection table not known to exist stops it (NeedsTables)."""
         reply: Any = None
         while True:
-            step, written = next_step(plan, reply)
+            step, result = next_step(plan, reply)
             if step is None:
-                return written
+                return result  # type: ignore[return-value]  # a plan's end: its value
             if isinstance(step, Tables):
                 if not self._sync.projections().known(step.types):
                     raise NeedsTables

@@ -21,8 +21,7 @@ themselves (their key's earlier outcome is read under the lock).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from ...errors import CommitUnknown, StoreError
 from ...messages import Projection
@@ -31,12 +30,13 @@ from ..protocols import Committed
 from .append_job import AppendJob, Written
 from .database import Database
 from .durability import ASYNC_COMMIT, WAL_POSITIONS
+from .plans import Plan, Step, Tables, run
 from .prediction import Predictor
 from .projections import PostgresProjectionStore
-from .session import Connection, Query, may_hide_a_commit, one_sync_transaction
+from .session import Connection, may_hide_a_commit, one_sync_transaction
 from .sql import EventStatements, event_row
 
-__all__ = ["BatchAppends", "Plan", "Step", "Tables", "next_step"]
+__all__ = ["BatchAppends", "BatchWritten"]
 
 #: a batch's outcome per append (by its place in the caller's list); an append missing
 #: from it was not written and goes again by itself
@@ -44,30 +44,7 @@ Outcomes = dict[int, Committed | Exception]
 LookUp = Callable[[AppendJob, str, StoreError], Written | None]
 
 
-class Step(NamedTuple):
-    """A statement of a batch's plan; with ``rows`` the plan waits for its rows."""
-
-    query: Query
-    params: Sequence[Any] = ()
-    rows: bool = False
-
-
-class Tables(NamedTuple):
-    """The plan is about to upsert into these types' tables; the answer is the types
-    whose tables the driver created in the transaction (to remember once committed)."""
-
-    types: list[type[Projection]]
-
-
-Plan = Generator[Step | Tables, Any, list[tuple[int, AppendJob]]]
-
-
-def next_step(plan: Plan, reply: Any) -> tuple[Step | Tables | None, list[tuple[int, AppendJob]]]:
-    """The plan's next step, given the last one's reply; at its end (None), what it wrote."""
-    try:
-        return plan.send(reply), []
-    except StopIteration as done:
-        return None, done.value
+BatchWritten = list[tuple[int, AppendJob]]  # the appends a batch wrote, by their place
 
 
 class BatchAppends:
@@ -95,7 +72,7 @@ class BatchAppends:
             with self._db.in_flight.one(), self._db.connection(doing) as conn:
                 used.append(conn)
                 with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
-                    written = self._run(conn, self.plan(jobs, outcomes))
+                    written = run(conn, self.plan(jobs, outcomes), self._projections)
                 self._db.durability.after(afterwards.row, conn)
         except StoreError as error:
             if not (used and may_hide_a_commit(used[0], error.__cause__)):
@@ -115,22 +92,7 @@ class BatchAppends:
             self._predictor.committed(written[-1][1].sent[-1][0][-1].position)
         return outcomes
 
-    def _run(self, conn: Connection, plan: Plan) -> list[tuple[int, AppendJob]]:
-        """The plan's statements on a sync connection (in the caller's pipeline)."""
-        reply: Any = None
-        while True:
-            step, written = next_step(plan, reply)
-            if step is None:
-                return written
-            if isinstance(step, Tables):
-                reply = self._projections.prepare(conn, step.types)
-            elif step.rows:
-                reply = conn.execute(step.query, step.params).fetchall()
-            else:
-                conn.execute(step.query, step.params)
-                reply = None
-
-    def plan(self, jobs: list[tuple[int, AppendJob]], outcomes: Outcomes) -> Plan:
+    def plan(self, jobs: list[tuple[int, AppendJob]], outcomes: Outcomes) -> Plan[BatchWritten]:
         """The batch's statements, inside its transaction, for a driver to run (the sync
         one above, the async store's): the lock, the heads, then each append checked and
         its rows sent. An append's own failure goes into ``outcomes`` and sends nothing.

@@ -18,7 +18,7 @@ from psycopg_pool import PoolTimeout
 
 from ...codec import EventTypes
 from ...errors import CommitUnknown, ConcurrencyError, DuplicateCommand, StoreError
-from ...messages import ANY, Projection
+from ...messages import ANY
 from .._common import (
     AppendVerbs,
     check_expected_version,
@@ -28,7 +28,6 @@ from .._common import (
     metadata_json,
     owed_row,
     project_elsewhere,
-    stamp,
 )
 from ..live import Live
 from ..protocols import (
@@ -45,9 +44,10 @@ from .batch import BatchAppends
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
 from .durability import ASYNC_COMMIT, FLUSHED, WAL_POSITIONS, durable_rows
-from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
 from .notify import Listener
 from .numbered import NumberedAppends
+from .plans import run
+from .predicted import PredictedAppends, rows_plan
 from .prediction import Predictor
 from .projections import PostgresProjectionStore, writes_into
 from .reads import PostgresEventReads
@@ -62,7 +62,6 @@ from .session import (
     one_sync_transaction,
     take_turn,
 )
-from .sql import event_row
 
 
 class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
@@ -93,6 +92,9 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
         self.channel = f"incident_events:{db.schema}"
         self.numbered = NumberedAppends(db, self._sql, self._projections)
+        self.predicted = PredictedAppends(
+            db, self._sql, self._projections, self._predictor, self.channel
+        )
         self.batch_appends = BatchAppends(
             db,
             self._sql,
@@ -107,6 +109,11 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({self._db.describe()})"
+
+    @property
+    def predictor(self) -> Predictor:
+        """This process's guess of the log's last position (:mod:`.prediction`)."""
+        return self._predictor
 
     def commit(
         self,
@@ -349,7 +356,11 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             version, last_position = heads.fetchone()  # type: ignore[misc]
             self._predictor.observed(last_position)
             check_expected_version(job.request.aggregate_id, job.request.expected_version, version)
-            written = self._write(conn, job, version, last_position)
+            written = run(
+                conn,
+                rows_plan(self._sql, self._projections, job, version, last_position),
+                self._projections,
+            )
             # delivered when (and only if) this transaction commits
             new_last = str(written[0][-1].position)
             conn.execute("SELECT pg_notify(%s, %s)", [self.channel, new_last])
@@ -358,79 +369,23 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
     def _append_predicted(
         self, conn: Connection, job: AppendJob, *, synchronous: bool = False
     ) -> Committing | None:
-        """Send the lock, a check of the heads this process expects and the writes in one
-        round trip. The expected version is the caller's; the last position is the one
-        this process last committed, right whenever nobody else has appended since, as
-        with a single writer. begin_append (migration 0003) takes the lock, checks, and
-        queues the NOTIFY. A stream at another version is a ConcurrencyError at once;
-        another writer's append, or a used key, returns None (nothing written) for the
-        locked path to append, or to say what the key stored."""
-        last_position = self._predictor.guess()
-        version = job.request.expected_version
-        if last_position is None or not isinstance(version, int):
+        """The lock, a check of the heads this process expects and the writes in one
+        round trip (:mod:`.predicted`): right whenever nobody else has appended since,
+        as with a single writer. A stream at another version is a ConcurrencyError at
+        once; another writer's append, or a used key, returns None (nothing written)
+        for the locked path to append, or to say what the key stored."""
+        plan = self.predicted.plan(job, synchronous=synchronous)
+        if plan is None:
             return None
-        new_last = str(last_position + len(job.events))
         try:
             then = FLUSHED if synchronous else WAL_POSITIONS
             with one_sync_transaction(conn, then=then) as afterwards:
-                if not synchronous:
-                    conn.execute(ASYNC_COMMIT)
-                conn.execute(
-                    self._sql.begin_append,
-                    [
-                        self._db.append_lock,
-                        job.request.aggregate_id,
-                        version,
-                        last_position,
-                        job.request.idempotency_key,
-                        self.channel,
-                        new_last,
-                    ],
-                )
-                written = self._write(conn, job, version, last_position)
-        except psycopg.errors.UndefinedFunction:
-            self._predictor.unavailable()  # a schema from before 0003, not migrated here
-            return None
+                written = run(conn, plan, self._projections)
         except psycopg.Error as error:
-            if error.sqlstate == STREAM_MOVED:
-                actual = int(error.diag.message_detail or 0)
-                raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
-            if error.sqlstate == LOG_MOVED:
-                self._predictor.missed()
-            elif error.sqlstate != KEY_USED:
-                raise
-            return None
+            if self.predicted.declined(job, error):
+                return None
+            raise
         return written, afterwards.row
-
-    def _write(self, conn: Connection, job: AppendJob, version: int, last_position: int) -> Written:
-        """Inside the append's transaction, the heads known: the rows, the key and the
-        projections, queued in the pipeline."""
-        recorded = stamp(
-            job.request.aggregate_id,
-            job.request.aggregate,
-            job.events,
-            first_position=last_position + 1,
-            first_version=version + 1,
-            metadata=job.request.metadata,
-        )
-        # one execute per row: queued in the pipeline all the same, while executemany
-        # opens a pipeline of its own, which logs a warning when the check before it failed
-        for record, payload in zip(recorded, job.payloads, strict=True):
-            conn.execute(self._sql.insert, event_row(record, payload, job.metadata_text))
-        if job.request.idempotency_key is not None:
-            conn.execute(
-                self._sql.remember_key,
-                [job.request.idempotency_key, recorded[0].position, recorded[-1].position],
-            )
-        effects = effects_of(job.project, recorded)
-        for work in effects.owed:  # in this schema whatever the projection store
-            conn.execute(self._sql.owe, owed_row(work))
-        fresh: list[type[Projection]] = []
-        if job.shared:
-            fresh = self._projections.prepare(conn, map(type, effects.projections))
-            self._projections.queue(conn, effects.projections)
-        job.sent.append((recorded, effects, fresh))
-        return job.sent[-1]
 
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
