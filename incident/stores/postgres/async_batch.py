@@ -6,9 +6,10 @@ loop sends the statements and awaits the replies and the shared flush.
 
 The plan, its checks, its rows and its SQL are the sync store's (``BatchAppends.plan``);
 what this adds is the driver, and the choice of what goes elsewhere, where
-the sync store's own path runs it. An append alone (nothing else gathered) goes as the
-sync store's numbered append (:mod:`.numbered`): one message, numbered by the database,
-its flush included, so a lone task's commit is one round trip, as a sync one's.
+the sync store's own path runs it. An append alone (nothing else gathered) takes one
+round trip, as a sync one does: the predicted append (:mod:`.predicted`, also a plan)
+while this process is the only one writing, else the numbered one (:mod:`.numbered`:
+one message, numbered by the database, its flush included).
 
 What goes to the workers:
 
