@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import on_backends
+from conftest import DURABLE_BACKENDS, STORE_BACKENDS, on_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,6 +142,79 @@ def test_the_sync_and_the_async_handler_write_the_same_log(commands: list[Any]) 
             return [seen, log]
 
     assert asyncio.run(main()) == expected
+
+
+def mixed_commands(seed: int, count: int) -> list[Any]:
+    """Opens, deposits, withdrawals (some beyond the balance: rejected) and transfers
+    (their process moves money between two accounts, or cancels), in a seeded order."""
+    rng = random.Random(seed)
+    accounts = ["A", "B", "C", "D"]
+    commands: list[Any] = [OpenAccount(aggregate_id=a) for a in accounts]
+    for n in range(count):
+        account = rng.choice(accounts)
+        kind = rng.randrange(4)
+        if kind == 0:
+            commands.append(DepositMoney(aggregate_id=account, amount=rng.randint(1, 30)))
+        elif kind == 1:
+            commands.append(WithdrawMoney(aggregate_id=account, amount=rng.randint(1, 40)))
+        else:
+            commands.append(
+                RequestTransfer(
+                    aggregate_id=f"T{n}",
+                    source_account_number=account,
+                    destination_account_number=rng.choice(accounts),
+                    amount=rng.randint(1, 25),
+                )
+            )
+    return commands
+
+
+@on_backends(DURABLE_BACKENDS)
+def test_the_sync_and_the_async_handler_write_the_same_log_on_every_store(
+    store_url: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """On SQLite and Postgres, where the async handler's commits take the async store's
+    own paths (batches, on Postgres the async connections), the same commands give the
+    same outcomes, the same log and the same read models as on the sync handler."""
+    backend = request.node.callspec.params["store_url"]
+    (tmp_path / "async").mkdir()
+    async_url = STORE_BACKENDS[backend](tmp_path / "async", request)
+    commands = mixed_commands(seed=19, count=120)
+
+    def entries(log: list[incident.Recorded[Any]]) -> list[Any]:
+        return [(r.position, r.aggregate_id, r.version, r.data) for r in log]
+
+    outcomes: list[Any] = []
+    with bank.build(store_url) as sync:
+        for command in commands:
+            try:
+                outcomes.append([r.version for r in sync.dispatch(command)])
+            except incident.Rejected as rejection:
+                outcomes.append(rejection.reason)
+        expected_log = entries(list(sync.event_store.read_all()))
+        expected_rows = [sync.projection_store.get(BankAccount, a) for a in "ABCD"]
+    assert any(isinstance(o, str) for o in outcomes) and len(expected_log) > len(commands)
+
+    async def main() -> tuple[list[Any], list[Any], list[Any]]:
+        async with bank.build_async(async_url) as app:
+            seen = []
+            for command in commands:
+                try:
+                    seen.append([r.version for r in await app.dispatch(command)])
+                except incident.Rejected as rejection:
+                    seen.append(rejection.reason)
+            log = entries([r async for r in app.event_store.read_all()])
+            rows = [await app.projection_store.get(BankAccount, a) for a in "ABCD"]
+            return seen, log, rows
+
+    seen, log, rows = asyncio.run(main())
+    assert seen == outcomes
+    assert log == expected_log
+    # the same balances and versions (the rows' event ids and dates are each run's own)
+    assert [(r.balance, r.version) for r in rows if r] == [
+        (r.balance, r.version) for r in expected_rows if r
+    ]
+    assert all(rows)
 
 
 def test_a_sync_store_is_refused_with_the_way_to_open_an_async_one() -> None:
