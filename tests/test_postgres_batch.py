@@ -6,11 +6,16 @@ connection leaves unclear resolved append by append, never half-written."""
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
-from conftest import Admin
+from conftest import Admin, kill_backends
 from test_sqlite_group_commit import account
 
 import incident
@@ -291,3 +296,98 @@ def test_async_commits_run_on_the_loop_on_async_connections(
             assert row is not None and row.balance == 5
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledged(
+    postgres_url: str, postgres_admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread terminates the store's sessions (sync and async pools alike) at random
+    moments while 16 tasks dispatch unkeyed deposits through the async append path
+    (shared transactions, lone appends): every acknowledged deposit is in the log once,
+    a plain StoreError stored nothing, a CommitUnknown either way, and the balance is
+    what was stored. Commits in doubt are looked up by their events' ids."""
+    name = f"async-storm-{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}&application_name={name}"
+    kills = [0]
+    stop = threading.Event()
+
+    def killer() -> None:
+        with psycopg.connect(postgres_admin.info.dsn, autocommit=True) as admin:
+            while not stop.wait(random.uniform(0.01, 0.1)):
+                kills[0] += kill_backends(admin, name)
+
+    acked: dict[int, list[str]] = {}
+    failed: set[int] = set()
+    unknown: dict[int, list[str]] = {}
+    looked_up: list[bool] = []  # whether each append in doubt was found stored
+    look_up = PostgresEventStore.look_up_sent
+
+    def counted_look_up(self: PostgresEventStore, *args: Any) -> Any:
+        found = look_up(self, *args)
+        looked_up.append(found is not None)
+        return found
+
+    monkeypatch.setattr(PostgresEventStore, "look_up_sent", counted_look_up)
+
+    async def main() -> tuple[list[Any], int]:
+        store = incident.open_async_event_store(url, timeout=3)
+        async with bank.build_async(store) as app:
+            await app.dispatch(bank.OpenAccount(aggregate_id="A"))
+            amounts = iter(range(1, 801))
+            deadline = time.monotonic() + 30
+
+            async def task() -> None:
+                for amount in amounts:
+                    if time.monotonic() > deadline:
+                        return
+                    try:
+                        recorded = await app.dispatch(
+                            bank.DepositMoney(aggregate_id="A", amount=amount)
+                        )
+                    except incident.CommitUnknown as error:
+                        unknown[amount] = error.event_ids
+                    except incident.StoreError:
+                        failed.add(amount)
+                        await asyncio.sleep(0.01)
+                    else:
+                        acked[amount] = [r.event_id for r in recorded]
+
+            thread = threading.Thread(target=killer, daemon=True)
+            thread.start()
+            try:
+                await asyncio.gather(*(task() for _ in range(16)))
+            finally:
+                stop.set()
+                thread.join(10)
+            # terminations that landed late leave dead sessions in the pools: each fails
+            # one call (a lost connection), then the store works again
+            errors: list[str] = []
+            while len(errors) < 25:
+                try:
+                    log = [r async for r in app.event_store.stream("A")]
+                    state = await app.state("bank_account", "A")
+                    return log, state.balance
+                except incident.StoreError as error:
+                    errors.append(str(error))
+            raise AssertionError(f"the store did not work again: {errors}")
+
+    log, balance = asyncio.run(main())
+    deposits = [r for r in log if isinstance(r.data, MoneyDeposited)]
+    stored = [r.data.amount for r in deposits]
+    assert len(stored) == len(set(stored)), "a deposit was stored twice"
+    ids = {r.event_id for r in deposits}
+    assert all(set(event_ids) <= ids for event_ids in acked.values()), "acknowledged, not stored"
+    assert not failed & set(stored), "a deposit refused with a StoreError was stored"
+    unknown_stored = {amount for amount in unknown if amount in stored}
+    for event_ids in unknown.values():  # all of its events, or none
+        assert set(event_ids) <= ids or not set(event_ids) & ids
+    assert set(stored) == set(acked) | unknown_stored
+    assert balance == sum(acked) + sum(unknown_stored)
+    assert len(acked) > 50 and kills[0] > 0
+    assert looked_up, "no append was in doubt: the kills never landed in one"
+    print(
+        f"\n{len(acked)} acknowledged, {len(failed)} StoreError, {len(unknown)} CommitUnknown"
+        f" ({len(unknown_stored)} stored), {kills[0]} sessions killed; in doubt and looked"
+        f" up: {looked_up.count(True)} found stored, {looked_up.count(False)} not"
+    )
