@@ -14,11 +14,12 @@ and every guarantee are the sync store's, because they are the sync store's code
   fsync on one connection or open connections that fight for SQLite's write lock; the
   group commit, which is what makes SQLite appends scale, needs concurrent callers on
   threads, and that is what the workers are.
-- **Postgres.** An append is acknowledged only once the WAL flush covers it
-  (docs/postgres-writes.md): the workers run the sync store's commit, which does exactly
-  that. Its reads run natively on psycopg's async connections
-  (:class:`incident.stores.postgres.asynchronous.AsyncPostgresEventStore`), bounded by
-  the flushed WAL like the sync reads.
+- **Postgres.** Its reads and its appends run natively on psycopg's async connections
+  (:class:`incident.stores.postgres.asynchronous.AsyncPostgresEventStore`), with the
+  sync store's statements (the appends as plans that both sides run), bounded by the
+  flushed WAL like the sync reads, and an append acknowledged only once the WAL flush
+  covers it (docs/postgres-writes.md); the rarer appends run the sync store's commit on
+  the workers.
 
 Reads that stream (``read_all``, ``stream``) are async iterators that fetch pages of
 ``page_size`` on the workers, so a long log never blocks the loop for long and never
