@@ -656,6 +656,30 @@ def test_an_exhausted_pool_says_so(postgres_url: str) -> None:
     store.close()
 
 
+def test_a_pool_refilling_after_a_refusal_is_not_blamed_on_its_size(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout that times out moments after the server refused the pool (and the pool
+    reconnected) says the pool is still reconnecting, not "raise pool_size"; long after
+    a refusal, a busy pool is told to grow again."""
+    from incident.stores.postgres import database
+
+    store = open_store(postgres_url, pool_size=1, timeout=0.2)
+    assert isinstance(store, PostgresEventStore)
+    store.initialize()
+    conninfo = store._db.conninfo
+    now = time.monotonic()
+    monkeypatch.setitem(database._refused, conninfo, (now - 1.0, "connection refused"))
+    monkeypatch.setitem(database._connected, conninfo, now - 0.5)
+    with store._db.pool.connection(), pytest.raises(incident.StoreError) as caught:
+        store.version("a")
+    assert "still reconnecting" in str(caught.value) and "pool_size" not in str(caught.value)
+    monkeypatch.setitem(database._refused, conninfo, (now - 60.0, "connection refused"))
+    with store._db.pool.connection(), pytest.raises(incident.StoreError, match="raise pool_size"):
+        store.version("a")
+    store.close()
+
+
 def _use_after_fork(store: incident.EventStore, results: Any) -> None:
     try:
         store.append("child", deposited(2), expected_version=0)

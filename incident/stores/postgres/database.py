@@ -29,6 +29,10 @@ from .session import Connection, first_line, lock_key, may_hide_a_commit
 # conninfo -> (when, why) of the last connect of a pool the server refused, and when a
 # pool's connect last succeeded: the pool retries in the background, backing off, and
 # only ever reports a timeout
+# seconds after the server last refused the pool during which a checkout that times out
+# is put down to the pool refilling, not to its size (on a loaded machine a pool brings
+# its connections back one by one, each connected and configured)
+REFILL = 5.0
 _refused: dict[str, tuple[float, str]] = {}
 _connected: dict[str, float] = {}
 
@@ -205,6 +209,12 @@ class Database:
             return (
                 f"the pool could not connect for {timeout}s: the server refused it (last: "
                 f"{why}); it accepts connections again now and the pool reconnects by itself"
+            )
+        if time.monotonic() - when < timeout + REFILL:  # its first connections are back
+            return (
+                f"no pooled connection came within {timeout}s: the pool is still "
+                f"reconnecting after the server refused it (last: {why}); it accepts "
+                "connections again now"
             )
         return (
             f"all {self.pool.max_size} pooled connections stayed busy for {timeout}s;"
