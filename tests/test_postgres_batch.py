@@ -391,3 +391,39 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
         f" ({len(unknown_stored)} stored), {kills[0]} sessions killed; in doubt and looked"
         f" up: {looked_up.count(True)} found stored, {looked_up.count(False)} not"
     )
+
+
+def test_a_lone_keyed_commit_goes_on_the_loop_and_is_stored_once(postgres_url: str) -> None:
+    """A keyed command alone is appended on the async connection (the server checks its
+    key); sent again, with the same key, it answers the first outcome and stores
+    nothing more. Keyed commands among others go to the sync path, one by one."""
+
+    async def main() -> None:
+        async with bank.build_async(postgres_url) as app:
+            store = app.event_store
+            assert isinstance(store, AsyncPostgresEventStore)
+            await app.dispatch(bank.OpenAccount(aggregate_id="A"))  # makes the tables
+            handed_over = store.appends.handed_over
+            deposit = bank.DepositMoney(aggregate_id="A", amount=5)
+            first = await app.dispatch(deposit, {"idempotency_key": "k1"})
+            assert store.appends.handed_over == handed_over  # written from the loop
+            again = await app.dispatch(deposit, {"idempotency_key": "k1"})
+            assert [r.event_id for r in again] == [r.event_id for r in first]
+            keyed = [bank.DepositMoney(aggregate_id=f"K{n}", amount=1) for n in range(8)]
+            await asyncio.gather(
+                *(app.dispatch(bank.OpenAccount(aggregate_id=f"K{n}")) for n in range(8))
+            )
+            await asyncio.gather(
+                *(app.dispatch(c, {"idempotency_key": f"key-{n}"}) for n, c in enumerate(keyed))
+            )
+            log = [r async for r in store.read_all()]
+            assert [r.position for r in log] == list(range(1, len(log) + 1))
+            deposits = [r for r in log if isinstance(r.data, MoneyDeposited)]
+            assert len(deposits) == 1 + len(keyed)
+            assert sorted(r.metadata["idempotency_key"] for r in deposits) == sorted(
+                ["k1", *(f"key-{n}" for n in range(8))]
+            )
+            row = await app.projection_store.get(BankAccount, "A")
+            assert row is not None and row.balance == 5
+
+    asyncio.run(main())

@@ -13,8 +13,10 @@ one message, numbered by the database, its flush included).
 
 What goes to the workers:
 
-- an append under an idempotency key (its key's earlier outcome is read under the lock,
-  on the sync path), one with no events, and one whose projections go to another store;
+- an append under an idempotency key, unless it is alone (the predicted and the
+  numbered append check the key in the server; a key already used, whose earlier
+  outcome is read under the lock, and a keyed append among others go to the sync
+  path), one with no events, and one whose projections go to another store;
 - a batch that needs a projection table this process has not seen yet (the sync path
   creates it inside the append's transaction);
 - a batch the server refused (a row it cannot store): nothing of it was written, and
@@ -91,8 +93,10 @@ class AsyncBatchAppends:
             ((at, job),) = prepared.items()
             if await self._append_alone(at, job, outcomes):
                 prepared = {}
-        if prepared:
-            await self._append(prepared, outcomes)
+        # a key's earlier outcome is read under the lock on the sync path: never batched
+        batch = {at: job for at, job in prepared.items() if job.request.idempotency_key is None}
+        if batch:
+            await self._append(batch, outcomes)
         rest = [at for at in range(len(calls)) if at not in outcomes]
         if rest:  # on the workers, by the sync store's own path
             self.handed_over += len(rest)
@@ -103,11 +107,11 @@ class AsyncBatchAppends:
         return [outcomes[at] for at in range(len(calls))]
 
     def _takes(self, call: CommitCall) -> bool:
+        """Whether the call may go on the async connections: it has events, and its
+        projections (if any) go into this database. (A keyed one goes there only alone.)"""
         store = call.projection_store
-        return (
-            call.request.idempotency_key is None
-            and bool(call.request.events)
-            and (store is None or self._sync.shares_database_with(store))
+        return bool(call.request.events) and (
+            store is None or self._sync.shares_database_with(store)
         )
 
     async def _append_alone(self, at: int, job: AppendJob, outcomes: Outcomes) -> bool:

@@ -14,10 +14,10 @@ one task at a time; the position known flushed is the sync store's own
 
 Appends (``commit``) go in batches, the commits the loop's tasks make at once in one
 transaction on an async connection, with the sync store's batch plan and SQL
-(:mod:`.async_batch`); the rarer ones (under an idempotency key, a projection table not
-yet made, a batch the server refused or lost) and the idempotency and owed-work verbs
-run the sync store's code on worker threads. Either way an append is acknowledged only
-once the WAL flush covers it.
+(:mod:`.async_batch`); the rarer ones (under an idempotency key among others or already
+used, a projection table not yet made, a batch the server refused or lost) and the
+idempotency and owed-work verbs run the sync store's code on worker threads. Either way
+an append is acknowledged only once the WAL flush covers it.
 """
 
 from __future__ import annotations
