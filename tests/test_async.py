@@ -111,6 +111,29 @@ bank_commands = st.lists(
 )
 
 
+def outcomes_of(app: incident.CommandHandler, commands: list[Any]) -> list[Any]:
+    """Each command's outcome on the sync handler: its events' versions, or the reason
+    it was rejected for."""
+    outcomes: list[Any] = []
+    for command in commands:
+        try:
+            outcomes.append([r.version for r in app.dispatch(command)])
+        except incident.Rejected as rejection:
+            outcomes.append(rejection.reason)
+    return outcomes
+
+
+async def async_outcomes_of(app: incident.AsyncCommandHandler, commands: list[Any]) -> list[Any]:
+    """:func:`outcomes_of` on the async handler."""
+    outcomes: list[Any] = []
+    for command in commands:
+        try:
+            outcomes.append([r.version for r in await app.dispatch(command)])
+        except incident.Rejected as rejection:
+            outcomes.append(rejection.reason)
+    return outcomes
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bank_commands)
 def test_the_sync_and_the_async_handler_write_the_same_log(commands: list[Any]) -> None:
@@ -118,23 +141,13 @@ def test_the_sync_and_the_async_handler_write_the_same_log(commands: list[Any]) 
     async handler returns the same outcomes and writes the same log, event for event,
     as the sync handler."""
     sync = bank.build()
-    outcomes: list[Any] = []
-    for command in commands:
-        try:
-            outcomes.append([r.version for r in sync.dispatch(command)])
-        except incident.Rejected as rejection:
-            outcomes.append(rejection.reason)
+    outcomes = outcomes_of(sync, commands)
     log = [(r.position, r.aggregate_id, r.version, r.data) for r in sync.event_store.read_all()]
     expected = [outcomes, log]
 
     async def main() -> list[Any]:
         async with bank.build_async() as app:
-            seen = []
-            for command in commands:
-                try:
-                    seen.append([r.version for r in await app.dispatch(command)])
-                except incident.Rejected as rejection:
-                    seen.append(rejection.reason)
+            seen = await async_outcomes_of(app, commands)
             log = [
                 (r.position, r.aggregate_id, r.version, r.data)
                 async for r in app.event_store.read_all()
@@ -184,25 +197,15 @@ def test_the_sync_and_the_async_handler_write_the_same_log_on_every_store(
     def entries(log: list[incident.Recorded[Any]]) -> list[Any]:
         return [(r.position, r.aggregate_id, r.version, r.data) for r in log]
 
-    outcomes: list[Any] = []
     with bank.build(store_url) as sync:
-        for command in commands:
-            try:
-                outcomes.append([r.version for r in sync.dispatch(command)])
-            except incident.Rejected as rejection:
-                outcomes.append(rejection.reason)
+        outcomes = outcomes_of(sync, commands)
         expected_log = entries(list(sync.event_store.read_all()))
         expected_rows = [sync.projection_store.get(BankAccount, a) for a in "ABCD"]
     assert any(isinstance(o, str) for o in outcomes) and len(expected_log) > len(commands)
 
     async def main() -> tuple[list[Any], list[Any], list[Any]]:
         async with bank.build_async(async_url) as app:
-            seen = []
-            for command in commands:
-                try:
-                    seen.append([r.version for r in await app.dispatch(command)])
-                except incident.Rejected as rejection:
-                    seen.append(rejection.reason)
+            seen = await async_outcomes_of(app, commands)
             log = entries([r async for r in app.event_store.read_all()])
             rows = [await app.projection_store.get(BankAccount, a) for a in "ABCD"]
             return seen, log, rows

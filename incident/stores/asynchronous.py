@@ -103,17 +103,15 @@ class AsyncEventStore:
         # time, on one worker (see incident.stores.async_commits)
         self.batches: CommitBatches | None = None
         if workers and isinstance(store, CommitsMany) and store.shares_commits:
-            self.batches = CommitBatches(self._commit_many_on_workers)
+            self.batches = CommitBatches(partial(self._commit_many_on_workers, store))
 
     def __repr__(self) -> str:
         return f"AsyncEventStore({self.sync!r}, workers={self.workers.count})"
 
     async def _commit_many_on_workers(
-        self, calls: Sequence[CommitCall]
+        self, store: CommitsMany, calls: Sequence[CommitCall]
     ) -> list[Committed | Exception]:
-        sync: Any = self.sync  # a CommitsMany: checked when the batches were made
-        outcomes: list[Committed | Exception] = await self.run(partial(sync.commit_many, calls))
-        return outcomes
+        return await self.run(partial(store.commit_many, calls))
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run blocking work on the store (a function of no arguments) off the loop."""

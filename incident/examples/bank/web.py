@@ -26,7 +26,7 @@ from . import build_async
 from .account import bank_account
 from .projections import BankAccount, Transfer
 
-__all__ = ["STORE_VARIABLE", "app", "app_from_environment"]
+__all__ = ["RETRIES_VARIABLE", "STORE_VARIABLE", "app", "app_from_environment"]
 
 DEFAULT_STORE = "sqlite:///incident-demo.db"
 #: where ``incident serve --workers N`` tells its server processes the store (and retries)

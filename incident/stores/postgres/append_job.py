@@ -9,8 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
+from ...errors import ConcurrencyError
 from ...messages import Event, Projection, Recorded
 from ..protocols import AppendRequest, Effects, ProjectFn
+from .migrations import STREAM_MOVED
 
 # what an append wrote: its events, its effects, the projection types it created
 Written = tuple[list[Recorded[Any]], Effects, list[type[Projection]]]
@@ -31,6 +35,16 @@ class AppendJob:
     project: ProjectFn | None
     shared: bool  # the projections go into this database, in the same transaction
     sent: list[Written] = field(default_factory=list)
+
+
+def raise_if_moved(job: AppendJob, error: psycopg.Error) -> None:
+    """The server found the stream at another version than the append expected (the
+    numbered and predicted appends check it in the server): the append's
+    ConcurrencyError, nothing written."""
+    if error.sqlstate == STREAM_MOVED:
+        actual = int(error.diag.message_detail or 0)
+        version = job.request.expected_version
+        raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
 
 
 class InFlight:

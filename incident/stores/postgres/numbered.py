@@ -19,15 +19,14 @@ from typing import Any
 import msgspec
 import psycopg
 
-from ...errors import ConcurrencyError
 from ...messages import Recorded
 from .._common import effects_of, owed_row, stamp
 from ..protocols import Effects
 from ..unnumbered import Placeholders, Unnumbered
-from .append_job import AppendJob, Committing, Written
+from .append_job import AppendJob, Committing, Written, raise_if_moved
 from .database import Database
 from .durability import FLUSH_IF_WAITED
-from .migrations import KEY_USED, STREAM_MOVED
+from .migrations import KEY_USED
 from .projections import PostgresProjectionStore
 from .session import Connection, one_message_transaction
 from .sql import EventStatements, event_row
@@ -105,10 +104,7 @@ class NumberedAppends:
         if isinstance(error, psycopg.errors.UndefinedFunction):
             self.available = False  # a schema from before 0006, not migrated here
             return True
-        if error.sqlstate == STREAM_MOVED:
-            actual = int(error.diag.message_detail or 0)
-            version = job.request.expected_version
-            raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
+        raise_if_moved(job, error)
         return error.sqlstate == KEY_USED
 
     def committed(self, job: AppendJob, results: list[list[tuple[Any, ...]] | None]) -> Committing:

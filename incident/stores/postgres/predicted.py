@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import psycopg
 
-from ...errors import ConcurrencyError
 from .._common import effects_of, owed_row, stamp
-from .append_job import AppendJob, Written
+from .append_job import AppendJob, Written, raise_if_moved
 from .database import Database
 from .durability import ASYNC_COMMIT
-from .migrations import KEY_USED, LOG_MOVED, STREAM_MOVED
+from .migrations import KEY_USED, LOG_MOVED
 from .plans import Plan, Step, Tables
 from .prediction import Predictor
 from .projections import PostgresProjectionStore
@@ -106,10 +105,7 @@ class PredictedAppends:
         if isinstance(error, psycopg.errors.UndefinedFunction):
             self._predictor.unavailable()  # a schema from before 0003, not migrated here
             return True
-        if error.sqlstate == STREAM_MOVED:
-            actual = int(error.diag.message_detail or 0)
-            version = job.request.expected_version
-            raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
+        raise_if_moved(job, error)
         if error.sqlstate == LOG_MOVED:
             self._predictor.missed()
             return True
