@@ -338,8 +338,8 @@ def test_serve_without_the_web_extra_names_it(tmp_path: Any) -> None:
 
 def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
     """A stream whose tail stops does not go quiet as if the log were idle: it ends
-    with an ``error`` event naming the failure (and logs it), and the client's reconnect
-    from the last id it got resumes there."""
+    with an ``error`` event naming the failure (and logs it), or saying the store closed,
+    and the client's reconnect from the last id it got resumes there."""
     from incident.examples.bank import web
 
     app = web.app("memory://")
@@ -359,13 +359,22 @@ def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
                         yield recorded
                         raise incident.StoreError("the server went away")
 
+                async def ending(after: int = 0, **options: Any) -> Any:
+                    async for recorded in real_subscribe(after=after, **options):
+                        yield recorded
+                        return  # as a tail does once its store is closed
+
                 store.subscribe = failing
                 first = await client.get("/events", params={"after": 0})
                 again = await client.get("/events", headers={"Last-Event-ID": "1"})
-                return [frames(iter(r.text.splitlines()), 2) for r in (first, again)]
+                store.subscribe = ending
+                closed = await client.get("/events", params={"after": 0})
+                return [frames(iter(r.text.splitlines()), 2) for r in (first, again, closed)]
 
     with caplog.at_level("WARNING", logger="incident.web"):
-        first, again = asyncio.run(scenario())
+        first, again, closed = asyncio.run(scenario())
+    assert closed[0]["id"] == "1" and closed[1]["event"] == "error"
+    assert json.loads(closed[1]["data"])["error"] == "StreamClosed"
     for got, position in ((first, "1"), (again, "2")):
         assert got[0]["id"] == position and got[0]["event"] == "AccountOpened"
         assert got[1]["event"] == "error" and got[1]["retry"] == "1000"
