@@ -39,12 +39,16 @@ def store(postgres_url: str) -> Iterator[PostgresEventStore]:
 
 
 class CommitMany:
-    """The batch as the sync store writes it (``commit_many``, as on a worker thread),
-    or as the async store does, on an async connection (postgres/async_batch.py), whose
-    ``appends`` then count what went in its transactions and what it left to the workers."""
+    """The batch as the sync store writes it (``commit_many``, as on a worker thread);
+    as threads committing at once make it (``threads``: each call from a thread of its
+    own, queued behind a commit in flight, postgres/thread_batches.py); or as the async
+    store does, on an async connection (postgres/async_batch.py), whose ``appends`` then
+    count what went in its transactions and what it left to the workers."""
 
-    def __init__(self, store: PostgresEventStore, asynchronous: bool) -> None:
+    def __init__(self, store: PostgresEventStore, driver: str) -> None:
         self.store = store
+        self.threads = driver == "threads"
+        asynchronous = driver == "async"
         self.loop = asyncio.new_event_loop() if asynchronous else None
         self.appends = None
         if asynchronous:
@@ -53,9 +57,47 @@ class CommitMany:
             store.projections().ensure_table(BankAccount)  # else the batch goes to the workers
 
     def __call__(self, calls: list[CommitCall]) -> list[Committed | Exception]:
+        if self.threads:
+            return self.in_threads(calls)
         if self.loop is None or self.appends is None:
             return self.store.commit_many(calls)
         return self.loop.run_until_complete(self.appends.commit_many(calls))
+
+    def in_threads(self, calls: list[CommitCall]) -> list[Committed | Exception]:
+        """Each call's ``commit`` from its own thread, queued in order while the store's
+        thread batches are held as if a commit were in flight, then let go: the queued
+        ones are one batch. A keyed call never queues: those go after, one by one."""
+        store, batches = self.store, self.store.thread_batches
+        outcomes: list[Any] = [None] * len(calls)
+
+        def commit(at: int) -> None:
+            request, projections, project = calls[at]
+            try:
+                outcomes[at] = store.commit(request, projection_store=projections, project=project)
+            except Exception as error:
+                outcomes[at] = error
+
+        with batches.mutex:
+            batches.busy = True
+        threads = []
+        for at, one in enumerate(calls):
+            if one.request.idempotency_key is None:
+                queued = len(batches.queue)
+                thread = threading.Thread(target=commit, args=(at,))
+                thread.start()
+                threads.append(thread)
+                deadline = time.monotonic() + 10
+                while len(batches.queue) == queued and thread.is_alive():  # refused early
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+        with batches.mutex:
+            batches.hand_on()
+        for thread in threads:
+            thread.join(30)
+        for at, one in enumerate(calls):
+            if one.request.idempotency_key is not None:
+                commit(at)
+        return outcomes
 
     def counted(self) -> tuple[int, int] | None:
         """(transactions, appends handed to the workers) of the async driver."""
@@ -74,9 +116,9 @@ class CommitMany:
             self.loop.close()
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "threads", "async"])
 def commit_many(request: pytest.FixtureRequest, store: PostgresEventStore) -> Iterator[CommitMany]:
-    driver = CommitMany(store, request.param == "async")
+    driver = CommitMany(store, request.param)
     try:
         yield driver
     finally:

@@ -38,14 +38,12 @@ class Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.inserted: list[int] = []
-        self.by_thread: dict[int, int] = {}  # the last one each thread's call was given
         original = Durability.after
 
         def after(self_: Durability, positions: tuple[Any, ...] | None, conn: Any) -> None:
             assert positions is not None
             original(self_, positions, conn)
             self.inserted.append(lsn(positions[0]))
-            self.by_thread[threading.get_ident()] = lsn(positions[0])
 
         monkeypatch.setattr(Durability, "after", after)
 
@@ -96,9 +94,13 @@ def test_a_read_returns_only_flushed_commits(
 def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
     postgres_url: str, postgres_admin: Admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Threads share flushes (one runs, the others wait for it); each is still covered."""
+    """Threads share transactions and flushes (a batch's thread waits for its flush, the
+    others for that thread); each commit is still covered: one wait for a flush per
+    transaction, and none returns before the flush it waited for."""
     with closing(incident.open_event_store(postgres_url)) as store:
         store.append("warm", [bank.MoneyDeposited(amount=1)], expected_version=incident.ANY)
+        batches = store.thread_batches
+        before = (batches.batches, batches.batched)
         spy = Spy(monkeypatch)
         late: list[tuple[int, int]] = []
 
@@ -107,7 +109,8 @@ def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
                 for _ in range(25):
                     deposit = [bank.MoneyDeposited(amount=1)]
                     store.append(f"t{n}", deposit, expected_version=incident.ANY)
-                    mine = spy.by_thread[threading.get_ident()]
+                    # every flush waited for so far, this append's included, is real
+                    mine = max(spy.inserted)
                     now = flushed(admin)
                     if now < mine:
                         late.append((now, mine))
@@ -118,7 +121,9 @@ def test_appends_of_many_threads_are_all_flushed_when_acknowledged(
         for thread in threads:
             thread.join(timeout=60)
         assert not late
-        assert len(spy.inserted) == 200
+        shared = batches.batched - before[1]
+        transactions = 200 - shared + (batches.batches - before[0])
+        assert len(spy.inserted) == transactions  # one wait for a flush per transaction
         assert store.last_position() == 201
 
 

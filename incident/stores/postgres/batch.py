@@ -29,7 +29,7 @@ from .._common import check_expected_version, effects_of, owed_row, stamp
 from ..protocols import Committed
 from .append_job import AppendJob, Written
 from .database import Database
-from .durability import ASYNC_COMMIT, WAL_POSITIONS
+from .durability import ASYNC_COMMIT, FLUSH_NOW, WAL_POSITIONS
 from .plans import Plan, Step, Tables, run
 from .prediction import Predictor
 from .projections import PostgresProjectionStore
@@ -63,16 +63,26 @@ class BatchAppends:
         self._predictor, self._channel, self._look_up = predictor, channel, look_up
         self.transactions = 0  # batches committed, for tests and benchmarks
 
-    def append(self, jobs: list[tuple[int, AppendJob]]) -> Outcomes:
+    def append(
+        self, jobs: list[tuple[int, AppendJob]], committed: Callable[[], None] | None = None
+    ) -> Outcomes:
+        """Each job's outcome by its place, once durable. ``committed``, if given, is
+        called once the transaction has committed and before its flush, so that the next
+        batch can be written while this one's flush is under way (a flush shares the
+        fsync with every commit before it); without it the flush goes in the same round
+        trip as the COMMIT."""
         doing = f"appending the events of {len(jobs)} commands in one transaction"
         outcomes: Outcomes = {}
         written: list[tuple[int, AppendJob]] = []
         used: list[Connection] = []
+        then = FLUSH_NOW if committed is None else WAL_POSITIONS
         try:
             with self._db.in_flight.one(), self._db.connection(doing) as conn:
                 used.append(conn)
-                with one_sync_transaction(conn, then=WAL_POSITIONS) as afterwards:
+                with one_sync_transaction(conn, then=then) as afterwards:
                     written = run(conn, self.plan(jobs, outcomes), self._projections)
+                if committed is not None:
+                    committed()
                 self._db.durability.after(afterwards.row, conn)
         except StoreError as error:
             if not (used and may_hide_a_commit(used[0], error.__cause__)):
@@ -100,8 +110,9 @@ class BatchAppends:
         yield Step(ASYNC_COMMIT)
         yield Step("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
         streams = list(dict.fromkeys(job.request.aggregate_id for _, job in jobs))
-        last_position: int = (yield Step(self._sql.last_position, rows=True))[0][0]
-        versions: dict[str, int] = dict((yield Step(self._sql.versions_of, [streams], True)))
+        heads = yield Step(self._sql.heads_of, [streams], rows=True)  # one round trip
+        last_position: int = heads[0][0]
+        versions: dict[str, int] = {stream: version for _, stream, version in heads}
         self._predictor.observed(last_position)
         written = []
         for at, job in jobs:

@@ -44,6 +44,10 @@ FLUSH_IF_WAITED = (
     " ELSE pg_current_wal_flush_lsn()::text END) AS flush(flushed)"
 )
 
+# Sent after an asynchronous COMMIT in the same message, when a flush is needed anyway
+# (a batch's): the flush, as a row of WAL_POSITIONS that needs no more waiting.
+FLUSH_NOW = f"SELECT flushed, flushed FROM ({FLUSH}) AS flush(flushed)"
+
 # after a synchronous COMMIT, the server's flush position, which is past it: a row of
 # WAL_POSITIONS that needs no flush
 FLUSHED = "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_flush_lsn()::text"

@@ -62,6 +62,7 @@ from .session import (
     one_sync_transaction,
     take_turn,
 )
+from .thread_batches import ThreadBatches
 
 
 class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
@@ -103,6 +104,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             self.channel,
             self.look_up_sent,
         )
+        #: concurrent commits of this process's threads share a transaction
+        self.thread_batches: ThreadBatches[tuple[AppendJob, CommitCall], Committed] = ThreadBatches(
+            lambda item: self._commit_job(*item), self._commit_together, _interrupted
+        )
         #: the async store hands this store its tasks' concurrent commits together
         self.shares_commits = True
         self._listener = Listener(db.conninfo, self.channel)
@@ -124,7 +129,13 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
     ) -> Committed:
         call = CommitCall(request, projection_store, project)
         job = self.prepare(call)
-        return job if isinstance(job, Committed) else self._commit_job(job, call)
+        if isinstance(job, Committed):
+            return job
+        # a batch would write a keyed append alone anyway; a thread in a turn holds a
+        # connection already, which a batch's writer might otherwise wait for in the pool
+        if request.idempotency_key is not None or getattr(self._db.pinned, "conn", None):
+            return self._commit_job(job, call)
+        return self.thread_batches.commit((job, call))
 
     def _commit_job(self, job: AppendJob, call: CommitCall) -> Committed:
         recorded, effects, fresh = self._append_resolved(job)
@@ -139,13 +150,15 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         # checked and encoded once, however each goes
         prepared, outcomes = self.prepare_many(calls, lambda c: c.request.idempotency_key is None)
         if len(prepared) > 1:
-            outcomes.update(self.batch_appends.append(list(prepared.items())))
+            places = list(prepared)
+            together = self._commit_together([(prepared[at], calls[at]) for at in places])
+            outcomes.update(zip(places, together, strict=True))
         results: list[Committed | Exception] = []
         for at, call in enumerate(calls):
             outcome = outcomes.get(at)
-            try:
-                if outcome is None:
-                    ready = prepared.get(at)
+            if outcome is None:
+                ready = prepared.get(at)
+                try:
                     outcome = (
                         self._commit_job(ready, call)
                         if ready is not None
@@ -155,8 +168,29 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
                             project=call.project,
                         )
                     )
-                elif isinstance(outcome, Committed) and at in prepared:
-                    project_elsewhere(outcome, call.projection_store, self._shared(call))
+                except Exception as error:
+                    outcome = error
+            results.append(outcome)
+        return results
+
+    def _commit_together(
+        self,
+        items: list[tuple[AppendJob, CommitCall]],
+        committed: Callable[[], None] | None = None,
+    ) -> list[Committed | Exception]:
+        """Prepared appends in one transaction (``committed`` as for
+        ``BatchAppends.append``); those the batch could not write (a row the server
+        refused, a lost connection with nothing stored) go one by one."""
+        jobs = list(enumerate(job for job, _ in items))
+        outcomes = self.batch_appends.append(jobs, committed)
+        results: list[Committed | Exception] = []
+        for at, (job, call) in enumerate(items):
+            outcome = outcomes.get(at)
+            try:
+                if outcome is None:
+                    outcome = self._commit_job(job, call)
+                elif isinstance(outcome, Committed):
+                    project_elsewhere(outcome, call.projection_store, job.shared)
             except Exception as error:
                 outcome = error
             results.append(outcome)
@@ -437,3 +471,13 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         connection."""
         self._listener.close()
         self._db.close()
+
+
+def _interrupted(item: tuple[AppendJob, CommitCall], error: BaseException) -> Exception:
+    """What a thread is told when the thread writing its batch was interrupted."""
+    job = item[0]
+    problem = f"the thread committing a batch with this append was interrupted ({error!r})"
+    if not job.sent:
+        return StoreError(f"{problem} before anything of it was sent; nothing was stored")
+    ids = [record.event_id for record in job.sent[-1][0]]
+    return CommitUnknown(problem, job.request.aggregate_id, ids)

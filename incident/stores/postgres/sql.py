@@ -42,9 +42,11 @@ class EventStatements:
             f" (SELECT coalesce(max(position), 0) FROM {events})"
         )
         self.last_position = f"SELECT coalesce(max(position), 0) FROM {events}"
-        self.versions_of = (
-            f"SELECT aggregate_id, max(version) FROM {events}"
-            " WHERE aggregate_id = ANY(%s::text[]) GROUP BY aggregate_id"
+        # a batch's heads, one row per stream: the log's last position and its version
+        self.heads_of = (
+            f"SELECT (SELECT coalesce(max(position), 0) FROM {events}), stream,"
+            f" (SELECT coalesce(max(version), 0) FROM {events} WHERE aggregate_id = stream)"
+            " FROM unnest(%s::text[]) AS streams (stream)"
         )
         self.by_ids = (
             f"SELECT {_EVENT_COLUMNS} FROM {events} WHERE event_id = ANY(%s::uuid[])"

@@ -26,12 +26,10 @@ nothing of the batch was written and every caller of the batch gets the error.
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
-from ..._forks import renew_in_forked_children
+from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
 from .database import Database
 
 __all__ = ["MAX_BATCH_EVENTS", "MAX_BATCH_REQUESTS", "GroupCommit"]
@@ -44,37 +42,8 @@ R = TypeVar("R")
 MAX_BATCH_REQUESTS = 64
 MAX_BATCH_EVENTS = 4096
 
-# where a caller's append is; every change happens under GroupCommit._mutex
-_QUEUED = 0  # waiting in the queue
-_LEADS = 1  # first in the queue and handed the lead: it takes the next batch
-_TAKEN = 2  # in a batch a leader is writing
-_DONE = 3  # its outcome is final (the batch's transaction is over)
 
-
-class _Ticket(Generic[T, R]):
-    """One caller's append, its place in the queue and, once its batch is over, its
-    outcome. A follower sleeps on ``wake`` (a lock taken at creation), released once:
-    when its outcome is final, or when it is handed the lead."""
-
-    __slots__ = ("error", "item", "result", "size", "state", "wake")
-
-    def __init__(self, item: T, size: int) -> None:
-        self.item = item
-        self.size = size
-        self.state = _QUEUED
-        self.wake: Any = None  # threading.Lock, for a follower only
-        self.result: R | None = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> R:
-        error = self.error
-        if error is not None:
-            self.error = None  # no cycle through the traceback
-            raise error
-        return self.result  # type: ignore[return-value]  # set whenever error is not
-
-
-class GroupCommit(Generic[T, R]):
+class GroupCommit(Combiner[T, R]):
     """Commits the appends of concurrent callers on one database together (see the
     module). ``write(conn, items)`` writes appends inside the open transaction and
     returns each one's outcome (its result, or the error that kept it out, with nothing
@@ -106,21 +75,13 @@ class GroupCommit(Generic[T, R]):
         self.max_events = max_events
         self.transactions = 0
         self.appends = 0
-        self._renew()
-        renew_in_forked_children(self._renew)
-
-    def _renew(self) -> None:
-        """A fresh queue (also in a forked child: a parent's thread may have been
-        leading, and the child has no such thread to finish the batch or hand on)."""
-        self._mutex = threading.Lock()
-        self._queue: deque[_Ticket[T, R]] = deque()
-        self._busy = False  # a leader is writing, or has been handed the lead
+        super().__init__()
 
     @property
     def queued(self) -> int:
         """How many appends wait for a leader to take them (a batch in flight excluded)."""
-        with self._mutex:
-            return sum(1 for ticket in self._queue if ticket.state != _TAKEN)
+        with self.mutex:
+            return sum(1 for ticket in self.queue if ticket.state != TAKEN)
 
     def commit(self, item: T, size: int = 1) -> R:
         """Write ``item`` (``size`` events) in the next commit and return its outcome
@@ -129,27 +90,26 @@ class GroupCommit(Generic[T, R]):
         outside the queue and its counts."""
         if not self.shared:
             return self._transaction_of_one(item)
-        ticket: _Ticket[T, R] = _Ticket(item, size)
-        with self._mutex:
-            alone = not self._busy
-            self._busy = True
+        ticket: Ticket[T, R] = Ticket(item, size)
+        with self.mutex:
+            alone = not self.busy
+            self.busy = True
             if alone:
                 # no batch in flight, so the queue is empty: this caller leads at once,
                 # on its own thread, and its append is written without a savepoint
-                ticket.state = _TAKEN
+                ticket.state = TAKEN
             else:
-                ticket.wake = threading.Lock()
-                ticket.wake.acquire()
-                self._queue.append(ticket)
+                ticket.sleeper()
+                self.queue.append(ticket)
         if alone:
             self._write_batch(ticket, [ticket])
             return ticket.outcome()
         try:
             ticket.wake.acquire()
         except BaseException:
-            self._abandon(ticket)
+            self.abandon(ticket)
             raise
-        if ticket.state != _DONE:
+        if ticket.state != DONE:
             self._lead(ticket)
         return ticket.outcome()
 
@@ -166,21 +126,20 @@ class GroupCommit(Generic[T, R]):
                 except Exception as error:
                     outcomes.append(error)
             return outcomes
-        tickets: list[_Ticket[T, R]] = [_Ticket(item, size) for item, size in items]
+        tickets: list[Ticket[T, R]] = [Ticket(item, size) for item, size in items]
         for ticket in tickets:
-            ticket.wake = threading.Lock()
-            ticket.wake.acquire()
-        with self._mutex:
-            idle = not self._busy
+            ticket.sleeper()
+        with self.mutex:
+            idle = not self.busy
             alone = idle and len(tickets) <= self.max_requests
-            self._busy = True
+            self.busy = True
             if alone:  # no batch in flight: these are the batch
                 for ticket in tickets:
-                    ticket.state = _TAKEN
+                    ticket.state = TAKEN
             else:
-                self._queue.extend(tickets)
+                self.queue.extend(tickets)
                 if idle:  # too many for one batch: the first leads at once
-                    self._hand_on()
+                    self.hand_on()
         try:
             if alone:
                 self._write_batch(tickets[0], list(tickets))  # a batch grows as written
@@ -189,12 +148,12 @@ class GroupCommit(Generic[T, R]):
                 # of this caller's still queued when the lead comes to it)
                 for ticket in tickets:
                     ticket.wake.acquire()
-                    if ticket.state != _DONE:
+                    if ticket.state != DONE:
                         self._lead(ticket)
         except BaseException:
             for ticket in tickets:  # none left queued for a caller who is gone
-                if ticket.state != _DONE:
-                    self._abandon(ticket)
+                if ticket.state != DONE:
+                    self.abandon(ticket)
             raise
         outcomes = []
         for ticket in tickets:
@@ -214,74 +173,54 @@ class GroupCommit(Generic[T, R]):
         except sqlite3.Error as error:
             raise db.store_error(error) from error
 
-    def _abandon(self, ticket: _Ticket[T, R]) -> None:
-        """A follower interrupted while waiting (KeyboardInterrupt, say): an append not
-        yet taken leaves the queue unwritten, and a lead it was handed goes on to the
-        next caller. One already taken is written or not with its batch; no one is told."""
-        with self._mutex:
-            if ticket.state in (_QUEUED, _LEADS):
-                self._queue.remove(ticket)
-                if ticket.state == _LEADS:
-                    self._hand_on()
-            ticket.state = _DONE
-
-    def _hand_on(self) -> None:
-        """Under the mutex, the lead passes to the first caller queued, or lapses."""
-        if self._queue:
-            first = self._queue[0]
-            first.state = _LEADS
-            first.wake.release()
-        else:
-            self._busy = False
-
-    def _lead(self, ticket: _Ticket[T, R]) -> None:
-        with self._mutex:
+    def _lead(self, ticket: Ticket[T, R]) -> None:
+        with self.mutex:
             # the lead goes to the first caller queued, so this caller's append is first
-            batch: list[_Ticket[T, R]] = []
+            batch: list[Ticket[T, R]] = []
             self._take(batch)
         assert batch[0] is ticket
         self._write_batch(ticket, batch)
 
-    def _take(self, batch: list[_Ticket[T, R]]) -> list[_Ticket[T, R]]:
+    def _take(self, batch: list[Ticket[T, R]]) -> list[Ticket[T, R]]:
         """Under the mutex, move queued appends into the batch, in queue order, within its
         bounds (its first append whatever its size); returns those taken."""
         events = sum(taken.size for taken in batch)
         start = len(batch)
-        while self._queue and len(batch) < self.max_requests:
-            events += self._queue[0].size
+        while self.queue and len(batch) < self.max_requests:
+            events += self.queue[0].size
             if events > self.max_events and batch:
                 break
-            taken = self._queue.popleft()
-            taken.state = _TAKEN
+            taken = self.queue.popleft()
+            taken.state = TAKEN
             batch.append(taken)
         return batch[start:]
 
-    def _write_batch(self, ticket: _Ticket[T, R], batch: list[_Ticket[T, R]]) -> None:
+    def _write_batch(self, ticket: Ticket[T, R], batch: list[Ticket[T, R]]) -> None:
         """Write the batch ``ticket`` leads (it grows while it is written: see ``_run``),
         then wake the others with their outcomes and hand the lead on."""
         try:
             self._run(batch)
         finally:
-            with self._mutex:
-                if ticket.state != _DONE:
+            with self.mutex:
+                if ticket.state != DONE:
                     # interrupted (KeyboardInterrupt, say) before every outcome was
                     # known: if the batch is not in the log, the others go back, first
                     # in line, for the next leader; this caller's own append leaves
                     # with its interruption
                     if not self._in_log(batch):
                         for other in reversed(batch[1:]):
-                            other.state = _QUEUED
+                            other.state = QUEUED
                             other.result = other.error = None
-                            self._queue.appendleft(other)
+                            self.queue.appendleft(other)
                         del batch[1:]
                     for done in batch:
-                        done.state = _DONE
-                self._hand_on()
+                        done.state = DONE
+                self.hand_on()
             if len(batch) > 1:
                 for done in batch[1:]:
                     done.wake.release()
 
-    def _in_log(self, batch: list[_Ticket[T, R]]) -> bool:
+    def _in_log(self, batch: list[Ticket[T, R]]) -> bool:
         """After an interruption: whether the batch committed (the interruption came
         once COMMIT had returned), read back from the log; the transaction is over
         either way, so the batch is in the log whole or not at all."""
@@ -297,7 +236,7 @@ class GroupCommit(Generic[T, R]):
                 ticket.error = self._own(error)
             return True
 
-    def _run(self, batch: list[_Ticket[T, R]]) -> None:
+    def _run(self, batch: list[Ticket[T, R]]) -> None:
         """One transaction for the batch, every ticket ending with its outcome. A first
         part of one append (a writer alone) is written as it is: its error undoes the
         transaction, which holds nothing else. Then, before COMMIT, whatever queued
@@ -312,8 +251,8 @@ class GroupCommit(Generic[T, R]):
                     batch[0].result = self._one(conn, batch[0].item)
                 else:
                     self._write_part(conn, batch[:])
-                while self._queue:  # read without the mutex: one missed waits its turn
-                    with self._mutex:
+                while self.queue:  # read without the mutex: one missed waits its turn
+                    with self.mutex:
                         part = self._take(batch)
                     if not part:
                         break
@@ -327,11 +266,11 @@ class GroupCommit(Generic[T, R]):
         else:
             self.transactions += 1
         for ticket in batch:
-            ticket.state = _DONE
+            ticket.state = DONE
             if ticket.error is None:
                 self.appends += 1
 
-    def _write_part(self, conn: sqlite3.Connection, part: list[_Ticket[T, R]]) -> None:
+    def _write_part(self, conn: sqlite3.Connection, part: list[Ticket[T, R]]) -> None:
         outcomes = self._bulk(conn, [t.item for t in part]) if len(part) > 1 else None
         if outcomes is None:
             for ticket in part:
@@ -356,7 +295,7 @@ class GroupCommit(Generic[T, R]):
                 raise  # the transaction is gone or must not commit
             return None
 
-    def _in_savepoint(self, conn: sqlite3.Connection, ticket: _Ticket[T, R]) -> None:
+    def _in_savepoint(self, conn: sqlite3.Connection, ticket: Ticket[T, R]) -> None:
         """One append of the batch in its own savepoint: its error undoes it alone."""
         savepoint = self._db.savepoint(conn)
         try:
