@@ -78,7 +78,7 @@ class CommitMany:
                 outcomes[at] = error
 
         with batches.mutex:
-            batches.busy = True
+            batches.in_flight = batches.depth  # as if commits were in flight: all queue
         threads = []
         for at, one in enumerate(calls):
             if one.request.idempotency_key is None:
@@ -91,6 +91,7 @@ class CommitMany:
                     assert time.monotonic() < deadline
                     time.sleep(0.001)
         with batches.mutex:
+            batches.in_flight -= batches.depth - 1  # one place left: the queue's batch
             batches.hand_on()
         for thread in threads:
             thread.join(30)

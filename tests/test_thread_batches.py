@@ -67,6 +67,7 @@ class Fake:
 @pytest.fixture
 def fake() -> Iterator[Fake]:
     made = Fake()
+    made.batches.depth = 1  # one commit in flight makes the others queue
     yield made
     for event in made.hold.values():
         event.set()
@@ -127,34 +128,44 @@ def test_a_batch_is_bounded_and_the_rest_goes_in_the_next(fake: Fake) -> None:
     fake.batches.max_batch = 2
     leader, callers = queue_behind(fake, "first", ["b", "c", "d", "e", "f"])
     assert leader.result() == "first alone"
-    assert [caller.result() for caller in callers] == [f"{x} batched" for x in "bcdef"]
-    assert fake.calls[1:] == [("many", ["b", "c"]), ("many", ["d", "e"]), ("many", ["f"])]
+    outcomes = [caller.result() for caller in callers]
+    assert outcomes == [f"{x} batched" for x in "bcde"] + ["f alone"]  # left alone: one
+    assert fake.calls[1:] == [("many", ["b", "c"]), ("many", ["d", "e"]), ("one", ["f"])]
+
+
+def test_threads_queue_once_two_commits_are_in_flight(fake: Fake) -> None:
+    """By default two commits go at once (one written while the other's flush is under
+    way, as the server runs them); the third and later queue for a batch."""
+    fake.batches.depth = 2
+    releases = [fake.held("first"), fake.held("second")]
+    first, second = Caller(fake.batches, "first"), Caller(fake.batches, "second")
+    until(lambda: {"first", "second"} <= fake.entered)
+    third = Caller(fake.batches, "third")
+    until(lambda: len(fake.batches.queue) == 1)
+    fourth = Caller(fake.batches, "fourth")
+    until(lambda: len(fake.batches.queue) == 2)
+    releases[0].set()
+    assert first.result() == "first alone"
+    assert (third.result(), fourth.result()) == ("third batched", "fourth batched")
+    releases[1].set()
+    assert second.result() == "second alone"
+    assert fake.calls[2:] == [("many", ["third", "fourth"])]
 
 
 def test_the_lead_moves_on_once_a_batch_has_committed_not_once_it_is_flushed(
     fake: Fake,
 ) -> None:
-    """A batch held after ``committed()`` (its flush, say) does not keep the next one
+    """A batch held after ``committed()`` (its flush, say) does not keep the next commit
     from being written; its callers are answered only once it is over."""
     leader, (held, other) = queue_behind(fake, "first", ["held", "other"])
     release = fake.held("held")
     assert leader.result() == "first alone"
     until(lambda: "held" in fake.entered)
-    late = Caller(fake.batches, "late")  # the lead is free: the batch has committed
-    assert late.result() == "late batched"  # while the lone commit's batch is contended
+    late = Caller(fake.batches, "late")  # its place in flight is free: the batch committed
+    assert late.result() == "late alone"
     assert held.thread.is_alive() and other.thread.is_alive()  # not answered yet
     release.set()
     assert (held.result(), other.result()) == ("held batched", "other batched")
-
-
-def test_a_commit_soon_after_threads_queued_goes_in_a_batch_of_its_own(fake: Fake) -> None:
-    """Under contention a commit that finds none in flight still goes through ``many``
-    (which lets the lead go before its flush); without it, through ``one`` again."""
-    leader, callers = queue_behind(fake, "first", ["b"])
-    leader.result(), callers[0].result()
-    assert fake.batches.commit("soon") == "soon batched"
-    fake.batches.CONTENDED = 0.0
-    assert fake.batches.commit("quiet") == "quiet alone"
 
 
 def test_a_batch_that_fails_as_a_whole_tells_every_caller(fake: Fake) -> None:
@@ -163,7 +174,7 @@ def test_a_batch_that_fails_as_a_whole_tells_every_caller(fake: Fake) -> None:
     assert leader.result() == "first alone"
     assert all(caller.result() is fake.fail_many for caller in callers)
     fake.fail_many = None
-    assert fake.batches.commit("after") == "after batched"  # the lead lapsed, nothing stuck
+    assert fake.batches.commit("after") == "after alone"  # the lead lapsed, nothing stuck
 
 
 def test_an_interrupted_batch_tells_the_others_their_outcome_is_unknown(fake: Fake) -> None:
@@ -176,7 +187,6 @@ def test_an_interrupted_batch_tells_the_others_their_outcome_is_unknown(fake: Fa
     told = other.result()
     assert isinstance(told, RuntimeError) and str(told).startswith("other: KeyboardInterrupt")
     fake.fail_many = None
-    fake.batches.CONTENDED = 0.0
     assert fake.batches.commit("after") == "after alone"
 
 
@@ -193,7 +203,7 @@ def test_a_queued_caller_that_gives_up_leaves_the_queue_unwritten(fake: Fake) ->
     after = Caller(fake.batches, "after")
     until(lambda: len(fake.batches.queue) == 1)
     release.set()
-    assert leader.result() == "first alone" and after.result() == "after batched"
+    assert leader.result() == "first alone" and after.result() == "after alone"
     ticket.wake.release()  # the abandoned caller's thread, still parked, is let go
     gone.result()
     assert all("gone" not in items for _, items in fake.calls)

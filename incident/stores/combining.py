@@ -80,14 +80,15 @@ class Combiner(Generic[T, R]):
             ticket.state = DONE
 
     def hand_on(self) -> None:
-        """Under the mutex: the lead passes to the first caller queued, or lapses."""
-        if self.queue:
-            first = self.queue[0]
-            first.state = LEADS
-            first.wake.release()
-            self.handed_on()
-        else:
-            self.busy = False
+        """Under the mutex: the lead passes to the first caller queued and not handed a
+        lead already (one may be, where several commits can be in flight), or lapses."""
+        for ticket in self.queue:
+            if ticket.state == QUEUED:
+                ticket.state = LEADS
+                ticket.wake.release()
+                return
+        self.lapsed()
 
-    def handed_on(self) -> None:
-        """Under the mutex, the lead having just passed to a queued caller."""
+    def lapsed(self) -> None:
+        """Under the mutex: the lead lapses, with nobody queued."""
+        self.busy = False

@@ -22,6 +22,7 @@ themselves (their key's earlier outcome is read under the lock).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from ...errors import CommitUnknown, StoreError
 from ...messages import Projection
@@ -76,11 +77,17 @@ class BatchAppends:
         written: list[tuple[int, AppendJob]] = []
         used: list[Connection] = []
         then = FLUSH_NOW if committed is None else WAL_POSITIONS
+        # while the store predicts, this process's appends take turns, so that a batch
+        # never makes a lone append's guess of the last position wrong
+        turn = self._db.append_turns if self._predictor.predicting else nullcontext()
         try:
             with self._db.in_flight.one(), self._db.connection(doing) as conn:
                 used.append(conn)
-                with one_sync_transaction(conn, then=then) as afterwards:
-                    written = run(conn, self.plan(jobs, outcomes), self._projections)
+                with turn:
+                    with one_sync_transaction(conn, then=then) as afterwards:
+                        written = run(conn, self.plan(jobs, outcomes), self._projections)
+                    if written:  # committed: the next guess starts after it
+                        self._predictor.committed(written[-1][1].sent[-1][0][-1].position)
                 if committed is not None:
                     committed()
                 self._db.durability.after(afterwards.row, conn)

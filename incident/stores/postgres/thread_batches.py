@@ -1,16 +1,17 @@
 """Concurrent commits of one process's threads in one Postgres transaction.
 
 A combining writer, as on SQLite (:mod:`incident.stores.sqlite.group_commit`), without a
-writer thread. A thread whose commit finds none of this store's commits in flight
-commits alone, on its own thread, by the path it always took (predicted, numbered, or
-locked: :mod:`.events`), so a single writer pays one mutex for this. A thread that finds
-one in flight queues and sleeps. When a commit is over, the lead goes to the first
-thread queued, which takes everything queued since (up to ``max_batch``) and commits it
-as one batch (:mod:`.batch`: one lock, two round trips, one flush), or alone when it is
-the only one; then it wakes each of the others with its own outcome, only once that
-outcome is durable, and hands the lead on. So while one commit waits for its fsync the
-next batch gathers, and eight threads put several commands in each transaction instead
-of queueing one by one for the schema's append lock.
+writer thread. Up to ``depth`` (two) commits of a store go at once, each on its own
+thread, by the path a commit always took (predicted, numbered, or locked:
+:mod:`.events`): one can be written while the other's flush is under way, so a single
+writer, and two, pay one mutex for this. A thread that finds that many in flight queues
+and sleeps. When a commit in flight is over, its place goes to the first thread queued,
+which takes everything queued since (up to ``max_batch``) and commits it as one batch
+(:mod:`.batch`: one lock, two round trips, one flush), or by the usual path when it is
+alone. A batch gives its place on as soon as its transaction has committed, before its
+flush, and wakes each of the others with its own outcome only once that flush has
+covered it. So eight threads put several commands in each transaction instead of
+queueing one by one for the schema's append lock.
 
 Two kinds of append do not queue (:meth:`.events.PostgresEventStore.commit`): those
 under an idempotency key (a batch writes them one by one anyway), and those of a thread
@@ -21,11 +22,11 @@ batches, and the append lock orders them.
 
 from __future__ import annotations
 
-import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..combining import DONE, TAKEN, Combiner, Ticket
+from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
 
 __all__ = ["MAX_BATCH", "ThreadBatches"]
 
@@ -38,18 +39,18 @@ MAX_BATCH = 64
 
 
 class ThreadBatches(Combiner[T, R]):
-    """``commit(item)`` through ``one(item)`` when no other commit is in flight, else in
-    a batch that ``many(items, committed)`` writes (each item's outcome, in order, or the
-    error that kept it out), calling ``committed()`` once its transaction has committed
-    and before it waits for the flush: the lead is handed on then, so the next batch is
-    written while this one's flush is under way. While threads have queued in the last
-    ``CONTENDED`` seconds, a commit that finds none in flight goes through ``many`` too
-    (a lone commit by ``one`` would hold the schema's lock through its fsync).
+    """``commit(item)`` through ``one(item)`` while fewer than ``depth`` commits are in
+    flight, else queued for a batch that ``many(items, committed)`` writes (each item's
+    outcome, in order, or the error that kept it out), calling ``committed()`` once its
+    transaction has committed and before it waits for the flush: its place in flight is
+    handed on then. A queued commit taken alone goes through ``one``.
     ``interrupted(item, error)`` is what a caller of a batch is told when the thread
     writing it was interrupted (KeyboardInterrupt) before the outcome was known.
     ``batches`` and ``batched`` count the batches written by ``many`` and their commits."""
 
-    CONTENDED = 0.1
+    #: commits in flight before threads queue: one written while another one's flush
+    #: is under way
+    depth = 2
 
     def __init__(
         self,
@@ -68,43 +69,52 @@ class ThreadBatches(Combiner[T, R]):
         super().__init__()
 
     def commit(self, item: T) -> R:
-        ticket: Ticket[T, R] = Ticket(item)
         with self.mutex:
-            alone = not self.busy
-            self.busy = True
-            if alone:
-                ticket.state = TAKEN
-                contended = time.monotonic() - self.queued_at < self.CONTENDED
+            direct = self.in_flight < self.depth  # then nobody is queued either
+            if direct:
+                self.in_flight += 1
             else:
-                self.queue.append(ticket.sleeper())
-        if alone and not contended:
+                ticket: Ticket[T, R] = Ticket(item).sleeper()
+                self.queue.append(ticket)
+        if direct:
             try:
                 return self._one(item)
             finally:
                 with self.mutex:
-                    self.hand_on()
-        if not alone:
-            try:
-                ticket.wake.acquire()
-            except BaseException:
-                self.abandon(ticket)
-                raise
-            if ticket.state == DONE:
-                return ticket.outcome()
-            with self.mutex:  # handed the lead: take the next batch, this one first
-                batch = self._take()
-            assert batch[0] is ticket
-        else:
-            batch = [ticket]
-        self._lead(batch)
-        return ticket.outcome()
+                    self.hand_on()  # its place in flight goes to the first queued
+        try:
+            ticket.wake.acquire()
+        except BaseException:
+            self.abandon(ticket)
+            raise
+        if ticket.state == DONE:
+            return ticket.outcome()
+        with self.mutex:  # handed a place in flight: take the next batch, this one first
+            batch = self._take(ticket)
+        if len(batch) > 1:
+            self._lead(batch)
+            return ticket.outcome()
+        try:  # alone after all: its own way, as a direct commit
+            return self._one(item)
+        finally:
+            with self.mutex:
+                ticket.state = DONE
+                self.hand_on()
 
-    def _take(self) -> list[Ticket[T, R]]:
-        batch: list[Ticket[T, R]] = []
-        while self.queue and len(batch) < self.max_batch:
-            taken = self.queue.popleft()
-            taken.state = TAKEN
-            batch.append(taken)
+    def _take(self, ticket: Ticket[T, R]) -> list[Ticket[T, R]]:
+        """Under the mutex: the batch ``ticket`` leads, in queue order after it, leaving
+        out a caller handed a lead of its own."""
+        batch, rest = [ticket], deque[Ticket[T, R]]()
+        ticket.state = TAKEN
+        for other in self.queue:
+            if other is ticket:
+                continue
+            if other.state == QUEUED and len(batch) < self.max_batch:
+                other.state = TAKEN
+                batch.append(other)
+            else:
+                rest.append(other)
+        self.queue = rest
         return batch
 
     def _lead(self, batch: list[Ticket[T, R]]) -> None:
@@ -148,7 +158,7 @@ class ThreadBatches(Combiner[T, R]):
 
     def renew(self) -> None:
         super().renew()
-        self.queued_at = -1.0  # when a lead last passed to a queued thread
+        self.in_flight = 0  # commits under way, direct or batches, at most ``depth``
 
-    def handed_on(self) -> None:
-        self.queued_at = time.monotonic()
+    def lapsed(self) -> None:
+        self.in_flight -= 1
