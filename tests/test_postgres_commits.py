@@ -58,10 +58,10 @@ def reply_lost_after_commit(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> 
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return results
 
-    original_message = postgres_numbered.one_message_transaction
+    original_message = postgres_numbered.prepared_message_transaction
     monkeypatch.setattr(postgres_events, "one_sync_transaction", commit_then_lose)
     # appends the database numbers send their transaction as one message
-    monkeypatch.setattr(postgres_numbered, "one_message_transaction", sent_then_lost)
+    monkeypatch.setattr(postgres_numbered, "prepared_message_transaction", sent_then_lost)
     return hidden
 
 

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_sqlite_group_commit import account as account_row
 
 import incident
 from incident.examples import bank
-from incident.stores.postgres import PostgresEventStore
+from incident.stores.postgres import PostgresEventStore, session
 
 pytestmark = pytest.mark.postgres
 
@@ -268,3 +269,41 @@ def test_a_lone_predicting_writer_commits_synchronously_on_the_predicted_path(
     taken = paths(store, monkeypatch)
     append(store, "alone", 6)
     assert taken == ["numbered"]
+
+
+def session_statements(store: PostgresEventStore) -> tuple[Any, set[str]]:
+    """The pool's one connection, and the incident statements its session holds."""
+    with store._db.pool.connection() as conn:
+        rows = conn.execute(session.PREPARED_NAMES).fetchall()
+    return conn, {name for (name,) in rows}
+
+
+@pytest.mark.parametrize("out_of_step", ["deallocated", "forgotten"])
+def test_the_numbered_message_runs_prepared_statements_and_survives_losing_track(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, out_of_step: str
+) -> None:
+    """The one message EXECUTEs statements prepared once per session (the server parses
+    and plans them once). When the session and the connection's memory of it disagree,
+    as after psycopg's own DEALLOCATE ALL (it sends one on a rollback), or the other
+    way round, the append still goes through, once, and the memory is right again."""
+    store = incident.open_event_store(postgres_url, pool_size=1)
+    assert isinstance(store, PostgresEventStore)
+    store.types.register(*bank.bank_account.event_types)
+    try:
+        append(store, "made", 0, account_row)  # the projection table: the client's path
+        taken = paths(store, monkeypatch)
+        append(store, "a", 0, account_row)
+        conn, prepared = session_statements(store)
+        assert len(prepared) == 3  # append_numbered, the event insert, the upsert
+        assert conn.__dict__["incident_prepared"] == prepared
+        if out_of_step == "deallocated":
+            with store._db.pool.connection() as same:
+                same.execute("DEALLOCATE ALL")
+        else:
+            conn.__dict__["incident_prepared"] = set()
+        append(store, "b", 0, account_row)
+        assert taken == ["numbered", "numbered"]
+        assert [r.aggregate_id for r in store.read_all()] == ["made"] * 2 + ["a"] * 2 + ["b"] * 2
+        assert session_statements(store)[1] == prepared == conn.__dict__["incident_prepared"]
+    finally:
+        store.close()

@@ -47,7 +47,17 @@ from .batch import Outcomes
 from .durability import FLUSH_IF_WAITED, FLUSHED, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
 from .plans import Plan, Tables, next_step
-from .session import BEGIN, AsyncConnection, may_hide_a_commit, message_text
+from .session import (
+    BEGIN,
+    OUT_OF_STEP,
+    PREPARED_NAMES,
+    AsyncConnection,
+    learned_prepared,
+    may_hide_a_commit,
+    message_text,
+    to_prepare,
+    was_prepared,
+)
 
 __all__ = ["AsyncBatchAppends"]
 
@@ -269,19 +279,31 @@ class AsyncBatchAppends:
 async def _one_message_transaction(
     conn: AsyncConnection, statements: Sequence[tuple[str, Sequence[Any]]]
 ) -> list[list[tuple[Any, ...]] | None]:
-    """``one_message_transaction`` of :mod:`.session` with FLUSH_IF_WAITED, awaited."""
-    cursor = psycopg.AsyncClientCursor(conn)
-    try:
-        await cursor.execute(message_text(cursor, statements, FLUSH_IF_WAITED))
-        results: list[list[tuple[Any, ...]] | None] = []
-        while True:
-            results.append(await cursor.fetchall() if cursor.description else None)
-            if not cursor.nextset():
-                break
-    except BaseException:
-        await _roll_back(conn)
-        raise
-    return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
+    """``prepared_message_transaction`` of :mod:`.session` with FLUSH_IF_WAITED, awaited."""
+    for attempt in range(2):
+        try:
+            missing, calls = to_prepare(conn, statements)
+            for statement in missing:  # once per session and statement, outside a transaction
+                await conn.execute(statement.prepare)
+                was_prepared(conn, statement)
+            cursor = psycopg.AsyncClientCursor(conn)
+            try:
+                await cursor.execute(message_text(cursor, calls, FLUSH_IF_WAITED))
+                results: list[list[tuple[Any, ...]] | None] = []
+                while True:
+                    results.append(await cursor.fetchall() if cursor.description else None)
+                    if not cursor.nextset():
+                        break
+            except BaseException:
+                await _roll_back(conn)
+                raise
+            return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
+        except OUT_OF_STEP:
+            if attempt:
+                raise
+            await _roll_back(conn)
+            learned_prepared(conn, await (await conn.execute(PREPARED_NAMES)).fetchall())
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _roll_back(conn: AsyncConnection) -> None:

@@ -28,7 +28,7 @@ from .database import Database
 from .durability import FLUSH_IF_WAITED
 from .migrations import KEY_USED
 from .projections import PostgresProjectionStore
-from .session import Connection, one_message_transaction
+from .session import Connection, prepared_message_transaction
 from .sql import EventStatements, event_row
 
 _OWED_POSITION = 1  # the position's place in an owed row (OWED_COLUMNS)
@@ -53,7 +53,7 @@ class NumberedAppends:
         if statements is None:
             return None
         try:
-            results = one_message_transaction(conn, statements, then=FLUSH_IF_WAITED)
+            results = prepared_message_transaction(conn, statements, then=FLUSH_IF_WAITED)
         except psycopg.Error as error:
             if self.declined(job, error):
                 return None
