@@ -99,6 +99,20 @@ def writer(spec: Spec, worker: int, app: incident.CommandHandler | None) -> Call
 SHARED: dict[tuple[str, int], list[float]] = {}
 
 
+def commits_so_far(store: Any) -> tuple[int, int]:
+    """(transactions, appends) the store's shared commits have made so far: SQLite's
+    group commit, or a Postgres store's thread batches, whose commits outside a batch
+    are a transaction each (appends counted as events: one per command here)."""
+    group = getattr(store, "group", None)
+    if group is not None:
+        return group.transactions, group.appends
+    batches = getattr(store, "thread_batches", None)
+    if batches is None:
+        return 0, 0
+    appends = store.last_position()
+    return appends - batches.batched + batches.batches, appends
+
+
 def in_threads(spec: Spec, workers: int, commands: int) -> float:
     """Commands per second, ``workers`` threads (sharing one CommandHandler for incident,
     one connection each for raw), from the first start to the last finish."""
@@ -122,14 +136,15 @@ def in_threads(spec: Spec, workers: int, commands: int) -> float:
     threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
     for thread in threads:
         thread.start()
-    group = getattr(app.event_store, "group", None) if app is not None else None
+    store = app.event_store if app is not None else None
     with contextlib.suppress(threading.BrokenBarrierError):
         start.wait()
-    before = (group.transactions, group.appends) if group is not None else (0, 0)
+    before = commits_so_far(store)
     for thread in threads:
         thread.join()
-    if group is not None and group.transactions > before[0]:
-        shared = (group.appends - before[1]) / (group.transactions - before[0])
+    after = commits_so_far(store)
+    if after[0] > before[0]:
+        shared = (after[1] - before[1]) / (after[0] - before[0])
         SHARED.setdefault(("threads", workers), []).append(shared)
     if app is not None:
         app.close()
