@@ -6,6 +6,7 @@ load after which money is conserved and the log has no gap and no duplicate."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +37,9 @@ def free_port() -> int:
 
 
 class Server:
-    """`incident serve` in a process of its own, stopped (SIGINT, then SIGKILL) after."""
+    """`incident serve` in a process group of its own, stopped (SIGINT, then SIGKILL)
+    after; whatever of the group is left then (its worker processes, should the server
+    have died without stopping them) is killed too."""
 
     def __init__(self, store_url: str, *options: str) -> None:
         self.port = free_port()
@@ -48,6 +51,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its workers join its group, which stop() ends
         )
         deadline = time.monotonic() + START
         while True:
@@ -72,6 +76,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # nothing left of the group
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.stderr:
             self.said = self.process.stderr.read().decode()[-4000:]
             self.process.stderr.close()
