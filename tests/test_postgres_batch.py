@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -354,24 +355,11 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
     url = f"{postgres_url}&application_name={name}"
     kills = [0]
     stop = threading.Event()
-
-    def killer() -> None:
-        with psycopg.connect(postgres_admin.info.dsn, autocommit=True) as admin:
-            while not stop.wait(random.uniform(0.01, 0.1)):
-                kills[0] += kill_backends(admin, name)
-
+    killer = partial(kill_until, stop, postgres_admin.info.dsn, name, kills)
     acked: dict[int, list[str]] = {}
     failed: set[int] = set()
     unknown: dict[int, list[str]] = {}
-    looked_up: list[bool] = []  # whether each append in doubt was found stored
-    look_up = PostgresEventStore.look_up_sent
-
-    def counted_look_up(self: PostgresEventStore, *args: Any) -> Any:
-        found = look_up(self, *args)
-        looked_up.append(found is not None)
-        return found
-
-    monkeypatch.setattr(PostgresEventStore, "look_up_sent", counted_look_up)
+    looked_up = count_look_ups(monkeypatch)
 
     async def main() -> tuple[list[Any], int]:
         store = incident.open_async_event_store(url, timeout=3)
@@ -416,6 +404,44 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
             raise AssertionError(f"the store did not work again: {errors}")
 
     log, balance = asyncio.run(main())
+    unknown_stored = storm_verdict(log, acked, failed, unknown)
+    assert balance == sum(acked) + sum(unknown_stored)
+    assert len(acked) > 50 and kills[0] > 0
+    assert looked_up, "no append was in doubt: the kills never landed in one"
+    print(
+        f"\n{len(acked)} acknowledged, {len(failed)} StoreError, {len(unknown)} CommitUnknown"
+        f" ({len(unknown_stored)} stored), {kills[0]} sessions killed; in doubt and looked"
+        f" up: {looked_up.count(True)} found stored, {looked_up.count(False)} not"
+    )
+
+
+def kill_until(stop: threading.Event, dsn: str, name: str, kills: list[int]) -> None:
+    """Terminate the sessions named ``name`` every 10-100 ms until ``stop``, counting."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        while not stop.wait(random.uniform(0.01, 0.1)):
+            kills[0] += kill_backends(admin, name)
+
+
+def count_look_ups(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each append left in doubt by a lost connection was found stored."""
+    looked_up: list[bool] = []
+    look_up = PostgresEventStore.look_up_sent
+
+    def counted_look_up(self: PostgresEventStore, *args: Any) -> Any:
+        found = look_up(self, *args)
+        looked_up.append(found is not None)
+        return found
+
+    monkeypatch.setattr(PostgresEventStore, "look_up_sent", counted_look_up)
+    return looked_up
+
+
+def storm_verdict(
+    log: list[Any], acked: dict[int, list[str]], failed: set[int], unknown: dict[int, list[str]]
+) -> set[int]:
+    """What a storm of killed sessions must leave (deposits by distinct amounts): each
+    acknowledged deposit stored once, none refused with a plain StoreError stored, each
+    CommitUnknown stored whole or not at all. Returns the amounts in doubt that were."""
     deposits = [r for r in log if isinstance(r.data, MoneyDeposited)]
     stored = [r.data.amount for r in deposits]
     assert len(stored) == len(set(stored)), "a deposit was stored twice"
@@ -426,14 +452,84 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
     for event_ids in unknown.values():  # all of its events, or none
         assert set(event_ids) <= ids or not set(event_ids) & ids
     assert set(stored) == set(acked) | unknown_stored
-    assert balance == sum(acked) + sum(unknown_stored)
+    return unknown_stored
+
+
+def test_threads_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledged(
+    postgres_url: str, postgres_admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same storm on the sync path: 8 threads share a CommandHandler, so their
+    commits go in thread batches (one transaction, the place handed on before the
+    flush) while a thread terminates the store's sessions at random moments. Every
+    acknowledged deposit is in the log once, a plain StoreError stored nothing, and
+    each account's balance is what was stored for it."""
+    name = f"thread-storm-{uuid.uuid4().hex[:8]}"
+    store = incident.open_event_store(f"{postgres_url}&application_name={name}", timeout=3)
+    app = bank.build(store)
+    assert isinstance(store, PostgresEventStore)
+    kills, stop = [0], threading.Event()
+    acked: dict[int, list[str]] = {}
+    failed: set[int] = set()
+    unknown: dict[int, list[str]] = {}
+    amounts = iter(range(1, 1201))
+    deadline = time.monotonic() + 30
+    looked_up = count_look_ups(monkeypatch)
+    killer = partial(kill_until, stop, postgres_admin.info.dsn, name, kills)
+
+    def writer(account: str) -> None:
+        for amount in amounts:
+            if time.monotonic() > deadline:
+                return
+            try:
+                recorded = app.dispatch(bank.DepositMoney(aggregate_id=account, amount=amount))
+            except incident.CommitUnknown as error:
+                unknown[amount] = error.event_ids
+            except incident.StoreError:
+                failed.add(amount)
+                time.sleep(0.01)
+            else:
+                acked[amount] = [r.event_id for r in recorded]
+
+    accounts = [f"T{n}" for n in range(8)]
+    for opened in accounts:
+        app.dispatch(bank.OpenAccount(aggregate_id=opened))
+    batched = store.thread_batches.batched
+    threads = [threading.Thread(target=writer, args=(a,)) for a in accounts]
+    killing = threading.Thread(target=killer, daemon=True)
+    killing.start()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        stop.set()
+        killing.join(10)
+    log: list[Any] = []
+    for _ in range(25):  # late terminations: each costs one call, then the store works
+        try:
+            log = list(store.read_all())
+            balances = {a: app.state("bank_account", a).balance for a in accounts}
+            break
+        except incident.StoreError:
+            continue
+    else:
+        raise AssertionError("the store did not work again")
+    unknown_stored = storm_verdict(log, acked, failed, unknown)
+    for each in accounts:
+        mine = [r.data.amount for r in log if r.aggregate_id == each and r.version > 1]
+        assert balances[each] == sum(mine)
+    assert set(acked) | unknown_stored == {r.data.amount for r in log if r.version > 1}
     assert len(acked) > 50 and kills[0] > 0
+    assert store.thread_batches.batched > batched, "no commits were batched"
     assert looked_up, "no append was in doubt: the kills never landed in one"
     print(
         f"\n{len(acked)} acknowledged, {len(failed)} StoreError, {len(unknown)} CommitUnknown"
-        f" ({len(unknown_stored)} stored), {kills[0]} sessions killed; in doubt and looked"
-        f" up: {looked_up.count(True)} found stored, {looked_up.count(False)} not"
+        f" ({len(unknown_stored)} stored), {kills[0]} sessions killed,"
+        f" {store.thread_batches.batched - batched} commits batched; in doubt and looked up:"
+        f" {looked_up.count(True)} found stored, {looked_up.count(False)} not"
     )
+    app.close()
 
 
 def test_a_lone_keyed_commit_goes_on_the_loop_and_is_stored_once(postgres_url: str) -> None:
