@@ -148,8 +148,9 @@ class ThreadBatches(Combiner[T, R]):
             for other in batch[1:]:
                 other.error = self._interrupted(other.item, error)
             raise
-        self.batches += 1
-        self.batched += len(batch)
+        with self.mutex:  # two batches can end at once
+            self.batches += 1
+            self.batched += len(batch)
         for ticket, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 ticket.error = outcome
