@@ -66,7 +66,6 @@ class Combiner(Generic[T, R]):
         leading, and the child has no such thread to finish the batch or hand on)."""
         self.mutex = threading.Lock()
         self.queue: deque[Ticket[T, R]] = deque()
-        self.busy = False  # a leader is writing, or has been handed the lead
 
     def abandon(self, ticket: Ticket[T, R]) -> None:
         """A queued caller interrupted while it waited (KeyboardInterrupt, say): a commit
@@ -90,5 +89,6 @@ class Combiner(Generic[T, R]):
         self.lapsed()
 
     def lapsed(self) -> None:
-        """Under the mutex: the lead lapses, with nobody queued."""
-        self.busy = False
+        """Under the mutex: the lead lapses, with nobody queued (what the subclass counts
+        as in flight goes down)."""
+        raise NotImplementedError

@@ -86,8 +86,7 @@ class BatchAppends:
                 with turn:
                     with one_sync_transaction(conn, then=then) as afterwards:
                         written = run(conn, self.plan(jobs, outcomes), self._projections)
-                    if written:  # committed: the next guess starts after it
-                        self._predictor.committed(written[-1][1].sent[-1][0][-1].position)
+                    self._moved_past(written)  # committed: the next guess starts after it
                 if committed is not None:
                     committed()
                 self._db.durability.after(afterwards.row, conn)
@@ -105,9 +104,13 @@ class BatchAppends:
             recorded, effects, fresh = job.sent[-1]
             self._projections.remember(fresh)
             outcomes[at] = Committed(recorded, effects)
+        self._moved_past(written)  # the async driver's (the sync one's is in the turn)
+        return outcomes
+
+    def _moved_past(self, written: BatchWritten) -> None:
+        """The log's last position is the batch's last event, if it wrote any."""
         if written:
             self._predictor.committed(written[-1][1].sent[-1][0][-1].position)
-        return outcomes
 
     def plan(self, jobs: list[tuple[int, AppendJob]], outcomes: Outcomes) -> Plan[BatchWritten]:
         """The batch's statements, inside its transaction, for a driver to run (the sync

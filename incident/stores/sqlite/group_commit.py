@@ -77,6 +77,13 @@ class GroupCommit(Combiner[T, R]):
         self.appends = 0
         super().__init__()
 
+    def renew(self) -> None:
+        super().renew()
+        self.busy = False  # a leader is writing, or has been handed the lead
+
+    def lapsed(self) -> None:
+        self.busy = False
+
     @property
     def queued(self) -> int:
         """How many appends wait for a leader to take them (a batch in flight excluded)."""
