@@ -438,6 +438,36 @@ def test_close_closes_only_the_stores_it_opened(tmp_path: Any) -> None:
     asyncio.run(main())
 
 
+def test_sqlite_batches_of_commits_run_on_one_thread(tmp_path: Any) -> None:
+    """Every batch of the loop's commits runs on the one thread kept for them, never on
+    the pool's workers (which would take turns at the GIL), and the thread stops when
+    the store closes."""
+
+    async def main() -> None:
+        store = incident.open_async_event_store(f"sqlite:///{tmp_path}/one-thread.db")
+        commit_many = store.sync.commit_many  # type: ignore[attr-defined]
+        threads: list[threading.Thread] = []
+
+        def recorded(calls: Any) -> Any:
+            threads.append(threading.current_thread())
+            return commit_many(calls)
+
+        store.sync.commit_many = recorded  # type: ignore[attr-defined]
+        async with store:
+            app = bank.build_async(store)
+            for round_ in range(3):
+                await asyncio.gather(
+                    *(app.dispatch(OpenAccount(aggregate_id=f"{n}-{round_}")) for n in ACCOUNTS)
+                )
+                await app.dispatch(DepositMoney(aggregate_id=f"{ACCOUNTS[0]}-{round_}", amount=1))
+        assert len(threads) >= 6 and len(set(threads)) == 1
+        assert threads[0].name.startswith("incident-commits")
+        threads[0].join(timeout=10)
+        assert not threads[0].is_alive()
+
+    asyncio.run(main())
+
+
 def test_sqlite_commits_go_to_the_store_in_batches(tmp_path: Any) -> None:
     """The loop's concurrent commits reach SQLite a batch at a time (``commit_many`` on
     one worker); a task cancelled before its commit was handed over writes nothing,

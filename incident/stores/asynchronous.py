@@ -73,6 +73,7 @@ class Workers:
         self._pool = (
             ThreadPoolExecutor(count, thread_name_prefix="incident-store") if count else None
         )
+        self._batch_thread: ThreadPoolExecutor | None = None  # made on first use
 
     async def run(self, work: Callable[[], T]) -> T:
         """``work()``'s result, computed on a worker (or here, with no workers)."""
@@ -80,10 +81,23 @@ class Workers:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
+    async def run_batch(self, work: Callable[[], T]) -> T:
+        """``work()``'s result, computed on the one thread kept for batches of commits
+        (or here, with no workers). Batches follow each other, so one thread serves
+        them; the pool would hand each to whichever worker its queue woke, and on a
+        virtual machine every such cross-CPU wake, and the GIL handoffs between the
+        workers that follow it, cost as much as a small commit (docs/async.md)."""
+        if self._pool is None:
+            return work()
+        if self._batch_thread is None:
+            self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="incident-commits")
+        return await asyncio.get_running_loop().run_in_executor(self._batch_thread, work)
+
     def shutdown(self) -> None:
         """Stop the threads once their work is done; work not started is cancelled."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._batch_thread):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 class AsyncEventStore:
@@ -111,7 +125,7 @@ class AsyncEventStore:
     async def _commit_many_on_workers(
         self, store: CommitsMany, calls: Sequence[CommitCall]
     ) -> list[Committed | Exception]:
-        return await self.run(partial(store.commit_many, calls))
+        return await self.workers.run_batch(partial(store.commit_many, calls))
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run blocking work on the store (a function of no arguments) off the loop."""
