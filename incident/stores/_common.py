@@ -121,32 +121,47 @@ def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes
         value = getattr(projection, column.attribute)
         if value is None:
             continue
-        rule = None
-        if column.kind is Kind.INT:
-            if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
-                rule = f"{storable.shown(value)} does not fit a signed 64-bit integer column"
-        elif isinstance(value, dt.datetime):
-            offset = value.utcoffset()
-            aware = offset is not None
-            if offset is not None and offset % dt.timedelta(minutes=1):
-                rule = (
-                    f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
-                    "so it would come back as another instant"
-                )
-            elif column.kind is Kind.DATETIME and not aware:
-                rule = (
-                    f"the naive datetime {value.isoformat()} would be stored as an instant; "
-                    "pass an aware datetime, or declare the field "
-                    "Annotated[datetime, msgspec.Meta(tz=False)] to keep naive wall times"
-                )
-            elif column.kind is Kind.NAIVE_DATETIME and aware:
-                rule = (
-                    f"the aware datetime {value.isoformat()} is in a field declared tz=False "
-                    "(naive wall times); pass a naive datetime or declare tz=True"
-                )
+        # the usual values pass without building anything: an int in range, an instant
+        # in UTC (whole minutes from UTC, and aware)
+        kind = column.kind
+        if kind is Kind.INT:
+            if not isinstance(value, int) or storable.INT64_MIN <= value <= storable.INT64_MAX:
+                continue
+        elif kind is Kind.DATETIME and isinstance(value, dt.datetime) and value.tzinfo is dt.UTC:
+            continue
+        rule = _column_rule(kind, value)
         if rule is not None:
             raise Unstorable(f"read model {type(projection).__name__}", column.attribute, rule)
     return key, data
+
+
+def _column_rule(kind: Kind, value: Any) -> str | None:
+    """What a column of this kind cannot keep of ``value`` unchanged, or None."""
+    if kind is Kind.INT:
+        if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
+            return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
+        return None
+    if not isinstance(value, dt.datetime):
+        return None
+    offset = value.utcoffset()
+    aware = offset is not None
+    if offset is not None and offset % dt.timedelta(minutes=1):
+        return (
+            f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
+            "so it would come back as another instant"
+        )
+    if kind is Kind.DATETIME and not aware:
+        return (
+            f"the naive datetime {value.isoformat()} would be stored as an instant; "
+            "pass an aware datetime, or declare the field "
+            "Annotated[datetime, msgspec.Meta(tz=False)] to keep naive wall times"
+        )
+    if kind is Kind.NAIVE_DATETIME and aware:
+        return (
+            f"the aware datetime {value.isoformat()} is in a field declared tz=False "
+            "(naive wall times); pass a naive datetime or declare tz=True"
+        )
+    return None
 
 
 # the dead-letter table's columns, in Parked's field order, so a row decodes by position
@@ -218,6 +233,8 @@ def stamp(
 
 def projection_key(projection: Projection) -> str:
     key = getattr(projection, "aggregate_id", None)
+    if isinstance(key, str) and storable.keepable_id(key):
+        return key  # the usual case, without naming the projection for an error
     if not isinstance(key, str) or not key:
         raise IncidentError(
             f"{type(projection).__name__} needs a non-empty str aggregate_id field to be stored"

@@ -127,8 +127,9 @@ class ProjectionTable:
             return values
         row = list(values)
         for index in self._instants:  # one rule on every store: instants in UTC
-            if isinstance(row[index], dt.datetime):
-                row[index] = row[index].astimezone(dt.UTC)
+            value = row[index]
+            if isinstance(value, dt.datetime) and value.tzinfo is not dt.UTC:
+                row[index] = value.astimezone(dt.UTC)
         try:
             for index, write in self._converted:
                 if row[index] is not None:
