@@ -518,3 +518,68 @@ def test_sqlite_commits_go_to_the_store_in_batches(tmp_path: Any) -> None:
             assert await store.last_position() == len(ACCOUNTS) + 1
 
     asyncio.run(main())
+
+
+def _async_use_after_fork(app: incident.AsyncCommandHandler, results: Any) -> None:
+    """In a forked child: dispatch, read the read model, and tail the log live past an
+    event dispatched once the tail waits, all on the child's own loop."""
+
+    async def main() -> tuple[int, list[str]]:
+        await app.dispatch(OpenAccount(aggregate_id="child"))
+        seen: list[str] = []
+
+        async def tail() -> None:
+            async for recorded in app.event_store.subscribe(after=0):
+                seen.append(recorded.aggregate_id)
+                if recorded.data == MoneyDeposited(amount=7):
+                    return
+
+        tailing = asyncio.ensure_future(tail())
+        await asyncio.sleep(0.2)  # the tail has read the log and waits
+        await app.dispatch(DepositMoney(aggregate_id="child", amount=7))
+        await asyncio.wait_for(tailing, 20)
+        row = await app.projection_store.get(BankAccount, "child")
+        assert row is not None
+        return row.balance, seen
+
+    try:
+        results.put(("ok", *asyncio.run(main())))
+    except BaseException as error:
+        results.put((repr(error), None, []))
+
+
+@on_backends(DURABLE_BACKENDS)
+def test_an_async_handler_used_before_fork_works_in_the_child(store_url: str) -> None:
+    """gunicorn --preload and multiprocessing fork a process whose async stores have
+    run already: the child gets worker threads, a connection pool and a live watch of
+    its own (the parent's threads did not come along, its connections are the parent's
+    sessions) instead of waiting for ever on them; the parent's log is intact."""
+    import multiprocessing
+
+    app = bank.build_async(store_url)
+
+    async def parent() -> None:
+        await app.dispatch(OpenAccount(aggregate_id="parent"))
+        await app.dispatch(DepositMoney(aggregate_id="parent", amount=1))
+        seen = [r.aggregate_id async for r in app.event_store.read_all()]
+        assert seen == ["parent", "parent"]
+
+    asyncio.run(parent())
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=_async_use_after_fork, args=(app, results))
+    child.start()
+    try:
+        outcome, balance, seen = results.get(timeout=60)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert (outcome, balance) == ("ok", 7)
+    assert seen == ["parent", "parent", "child", "child"]
+    store = incident.open_event_store(store_url)
+    try:
+        log = [(r.aggregate_id, r.position) for r in store.read_all()]
+    finally:
+        store.close()
+    assert log == [("parent", 1), ("parent", 2), ("child", 3), ("child", 4)]

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from .._forks import renew_in_forked_children
 from ..messages import Recorded
 from .live import BATCH_SIZE, POLL_INTERVAL, checked_tail_arguments
 from .protocols import EventStore
@@ -48,6 +49,12 @@ class AppendWatch:
 
     def __init__(self, store: EventStore) -> None:
         self._store = store
+        self._renew()
+        renew_in_forked_children(self._renew)
+
+    def _renew(self) -> None:
+        """No waiters and no thread (also in a forked child: the parent's watching
+        thread, its lock and its loops' futures did not come along)."""
         self._lock = threading.Lock()
         self._waiting: list[Waiter] = []
         self._thread: threading.Thread | None = None
@@ -113,6 +120,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 _watches: weakref.WeakKeyDictionary[Any, AppendWatch] = weakref.WeakKeyDictionary()
 _finding = threading.Lock()
+
+
+def _renew_finding() -> None:
+    global _finding  # a parent's thread may have held it at the fork
+    _finding = threading.Lock()
+
+
+renew_in_forked_children(_renew_finding)
 
 
 def watch_of(store: EventStore) -> AppendWatch:

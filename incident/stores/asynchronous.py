@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
+from .._forks import renew_in_forked_children
 from ..mapper import check_limit
 from ..messages import Event, Projection, Recorded
 from ._common import closing_iterator
@@ -70,10 +71,20 @@ class Workers:
         if count < 0:
             raise ValueError(f"workers must be >= 0, got {count}")
         self.count = count
-        self._pool = (
-            ThreadPoolExecutor(count, thread_name_prefix="incident-store") if count else None
-        )
+        self._pool: ThreadPoolExecutor | None = None
         self._batch_thread: ThreadPoolExecutor | None = None  # made on first use
+        self._renew()
+        renew_in_forked_children(self._renew)
+
+    def _renew(self) -> None:
+        """Fresh pools (also in a forked child, which has none of the parent's threads:
+        an executor carried over would count them as idle and never run the work)."""
+        self._pool = (
+            ThreadPoolExecutor(self.count, thread_name_prefix="incident-store")
+            if self.count
+            else None
+        )
+        self._batch_thread = None
 
     async def run(self, work: Callable[[], T]) -> T:
         """``work()``'s result, computed on a worker (or here, with no workers)."""

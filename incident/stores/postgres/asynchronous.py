@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from ..._forks import renew_in_forked_children
 from ...messages import Projection, Recorded
 from ...storable import keepable_id
 from .._common import check_versions, owed_from_row
@@ -69,6 +70,17 @@ class AsyncPostgresEventStore(AsyncEventStore):
         db = store.database
         self._db = db
         self._sql = store.statements
+        self._ready = False
+        self._inherited: list[AsyncConnectionPool] = []  # a parent's, never touched
+        self._new_pool()
+        renew_in_forked_children(self.forked)
+        #: appends on the async connections, the loop's concurrent ones in one transaction
+        self.appends = AsyncBatchAppends(self)
+        self.batches = CommitBatches(self.appends.commit_many)
+
+    def _new_pool(self) -> None:
+        """A pool not opened yet: it opens on the loop of the first read or append."""
+        db = self._db
         self._pool = AsyncConnectionPool(
             db.conninfo,
             min_size=1,
@@ -80,11 +92,16 @@ class AsyncPostgresEventStore(AsyncEventStore):
             name=f"incident-async:{db.schema}",
         )
         self._opened = False
-        self._ready = False
         self._flushing: asyncio.Lock | None = None  # made on the loop that first flushes
-        #: appends on the async connections, the loop's concurrent ones in one transaction
-        self.appends = AsyncBatchAppends(self)
-        self.batches = CommitBatches(self.appends.commit_many)
+
+    def forked(self) -> None:
+        """In a child process after fork(): the pool's connections are the parent's
+        sessions and its tasks the parent's loop's. Keep it referenced and unused
+        (closing it would end the parent's sessions) and open a new one on the child's
+        first use, as the sync store does with its pool."""
+        if self._opened:
+            self._inherited.append(self._pool)
+        self._new_pool()
 
     def __repr__(self) -> str:
         return f"AsyncPostgresEventStore({self._db.describe()})"
