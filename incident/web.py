@@ -47,6 +47,7 @@ from .errors import (
     RegistrationError,
     Rejected,
     StoreError,
+    Unstorable,
 )
 from .messages import Command
 
@@ -219,6 +220,8 @@ async def command_outcome(
         recorded = await handler.dispatch(command, {"idempotency_key": key} if key else None)
     except InvalidCommand as error:
         return _problem(422, "InvalidCommand", str(error), command=name, field=error.field)
+    except Unstorable as error:  # the client's data: no store could keep it as it is
+        return _problem(422, "Unstorable", str(error), what=error.what, field=error.field)
     except Rejected as error:
         return _problem(409, "Rejected", str(error), reason=error.reason, detail=error.detail)
     except ConcurrencyError as error:

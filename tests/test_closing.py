@@ -3,7 +3,11 @@ leaves the database it shares with its event store open."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import threading
+from typing import Any
 
 import pytest
 from conftest import DURABLE_BACKENDS, on_backends
@@ -63,3 +67,133 @@ def test_closing_a_checkpoint_store_leaves_its_event_store_usable(store_url: str
     again = incident.stores.checkpoint_store_for(store)
     assert again.checkpoints() == {"reports": 0}
     store.close()
+
+
+# A handler closed while its writers are still dispatching, in a process of its own: a
+# connection closed under a running statement would crash that process, not fail a test
+CLOSED_UNDER_WRITERS = r"""
+import asyncio, signal, sys, threading, time
+signal.alarm(60)
+import incident
+from incident.examples import bank
+
+url, flavour, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with bank.build(url) as setup:
+    for n in range(64):
+        setup.dispatch(bank.OpenAccount(aggregate_id=f"A{n}"))
+acknowledged = []
+
+if flavour == "threads":
+    app = bank.build(url)
+
+    def work(n):
+        for _ in range(200):
+            try:
+                recorded = app.dispatch(bank.DepositMoney(aggregate_id=f"A{n}", amount=1))
+                acknowledged.extend(r.event_id for r in recorded)
+            except incident.StoreError:
+                return
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(delay)
+    app.close()
+    for thread in threads:
+        thread.join(30)
+else:
+    async def main():
+        app = bank.build_async(url)
+
+        async def work(n):
+            for _ in range(50):
+                try:
+                    recorded = await app.dispatch(bank.DepositMoney(aggregate_id=f"A{n}", amount=1))
+                    acknowledged.extend(r.event_id for r in recorded)
+                except incident.StoreError:
+                    return
+
+        tasks = [asyncio.ensure_future(work(n)) for n in range(64)]
+        await asyncio.sleep(delay)
+        await app.close()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+store = incident.open_event_store(url)
+logged = {r.event_id for r in store.read_all()}
+store.close()
+assert set(acknowledged) <= logged, "an acknowledged command is not in the log"
+print("acknowledged", len(acknowledged))
+"""
+
+
+@pytest.mark.parametrize("flavour", ["threads", "tasks"])
+def test_closing_a_sqlite_handler_while_it_dispatches_neither_crashes_nor_loses(
+    tmp_path: Any, flavour: str
+) -> None:
+    """close() while 16 threads (or 64 tasks) still dispatch: the commands under way
+    end with their outcome or a StoreError, the process carries on, and every command
+    acknowledged is in the log. A connection another thread is running a statement on
+    is closed by that thread at its next use, never under the statement."""
+    for attempt, delay in enumerate([0.001, 0.005, 0.02, 0.05] * 2):
+        url = f"sqlite:///{tmp_path}/closing-{attempt}.db"
+        done = subprocess.run(
+            [sys.executable, "-c", CLOSED_UNDER_WRITERS, url, flavour, str(delay)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert done.returncode == 0, (attempt, done.returncode, done.stderr[-2000:])
+        assert done.stdout.startswith("acknowledged")
+
+
+@on_backends(DURABLE_BACKENDS)
+def test_a_closed_async_store_says_store_error_and_closes_twice(store_url: str) -> None:
+    """After close() every verb of an async store and handler raises StoreError (a
+    tail waiting at the time too), as the sync ones do, and closing again does nothing."""
+
+    async def main() -> None:
+        app = bank.build_async(store_url)
+        await app.dispatch(bank.OpenAccount(aggregate_id="A"))
+
+        async def tail() -> None:
+            async for _ in app.event_store.subscribe(after=1):
+                pass
+
+        waiting = asyncio.ensure_future(tail())
+        await asyncio.sleep(0.2)
+        await app.close()
+        with pytest.raises(incident.StoreError):
+            await asyncio.wait_for(waiting, 10)
+        with pytest.raises(incident.StoreError):
+            await app.dispatch(bank.DepositMoney(aggregate_id="A", amount=1))
+        with pytest.raises(incident.StoreError):
+            await app.event_store.version("A")
+        with pytest.raises(incident.StoreError):
+            await app.projection_store.get(bank.BankAccount, "A")
+        await app.close()
+        await app.event_store.close()
+
+    asyncio.run(main())
+
+
+@on_backends(["postgres"])
+def test_closing_before_the_first_dispatch_connects_leaves_no_pool_open(store_url: str) -> None:
+    """close() while the first dispatches have not opened the async pool yet: none of
+    them opens it afterwards (each gets StoreError), so no session is left behind."""
+
+    async def main() -> None:
+        app = bank.build_async(store_url)
+        tasks = [
+            asyncio.ensure_future(app.dispatch(bank.OpenAccount(aggregate_id=f"A{n}")))
+            for n in range(32)
+        ]
+        await asyncio.sleep(0)
+        await app.close()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, (list, incident.StoreError)) for o in outcomes), outcomes
+        pool = app.event_store._pool  # type: ignore[attr-defined]
+        assert pool.closed
+
+    asyncio.run(main())

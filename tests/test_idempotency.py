@@ -99,3 +99,30 @@ def test_racing_processes_with_one_key_store_one_set_of_events(store_url: str) -
     assert check.event_store.version("A") == 2
     assert check.state("bank_account", "A").balance == 10
     check.event_store.close()
+
+
+def test_a_key_no_store_can_keep_is_refused_alike_everywhere(store_url: str) -> None:
+    """A key holding a NUL is refused with Unstorable, by the sync and the async
+    handler, on every store, before any store is asked about it: nothing is written, and
+    a store asked for its outcome has none."""
+    import asyncio
+
+    app = bank.build(store_url)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    with pytest.raises(incident.Unstorable) as caught:
+        deposit(app, "k\x00")
+    assert caught.value.what == "idempotency_key"
+    assert app.event_store.outcome_for("k\x00") is None
+    assert app.event_store.version("A") == 1
+    app.close()
+
+    async def main() -> None:
+        async with bank.build_async(store_url) as async_app:
+            await async_app.dispatch(bank.OpenAccount(aggregate_id="B"))
+            with pytest.raises(incident.Unstorable):
+                await async_app.dispatch(
+                    bank.DepositMoney(aggregate_id="B", amount=1), {"idempotency_key": "\x00"}
+                )
+            assert await async_app.event_store.version("B") == 1
+
+    asyncio.run(main())

@@ -112,6 +112,12 @@ def test_every_status_code_the_api_promises(strict_server: tuple[Server, str]) -
     assert (missing.status_code, missing.json()["field"]) == (422, "amount")
     not_json = httpx.post(f"{base}/commands/DepositMoney", content=b"{", timeout=TIMEOUT)
     assert not_json.status_code == 422
+    # valid for the command's type, but no store could keep it: the client's to change
+    too_long = post(base, "OpenAccount", {"aggregate_id": "x" * 256})
+    assert too_long.status_code == 422
+    assert too_long.json()["error"] == "Unstorable" and too_long.json()["what"] == "aggregate_id"
+    too_big = post(base, "DepositMoney", {"aggregate_id": "A", "amount": 2**64})
+    assert (too_big.status_code, too_big.json()["error"]) == (422, "Unstorable")
 
     unknown = post(base, "StealMoney", {"aggregate_id": "A"})
     assert unknown.status_code == 404 and "DepositMoney" in unknown.json()["commands"]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from .. import storable
 from ..aggregate import Aggregate
 from ..codec import validate_command
 from ..errors import (
@@ -21,6 +22,7 @@ from ..errors import (
     RegistrationError,
     Rejected,
     RoutingError,
+    Unstorable,
 )
 from ..event_handler import EventHandler
 from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
@@ -301,4 +303,7 @@ def idempotency_key(command: Command, metadata: Mapping[str, Any]) -> str | None
     key = getattr(command, IDEMPOTENCY_KEY, None) or metadata.get(IDEMPOTENCY_KEY)
     if key is not None and not isinstance(key, str):
         raise InvalidCommand(type(command).__name__, IDEMPOTENCY_KEY, "must be a str")
+    # refused alike on every store, before any of them is asked about it
+    if key and (problem := storable.problem_in(key)) is not None:
+        raise Unstorable(IDEMPOTENCY_KEY, None, problem[1])
     return key or None

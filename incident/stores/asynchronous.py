@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from .._forks import renew_in_forked_children
+from ..errors import StoreError
 from ..mapper import check_limit
 from ..messages import Event, Projection, Recorded
 from ._common import closing_iterator
@@ -61,6 +62,7 @@ P = TypeVar("P", bound=Projection)
 
 #: how many events one page of ``read_all`` and ``stream`` fetches on a worker
 PAGE_SIZE = 500
+CLOSED = "This async store is closed (its worker threads have stopped)"
 
 
 class Workers:
@@ -71,6 +73,7 @@ class Workers:
         if count < 0:
             raise ValueError(f"workers must be >= 0, got {count}")
         self.count = count
+        self.closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._batch_thread: ThreadPoolExecutor | None = None  # made on first use
         self._renew()
@@ -90,7 +93,24 @@ class Workers:
         """``work()``'s result, computed on a worker (or here, with no workers)."""
         if self._pool is None:
             return work()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        return await self._on(self._pool, work)
+
+    async def _on(self, pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
+        """Work handed to ``pool``; StoreError once the store is closed, for work asked
+        for after ``shutdown()`` and for work it cancelled before it started."""
+        if self.closed:
+            raise StoreError(CLOSED)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, work)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            if self.closed:
+                raise StoreError(CLOSED) from None
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.closed and task is not None and not task.cancelling():
+                raise StoreError(CLOSED) from None  # not this task's cancellation
+            raise
 
     async def run_batch(self, work: Callable[[], T]) -> T:
         """``work()``'s result, computed on the one thread kept for batches of commits
@@ -100,12 +120,14 @@ class Workers:
         workers that follow it, cost as much as a small commit (docs/async.md)."""
         if self._pool is None:
             return work()
-        if self._batch_thread is None:
+        if self._batch_thread is None and not self.closed:
             self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="incident-commits")
-        return await asyncio.get_running_loop().run_in_executor(self._batch_thread, work)
+        return await self._on(self._batch_thread or self._pool, work)
 
     def shutdown(self) -> None:
-        """Stop the threads once their work is done; work not started is cancelled."""
+        """Stop the threads once their work is done; work not started is cancelled (its
+        task gets StoreError), and so is any asked for later."""
+        self.closed = True
         for pool in (self._pool, self._batch_thread):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -150,7 +172,9 @@ class AsyncEventStore:
 
     async def close(self) -> None:
         """Close the sync store (and the projection stores sharing its database), then
-        stop the workers."""
+        stop the workers; closing again does nothing."""
+        if self.workers.closed:
+            return
         try:
             await self.run(self.sync.close)
         finally:
@@ -333,7 +357,9 @@ class AsyncProjectionStore:
 
     async def close(self) -> None:
         """Close the sync store (and the event store sharing its database), then stop
-        the workers."""
+        the workers; closing again does nothing."""
+        if self.workers.closed:
+            return
         try:
             await self.workers.run(self.sync.close)
         finally:

@@ -32,11 +32,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from ..._forks import renew_in_forked_children
+from ...errors import StoreError
 from ...messages import Projection, Recorded
 from ...storable import keepable_id
 from .._common import check_versions, owed_from_row
 from ..async_commits import CommitBatches
-from ..asynchronous import AsyncEventStore, AsyncProjectionStore, Workers
+from ..asynchronous import CLOSED, AsyncEventStore, AsyncProjectionStore, Workers
 from ..protocols import Owed
 from .async_batch import AsyncBatchAppends
 from .database import session_options
@@ -71,6 +72,7 @@ class AsyncPostgresEventStore(AsyncEventStore):
         self._db = db
         self._sql = store.statements
         self._ready = False
+        self._closed = False
         self._inherited: list[AsyncConnectionPool] = []  # a parent's, never touched
         self._new_pool()
         renew_in_forked_children(self.forked)
@@ -107,8 +109,9 @@ class AsyncPostgresEventStore(AsyncEventStore):
         return f"AsyncPostgresEventStore({self._db.describe()})"
 
     async def close(self) -> None:
+        self._closed = True  # before any await: no task opens the pool from now on
         try:
-            if self._opened:
+            if self._opened and not self._pool.closed:
                 await self._pool.close()
         finally:
             await super().close()
@@ -127,6 +130,8 @@ class AsyncPostgresEventStore(AsyncEventStore):
         store raises for them (``Database.failure``)."""
         await self.ready()
         if not self._opened:
+            if self._closed:  # close() found no pool to close: none may open now
+                raise StoreError(CLOSED)
             self._opened = True
             await self._pool.open()
         used: list[AsyncConnection] = []

@@ -18,7 +18,7 @@ from ...mapper import (
     stream_pages,
 )
 from ...messages import Event, Recorded
-from ...storable import keepable_id
+from ...storable import keepable_id, problem_in
 from .._common import ChainedBatches, check_versions, owed_from_row
 from ..protocols import Outcome, Owed
 from .database import Database
@@ -158,6 +158,8 @@ class PostgresEventReads:
         return Outcome(self._envelopes(rows))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        if problem_in(idempotency_key) is not None:
+            return None  # no key can hold it (a NUL): the server would refuse to look
         self._db.ready()
         with self._db.connection(f"looking up idempotency key {idempotency_key!r}") as conn:
             outcome = self._outcome(conn, idempotency_key)

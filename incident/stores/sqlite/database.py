@@ -186,6 +186,7 @@ class Database:
 
     def _this_threads(self, *, writes: bool) -> sqlite3.Connection:
         if self.closed:
+            self._drop_own()  # no statement of this thread runs on them now
             raise StoreError(f"The SQLite store {self.path!r} is closed")
         if self._shared is not None:
             return self._shared
@@ -224,13 +225,26 @@ class Database:
             raise self.store_error(error) from error
 
     def close(self) -> None:
+        """Closed for every thread. Another live thread's connection is closed by that
+        thread at its next use, or when it ends: it may be running a statement on it
+        now, and closing a connection under a running statement crashes the process."""
+        me = threading.current_thread()  # its connections run nothing now
         with self._lock:
             self.closed = True
-            for _, conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            for thread, conn in self._connections:
+                if (owner := thread()) is None or owner is me or not owner.is_alive():
+                    conn.close()
+            self._connections = []
             if self._shared is not None:
                 self._shared.close()
+        self._drop_own()
+
+    def _drop_own(self) -> None:  # this thread's connections, once the store is closed
+        for name in _SLOTS.values():
+            conn = getattr(self._local, name, None)
+            setattr(self._local, name, None)
+            if conn is not None and conn is not self._shared:
+                conn.close()
 
     # -- schema -------------------------------------------------------------------
 
