@@ -4,8 +4,8 @@
 rows of each projection type; ``Subscription.replay`` then swaps each type's table for
 the rebuilt rows and moves the checkpoint to the end. Commands the listeners return for
 events the subscription had already handled are not dispatched again (a replay rebuilds
-read models, it does not re-run a process); for events past the old checkpoint they are,
-as running would have.
+read models, it does not re-run a process); for events past the old checkpoint, and for
+the parked and held ones it never handled, they are, as running would have.
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def rebuild(
     follow_up: FollowUp,
     batch_size: int,
     progress: Callable[[int], object] | None = None,
+    unhandled: frozenset[int] = frozenset(),
 ) -> Rebuilt:
     """Run ``handler``'s listeners over ``log`` (from its start), with the states from
     ``states`` (cleared first). Commands returned for events past ``already`` (the old
-    checkpoint) go to ``follow_up``; those for earlier events are only counted.
-    ``progress`` is called with the number of events read after each batch."""
+    checkpoint), or at one of the ``unhandled`` positions (parked or held: never
+    handled, though the checkpoint is past them), go to ``follow_up``; those for the
+    other earlier events are only counted. ``progress`` is called with the number of
+    events read after each batch."""
     states.clear()
     rebuilt: Pending = {}
     position, skipped = 0, 0
@@ -71,7 +74,7 @@ def rebuild(
             for projection in projections:
                 projection_key(projection)  # raises: a row that cannot be stored fails
             merge_projections(rebuilt, projections)
-            if recorded.position > already:
+            if recorded.position > already or recorded.position in unhandled:
                 if steps:
                     follow_up(handler.name, recorded, steps)
             else:

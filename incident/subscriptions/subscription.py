@@ -331,13 +331,12 @@ class Subscription:
         """Rebuild this handler's projections from the start of the log, then swap each
         projection type's table for the rebuilt one and move the checkpoint to the end.
 
-        Commands the listeners return for events the subscription had already handled
-        are not dispatched again (a replay rebuilds read models, it does not re-run a
-        process); for events past the old checkpoint they are, as running would have.
-        Takes the handler's lock, so nothing else runs this handler meanwhile; a
-        listener error aborts the replay with nothing replaced, and success empties the
-        handler's dead letters. ``progress`` is called with the number of events read
-        after each batch. The rebuilt rows are held in memory until the swap.
+        Commands the listeners return are dispatched only for events past the old
+        checkpoint or parked (never handled): a replay rebuilds, it does not re-run.
+        Holds the handler's lock, so nothing else runs it meanwhile; a listener error
+        aborts the replay with nothing replaced, success empties the dead letters.
+        ``progress`` gets the number of events read after each batch; the rebuilt rows
+        wait in memory for the swap.
         """
         target = self.projection_store
         if not isinstance(target, ReplaceableProjectionStore):
@@ -352,6 +351,7 @@ class Subscription:
                 follow_up=self.command_handler.follow_up,
                 batch_size=self.batch_size,
                 progress=progress,
+                unhandled=frozenset(p.position for p in self._dead_letters.parked()),
             )
             written = {
                 t.__name__: target.replace_all(t, rows) for t, rows in rebuilt.tables.items()
