@@ -88,18 +88,7 @@ def test_retry_handles_parked_events_again(durable_url: str) -> None:
     app.dispatch(bank.OpenAccount(aggregate_id="A"))
     checkpoints = incident.stores.checkpoint_store_for(app.event_store)
     [recorded] = app.event_store.get("A")
-    checkpoints.park(
-        incident.Parked(
-            handler="bank_projections",
-            position=recorded.position,
-            event_id=recorded.event_id,
-            aggregate_id="A",
-            event_type=recorded.event_type,
-            error="RuntimeError: a bug since fixed",
-            attempts=4,
-            parked_at=recorded.event_date,
-        )
-    )
+    park_for(app, "bank_projections", recorded, "RuntimeError: a bug since fixed")
     result = CliRunner().invoke(
         main, ["retry", durable_url, "--handler", "incident.examples.bank:bank_projections"]
     )
@@ -111,10 +100,18 @@ def test_retry_handles_parked_events_again(durable_url: str) -> None:
 
 
 def park_for(
-    app: incident.CommandHandler, handler: str, recorded: incident.Recorded[object], error: str
+    app: incident.CommandHandler,
+    handler: str,
+    recorded: incident.Recorded[object],
+    error: str,
+    *,
+    checkpointed: bool = True,
 ) -> None:
-    """Park one event by hand: failed (4 tries), or held (0) when the error says so."""
-    incident.stores.checkpoint_store_for(app.event_store).park(
+    """Park one event by hand: failed (4 tries), or held (0) when the error says so; and
+    move the handler's checkpoint past it, as the runner does once its batch is written
+    (unless ``checkpointed`` is False: the runner's batch is still open)."""
+    checkpoints = incident.stores.checkpoint_store_for(app.event_store)
+    checkpoints.park(
         incident.Parked(
             handler=handler,
             position=recorded.position,
@@ -126,6 +123,8 @@ def park_for(
             parked_at=recorded.event_date,
         )
     )
+    if checkpointed and checkpoints.load(handler) < recorded.position:
+        checkpoints.reset(handler, recorded.position)
 
 
 def a_parked_stream(durable_url: str) -> incident.CommandHandler:
@@ -157,7 +156,7 @@ def test_subscriptions_shows_held_entries_apart_from_failed_ones(durable_url: st
     )
     assert result.exit_code == 0, result.output
     cells = table_cells(result.output)
-    assert ["bank_projections", "0", "3", "2 (1 held)"] in cells, result.output
+    assert ["bank_projections", "3", "0", "2 (1 held)"] in cells, result.output
     states = {row[1]: row[4] for row in cells if len(row) == 6}
     assert states == {"2": "4 tries", "3": "held"}, result.output
     assert "held behind #2" in result.output
@@ -193,6 +192,29 @@ def test_retry_skip_drops_an_event_and_retries_the_ones_behind_it(durable_url: s
     assert incident.stores.checkpoint_store_for(app.event_store).parked() == []
     row = app.projection_store.get(bank.BankAccount, "A")  # made from the state: 5 + 7
     assert row is not None and (row.balance, row.version) == (12, 3)
+    app.event_store.close()
+
+
+def test_retry_leaves_what_the_checkpoint_has_not_passed(durable_url: str) -> None:
+    """A dead letter after the handler's checkpoint belongs to a batch the runner has not
+    written yet (its earlier rows would land over the retried one): `incident retry`
+    leaves it and says why."""
+    app = bank.build(durable_url, subscriptions=True)
+    app.dispatch(bank.OpenAccount(aggregate_id="A"))
+    [recorded] = app.event_store.get("A")
+    park_for(app, "bank_projections", recorded, "RuntimeError: boom", checkpointed=False)
+    handler = ["--handler", "incident.examples.bank:bank_projections"]
+    result = CliRunner().invoke(main, ["retry", durable_url, *handler])
+    assert result.exit_code == 0, result.output
+    assert "0 of 1 parked events handled" in result.output
+    assert "parked after the checkpoint (#0)" in result.output
+    assert app.projection_store.get(bank.BankAccount, "A") is None
+
+    incident.stores.checkpoint_store_for(app.event_store).reset("bank_projections", 1)
+    result = CliRunner().invoke(main, ["retry", durable_url, *handler])
+    assert "1 of 1 parked events handled" in result.output
+    assert "after the checkpoint" not in result.output
+    assert app.projection_store.get(bank.BankAccount, "A") is not None
     app.event_store.close()
 
 

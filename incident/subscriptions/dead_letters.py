@@ -8,13 +8,20 @@ unhandled, so a retry applies them in log order and a read model never moves bac
 A row the store cannot read (CorruptEvent) is read past (:func:`read_batch`), then
 skipped when the handler does not listen to its stored type, else parked at once: it
 does not heal by waiting.
+
+Retries may run in another process than the runner, so two rules keep them from writing
+an older row over a newer one. Retries, skips and the runner's healing take turns (one
+lock per handler, across processes). And a retry handles only dead letters the
+checkpoint has passed: the runner parks an event at once, but the rows its batch made
+before it are written with the batch's checkpoint, later.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import msgspec
@@ -81,6 +88,7 @@ class DeadLetters:
         self.handle, self.listened, self.on_failure = handle, listened, on_failure
         self.blocked: dict[str, Parked] = {}
         self.positions: set[int] = set()
+        self._turn = checkpoints.lock(f"{name}.retry")  # see the module's docstring
 
     def parked(self) -> list[Parked]:
         return self.checkpoints.parked(self.name)
@@ -93,14 +101,39 @@ class DeadLetters:
         skipped that failure while this one was parking events behind it (from a list
         it had read before), a held event can be left first with nothing failed ahead:
         nobody would ever retry it, and it would hold its stream forever. Nothing is
-        wrong with it, so it is retried here, as ``retry`` would."""
+        wrong with it, so it is retried here, as ``retry`` would; unless a retry is
+        running elsewhere (it may be handling that very stream): then next batch."""
+        parked = self.parked()
+        if any(stream[0].held for stream in by_stream(parked).values()):
+            with self._taking_turns(wait=False) as turn:
+                if turn:  # listed again in turn: the list before may be stale already
+                    parked = self._heal(self.parked())
         self.blocked, self.positions = {}, set()
-        for stream in by_stream(self.parked()).values():
+        for stream in by_stream(parked).values():
+            self.blocked[stream[0].aggregate_id] = stream[0]
+            self.positions.update(p.position for p in stream)
+
+    def _heal(self, parked: list[Parked]) -> list[Parked]:
+        """Retry the streams led by a held event; what is still parked afterwards."""
+        checkpoint = self.checkpoints.load(self.name)
+        left: list[Parked] = []
+        for stream in by_stream(parked).values():
             if stream[0].held:
-                _, stream = self.retry_stream(stream)
-            if stream:
-                self.blocked[stream[0].aggregate_id] = stream[0]
-                self.positions.update(p.position for p in stream)
+                _, stream = self.retry_stream(stream, upto=checkpoint)
+            left += stream
+        return left
+
+    @contextmanager
+    def _taking_turns(self, *, wait: bool) -> Iterator[bool]:
+        """Hold the handler's retry turn (waiting for it, or not): True if taken."""
+        taken = self._turn.acquire(timeout=0)
+        if not taken and wait:
+            log.info("%s: waiting for a retry running elsewhere to end", self.name)
+            taken = self._turn.acquire(timeout=None)
+        try:
+            yield taken
+        finally:
+            self._turn.release()  # not taken: closes what the attempt opened
 
     # -- parking ---------------------------------------------------------------
 
@@ -189,26 +222,31 @@ class DeadLetters:
 
     def retry(self, position: int | None = None) -> list[int]:
         """Handle parked events again, stream by stream in position order: all of them,
-        or those of ``position``'s stream up to and including it. Returns the positions
-        that succeeded (see ``Subscription.retry_parked``)."""
-        streams = by_stream(self.parked())
-        if position is not None:
-            streams = {
-                stream_id: stream
-                for stream_id, stream in streams.items()
-                if any(p.position == position for p in stream)
-            }
-        succeeded: list[int] = []
-        for stream in streams.values():
-            succeeded += self.retry_stream(stream, upto=position)[0]
+        or those of ``position``'s stream up to and including it; only those the
+        checkpoint has passed. Returns the positions that succeeded (see
+        ``Subscription.retry_parked``)."""
+        with self._taking_turns(wait=True):
+            upto = self.checkpoints.load(self.name)
+            streams = by_stream(self.parked())
+            if position is not None:
+                upto = min(upto, position)
+                streams = {
+                    stream_id: stream
+                    for stream_id, stream in streams.items()
+                    if any(p.position == position for p in stream)
+                }
+            succeeded: list[int] = []
+            for stream in streams.values():
+                succeeded += self.retry_stream(stream, upto=upto)[0]
         return sorted(succeeded)
 
     def skip(self, position: int) -> Parked:
         """Drop one parked event without handling it; IncidentError if none is there."""
-        found = next((p for p in self.parked() if p.position == position), None)
-        if found is None:
-            raise IncidentError(f"{self.name}: #{position} is not parked, nothing to skip")
-        self.checkpoints.unpark(self.name, position)
+        with self._taking_turns(wait=True):
+            found = next((p for p in self.parked() if p.position == position), None)
+            if found is None:
+                raise IncidentError(f"{self.name}: #{position} is not parked, nothing to skip")
+            self.checkpoints.unpark(self.name, position)
         log.warning(
             "%s skipped #%s (%s of %r) without handling it; it was parked with %s",
             self.name,

@@ -383,11 +383,11 @@ class Subscription:
 
     def retry_parked(self, position: int | None = None) -> list[int]:
         """Handle parked events again, stream by stream in position order: all of them,
-        or those of ``position``'s stream up to and including it (the earlier ones go
-        first). One that fails again stays parked (one more attempt, its new error) and
-        the rest of its stream stays held behind it, untried. Those that succeed leave
-        the dead-letter store and their projections are written. Returns the positions
-        that succeeded."""
+        or those of ``position``'s stream up to it (earlier ones first); only those the
+        checkpoint has passed, taking turns with retries elsewhere. One that fails again
+        stays parked (one more attempt, its new error), the rest of its stream held,
+        untried. Those that succeed leave the dead letters, their projections written.
+        Returns the positions that succeeded."""
         with self._guard:
             return self._dead_letters.retry(position)
 
