@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import pytest
+from bounded_loop import run_bounded
 from test_postgres_crash import (
     BATCH,
     OUTAGE,
@@ -144,7 +145,7 @@ def test_a_crash_during_async_dispatch_loses_nothing_acknowledged(cluster: Any) 
 
     async def main() -> tuple[float, float]:
         store = incident.open_async_event_store(url, timeout=POOL_TIMEOUT)
-        async with bank.build_async(store) as handler:
+        async with store, bank.build_async(store) as handler:
             for name in (*SHARED, "PROBE", *(f"W{t}" for t in range(TASKS))):
                 await handler.dispatch(bank.OpenAccount(aggregate_id=name))
             for t in range(TASKS):
@@ -192,7 +193,7 @@ def test_a_crash_during_async_dispatch_loses_nothing_acknowledged(cluster: Any) 
             return crashed_at, first_success
 
     try:
-        crashed_at, first_success = asyncio.run(main())
+        crashed_at, first_success = run_bounded(main(), 150)
     finally:
         reader.stop.set()
         if reader.thread.is_alive():

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from bounded_loop import run_bounded
 from conftest import Admin, kill_backends
 from test_sqlite_group_commit import account
 
@@ -363,7 +364,8 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
 
     async def main() -> tuple[list[Any], int]:
         store = incident.open_async_event_store(url, timeout=3)
-        async with bank.build_async(store) as app:
+        # the store given closes with the block (psycopg's pool tasks with it)
+        async with store, bank.build_async(store) as app:
             await app.dispatch(bank.OpenAccount(aggregate_id="A"))
             amounts = iter(range(1, 801))
             deadline = time.monotonic() + 30
@@ -403,7 +405,7 @@ def test_async_deposits_under_a_backend_killer_are_stored_exactly_as_acknowledge
                     errors.append(str(error))
             raise AssertionError(f"the store did not work again: {errors}")
 
-    log, balance = asyncio.run(main())
+    log, balance = run_bounded(main(), 120)
     unknown_stored = storm_verdict(log, acked, failed, unknown)
     assert balance == sum(acked) + sum(unknown_stored)
     assert len(acked) > 50 and kills[0] > 0
