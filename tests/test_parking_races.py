@@ -34,8 +34,8 @@ def app(store_url: str) -> Iterator[incident.CommandHandler]:
 
 
 class Gated:
-    """A listener of the ``balances`` handler that fails on ``broken`` positions and, on
-    ``gated`` ones, stops until the test opens the gate (``reached`` says it is there)."""
+    """A listener of the ``balances`` handler that, on ``gated`` positions, stops until
+    the test opens the gate (``reached`` says it is there), and fails on ``broken`` ones."""
 
     def __init__(self, broken: set[int] | None = None, gated: set[int] | None = None) -> None:
         self.broken, self.gated = broken or set(), gated or set()
@@ -44,11 +44,11 @@ class Gated:
 
         @self.handler.listen(AccountOpened, MoneyDeposited)
         def balance(recorded: incident.Recorded[Any], state: AccountState) -> Balance:
-            if recorded.position in self.broken:
-                raise RuntimeError(f"cannot handle #{recorded.position}")
             if recorded.position in self.gated:
                 self.reached.set()
                 assert self.opened.wait(30), "the test never opened the gate"
+            if recorded.position in self.broken:
+                raise RuntimeError(f"cannot handle #{recorded.position}")
             return Balance(
                 aggregate_id=recorded.aggregate_id, balance=state.balance, at=recorded.version
             )
@@ -77,9 +77,9 @@ def other(app: incident.CommandHandler, listener: Any) -> Any:
 def test_a_retry_elsewhere_leaves_what_the_runners_open_batch_parked(
     app: incident.CommandHandler,
 ) -> None:
-    """The runner parks #4 of stream A while its batch, holding A's row made from #3, is
-    not committed yet. A retry elsewhere then must not handle #4: the batch would commit
-    the older row over the retried one. It leaves #4 for a retry after the checkpoint."""
+    """The runner gives up on #4 of stream A while its batch, holding A's row made from
+    #3, is not committed yet. A retry elsewhere then must not handle #4: the batch would
+    commit the older row over the retried one. #4 is parked with the batch's rows."""
     runner_listener = Gated(broken={4}, gated={5})
     runner = subscribe(app, runner_listener)
     open_accounts(app, "A", "B")  # 1, 2
@@ -88,13 +88,13 @@ def test_a_retry_elsewhere_leaves_what_the_runners_open_batch_parked(
     assert runner_listener.reached.wait(30)  # #4 is parked, the batch is open at #5
 
     retrier = other(app, Plain())
-    assert states(retrier) == [(4, "A", "failed")]
-    assert retrier.retry_parked() == []  # not checkpointed yet: the runner still owes rows
-    assert states(retrier) == [(4, "A", "failed")]
+    assert states(retrier) == []  # not written yet: the runner still owes #3's row
+    assert retrier.retry_parked() == []
 
     runner_listener.opened.set()
     thread.join(30)
     assert rows(app) == {"A": (11, 2), "B": (5, 2)}  # the batch's rows, none over newer ones
+    assert states(retrier) == [(4, "A", "failed")]
     assert retrier.retry_parked() == [4]
     assert rows(app) == {"A": (111, 3), "B": (5, 2)} == replayed(app)
 
@@ -152,3 +152,29 @@ def test_the_runner_leaves_a_stream_a_retry_is_working_on(
     runner.step()  # #4, held with nothing failed ahead, is healed now
     assert runner.parked() == []
     assert rows(app) == {"A": (111, 4)} == replayed(app)
+
+
+def test_a_runner_that_loses_the_checkpoint_leaves_no_dead_letters(
+    app: incident.CommandHandler,
+) -> None:
+    """Runner one (an old build) fails on #2 while runner two, elsewhere, handles the
+    whole log and moves the checkpoint. The first runner's batch then ends in
+    CheckpointConflict, and its dead letters go with it (they are written with the
+    checkpoint): no stale entry holds stream A behind an event that was handled."""
+    old = Gated(broken={2}, gated={2})
+    old_build = subscribe(app, old, batch_size=2)  # its batch: #1 and #2
+    new_build = other(app, Plain())
+    open_accounts(app, "A")
+    deposits(app, ("A", 10), ("A", 100))  # 2, 3
+    thread, outcome = in_thread(old_build.step)
+    assert old.reached.wait(30)  # in #2's listener, its batch open
+    assert new_build.catch_up() == 3
+    old.opened.set()
+    thread.join(30)
+    assert [type(error) for error in outcome] == [incident.CheckpointConflict]
+
+    assert new_build.parked() == []
+    deposits(app, ("A", 1000))  # 4
+    new_build.catch_up()
+    assert new_build.parked() == []
+    assert rows(app) == {"A": (1110, 4)} == replayed(app)

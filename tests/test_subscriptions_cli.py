@@ -104,12 +104,9 @@ def park_for(
     handler: str,
     recorded: incident.Recorded[object],
     error: str,
-    *,
-    checkpointed: bool = True,
 ) -> None:
     """Park one event by hand: failed (4 tries), or held (0) when the error says so; and
-    move the handler's checkpoint past it, as the runner does once its batch is written
-    (unless ``checkpointed`` is False: the runner's batch is still open)."""
+    move the handler's checkpoint past it, as the runner's batch does with it."""
     checkpoints = incident.stores.checkpoint_store_for(app.event_store)
     checkpoints.park(
         incident.Parked(
@@ -123,7 +120,7 @@ def park_for(
             parked_at=recorded.event_date,
         )
     )
-    if checkpointed and checkpoints.load(handler) < recorded.position:
+    if checkpoints.load(handler) < recorded.position:
         checkpoints.reset(handler, recorded.position)
 
 
@@ -192,29 +189,6 @@ def test_retry_skip_drops_an_event_and_retries_the_ones_behind_it(durable_url: s
     assert incident.stores.checkpoint_store_for(app.event_store).parked() == []
     row = app.projection_store.get(bank.BankAccount, "A")  # made from the state: 5 + 7
     assert row is not None and (row.balance, row.version) == (12, 3)
-    app.event_store.close()
-
-
-def test_retry_leaves_what_the_checkpoint_has_not_passed(durable_url: str) -> None:
-    """A dead letter after the handler's checkpoint belongs to a batch the runner has not
-    written yet (its earlier rows would land over the retried one): `incident retry`
-    leaves it and says why."""
-    app = bank.build(durable_url, subscriptions=True)
-    app.dispatch(bank.OpenAccount(aggregate_id="A"))
-    [recorded] = app.event_store.get("A")
-    park_for(app, "bank_projections", recorded, "RuntimeError: boom", checkpointed=False)
-    handler = ["--handler", "incident.examples.bank:bank_projections"]
-    result = CliRunner().invoke(main, ["retry", durable_url, *handler])
-    assert result.exit_code == 0, result.output
-    assert "0 of 1 parked events handled" in result.output
-    assert "parked after the checkpoint (#0)" in result.output
-    assert app.projection_store.get(bank.BankAccount, "A") is None
-
-    incident.stores.checkpoint_store_for(app.event_store).reset("bank_projections", 1)
-    result = CliRunner().invoke(main, ["retry", durable_url, *handler])
-    assert "1 of 1 parked events handled" in result.output
-    assert "after the checkpoint" not in result.output
-    assert app.projection_store.get(bank.BankAccount, "A") is not None
     app.event_store.close()
 
 

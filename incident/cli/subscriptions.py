@@ -192,7 +192,6 @@ def retry(
             waiting = len(subscription.parked())
             done = subscription.retry_parked(position)
             left = subscription.parked()
-            checkpoint = subscription.checkpoints.load(handler.name)
     if inline:
         out.print(f"{len(completed)} of {len(waiting_owed)} owed follow-ups completed")
         for owed in still_owed:
@@ -208,11 +207,6 @@ def retry(
         state = "held" if parked.held else "failed"
         out.print(
             f"  still parked ({state}): #{parked.position} {parked.event_type}: {parked.error}"
-        )
-    if any(parked.position > checkpoint for parked in left):
-        out.print(
-            f"  left untried: parked after the checkpoint (#{checkpoint}), the runner's batch "
-            "is still being written; retry once it has moved past them"
         )
 
 

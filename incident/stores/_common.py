@@ -168,6 +168,14 @@ def _column_rule(kind: Kind, value: Any) -> str | None:
 PARKED_COLUMNS = ", ".join(Parked.__struct_fields__)
 
 
+def parked_row(
+    parked: Parked, date: Callable[[dt.datetime], Any] = lambda when: when
+) -> tuple[Any, ...]:
+    """A dead letter as the values of its ``PARKED_COLUMNS`` row, its date through
+    ``date`` (as for ``owed_row``)."""
+    return (*msgspec.structs.astuple(parked)[:-1], date(parked.parked_at))
+
+
 def parked_from_row(row: Sequence[Any]) -> Parked:
     """A dead letter from its ``PARKED_COLUMNS`` row; msgspec turns the ISO text SQLite
     keeps into the datetime Postgres already returns."""

@@ -334,12 +334,14 @@ class CheckpointStore(Protocol):
         expected: int,
         projections: Sequence[Projection] = (),
         projection_store: ProjectionStore | None = None,
+        parked: Sequence[Parked] = (),
     ) -> None:
         """Write ``projections`` and move the checkpoint from ``expected`` to ``position``:
         in one transaction when the projection store shares this database, else the
         projections first (so a crash in between re-applies idempotent upserts, never
-        skips). Raises CheckpointConflict, writing nothing, if the stored checkpoint is
-        not ``expected``."""
+        skips). ``parked`` are the batch's dead letters (as ``park``), written in the
+        checkpoint's transaction. Raises CheckpointConflict, writing nothing (no dead
+        letter either), if the stored checkpoint is not ``expected``."""
         ...
 
     def reset(self, handler: str, position: int = 0) -> None:

@@ -10,10 +10,12 @@ skipped when the handler does not listen to its stored type, else parked at once
 does not heal by waiting.
 
 Retries may run in another process than the runner, so two rules keep them from writing
-an older row over a newer one. Retries, skips and the runner's healing take turns (one
-lock per handler, across processes). And a retry handles only dead letters the
-checkpoint has passed: the runner parks an event at once, but the rows its batch made
-before it are written with the batch's checkpoint, later.
+an older row over a newer one. A batch's dead letters are written with its checkpoint,
+in the transaction that writes the rows the batch made (:meth:`DeadLetters.unsaved`): a
+retry elsewhere never sees an entry whose stream's earlier rows are still to come, and a
+runner whose checkpoint loses to another's (CheckpointConflict) leaves none. And
+retries, skips and the runner's healing take turns (one lock per handler, across
+processes).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class DeadLetters:
         self.handle, self.listened, self.on_failure = handle, listened, on_failure
         self.blocked: dict[str, Parked] = {}
         self.positions: set[int] = set()
+        # the batch's dead letters, written with its checkpoint (see ``unsaved``)
+        self._unsaved: list[Parked] = []
         self._turn = checkpoints.lock(f"{name}.retry")  # see the module's docstring
 
     def parked(self) -> list[Parked]:
@@ -108,18 +112,17 @@ class DeadLetters:
             with self._taking_turns(wait=False) as turn:
                 if turn:  # listed again in turn: the list before may be stale already
                     parked = self._heal(self.parked())
-        self.blocked, self.positions = {}, set()
+        self.blocked, self.positions, self._unsaved = {}, set(), []
         for stream in by_stream(parked).values():
             self.blocked[stream[0].aggregate_id] = stream[0]
             self.positions.update(p.position for p in stream)
 
     def _heal(self, parked: list[Parked]) -> list[Parked]:
         """Retry the streams led by a held event; what is still parked afterwards."""
-        checkpoint = self.checkpoints.load(self.name)
         left: list[Parked] = []
         for stream in by_stream(parked).values():
             if stream[0].held:
-                _, stream = self.retry_stream(stream, upto=checkpoint)
+                _, stream = self.retry_stream(stream)
             left += stream
         return left
 
@@ -172,7 +175,7 @@ class DeadLetters:
         its stored type, else parked (holding its stream) or SubscriptionFailed."""
         assert damage.position is not None  # read_batch only keeps those it can place
         if damage.position in self.positions:
-            return  # parked already (handled again after a crash)
+            return  # parked already (read again after its checkpoint was set back)
         if damage.event_type is not None and damage.event_type not in self.listened:
             log.warning("%s skipped unreadable #%s: %s", self.name, damage.position, damage)
             return
@@ -189,7 +192,7 @@ class DeadLetters:
             attempts=1,
             parked_at=utc_now(),
         )
-        self.checkpoints.park(parked)
+        self._unsaved.append(parked)
         self.blocked.setdefault(damage.aggregate_id, parked)
         self.positions.add(damage.position)
 
@@ -207,7 +210,7 @@ class DeadLetters:
             recorded.aggregate_id,
         )
         parked = parked_entry(self.name, recorded, failure(error), attempts)
-        self.checkpoints.park(parked)
+        self._unsaved.append(parked)
         # the stream's later events wait behind it: retried in order, they write the
         # read model in log order, never an older row over a newer one
         self.blocked[recorded.aggregate_id] = parked
@@ -215,21 +218,26 @@ class DeadLetters:
 
     def hold(self, recorded: Recorded[Any], head: Parked) -> None:
         """Park an event behind the parked one of its stream without handling it."""
-        self.checkpoints.park(parked_entry(self.name, recorded, _held_behind(head), 0))
+        self._unsaved.append(parked_entry(self.name, recorded, _held_behind(head), 0))
         self.positions.add(recorded.position)
+
+    def unsaved(self, upto: int) -> list[Parked]:
+        """The dead letters the batch made up to ``upto``, to write with its checkpoint
+        there: a runner whose checkpoint loses to another's (CheckpointConflict) leaves
+        none behind for events the other handled. Later ones are dropped: the events
+        they name come round again after the checkpoint and are parked again."""
+        entries, self._unsaved = self._unsaved, []
+        return [entry for entry in entries if entry.position <= upto]
 
     # -- retrying --------------------------------------------------------------
 
     def retry(self, position: int | None = None) -> list[int]:
         """Handle parked events again, stream by stream in position order: all of them,
-        or those of ``position``'s stream up to and including it; only those the
-        checkpoint has passed. Returns the positions that succeeded (see
-        ``Subscription.retry_parked``)."""
+        or those of ``position``'s stream up to and including it. Returns the positions
+        that succeeded (see ``Subscription.retry_parked``)."""
         with self._taking_turns(wait=True):
-            upto = self.checkpoints.load(self.name)
             streams = by_stream(self.parked())
             if position is not None:
-                upto = min(upto, position)
                 streams = {
                     stream_id: stream
                     for stream_id, stream in streams.items()
@@ -237,7 +245,7 @@ class DeadLetters:
                 }
             succeeded: list[int] = []
             for stream in streams.values():
-                succeeded += self.retry_stream(stream, upto=upto)[0]
+                succeeded += self.retry_stream(stream, upto=position)[0]
         return sorted(succeeded)
 
     def skip(self, position: int) -> Parked:

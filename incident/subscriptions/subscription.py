@@ -194,7 +194,7 @@ class Subscription:
             dead_letters.damaged(item)
             return [], False
         if not self.handler.handles(item.data) or item.position in (
-            dead_letters.positions  # parked already (handled again after a crash)
+            dead_letters.positions  # parked already (its checkpoint set back: reset)
         ):
             self._states.follow(item)
             return [], False
@@ -224,7 +224,8 @@ class Subscription:
         return projections, dispatched
 
     def _commit(self, position: int, pending: Pending) -> None:
-        if position == self.position and not pending:
+        parked = self._dead_letters.unsaved(position)
+        if position == self.position and not pending and not parked:
             return
         try:
             self.checkpoints.save(
@@ -233,6 +234,7 @@ class Subscription:
                 expected=self.position,
                 projections=list(pending.values()),
                 projection_store=self.projection_store,
+                parked=parked,
             )
         except CheckpointConflict:
             self._position = None  # reload: whoever moved it knows better
@@ -383,18 +385,16 @@ class Subscription:
 
     def retry_parked(self, position: int | None = None) -> list[int]:
         """Handle parked events again, stream by stream in position order: all of them,
-        or those of ``position``'s stream up to it (earlier ones first); only those the
-        checkpoint has passed, taking turns with retries elsewhere. One that fails again
-        stays parked (one more attempt, its new error), the rest of its stream held,
-        untried. Those that succeed leave the dead letters, their projections written.
-        Returns the positions that succeeded."""
+        or those of ``position``'s stream up to it (earlier ones first), taking turns
+        with retries elsewhere. One that fails again stays parked (one more attempt, its
+        new error), the rest of its stream held. Those that succeed leave the dead
+        letters, their projections written. Returns the positions that succeeded."""
         with self._guard:
             return self._dead_letters.retry(position)
 
     def skip_parked(self, position: int) -> Parked:
         """Drop one parked event from the dead letters without handling it, so that the
         events held behind it can be retried (``retry_parked``, or the runner's next
-        step). Returns the dropped entry; raises IncidentError if nothing is parked
-        there."""
+        step). Returns the dropped entry; IncidentError if nothing is parked there."""
         with self._guard:
             return self._dead_letters.skip(position)

@@ -74,11 +74,14 @@ class MemoryCheckpointStore:
         expected: int,
         projections: Sequence[Projection] = (),
         projection_store: ProjectionStore | None = None,
+        parked: Sequence[Parked] = (),
     ) -> None:
         with self._lock:
             actual = self._positions.get(handler, 0)
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
+            for entry in parked:
+                self._parked[entry.handler, entry.position] = entry
             if projections and projection_store is not None:
                 if isinstance(projection_store, MemoryProjectionStore):
                     projection_store.project_many(projections)

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
-from .._common import PARKED_COLUMNS, parked_from_row, poll
+from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll
 from ..protocols import Parked, ProjectionStore
 from .database import Database
 from .projections import PostgresProjectionStore, writes_into
@@ -57,6 +57,11 @@ class PostgresCheckpointStore:
             " ON CONFLICT (handler) DO UPDATE SET position = EXCLUDED.position,"
             " updated_at = EXCLUDED.updated_at"
         ).format(checkpoints)
+        self._park = sql.SQL(
+            f"INSERT INTO {{}} ({PARKED_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (handler, position) DO UPDATE SET error = EXCLUDED.error,"
+            " attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at"
+        ).format(self._parked)
 
     def __repr__(self) -> str:
         return f"PostgresCheckpointStore({self._db.describe()})"
@@ -94,6 +99,7 @@ class PostgresCheckpointStore:
         expected: int,
         projections: Sequence[Projection] = (),
         projection_store: ProjectionStore | None = None,
+        parked: Sequence[Parked] = (),
     ) -> None:
         self._ensure()
         shared = isinstance(projection_store, PostgresProjectionStore) and (
@@ -114,6 +120,8 @@ class PostgresCheckpointStore:
                 assert isinstance(projection_store, PostgresProjectionStore)
                 fresh = projection_store.prepare(conn, map(type, projections))
                 projection_store.write_many(conn, projections)
+            if parked:
+                conn.cursor().executemany(self._park, [parked_row(entry) for entry in parked])
             conn.execute(self._save, [handler, position])
         if fresh:
             assert isinstance(projection_store, PostgresProjectionStore)
@@ -133,23 +141,7 @@ class PostgresCheckpointStore:
     def park(self, parked: Parked) -> None:
         self._ensure()
         with self._db.connection(f"parking #{parked.position} of {parked.handler}") as conn:
-            conn.execute(
-                sql.SQL(
-                    f"INSERT INTO {{}} ({PARKED_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (handler, position) DO UPDATE SET error = EXCLUDED.error,"
-                    " attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at"
-                ).format(self._parked),
-                [
-                    parked.handler,
-                    parked.position,
-                    parked.event_id,
-                    parked.aggregate_id,
-                    parked.event_type,
-                    parked.error,
-                    parked.attempts,
-                    parked.parked_at,
-                ],
-            )
+            conn.execute(self._park, parked_row(parked))
 
     def parked(self, handler: str | None = None) -> list[Parked]:
         self._ensure()

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
-from .._common import parked_from_row, poll
+from .._common import parked_from_row, parked_row, poll
 from ..protocols import Parked, ProjectionStore
 from .database import Database
 from .projection_tables import ProjectionTable
@@ -92,6 +92,7 @@ class SQLiteCheckpointStore:
         expected: int,
         projections: Sequence[Projection] = (),
         projection_store: ProjectionStore | None = None,
+        parked: Sequence[Parked] = (),
     ) -> None:
         self._ensure()
         shared = projection_store is not None and self.shares_database_with(projection_store)
@@ -106,6 +107,10 @@ class SQLiteCheckpointStore:
                 raise CheckpointConflict(handler, expected, actual)
             if shared and projections:
                 _write_many(self._db, conn, projections)
+            if parked:
+                conn.executemany(
+                    PARK, (parked_row(entry, dt.datetime.isoformat) for entry in parked)
+                )
             conn.execute(SAVE_CHECKPOINT, (handler, position, _now()))
 
     def reset(self, handler: str, position: int = 0) -> None:
@@ -120,19 +125,7 @@ class SQLiteCheckpointStore:
     def park(self, parked: Parked) -> None:
         self._ensure()
         with self._db.errors(), self._db.transaction() as conn:
-            conn.execute(
-                PARK,
-                (
-                    parked.handler,
-                    parked.position,
-                    parked.event_id,
-                    parked.aggregate_id,
-                    parked.event_type,
-                    parked.error,
-                    parked.attempts,
-                    parked.parked_at.isoformat(),
-                ),
-            )
+            conn.execute(PARK, parked_row(parked, dt.datetime.isoformat))
 
     def parked(self, handler: str | None = None) -> list[Parked]:
         rows = self._query(PARKED, (handler, handler))

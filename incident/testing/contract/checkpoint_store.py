@@ -132,6 +132,18 @@ class CheckpointStoreContract(StoreFixtures):
         checkpoint_store.unpark("h", 3)
         assert checkpoint_store.parked("h") == []
 
+    def test_a_batch_parks_with_its_checkpoint(self, checkpoint_store: CheckpointStore) -> None:
+        """``save(parked=...)`` writes the batch's dead letters with the checkpoint (one
+        already there is replaced); a save that loses the compare-and-set writes none."""
+        checkpoint_store.park(parked_event("h", 2, error="first"))
+        batch = [parked_event("h", 2, error="again", attempts=2), parked_event("h", 4)]
+        checkpoint_store.save("h", 4, expected=0, parked=batch)
+        assert checkpoint_store.parked("h") == batch
+        with pytest.raises(CheckpointConflict):
+            checkpoint_store.save("h", 9, expected=0, parked=[parked_event("h", 7)])
+        assert checkpoint_store.parked("h") == batch
+        assert checkpoint_store.load("h") == 4
+
     # -- handler locks ----------------------------------------------------------------------
 
     def test_a_lock_excludes_every_other_lock_of_its_handler(
