@@ -740,3 +740,29 @@ def test_follow_ups_are_not_duplicated_when_a_store_reruns_the_handlers() -> Non
     assert app.projection_store.get(WalletRow, "W1") == WalletRow(
         aggregate_id="W1", balance=3, version=2
     )
+
+
+def test_a_read_model_that_cannot_be_stored_takes_its_events_with_it(store_url: str) -> None:
+    """An inline listener's row holding what its type does not allow (a str in an int
+    field: a struct does not check its fields when built) fails the dispatch with
+    Unstorable naming the field; the command's events are not written either."""
+    handler = incident.EventHandler("rows")
+
+    @handler.listen(Opened, Deposited)
+    def row(recorded: incident.Recorded[Any], state: Wallet) -> WalletRow:
+        balance: Any = "many" if state.balance > 5 else state.balance
+        return WalletRow(aggregate_id=recorded.aggregate_id, balance=balance, version=1)
+
+    app = incident.CommandHandler(
+        store_url, aggregates=[wallet_aggregate()], event_handlers=[handler]
+    )
+    try:
+        app.dispatch(Open(aggregate_id="W"))
+        with pytest.raises(incident.Unstorable, match=r"\$\.balance"):
+            app.dispatch(Deposit(aggregate_id="W", amount=10))
+        assert [r.event_type for r in app.event_store.get("W")] == ["Opened"]
+        assert app.projection_store.all(WalletRow) == [
+            WalletRow(aggregate_id="W", balance=0, version=1)
+        ]
+    finally:
+        app.event_store.close()

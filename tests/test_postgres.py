@@ -528,20 +528,29 @@ def test_a_table_under_the_class_name_stays_with_the_class_that_owns_it(
 
 @pytest.mark.parametrize("path", ["locked", "predicted"])
 def test_projections_that_fail_to_write_take_the_events_with_them(
-    postgres_url: str, path: str
+    postgres_url: str, postgres_admin: Admin, path: str
 ) -> None:
     """Events and projections are one transaction: a projection Postgres refuses (a
-    balance that is not a number) leaves no event behind, on either way of appending, and the
-    connection (the only one here) is rolled back and works for the next append."""
+    negative balance, against a CHECK a DBA added to the table) leaves no event behind,
+    on either way of appending, and the connection (the only one here) is rolled back
+    and works for the next append."""
     store = open_store(postgres_url, pool_size=1)
     if path == "predicted":
         store.append("other", deposited(1), expected_version=0)  # now it knows the heads
     now = dt.datetime.now(dt.UTC)
+    store.projections().project(
+        BankAccount(
+            aggregate_id="Z", account_number="Z", balance=0, version=1, event_id="e",
+            event_date=now,
+        )
+    )  # fmt: skip
+    table = f'"{schema_of(postgres_url)}".bank_account'
+    postgres_admin.execute(f"ALTER TABLE {table} ADD CONSTRAINT covered CHECK (balance >= 0)")
 
     def project(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         return [
             BankAccount(
-                aggregate_id="A", account_number="A", balance="many", version=1,  # type: ignore[arg-type]
+                aggregate_id="A", account_number="A", balance=-1, version=1,
                 event_id=recorded[0].event_id, event_date=now,
             )
         ]  # fmt: skip

@@ -1,5 +1,5 @@
 """Helpers every store backend shares: expected-version matching, stamping envelopes,
-projection keys, dead-letter and owed-work rows, the append verbs over ``commit``, and
+dead-letter and owed-work rows, the append verbs over ``commit``, and
 closing and checking streamed reads. Backends differ only in how they persist."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .. import storable
 from ..errors import ConcurrencyError, IncidentError, Unstorable
 from ..ids import new_uuid, utc_now
 from ..mapper import gap_in_versions
-from ..messages import ANY, Event, Projection, Recorded, event_type_name
+from ..messages import ANY, Event, Recorded, event_type_name
 from .protocols import (
     AppendRequest,
     CommitCall,
@@ -28,7 +28,6 @@ from .protocols import (
     ProjectFn,
     ProjectionStore,
 )
-from .tables import Kind, TableSpec
 
 __all__ = [
     "AppendVerbs",
@@ -44,11 +43,7 @@ __all__ = [
     "metadata_json",
     "PARKED_COLUMNS",
     "parked_from_row",
-    "newer_or_equal",
     "poll",
-    "projection_json",
-    "projection_key",
-    "projection_version",
     "stamp",
 ]
 
@@ -108,60 +103,6 @@ def event_json(event: Event) -> tuple[str, Event]:
         )
         raise Unstorable(f"event {type(event).__name__}", field, rule)
     return text, back
-
-
-def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes]:
-    """A read model's JSON, refusing (Unstorable) what its table cannot keep unchanged:
-    see :func:`incident.storable.checked_json`, and for columns, integers outside signed
-    64 bits, a naive datetime where the column holds instants and an aware one where it
-    holds wall times (``tz=False``). Returns the key and the JSON."""
-    key = projection_key(projection)
-    data = storable.checked_json(projection, "read model")
-    for column in spec.checked_columns:
-        value = getattr(projection, column.attribute)
-        if value is None:
-            continue
-        # the usual values pass without building anything: an int in range, an instant
-        # in UTC (whole minutes from UTC, and aware)
-        kind = column.kind
-        if kind is Kind.INT:
-            if not isinstance(value, int) or storable.INT64_MIN <= value <= storable.INT64_MAX:
-                continue
-        elif kind is Kind.DATETIME and isinstance(value, dt.datetime) and value.tzinfo is dt.UTC:
-            continue
-        rule = _column_rule(kind, value)
-        if rule is not None:
-            raise Unstorable(f"read model {type(projection).__name__}", column.attribute, rule)
-    return key, data
-
-
-def _column_rule(kind: Kind, value: Any) -> str | None:
-    """What a column of this kind cannot keep of ``value`` unchanged, or None."""
-    if kind is Kind.INT:
-        if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
-            return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
-        return None
-    if not isinstance(value, dt.datetime):
-        return None
-    offset = value.utcoffset()
-    aware = offset is not None
-    if offset is not None and offset % dt.timedelta(minutes=1):
-        return (
-            f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
-            "so it would come back as another instant"
-        )
-    if kind is Kind.DATETIME and not aware:
-        return (
-            f"the naive datetime {value.isoformat()} would be stored as an instant; "
-            "pass an aware datetime, or declare the field "
-            "Annotated[datetime, msgspec.Meta(tz=False)] to keep naive wall times"
-        )
-    if kind is Kind.NAIVE_DATETIME and aware:
-        return (
-            f"the aware datetime {value.isoformat()} is in a field declared tz=False "
-            "(naive wall times); pass a naive datetime or declare tz=True"
-        )
-    return None
 
 
 # the dead-letter table's columns, in Parked's field order, so a row decodes by position
@@ -237,30 +178,6 @@ def stamp(
         )
         for offset, event in enumerate(events)
     ]
-
-
-def projection_key(projection: Projection) -> str:
-    key = getattr(projection, "aggregate_id", None)
-    if isinstance(key, str) and storable.keepable_id(key):
-        return key  # the usual case, without naming the projection for an error
-    if not isinstance(key, str) or not key:
-        raise IncidentError(
-            f"{type(projection).__name__} needs a non-empty str aggregate_id field to be stored"
-        )
-    return storable.check_id(key, f"read model {type(projection).__name__}'s aggregate_id")
-
-
-def projection_version(projection: Projection) -> int | None:
-    version = getattr(projection, "version", None)
-    return version if isinstance(version, int) else None
-
-
-def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
-    """Whether ``candidate`` may replace ``stored`` (never move a read model backwards)."""
-    if stored is None:
-        return True
-    new, old = projection_version(candidate), projection_version(stored)
-    return new is None or old is None or new >= old
 
 
 class AppendVerbs:

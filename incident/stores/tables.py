@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import msgspec.inspect as mi
 
 from ..errors import IncidentError
@@ -126,6 +127,11 @@ class TableSpec:
         datetimes (aware or naive, as declared)."""
         kinds = (Kind.INT, Kind.DATETIME, Kind.NAIVE_DATETIME)
         return tuple(column for column in self.columns if column.kind in kinds)
+
+    @functools.cached_property
+    def decoder(self) -> msgspec.json.Decoder[Any]:
+        """Reads a row's JSON as the type: what it refuses, no store keeps."""
+        return msgspec.json.Decoder(self.type)
 
     @functools.cached_property
     def instant_columns(self) -> tuple[str, ...]:

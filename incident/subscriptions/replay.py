@@ -17,7 +17,7 @@ from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..fp import groupby, partition_all
 from ..messages import Projection, Recorded
-from ..stores._common import projection_key
+from ..stores.read_model_rows import projection_key
 from .states import Pending, StreamStates, merge_projections
 
 __all__ = ["Rebuilt", "Replayed", "rebuild"]

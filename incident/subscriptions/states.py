@@ -14,7 +14,8 @@ from ..errors import RegistrationError, RoutingError
 from ..event_handler import EventHandler
 from ..messages import Projection, Recorded
 from ..stores import EventStore
-from ..stores._common import closing_iterator, newer_or_equal
+from ..stores._common import closing_iterator
+from ..stores.read_model_rows import newer_or_equal
 
 __all__ = ["Pending", "StreamStates", "aggregates_for", "merge_projections"]
 

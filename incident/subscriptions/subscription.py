@@ -17,7 +17,7 @@ from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..messages import Projection, Recorded, event_type_name
 from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
-from ..stores._common import projection_key
+from ..stores.read_model_rows import projection_key
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
 from .reactor import Reactor

@@ -9,13 +9,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ...errors import IncidentError, Unstorable
+from ...errors import IncidentError
 from ...messages import Projection
-from .._common import (
-    newer_or_equal,
-    projection_json,
-    projection_key,
-)
+from ..read_model_rows import newer_or_equal, projection_json, projection_key
 from ..tables import TableOwners, TableSpec
 
 __all__ = ["MemoryProjectionStore"]
@@ -32,7 +28,6 @@ class MemoryProjectionStore:
         self._lock = threading.RLock()
         self._owners = TableOwners()
         self._tables: dict[str, dict[str, Projection]] = {}
-        self._decoders: dict[type[Projection], msgspec.json.Decoder[Any]] = {}
 
     def __repr__(self) -> str:
         return "MemoryProjectionStore()"
@@ -46,14 +41,7 @@ class MemoryProjectionStore:
         a durable store would write (aware datetime columns in UTC), so memory refuses
         and gives back what they do."""
         spec = self._spec(type(projection))
-        key, data = projection_json(projection, spec)
-        decoder = self._decoders.get(spec.type)
-        if decoder is None:
-            decoder = self._decoders[spec.type] = msgspec.json.Decoder(spec.type)
-        try:
-            row: Projection = decoder.decode(data)
-        except msgspec.ValidationError as error:
-            raise Unstorable(f"read model {type(projection).__name__}", None, str(error)) from None
+        key, _, row = projection_json(projection, spec)
         instants = {
             name: value.astimezone(dt.UTC)
             for name in spec.instant_columns

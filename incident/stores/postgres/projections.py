@@ -15,8 +15,8 @@ from ...codec import encode
 from ...errors import IncidentError, StoreError
 from ...messages import Projection
 from ...storable import keepable_id
-from .._common import projection_json, projection_key
 from ..protocols import ProjectionStore
+from ..read_model_rows import projection_json, projection_key
 from ..tables import Kind, TableSpec, legacy_name, qualified
 from .database import Database
 from .durability import durable_rows
@@ -83,7 +83,8 @@ class _Table:
             .format(self.table, self.key, updates, guard)
             .as_string()
         )
-        self.select = sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t").format(self.table)
+        # t.*, not t: a column named t would stand for the row (t.* is the alias's only)
+        self.select = sql.SQL("SELECT to_jsonb(t.*)::text FROM {} AS t").format(self.table)
         self.select_one = self.select + sql.SQL(" WHERE {} = %s").format(self.key)
         self.select_all = self.select + sql.SQL(" ORDER BY {}").format(self.key)
 

@@ -26,7 +26,7 @@ import sqlite_utils
 from ...codec import encode
 from ...errors import IncidentError
 from ...messages import Projection
-from .._common import projection_json
+from ..read_model_rows import projection_json
 from ..tables import Kind, TableSpec
 
 __all__ = ["ProjectionTable", "quote_identifier"]

@@ -13,8 +13,8 @@ from typing import TypeVar
 
 from ...messages import Projection
 from ...storable import keepable_id
-from .._common import projection_key
 from ..protocols import ProjectionStore
+from ..read_model_rows import projection_key
 from .database import Database
 from .projection_tables import quote_identifier
 

@@ -7,7 +7,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import pytest
@@ -18,7 +18,7 @@ from ...messages import Projection
 from ...stores import ProjectionStore
 from .fixtures import StoreFixtures
 
-__all__ = ["ProjectionStoreContract", "Reading", "account_row"]
+__all__ = ["ProjectionStoreContract", "Reading", "Typed", "account_row"]
 
 
 class Reading(Projection):
@@ -29,6 +29,17 @@ class Reading(Projection):
     at: dt.datetime | None = None
     wall: Annotated[dt.datetime, msgspec.Meta(tz=False)] | None = None
     version: int = 1
+
+
+class Typed(Projection):
+    """A read model whose fields hold only their declared types, one of them named like
+    the alias a store might give its table in SQL (``t``)."""
+
+    aggregate_id: str
+    kind: Literal["a", "b"] = "a"
+    count: int = 0
+    ok: bool = False
+    t: int = 0
 
 
 def account_row(key: str, *, version: int, balance: int) -> BankAccount:
@@ -126,3 +137,40 @@ class ProjectionStoreContract(StoreFixtures):
                 Reading(aggregate_id="r", wall=dt.datetime(2024, 5, 1, tzinfo=india))
             )
         assert caught.value.field == "wall"
+
+    def test_a_value_not_of_its_declared_type_is_refused(
+        self, projection_store: ProjectionStore
+    ) -> None:
+        """A field holding what its type does not allow (a value outside a Literal, a
+        str or a bool for an int, an int for a bool) is refused with Unstorable naming the
+        field, and nothing is written: the table stays readable."""
+        for bad in (
+            Typed(aggregate_id="x", kind="c"),  # type: ignore[arg-type]
+            Typed(aggregate_id="x", count="5"),  # type: ignore[arg-type]
+            Typed(aggregate_id="x", count=True),
+            Typed(aggregate_id="x", ok=1),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(errors.Unstorable, match=r"\$\.(kind|count|ok)"):
+                projection_store.project(bad)
+        assert projection_store.get(Typed, "x") is None
+        good = Typed(aggregate_id="y", kind="b", count=3, ok=True, t=7)
+        projection_store.project(good)
+        assert projection_store.get(Typed, "y") == good
+        assert projection_store.all(Typed) == [good]
+
+    def test_an_instant_past_the_calendar_in_utc_is_refused(
+        self, projection_store: ProjectionStore
+    ) -> None:
+        """An aware datetime whose instant falls outside years 1-9999 once in UTC (the
+        first minutes of year 1 east of UTC, the last of 9999 west of it) is refused with
+        Unstorable naming the field; the calendar's own ends in UTC are kept."""
+        east, west = dt.timezone(dt.timedelta(hours=5)), dt.timezone(dt.timedelta(hours=-5))
+        for at in (dt.datetime.min.replace(tzinfo=east), dt.datetime.max.replace(tzinfo=west)):
+            with pytest.raises(errors.Unstorable) as caught:
+                projection_store.project(Reading(aggregate_id="r", at=at))
+            assert caught.value.field == "at"
+        assert projection_store.get(Reading, "r") is None
+        for at in (dt.datetime.min, dt.datetime(9999, 12, 31, 23, 59, 59)):
+            projection_store.project(Reading(aggregate_id="r", at=at.replace(tzinfo=dt.UTC)))
+            got = projection_store.get(Reading, "r")
+            assert got is not None and got.at == at.replace(tzinfo=dt.UTC)

@@ -1,0 +1,106 @@
+"""A read model's row, the same on every store: its key and version, which of two rows
+of one key wins, and what a row may hold (``projection_json``: refused with Unstorable
+before anything is written, on memory as on the durable stores)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+from .. import storable
+from ..errors import IncidentError, Unstorable
+from ..messages import Projection
+from .tables import Kind, TableSpec
+
+__all__ = ["newer_or_equal", "projection_json", "projection_key", "projection_version"]
+
+
+def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes, Projection]:
+    """A read model's JSON, refusing (Unstorable) what its table cannot keep unchanged:
+    see :func:`incident.storable.checked_json`; what does not read back as its own type
+    (a str in an int field: a struct does not check its fields when built); and for
+    columns, integers outside signed 64 bits, a naive datetime where the column holds
+    instants, an aware one where it holds wall times (``tz=False``) or one that leaves
+    the calendar in UTC. Returns the key, the JSON and the row read back from it."""
+    key = projection_key(projection)
+    data = storable.checked_json(projection, "read model")
+    for column in spec.checked_columns:
+        value = getattr(projection, column.attribute)
+        if value is None:
+            continue
+        # the usual values pass without building anything: an int in range, an instant
+        # in UTC (whole minutes from UTC, and aware)
+        kind = column.kind
+        if kind is Kind.INT:
+            if not isinstance(value, int) or storable.INT64_MIN <= value <= storable.INT64_MAX:
+                continue
+        elif kind is Kind.DATETIME and isinstance(value, dt.datetime) and value.tzinfo is dt.UTC:
+            continue
+        rule = _column_rule(kind, value)
+        if rule is not None:
+            raise Unstorable(f"read model {type(projection).__name__}", column.attribute, rule)
+    try:  # after the columns' rules, which say more about a datetime than msgspec does
+        row: Projection = spec.decoder.decode(data)
+    except msgspec.ValidationError as error:
+        raise Unstorable(f"read model {type(projection).__name__}", None, str(error)) from None
+    return key, data, row
+
+
+def _column_rule(kind: Kind, value: Any) -> str | None:
+    """What a column of this kind cannot keep of ``value`` unchanged, or None."""
+    if kind is Kind.INT:
+        if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
+            return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
+        return None
+    if not isinstance(value, dt.datetime):
+        return None
+    offset = value.utcoffset()
+    aware = offset is not None
+    if offset is not None and offset % dt.timedelta(minutes=1):
+        return (
+            f"{value!r} is {offset} from UTC: ISO 8601 text keeps whole minutes, "
+            "so it would come back as another instant"
+        )
+    if aware:
+        try:
+            value.astimezone(dt.UTC)
+        except OverflowError:
+            return f"{value.isoformat()} is outside years 1-9999 once in UTC, where it is kept"
+    if kind is Kind.DATETIME and not aware:
+        return (
+            f"the naive datetime {value.isoformat()} would be stored as an instant; "
+            "pass an aware datetime, or declare the field "
+            "Annotated[datetime, msgspec.Meta(tz=False)] to keep naive wall times"
+        )
+    if kind is Kind.NAIVE_DATETIME and aware:
+        return (
+            f"the aware datetime {value.isoformat()} is in a field declared tz=False "
+            "(naive wall times); pass a naive datetime or declare tz=True"
+        )
+    return None
+
+
+def projection_key(projection: Projection) -> str:
+    key = getattr(projection, "aggregate_id", None)
+    if isinstance(key, str) and storable.keepable_id(key):
+        return key  # the usual case, without naming the projection for an error
+    if not isinstance(key, str) or not key:
+        raise IncidentError(
+            f"{type(projection).__name__} needs a non-empty str aggregate_id field to be stored"
+        )
+    return storable.check_id(key, f"read model {type(projection).__name__}'s aggregate_id")
+
+
+def projection_version(projection: Projection) -> int | None:
+    version = getattr(projection, "version", None)
+    return version if isinstance(version, int) else None
+
+
+def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
+    """Whether ``candidate`` may replace ``stored`` (never move a read model backwards)."""
+    if stored is None:
+        return True
+    new, old = projection_version(candidate), projection_version(stored)
+    return new is None or old is None or new >= old
