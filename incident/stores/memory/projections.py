@@ -16,6 +16,7 @@ from .._common import (
     projection_json,
     projection_key,
 )
+from ..arguments import readable_id
 from ..tables import TableOwners, TableSpec
 
 __all__ = ["MemoryProjectionStore"]
@@ -107,6 +108,8 @@ class MemoryProjectionStore:
         return len(table)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        if not readable_id(key):
+            return None  # no row can have it
         spec = self._spec(projection_type)
         with self._lock:
             stored = self._tables.get(spec.name, {}).get(key)

@@ -21,13 +21,13 @@ from ...codec import EventTypes
 from ...errors import IncidentError
 from .._common import (
     AppendVerbs,
-    checked_events,
     event_json,
     metadata_json,
     owed_from_row,
     owed_row,
     project_elsewhere,
 )
+from ..arguments import checked_request
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -130,7 +130,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         """The append checked and encoded before taking the lock: a bad event or
         metadata fails with nothing written."""
         request = call.request
-        batch = checked_events(request.aggregate_id, request.events)
+        batch = checked_request(request)
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
         store = call.projection_store
         together = store is not None and self.shares_database_with(store)

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from ...messages import Projection
-from ...storable import keepable_id
 from .._common import projection_key
+from ..arguments import readable_id
 from ..protocols import ProjectionStore
 from .database import Database
 from .projection_tables import quote_identifier
@@ -56,7 +56,7 @@ class SQLiteProjectionStore:
         return len(rows)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
-        if not keepable_id(key):
+        if not readable_id(key):
             return None  # no row can have it
         table = self._db.table(projection_type)
         with self._db.errors():
