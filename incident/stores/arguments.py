@@ -4,12 +4,13 @@ sync or async, and never a driver's TypeError, an OverflowError, a StoreError or
 false CorruptEvent.
 
 - Reads: ``after`` is a version or position, an int >= 0 (not a bool, and not None:
-  ``after=0`` reads from the start); ``limit`` is None or an int >= 0; an id that is
-  not a str is refused. All three are IncidentErrors. A str no store could keep (see
-  :func:`incident.storable.keepable_id`) reads as nothing: no stream can have it.
-- Writes: the aggregate id is refused as Unstorable when no store could keep it
-  (docs/storable.md); ``expected_version`` is ``incident.ANY`` or an int >= 0, and a
-  stream not at it is a ConcurrencyError.
+  ``after=0`` reads from the start); ``limit`` is None or an int >= 0; an id or an
+  idempotency key that is not a str is refused. All three are IncidentErrors. A str no
+  store could keep (see :func:`incident.storable.keepable_id`) reads as nothing: no
+  stream or key can have it.
+- Writes: the aggregate id, the ``aggregate`` name and the idempotency key are refused
+  as Unstorable when no store could keep them (docs/storable.md); ``expected_version``
+  is ``incident.ANY`` or an int >= 0, and a stream not at it is a ConcurrencyError.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .. import storable
-from ..errors import ConcurrencyError, IncidentError
+from ..errors import ConcurrencyError, IncidentError, Unstorable
 from ..messages import ANY, Event
 from .protocols import AppendRequest
 
 __all__ = [
     "check_after",
+    "check_aggregate_name",
     "check_expected_version",
+    "check_key",
     "check_limit",
     "checked_events",
     "checked_request",
     "check_version_argument",
     "readable_id",
+    "readable_key",
 ]
 
 
@@ -58,6 +62,37 @@ def readable_id(aggregate_id: object) -> bool:
     if not isinstance(aggregate_id, str):
         raise IncidentError(f"aggregate_id must be a str, got {storable.shown(aggregate_id)}")
     return storable.keepable_id(aggregate_id)
+
+
+def readable_key(key: object) -> bool:
+    """Whether an idempotency key can have been stored (``check_key`` accepts it); a
+    lookup of one that cannot finds nothing. A key that is not a str is refused."""
+    if not isinstance(key, str):
+        raise IncidentError(f"idempotency_key must be a str, got {storable.shown(key)}")
+    return bool(key) and storable.problem_in(key) is None
+
+
+def check_key(key: object) -> str:
+    """An idempotency key every store keeps as it is: a non-empty str without NUL or
+    lone surrogates (a key's length is not limited)."""
+    if not isinstance(key, str) or not key:
+        raise Unstorable(
+            "idempotency_key", None, f"must be a non-empty str, got {storable.shown(key)}"
+        )
+    if (problem := storable.problem_in(key)) is not None:
+        raise Unstorable("idempotency_key", None, problem[1])
+    return key
+
+
+def check_aggregate_name(name: object) -> None:
+    """The ``aggregate`` name stored with each event: None or a str without NUL or lone
+    surrogates ("" is None: both are stored as "")."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise Unstorable("aggregate", None, f"must be a str or None, got {storable.shown(name)}")
+    if (problem := storable.problem_in(name)) is not None:
+        raise Unstorable("aggregate", None, problem[1])
 
 
 def check_expected_version(aggregate_id: str, expected: object, actual: int) -> None:
@@ -97,8 +132,12 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
 
 def checked_request(request: AppendRequest) -> list[Event]:
     """The append's events as a list, once everything a store refuses of the request
-    without reading the database is refused: the id, the events and the expected
-    version's type (metadata and payloads are checked as they are encoded)."""
+    without reading the database is refused: the id, the events, the expected version's
+    type, the aggregate name and the idempotency key (metadata and payloads are checked
+    as they are encoded)."""
     events = checked_events(request.aggregate_id, request.events)
     check_version_argument(request.expected_version)
+    check_aggregate_name(request.aggregate)
+    if request.idempotency_key is not None:
+        check_key(request.idempotency_key)
     return events

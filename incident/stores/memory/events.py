@@ -22,9 +22,11 @@ from .._common import (
 from ..arguments import (
     check_after,
     check_expected_version,
+    check_key,
     check_limit,
     checked_request,
     readable_id,
+    readable_key,
 )
 from ..live import Live
 from ..protocols import (
@@ -131,6 +133,8 @@ class MemoryEventStore(AppendVerbs, Live):
         return isinstance(projection_store, MemoryProjectionStore)
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        if not readable_key(idempotency_key):
+            return None
         with self._lock:
             found = self._keys.get(idempotency_key)
         return None if found is None else found._replace(recorded=list(found.recorded))
@@ -138,6 +142,7 @@ class MemoryEventStore(AppendVerbs, Live):
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        check_key(idempotency_key)
         with self._lock:
             found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
         return found._replace(recorded=list(found.recorded))

@@ -27,7 +27,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_expected_version, checked_request
+from ..arguments import check_expected_version, check_key, checked_request
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -425,6 +425,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
         """Under the append lock, like an append's key, so the two cannot both win."""
+        check_key(idempotency_key)
         self._db.ready()
         doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
         with self._db.connection(doing) as conn:

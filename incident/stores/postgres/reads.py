@@ -17,9 +17,8 @@ from ...mapper import (
     stream_pages,
 )
 from ...messages import Event, Recorded
-from ...storable import problem_in
 from .._common import ChainedBatches, check_versions, owed_from_row
-from ..arguments import check_after, check_limit, readable_id
+from ..arguments import check_after, check_limit, readable_id, readable_key
 from ..protocols import Outcome, Owed
 from .database import Database
 from .durability import WAL_POSITIONS, durable_rows
@@ -162,8 +161,8 @@ class PostgresEventReads:
         return Outcome(self._envelopes(rows))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
-        if problem_in(idempotency_key) is not None:
-            return None  # no key can hold it (a NUL): the server would refuse to look
+        if not readable_key(idempotency_key):
+            return None  # no key can be it (a NUL): the server would refuse to look
         self._db.ready()
         with self._db.connection(f"looking up idempotency key {idempotency_key!r}") as conn:
             outcome = self._outcome(conn, idempotency_key)

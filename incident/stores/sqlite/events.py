@@ -27,7 +27,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import checked_request
+from ..arguments import check_key, checked_request, readable_key
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -160,12 +160,15 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         return Outcome(self._decode(conn.execute(LOG_BETWEEN, (first, last)).fetchall(), None))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        if not readable_key(idempotency_key):
+            return None  # no key can be it
         found: Outcome | None = self._read(lambda conn: self._outcome(conn, idempotency_key))
         return found
 
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        check_key(idempotency_key)
         with self._db.errors(), self._db.transaction() as conn:
             conn.execute(ADD_REJECTION, (idempotency_key, reason, detail))
             stored = self._outcome(conn, idempotency_key)

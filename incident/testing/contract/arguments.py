@@ -1,6 +1,6 @@
-"""The event store contract on bad arguments: a read's ``after`` and ids, and an
-append's expected version, are refused the same way by every store, as typed errors,
-with nothing written (see :mod:`incident.stores.arguments`)."""
+"""The event store contract on bad arguments: a read's ``after`` and ids, an append's
+expected version, aggregate name and idempotency key are refused the same way by every
+store, as typed errors, with nothing written (see :mod:`incident.stores.arguments`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from ... import errors
 from ...examples.bank import BankAccount, MoneyDeposited
-from ...stores import EventStore
+from ...stores import AppendRequest, EventStore
 from .fixtures import StoreFixtures
 
 __all__ = ["ArgumentsContract"]
@@ -22,6 +22,8 @@ BAD_AFTER = [-1, -100, True, False, 1.0, None, "1"]
 # every store positions in 64)
 PAST_EVERY_VERSION = [2**31, 2**63 - 1, 2**63, 2**70]
 NOT_AN_ID: list[Any] = [5, None, b"acc-1", ("acc-1",)]
+BAD_NAMES: list[Any] = ["acc\x00", "acc\udc80", "\ud800", 3, b"acc"]
+BAD_KEYS: list[Any] = ["k\x00", "k\udc80", "", 5, b"k"]
 
 
 def _reads(store: EventStore, aggregate_id: Any, after: Any) -> dict[str, Any]:
@@ -101,3 +103,44 @@ class ArgumentsContract(StoreFixtures):
                 event_store.append("acc-1", events, expected_version=expected)
             assert (caught.value.expected, caught.value.actual) == (expected, 1)
         assert [r.position for r in event_store.read_all()] == [1]
+
+    @pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+    def test_an_aggregate_name_no_store_can_keep_is_refused(
+        self, event_store: EventStore, name: Any
+    ) -> None:
+        """The ``aggregate`` name is stored with every event, so it follows the rule ids
+        follow (docs/storable.md): a NUL, a lone surrogate or a value that is not a str
+        is Unstorable on every store, and nothing is written."""
+        with pytest.raises(errors.Unstorable, match="aggregate") as caught:
+            event_store.append(
+                "acc-1", [MoneyDeposited(amount=1)], expected_version=0, aggregate=name
+            )
+        assert caught.value.what == "aggregate"
+        assert list(event_store.read_all()) == []
+
+    @pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+    def test_an_idempotency_key_no_store_can_keep_is_refused(
+        self, event_store: EventStore, key: Any
+    ) -> None:
+        """An idempotency key is a non-empty str without NUL or lone surrogates: any
+        other is Unstorable on every store, for an append and for a rejection, with
+        nothing written; looking one up finds nothing (a key that is not a str is
+        refused)."""
+        # commit is the one append verb every store, sync or async, has
+        request = AppendRequest(
+            aggregate_id="acc-1",
+            events=[MoneyDeposited(amount=1)],
+            expected_version=0,
+            idempotency_key=key,
+        )
+        with pytest.raises(errors.Unstorable, match="idempotency_key"):
+            event_store.commit(request, projection_store=event_store.projections())
+        with pytest.raises(errors.Unstorable, match="idempotency_key"):
+            event_store.remember_rejection(key, "no")
+        if isinstance(key, str):
+            assert event_store.outcome_for(key) is None
+        else:
+            with pytest.raises(errors.IncidentError) as caught:
+                event_store.outcome_for(key)
+            assert _is_refusal(caught.value, "idempotency_key"), repr(caught.value)
+        assert list(event_store.read_all()) == []
