@@ -14,10 +14,10 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from .. import storable
-from ..errors import ConcurrencyError, IncidentError, Unstorable
+from ..errors import Unstorable
 from ..ids import new_uuid, utc_now
 from ..mapper import gap_in_versions
-from ..messages import ANY, Event, Recorded, event_type_name
+from ..messages import Event, Recorded, event_type_name
 from .protocols import (
     AppendRequest,
     CommitCall,
@@ -32,9 +32,7 @@ from .protocols import (
 __all__ = [
     "AppendVerbs",
     "ChainedBatches",
-    "check_expected_version",
     "closing_iterator",
-    "checked_events",
     "effects_of",
     "event_json",
     "OWED_COLUMNS",
@@ -46,36 +44,6 @@ __all__ = [
     "poll",
     "stamp",
 ]
-
-
-def check_expected_version(aggregate_id: str, expected: object, actual: int) -> None:
-    """Raise ConcurrencyError unless ``expected`` is ANY or equals ``actual``.
-
-    >>> check_expected_version("a", ANY, 3)
-    >>> check_expected_version("a", 2, 3)
-    Traceback (most recent call last):
-    ...
-    incident.errors.ConcurrencyError: Stream 'a' is at version 3, expected 2; nothing was written
-    """
-    if expected is ANY:
-        return
-    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
-        raise IncidentError(
-            f"expected_version must be an int >= 0 or incident.ANY, got {expected!r}"
-        )
-    if expected != actual:
-        raise ConcurrencyError(aggregate_id, expected, actual)
-
-
-def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
-    """The events as a list, refusing an id no store can keep and anything that is not
-    an Event, so a bad batch fails before anything is written."""
-    storable.check_id(aggregate_id)
-    checked = list(events)
-    for event in checked:
-        if not isinstance(event, Event):
-            raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
-    return checked
 
 
 metadata_json = storable.metadata_json

@@ -37,9 +37,9 @@ from typing import Any, TypeVar
 
 from .._forks import renew_in_forked_children
 from ..errors import StoreError
-from ..mapper import check_limit
 from ..messages import Event, Projection, Recorded
 from ._common import closing_iterator
+from .arguments import check_after, check_limit
 from .async_commits import CommitBatches
 from .async_live import follow_async
 from .live import BATCH_SIZE, POLL_INTERVAL
@@ -272,6 +272,7 @@ class AsyncEventStore:
     def read_all(self, after: int = 0, limit: int | None = None) -> AsyncIterator[Recorded[Any]]:
         """The global log from ``position > after``, in position order, a page at a time
         (a bad ``limit`` is refused here, at the call)."""
+        after = check_after(after)
         check_limit(limit)
         return self._read_all(after, limit)
 

@@ -137,7 +137,9 @@ class ProjectionStore(Protocol):
 
 @runtime_checkable
 class EventStore(Protocol):
-    """An append-only log of events, read per aggregate stream or globally."""
+    """An append-only log of events, read per aggregate stream or globally. Every store
+    checks its verbs' arguments alike (``after`` an int >= 0, ids and keys str...):
+    :mod:`incident.stores.arguments`."""
 
     #: resolves stored event type names; command handlers register their aggregates' types
     types: EventTypes

@@ -11,16 +11,22 @@ import msgspec
 
 from ...codec import EventTypes
 from ...errors import DuplicateCommand, IncidentError
-from ...mapper import check_limit
 from ...messages import Event, Recorded
 from .._common import (
     AppendVerbs,
-    check_expected_version,
-    checked_events,
     effects_of,
     event_json,
     metadata_json,
     stamp,
+)
+from ..arguments import (
+    check_after,
+    check_expected_version,
+    check_key,
+    check_limit,
+    checked_request,
+    readable_id,
+    readable_key,
 )
 from ..live import Live
 from ..protocols import (
@@ -65,7 +71,7 @@ class MemoryEventStore(AppendVerbs, Live):
         aggregate_id, key = request.aggregate_id, request.idempotency_key
         # what is kept is what a durable store would read back: events and metadata
         # through their JSON, refused here as on every store
-        checked = checked_events(aggregate_id, request.events)
+        checked = checked_request(request)
         batch = [event_json(event)[1] for event in checked]
         metadata = request.metadata
         if metadata:
@@ -127,6 +133,8 @@ class MemoryEventStore(AppendVerbs, Live):
         return isinstance(projection_store, MemoryProjectionStore)
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        if not readable_key(idempotency_key):
+            return None
         with self._lock:
             found = self._keys.get(idempotency_key)
         return None if found is None else found._replace(recorded=list(found.recorded))
@@ -134,6 +142,7 @@ class MemoryEventStore(AppendVerbs, Live):
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        check_key(idempotency_key)
         with self._lock:
             found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
         return found._replace(recorded=list(found.recorded))
@@ -152,8 +161,11 @@ class MemoryEventStore(AppendVerbs, Live):
             self._owed.pop((handler, position), None)
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
+        start = check_after(after)
+        if not readable_id(aggregate_id):
+            return []
         with self._lock:
-            return list(self._streams.get(aggregate_id, [])[after:])
+            return list(self._streams.get(aggregate_id, [])[start:])
 
     def events(self, aggregate_id: str, *, after: int = 0) -> Iterator[Event]:
         """The stream's events without their envelopes: what a fold needs."""
@@ -164,14 +176,17 @@ class MemoryEventStore(AppendVerbs, Live):
         return iter(self.get(aggregate_id, after=after))
 
     def version(self, aggregate_id: str) -> int:
+        if not readable_id(aggregate_id):
+            return 0
         with self._lock:
             return len(self._streams.get(aggregate_id, []))
 
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
+        start = check_after(after)
         check_limit(limit)
         with self._lock:
-            end = len(self._log) if limit is None else min(len(self._log), after + limit)
-            chunk = self._log[max(after, 0) : end]
+            end = len(self._log) if limit is None else min(len(self._log), start + limit)
+            chunk = self._log[start:end]
         return iter(chunk)
 
     def initialize(self) -> list[str]:

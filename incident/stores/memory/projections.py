@@ -11,6 +11,7 @@ import msgspec
 
 from ...errors import IncidentError
 from ...messages import Projection
+from ..arguments import readable_id
 from ..read_model_rows import newer_or_equal, projection_json, projection_key
 from ..tables import TableOwners, TableSpec
 
@@ -95,6 +96,8 @@ class MemoryProjectionStore:
         return len(table)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        if not readable_id(key):
+            return None  # no row can have it
         spec = self._spec(projection_type)
         with self._lock:
             stored = self._tables.get(spec.name, {}).get(key)

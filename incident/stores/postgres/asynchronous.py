@@ -34,8 +34,8 @@ from psycopg_pool import AsyncConnectionPool
 from ..._forks import renew_in_forked_children
 from ...errors import StoreError
 from ...messages import Projection, Recorded
-from ...storable import keepable_id
 from .._common import check_versions, owed_from_row
+from ..arguments import check_after, readable_id
 from ..async_commits import CommitBatches
 from ..asynchronous import CLOSED, AsyncEventStore, AsyncProjectionStore, Workers
 from ..protocols import Owed
@@ -183,7 +183,8 @@ class AsyncPostgresEventStore(AsyncEventStore):
 
     async def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream's events with ``version > after``, in version order."""
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return []  # no stream can have it
         doing = f"reading stream {aggregate_id!r}"
         rows = await self._fetch(doing, self._sql.stream, aggregate_id, after)
@@ -193,7 +194,8 @@ class AsyncPostgresEventStore(AsyncEventStore):
     async def stream_page(
         self, aggregate_id: str, after: int, size: int
     ) -> Sequence[Recorded[Any]]:
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return []
         doing = f"reading stream {aggregate_id!r}"
         rows = await self._fetch(doing, self._sql.stream_page, aggregate_id, after, size)
@@ -205,7 +207,7 @@ class AsyncPostgresEventStore(AsyncEventStore):
         return self.postgres.envelopes_of(rows)
 
     async def version(self, aggregate_id: str) -> int:
-        if not keepable_id(aggregate_id):
+        if not readable_id(aggregate_id):
             return 0
         doing = f"reading the version of {aggregate_id!r}"
         rows = await self._fetch(doing, self._sql.version, aggregate_id)
@@ -245,7 +247,7 @@ class AsyncPostgresProjectionStore(AsyncProjectionStore):
 
     async def get(self, projection_type: type[P], key: str) -> P | None:
         """The stored projection of that type and key, or None."""
-        if not keepable_id(key):
+        if not readable_id(key):
             return None  # no row can have it
         rows = await self._rows(projection_type, True, key)
         return rows[0] if rows else None

@@ -26,7 +26,8 @@ from contextlib import nullcontext
 
 from ...errors import CommitUnknown, StoreError
 from ...messages import Projection
-from .._common import check_expected_version, effects_of, owed_row, stamp
+from .._common import effects_of, owed_row, stamp
+from ..arguments import check_expected_version
 from ..protocols import Committed
 from .append_job import AppendJob, Written
 from .database import Database

@@ -21,14 +21,13 @@ from ...errors import CommitUnknown, ConcurrencyError, DuplicateCommand, StoreEr
 from ...messages import ANY
 from .._common import (
     AppendVerbs,
-    check_expected_version,
-    checked_events,
     effects_of,
     event_json,
     metadata_json,
     owed_row,
     project_elsewhere,
 )
+from ..arguments import check_expected_version, check_key, checked_request
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -63,6 +62,8 @@ from .session import (
     take_turn,
 )
 from .thread_batches import ThreadBatches
+
+MAX_VERSION = 2**31 - 1  # the events table's version column is an integer
 
 
 class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
@@ -226,15 +227,14 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         before the database is touched), or, with no events, its Committed."""
         request = call.request
         aggregate_id, expected_version = request.aggregate_id, request.expected_version
-        batch = checked_events(aggregate_id, request.events)
-        if expected_version is not ANY and (
-            isinstance(expected_version, bool)
-            or not isinstance(expected_version, int)
-            or expected_version < 0
-        ):
-            check_expected_version(aggregate_id, expected_version, 0)  # raises: not a version
+        batch = checked_request(request)
         payloads = [event_json(event)[0] for event in batch]
-        if not batch:
+        # past the version column's range no stream can be at it: the stream's version
+        # says so, as on every store, where the server would refuse the number
+        if not batch or (expected_version is not ANY and expected_version > MAX_VERSION):
+            key = request.idempotency_key
+            if batch and key is not None and (earlier := self.outcome_for(key)) is not None:
+                raise DuplicateCommand(key, *earlier)  # as the append would have
             if expected_version is not ANY:
                 check_expected_version(aggregate_id, expected_version, self.version(aggregate_id))
             return Committed([])
@@ -425,6 +425,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
         """Under the append lock, like an append's key, so the two cannot both win."""
+        check_key(idempotency_key)
         self._db.ready()
         doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
         with self._db.connection(doing) as conn:

@@ -14,7 +14,7 @@ from psycopg import sql
 from ...codec import encode
 from ...errors import IncidentError, StoreError
 from ...messages import Projection
-from ...storable import keepable_id
+from ..arguments import readable_id
 from ..protocols import ProjectionStore
 from ..read_model_rows import projection_json, projection_key
 from ..tables import Kind, TableSpec, legacy_name, qualified
@@ -285,7 +285,7 @@ class PostgresProjectionStore:
         return [table.decode(text) for (text,) in rows]
 
     def get(self, projection_type: type[P], key: str) -> P | None:
-        if not keepable_id(key):
+        if not readable_id(key):
             return None  # no row can have it
         rows: list[P] = self._rows(projection_type, True, key)
         return rows[0] if rows else None

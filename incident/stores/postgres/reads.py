@@ -11,15 +11,14 @@ from typing import Any
 from ...codec import EventTypes
 from ...mapper import (
     JoinedBatch,
-    check_limit,
     envelopes,
     fold_batches,
     log_pages,
     stream_pages,
 )
 from ...messages import Event, Recorded
-from ...storable import keepable_id, problem_in
 from .._common import ChainedBatches, check_versions, owed_from_row
+from ..arguments import check_after, check_limit, readable_id, readable_key
 from ..protocols import Outcome, Owed
 from .database import Database
 from .durability import WAL_POSITIONS, durable_rows
@@ -75,7 +74,8 @@ class PostgresEventReads:
         return envelopes(self.types, rows, None, _in_utc)
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return []  # no stream can have it
         rows = self._fetch(
             f"reading stream {aggregate_id!r}", self._sql.stream, aggregate_id, after
@@ -86,7 +86,8 @@ class PostgresEventReads:
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches, so a stream of any length
         folds in constant memory (``aggregate.fold(store.stream(id))``)."""
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return iter(())
         doing = f"reading stream {aggregate_id!r}"
 
@@ -106,7 +107,8 @@ class PostgresEventReads:
         its row's type name; a page short of that, or holding a type not registered or
         a schema version other than the first, is read again with the type names and
         decoded row by row, upcasting where needed, and damage is a CorruptEvent."""
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return iter(())
         return ChainedBatches.of(self._event_pages(aggregate_id, after))
 
@@ -124,7 +126,7 @@ class PostgresEventReads:
         return fold_batches(self.types, aggregate_id, after, EVENTS_PAGE, read_page, read_payloads)
 
     def version(self, aggregate_id: str) -> int:
-        if not keepable_id(aggregate_id):
+        if not readable_id(aggregate_id):
             return 0
         rows = self._fetch(
             f"reading the version of {aggregate_id!r}", self._sql.version, aggregate_id
@@ -134,6 +136,7 @@ class PostgresEventReads:
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
         """The log after ``after``, fetched in batches (one short checkout each), so a slow
         consumer holds no connection and every batch starts where the last one ended."""
+        after = check_after(after)
         check_limit(limit)
 
         def read_rows(after: int, size: int) -> list[tuple[Any, ...]]:
@@ -158,8 +161,8 @@ class PostgresEventReads:
         return Outcome(self._envelopes(rows))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
-        if problem_in(idempotency_key) is not None:
-            return None  # no key can hold it (a NUL): the server would refuse to look
+        if not readable_key(idempotency_key):
+            return None  # no key can be it (a NUL): the server would refuse to look
         self._db.ready()
         with self._db.connection(f"looking up idempotency key {idempotency_key!r}") as conn:
             outcome = self._outcome(conn, idempotency_key)

@@ -24,7 +24,8 @@ from typing import Any
 
 from ...errors import ConcurrencyError, DuplicateCommand
 from ...messages import Event
-from .._common import check_expected_version, effects_of, owed_row, stamp
+from .._common import effects_of, owed_row, stamp
+from ..arguments import check_expected_version
 from ..protocols import AppendRequest, Committed, Effects, Outcome, ProjectFn
 from .database import Database
 from .sql import ADD_KEY, HEAD, INSERT_EVENT, OWE, date_text

@@ -21,13 +21,13 @@ from ...codec import EventTypes
 from ...errors import IncidentError
 from .._common import (
     AppendVerbs,
-    checked_events,
     event_json,
     metadata_json,
     owed_from_row,
     owed_row,
     project_elsewhere,
 )
+from ..arguments import check_key, checked_request, readable_key
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -130,7 +130,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         """The append checked and encoded before taking the lock: a bad event or
         metadata fails with nothing written."""
         request = call.request
-        batch = checked_events(request.aggregate_id, request.events)
+        batch = checked_request(request)
         payloads = [(event_json(e)[0], type(e).schema_version) for e in batch]
         store = call.projection_store
         together = store is not None and self.shares_database_with(store)
@@ -160,12 +160,15 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         return Outcome(self._decode(conn.execute(LOG_BETWEEN, (first, last)).fetchall(), None))
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        if not readable_key(idempotency_key):
+            return None  # no key can be it
         found: Outcome | None = self._read(lambda conn: self._outcome(conn, idempotency_key))
         return found
 
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        check_key(idempotency_key)
         with self._db.errors(), self._db.transaction() as conn:
             conn.execute(ADD_REJECTION, (idempotency_key, reason, detail))
             stored = self._outcome(conn, idempotency_key)

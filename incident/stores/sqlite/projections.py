@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from ...messages import Projection
-from ...storable import keepable_id
+from ..arguments import readable_id
 from ..protocols import ProjectionStore
 from ..read_model_rows import projection_key
 from .database import Database
@@ -56,7 +56,7 @@ class SQLiteProjectionStore:
         return len(rows)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
-        if not keepable_id(key):
+        if not readable_id(key):
             return None  # no row can have it
         table = self._db.table(projection_type)
         with self._db.errors():

@@ -17,15 +17,14 @@ from typing import Any
 from ...codec import EventTypes
 from ...mapper import (
     JoinedBatch,
-    check_limit,
     envelopes,
     fold_batches,
     log_pages,
     stream_pages,
 )
 from ...messages import Event, Recorded
-from ...storable import keepable_id
 from .._common import ChainedBatches, check_versions
+from ..arguments import check_after, check_limit, readable_id
 from .database import Database
 from .sql import JOINED, LAST_POSITION, LOG_AFTER, PAYLOADS, STREAM, STREAM_VERSION, TAG_AT
 
@@ -63,7 +62,8 @@ class EventReads:
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
         """The stream in version order, read in one snapshot."""
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return []
         rows = self._rows(STREAM, (aggregate_id, after))
         check_versions(aggregate_id, after, [r[1] for r in rows], [r[0] for r in rows])
@@ -84,7 +84,8 @@ class EventReads:
         again with the type names and decoded row by row, upcasting where needed and
         naming the position of whatever is wrong.
         """
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return iter(())
         # chained lists: the caller's loop steps through each batch at C speed
         return ChainedBatches.of(self._event_batches(aggregate_id, after))
@@ -114,7 +115,8 @@ class EventReads:
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
         (``aggregate.fold(store.stream(id))``) without holding it in memory."""
-        if not keepable_id(aggregate_id):
+        after = check_after(after)
+        if not readable_id(aggregate_id):
             return iter(())
 
         def read_rows(after: int, size: int) -> list[tuple[Any, ...]]:
@@ -126,6 +128,7 @@ class EventReads:
 
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
         """The log in position order, fetched in batches as it is consumed."""
+        after = check_after(after)
         check_limit(limit)
 
         def read_rows(after: int, size: int) -> list[tuple[Any, ...]]:
@@ -134,7 +137,7 @@ class EventReads:
         return log_pages(read_rows, lambda rows: self._decode(rows, None), after, limit, BATCH)
 
     def version(self, aggregate_id: str) -> int:
-        if not keepable_id(aggregate_id):
+        if not readable_id(aggregate_id):
             return 0
         version: int = self._rows(STREAM_VERSION, (aggregate_id,))[0][0]
         return version

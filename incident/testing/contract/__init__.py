@@ -26,12 +26,14 @@ the assertions of test modules alone; for detailed failure messages from these, 
 ``pytest.register_assert_rewrite("incident.testing.contract")`` in your ``conftest.py``.
 """
 
+from .arguments import ArgumentsContract
 from .checkpoint_store import CheckpointStoreContract
 from .event_store import EventStoreContract
 from .fixtures import StoreFixtures
 from .projection_store import ProjectionStoreContract
 
 __all__ = [
+    "ArgumentsContract",
     "CheckpointStoreContract",
     "EventStoreContract",
     "ProjectionStoreContract",

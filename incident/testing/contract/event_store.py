@@ -19,7 +19,7 @@ from ...examples import bank
 from ...examples.bank import MoneyDeposited, MoneyWithdrawn
 from ...messages import ANY, Event
 from ...stores import EventStore
-from .fixtures import StoreFixtures
+from .arguments import ArgumentsContract
 
 __all__ = ["Everything", "EventStoreContract", "Measured", "Nested", "deposited", "nested"]
 
@@ -102,10 +102,12 @@ _everything = st.builds(
 )
 
 
-class EventStoreContract(StoreFixtures):
+class EventStoreContract(ArgumentsContract):
     """What every :class:`~incident.EventStore` does: atomic appends guarded by the
     expected version, gapless reads in commit order, and exactly the values it accepts
-    given back equal (``docs/storable.md``). Its tests take the ``event_store`` fixture."""
+    given back equal (``docs/storable.md``), and bad arguments refused alike
+    (:class:`~incident.testing.contract.arguments.ArgumentsContract`). Its tests take the
+    ``event_store`` fixture."""
 
     def test_append_then_get_returns_events_in_version_order(self, event_store: EventStore) -> None:
         """Events come back as appended, versions 1..n, with the envelope filled in."""

@@ -1,0 +1,143 @@
+"""What every store checks of the arguments its verbs are given, before it reads or
+writes anything: one place, so a bad argument is the same typed error on every backend,
+sync or async, and never a driver's TypeError, an OverflowError, a StoreError or a
+false CorruptEvent.
+
+- Reads: ``after`` is a version or position, an int >= 0 (not a bool, and not None:
+  ``after=0`` reads from the start); ``limit`` is None or an int >= 0; an id or an
+  idempotency key that is not a str is refused. All three are IncidentErrors. A str no
+  store could keep (see :func:`incident.storable.keepable_id`) reads as nothing: no
+  stream or key can have it.
+- Writes: the aggregate id, the ``aggregate`` name and the idempotency key are refused
+  as Unstorable when no store could keep them (docs/storable.md); ``expected_version``
+  is ``incident.ANY`` or an int >= 0, and a stream not at it is a ConcurrencyError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .. import storable
+from ..errors import ConcurrencyError, IncidentError, Unstorable
+from ..messages import ANY, Event
+from .protocols import AppendRequest
+
+__all__ = [
+    "check_after",
+    "check_aggregate_name",
+    "check_expected_version",
+    "check_key",
+    "check_limit",
+    "checked_events",
+    "checked_request",
+    "check_version_argument",
+    "readable_id",
+    "readable_key",
+]
+
+
+def check_limit(limit: int | None) -> None:
+    """``read_all``'s limit is None or a count: a negative one is refused, not read as
+    "nothing"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise IncidentError(f"limit must be None or an int >= 0, got {storable.shown(limit)}")
+
+
+def check_after(after: object) -> int:
+    """``after`` as a read passes it on: refused unless an int >= 0. Past the largest
+    version or position a store can hold (signed 64 bits) there is nothing to read on
+    any store; it is capped there so no driver overflows.
+
+    >>> check_after(3), check_after(2**70) == 2**63 - 1
+    (3, True)
+    """
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise IncidentError(f"after must be an int >= 0, got {storable.shown(after)}")
+    return min(after, storable.INT64_MAX)
+
+
+def readable_id(aggregate_id: object) -> bool:
+    """Whether a stream can have this id; a read of one that cannot is empty. An id that
+    is not a str is refused."""
+    if not isinstance(aggregate_id, str):
+        raise IncidentError(f"aggregate_id must be a str, got {storable.shown(aggregate_id)}")
+    return storable.keepable_id(aggregate_id)
+
+
+def readable_key(key: object) -> bool:
+    """Whether an idempotency key can have been stored (``check_key`` accepts it); a
+    lookup of one that cannot finds nothing. A key that is not a str is refused."""
+    if not isinstance(key, str):
+        raise IncidentError(f"idempotency_key must be a str, got {storable.shown(key)}")
+    return bool(key) and storable.problem_in(key) is None
+
+
+def check_key(key: object) -> str:
+    """An idempotency key every store keeps as it is: a non-empty str without NUL or
+    lone surrogates (a key's length is not limited)."""
+    if not isinstance(key, str) or not key:
+        raise Unstorable(
+            "idempotency_key", None, f"must be a non-empty str, got {storable.shown(key)}"
+        )
+    if (problem := storable.problem_in(key)) is not None:
+        raise Unstorable("idempotency_key", None, problem[1])
+    return key
+
+
+def check_aggregate_name(name: object) -> None:
+    """The ``aggregate`` name stored with each event: None or a str without NUL or lone
+    surrogates ("" is None: both are stored as "")."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise Unstorable("aggregate", None, f"must be a str or None, got {storable.shown(name)}")
+    if (problem := storable.problem_in(name)) is not None:
+        raise Unstorable("aggregate", None, problem[1])
+
+
+def check_expected_version(aggregate_id: str, expected: object, actual: int) -> None:
+    """Raise ConcurrencyError unless ``expected`` is ANY or equals ``actual``.
+
+    >>> check_expected_version("a", ANY, 3)
+    >>> check_expected_version("a", 2, 3)
+    Traceback (most recent call last):
+    ...
+    incident.errors.ConcurrencyError: Stream 'a' is at version 3, expected 2; nothing was written
+    """
+    check_version_argument(expected)
+    if expected is not ANY and expected != actual:
+        raise ConcurrencyError(aggregate_id, expected, actual)
+
+
+def check_version_argument(expected: object) -> None:
+    """IncidentError unless ``expected`` is ANY or an int >= 0 (a version)."""
+    if expected is ANY:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise IncidentError(
+            f"expected_version must be an int >= 0 or incident.ANY, got {expected!r}"
+        )
+
+
+def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
+    """The events as a list, refusing an id no store can keep and anything that is not
+    an Event, so a bad batch fails before anything is written."""
+    storable.check_id(aggregate_id)
+    checked = list(events)
+    for event in checked:
+        if not isinstance(event, Event):
+            raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
+    return checked
+
+
+def checked_request(request: AppendRequest) -> list[Event]:
+    """The append's events as a list, once everything a store refuses of the request
+    without reading the database is refused: the id, the events, the expected version's
+    type, the aggregate name and the idempotency key (metadata and payloads are checked
+    as they are encoded)."""
+    events = checked_events(request.aggregate_id, request.events)
+    check_version_argument(request.expected_version)
+    check_aggregate_name(request.aggregate)
+    if request.idempotency_key is not None:
+        check_key(request.idempotency_key)
+    return events
