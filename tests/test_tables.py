@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 import incident
-from incident.examples.bank import MoneyDeposited
+from incident.examples.bank import BankAccount, MoneyDeposited
 from incident.stores.tables import RESERVED_NAMES, snake_case
+from incident.testing.contract.projection_store import Reading, account_row
 
 
 def projection_class(
@@ -180,3 +181,24 @@ def test_a_class_redefined_in_its_module_takes_its_table_over(store_url: str) ->
         second(aggregate_id="b", total=2, note="two"),
     ]
     projections.close()
+
+
+def test_replace_all_takes_rows_of_its_type_only(store_url: str) -> None:
+    """replace_all(T, rows) refuses a row of another type, writing nothing; of rows of
+    one key it keeps the newest, as project would, and counts the rows kept."""
+    projections = incident.open_projection_store(store_url)
+    try:
+        first = projections.project(account_row("A", version=1, balance=10))
+        with pytest.raises(incident.IncidentError, match="was given a Reading"):
+            projections.replace_all(BankAccount, [Reading(aggregate_id="r")])  # type: ignore[list-item]
+        assert projections.all(BankAccount) == [first]
+        newest = account_row("B", version=3, balance=30)
+        rows = [
+            account_row("B", version=2, balance=2),
+            newest,
+            account_row("B", version=1, balance=1),
+        ]
+        assert projections.replace_all(BankAccount, rows) == 1
+        assert projections.all(BankAccount) == [newest]
+    finally:
+        projections.close()

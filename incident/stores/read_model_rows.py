@@ -5,16 +5,25 @@ before anything is written, on memory as on the durable stores)."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import msgspec
 
 from .. import storable
 from ..errors import IncidentError, Unstorable
 from ..messages import Projection
-from .tables import Kind, TableSpec
+from .tables import Kind, TableSpec, qualified
 
-__all__ = ["newer_or_equal", "projection_json", "projection_key", "projection_version"]
+P = TypeVar("P", bound=Projection)
+
+__all__ = [
+    "newer_or_equal",
+    "projection_json",
+    "projection_key",
+    "projection_version",
+    "replacing_rows",
+]
 
 
 def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes, Projection]:
@@ -104,3 +113,22 @@ def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
         return True
     new, old = projection_version(candidate), projection_version(stored)
     return new is None or old is None or new >= old
+
+
+def replacing_rows(projection_type: type[P], projections: Iterable[P]) -> list[P]:
+    """The rows ``replace_all(projection_type, projections)`` keeps: each of that type
+    (or of a class redefined under its name), else IncidentError before anything is
+    written; of rows of one key, the one ``project`` would leave (never an older one)."""
+    kept: dict[str, P] = {}
+    for projection in projections:
+        if type(projection) is not projection_type and qualified(type(projection)) != (
+            qualified(projection_type)
+        ):
+            raise IncidentError(
+                f"replace_all({projection_type.__name__}, ...) was given a "
+                f"{type(projection).__name__}: a table holds the rows of one type"
+            )
+        key = projection_key(projection)
+        if newer_or_equal(projection, kept.get(key)):
+            kept[key] = projection
+    return list(kept.values())

@@ -226,7 +226,41 @@ def table_spec(projection_type: type[Projection]) -> TableSpec:
         )
     if not any(column.key for column in columns):
         raise IncidentError(f"{owner} needs an aggregate_id: str field to be stored")
+    check_column_names(owner, columns)
     return TableSpec(projection_type, name, tuple(columns), explicit)
+
+
+#: columns Postgres gives every table: a field of one of these names cannot be a column
+SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"})
+
+
+def check_column_names(owner: str, columns: Sequence[Column]) -> None:
+    """Refuse fields that could not each be a column of their own on every store: an
+    empty or NUL-holding name, one past 63 bytes (Postgres would cut two such names to
+    one), two names apart only by case (SQLite ignores case in names) and the names of
+    Postgres's system columns."""
+    seen: dict[str, Column] = {}
+    for column in columns:
+        name, field = column.name, column.attribute
+        if not name or "\x00" in name:
+            why = "is empty" if not name else "holds a NUL character"
+            raise IncidentError(f"{owner}.{field}: its column name {name!r} {why}")
+        if len(name.encode()) > MAX_NAME:
+            raise IncidentError(
+                f"{owner}.{field}: its column name is longer than {MAX_NAME} bytes; "
+                "shorten it, or give it a shorter encoded name (msgspec.field(name=...))"
+            )
+        if name.lower() in SYSTEM_COLUMNS:
+            raise IncidentError(
+                f"{owner}.{field}: Postgres keeps a column {name.lower()!r} in every "
+                "table; rename the field or give it another encoded name"
+            )
+        other = seen.setdefault(name.lower(), column)
+        if other is not column:
+            raise IncidentError(
+                f"{owner}.{other.attribute} and {owner}.{field}: their column names differ "
+                "only by case, and SQLite ignores case in names; rename one of them"
+            )
 
 
 _SCALARS: tuple[tuple[type[mi.Type], Kind], ...] = (

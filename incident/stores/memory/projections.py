@@ -12,7 +12,7 @@ import msgspec
 from ...errors import IncidentError
 from ...messages import Projection
 from ..arguments import readable_id
-from ..read_model_rows import newer_or_equal, projection_json, projection_key
+from ..read_model_rows import newer_or_equal, projection_json, projection_key, replacing_rows
 from ..tables import TableOwners, TableSpec
 
 __all__ = ["MemoryProjectionStore"]
@@ -88,7 +88,7 @@ class MemoryProjectionStore:
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         spec = self._spec(projection_type)
         table: dict[str, Projection] = {}
-        for projection in projections:
+        for projection in replacing_rows(projection_type, projections):
             _, key, row = self._check(projection)
             table[key] = row
         with self._lock:

@@ -16,7 +16,7 @@ from ...errors import IncidentError, StoreError
 from ...messages import Projection
 from ..arguments import readable_id
 from ..protocols import ProjectionStore
-from ..read_model_rows import projection_json, projection_key
+from ..read_model_rows import projection_json, projection_key, replacing_rows
 from ..tables import Kind, TableSpec, legacy_name, qualified
 from .database import Database
 from .durability import durable_rows
@@ -212,7 +212,7 @@ class PostgresProjectionStore:
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         """Swap the whole table for ``projections`` in one transaction (replay)."""
-        rows = list(projections)
+        rows = replacing_rows(projection_type, projections)
         for projection in rows:
             self._check(projection)
         table = self._table(projection_type)

@@ -14,7 +14,7 @@ from typing import TypeVar
 from ...messages import Projection
 from ..arguments import readable_id
 from ..protocols import ProjectionStore
-from ..read_model_rows import projection_key
+from ..read_model_rows import projection_key, replacing_rows
 from .database import Database
 from .projection_tables import quote_identifier
 
@@ -48,7 +48,7 @@ class SQLiteProjectionStore:
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         """Swap the whole table for ``projections`` in one transaction (replay)."""
         table = self._db.table(projection_type)
-        rows = [table.row(p) for p in projections]
+        rows = [table.row(p) for p in replacing_rows(projection_type, projections)]
         with self._db.errors(), self._db.transaction() as conn:
             self._db.ensure_table(conn, table)
             conn.execute(f"DELETE FROM {quote_identifier(table.name)}")

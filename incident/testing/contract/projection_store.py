@@ -42,6 +42,36 @@ class Typed(Projection):
     t: int = 0
 
 
+class CasedFields(Projection):
+    """Two fields one column apart only by case: one column on SQLite."""
+
+    aggregate_id: str
+    Name: str = ""
+    name: str = ""
+
+
+class LongFields(Projection):
+    """Two field names that Postgres would cut to the same 63 bytes."""
+
+    aggregate_id: str
+    a_field_name_long_enough_to_go_well_past_what_postgres_keeps_of_it_1: int = 1
+    a_field_name_long_enough_to_go_well_past_what_postgres_keeps_of_it_2: int = 2
+
+
+class SystemField(Projection):
+    """A field named like a column Postgres gives every table."""
+
+    aggregate_id: str
+    xmin: int = 0
+
+
+class NamelessField(Projection):
+    """A field encoded under an empty name."""
+
+    aggregate_id: str
+    x: int = msgspec.field(default=0, name="")
+
+
 def account_row(key: str, *, version: int, balance: int) -> BankAccount:
     """A Bank ``BankAccount`` read model row of that version and balance."""
     return BankAccount(
@@ -174,3 +204,20 @@ class ProjectionStoreContract(StoreFixtures):
             projection_store.project(Reading(aggregate_id="r", at=at.replace(tzinfo=dt.UTC)))
             got = projection_store.get(Reading, "r")
             assert got is not None and got.at == at.replace(tzinfo=dt.UTC)
+
+    def test_field_names_no_store_could_keep_are_refused(
+        self, projection_store: ProjectionStore
+    ) -> None:
+        """A read model whose fields could not each be a column of their own on every
+        store is refused on every store, naming the field, before any table is made."""
+        for projection_type, field, why in (
+            (CasedFields, "name", "case"),
+            (LongFields, "a_field_name_long", "63 bytes"),
+            (SystemField, "xmin", "Postgres"),
+            (NamelessField, "x", "empty"),
+        ):
+            with pytest.raises(errors.IncidentError, match=why) as caught:
+                projection_store.project(projection_type(aggregate_id="a"))
+            assert field in str(caught.value)
+            with pytest.raises(errors.IncidentError, match=why):
+                projection_store.all(projection_type)
