@@ -11,12 +11,15 @@ from the checkpoint: nothing has to expire.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll
@@ -175,6 +178,10 @@ class PostgresCheckpointStore:
         subscription closing its checkpoints must leave the event store usable)."""
 
 
+#: in a forked child, the lock sessions its parent held: never used, never closed
+_PARENTS_SESSIONS: list[psycopg.Connection[Any]] = []
+
+
 class PostgresHandlerLock:
     """A session-level advisory lock on a connection of its own, held while it is open.
 
@@ -189,6 +196,7 @@ class PostgresHandlerLock:
         self._key = key
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False
+        renew_in_forked_children(self._forked)
 
     def __repr__(self) -> str:
         return f"PostgresHandlerLock({self.handler!r}, held={self._held})"
@@ -218,6 +226,21 @@ class PostgresHandlerLock:
         if self._held:
             return True
         return poll(self._try, timeout, first=0.01, cap=0.25)
+
+    def _forked(self) -> None:
+        """In a child process after fork(): the connection is the parent's session, and
+        with it the lock. Closing it would end that session (the parent's lock with it),
+        and keeping its socket open would keep the session, and the lock, after the
+        parent is gone. So the child's copy of the socket is swapped for /dev/null
+        (whatever the connection object writes later goes nowhere) and the object kept,
+        never used; the child starts without one."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError, psycopg.Error):  # closed: nothing to let go of
+                nowhere = os.open(os.devnull, os.O_RDWR)
+                os.dup2(nowhere, self._conn.pgconn.socket)
+                os.close(nowhere)
+            _PARENTS_SESSIONS.append(self._conn)
+        self._conn, self._held = None, False
 
     def _close(self) -> None:
         conn, self._conn, self._held = self._conn, None, False

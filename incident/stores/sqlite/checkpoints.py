@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Sequence
 from typing import IO, Any
 
+from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import parked_from_row, parked_row, poll
@@ -163,6 +164,7 @@ class SQLiteHandlerLock:
         self._thread_lock = thread_lock
         self._file: IO[bytes] | None = None
         self._held = False
+        renew_in_forked_children(self._forked)
 
     def __repr__(self) -> str:
         return f"SQLiteHandlerLock({self.handler!r}, held={self._held})"
@@ -187,6 +189,15 @@ class SQLiteHandlerLock:
             return True
         self._held = poll(self._try, timeout, first=0.005, cap=0.1)
         return self._held
+
+    def _forked(self) -> None:
+        """In a child process after fork(): the lock is the parent's. Close the copy of
+        its file without unlocking (flock belongs to the file both share: unlocking
+        would free the parent's lock, and keeping the copy open would keep it taken
+        after the parent is gone)."""
+        if self._file is not None:
+            self._file.close()
+        self._file, self._held = None, False
 
     def release(self) -> None:
         if not self._held:
