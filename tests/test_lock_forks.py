@@ -7,11 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
+
+import pytest
+from conftest import Admin
 
 import incident
 from incident.stores import checkpoint_store_for
@@ -39,3 +44,34 @@ def test_a_forked_child_neither_holds_nor_frees_nor_keeps_its_parents_lock(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(report["child"], signal.SIGKILL)
+
+
+SESSION_HOLDER = Path(__file__).with_name("fork_session_holder.py")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_forked_child_does_not_keep_a_dead_parents_session_alive(
+    postgres_url: str, postgres_admin: Admin, mode: str
+) -> None:
+    """A process dies in the middle of a transaction holding a lock (an append's) while
+    a child it forked lives on. The child must not keep the parent's session open:
+    the server ends it, rolls it back and frees the lock, or every writer would wait
+    for the child to exit."""
+    key = random.randrange(1, 2**31)
+    done = subprocess.run(
+        [sys.executable, str(SESSION_HOLDER), postgres_url, str(key), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    child = int(done.stdout)
+    try:
+        deadline = time.monotonic() + 15
+        while not postgres_admin.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the dead parent's session still holds its lock"
+            time.sleep(0.1)
+        postgres_admin.execute("SELECT pg_advisory_unlock(%s)", [key])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

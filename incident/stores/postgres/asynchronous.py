@@ -43,6 +43,7 @@ from .async_batch import AsyncBatchAppends
 from .database import session_options
 from .durability import FLUSH, WAL_POSITIONS, lsn
 from .events import PostgresEventStore
+from .inherited import opened
 from .projections import PostgresProjectionStore
 from .session import AsyncConnection, Query
 
@@ -54,6 +55,7 @@ P = TypeVar("P", bound=Projection)
 async def _configure(conn: AsyncConnection) -> None:
     """What the sync pool's ``configure`` sets: READ COMMITTED, and UTC when the
     connection start did not already give it."""
+    opened(conn)  # severed in a forked child (incident.stores.postgres.inherited)
     await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
     if conn.info.parameter_status("TimeZone") != "UTC":
         await conn.execute("SET TimeZone TO 'UTC'")

@@ -11,8 +11,6 @@ from the checkpoint: nothing has to expire.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +23,7 @@ from ...messages import Projection
 from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll
 from ..protocols import Parked, ProjectionStore
 from .database import Database
+from .inherited import opened
 from .projections import PostgresProjectionStore, writes_into
 from .session import lock_key
 
@@ -178,10 +177,6 @@ class PostgresCheckpointStore:
         subscription closing its checkpoints must leave the event store usable)."""
 
 
-#: in a forked child, the lock sessions its parent held: never used, never closed
-_PARENTS_SESSIONS: list[psycopg.Connection[Any]] = []
-
-
 class PostgresHandlerLock:
     """A session-level advisory lock on a connection of its own, held while it is open.
 
@@ -203,7 +198,7 @@ class PostgresHandlerLock:
 
     def _ask(self) -> bool:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn = opened(psycopg.connect(self._conninfo, autocommit=True))
         row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
         return row is not None and bool(row[0])
 
@@ -229,17 +224,7 @@ class PostgresHandlerLock:
 
     def _forked(self) -> None:
         """In a child process after fork(): the connection is the parent's session, and
-        with it the lock. Closing it would end that session (the parent's lock with it),
-        and keeping its socket open would keep the session, and the lock, after the
-        parent is gone. So the child's copy of the socket is swapped for /dev/null
-        (whatever the connection object writes later goes nowhere) and the object kept,
-        never used; the child starts without one."""
-        if self._conn is not None:
-            with contextlib.suppress(OSError, psycopg.Error):  # closed: nothing to let go of
-                nowhere = os.open(os.devnull, os.O_RDWR)
-                os.dup2(nowhere, self._conn.pgconn.socket)
-                os.close(nowhere)
-            _PARENTS_SESSIONS.append(self._conn)
+        with it the lock; it was severed (:mod:`.inherited`). The child starts without."""
         self._conn, self._held = None, False
 
     def _close(self) -> None:

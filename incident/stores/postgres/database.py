@@ -23,6 +23,7 @@ from ...errors import StoreError
 from ..tables import TableOwners
 from .append_job import InFlight
 from .durability import Durability
+from .inherited import opened
 from .migrations import migrate
 from .session import Connection, first_line, lock_key, may_hide_a_commit
 
@@ -50,7 +51,7 @@ class WatchedConnection(psycopg.Connection[Any]):
             _refused[conninfo] = (time.monotonic(), first_line(error))
             raise
         _connected[conninfo] = time.monotonic()
-        return connection
+        return opened(connection)
 
 
 class Database:

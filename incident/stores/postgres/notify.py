@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from ..._forks import renew_in_forked_children
+from .inherited import opened
 
 
 class Listener:
@@ -47,7 +48,7 @@ class Listener:
         """Under the lock: the connection, opened and LISTENing. A new one may have
         missed notifications since the last one died: it counts as a wake-up."""
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn = opened(psycopg.connect(self._conninfo, autocommit=True))
             self._conn.execute(self._listen)
             self._wakes += 1
         return self._conn
