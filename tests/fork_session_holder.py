@@ -12,8 +12,6 @@ from typing import Any
 
 import incident
 
-URL, KEY, MODE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-
 
 def fork_and_die() -> None:
     child = os.fork()
@@ -27,17 +25,22 @@ def fork_and_die() -> None:
     os._exit(0)  # dies inside the transaction, its child still running
 
 
-if MODE == "sync":
-    store: Any = incident.open_event_store(URL)
-    with store.database.connection("holding") as conn, conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [KEY])
-        fork_and_die()
-else:
-
-    async def main() -> None:
-        store = incident.open_async_event_store(URL)
-        async with store.connection("holding") as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", [KEY])
+def main(url: str, key: int, mode: str) -> None:
+    if mode == "sync":
+        store: Any = incident.open_event_store(url)
+        with store.database.connection("holding") as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [key])
             fork_and_die()
+    else:
 
-    asyncio.run(main())
+        async def hold() -> None:
+            store = incident.open_async_event_store(url)
+            async with store.connection("holding") as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+                fork_and_die()
+
+        asyncio.run(hold())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
