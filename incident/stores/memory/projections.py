@@ -107,8 +107,8 @@ class MemoryProjectionStore:
     def all(self, projection_type: type[P]) -> list[P]:
         spec = self._spec(projection_type)
         with self._lock:
-            rows = list(self._tables.get(spec.name, {}).values())
-        return [self._read(spec, row) for row in rows]
+            rows = sorted(self._tables.get(spec.name, {}).items())  # by key, as SQL stores
+        return [self._read(spec, row) for _, row in rows]
 
     def close(self) -> None:
         pass

@@ -86,7 +86,9 @@ class _Table:
         # t.*, not t: a column named t would stand for the row (t.* is the alias's only)
         self.select = sql.SQL("SELECT to_jsonb(t.*)::text FROM {} AS t").format(self.table)
         self.select_one = self.select + sql.SQL(" WHERE {} = %s").format(self.key)
-        self.select_all = self.select + sql.SQL(" ORDER BY {}").format(self.key)
+        # code point order on every store: "C" is the byte order of UTF-8, as SQLite's
+        # BINARY and Python's own, whatever the database's collation says
+        self.select_all = self.select + sql.SQL(' ORDER BY {} COLLATE "C"').format(self.key)
 
     def ensure(self, conn: Connection) -> None:
         """Create the table, or add the columns of fields added since (nullable)."""

@@ -71,7 +71,11 @@ class SQLiteProjectionStore:
         with self._db.errors():
             self._db.ready(table)
             with self._db.guard:
-                rows = self._db.conn().execute(f"{table.select_sql} ORDER BY rowid").fetchall()
+                rows = (
+                    self._db.conn()
+                    .execute(f"{table.select_sql} ORDER BY {quote_identifier(table.key)}")
+                    .fetchall()
+                )
         return [table.decode(row) for row in rows]
 
     def close(self) -> None:

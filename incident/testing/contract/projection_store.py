@@ -221,3 +221,14 @@ class ProjectionStoreContract(StoreFixtures):
             assert field in str(caught.value)
             with pytest.raises(errors.IncidentError, match=why):
                 projection_store.all(projection_type)
+
+    def test_all_lists_rows_in_the_order_of_their_keys(
+        self, projection_store: ProjectionStore
+    ) -> None:
+        """``all`` gives rows by key, in code point order (upper case before lower,
+        accented letters after), whatever order they were written in and whatever the
+        database's collation: the same list on every store."""
+        for key in ("b", "é", "a", "B", "Z", "a2"):
+            projection_store.project(Reading(aggregate_id=key))
+        keys = [row.aggregate_id for row in projection_store.all(Reading)]
+        assert keys == ["B", "Z", "a", "a2", "b", "é"]
