@@ -17,6 +17,7 @@ from .._common import (
     projection_key,
 )
 from ..tables import TableOwners, TableSpec
+from .opened import Opened
 
 __all__ = ["MemoryProjectionStore"]
 
@@ -26,9 +27,11 @@ P = TypeVar("P", bound=Projection)
 class MemoryProjectionStore:
     """Projections in a dict per table, guarded by one lock. Tables are named and owned
     as in the durable stores (:mod:`incident.stores.tables`), so what they refuse, memory
-    refuses too."""
+    refuses too. One from an event store's ``projections()`` shares its ``opened``: closing
+    either closes both, as a durable store's shared database does."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, opened: Opened | None = None) -> None:
+        self.opened = opened or Opened()
         self._lock = threading.RLock()
         self._owners = TableOwners()
         self._tables: dict[str, dict[str, Projection]] = {}
@@ -86,17 +89,20 @@ class MemoryProjectionStore:
         return winner
 
     def project(self, projection: P) -> P:
+        self.opened.check()
         spec, key, row = self._check(projection)
         with self._lock:
             return self._project(spec, key, row, projection)
 
     def project_many(self, projections: Iterable[Projection]) -> None:
+        self.opened.check()
         checked = [(*self._check(p), p) for p in projections]
         with self._lock:
             for spec, key, row, projection in checked:
                 self._project(spec, key, row, projection)
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        self.opened.check()
         spec = self._spec(projection_type)
         table: dict[str, Projection] = {}
         for projection in projections:
@@ -107,6 +113,7 @@ class MemoryProjectionStore:
         return len(table)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        self.opened.check()
         spec = self._spec(projection_type)
         with self._lock:
             stored = self._tables.get(spec.name, {}).get(key)
@@ -114,10 +121,12 @@ class MemoryProjectionStore:
         return found
 
     def all(self, projection_type: type[P]) -> list[P]:
+        self.opened.check()
         spec = self._spec(projection_type)
         with self._lock:
             rows = list(self._tables.get(spec.name, {}).values())
         return [self._read(spec, row) for row in rows]
 
     def close(self) -> None:
-        pass
+        """Closes the event store it came from too (they share ``opened``)."""
+        self.opened.close()
