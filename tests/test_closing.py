@@ -1,12 +1,17 @@
 """Who closes what: a command handler closes the stores it opened, a checkpoint store
-leaves the database it shares with its event store open."""
+leaves the database it shares with its event store open, and a closed store (on every
+backend) refuses every verb with StoreError."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +21,6 @@ import incident
 from incident.examples import bank
 
 
-@on_backends(DURABLE_BACKENDS)  # a memory store has nothing to close
 def test_close_closes_the_stores_the_handler_opened_from_urls(store_url: str) -> None:
     """A command handler made from URLs closes its event and projection stores."""
     app = incident.CommandHandler(store_url, store_url, aggregates=[bank.bank_account])
@@ -53,6 +57,125 @@ def test_a_command_handler_is_a_context_manager(store_url: str) -> None:
     assert not any(thread.is_alive() for thread in running)
     with pytest.raises(incident.StoreError):
         app.event_store.version("A")
+
+
+def every_verb(store: incident.EventStore) -> dict[str, Callable[[], object]]:
+    """Each verb of an event store, its projections() and its checkpoints(), as a call."""
+    projections = store.projections()
+    checkpoints = incident.stores.checkpoint_store_for(store)
+    owed = incident.stores.Owed(
+        handler="h",
+        position=1,
+        event_id="e",
+        aggregate_id="A",
+        event_type="AccountOpened",
+        owed_at=dt.datetime.now(dt.UTC),
+    )
+    parked = incident.stores.Parked(
+        handler="h",
+        position=1,
+        event_id="e",
+        aggregate_id="A",
+        event_type="AccountOpened",
+        error="boom",
+        attempts=1,
+        parked_at=dt.datetime.now(dt.UTC),
+    )
+    opened = bank.AccountOpened(account_number="B")
+    account = bank.BankAccount(
+        aggregate_id="A",
+        account_number="A",
+        balance=0,
+        version=1,
+        event_id="e",
+        event_date=dt.datetime.now(dt.UTC),
+    )
+    return {
+        "append": lambda: store.append("B", [opened], expected_version=0),
+        "commit_many": lambda: _raised(
+            store.commit_many(  # type: ignore[attr-defined]
+                [
+                    incident.stores.CommitCall(
+                        incident.stores.AppendRequest(
+                            aggregate_id="C", events=[opened], expected_version=0
+                        )
+                    )
+                ]
+            )[0]
+        ),
+        "get": lambda: store.get("A"),
+        "events": lambda: list(store.events("A")),
+        "version": lambda: store.version("A"),
+        "read_all": lambda: list(store.read_all()),
+        "subscribe": lambda: next(store.subscribe(after=0)),
+        "last_position": lambda: store.last_position(),  # type: ignore[attr-defined]
+        "wait_for_append": lambda: store.wait_for_append(0, 0.1),  # type: ignore[attr-defined]
+        "outcome_for": lambda: store.outcome_for("key"),
+        "remember_rejection": lambda: store.remember_rejection("key", "no"),
+        "owed": lambda: store.owed(),
+        "owe": lambda: store.owe(owed),
+        "settle": lambda: store.settle("h", 1),
+        "initialize": lambda: store.initialize(),
+        "project": lambda: projections.project(account),
+        "projections.get": lambda: projections.get(bank.BankAccount, "A"),
+        "projections.all": lambda: projections.all(bank.BankAccount),
+        "load": lambda: checkpoints.load("h"),
+        "save": lambda: checkpoints.save("h", 1, expected=0),
+        "reset": lambda: checkpoints.reset("h"),
+        "checkpoints": lambda: checkpoints.checkpoints(),
+        "park": lambda: checkpoints.park(parked),
+        "parked": lambda: checkpoints.parked(),
+        "unpark": lambda: checkpoints.unpark("h", 1),
+        "checkpoints.initialize": lambda: checkpoints.initialize(),
+    }
+
+
+@pytest.mark.parametrize("closing", ["event store", "projection store"])
+def test_a_closed_store_refuses_every_verb_with_store_error(store_url: str, closing: str) -> None:
+    """Closing an event store, or its projection store (they share one database), makes
+    every verb of both and of its checkpoint store raise StoreError, on every backend
+    (memory's used to go on working); closing again does nothing."""
+    store = incident.open_event_store(store_url)
+    store.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+    verbs = every_verb(store)
+    (store if closing == "event store" else store.projections()).close()
+    answered = {}
+    for name, call in verbs.items():
+        with contextlib.suppress(incident.StoreError):
+            answered[name] = call()
+    assert answered == {}
+    store.close()
+    store.projections().close()
+
+
+def test_closing_a_memory_store_wakes_its_waiting_tail() -> None:
+    """A tail waiting for the next append when its memory store closes raises StoreError
+    at once, not after its poll."""
+    store = incident.open_event_store("memory://")
+    tail = store.subscribe(after=0, poll_interval=60)
+    raised: list[BaseException] = []
+    waiting = threading.Thread(target=lambda: raised.extend(_next_error(tail)), daemon=True)
+    waiting.start()
+    time.sleep(0.2)
+    store.close()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert [type(error) for error in raised] == [incident.StoreError]
+
+
+def _raised(outcome: object) -> object:
+    """A commit_many outcome as a call's: the error it holds is raised."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _next_error(tail: Iterator[object]) -> list[BaseException]:
+    try:
+        next(tail)
+    except Exception as error:
+        return [error]
+    return []
 
 
 def test_closing_a_checkpoint_store_leaves_its_event_store_usable(store_url: str) -> None:
@@ -148,7 +271,6 @@ def test_closing_a_sqlite_handler_while_it_dispatches_neither_crashes_nor_loses(
         assert done.stdout.startswith("acknowledged")
 
 
-@on_backends(DURABLE_BACKENDS)
 def test_a_closed_async_store_says_store_error_and_closes_twice(store_url: str) -> None:
     """After close() every verb of an async store and handler raises StoreError (a
     tail waiting at the time too), as the sync ones do, and closing again does nothing."""

@@ -92,6 +92,8 @@ class Workers:
     async def run(self, work: Callable[[], T]) -> T:
         """``work()``'s result, computed on a worker (or here, with no workers)."""
         if self._pool is None:
+            if self.closed:  # as with workers: not even a verb the store would answer
+                raise StoreError(CLOSED)
             return work()
         return await self._on(self._pool, work)
 
@@ -119,6 +121,8 @@ class Workers:
         virtual machine every such cross-CPU wake, and the GIL handoffs between the
         workers that follow it, cost as much as a small commit (docs/async.md)."""
         if self._pool is None:
+            if self.closed:
+                raise StoreError(CLOSED)
             return work()
         if self._batch_thread is None and not self.closed:
             self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="incident-commits")

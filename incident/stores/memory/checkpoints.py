@@ -12,6 +12,7 @@ from ..protocols import (
     Parked,
     ProjectionStore,
 )
+from .opened import Opened
 from .projections import MemoryProjectionStore
 
 __all__ = ["MemoryCheckpointStore", "MemoryHandlerLock"]
@@ -51,9 +52,11 @@ class MemoryHandlerLock:
 
 
 class MemoryCheckpointStore:
-    """Checkpoints, dead letters and handler locks in dicts, for one process."""
+    """Checkpoints, dead letters and handler locks in dicts, for one process. One from an
+    event store's ``checkpoints()`` shares its ``opened``: it refuses once that is closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, opened: Opened | None = None) -> None:
+        self.opened = opened or Opened()
         self._lock = threading.RLock()
         self._positions: dict[str, int] = {}
         self._parked: dict[tuple[str, int], Parked] = {}
@@ -63,6 +66,7 @@ class MemoryCheckpointStore:
         return f"MemoryCheckpointStore({self._positions})"
 
     def load(self, handler: str) -> int:
+        self.opened.check()
         with self._lock:
             return self._positions.get(handler, 0)
 
@@ -76,38 +80,44 @@ class MemoryCheckpointStore:
         projection_store: ProjectionStore | None = None,
         parked: Sequence[Parked] = (),
     ) -> None:
+        self.opened.check()
         with self._lock:
             actual = self._positions.get(handler, 0)
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
-            for entry in parked:
-                self._parked[entry.handler, entry.position] = entry
             if projections and projection_store is not None:
                 if isinstance(projection_store, MemoryProjectionStore):
                     projection_store.project_many(projections)
                 else:
                     for projection in projections:
                         projection_store.project(projection)
+            for entry in parked:  # after the rows: a row refused leaves none of them
+                self._parked[entry.handler, entry.position] = entry
             self._positions[handler] = position
 
     def reset(self, handler: str, position: int = 0) -> None:
+        self.opened.check()
         with self._lock:
             self._positions[handler] = position
 
     def checkpoints(self) -> dict[str, int]:
+        self.opened.check()
         with self._lock:
             return dict(self._positions)
 
     def park(self, parked: Parked) -> None:
+        self.opened.check()
         with self._lock:
             self._parked[parked.handler, parked.position] = parked
 
     def parked(self, handler: str | None = None) -> list[Parked]:
+        self.opened.check()
         with self._lock:
             found = [p for p in self._parked.values() if handler in (None, p.handler)]
         return sorted(found, key=lambda p: (p.handler, p.position))
 
     def unpark(self, handler: str, position: int) -> None:
+        self.opened.check()
         with self._lock:
             self._parked.pop((handler, position), None)
 
@@ -120,7 +130,9 @@ class MemoryCheckpointStore:
         return isinstance(projection_store, MemoryProjectionStore)
 
     def initialize(self) -> list[str]:
+        self.opened.check()
         return []
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the dicts are the event store's, which closes them (a
+        subscription closing its checkpoints must leave the event store usable)."""

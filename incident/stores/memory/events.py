@@ -38,6 +38,7 @@ from ..protocols import (
     ProjectionStore,
 )
 from .checkpoints import MemoryCheckpointStore
+from .opened import Opened
 from .projections import MemoryProjectionStore
 
 __all__ = ["MemoryEventStore", "open_memory"]
@@ -45,10 +46,13 @@ __all__ = ["MemoryEventStore", "open_memory"]
 
 class MemoryEventStore(AppendVerbs, Live):
     """An in-process event log. ``projections()`` gives a projection store that commits
-    together with it (both are guarded by this store's lock)."""
+    together with it (both are guarded by this store's lock). Closed, it refuses every
+    verb with StoreError, as do its projections() and checkpoints(), as a durable store's
+    do (closing its projection store closes it too: they share one ``opened``)."""
 
     def __init__(self, *, types: EventTypes | None = None) -> None:
         self.types = types or EventTypes()
+        self.opened = Opened()
         self._lock = threading.RLock()
         self._appended = threading.Condition(self._lock)
         self._log: list[Recorded[Any]] = []
@@ -68,6 +72,7 @@ class MemoryEventStore(AppendVerbs, Live):
         projection_store: ProjectionStore | None = None,
         project: ProjectFn | None = None,
     ) -> Committed:
+        self.opened.check()
         aggregate_id, key = request.aggregate_id, request.idempotency_key
         # what is kept is what a durable store would read back: events and metadata
         # through their JSON, refused here as on every store
@@ -77,6 +82,7 @@ class MemoryEventStore(AppendVerbs, Live):
         if metadata:
             metadata = msgspec.json.decode(metadata_json(metadata))
         with self._lock:
+            self.opened.check()  # again: a close() may have come in the meantime
             if key is not None and key in self._keys:
                 raise DuplicateCommand(key, *self._keys[key])
             stream = self._streams.get(aggregate_id, [])
@@ -121,11 +127,14 @@ class MemoryEventStore(AppendVerbs, Live):
 
     def wait_for_append(self, after: int, timeout: float) -> bool:
         with self._appended:
+            self.opened.check()
             if len(self._log) <= after:
                 self._appended.wait(timeout)
+            self.opened.check()  # close() wakes the waiters to say so
             return len(self._log) > after
 
     def last_position(self) -> int:
+        self.opened.check()
         with self._lock:
             return len(self._log)
 
@@ -133,6 +142,7 @@ class MemoryEventStore(AppendVerbs, Live):
         return isinstance(projection_store, MemoryProjectionStore)
 
     def outcome_for(self, idempotency_key: str) -> Outcome | None:
+        self.opened.check()
         if not readable_key(idempotency_key):
             return None
         with self._lock:
@@ -142,25 +152,30 @@ class MemoryEventStore(AppendVerbs, Live):
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
+        self.opened.check()
         check_key(idempotency_key)
         with self._lock:
             found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
         return found._replace(recorded=list(found.recorded))
 
     def owed(self, handler: str | None = None) -> list[Owed]:
+        self.opened.check()
         with self._lock:
             found = [o for o in self._owed.values() if handler in (None, o.handler)]
         return sorted(found, key=lambda o: (o.position, o.handler))
 
     def owe(self, owed: Owed) -> None:
+        self.opened.check()
         with self._lock:
             self._owed[owed.handler, owed.position] = owed
 
     def settle(self, handler: str, position: int) -> None:
+        self.opened.check()
         with self._lock:
             self._owed.pop((handler, position), None)
 
     def get(self, aggregate_id: str, *, after: int = 0) -> list[Recorded[Any]]:
+        self.opened.check()
         start = check_after(after)
         if not readable_id(aggregate_id):
             return []
@@ -176,6 +191,7 @@ class MemoryEventStore(AppendVerbs, Live):
         return iter(self.get(aggregate_id, after=after))
 
     def version(self, aggregate_id: str) -> int:
+        self.opened.check()
         if not readable_id(aggregate_id):
             return 0
         with self._lock:
@@ -184,27 +200,32 @@ class MemoryEventStore(AppendVerbs, Live):
     def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Recorded[Any]]:
         start = check_after(after)
         check_limit(limit)
+        self.opened.check()
         with self._lock:
             end = len(self._log) if limit is None else min(len(self._log), start + limit)
             chunk = self._log[start:end]
         return iter(chunk)
 
     def initialize(self) -> list[str]:
+        self.opened.check()
         return []  # nothing to create: memory has no schema
 
     def projections(self) -> MemoryProjectionStore:
         if self._projections is None:
-            self._projections = MemoryProjectionStore()
+            self._projections = MemoryProjectionStore(opened=self.opened)
         return self._projections
 
     def checkpoints(self) -> MemoryCheckpointStore:
         """The checkpoint store beside this log (one per store, like ``projections()``)."""
         if self._checkpoints is None:
-            self._checkpoints = MemoryCheckpointStore()
+            self._checkpoints = MemoryCheckpointStore(opened=self.opened)
         return self._checkpoints
 
     def close(self) -> None:
-        pass
+        """Closes its projection and checkpoint stores too; closing again does nothing."""
+        with self._appended:
+            self.opened.close()
+            self._appended.notify_all()  # a waiting tail wakes to StoreError
 
 
 def open_memory(url: str, **options: Any) -> MemoryEventStore:

@@ -14,6 +14,7 @@ from ...messages import Projection
 from ..arguments import readable_id
 from ..read_model_rows import newer_or_equal, projection_json, projection_key, replacing_rows
 from ..tables import TableOwners, TableSpec
+from .opened import Opened
 
 __all__ = ["MemoryProjectionStore"]
 
@@ -23,9 +24,11 @@ P = TypeVar("P", bound=Projection)
 class MemoryProjectionStore:
     """Projections in a dict per table, guarded by one lock. Tables are named and owned
     as in the durable stores (:mod:`incident.stores.tables`), so what they refuse, memory
-    refuses too."""
+    refuses too. One from an event store's ``projections()`` shares its ``opened``: closing
+    either closes both, as a durable store's shared database does."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, opened: Opened | None = None) -> None:
+        self.opened = opened or Opened()
         self._lock = threading.RLock()
         self._owners = TableOwners()
         self._tables: dict[str, dict[str, Projection]] = {}
@@ -75,17 +78,20 @@ class MemoryProjectionStore:
         return winner
 
     def project(self, projection: P) -> P:
+        self.opened.check()
         spec, key, row = self._check(projection)
         with self._lock:
             return self._project(spec, key, row, projection)
 
     def project_many(self, projections: Iterable[Projection]) -> None:
+        self.opened.check()
         checked = [(*self._check(p), p) for p in projections]
         with self._lock:
             for spec, key, row, projection in checked:
                 self._project(spec, key, row, projection)
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        self.opened.check()
         spec = self._spec(projection_type)
         table: dict[str, Projection] = {}
         for projection in replacing_rows(projection_type, projections):
@@ -96,6 +102,7 @@ class MemoryProjectionStore:
         return len(table)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
+        self.opened.check()
         if not readable_id(key):
             return None  # no row can have it
         spec = self._spec(projection_type)
@@ -105,10 +112,12 @@ class MemoryProjectionStore:
         return found
 
     def all(self, projection_type: type[P]) -> list[P]:
+        self.opened.check()
         spec = self._spec(projection_type)
         with self._lock:
             rows = sorted(self._tables.get(spec.name, {}).items())  # by key, as SQL stores
         return [self._read(spec, row) for _, row in rows]
 
     def close(self) -> None:
-        pass
+        """Closes the event store it came from too (they share ``opened``)."""
+        self.opened.close()

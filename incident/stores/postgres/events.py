@@ -43,7 +43,7 @@ from .batch import BatchAppends
 from .checkpoints import PostgresCheckpointStore
 from .database import Database
 from .durability import ASYNC_COMMIT, FLUSHED, WAL_POSITIONS, durable_rows
-from .notify import Listener
+from .notify import Listener, channel_for
 from .numbered import NumberedAppends
 from .plans import run
 from .predicted import PredictedAppends, rows_plan
@@ -92,7 +92,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         self._projections = PostgresProjectionStore(db)
         self._predictor = Predictor()
         # appends NOTIFY this channel as they commit; subscribers LISTEN instead of polling
-        self.channel = f"incident_events:{db.schema}"
+        self.channel = channel_for(db.schema)
         self.numbered = NumberedAppends(db, self._sql, self._projections)
         self.predicted = PredictedAppends(
             db, self._sql, self._projections, self._predictor, self.channel

@@ -4,6 +4,7 @@ connection instead of polling."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,20 @@ from psycopg import sql
 
 from ..._forks import renew_in_forked_children
 from .inherited import opened
+
+#: the longest name Postgres keeps (NAMEDATALEN - 1 bytes): a longer schema is truncated,
+#: a longer channel refused by pg_notify ("channel name too long")
+MAX_NAME_BYTES = 63
+
+
+def channel_for(schema: str) -> str:
+    """The channel a schema's appends NOTIFY. ``incident_events:<schema>`` while it fits
+    in a name; a longer schema's is named by its digest (32 hex digits), so every schema
+    Postgres can hold has a channel of its own."""
+    channel = f"incident_events:{schema}"
+    if len(channel.encode()) <= MAX_NAME_BYTES:
+        return channel  # unchanged: processes of earlier releases NOTIFY this one
+    return f"incident_events:{hashlib.blake2b(schema.encode(), digest_size=16).hexdigest()}"
 
 
 class Listener:

@@ -13,6 +13,7 @@ from ...codec import EventTypes
 from ...errors import IncidentError, StoreError
 from .database import Database
 from .events import PostgresEventStore
+from .notify import MAX_NAME_BYTES
 from .session import first_line
 
 
@@ -24,13 +25,35 @@ def split_url(url: str) -> tuple[str, str | None]:
     >>> split_url("postgresql://u@h/db?options=-c%20statement_timeout%3D5s")[0]
     'postgresql://u@h/db?options=-c%20statement_timeout%3D5s'
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # "Invalid IPv6 URL": libpq refuses it as well
+        raise StoreError(f"Not a usable Postgres URL: {error}") from None
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = next((value for key, value in query if key == "schema"), None)
     # libpq decodes %20 but not +, so spaces (as in options) must stay %20
     kept = [(key, value) for key, value in query if key != "schema"]
     rest = urlencode(kept, quote_via=quote)
     return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), schema
+
+
+def checked_schema(schema: object) -> str:
+    """``schema`` if incident can keep its tables there; else IncidentError saying why,
+    before anything connects. Postgres would truncate a longer name (two long names would
+    share one schema), and keeps ``pg_`` names and information_schema for itself."""
+    if not isinstance(schema, str):
+        raise IncidentError(f"A schema is a name (a str), got {schema!r}")
+    if not schema:
+        problem = "is empty (leave it out for public)"
+    elif not schema.isprintable():
+        problem = "holds a control character (a NUL, a newline) or a lone surrogate"
+    elif (size := len(schema.encode())) > MAX_NAME_BYTES:
+        problem = f"is {size} bytes long; Postgres keeps names of at most {MAX_NAME_BYTES} bytes"
+    elif schema.startswith("pg_") or schema == "information_schema":
+        problem = "is a Postgres system schema (pg_* and information_schema are reserved)"
+    else:
+        return schema
+    raise IncidentError(f"Schema {schema!r} {problem}")
 
 
 def open_postgres(
@@ -48,7 +71,7 @@ def open_postgres(
     conninfo, url_schema = split_url(url)
     if schema is not None and url_schema is not None and schema != url_schema:
         raise IncidentError(f"Two schemas for one store: {url_schema!r} in the URL, {schema!r}")
-    schema = schema or url_schema or "public"
+    schema = checked_schema(next(s for s in (schema, url_schema, "public") if s is not None))
     if pool_size < 1 or batch_size < 1:
         raise IncidentError(f"pool_size and batch_size must be >= 1, got {pool_size}, {batch_size}")
     try:

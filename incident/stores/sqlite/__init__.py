@@ -26,6 +26,7 @@ crash of the process) may lose the last transactions that had returned. See
 
 The package, one concern a module, each importing only those listed before it:
 
+- ``url``: the file a URL names
 - ``sql``: the statements on incident's tables, as text
 - ``migrations``: the layout and the steps that bring older files to it
 - ``projection_tables``: how a Projection type becomes a table
@@ -38,9 +39,9 @@ The package, one concern a module, each importing only those listed before it:
 """
 
 from .checkpoints import SQLiteCheckpointStore, SQLiteHandlerLock, lock_path
-from .database import MEMORY, sqlite_path
 from .events import SQLiteEventStore, open_sqlite
 from .projections import SQLiteProjectionStore
+from .url import MEMORY, sqlite_path
 
 __all__ = [
     "SQLiteEventStore",

@@ -16,40 +16,21 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..._forks import renew_in_forked_children
-from ...errors import IncidentError, StoreError
+from ...errors import StoreError
 from ...messages import Projection
 from ..live import AppendSignal, signal_for
 from ..tables import TableOwners
 from .migrations import SCHEMA_VERSION, schema_version, upgrade
 from .projection_tables import ProjectionTable
+from .url import MEMORY
 from .write_lock import LOCK_POLL, begin_immediate
 
-__all__ = ["MEMORY", "Database", "Savepoint", "WriteTransaction", "sqlite_path"]
+__all__ = ["Database", "Savepoint", "WriteTransaction"]
 
-MEMORY = ":memory:"
 # where a thread keeps its connections: reading (False) and writing (True)
 _SLOTS = {False: "conn", True: "writer"}
-
-
-def sqlite_path(url: str) -> str:
-    """The file a ``sqlite://`` URL names (``:memory:`` for ``sqlite://``).
-
-    >>> sqlite_path("sqlite:///bank.db"), sqlite_path("sqlite:////var/lib/bank.db")
-    ('bank.db', '/var/lib/bank.db')
-    >>> sqlite_path("sqlite://")
-    ':memory:'
-    """
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "sqlite" or parts.netloc:
-        raise IncidentError(
-            f"Not an SQLite URL: {url!r}; expected sqlite:///relative.db, "
-            "sqlite:////absolute/path.db or sqlite:// (in memory)"
-        )
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
-    return path or MEMORY
 
 
 class Database:

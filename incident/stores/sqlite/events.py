@@ -40,7 +40,7 @@ from ..protocols import (
 )
 from .batch import Append, BatchWriter
 from .checkpoints import SQLiteCheckpointStore
-from .database import Database, sqlite_path
+from .database import Database
 from .group_commit import GroupCommit
 from .projections import SQLiteProjectionStore, writes_into
 from .reading import EventReads
@@ -55,6 +55,7 @@ from .sql import (
     SETTLE,
     date_text,
 )
+from .url import sqlite_path
 from .write_lock import LOCK_POLL
 
 __all__ = ["SYNCHRONOUS", "SQLiteEventStore", "open_sqlite"]

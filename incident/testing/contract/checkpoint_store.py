@@ -231,9 +231,15 @@ class CheckpointStoreContract(StoreFixtures):
         batch = [Reading(aggregate_id="ok", count=1), Reading(aggregate_id="bad", count=2**63)]
         with pytest.raises(IncidentError):
             checkpoint_store.save(
-                "h", 2, expected=0, projections=batch, projection_store=projection_store
+                "h",
+                2,
+                expected=0,
+                projections=batch,
+                projection_store=projection_store,
+                parked=[parked_event("h", 2)],
             )
         assert checkpoint_store.load("h") == 0
+        assert checkpoint_store.parked("h") == []  # the batch's dead letters neither
         if checkpoint_store.shares_database_with(projection_store):
             assert projection_store.get(Reading, "ok") is None
 
