@@ -18,6 +18,7 @@ __all__ = [
     "FollowUpFailed",
     "ForeignStream",
     "IncidentError",
+    "InvalidArgument",
     "InvalidCommand",
     "RegistrationError",
     "Rejected",
@@ -49,6 +50,12 @@ class InvalidCommand(IncidentError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.command_type, self.field, self.problem))
+
+
+class InvalidArgument(IncidentError, ValueError):
+    """An argument to a store's verb that no store could act on (a negative position, a
+    limit that is not a count, an id that is not a str): refused before anything is read
+    or written, alike on every store. Fix the call; retrying cannot help."""
 
 
 class Unstorable(IncidentError, ValueError):

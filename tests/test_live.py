@@ -149,8 +149,14 @@ def test_a_tail_under_eight_writers_sees_every_event_once_in_order(
 def test_bad_arguments_are_refused_when_subscribing(
     event_store: incident.EventStore, arguments: dict[str, Any], says: str
 ) -> None:
+    """A tail refuses them as the reads do: InvalidArgument, a ValueError too."""
+    with pytest.raises(incident.InvalidArgument, match=says):
+        event_store.subscribe(**arguments)
     with pytest.raises(ValueError, match=says):
         event_store.subscribe(**arguments)
+    if "after" in arguments:
+        with pytest.raises(incident.InvalidArgument, match="after must be an int >= 0"):
+            list(event_store.read_all(after=arguments["after"]))
 
 
 def test_a_tail_stops_when_closed(event_store: incident.EventStore) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .. import storable
-from ..errors import ConcurrencyError, IncidentError, Unstorable
+from ..errors import ConcurrencyError, IncidentError, InvalidArgument, Unstorable
 from ..messages import ANY, Event
 from .protocols import AppendRequest
 
@@ -40,7 +40,7 @@ def check_limit(limit: int | None) -> None:
     """``read_all``'s limit is None or a count: a negative one is refused, not read as
     "nothing"."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise IncidentError(f"limit must be None or an int >= 0, got {storable.shown(limit)}")
+        raise InvalidArgument(f"limit must be None or an int >= 0, got {storable.shown(limit)}")
 
 
 def check_after(after: object) -> int:
@@ -52,7 +52,7 @@ def check_after(after: object) -> int:
     (3, True)
     """
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise IncidentError(f"after must be an int >= 0, got {storable.shown(after)}")
+        raise InvalidArgument(f"after must be an int >= 0, got {storable.shown(after)}")
     return min(after, storable.INT64_MAX)
 
 
@@ -60,7 +60,7 @@ def readable_id(aggregate_id: object) -> bool:
     """Whether a stream can have this id; a read of one that cannot is empty. An id that
     is not a str is refused."""
     if not isinstance(aggregate_id, str):
-        raise IncidentError(f"aggregate_id must be a str, got {storable.shown(aggregate_id)}")
+        raise InvalidArgument(f"aggregate_id must be a str, got {storable.shown(aggregate_id)}")
     return storable.keepable_id(aggregate_id)
 
 
@@ -68,7 +68,7 @@ def readable_key(key: object) -> bool:
     """Whether an idempotency key can have been stored (``check_key`` accepts it); a
     lookup of one that cannot finds nothing. A key that is not a str is refused."""
     if not isinstance(key, str):
-        raise IncidentError(f"idempotency_key must be a str, got {storable.shown(key)}")
+        raise InvalidArgument(f"idempotency_key must be a str, got {storable.shown(key)}")
     return bool(key) and storable.problem_in(key) is None
 
 

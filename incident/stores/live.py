@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from .._forks import renew_in_forked_children
+from ..errors import InvalidArgument
 from ..messages import Recorded
 
 __all__ = ["AppendSignal", "Live", "checked_tail_arguments", "follow", "signal_for"]
@@ -60,13 +61,14 @@ def follow(
 
 
 def checked_tail_arguments(after: Any, poll_interval: Any, batch_size: Any) -> None:
-    """ValueError for a tail's bad arguments, sync or async, before it starts."""
+    """InvalidArgument (a ValueError) for a tail's bad arguments, sync or async, before
+    it starts."""
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise ValueError(f"after must be a position (an int >= 0), got {after!r}")
+        raise InvalidArgument(f"after must be a position (an int >= 0), got {after!r}")
     if not isinstance(poll_interval, int | float) or not poll_interval > 0:
-        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        raise InvalidArgument(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InvalidArgument(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def _follow(
