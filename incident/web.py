@@ -27,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -97,9 +100,15 @@ def command_app(
         handler = open_handler()
         app.state.handler = handler
         app.state.commands = commands_by_name(handler)
+        app.state.stopping = stopping = asyncio.Event()
+        # a server waits for its connections to close before it stops the app: told
+        # to stop, the event streams end first, or it would wait for their clients
+        restore = _on_stop_signals(stopping)
         try:
             yield
         finally:
+            restore()
+            stopping.set()
             await handler.close()
 
     async def events(request: Request) -> Response:
@@ -267,16 +276,19 @@ async def event_stream(request: Request, keep_alive: float) -> Response:
     handler: AsyncCommandHandler = request.app.state.handler
     live = handler.event_store.subscribe(after=after, poll_interval=keep_alive)
     return StreamingResponse(
-        _frames(live, keep_alive),
+        _frames(live, keep_alive, request.app.state.stopping),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
-async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[bytes]:
+async def _frames(
+    live: AsyncIterator[Any], keep_alive: float, stopping: asyncio.Event
+) -> AsyncIterator[bytes]:
     """Server-Sent Event frames, one per event, and a comment line whenever the log stays
-    quiet for ``keep_alive`` seconds. The tail runs in a task of its own, feeding a
-    bounded queue, so waiting for the next event can time out without cancelling it."""
+    quiet for ``keep_alive`` seconds; a closing frame once the server is ``stopping``.
+    The tail runs in a task of its own, feeding a bounded queue, so waiting for the next
+    event can time out without cancelling it."""
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUED)
 
     async def pump() -> None:
@@ -289,14 +301,24 @@ async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[
             await queue.put(_ENDED)
 
     feeding = asyncio.create_task(pump())
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
         yield b": incident event stream\n\n"  # the headers go out now, not at the first event
         while True:
-            try:
-                recorded = await asyncio.wait_for(queue.get(), keep_alive)
-            except TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
+            if not queue.empty():  # no task to wait for: the usual case under load
+                recorded = queue.get_nowait()
+            else:
+                getting = asyncio.ensure_future(queue.get())
+                await asyncio.wait(
+                    (getting, stopped), timeout=keep_alive, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not getting.done():
+                    getting.cancel()  # a cancelled get leaves its item in the queue
+                    yield _closing_frame(_STOPPING) if stopped.done() else b": keep-alive\n\n"
+                    if stopped.done():
+                        return
+                    continue
+                recorded = getting.result()
             if recorded is _ENDED or isinstance(recorded, Exception):
                 yield _closing_frame(recorded)
                 return
@@ -305,12 +327,43 @@ async def _frames(live: AsyncIterator[Any], keep_alive: float) -> AsyncIterator[
                 % (recorded.position, recorded.event_type.encode(), _encoder.encode(recorded))
             )
     finally:
+        stopped.cancel()
         feeding.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeding
 
 
 _ENDED = object()  # the tail finished (its store closed), as opposed to failed
+_STOPPING = object()  # the server is stopping
+
+
+def _on_stop_signals(stopping: asyncio.Event) -> Callable[[], None]:
+    """Set ``stopping`` on SIGINT or SIGTERM, then do what was to be done (the server's
+    own handler: uvicorn's starts its graceful shutdown). Signals reach the main thread
+    only: elsewhere nothing is installed. Returns what puts the handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    before: dict[int, Any] = {}
+
+    def on_signal(number: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(stopping.set)
+        previous = before.get(number)
+        if callable(previous):
+            previous(number, frame)
+        elif previous == signal.SIG_DFL:  # nobody else listens: as if we were not here
+            signal.signal(number, signal.SIG_DFL)
+            signal.raise_signal(number)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        before[number] = signal.signal(number, on_signal)
+
+    def restore() -> None:
+        for number, previous in before.items():
+            if signal.getsignal(number) is on_signal and previous is not None:
+                signal.signal(number, previous)
+
+    return restore
 
 
 def _closing_frame(why: object) -> bytes:
@@ -320,6 +373,8 @@ def _closing_frame(why: object) -> bytes:
     if isinstance(why, Exception):
         log.warning("incident: an event stream's tail failed; the stream ends", exc_info=why)
         body = {"error": type(why).__name__, "message": str(why)}
+    elif why is _STOPPING:
+        body = {"error": "StreamClosed", "message": "the server is stopping"}
     else:
         body = {"error": "StreamClosed", "message": "the event store was closed"}
     return b"retry: %d\nevent: error\ndata: %s\n\n" % (RECONNECT_MS, _encoder.encode(body))

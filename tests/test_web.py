@@ -357,6 +357,34 @@ def test_serve_without_the_web_extra_names_it(tmp_path: Any) -> None:
     assert "pip install 'incident[web]'" in done.stderr
 
 
+@pytest.mark.parametrize("stopping", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_server_stopping_ends_its_event_streams_and_exits(
+    initialized_url: str, stopping: signal.Signals
+) -> None:
+    """A server told to stop while a client follows the event stream does not wait for
+    the client to leave: the stream's last frame says StreamClosed, and it exits."""
+    server = Server(initialized_url)
+    try:
+        with httpx.stream("GET", f"{server.base}/events", timeout=TIMEOUT) as stream:
+            lines = stream.iter_lines()
+            post(server.base, "OpenAccount", {"aggregate_id": "S"})
+            assert frames(lines, 1)[0]["event"] == "AccountOpened"
+            server.process.send_signal(stopping)
+            deadline = time.monotonic() + 10  # keep-alive comments come every 15 s at most
+            ending = (line for line in lines if time.monotonic() < deadline or _too_late())
+            [last] = frames(ending, 1)
+        assert last["event"] == "error"
+        assert json.loads(last["data"])["error"] == "StreamClosed"
+        # it exits (uvicorn raises the signal again once stopped: SIGTERM's own exit)
+        assert server.process.wait(20) in (0, -stopping), server.stopped_saying()
+    finally:
+        server.stop()
+
+
+def _too_late() -> bool:
+    raise AssertionError("the stream went on after the server was told to stop")
+
+
 def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
     """A stream whose tail stops does not go quiet as if the log were idle: it ends
     with an ``error`` event naming the failure (and logs it), or saying the store closed,
