@@ -121,7 +121,13 @@ def command_app(
             *routes,
         ],
         lifespan=lifespan,
+        # a read side's store failing answers as a command's does, not a bare 500
+        exception_handlers={StoreError: _store_failed},
     )
+
+
+async def _store_failed(request: Request, error: Exception) -> Response:
+    return problem(503, "StoreError", str(error))
 
 
 class CommandApp(Starlette):
@@ -266,9 +272,9 @@ async def health(request: Request) -> Response:
 async def event_stream(request: Request, keep_alive: float) -> Response:
     after_text = request.headers.get("last-event-id") or request.query_params.get("after", "0")
     try:
-        after = int(after_text)
-        if after < 0:
+        if not (after_text.isascii() and after_text.isdigit()):  # int() takes "+1", "1_0"
             raise ValueError
+        after = int(after_text)
     except ValueError:
         return problem(
             422, "InvalidPosition", f"after must be a position (an int >= 0), got {after_text!r}"

@@ -432,3 +432,36 @@ def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
             "message": "the server went away",
         }
     assert "tail failed" in caplog.text
+
+
+def test_read_routes_answer_a_failing_store_and_odd_numbers_in_json() -> None:
+    """A read side whose store fails answers 503 StoreError in JSON, as a command does
+    (it was a bare 500); a version or position in other digits than ASCII ("²", "٣"),
+    or spelled as int() alone would take it ("+1", "1_0"), is a 422."""
+    from incident.examples.bank import web
+
+    app = web.app("memory://")
+
+    async def scenario() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+                opened = await client.post("/commands/OpenAccount", json={"aggregate_id": "A"})
+                assert opened.status_code == 200
+                answers = [
+                    await client.get("/accounts/A", params={"version": odd})
+                    for odd in ("\u00b2", "\u0663", "+1")
+                ]
+                answers += [
+                    await client.get("/events", params={"after": odd})
+                    for odd in ("+1", "1_0", "\u0661")
+                ]
+                await app.state.handler.event_store.close()  # every read fails from now on
+                for path in ("/accounts/A", "/accounts/A?version=1", "/transfers/T"):
+                    answers.append(await client.get(path))
+                return answers
+
+    answers = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [422] * 6 + [503] * 3
+    assert all(a.headers["content-type"] == "application/json" for a in answers)
+    assert [a.json()["error"] for a in answers[6:]] == ["StoreError"] * 3

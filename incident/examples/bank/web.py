@@ -64,7 +64,7 @@ async def account(request: Request) -> Response:
         if row is None:
             return problem(404, "NotFound", f"No account {account_id!r}")
         return json_response(row)
-    if not version_text.isdigit() or int(version_text) < 1:
+    if not (version_text.isascii() and version_text.isdigit()) or int(version_text) < 1:
         return problem(422, "InvalidVersion", f"version must be an int >= 1, got {version_text!r}")
     version = int(version_text)
     events = []
