@@ -34,6 +34,9 @@ MAX_DEPTH = (
     64  # containers (structs, lists, dicts...) inside one another, the value itself included
 )
 MAX_ID_LENGTH = 255
+#: an idempotency key's longest, in UTF-8 bytes: Postgres indexes the key, and an index
+#: entry holds at most 2,704 bytes
+MAX_KEY_BYTES = 2000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _encoder = msgspec.json.Encoder()

@@ -69,18 +69,28 @@ def readable_key(key: object) -> bool:
     lookup of one that cannot finds nothing. A key that is not a str is refused."""
     if not isinstance(key, str):
         raise InvalidArgument(f"idempotency_key must be a str, got {storable.shown(key)}")
-    return bool(key) and storable.problem_in(key) is None
+    return bool(key) and storable.problem_in(key) is None and _fits(key)
+
+
+def _fits(key: str) -> bool:
+    return len(key) * 4 <= storable.MAX_KEY_BYTES or (len(key.encode()) <= storable.MAX_KEY_BYTES)
 
 
 def check_key(key: object) -> str:
     """An idempotency key every store keeps as it is: a non-empty str without NUL or
-    lone surrogates (a key's length is not limited)."""
+    lone surrogates, of at most ``MAX_KEY_BYTES`` in UTF-8."""
     if not isinstance(key, str) or not key:
         raise Unstorable(
             "idempotency_key", None, f"must be a non-empty str, got {storable.shown(key)}"
         )
     if (problem := storable.problem_in(key)) is not None:
         raise Unstorable("idempotency_key", None, problem[1])
+    if not _fits(key):
+        raise Unstorable(
+            "idempotency_key",
+            None,
+            f"is {len(key.encode())} bytes in UTF-8, longer than {storable.MAX_KEY_BYTES}",
+        )
     return key
 
 

@@ -23,7 +23,7 @@ BAD_AFTER = [-1, -100, True, False, 1.0, None, "1"]
 PAST_EVERY_VERSION = [2**31, 2**63 - 1, 2**63, 2**70]
 NOT_AN_ID: list[Any] = [5, None, b"acc-1", ("acc-1",)]
 BAD_NAMES: list[Any] = ["acc\x00", "acc\udc80", "\ud800", 3, b"acc"]
-BAD_KEYS: list[Any] = ["k\x00", "k\udc80", "", 5, b"k"]
+BAD_KEYS: list[Any] = ["k\x00", "k\udc80", "", 5, b"k", "k" * 2001, "\u00e9" * 1001]
 
 
 def _reads(store: EventStore, aggregate_id: Any, after: Any) -> dict[str, Any]:
@@ -117,6 +117,21 @@ class ArgumentsContract(StoreFixtures):
             )
         assert caught.value.what == "aggregate"
         assert list(event_store.read_all()) == []
+
+    def test_an_idempotency_key_of_the_longest_kept_length_works(
+        self, event_store: EventStore
+    ) -> None:
+        """A key of ``MAX_KEY_BYTES`` bytes in UTF-8 is stored and found on every store."""
+        key = "\u00e9" * 1000  # 2,000 bytes
+        request = AppendRequest(
+            aggregate_id="acc-1",
+            events=[MoneyDeposited(amount=1)],
+            expected_version=0,
+            idempotency_key=key,
+        )
+        event_store.commit(request, projection_store=event_store.projections())
+        found = event_store.outcome_for(key)
+        assert found is not None and [r.version for r in found.recorded] == [1]
 
     @pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
     def test_an_idempotency_key_no_store_can_keep_is_refused(
