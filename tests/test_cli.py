@@ -127,3 +127,37 @@ def test_events_follow_prints_each_later_event_of_its_stream_until_interrupted(
         printed.append(lines.get())
     assert not [line for line in printed if "bank_account/B" in line]
     assert sum("MoneyDeposited" in line for line in printed) == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["events", "{db}", "--limit", "-1"], "Invalid value for '--limit'"),
+        (["events", "{db}", "--import", ""], "Cannot import ''"),
+        (["retry", "{db}", "--handler", "nope:x"], "Cannot load 'nope:x'"),
+        (["events", "postgresql://postgres@[::1/test"], "Postgres URL"),
+        (["serve", "--store", "bogus://x"], "bogus"),
+        (["serve", "--store", "{db}", "--port", "99999"], "Invalid value for '--port'"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_not_tracebacks(
+    runner: CliRunner, tmp_path: Path, arguments: list[str], says: str
+) -> None:
+    db = f"sqlite:///{tmp_path / 'bank.db'}"
+    bank.build(db).event_store.close()  # a store that is there
+    result = runner.invoke(main, [a.format(db=db) for a in arguments])
+    assert result.exit_code != 0
+    assert says in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+@pytest.mark.parametrize("command", ["replay", "retry"])
+def test_rebuilding_or_retrying_a_mistyped_path_creates_nothing(
+    runner: CliRunner, tmp_path: Path, command: str
+) -> None:
+    missing = tmp_path / "mistyped.db"
+    handler = ["--handler", "incident.examples.bank:bank_projections"]
+    result = runner.invoke(main, [command, f"sqlite:///{missing}", *handler])
+    assert result.exit_code != 0
+    assert "no such store" in result.output
+    assert not missing.exists()

@@ -81,7 +81,9 @@ def init(url: str) -> None:
 @click.option("--aggregate", "deprecated_stream_id", hidden=True)
 @click.option("--correlation", "correlation_id", help="Show every event of one correlation id.")
 @click.option("--after", type=int, default=0, show_default=True, help="Start after this position.")
-@click.option("--limit", type=int, default=None, help="Show at most this many events.")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="Show at most this many events."
+)
 @click.option(
     "--follow",
     "-f",
@@ -119,8 +121,8 @@ def events(
     for name in ("incident.examples.bank", *modules):
         try:
             imported.append(importlib.import_module(name))
-        except ImportError as error:
-            raise click.ClickException(f"Cannot import {name}: {error}") from error
+        except (ImportError, ValueError) as error:  # ValueError: an empty name
+            raise click.ClickException(f"Cannot import {name!r}: {error}") from error
     require_store(url, "events")
     unknown: dict[type[errors.IncidentError], str] = {
         errors.UnknownEventType: " (--import the module that defines it)"
@@ -219,7 +221,13 @@ def demo(url: str) -> None:
 @main.command()
 @demo_store("The Bank's store (an SQLite file by default; any store URL).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on.",
+)
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
@@ -252,17 +260,20 @@ def serve(
         raise click.ClickException(
             f"incident serve needs the web extra: pip install 'incident[web]' ({error})"
         ) from error
+    if workers > 1 and in_one_process(url):
+        raise click.ClickException(
+            f"--workers {workers} needs a store the processes share (a file or a "
+            f"server), not {url!r}, which lives in one process"
+        )
+    if not in_one_process(url):
+        # opened here first: a store that cannot open is one line now, not a traceback
+        # from the server's startup; and its tables are made before workers race to it
+        with opened_store(url):
+            pass
     served: Any
     if workers == 1:
         served = web.app(url, **({} if retries is None else {"retries": retries}))
     else:
-        if in_one_process(url):
-            raise click.ClickException(
-                f"--workers {workers} needs a store the processes share (a file or a "
-                f"server), not {url!r}, which lives in one process"
-            )
-        with opened_store(url):  # its tables made once, before the workers race to it
-            pass
         # uvicorn starts each worker process from an import string, not from an object
         os.environ[web.STORE_VARIABLE] = url
         os.environ[web.RETRIES_VARIABLE] = "" if retries is None else str(retries)

@@ -62,6 +62,7 @@ def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> Non
     out = console()
     handler = _load(handler_path, EventHandler)
     aggregates = _aggregates_for([handler_path], aggregate_paths)
+    require_store(url, "events")  # a mistyped path is no store to rebuild from
     with opened_store(url) as store:
         app = CommandHandler(store, aggregates=aggregates)
         subscription = Subscription(handler, app)
@@ -179,6 +180,7 @@ def retry(
     inline = [_load(path, EventHandler) for path in inline_paths]
     paths = [*([handler_path] if handler_path else []), *inline_paths]
     aggregates = _aggregates_for(paths, aggregate_paths)
+    require_store(url, "events")  # a mistyped path has nothing parked or owed
     with opened_store(url) as store:
         app = CommandHandler(store, aggregates=aggregates, event_handlers=inline)
         if inline:
@@ -326,7 +328,13 @@ def _aggregates_for(
 
 
 def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:
-    module = importlib.import_module(handler_path.partition(":")[0])
+    name = handler_path.partition(":")[0]
+    try:
+        module = importlib.import_module(name)
+    except (ImportError, ValueError) as error:
+        raise click.ClickException(
+            f"Cannot load {handler_path!r} (module:object): {error}"
+        ) from error
     found = [value for value in vars(module).values() if isinstance(value, Aggregate)]
     if not found:
         raise click.ClickException(

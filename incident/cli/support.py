@@ -119,7 +119,8 @@ def _postgres_tables(url: str) -> tuple[set[str], str]:
         raise click.ClickException(
             f"Cannot open postgresql:// stores: {error} (pip install 'incident[postgres]')"
         ) from error
-    conninfo, schema = split_url(url)
+    with reported():  # a malformed URL: one line, not a traceback
+        conninfo, schema = split_url(url)
     schema = schema or "public"
     try:
         with psycopg.connect(conninfo, connect_timeout=10, autocommit=True) as conn:
