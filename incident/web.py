@@ -122,12 +122,17 @@ def command_app(
         ],
         lifespan=lifespan,
         # a read side's store failing answers as a command's does, not a bare 500
-        exception_handlers={StoreError: _store_failed},
+        exception_handlers={StoreError: _store_failed, 404: _no_route},
     )
 
 
 async def _store_failed(request: Request, error: Exception) -> Response:
     return problem(503, "StoreError", str(error))
+
+
+async def _no_route(request: Request, error: Exception) -> Response:
+    """Errors are JSON, the 404 of a path no route takes too (Starlette's is text)."""
+    return problem(404, "NotFound", f"Nothing at {request.url.path!r}")
 
 
 class CommandApp(Starlette):

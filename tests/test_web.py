@@ -437,7 +437,8 @@ def test_an_event_stream_whose_tail_fails_says_so_and_ends(caplog: Any) -> None:
 def test_read_routes_answer_a_failing_store_and_odd_numbers_in_json() -> None:
     """A read side whose store fails answers 503 StoreError in JSON, as a command does
     (it was a bare 500); a version or position in other digits than ASCII ("²", "٣"),
-    or spelled as int() alone would take it ("+1", "1_0"), is a 422."""
+    or spelled as int() alone would take it ("+1", "1_0"), is a 422; a path no route
+    takes is a 404 in JSON too."""
     from incident.examples.bank import web
 
     app = web.app("memory://")
@@ -459,9 +460,11 @@ def test_read_routes_answer_a_failing_store_and_odd_numbers_in_json() -> None:
                 await app.state.handler.event_store.close()  # every read fails from now on
                 for path in ("/accounts/A", "/accounts/A?version=1", "/transfers/T"):
                     answers.append(await client.get(path))
+                for path in ("/commands/", "/commands/OpenAccount/", "/nowhere"):
+                    answers.append(await client.post(path, json={}))
                 return answers
 
     answers = asyncio.run(scenario())
-    assert [a.status_code for a in answers] == [422] * 6 + [503] * 3
+    assert [a.status_code for a in answers] == [422] * 6 + [503] * 3 + [404] * 3
     assert all(a.headers["content-type"] == "application/json" for a in answers)
-    assert [a.json()["error"] for a in answers[6:]] == ["StoreError"] * 3
+    assert [a.json()["error"] for a in answers[6:]] == ["StoreError"] * 3 + ["NotFound"] * 3
