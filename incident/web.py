@@ -362,7 +362,7 @@ def _on_stop_signals(stopping: asyncio.Event) -> Callable[[], None]:
         previous = before.get(number)
         if callable(previous):
             previous(number, frame)
-        elif previous == signal.SIG_DFL:  # nobody else listens: as if we were not here
+        elif previous in (signal.SIG_DFL, None):  # nobody else listens: as if not here
             signal.signal(number, signal.SIG_DFL)
             signal.raise_signal(number)
 
@@ -371,8 +371,8 @@ def _on_stop_signals(stopping: asyncio.Event) -> Callable[[], None]:
 
     def restore() -> None:
         for number, previous in before.items():
-            if signal.getsignal(number) is on_signal and previous is not None:
-                signal.signal(number, previous)
+            if signal.getsignal(number) is on_signal:
+                signal.signal(number, signal.SIG_DFL if previous is None else previous)
 
     return restore
 
