@@ -274,13 +274,16 @@ async def health(request: Request) -> Response:
     return json_response({"ok": True, "last_position": last})
 
 
+def whole_number(text: str) -> int | None:
+    """The int >= 0 that ``text`` spells in ASCII digits, else None (int() would also
+    take "+1", " 1", "1_0" and other scripts' digits)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 async def event_stream(request: Request, keep_alive: float) -> Response:
     after_text = request.headers.get("last-event-id") or request.query_params.get("after", "0")
-    try:
-        if not (after_text.isascii() and after_text.isdigit()):  # int() takes "+1", "1_0"
-            raise ValueError
-        after = int(after_text)
-    except ValueError:
+    after = whole_number(after_text)
+    if after is None:
         return problem(
             422, "InvalidPosition", f"after must be a position (an int >= 0), got {after_text!r}"
         )
@@ -325,9 +328,10 @@ async def _frames(
                 )
                 if not getting.done():
                     getting.cancel()  # a cancelled get leaves its item in the queue
-                    yield _closing_frame(_STOPPING) if stopped.done() else b": keep-alive\n\n"
                     if stopped.done():
+                        yield _closing_frame(_STOPPING)
                         return
+                    yield b": keep-alive\n\n"
                     continue
                 recorded = getting.result()
             if recorded is _ENDED or isinstance(recorded, Exception):

@@ -19,6 +19,7 @@ from conftest import DURABLE_BACKENDS, on_backends
 
 import incident
 from incident.examples import bank
+from incident.testing.contract.checkpoint_store import parked_event
 
 
 def test_close_closes_the_stores_the_handler_opened_from_urls(store_url: str) -> None:
@@ -71,16 +72,7 @@ def every_verb(store: incident.EventStore) -> dict[str, Callable[[], object]]:
         event_type="AccountOpened",
         owed_at=dt.datetime.now(dt.UTC),
     )
-    parked = incident.stores.Parked(
-        handler="h",
-        position=1,
-        event_id="e",
-        aggregate_id="A",
-        event_type="AccountOpened",
-        error="boom",
-        attempts=1,
-        parked_at=dt.datetime.now(dt.UTC),
-    )
+    parked = parked_event("h", 1)
     opened = bank.AccountOpened(account_number="B")
     account = bank.BankAccount(
         aggregate_id="A",

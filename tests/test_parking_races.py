@@ -108,15 +108,22 @@ def parked_stream(app: incident.CommandHandler) -> None:
     assert states(runner) == [(2, "A", "failed"), (3, "A", "held"), (4, "A", "held")]
 
 
+def retry_inside_3(app: incident.CommandHandler) -> tuple[Gated, threading.Thread, list[Any]]:
+    """Stream A parked (see ``parked_stream``) and, elsewhere, a retry up to #3 that has
+    taken #2 off the dead letters and stopped inside #3's listener, at its gate."""
+    parked_stream(app)
+    listener = Gated(gated={3})
+    retrier = other(app, listener)
+    thread, done = in_thread(lambda: retrier.retry_parked(3))
+    assert listener.reached.wait(30)
+    return listener, thread, done
+
+
 def test_two_retries_of_one_stream_take_turns(app: incident.CommandHandler) -> None:
     """A retry up to #3 stops inside #3's listener; a second retry started elsewhere
     meanwhile waits for the first to end instead of handling #3 and #4 itself (after
     which the first would write #3's row over #4's)."""
-    parked_stream(app)
-    first_listener = Gated(gated={3})
-    first = other(app, first_listener)
-    first_thread, first_done = in_thread(lambda: first.retry_parked(3))
-    assert first_listener.reached.wait(30)
+    first_listener, first_thread, first_done = retry_inside_3(app)
 
     second = other(app, Plain())
     second_thread, second_done = in_thread(second.retry_parked)
@@ -135,11 +142,7 @@ def test_the_runner_leaves_a_stream_a_retry_is_working_on(
     """While a retry elsewhere is inside #3 (it took #2 off the dead letters, so held #3
     now leads its stream), the runner's step does not heal the stream itself; it heals
     what the retry left once the retry is done."""
-    parked_stream(app)
-    retry_listener = Gated(gated={3})
-    retrier = other(app, retry_listener)
-    thread, done = in_thread(lambda: retrier.retry_parked(3))
-    assert retry_listener.reached.wait(30)
+    retry_listener, thread, done = retry_inside_3(app)
 
     runner = other(app, Plain())
     assert runner.step() == 0  # nothing new; the stream is the retry's

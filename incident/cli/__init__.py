@@ -260,12 +260,13 @@ def serve(
         raise click.ClickException(
             f"incident serve needs the web extra: pip install 'incident[web]' ({error})"
         ) from error
-    if workers > 1 and in_one_process(url):
+    local = in_one_process(url)
+    if workers > 1 and local:
         raise click.ClickException(
             f"--workers {workers} needs a store the processes share (a file or a "
             f"server), not {url!r}, which lives in one process"
         )
-    if not in_one_process(url):
+    if not local:
         # opened here first: a store that cannot open is one line now, not a traceback
         # from the server's startup; and its tables are made before workers race to it
         with opened_store(url):

@@ -305,11 +305,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _load(path: str, kind: type[Any]) -> Any:
-    module_name, _, attribute = path.partition(":")
+def _module(path: str) -> Any:
+    """The module of ``module:object``, or a one-line error naming the path."""
     try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
+        return importlib.import_module(path.partition(":")[0])
+    except (ImportError, ValueError) as error:  # ValueError: an empty name
+        raise click.ClickException(f"Cannot load {path!r} (module:object): {error}") from error
+
+
+def _load(path: str, kind: type[Any]) -> Any:
+    module, attribute = _module(path), path.partition(":")[2]
+    try:
+        found = getattr(module, attribute)
+    except AttributeError as error:
         raise click.ClickException(f"Cannot load {path!r} (module:object): {error}") from error
     if not isinstance(found, kind):
         raise click.ClickException(f"{path} is a {type(found).__name__}, not a {kind.__name__}")
@@ -328,13 +336,7 @@ def _aggregates_for(
 
 
 def _aggregates_beside(handler_path: str) -> list[Aggregate[Any]]:
-    name = handler_path.partition(":")[0]
-    try:
-        module = importlib.import_module(name)
-    except (ImportError, ValueError) as error:
-        raise click.ClickException(
-            f"Cannot load {handler_path!r} (module:object): {error}"
-        ) from error
+    module = _module(handler_path)
     found = [value for value in vars(module).values() if isinstance(value, Aggregate)]
     if not found:
         raise click.ClickException(

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ...command_handler.asynchronous import AsyncCommandHandler
-from ...web import command_app, json_response, problem
+from ...web import command_app, json_response, problem, whole_number
 from . import build_async
 from .account import bank_account
 from .projections import BankAccount, Transfer
@@ -64,9 +64,9 @@ async def account(request: Request) -> Response:
         if row is None:
             return problem(404, "NotFound", f"No account {account_id!r}")
         return json_response(row)
-    if not (version_text.isascii() and version_text.isdigit()) or int(version_text) < 1:
+    version = whole_number(version_text)
+    if version is None or version < 1:
         return problem(422, "InvalidVersion", f"version must be an int >= 1, got {version_text!r}")
-    version = int(version_text)
     events = []
     async for recorded in handler.event_store.stream(account_id):
         if recorded.aggregate != bank_account.name:

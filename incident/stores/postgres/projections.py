@@ -54,7 +54,7 @@ class _Table:
         self.not_null = {c.name for c in spec.columns if not c.nullable}
         self.table = db.table(self.name)
         self.ddl_lock = lock_key(db.schema, f"table {self.name}")  # racing creators queue
-        self.decoder = msgspec.json.Decoder(spec.type)
+        self.decoder = spec.decoder  # the one the checks on writing read with
         self.create = sql.SQL("CREATE TABLE {} ({})").format(
             self.table,
             sql.SQL(", ").join(
