@@ -366,17 +366,20 @@ def _on_stop_signals(stopping: asyncio.Event) -> Callable[[], None]:
         previous = before.get(number)
         if callable(previous):
             previous(number, frame)
-        elif previous in (signal.SIG_DFL, None):  # nobody else listens: as if not here
+        elif previous == signal.SIG_DFL:  # nobody else listens: as if not here
             signal.signal(number, signal.SIG_DFL)
             signal.raise_signal(number)
 
     for number in (signal.SIGINT, signal.SIGTERM):
-        before[number] = signal.signal(number, on_signal)
+        # None: a handler set outside Python (an embedding host), which could be neither
+        # called on nor put back afterwards, so it keeps the signal
+        if signal.getsignal(number) is not None:
+            before[number] = signal.signal(number, on_signal)
 
     def restore() -> None:
         for number, previous in before.items():
             if signal.getsignal(number) is on_signal:
-                signal.signal(number, signal.SIG_DFL if previous is None else previous)
+                signal.signal(number, previous)
 
     return restore
 
