@@ -29,6 +29,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
+from ...errors import StoreError
 from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
 from .database import Database
 
@@ -324,8 +325,13 @@ class GroupCommit(Combiner[T, R]):
         return outcome
 
     def _own(self, error: Exception) -> Exception:
-        """The error as its caller sees it: a driver error becomes a StoreError naming
-        the file, a new one for each caller (each raises it on its own thread)."""
+        """The error as its caller sees it, a new one for each caller (each raises it on
+        its own thread): a driver error becomes a StoreError naming the file, and a
+        StoreError that failed a whole batch (a store closed) is copied."""
+        if type(error) is StoreError:
+            copied = StoreError(*error.args)
+            copied.__cause__ = error.__cause__
+            return copied
         if not isinstance(error, sqlite3.Error):
             return error
         translated = self._db.store_error(error)

@@ -1,0 +1,418 @@
+"""The SQLite store's error paths: a driver error at a chosen statement of a shared
+commit, a leader interrupted around its COMMIT, a store closed while commits are
+queued, a connection that cannot be opened or rolled back, the write lock's poll, and
+the handler locks. Each test checks the callers' outcomes and that the file holds
+exactly what they were told was written (incident.stores.sqlite, docs/writes.md).
+
+A failure is injected by a connection (``FaultyConnection``) that runs the rules armed in
+``FAULTS``: raise at a statement, before or after running it, or roll the whole
+transaction back first as SQLite does on a full disk. Batches are forced by holding a
+first append inside its ``project`` until the others wait behind it; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import incident
+from incident.examples.bank import BankAccount, MoneyDeposited
+from incident.stores.protocols import AppendRequest, CommitCall, Committed, Parked
+from incident.stores.sqlite import SQLiteEventStore, open_sqlite
+from incident.stores.sqlite.checkpoints import lock_path
+from incident.stores.sqlite.sql import EVENT_ID_AT
+
+# -- a connection that fails where it is told to -------------------------------------------
+
+
+class Rule:
+    """Raise ``error`` at the next ``times`` statements ``matches`` accepts (on the thread
+    named ``thread``, when given): after running the statement (``after``), or having
+    rolled the transaction back first (``rollback``: a full disk)."""
+
+    def __init__(
+        self,
+        matches: Callable[[str], bool],
+        error: BaseException,
+        *,
+        times: int = 1,
+        after: bool = False,
+        rollback: bool = False,
+        thread: str | None = None,
+    ) -> None:
+        self.matches, self.error, self.times = matches, error, times
+        self.after, self.rollback, self.thread = after, rollback, thread
+        self.hits = 0
+
+
+class Faults:
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.statements: list[str] = []  # every statement run, in order
+        self.connections: list[sqlite3.Connection] = []
+        self.lock = threading.Lock()
+
+    def arm(self, rule: Rule) -> Rule:
+        with self.lock:
+            self.rules.append(rule)
+        return rule
+
+    def rule_for(self, sql: str) -> Rule | None:
+        with self.lock:
+            self.statements.append(sql)
+            for rule in self.rules:
+                if rule.times and rule.matches(sql):
+                    if rule.thread is None or rule.thread == threading.current_thread().name:
+                        rule.times -= 1
+                        rule.hits += 1
+                        return rule
+        return None
+
+
+FAULTS = Faults()
+
+
+class FaultyConnection(sqlite3.Connection):
+    def _run(self, sql: str, run: Callable[[], sqlite3.Cursor]) -> sqlite3.Cursor:
+        rule = FAULTS.rule_for(sql)
+        if rule is None:
+            return run()
+        if rule.rollback and self.in_transaction:
+            super().execute("ROLLBACK")
+        if rule.after:
+            run()
+        raise rule.error
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self._run(sql, lambda: super(FaultyConnection, self).execute(sql, parameters))
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        return self._run(sql, lambda: super(FaultyConnection, self).executemany(sql, parameters))
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
+    """Every connection the stores open from here on is a FaultyConnection."""
+    original = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = original(*args, **kwargs, factory=FaultyConnection)
+        FAULTS.connections.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    FAULTS.__init__()  # type: ignore[misc]
+    yield FAULTS
+    FAULTS.__init__()  # type: ignore[misc]
+
+
+def exactly(statement: str) -> Callable[[str], bool]:
+    return lambda sql: sql == statement
+
+
+def writing(table: str) -> Callable[[str], bool]:
+    return lambda sql: f'INSERT INTO "{table}"' in sql
+
+
+class Interrupted(BaseException):
+    """What Ctrl-C would raise, without being KeyboardInterrupt."""
+
+
+# -- stores, appends and batches ---------------------------------------------------------
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'edges.db'}"
+
+
+def deposit(aggregate_id: str, events: int = 1, expected: object = 0) -> AppendRequest:
+    return AppendRequest(
+        aggregate_id=aggregate_id,
+        events=[MoneyDeposited(amount=1) for _ in range(events)],
+        expected_version=expected,
+        aggregate="bank_account",
+    )
+
+
+def account(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+    last = recorded[-1]
+    return [
+        BankAccount(
+            aggregate_id=last.aggregate_id,
+            account_number=last.aggregate_id,
+            balance=last.version,
+            version=last.version,
+            event_id=last.event_id,
+            event_date=last.event_date,
+        )
+    ]
+
+
+def ready(url: str) -> SQLiteEventStore:
+    """A store whose tables (the BankAccount table too) exist already."""
+    store = open_sqlite(url)
+    store.commit(deposit("setup"), projection_store=store.projections(), project=account)
+    return store
+
+
+def log_of(url: str) -> list[str]:
+    """The log's streams in position order, read by a store of its own (checked gapless)."""
+    store = open_sqlite(url)
+    try:
+        events = list(store.read_all())
+        assert [r.position for r in events] == list(range(1, len(events) + 1))
+        return [r.aggregate_id for r in events]
+    finally:
+        store.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+Outcome = Committed | BaseException
+
+
+class Batch:
+    """A leader held inside its ``project`` (on a thread named "leader", its append of
+    ``events`` events) until :meth:`queue` has the other appends waiting behind it."""
+
+    def __init__(self, store: SQLiteEventStore, events: int = 1) -> None:
+        self.store = store
+        self.outcomes: dict[str, Outcome] = {}
+        self.threads: list[threading.Thread] = []
+        entered, self.release = threading.Event(), threading.Event()
+
+        def hold(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+            entered.set()
+            assert self.release.wait(10)
+            return account(recorded)
+
+        self._start("leader", deposit("leader", events), hold)
+        assert entered.wait(10)
+
+    def _start(self, name: str, request: AppendRequest, project: Any) -> None:
+        def run() -> None:
+            try:
+                self.outcomes[name] = self.store.commit(
+                    request, projection_store=self.store.projections(), project=project
+                )
+            except BaseException as error:
+                self.outcomes[name] = error
+
+        thread = threading.Thread(target=run, name=name)
+        self.threads.append(thread)
+        thread.start()
+
+    def enqueue(self, appends: dict[str, Any]) -> None:
+        for queued, (name, project) in enumerate(appends.items(), 1):
+            self._start(name, deposit(name), project)
+            wait_until(lambda q=queued: self.store.group.queued == q)
+
+    def finish(self) -> dict[str, Outcome]:
+        self.release.set()
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive()
+        return self.outcomes
+
+    def queue(self, appends: dict[str, Any]) -> dict[str, Outcome]:
+        self.enqueue(appends)
+        return self.finish()
+
+
+def store_errors(outcomes: dict[str, Outcome], *names: str) -> list[BaseException]:
+    errors = [outcomes[name] for name in names]
+    for name, error in zip(names, errors, strict=True):
+        assert isinstance(error, incident.StoreError), (name, error)
+    assert len({id(error) for error in errors}) == len(errors)  # one each, for its thread
+    return errors
+
+
+# -- a driver error in the middle of a shared commit ---------------------------------------
+
+
+def test_a_bulk_write_that_loses_the_transaction_fails_every_caller(url: str, faults: Faults) -> None:
+    """SQLite rolls the whole transaction back (a full disk) while a batch's rows are
+    written in bulk: the leader's append, written before, is gone too, so every caller
+    gets a StoreError of its own, nothing is in the file, and the store goes on."""
+    store = ready(url)
+
+    def full_disk_next(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        error = sqlite3.OperationalError("database or disk is full (simulated)")
+        faults.arm(Rule(writing("bank_account"), error, rollback=True))
+        return account(recorded)
+
+    outcomes = Batch(store).queue({"a": full_disk_next, "b": account})
+    for error in store_errors(outcomes, "leader", "a", "b"):
+        assert "disk is full" in str(error)
+    assert log_of(url) == ["setup"]
+    store.commit(deposit("after"), projection_store=store.projections(), project=account)
+    assert log_of(url) == ["setup", "after"]
+    assert store.projections().get(BankAccount, "a") is None
+
+
+def test_a_savepoint_that_cannot_be_undone_fails_the_whole_batch(
+    url: str, faults: Faults
+) -> None:
+    """A batch's bulk write fails and its savepoint cannot be rolled back to: rather than
+    commit the leader's append beside writes it cannot undo, the transaction is rolled
+    back and every caller gets a StoreError; nothing is in the file."""
+    store = ready(url)
+
+    def failing_next(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        faults.arm(Rule(writing("bank_account"), sqlite3.IntegrityError("simulated")))
+        faults.arm(
+            Rule(exactly("ROLLBACK TO incident_append"), sqlite3.OperationalError("stuck"))
+        )
+        return account(recorded)
+
+    outcomes = Batch(store).queue({"a": failing_next, "b": account})
+    store_errors(outcomes, "leader", "a", "b")
+    assert log_of(url) == ["setup"]
+    store.commit(deposit("after"), projection_store=store.projections(), project=account)
+    assert log_of(url) == ["setup", "after"]
+
+
+def test_a_rollback_that_fails_discards_the_connection(url: str, faults: Faults) -> None:
+    """COMMIT fails, and so does ROLLBACK: the connection is closed (which rolls its
+    transaction back), the caller gets a StoreError, nothing is in the file, and the
+    next append opens a connection of its own."""
+    store = ready(url)
+    broken = store._db.write_conn()
+    faults.arm(Rule(exactly("COMMIT"), sqlite3.OperationalError("disk I/O error (simulated)")))
+    faults.arm(Rule(exactly("ROLLBACK"), sqlite3.OperationalError("rollback failed")))
+    with pytest.raises(incident.StoreError, match="disk I/O error"):
+        store.commit(deposit("lost"), projection_store=store.projections(), project=account)
+    with pytest.raises(sqlite3.ProgrammingError):
+        broken.execute("SELECT 1")  # closed
+    assert log_of(url) == ["setup"]
+    store.commit(deposit("after"), projection_store=store.projections(), project=account)
+    assert store._db.write_conn() is not broken
+    assert log_of(url) == ["setup", "after"]
+
+
+def test_a_failing_commit_in_memory_is_a_store_error_and_writes_nothing(faults: Faults) -> None:
+    """``sqlite://`` commits each append alone, on its one connection: a driver error
+    there is a StoreError too, and the database goes on."""
+    store = open_sqlite("sqlite://")
+    store.append("setup", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    faults.arm(Rule(exactly("COMMIT"), sqlite3.OperationalError("disk I/O error (simulated)")))
+    with pytest.raises(incident.StoreError, match="disk I/O error"):
+        store.append("lost", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    assert [r.aggregate_id for r in store.read_all()] == ["setup"]
+    store.append("after", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    assert [r.aggregate_id for r in store.read_all()] == ["setup", "after"]
+
+
+# -- a leader interrupted around its COMMIT ----------------------------------------------------
+
+
+def test_a_leader_interrupted_before_commit_hands_its_batch_on(url: str, faults: Faults) -> None:
+    """The leader is interrupted as it commits, before COMMIT ran: its own append leaves
+    with the interruption, written nowhere; the appends it had taken go back first in
+    line, and the next leader writes them, once each."""
+    store = ready(url)
+    faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
+    outcomes = Batch(store).queue({"a": account, "b": account})
+    assert isinstance(outcomes["leader"], Interrupted)
+    assert isinstance(outcomes["a"], Committed) and isinstance(outcomes["b"], Committed)
+    assert log_of(url) == ["setup", "a", "b"]
+    assert outcomes["a"].recorded == store.get("a")
+    assert store.group.queued == 0
+
+
+def test_a_leader_interrupted_after_commit_wakes_its_batch_with_results(
+    url: str, faults: Faults
+) -> None:
+    """The interruption comes once COMMIT has returned: the batch is in the log, read back
+    to know it, so the others get their results and nothing is written twice."""
+    store = ready(url)
+    faults.arm(Rule(exactly("COMMIT"), Interrupted(), after=True, thread="leader"))
+    outcomes = Batch(store).queue({"a": account, "b": account})
+    assert isinstance(outcomes["leader"], Interrupted)
+    assert isinstance(outcomes["a"], Committed) and isinstance(outcomes["b"], Committed)
+    assert log_of(url) == ["setup", "leader", "a", "b"]
+    assert outcomes["b"].recorded == store.get("b")
+    store.commit(deposit("next"), projection_store=store.projections(), project=account)
+    assert log_of(url)[-1] == "next" and store.group.queued == 0
+
+
+def test_a_batch_whose_fate_cannot_be_read_is_not_written_again(
+    url: str, faults: Faults
+) -> None:
+    """Interrupted after COMMIT, the leader cannot read the log back to know whether its
+    batch landed: the others get a StoreError each rather than a second write."""
+    store = ready(url)
+    faults.arm(Rule(exactly("COMMIT"), Interrupted(), after=True, thread="leader"))
+    faults.arm(Rule(exactly(EVENT_ID_AT), sqlite3.OperationalError("disk I/O error (simulated)")))
+    outcomes = Batch(store).queue({"a": account, "b": account})
+    assert isinstance(outcomes["leader"], Interrupted)
+    store_errors(outcomes, "a", "b")
+    assert log_of(url) == ["setup", "leader", "a", "b"]  # each once
+
+
+def test_commit_many_interrupted_while_it_waits_writes_nothing(url: str, faults: Faults) -> None:
+    """A caller handing over several appends is interrupted while they wait behind a busy
+    leader: none of them is written, and the queue is left empty."""
+    store = ready(url)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        batch = Batch(store)
+        killer = threading.Thread(
+            target=lambda: (
+                wait_until(lambda: store.group.queued == 2),
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1),
+            )
+        )
+        killer.start()
+        calls = [CommitCall(deposit(n), store.projections(), account) for n in ("m1", "m2")]
+        with pytest.raises(Interrupted):
+            store.commit_many(calls)
+        killer.join()
+        assert store.group.queued == 0
+        outcomes = batch.finish()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert isinstance(outcomes["leader"], Committed)
+    assert log_of(url) == ["setup", "leader"]
+    store.commit(deposit("next"), projection_store=store.projections(), project=account)
+    assert log_of(url) == ["setup", "leader", "next"]
+
+
+# -- a store closed while commits are queued -----------------------------------------------------
+
+
+def test_commits_queued_when_the_store_closes_fail_each_with_its_own_error(url: str) -> None:
+    """The store is closed while a leader writes and two appends wait behind it: the
+    leader's transaction, open already, commits; the two, whose batch would begin after
+    the close, get a StoreError each (not one error shared by two threads) and write
+    nothing; later verbs raise StoreError."""
+    store = ready(url)
+    store.group.max_events = 3  # the leader's 3 events fill its batch: it takes no other
+    batch = Batch(store, events=3)
+    batch.enqueue({"a": account, "b": account})
+    store.close()
+    outcomes = batch.finish()
+    assert isinstance(outcomes["leader"], Committed)
+    for error in store_errors(outcomes, "a", "b"):
+        assert "closed" in str(error)
+    assert log_of(url) == ["setup", "leader", "leader", "leader"]
+    with pytest.raises(incident.StoreError, match="closed"):
+        store.commit(deposit("late"))
+    assert store.group.queued == 0
