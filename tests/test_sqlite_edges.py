@@ -12,6 +12,7 @@ first append inside its ``project`` until the others wait behind it; nothing is 
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ import pytest
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited
-from incident.stores.protocols import AppendRequest, CommitCall, Committed, Parked
+from incident.stores.protocols import AppendRequest, CommitCall, Committed, Owed
 from incident.stores.sqlite import SQLiteEventStore, open_sqlite
 from incident.stores.sqlite.checkpoints import lock_path
 from incident.stores.sqlite.sql import EVENT_ID_AT
@@ -68,11 +69,11 @@ class Faults:
         with self.lock:
             self.statements.append(sql)
             for rule in self.rules:
-                if rule.times and rule.matches(sql):
-                    if rule.thread is None or rule.thread == threading.current_thread().name:
-                        rule.times -= 1
-                        rule.hits += 1
-                        return rule
+                ours = rule.thread is None or rule.thread == threading.current_thread().name
+                if rule.times and ours and rule.matches(sql):
+                    rule.times -= 1
+                    rule.hits += 1
+                    return rule
         return None
 
 
@@ -156,9 +157,9 @@ def account(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]
     ]
 
 
-def ready(url: str) -> SQLiteEventStore:
+def ready(url: str, **options: Any) -> SQLiteEventStore:
     """A store whose tables (the BankAccount table too) exist already."""
-    store = open_sqlite(url)
+    store = open_sqlite(url, **options)
     store.commit(deposit("setup"), projection_store=store.projections(), project=account)
     return store
 
@@ -243,7 +244,9 @@ def store_errors(outcomes: dict[str, Outcome], *names: str) -> list[BaseExceptio
 # -- a driver error in the middle of a shared commit ---------------------------------------
 
 
-def test_a_bulk_write_that_loses_the_transaction_fails_every_caller(url: str, faults: Faults) -> None:
+def test_a_bulk_write_that_loses_the_transaction_fails_every_caller(
+    url: str, faults: Faults
+) -> None:
     """SQLite rolls the whole transaction back (a full disk) while a batch's rows are
     written in bulk: the leader's append, written before, is gone too, so every caller
     gets a StoreError of its own, nothing is in the file, and the store goes on."""
@@ -263,9 +266,7 @@ def test_a_bulk_write_that_loses_the_transaction_fails_every_caller(url: str, fa
     assert store.projections().get(BankAccount, "a") is None
 
 
-def test_a_savepoint_that_cannot_be_undone_fails_the_whole_batch(
-    url: str, faults: Faults
-) -> None:
+def test_a_savepoint_that_cannot_be_undone_fails_the_whole_batch(url: str, faults: Faults) -> None:
     """A batch's bulk write fails and its savepoint cannot be rolled back to: rather than
     commit the leader's append beside writes it cannot undo, the transaction is rolled
     back and every caller gets a StoreError; nothing is in the file."""
@@ -273,9 +274,7 @@ def test_a_savepoint_that_cannot_be_undone_fails_the_whole_batch(
 
     def failing_next(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         faults.arm(Rule(writing("bank_account"), sqlite3.IntegrityError("simulated")))
-        faults.arm(
-            Rule(exactly("ROLLBACK TO incident_append"), sqlite3.OperationalError("stuck"))
-        )
+        faults.arm(Rule(exactly("ROLLBACK TO incident_append"), sqlite3.OperationalError("stuck")))
         return account(recorded)
 
     outcomes = Batch(store).queue({"a": failing_next, "b": account})
@@ -349,9 +348,7 @@ def test_a_leader_interrupted_after_commit_wakes_its_batch_with_results(
     assert log_of(url)[-1] == "next" and store.group.queued == 0
 
 
-def test_a_batch_whose_fate_cannot_be_read_is_not_written_again(
-    url: str, faults: Faults
-) -> None:
+def test_a_batch_whose_fate_cannot_be_read_is_not_written_again(url: str, faults: Faults) -> None:
     """Interrupted after COMMIT, the leader cannot read the log back to know whether its
     batch landed: the others get a StoreError each rather than a second write."""
     store = ready(url)
@@ -416,3 +413,240 @@ def test_commits_queued_when_the_store_closes_fail_each_with_its_own_error(url: 
     with pytest.raises(incident.StoreError, match="closed"):
         store.commit(deposit("late"))
     assert store.group.queued == 0
+
+
+# -- opening connections ---------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error_and_left_as_it_was(
+    tmp_path: Path, faults: Faults
+) -> None:
+    """Every verb on a file that is not SQLite's raises StoreError naming it; the
+    connections opened to find out are closed, and the file is not touched."""
+    path = tmp_path / "notes.db"
+    content = b"not a database, just notes\n" * 200
+    path.write_bytes(content)
+    store = open_sqlite(f"sqlite:///{path}")
+    with pytest.raises(incident.StoreError, match="not a database"):
+        store.last_position()
+    with pytest.raises(incident.StoreError, match="not a database"):
+        store.append("a", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    assert faults.connections
+    for conn in faults.connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")  # closed
+    assert path.read_bytes() == content
+    store.close()
+
+
+def test_switching_to_wal_waits_while_the_file_is_locked(url: str, faults: Faults) -> None:
+    """Several processes opening a new file together: SQLite answers "locked" to the
+    switch to WAL at once, and the store tries again until it gets through."""
+    switch = faults.arm(
+        Rule(
+            exactly("PRAGMA journal_mode = WAL"),
+            sqlite3.OperationalError("database is locked"),
+            times=3,
+        )
+    )
+    store = open_sqlite(url)
+    store.append("a", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    assert switch.hits == 3
+    assert log_of(url) == ["a"]
+    store.close()
+
+
+def test_switching_to_wal_gives_up_at_the_timeout(tmp_path: Path, faults: Faults) -> None:
+    """A file locked for longer than the store's timeout: StoreError naming the lock,
+    the connection closed, nothing created."""
+    path = tmp_path / "locked.db"
+    faults.arm(
+        Rule(
+            exactly("PRAGMA journal_mode = WAL"),
+            sqlite3.OperationalError("database is locked"),
+            times=10**9,
+        )
+    )
+    store = open_sqlite(f"sqlite:///{path}", timeout=0.02)
+    with pytest.raises(incident.StoreError, match=r"locked.*another connection holds the lock"):
+        store.last_position()
+    assert len(faults.connections) == 1
+    with pytest.raises(sqlite3.ProgrammingError):
+        faults.connections[0].execute("SELECT 1")
+    faults.rules.clear()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT name FROM sqlite_master").fetchall() == []
+    check.close()
+    store.close()
+
+
+def test_a_store_closed_while_a_thread_connects_closes_the_new_connection(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is closed while a thread opens its connection: that connection is
+    closed rather than kept, and the verb raises StoreError with nothing written."""
+    store = open_sqlite(url)
+    opened: list[sqlite3.Connection] = []
+    original = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = original(*args, **kwargs)
+        opened.append(conn)
+        store.close()  # another thread closes the store now
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with pytest.raises(incident.StoreError, match="closed"):
+        store.append("a", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    monkeypatch.undo()
+    assert len(opened) == 1
+    with pytest.raises(sqlite3.ProgrammingError):
+        opened[0].execute("SELECT 1")
+    check = sqlite3.connect(url.removeprefix("sqlite:///"))
+    assert check.execute("SELECT name FROM sqlite_master").fetchall() == []
+    check.close()
+
+
+# -- the write lock's poll -----------------------------------------------------------------------
+
+
+def test_a_writer_tries_again_while_the_lock_is_busy(url: str, faults: Faults) -> None:
+    store = ready(url)
+    begin = faults.arm(
+        Rule(exactly("BEGIN IMMEDIATE"), sqlite3.OperationalError("database is locked"), times=3)
+    )
+    store.commit(deposit("a"), projection_store=store.projections(), project=account)
+    assert begin.hits == 3
+    assert log_of(url) == ["setup", "a"]
+
+
+def test_a_driver_error_other_than_the_lock_is_not_waited_out(url: str, faults: Faults) -> None:
+    """BEGIN IMMEDIATE failing for another reason than the lock fails at once (one try,
+    not a wait to the timeout), as a StoreError, with nothing written."""
+    store = ready(url, timeout=5)
+    faults.statements.clear()
+    faults.arm(
+        Rule(
+            exactly("BEGIN IMMEDIATE"),
+            sqlite3.OperationalError("disk I/O error (simulated)"),
+            times=10**9,
+        )
+    )
+    with pytest.raises(incident.StoreError, match="disk I/O error"):
+        store.commit(deposit("a"), projection_store=store.projections(), project=account)
+    assert faults.statements.count("BEGIN IMMEDIATE") == 1
+    faults.rules.clear()
+    assert log_of(url) == ["setup"]
+    store.commit(deposit("b"), projection_store=store.projections(), project=account)
+    assert log_of(url) == ["setup", "b"]
+
+
+# -- handler locks -------------------------------------------------------------------------------
+
+
+def test_handler_locks_of_an_in_memory_database_exclude_each_other() -> None:
+    """``sqlite://`` lives in one process: its handler locks are thread locks, shared by
+    every checkpoint store of that database, one per handler, and only of that database."""
+    store, other = open_sqlite("sqlite://"), open_sqlite("sqlite://")
+    first, second = store.checkpoints().lock("h"), store.checkpoints().lock("h")
+    assert first.acquire(timeout=0) and first.acquire(timeout=0)  # held already: True
+    assert not second.acquire(timeout=0.01)
+    assert store.checkpoints().lock("g").acquire(timeout=0)  # another handler
+    assert other.checkpoints().lock("h").acquire(timeout=0)  # another database
+    first.release()
+    first.release()  # not held: nothing
+    assert not first.held()
+    assert second.acquire(timeout=0) and second.held()
+    second.release()
+
+
+def test_a_handler_name_unfit_for_a_file_name_gets_a_hashed_lock_file(tmp_path: Path) -> None:
+    path = tmp_path / "bank.db"
+    store = open_sqlite(f"sqlite:///{path}")
+    handler = "projections/bank accounts"
+    lock_file = lock_path(str(path), handler)
+    assert lock_file.startswith(f"{path}.") and lock_file.endswith(".lock")
+    assert "/" not in lock_file.removeprefix(f"{path}.") and " " not in lock_file
+    assert lock_file != lock_path(str(path), "projections/bank accounts 2")
+    first, second = store.checkpoints().lock(handler), store.checkpoints().lock(handler)
+    assert first.acquire(timeout=0)
+    assert Path(lock_file).exists()
+    assert not second.acquire(timeout=0.01)
+    first.release()
+    assert second.acquire(timeout=0)
+    second.release()
+    store.close()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "bank.db"
+    store = open_sqlite(f"sqlite:///{path}")
+    Path(lock_path(str(path), "h")).mkdir()  # where the lock file would go
+    lock = store.checkpoints().lock("h")
+    with pytest.raises(incident.StoreError, match="lock file"):
+        lock.acquire(timeout=0)
+    assert not lock.held()
+    store.close()
+
+
+# -- verbs on a file nothing has initialized yet --------------------------------------------------
+
+
+def test_verbs_on_a_fresh_file_make_the_schema_first(tmp_path: Path) -> None:
+    """Owing, settling and looking up a key need no ``initialize()`` first."""
+    for verb in ("outcome_for", "owe", "settle"):
+        store = open_sqlite(f"sqlite:///{tmp_path / verb}.db")
+        if verb == "outcome_for":
+            assert store.outcome_for("k") is None
+        elif verb == "owe":
+            owed = Owed(
+                handler="h",
+                position=1,
+                event_id="e",
+                aggregate_id="a",
+                event_type="T",
+                owed_at=dt.datetime.now(dt.UTC),
+            )
+            store.owe(owed)
+            assert [o.handler for o in store.owed()] == ["h"]
+        else:
+            store.settle("h", 1)
+            assert store.owed() == []
+        assert store.initialize() == []
+        store.close()
+
+
+def test_the_types_option_must_be_event_types(tmp_path: Path) -> None:
+    with pytest.raises(incident.IncidentError, match=r"types must be an incident\.EventTypes"):
+        open_sqlite(f"sqlite:///{tmp_path / 'x.db'}", types={"MoneyDeposited": MoneyDeposited})
+    store = open_sqlite(f"sqlite:///{tmp_path / 'x.db'}")
+    assert store.path == str(tmp_path / "x.db")
+    store.close()
+
+
+class FailingProjections:
+    """A projection store in another database, which fails every write."""
+
+    def project(self, projection: incident.Projection) -> incident.Projection:
+        raise incident.StoreError("the other database is down")
+
+
+def test_commit_many_with_projections_elsewhere_that_fail(url: str) -> None:
+    """Projections for another database follow the commit: when writing them fails, that
+    append's outcome is the error (as ``commit`` raises it), its events are committed,
+    and the other appends are unaffected."""
+    store = ready(url)
+    elsewhere: Any = FailingProjections()
+    outcomes = store.commit_many(
+        [
+            CommitCall(deposit("a"), store.projections(), account),
+            CommitCall(deposit("b"), elsewhere, account),
+            CommitCall(deposit("c"), store.projections(), account),
+        ]
+    )
+    a, b, c = outcomes
+    assert isinstance(a, Committed) and isinstance(c, Committed)
+    assert isinstance(b, incident.StoreError) and "down" in str(b)
+    assert log_of(url) == ["setup", "a", "b", "c"]
+    assert store.projections().get(BankAccount, "c") is not None
+    assert store.projections().get(BankAccount, "b") is None
