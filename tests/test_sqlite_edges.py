@@ -650,3 +650,52 @@ def test_commit_many_with_projections_elsewhere_that_fail(url: str) -> None:
     assert log_of(url) == ["setup", "a", "b", "c"]
     assert store.projections().get(BankAccount, "c") is not None
     assert store.projections().get(BankAccount, "b") is None
+
+
+def test_an_interruption_raised_by_a_followers_project_goes_to_the_leader(
+    url: str, faults: Faults
+) -> None:
+    """A follower's ``project`` raises an exception that is not an Exception while the
+    leader writes it: the batch is aborted, the leader's caller gets the interruption and
+    the others go back in line. The follower, leading in its turn, runs its ``project``
+    again and gets its interruption; the append behind it commits. Only that is written."""
+    store = ready(url)
+
+    def interrupts(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise Interrupted
+
+    outcomes = Batch(store).queue({"a": interrupts, "b": account})
+    assert isinstance(outcomes["leader"], Interrupted)
+    assert isinstance(outcomes["a"], Interrupted)
+    assert isinstance(outcomes["b"], Committed)
+    assert log_of(url) == ["setup", "b"]
+    assert store.group.queued == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("UNIQUE constraint failed: events.aggregate_id, events.version", "conflict"),
+        ("UNIQUE constraint failed: events.event_id", "driver"),
+    ],
+)
+def test_a_unique_violation_on_a_streams_version_is_a_concurrency_error(
+    url: str, faults: Faults, message: str, expected: str
+) -> None:
+    """Only a writer that skipped BEGIN IMMEDIATE could take a stream's next version
+    under an append: for an append alone that is the conflict ConcurrencyError means;
+    any other constraint on the events is a StoreError. Nothing is written either way."""
+    store = ready(url)
+    faults.arm(
+        Rule(lambda sql: sql.startswith("INSERT INTO events"), sqlite3.IntegrityError(message))
+    )
+    with pytest.raises(incident.IncidentError) as raised:
+        store.append("setup", [MoneyDeposited(amount=1)], expected_version=1)
+    if expected == "conflict":
+        assert isinstance(raised.value, incident.ConcurrencyError)
+        assert raised.value.actual == 1
+    else:
+        assert isinstance(raised.value, incident.StoreError)
+    assert log_of(url) == ["setup"]
+    store.append("setup", [MoneyDeposited(amount=1)], expected_version=1)
+    assert log_of(url) == ["setup", "setup"]
