@@ -699,3 +699,68 @@ def test_a_unique_violation_on_a_streams_version_is_a_concurrency_error(
     assert log_of(url) == ["setup"]
     store.append("setup", [MoneyDeposited(amount=1)], expected_version=1)
     assert log_of(url) == ["setup", "setup"]
+
+
+# -- projection rows that do not decode ----------------------------------------------------------
+
+
+class Tagged(incident.Projection):
+    aggregate_id: str
+    tags: list[str]
+    count: int
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("tags", "{not json"), ("tags", '{"a": 1}'), ("count", "many"), ("count", None)],
+)
+def test_a_projection_row_edited_past_its_type_is_an_error_naming_it(
+    url: str, column: str, value: object
+) -> None:
+    """A row changed by hand so that it no longer decodes as its type (bad JSON, a value
+    of the wrong type, NULL where the field has no default) is an IncidentError naming
+    the row and the type, from ``get`` and ``all``; the row is left as it is."""
+    store = open_sqlite(url)
+    projections = store.projections()
+    projections.project(Tagged(aggregate_id="a", tags=["x"], count=1))
+    table = store._db.table(Tagged).name
+    with store._db.transaction() as conn:
+        conn.execute(f'UPDATE "{table}" SET "{column}" = ?', (value,))
+    pattern = rf"Row 'a' of table '{table}' does not decode as Tagged"
+    with pytest.raises(incident.IncidentError, match=pattern):
+        projections.get(Tagged, "a")
+    with pytest.raises(incident.IncidentError, match=pattern):
+        projections.all(Tagged)
+    with store._db.guard:
+        stored = store._db.conn().execute(f'SELECT "{column}" FROM "{table}"').fetchone()
+    assert stored == (value,)
+    store.close()
+
+
+# -- a reader that stops early ---------------------------------------------------------------------
+
+
+def test_a_partly_read_stream_does_not_hold_an_in_memory_database() -> None:
+    """``sqlite://`` has one connection, shared under a lock: ``events()`` takes it for
+    each query, not for as long as its caller keeps the iterator, so another thread
+    appends and reads while a fold is paused; the fold then goes on to the stream's end."""
+    store = open_sqlite("sqlite://")
+    store.append("a", [MoneyDeposited(amount=n) for n in range(3)], expected_version=0)
+    events = store.events("a")
+    try:
+        assert next(events) == MoneyDeposited(amount=0)
+        seen: list[int] = []
+
+        def other_thread() -> None:
+            store.append("b", [MoneyDeposited(amount=9)], expected_version=0)
+            seen.append(store.last_position())
+
+        thread = threading.Thread(target=other_thread, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "the paused reader held the database"
+        assert seen == [4]
+        assert list(events) == [MoneyDeposited(amount=1), MoneyDeposited(amount=2)]
+    finally:
+        events.close()  # type: ignore[attr-defined]
+    assert list(store.events("b")) == [MoneyDeposited(amount=9)]
