@@ -25,7 +25,7 @@ import pytest
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited
-from incident.stores.protocols import AppendRequest, CommitCall, Committed, Owed
+from incident.stores.protocols import AppendRequest, CommitCall, Committed, Outcome, Owed
 from incident.stores.sqlite import SQLiteEventStore, open_sqlite
 from incident.stores.sqlite.checkpoints import lock_path
 from incident.stores.sqlite.sql import EVENT_ID_AT
@@ -182,7 +182,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.001)
 
 
-Outcome = Committed | BaseException
+Result = Committed | BaseException
 
 
 class Batch:
@@ -191,7 +191,7 @@ class Batch:
 
     def __init__(self, store: SQLiteEventStore, events: int = 1) -> None:
         self.store = store
-        self.outcomes: dict[str, Outcome] = {}
+        self.outcomes: dict[str, Result] = {}
         self.threads: list[threading.Thread] = []
         entered, self.release = threading.Event(), threading.Event()
 
@@ -221,19 +221,19 @@ class Batch:
             self._start(name, deposit(name), project)
             wait_until(lambda q=queued: self.store.group.queued == q)
 
-    def finish(self) -> dict[str, Outcome]:
+    def finish(self) -> dict[str, Result]:
         self.release.set()
         for thread in self.threads:
             thread.join(10)
             assert not thread.is_alive()
         return self.outcomes
 
-    def queue(self, appends: dict[str, Any]) -> dict[str, Outcome]:
+    def queue(self, appends: dict[str, Any]) -> dict[str, Result]:
         self.enqueue(appends)
         return self.finish()
 
 
-def store_errors(outcomes: dict[str, Outcome], *names: str) -> list[BaseException]:
+def store_errors(outcomes: dict[str, Result], *names: str) -> list[BaseException]:
     errors = [outcomes[name] for name in names]
     for name, error in zip(names, errors, strict=True):
         assert isinstance(error, incident.StoreError), (name, error)
@@ -593,11 +593,15 @@ def test_a_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> N
 
 
 def test_verbs_on_a_fresh_file_make_the_schema_first(tmp_path: Path) -> None:
-    """Owing, settling and looking up a key need no ``initialize()`` first."""
-    for verb in ("outcome_for", "owe", "settle"):
+    """Owing, settling, looking up a key and remembering a rejection need no
+    ``initialize()`` first."""
+    for verb in ("outcome_for", "remember_rejection", "owe", "settle"):
         store = open_sqlite(f"sqlite:///{tmp_path / verb}.db")
         if verb == "outcome_for":
             assert store.outcome_for("k") is None
+        elif verb == "remember_rejection":
+            assert store.remember_rejection("k", "no_funds") == Outcome([], "no_funds", None)
+            assert store.outcome_for("k") == Outcome([], "no_funds", None)
         elif verb == "owe":
             owed = Owed(
                 handler="h",
