@@ -592,32 +592,41 @@ def test_a_lock_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> N
 # -- verbs on a file nothing has initialized yet --------------------------------------------------
 
 
-def test_verbs_on_a_fresh_file_make_the_schema_first(tmp_path: Path) -> None:
-    """Owing, settling, looking up a key and remembering a rejection need no
-    ``initialize()`` first."""
-    for verb in ("outcome_for", "remember_rejection", "owe", "settle"):
-        store = open_sqlite(f"sqlite:///{tmp_path / verb}.db")
-        if verb == "outcome_for":
-            assert store.outcome_for("k") is None
-        elif verb == "remember_rejection":
-            assert store.remember_rejection("k", "no_funds") == Outcome([], "no_funds", None)
-            assert store.outcome_for("k") == Outcome([], "no_funds", None)
-        elif verb == "owe":
-            owed = Owed(
-                handler="h",
-                position=1,
-                event_id="e",
-                aggregate_id="a",
-                event_type="T",
-                owed_at=dt.datetime.now(dt.UTC),
-            )
-            store.owe(owed)
-            assert [o.handler for o in store.owed()] == ["h"]
-        else:
-            store.settle("h", 1)
-            assert store.owed() == []
-        assert store.initialize() == []
-        store.close()
+OWED = Owed(
+    handler="h",
+    position=1,
+    event_id="0b6c4f1e-7d1a-4c8e-9a53-2f0d6a1e9c44",
+    aggregate_id="a",
+    event_type="T",
+    owed_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+)
+
+FIRST_VERBS: dict[str, Callable[[incident.EventStore], object]] = {
+    "remember_rejection": lambda store: store.remember_rejection("k", "no_funds"),
+    "outcome_for": lambda store: store.outcome_for("k"),
+    "owe": lambda store: store.owe(OWED),
+    "settle": lambda store: store.settle("h", 1),
+    "owed": lambda store: store.owed(),
+    "get": lambda store: store.get("a"),
+    "events": lambda store: list(store.events("a")),
+    "read_all": lambda store: list(store.read_all()),
+    "last_position": lambda store: store.last_position(),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(FIRST_VERBS))
+def test_any_verb_works_first_on_a_store_nothing_has_initialized(
+    event_store: incident.EventStore, verb: str
+) -> None:
+    """No verb needs ``initialize()`` first: the first one makes the schema (SQLite's
+    ``remember_rejection`` raised "no such table")."""
+    FIRST_VERBS[verb](event_store)
+    event_store.remember_rejection("k", "no_funds")
+    assert event_store.outcome_for("k") == Outcome([], "no_funds", None)
+    event_store.owe(OWED)
+    assert [o.position for o in event_store.owed("h")] == [1]
+    event_store.settle("h", 1)
+    assert event_store.owed() == []
 
 
 def test_the_types_option_must_be_event_types(tmp_path: Path) -> None:
