@@ -212,7 +212,7 @@ class Batch:
             except BaseException as error:
                 self.outcomes[name] = error
 
-        thread = threading.Thread(target=run, name=name)
+        thread = threading.Thread(target=run, name=name, daemon=True)  # none outlives a stall
         self.threads.append(thread)
         thread.start()
 
@@ -777,3 +777,51 @@ def test_a_partly_read_stream_does_not_hold_an_in_memory_database() -> None:
     finally:
         events.close()  # type: ignore[attr-defined]
     assert list(store.events("b")) == [MoneyDeposited(amount=9)]
+
+
+def test_a_follower_gone_before_its_batch_aborts_is_not_handed_the_lead(
+    url: str, faults: Faults
+) -> None:
+    """A follower interrupted once a leader has taken its append leaves it to its batch;
+    when that batch then aborts (the leader interrupted before COMMIT), the append goes
+    with it, unwritten, rather than back in line: handed the lead, a caller who is gone
+    would never take it, and every append behind it would wait for ever."""
+    store = ready(url)
+    abandoned = threading.Event()
+    main = threading.main_thread()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    def leaves(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        # the main thread's project, run by the leader: its caller is interrupted now
+        signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+        assert abandoned.wait(10)
+        return account(recorded)
+
+    faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        batch = Batch(store)
+
+        def behind_main() -> None:
+            wait_until(lambda: store.group.queued == 1)  # the main thread waits
+            batch._start("behind", deposit("behind"), account)
+            wait_until(lambda: store.group.queued == 2)
+            batch.release.set()
+
+        helper = threading.Thread(target=behind_main, daemon=True)
+        helper.start()
+        with pytest.raises(Interrupted):
+            store.commit(deposit("main"), projection_store=store.projections(), project=leaves)
+        abandoned.set()
+        helper.join(10)
+        outcomes = batch.finish()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert isinstance(outcomes["leader"], Interrupted)
+    assert isinstance(outcomes["behind"], Committed)
+    assert log_of(url) == ["setup", "behind"]
+    assert store.group.queued == 0
+    store.commit(deposit("next"), projection_store=store.projections(), project=account)
+    assert log_of(url) == ["setup", "behind", "next"]

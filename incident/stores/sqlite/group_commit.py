@@ -214,9 +214,11 @@ class GroupCommit(Combiner[T, R]):
                     # interrupted (KeyboardInterrupt, say) before every outcome was
                     # known: if the batch is not in the log, the others go back, first
                     # in line, for the next leader; this caller's own append leaves
-                    # with its interruption
+                    # with its interruption, and so does one whose caller has gone
+                    # (abandoned, DONE): handed the lead, it would never take it
                     if not self._in_log(batch):
-                        for other in reversed(batch[1:]):
+                        waiting = [other for other in batch[1:] if other.state == TAKEN]
+                        for other in reversed(waiting):
                             other.state = QUEUED
                             other.result = other.error = None
                             self.queue.appendleft(other)
