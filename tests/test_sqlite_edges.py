@@ -825,3 +825,21 @@ def test_a_follower_gone_before_its_batch_aborts_is_not_handed_the_lead(
     assert store.group.queued == 0
     store.commit(deposit("next"), projection_store=store.projections(), project=account)
     assert log_of(url) == ["setup", "behind", "next"]
+
+
+def test_a_leader_interrupted_after_the_store_closed_still_wakes_its_batch(
+    url: str, faults: Faults
+) -> None:
+    """The store is closed while a leader writes, and the leader is then interrupted
+    before COMMIT: the log cannot be read to know the batch's fate, so its followers get
+    a StoreError each (rather than waiting for ever), and nothing is written."""
+    store = ready(url)
+    faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
+    batch = Batch(store)
+    batch.enqueue({"a": account, "b": account})
+    store.close()
+    outcomes = batch.finish()
+    assert isinstance(outcomes["leader"], Interrupted)
+    store_errors(outcomes, "a", "b")
+    assert log_of(url) == ["setup"]
+    assert store.group.queued == 0

@@ -240,8 +240,9 @@ class GroupCommit(Combiner[T, R]):
         try:
             with self._db.guard:
                 return self._landed(self._db.conn(), written)
-        except sqlite3.Error as error:
+        except Exception as error:  # a driver error, the store closed meanwhile
             # the log cannot say: the others get an error rather than a second write
+            # (and are woken: an error escaping here would leave them waiting for ever)
             for ticket in batch[1:]:
                 ticket.error = self._own(error)
             return True
