@@ -843,3 +843,65 @@ def test_a_leader_interrupted_after_the_store_closed_still_wakes_its_batch(
     store_errors(outcomes, "a", "b")
     assert log_of(url) == ["setup"]
     assert store.group.queued == 0
+
+
+# -- reads that fail, URLs that are not SQLite's, dates -------------------------------------------
+
+READS: dict[str, Callable[[SQLiteEventStore], object]] = {
+    "get": lambda store: store.get("a"),
+    "events": lambda store: list(store.events("a")),
+    "stream": lambda store: list(store.stream("a")),
+    "read_all": lambda store: list(store.read_all()),
+    "version": lambda store: store.version("a"),
+    "last_position": lambda store: store.last_position(),
+    "owed": lambda store: store.owed(),
+    "outcome_for": lambda store: store.outcome_for("k"),
+}
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+def test_a_read_the_driver_fails_is_a_store_error(url: str, faults: Faults, read: str) -> None:
+    """Whatever its query, a read failing in the driver raises StoreError naming the file
+    (the driver's error chained), and the next read works."""
+    store = open_sqlite(url)
+    store.append("a", [MoneyDeposited(amount=1)], expected_version=0, aggregate="bank")
+    faults.arm(
+        Rule(
+            lambda sql: sql.startswith("SELECT") and "sqlite_master" not in sql,
+            sqlite3.OperationalError("disk I/O error (simulated)"),
+        )
+    )
+    with pytest.raises(incident.StoreError, match=r"SQLite failed on .*disk I/O error") as raised:
+        READS[read](store)
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    READS[read](store)
+    assert [r.aggregate_id for r in store.read_all()] == ["a"]
+    store.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://[::1", "sqlite:///bank\x00.db", "sqlite://host/x.db"])
+def test_a_url_that_names_no_sqlite_file_is_refused(url: str) -> None:
+    with pytest.raises(incident.IncidentError, match="Not an SQLite URL"):
+        open_sqlite(url)
+
+
+def test_dates_written_in_another_zone_are_stored_as_utc_text(url: str) -> None:
+    """An owed follow-up's date given in another zone is stored as UTC text (which sorts
+    like the instant) and read back as the same instant, in UTC."""
+    store = open_sqlite(url)
+    zone = dt.timezone(dt.timedelta(hours=2))
+    owed = Owed(
+        handler="h",
+        position=1,
+        event_id="0b6c4f1e-7d1a-4c8e-9a53-2f0d6a1e9c44",
+        aggregate_id="a",
+        event_type="T",
+        owed_at=dt.datetime(2026, 1, 1, 1, 30, tzinfo=zone),
+    )
+    store.owe(owed)
+    (back,) = store.owed()
+    assert back.owed_at == owed.owed_at and back.owed_at.utcoffset() == dt.timedelta(0)
+    with store._db.guard:
+        (text,) = store._db.conn().execute("SELECT owed_at FROM incident_owed").fetchone()
+    assert text == "2025-12-31T23:30:00.000000+00:00"
+    store.close()
