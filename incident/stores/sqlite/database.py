@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
@@ -273,22 +273,6 @@ class Database:
         if table.name not in self._ready_tables:
             with self.transaction() as conn:
                 self.ensure_table(conn, table)
-
-    def write_projections(
-        self, conn: sqlite3.Connection, projections: Sequence[Projection]
-    ) -> None:
-        """Upsert inside the caller's transaction; everything is encoded before any write."""
-        if len(projections) == 1:  # what a command's inline handler usually returns
-            table = self.table(type(projections[0]))
-            row = table.row(projections[0])
-            self.ensure_table(conn, table)
-            conn.execute(table.upsert_sql, row)
-            return
-        tables = [self.table(type(p)) for p in projections]
-        rows = [table.row(p) for table, p in zip(tables, projections, strict=True)]
-        for table, row in zip(tables, rows, strict=True):
-            self.ensure_table(conn, table)
-            conn.execute(table.upsert_sql, row)
 
 
 class WriteTransaction:

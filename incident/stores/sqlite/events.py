@@ -170,6 +170,8 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
         check_key(idempotency_key)
+        if not self._db.schema_ready:
+            self._db.migrate()
         with self._db.errors(), self._db.transaction() as conn:
             conn.execute(ADD_REJECTION, (idempotency_key, reason, detail))
             stored = self._outcome(conn, idempotency_key)

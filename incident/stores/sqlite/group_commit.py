@@ -29,6 +29,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
+from ...errors import StoreError
 from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
 from .database import Database
 
@@ -213,9 +214,11 @@ class GroupCommit(Combiner[T, R]):
                     # interrupted (KeyboardInterrupt, say) before every outcome was
                     # known: if the batch is not in the log, the others go back, first
                     # in line, for the next leader; this caller's own append leaves
-                    # with its interruption
+                    # with its interruption, and so does one whose caller has gone
+                    # (abandoned, DONE): handed the lead, it would never take it
                     if not self._in_log(batch):
-                        for other in reversed(batch[1:]):
+                        waiting = [other for other in batch[1:] if other.state == TAKEN]
+                        for other in reversed(waiting):
                             other.state = QUEUED
                             other.result = other.error = None
                             self.queue.appendleft(other)
@@ -237,8 +240,9 @@ class GroupCommit(Combiner[T, R]):
         try:
             with self._db.guard:
                 return self._landed(self._db.conn(), written)
-        except sqlite3.Error as error:
+        except Exception as error:  # a driver error, the store closed meanwhile
             # the log cannot say: the others get an error rather than a second write
+            # (and are woken: an error escaping here would leave them waiting for ever)
             for ticket in batch[1:]:
                 ticket.error = self._own(error)
             return True
@@ -324,8 +328,13 @@ class GroupCommit(Combiner[T, R]):
         return outcome
 
     def _own(self, error: Exception) -> Exception:
-        """The error as its caller sees it: a driver error becomes a StoreError naming
-        the file, a new one for each caller (each raises it on its own thread)."""
+        """The error as its caller sees it, a new one for each caller (each raises it on
+        its own thread): a driver error becomes a StoreError naming the file, and a
+        StoreError that failed a whole batch (a store closed) is copied."""
+        if type(error) is StoreError:
+            copied = StoreError(*error.args)
+            copied.__cause__ = error.__cause__
+            return copied
         if not isinstance(error, sqlite3.Error):
             return error
         translated = self._db.store_error(error)

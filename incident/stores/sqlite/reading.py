@@ -94,23 +94,27 @@ class EventReads:
         db = self._db
         if not db.schema_ready:
             db.migrate()
-        with db.guard:
-            try:
-                conn = db.conn()
+        # the guard is taken for each query, not across the yields: a reader that stops
+        # early must not keep every other thread off an in-memory database's connection
 
-                def read_batch(after: int, end: int) -> JoinedBatch:
-                    return JoinedBatch(
-                        *conn.execute(JOINED, (TAG_AT, aggregate_id, after, end)).fetchone()
-                    )
+        def read_batch(after: int, end: int) -> JoinedBatch:
+            with db.guard:
+                found = db.conn().execute(JOINED, (TAG_AT, aggregate_id, after, end)).fetchone()
+            return JoinedBatch(*found)
 
-                def read_payloads(after: int, limit: int) -> list[tuple[Any, ...]]:
-                    return conn.execute(PAYLOADS, (aggregate_id, after, limit)).fetchall()
-
-                yield from fold_batches(
-                    self.types, aggregate_id, after, EVENTS_BATCH, read_batch, read_payloads
+        def read_payloads(after: int, limit: int) -> list[tuple[Any, ...]]:
+            with db.guard:
+                rows: list[tuple[Any, ...]] = (
+                    db.conn().execute(PAYLOADS, (aggregate_id, after, limit)).fetchall()
                 )
-            except sqlite3.Error as error:
-                raise db.store_error(error) from error
+            return rows
+
+        try:
+            yield from fold_batches(
+                self.types, aggregate_id, after, EVENTS_BATCH, read_batch, read_payloads
+            )
+        except sqlite3.Error as error:
+            raise db.store_error(error) from error
 
     def stream(self, aggregate_id: str, *, after: int = 0) -> Iterator[Recorded[Any]]:
         """The stream in version order, fetched in batches: fold a stream of any length
