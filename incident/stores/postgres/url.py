@@ -40,7 +40,8 @@ def split_url(url: str) -> tuple[str, str | None]:
 def checked_schema(schema: object) -> str:
     """``schema`` if incident can keep its tables there; else IncidentError saying why,
     before anything connects. Postgres would truncate a longer name (two long names would
-    share one schema), and keeps ``pg_`` names and information_schema for itself."""
+    share one schema), and keeps ``pg_`` names and information_schema for itself; the
+    driver reads a ``%`` in a statement as a parameter's placeholder."""
     if not isinstance(schema, str):
         raise IncidentError(f"A schema is a name (a str), got {schema!r}")
     if not schema:
@@ -49,6 +50,8 @@ def checked_schema(schema: object) -> str:
         problem = "holds a control character (a NUL, a newline) or a lone surrogate"
     elif (size := len(schema.encode())) > MAX_NAME_BYTES:
         problem = f"is {size} bytes long; Postgres keeps names of at most {MAX_NAME_BYTES} bytes"
+    elif "%" in schema:
+        problem = "holds a %, which the Postgres driver takes for a parameter's placeholder"
     elif schema.startswith("pg_") or schema == "information_schema":
         problem = "is a Postgres system schema (pg_* and information_schema are reserved)"
     else:

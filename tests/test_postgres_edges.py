@@ -1,0 +1,378 @@
+"""Edges of the Postgres store's writes: a read model the server refuses after the
+events were sent, a session the server ends in the middle of an append, schemas whose
+names need quoting, migrations two processes run at once, and the arguments and states
+an append is refused in before the database is touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import psycopg
+import pytest
+from conftest import Admin, postgres_server
+from psycopg import sql
+from test_sqlite_group_commit import account
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import BankAccount, MoneyDeposited
+from incident.stores.postgres import PostgresEventStore
+from incident.stores.protocols import AppendRequest, CommitCall, Committed
+
+pytestmark = pytest.mark.postgres
+
+WAIT = 10.0  # seconds any bounded wait on a condition may take at most
+
+
+def open_store(url: str, **options: Any) -> PostgresEventStore:
+    store = incident.open_event_store(url, **options)
+    assert isinstance(store, PostgresEventStore)
+    store.types.register(*bank.bank_account.event_types)
+    return store
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresEventStore]:
+    with closing(open_store(postgres_url)) as opened:
+        opened.initialize()
+        yield opened
+
+
+def deposit(aggregate_id: str, expected: object = 0, key: str | None = None) -> AppendRequest:
+    return AppendRequest(
+        aggregate_id=aggregate_id,
+        events=[MoneyDeposited(amount=1), MoneyDeposited(amount=2)],
+        expected_version=expected,
+        aggregate="bank_account",
+        idempotency_key=key,
+    )
+
+
+def project_into(store: PostgresEventStore, request: AppendRequest) -> list[incident.Recorded[Any]]:
+    return store.append_and_project(
+        request.aggregate_id,
+        request.events,
+        expected_version=request.expected_version,
+        aggregate=request.aggregate,
+        metadata=None,
+        projection_store=store.projections(),
+        project=account,
+    )
+
+
+def positions(store: PostgresEventStore) -> list[tuple[int, str, int]]:
+    return [(r.position, r.aggregate_id, r.version) for r in store.read_all()]
+
+
+def trigger(admin: Admin, schema: str, table: str, body: str) -> None:
+    """A BEFORE INSERT row trigger on ``schema.table`` running the plpgsql ``body``."""
+    function = sql.Identifier(schema, f"edge_{uuid.uuid4().hex[:8]}")
+    admin.execute(
+        sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN {} RETURN NEW; END $$"
+        ).format(function, sql.SQL(body))  # type: ignore[arg-type]
+    )
+    admin.execute(
+        sql.SQL(
+            "CREATE TRIGGER edge BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+        ).format(sql.Identifier(schema, table), function)
+    )
+
+
+# -- a read model the server refuses after the events were sent -----------------------
+
+
+def test_a_read_model_the_server_refuses_rolls_back_its_events(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """The upsert of the append's read model fails in the server, after its events' rows
+    were sent in the same transaction: neither is kept, whichever way the append went
+    (locked, predicted after a first append of this store), and the log stays gapless."""
+    schema = store._db.schema
+    store.projections().ensure_table(BankAccount)
+    table = store.projections().queries(BankAccount)[0]
+    trigger(
+        postgres_admin,
+        schema,
+        table,
+        "IF NEW.aggregate_id LIKE 'poison%' THEN RAISE EXCEPTION 'refused read model'; END IF;",
+    )
+    for attempt in range(3):  # the first append and those predicted after it
+        with pytest.raises(incident.StoreError, match="refused read model"):
+            project_into(store, deposit(f"poison{attempt}"))
+        assert store.get(f"poison{attempt}") == [] and store.version(f"poison{attempt}") == 0
+        assert store.projections().get(BankAccount, f"poison{attempt}") is None
+        project_into(store, deposit(f"fine{attempt}"))
+    assert [p for p, _, _ in positions(store)] == list(range(1, 7))
+    assert [r.aggregate_id for r in store.projections().all(BankAccount)] == [
+        "fine0",
+        "fine1",
+        "fine2",
+    ]
+
+
+def test_a_read_model_the_server_refuses_in_a_batch_harms_only_its_append(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """In one transaction with others (commit_many), the refused upsert aborts the
+    batch; each append goes again alone, so only the poisoned one fails, with nothing of
+    it stored, and the others are stored once with their read models."""
+    store.projections().ensure_table(BankAccount)
+    table = store.projections().queries(BankAccount)[0]
+    trigger(
+        postgres_admin,
+        store._db.schema,
+        table,
+        "IF NEW.aggregate_id = 'poison' THEN RAISE EXCEPTION 'refused read model'; END IF;",
+    )
+    calls = [
+        CommitCall(deposit(name), store.projections(), account) for name in ["a", "poison", "b"]
+    ]
+    first, poisoned, last = store.commit_many(calls)
+    assert isinstance(first, Committed) and isinstance(last, Committed)
+    assert isinstance(poisoned, incident.StoreError) and "refused read model" in str(poisoned)
+    assert positions(store) == [(1, "a", 1), (2, "a", 2), (3, "b", 1), (4, "b", 2)]
+    assert [r.aggregate_id for r in store.projections().all(BankAccount)] == ["a", "b"]
+
+
+# -- a session the server ends in the middle of an append ------------------------------
+
+
+def kill_own_session(admin: Admin, schema: str, times: int) -> None:
+    """The events table's inserts end their own session (pg_terminate_backend of
+    pg_backend_pid()) the first ``times`` times: a sequence counts them, and a sequence
+    is not rolled back with the transaction it was used in."""
+    counter = sql.Identifier(schema, "edge_kills")
+    admin.execute(sql.SQL("CREATE SEQUENCE {}").format(counter))
+    literal = sql.Literal(counter.as_string(admin))
+    body = sql.SQL(
+        "IF nextval({}) <= {} THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;"
+    ).format(literal, sql.Literal(times))
+    trigger(admin, schema, "events", body.as_string(admin))
+
+
+@pytest.mark.parametrize("first", ["first append", "predicted"])
+def test_a_session_ended_mid_append_is_tried_again_and_stored_once(
+    store: PostgresEventStore, postgres_admin: Admin, first: str
+) -> None:
+    """The session dies in its INSERT, before COMMIT: nothing is in the log, so the same
+    append goes again on a new connection and is stored once, and the next one follows."""
+    if first == "predicted":
+        store.append("before", [MoneyDeposited(amount=1)], expected_version=0)
+    known = len(positions(store))
+    kill_own_session(postgres_admin, store._db.schema, 1)
+    recorded = project_into(store, deposit("acc"))
+    assert [r.event_id for r in store.get("acc")] == [r.event_id for r in recorded]
+    assert [p for p, _, _ in positions(store)] == list(range(1, known + 3))
+    row = store.projections().get(BankAccount, "acc")
+    assert row is not None and row.event_id == recorded[-1].event_id
+    assert store.append("acc", [MoneyDeposited(amount=3)], expected_version=2)[0].version == 3
+
+
+def test_a_session_ended_twice_mid_append_says_nothing_was_stored(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """Both tries die before COMMIT: a StoreError that says nothing was stored (looked
+    up) and that trying again is safe; not CommitUnknown. And trying again works."""
+    kill_own_session(postgres_admin, store._db.schema, 2)
+    with pytest.raises(incident.StoreError, match="nothing was stored") as caught:
+        project_into(store, deposit("acc"))
+    assert not isinstance(caught.value, incident.CommitUnknown)
+    assert store.get("acc") == [] and store.projections().get(BankAccount, "acc") is None
+    assert [r.position for r in project_into(store, deposit("acc"))] == [1, 2]
+
+
+def test_a_session_ended_mid_batch_stores_each_append_once(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """commit_many's transaction dies in its first INSERT: none of the batch is in the
+    log, so each append goes again alone, each stored once, in order."""
+    kill_own_session(postgres_admin, store._db.schema, 1)
+    outcomes = store.commit_many(
+        [CommitCall(deposit(name), store.projections(), account) for name in "abc"]
+    )
+    assert all(isinstance(outcome, Committed) for outcome in outcomes), outcomes
+    assert [s for _, s, _ in positions(store)] == ["a", "a", "b", "b", "c", "c"]
+    assert [r.aggregate_id for r in store.projections().all(BankAccount)] == ["a", "b", "c"]
+
+
+# -- a row written past the append lock ------------------------------------------------
+
+
+def test_a_row_that_bypassed_the_lock_is_a_clean_conflict(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """A writer outside the store (here a trigger, deterministically) takes the stream's
+    version between the heads and the insert: the unique constraint refuses the row and
+    the append is a ConcurrencyError, nothing of it written, not a bare driver error."""
+    trigger(
+        postgres_admin,
+        store._db.schema,
+        "events",
+        f"""IF pg_trigger_depth() = 1 AND NEW.aggregate_id = 'raced' THEN
+            INSERT INTO {sql.Identifier(store._db.schema, "events").as_string(postgres_admin)}
+            SELECT NEW.position + 1000, gen_random_uuid(), NEW.aggregate_id, NEW.aggregate,
+                NEW.version, NEW.event_type, NEW.schema_version, NEW.event_date, NEW.data,
+                NEW.metadata;
+        END IF;""",
+    )
+    for attempt in range(2):  # the first append, then one predicted
+        with pytest.raises(incident.ConcurrencyError) as caught:
+            store.append("raced", [MoneyDeposited(amount=1)], expected_version=0)
+        assert caught.value.actual == 0 and store.get("raced") == []
+        store.append(f"fine{attempt}", [MoneyDeposited(amount=1)], expected_version=0)
+    assert [p for p, _, _ in positions(store)] == [1, 2]
+
+
+# -- schema names that need quoting ---------------------------------------------------
+
+ODD_SCHEMAS = [
+    'Odd "Schema"',  # a double quote, a space and capitals
+    "semi;colon -- and 'quote'",
+    "amp&amp=sign?#+",  # the URL's own characters
+    "ünïcødé ☃",
+]
+
+
+@pytest.fixture(params=ODD_SCHEMAS)
+def odd_schema(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A schema name that only works quoted, made unique to this test, dropped after."""
+    schema = f"{request.param} {uuid.uuid4().hex[:8]}"
+    yield schema
+    with psycopg.connect(postgres_server(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_a_schema_name_that_needs_quoting_works_end_to_end(odd_schema: str) -> None:
+    """Named in the URL (percent-encoded) or as the option: the tables are made there,
+    and appends by every path, reads, read models, checkpoints, a live tail woken by its
+    NOTIFY, and a second initialize all work, in that schema alone."""
+    url = f"{postgres_server()}?schema={quote(odd_schema, safe='')}"
+    with closing(open_store(url)) as store:
+        assert store._db.schema == odd_schema
+        assert store.initialize()
+        store.append("a", [MoneyDeposited(amount=1)], expected_version=0)  # locked
+        store.append("a", [MoneyDeposited(amount=2)], expected_version=1)  # predicted
+        project_into(store, deposit("b"))
+        outcomes = store.commit_many(
+            [CommitCall(deposit(name), store.projections(), account) for name in "cd"]
+        )
+        assert all(isinstance(outcome, Committed) for outcome in outcomes), outcomes
+        with store.turn("a"):
+            store.append("a", [MoneyDeposited(amount=3)], expected_version=2)
+        assert [p for p, _, _ in positions(store)] == list(range(1, 10))
+        assert [r.aggregate_id for r in store.projections().all(BankAccount)] == ["b", "c", "d"]
+        checkpoints = incident.stores.checkpoint_store_for(store)
+        checkpoints.initialize()
+        with closing(open_store(postgres_server(), schema=odd_schema)) as same:
+            assert same.initialize() == []  # migrated already, found quoted
+            assert same.version("a") == 3
+            live = same.subscribe(after=9)
+            woken: list[int] = []
+            reader = threading.Thread(target=lambda: woken.append(next(live).position))
+            reader.start()
+            store.append("e", [MoneyDeposited(amount=1)], expected_version=0)
+            reader.join(WAIT)
+            live.close()
+            assert woken == [10]
+    with psycopg.connect(postgres_server(), autocommit=True) as admin:
+        tables = admin.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'events'",
+            [odd_schema],
+        ).fetchone()
+        assert tables == (1,)
+
+
+# -- migrations two processes run at once ---------------------------------------------
+
+MIGRATE = """
+import sys, incident
+store = incident.open_event_store(sys.argv[1])
+print(len(store.initialize()))
+store.close()
+"""
+
+
+def test_two_processes_migrating_one_schema_at_once_each_migration_runs_once(
+    postgres_url: str, postgres_admin: Admin, tmp_path: Path
+) -> None:
+    """Two processes initialize a schema that does not exist yet, both queued on the
+    schema's migration lock when it is let go: one creates everything, the other finds
+    it all done (no duplicate schema, table or migration error), and the store works."""
+    with closing(open_store(postgres_url)) as store:
+        lock = store._db.migrate_lock
+        schema = store._db.schema
+    holder = psycopg.connect(postgres_server(), autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", [lock])
+    script = tmp_path / "migrate.py"
+    script.write_text(MIGRATE)
+    env_path = str(Path(incident.__file__).parent.parent)
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(script), postgres_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # both wait for the lock: neither has looked at the schema yet
+            waiting = postgres_admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::bigint = %s AND objid::bigint = %s",
+                [(lock >> 32) & 0xFFFFFFFF, lock & 0xFFFFFFFF],
+            ).fetchone()
+            if waiting == (2,):
+                break
+            assert all(child.poll() is None for child in children), [
+                child.communicate() for child in children
+            ]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        holder.close()  # lets the lock go
+    results = [child.communicate(timeout=60) for child in children]
+    assert [child.returncode for child in children] == [0, 0], results
+    done = sorted(int(out) for out, _ in results)
+    assert done[0] == 0 and done[1] > 0
+    names = postgres_admin.execute(
+        sql.SQL("SELECT name FROM {}").format(sql.Identifier(schema, "incident_migrations"))
+    ).fetchall()
+    assert len(names) == len(set(names)) == done[1] - 2  # the schema and its table, then each
+    with closing(open_store(postgres_url)) as store:
+        assert [r.position for r in project_into(store, deposit("a"))] == [1, 2]
+
+
+def test_a_percent_sign_in_a_schema_or_a_column_is_refused_before_anything_is_written(
+    postgres_url: str,
+) -> None:
+    """The driver reads a ``%`` in a statement as a placeholder, so a schema holding one
+    failed every statement with parameters (its initialize among them), and a column
+    holding one failed every upsert of its table: both are refused up front instead."""
+    with pytest.raises(incident.IncidentError, match="holds a %"):
+        incident.open_event_store(f"{postgres_server()}?schema={quote('50%off', safe='')}")
+    with pytest.raises(incident.IncidentError, match="holds a %"):
+        incident.open_event_store(postgres_server(), schema="50%off")
+
+    class Rate(incident.Projection):
+        aggregate_id: str
+        rate: int = msgspec.field(name="rate%of")
+
+    with closing(open_store(postgres_url)) as store:
+        with pytest.raises(incident.IncidentError, match="holds a %"):
+            store.projections().project(Rate(aggregate_id="x", rate=3))
+        assert store.initialize()  # nothing was made before the refusal
