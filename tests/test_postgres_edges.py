@@ -11,15 +11,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
 import psycopg
+import psycopg_pool
 import pytest
-from conftest import Admin, postgres_server
+from conftest import Admin, on_backends, postgres_server
 from psycopg import sql
 from test_sqlite_group_commit import account
 
@@ -27,6 +28,7 @@ import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited
 from incident.stores.postgres import PostgresEventStore
+from incident.stores.postgres import batch as batch_module
 from incident.stores.protocols import AppendRequest, CommitCall, Committed
 
 pytestmark = pytest.mark.postgres
@@ -376,3 +378,216 @@ def test_a_percent_sign_in_a_schema_or_a_column_is_refused_before_anything_is_wr
         with pytest.raises(incident.IncidentError, match="holds a %"):
             store.projections().project(Rate(aggregate_id="x", rate=3))
         assert store.initialize()  # nothing was made before the refusal
+
+
+# -- a batch whose commit cannot be looked up, or whose writer is interrupted ----------
+
+
+def test_a_batch_whose_commit_cannot_be_looked_up_tells_each_command_its_own_ids(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch committed, then its connection died before the reply, and no
+    connection comes to look it up: every append the batch wrote is CommitUnknown with
+    its own events' ids (they are all in the log), the one refused before sending keeps
+    its own ConcurrencyError, and none is sent again (no duplicates)."""
+    store = open_store(postgres_url, timeout=0.3)
+    store.initialize()
+    store.append("stale", [MoneyDeposited(amount=1)], expected_version=0)
+    original = batch_module.one_sync_transaction
+    hidden: list[int] = []
+
+    @contextmanager
+    def commit_then_lose(conn: Any, **options: Any) -> Iterator[Any]:
+        with original(conn, **options) as afterwards:
+            yield afterwards
+        hidden.append(1)
+        conn.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    checkout = store._db.pool.connection
+
+    @contextmanager
+    def none_after_the_loss(timeout: float | None = None) -> Iterator[Any]:
+        if hidden:
+            raise psycopg_pool.PoolTimeout("couldn't get a connection")
+        with checkout(timeout) as conn:
+            yield conn
+
+    monkeypatch.setattr(batch_module, "one_sync_transaction", commit_then_lose)
+    monkeypatch.setattr(store._db.pool, "connection", none_after_the_loss)
+    first, stale, last = store.commit_many(
+        [CommitCall(deposit(name), None, None) for name in ["a", "stale", "b"]]
+    )
+    monkeypatch.undo()
+    assert hidden == [1]
+    assert isinstance(stale, incident.ConcurrencyError)
+    assert isinstance(first, incident.CommitUnknown) and isinstance(last, incident.CommitUnknown)
+    assert (first.aggregate_id, last.aggregate_id) == ("a", "b")
+    assert first.event_ids == [r.event_id for r in store.get("a")]
+    assert last.event_ids == [r.event_id for r in store.get("b")]
+    assert [p for p, _, _ in positions(store)] == [1, 2, 3, 4, 5]
+    store.close()
+
+
+class Interrupted(KeyboardInterrupt):
+    """What a Ctrl-C raises in the thread writing a batch."""
+
+
+def test_an_interrupted_batch_writer_tells_each_waiting_thread_what_it_may_have_stored(
+    store: PostgresEventStore,
+) -> None:
+    """Three threads' commits queue into one batch; the writing thread (the first) is
+    interrupted in the third's inline work. Nothing committed; the second, whose rows
+    were sent, is told CommitUnknown with its own ids, the third, of which nothing was
+    sent, a StoreError saying nothing was stored; and the store takes commits after."""
+
+    def interrupt(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise Interrupted
+
+    batches = store.thread_batches
+    outcomes: dict[str, BaseException | list[incident.Recorded[Any]]] = {}
+
+    def commit(name: str, project: Any) -> None:
+        request = deposit(name)
+        try:
+            outcomes[name] = store.append_and_project(
+                name,
+                request.events,
+                expected_version=0,
+                aggregate=request.aggregate,
+                metadata=None,
+                projection_store=store.projections(),
+                project=project,
+            )
+        except BaseException as error:
+            outcomes[name] = error
+
+    with batches.mutex:
+        batches.in_flight = batches.depth  # as if two commits were in flight: all queue
+    threads = []
+    for name, project in [("lead", account), ("sent", account), ("cut", interrupt)]:
+        threads.append(threading.Thread(target=commit, args=(name, project)))
+        threads[-1].start()
+        deadline = time.monotonic() + WAIT
+        while len(batches.queue) < len(threads):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    with batches.mutex:
+        batches.in_flight -= batches.depth - 1  # one place: the queue's batch
+        batches.hand_on()
+    for thread in threads:
+        thread.join(WAIT)
+    assert isinstance(outcomes["lead"], Interrupted)
+    sent, cut = outcomes["sent"], outcomes["cut"]
+    assert isinstance(sent, incident.CommitUnknown) and sent.aggregate_id == "sent"
+    assert len(sent.event_ids) == 2
+    assert isinstance(cut, incident.StoreError) and not isinstance(cut, incident.CommitUnknown)
+    assert "nothing was stored" in str(cut)
+    assert positions(store) == []  # the interrupted transaction rolled back
+    with batches.mutex:
+        assert batches.in_flight == 0 and not batches.queue
+    assert [r.position for r in project_into(store, deposit("after"))] == [1, 2]
+    assert store.get("sent") == []
+
+
+# -- what is refused before the database is touched -----------------------------------
+
+NOWHERE = "postgresql://nobody@127.0.0.1:1/none"
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"schema": 5}, "A schema is a name"),
+        ({"pool_size": 0}, "pool_size and batch_size must be >= 1"),
+        ({"batch_size": 0}, "pool_size and batch_size must be >= 1"),
+    ],
+)
+def test_bad_options_are_refused_before_connecting(options: dict[str, Any], says: str) -> None:
+    """Nothing listens at NOWHERE: the refusal comes before any connection is tried."""
+    with pytest.raises(incident.IncidentError, match=says):
+        incident.open_event_store(NOWHERE, **options)
+
+
+@pytest.mark.parametrize("store_url", ["memory", "sqlite", "postgres"], indirect=True)
+def test_an_append_past_the_version_range_under_a_used_key_is_a_duplicate(
+    event_store: incident.EventStore,
+) -> None:
+    """An expected version past any stream's range is a conflict on every store; under
+    a key already used it is that key's DuplicateCommand first, as any append is."""
+    event_store.append_and_project(
+        "a",
+        [MoneyDeposited(amount=1)],
+        expected_version=0,
+        aggregate=None,
+        metadata=None,
+        projection_store=event_store.projections(),
+        project=lambda recorded: [],
+        idempotency_key="k",
+    )
+    with pytest.raises(incident.DuplicateCommand):
+        event_store.append_and_project(
+            "a",
+            [MoneyDeposited(amount=2)],
+            expected_version=2**40,
+            aggregate=None,
+            metadata=None,
+            projection_store=event_store.projections(),
+            project=lambda recorded: [],
+            idempotency_key="k",
+        )
+    with pytest.raises(incident.ConcurrencyError):
+        event_store.append("a", [MoneyDeposited(amount=2)], expected_version=2**40)
+    assert [r.version for r in event_store.get("a")] == [1]
+
+
+@on_backends(["memory", "sqlite", "postgres"])
+def test_a_key_no_store_can_hold_has_no_outcome(event_store: incident.EventStore) -> None:
+    assert event_store.outcome_for("a\x00b") is None
+
+
+def test_commit_many_answers_an_append_of_no_events_without_writing(
+    store: PostgresEventStore,
+) -> None:
+    """An append of no events in commit_many is its stream's version check, answered
+    with no events, beside the others' batch; a stale one is its ConcurrencyError."""
+    store.append("s", [MoneyDeposited(amount=1)], expected_version=0)
+    empty = AppendRequest(aggregate_id="s", events=[], expected_version=1)
+    stale = AppendRequest(aggregate_id="s", events=[], expected_version=0)
+    requests = [deposit("a"), empty, stale, deposit("b")]
+    outcomes = store.commit_many([CommitCall(request, None, None) for request in requests])
+    first, nothing, conflict, last = outcomes
+    assert isinstance(nothing, Committed) and nothing.recorded == []
+    assert isinstance(conflict, incident.ConcurrencyError) and conflict.actual == 1
+    assert isinstance(first, Committed) and isinstance(last, Committed)
+    assert [s for _, s, _ in positions(store)] == ["s", "a", "a", "b", "b"]
+
+
+# -- read models -----------------------------------------------------------------------
+
+
+def test_a_read_model_row_that_no_longer_fits_is_a_store_error(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """A row changed behind the store's back so that its class cannot be made from it
+    (a required field emptied) is a StoreError naming the table, not a decode error."""
+    project_into(store, deposit("a"))
+    table = store.projections().queries(BankAccount)[0]
+    postgres_admin.execute(
+        sql.SQL("UPDATE {} SET account_number = NULL").format(
+            sql.Identifier(store._db.schema, table)
+        )
+    )
+    with pytest.raises(incident.StoreError, match=f"A row of {table} does not fit"):
+        store.projections().get(BankAccount, "a")
+
+
+class NotAProjection(msgspec.Struct):
+    aggregate_id: str
+
+
+@on_backends(["postgres"])  # memory and SQLite keep it (see the report of hunt-pg)
+def test_a_struct_that_is_not_a_projection_is_refused(event_store: incident.EventStore) -> None:
+    """Refused before a table is made for it, with the store's own error."""
+    with pytest.raises(incident.IncidentError, match=r"not an incident\.Projection"):
+        event_store.projections().project(NotAProjection(aggregate_id="a"))  # type: ignore[type-var]
