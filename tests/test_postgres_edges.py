@@ -5,6 +5,7 @@ an append is refused in before the database is touched."""
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import threading
@@ -591,3 +592,42 @@ def test_a_struct_that_is_not_a_projection_is_refused(event_store: incident.Even
     """Refused before a table is made for it, with the store's own error."""
     with pytest.raises(incident.IncidentError, match=r"not an incident\.Projection"):
         event_store.projections().project(NotAProjection(aggregate_id="a"))  # type: ignore[type-var]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"balance": 2**70},  # past a bigint
+        {"balance": "x"},  # a struct does not check its fields when built
+        {"event_date": dt.datetime(2020, 1, 1)},  # naive, where the column holds instants
+    ],
+)
+@on_backends(["memory", "sqlite", "postgres"])
+def test_a_checkpoint_refuses_read_models_its_store_cannot_keep(
+    event_store: incident.EventStore, bad: dict[str, Any]
+) -> None:
+    """Read models saved with a checkpoint, in its transaction, are checked as
+    project() checks them: Unstorable, and neither the rows nor the checkpoint moved.
+    Postgres wrote them unchecked: a naive datetime was kept as if it were UTC, and the
+    others failed in the server as a StoreError."""
+    checkpoints = incident.stores.checkpoint_store_for(event_store)
+    checkpoints.initialize()
+    good = BankAccount(
+        aggregate_id="good",
+        account_number="good",
+        balance=1,
+        version=1,
+        event_id="e",
+        event_date=dt.datetime.now(dt.UTC),
+    )
+    refused = msgspec.structs.replace(good, aggregate_id="bad", **bad)
+    with pytest.raises(incident.Unstorable):
+        checkpoints.save(
+            "handler",
+            1,
+            expected=0,
+            projections=[good, refused],
+            projection_store=event_store.projections(),
+        )
+    assert checkpoints.load("handler") == 0
+    assert event_store.projections().all(BankAccount) == []
