@@ -631,3 +631,33 @@ def test_a_checkpoint_refuses_read_models_its_store_cannot_keep(
         )
     assert checkpoints.load("handler") == 0
     assert event_store.projections().all(BankAccount) == []
+
+
+# -- a closed store's waits ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("closing", ["event store", "projection store"])
+def test_a_closed_store_opens_no_listen_session_to_wait(
+    postgres_url: str, postgres_admin: Admin, closing: str
+) -> None:
+    """After close(), of the event store or of the projection store sharing its pool,
+    waiting for appends is a StoreError, and leaves no session behind: the LISTEN
+    connection used to be opened again, for good, by the first wait after close()."""
+    name = f"closed-{uuid.uuid4().hex[:8]}"
+    store = open_store(f"{postgres_url}&application_name={name}")
+    store.initialize()
+    assert not store.wait_for_append(0, 0.01)  # its LISTEN connection is open now
+    (store if closing == "event store" else store.projections()).close()
+    for _ in range(2):
+        with pytest.raises(incident.StoreError):
+            store.wait_for_append(0, 0.01)
+    with pytest.raises(incident.StoreError):
+        next(store.subscribe(after=0))
+    if closing == "projection store":
+        store.close()  # the event store's own close, once
+    deadline = time.monotonic() + WAIT
+    while postgres_admin.execute(  # a closed session leaves pg_stat_activity shortly after
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [name]
+    ).fetchone() != (0,):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
