@@ -245,6 +245,7 @@ ODD_SCHEMAS = [
     "semi;colon -- and 'quote'",
     "amp&amp=sign?#+",  # the URL's own characters
     "ünïcødé ☃",
+    "$dollar$ $tag$",  # dollars, as long as no two are side by side
 ]
 
 
@@ -370,6 +371,8 @@ def test_a_percent_sign_in_a_schema_or_a_column_is_refused_before_anything_is_wr
         incident.open_event_store(f"{postgres_server()}?schema={quote('50%off', safe='')}")
     with pytest.raises(incident.IncidentError, match="holds a %"):
         incident.open_event_store(postgres_server(), schema="50%off")
+    with pytest.raises(incident.IncidentError, match="holds \\$\\$"):  # its functions' bodies
+        incident.open_event_store(postgres_server(), schema="price$$")
 
     class Rate(incident.Projection):
         aggregate_id: str

@@ -41,7 +41,8 @@ def checked_schema(schema: object) -> str:
     """``schema`` if incident can keep its tables there; else IncidentError saying why,
     before anything connects. Postgres would truncate a longer name (two long names would
     share one schema), and keeps ``pg_`` names and information_schema for itself; the
-    driver reads a ``%`` in a statement as a parameter's placeholder."""
+    driver reads a ``%`` in a statement as a parameter's placeholder, and a ``$$`` would
+    end the body of a function the migrations make there."""
     if not isinstance(schema, str):
         raise IncidentError(f"A schema is a name (a str), got {schema!r}")
     if not schema:
@@ -52,6 +53,8 @@ def checked_schema(schema: object) -> str:
         problem = f"is {size} bytes long; Postgres keeps names of at most {MAX_NAME_BYTES} bytes"
     elif "%" in schema:
         problem = "holds a %, which the Postgres driver takes for a parameter's placeholder"
+    elif "$$" in schema:
+        problem = "holds $$, which would end the body of the functions incident keeps there"
     elif schema.startswith("pg_") or schema == "information_schema":
         problem = "is a Postgres system schema (pg_* and information_schema are reserved)"
     else:
