@@ -6,6 +6,8 @@ an append is refused in before the database is touched."""
 from __future__ import annotations
 
 import datetime as dt
+import linecache
+import signal
 import subprocess
 import sys
 import threading
@@ -664,3 +666,56 @@ def test_a_closed_store_opens_no_listen_session_to_wait(
     ).fetchone() != (0,):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_a_commit_interrupted_while_queued_for_a_batch_is_never_written(
+    store: PostgresEventStore,
+) -> None:
+    """Ctrl-C (a signal's handler raising) while the main thread waits in the queue for
+    a batch: the interruption reaches the caller, the commit leaves the queue unwritten,
+    and the store's next commits go through."""
+    batches = store.thread_batches
+    main = threading.main_thread()
+    raised: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if not raised:  # once: a signal sent again below finds it raised already
+            raised.append(signum)
+            raise Interrupted
+
+    def waiting_for_its_turn() -> bool:
+        """The main thread is in commit(), on the line that waits for the queue."""
+        frame = sys._current_frames().get(main.ident or 0)
+        while frame is not None and frame.f_code.co_name != "commit":
+            frame = frame.f_back
+        return frame is not None and "wake.acquire()" in linecache.getline(
+            frame.f_code.co_filename, frame.f_lineno
+        )
+
+    def signal_once_queued() -> None:
+        deadline = time.monotonic() + WAIT
+        while not waiting_for_its_turn() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # a signal that lands just before the wait starts does not end it: send again
+        # until the commit has left the queue
+        while batches.queue and time.monotonic() < deadline:
+            signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+            time.sleep(0.05)
+
+    assert threading.current_thread() is threading.main_thread()  # signals go there
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with batches.mutex:
+            batches.in_flight = batches.depth  # as if two commits were in flight
+        sender = threading.Thread(target=signal_once_queued)
+        sender.start()
+        with pytest.raises(Interrupted):
+            store.append("gone", [MoneyDeposited(amount=1)], expected_version=0)
+        sender.join(WAIT)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    with batches.mutex:
+        assert not batches.queue
+        batches.in_flight = 0  # the two imagined commits are over
+    assert store.get("gone") == []
+    assert [r.position for r in project_into(store, deposit("after"))] == [1, 2]
