@@ -32,7 +32,8 @@ from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited
 from incident.stores.postgres import PostgresEventStore
 from incident.stores.postgres import batch as batch_module
-from incident.stores.protocols import AppendRequest, CommitCall, Committed
+from incident.stores.postgres import numbered as numbered_module
+from incident.stores.protocols import AppendRequest, CommitCall, Committed, Effects, Owed
 
 pytestmark = pytest.mark.postgres
 
@@ -719,3 +720,49 @@ def test_a_commit_interrupted_while_queued_for_a_batch_is_never_written(
         batches.in_flight = 0  # the two imagined commits are over
     assert store.get("gone") == []
     assert [r.position for r in project_into(store, deposit("after"))] == [1, 2]
+
+
+# -- owed work of an append whose reply was lost ----------------------------------------
+
+
+def owe_for_the_last(recorded: list[incident.Recorded[Any]]) -> Effects:
+    last = recorded[-1]
+    owed = Owed(
+        handler="mailer",
+        position=last.position,  # copied, not looked at: the database may number it
+        event_id=last.event_id,
+        aggregate_id=last.aggregate_id,
+        event_type=last.event_type,
+        owed_at=last.event_date,
+    )
+    return Effects(owed=[owed])
+
+
+def test_owed_work_of_a_numbered_append_whose_reply_was_lost_holds_the_real_position(
+    store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database numbered the append, committed it, and the reply was lost: the
+    store finds the events by their ids, and the owed work it returns is made again
+    from them, holding the position the database gave, as the owed row does (the one it
+    sent held a placeholder)."""
+    store.append("before", [MoneyDeposited(amount=1)], expected_version=0)
+    original = numbered_module.prepared_message_transaction
+    hidden: list[int] = []
+
+    def sent_then_lost(conn: Any, *args: Any, **options: Any) -> Any:
+        results = original(conn, *args, **options)
+        if not hidden:
+            hidden.append(1)
+            conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return results
+
+    monkeypatch.setattr(numbered_module, "prepared_message_transaction", sent_then_lost)
+    store.predictor.missed()  # as if another process had appended: no guess
+    committed = store.commit(deposit("acc"), project=owe_for_the_last)
+    assert hidden == [1]  # it went the numbered way, and its reply was lost
+    stored = store.get("acc")
+    assert [r.event_id for r in committed.recorded] == [r.event_id for r in stored]
+    (owed,) = committed.effects.owed
+    assert owed.position == stored[-1].position == 3 and isinstance(owed.position, int)
+    assert [(o.handler, o.position) for o in store.owed()] == [("mailer", 3)]
