@@ -766,3 +766,25 @@ def test_owed_work_of_a_numbered_append_whose_reply_was_lost_holds_the_real_posi
     (owed,) = committed.effects.owed
     assert owed.position == stored[-1].position == 3 and isinstance(owed.position, int)
     assert [(o.handler, o.position) for o in store.owed()] == [("mailer", 3)]
+
+
+@pytest.mark.parametrize("way", ["predicted", "not predicting"])
+def test_inline_work_that_raises_writes_nothing_and_raises_its_own_error(
+    store: PostgresEventStore, way: str
+) -> None:
+    """The project function fails (a bug in an inline handler) after the rows were
+    queued in the append's transaction: the caller gets that error itself, nothing of
+    the append is kept, and the session goes back to the pool clean."""
+
+    def broken(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        raise ZeroDivisionError("a bug in an inline handler")
+
+    store.append("before", [MoneyDeposited(amount=1)], expected_version=0)
+    for _ in range(2):
+        if way == "not predicting":
+            store.predictor.missed()  # the numbered way tries it first, then the locked one
+        with pytest.raises(ZeroDivisionError, match="a bug"):
+            store.commit(deposit("acc"), projection_store=store.projections(), project=broken)
+        assert store.get("acc") == [] and store.owed() == []
+    assert [r.position for r in project_into(store, deposit("acc"))] == [2, 3]
+    assert store.projections().get(BankAccount, "acc") is not None
