@@ -33,6 +33,7 @@ from incident.examples.bank import BankAccount, MoneyDeposited
 from incident.stores.postgres import PostgresEventStore
 from incident.stores.postgres import batch as batch_module
 from incident.stores.postgres import numbered as numbered_module
+from incident.stores.postgres.durability import lsn
 from incident.stores.protocols import AppendRequest, CommitCall, Committed, Effects, Owed
 
 pytestmark = pytest.mark.postgres
@@ -788,3 +789,37 @@ def test_inline_work_that_raises_writes_nothing_and_raises_its_own_error(
         assert store.get("acc") == [] and store.owed() == []
     assert [r.position for r in project_into(store, deposit("acc"))] == [2, 3]
     assert store.projections().get(BankAccount, "acc") is not None
+
+
+# -- a rejection's outcome, once durable --------------------------------------------------
+
+
+def test_remembering_a_rejection_returns_the_keys_outcome_only_once_it_is_flushed(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """The key's row was last written by a commit that is visible but not yet flushed
+    (an asynchronous commit, as an append's under contention): remember_rejection, which
+    finds the key used and inserts nothing (so its own commit flushes nothing), returns
+    that outcome only once the WAL is flushed past it, as outcome_for and an append's
+    DuplicateCommand do; a crash could otherwise take back what it said the key stored."""
+    store.append_and_project(
+        "a",
+        [MoneyDeposited(amount=1)],
+        expected_version=0,
+        aggregate=None,
+        metadata=None,
+        projection_store=store.projections(),
+        project=lambda recorded: [],
+        idempotency_key="k",
+    )
+    keys = sql.Identifier(store._db.schema, "idempotency_keys")
+    for _ in range(5):
+        with postgres_admin.transaction():
+            postgres_admin.execute("SET LOCAL synchronous_commit = off")
+            postgres_admin.execute(sql.SQL("UPDATE {} SET key = key").format(keys))
+        inserted = postgres_admin.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert inserted is not None
+        outcome = store.remember_rejection("k", "too_late")
+        assert outcome.recorded and outcome.recorded[0].aggregate_id == "a"
+        row = postgres_admin.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+        assert row is not None and lsn(row[0]) >= lsn(inserted[0])
