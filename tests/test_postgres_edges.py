@@ -34,6 +34,7 @@ from incident.stores.postgres import PostgresEventStore
 from incident.stores.postgres import batch as batch_module
 from incident.stores.postgres import numbered as numbered_module
 from incident.stores.postgres.durability import lsn
+from incident.stores.postgres.session import lock_key
 from incident.stores.protocols import AppendRequest, CommitCall, Committed, Effects, Owed
 
 pytestmark = pytest.mark.postgres
@@ -823,3 +824,23 @@ def test_remembering_a_rejection_returns_the_keys_outcome_only_once_it_is_flushe
         assert outcome.recorded and outcome.recorded[0].aggregate_id == "a"
         row = postgres_admin.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
         assert row is not None and lsn(row[0]) >= lsn(inserted[0])
+
+
+def test_a_turn_whose_session_ends_mid_append_stores_it_once_and_lets_the_stream_go(
+    store: PostgresEventStore, postgres_admin: Admin
+) -> None:
+    """Inside a turn on a stream, the turn's session dies in the append's INSERT: the
+    append goes again on another connection and is stored once; the turn's lock went
+    with its session, so another writer can take the stream at once, and the store's
+    appends after the turn go on."""
+    kill_own_session(postgres_admin, store._db.schema, 1)
+    with store.turn("acc"):
+        recorded = project_into(store, deposit("acc"))
+    assert [r.event_id for r in store.get("acc")] == [r.event_id for r in recorded]
+    key = lock_key(store._db.schema, "stream acc")
+    taken = postgres_admin.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+    assert taken == (True,)
+    postgres_admin.execute("SELECT pg_advisory_unlock(%s)", [key])
+    with store.turn("acc"):
+        store.append("acc", [MoneyDeposited(amount=3)], expected_version=2)
+    assert [r.version for r in store.get("acc")] == [1, 2, 3]
