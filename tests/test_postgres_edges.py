@@ -30,7 +30,7 @@ from test_sqlite_group_commit import account
 import incident
 from incident.examples import bank
 from incident.examples.bank import BankAccount, MoneyDeposited
-from incident.stores.postgres import PostgresEventStore
+from incident.stores.postgres import PostgresEventStore, split_url
 from incident.stores.postgres import batch as batch_module
 from incident.stores.postgres import numbered as numbered_module
 from incident.stores.postgres.durability import lsn
@@ -844,3 +844,14 @@ def test_a_turn_whose_session_ends_mid_append_stores_it_once_and_lets_the_stream
     with store.turn("acc"):
         store.append("acc", [MoneyDeposited(amount=3)], expected_version=2)
     assert [r.version for r in store.get("acc")] == [1, 2, 3]
+
+
+def test_a_url_naming_two_schemas_is_refused_before_connecting() -> None:
+    """The second ?schema= used to be ignored: the store went to the first, silently.
+    The same one twice is still that one."""
+    with pytest.raises(incident.IncidentError, match="Two schemas for one store"):
+        incident.open_event_store(f"{NOWHERE}?schema=a&schema=b")
+    assert split_url(f"{NOWHERE}?schema=a&sslmode=disable&schema=a") == (
+        f"{NOWHERE}?sslmode=disable",
+        "a",
+    )

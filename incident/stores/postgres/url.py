@@ -30,7 +30,10 @@ def split_url(url: str) -> tuple[str, str | None]:
     except ValueError as error:  # "Invalid IPv6 URL": libpq refuses it as well
         raise StoreError(f"Not a usable Postgres URL: {error}") from None
     query = parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((value for key, value in query if key == "schema"), None)
+    named = list(dict.fromkeys(value for key, value in query if key == "schema"))
+    if len(named) > 1:  # which one was meant is anybody's guess
+        raise IncidentError(f"Two schemas for one store in the URL: {named[0]!r}, {named[1]!r}")
+    schema = named[0] if named else None
     # libpq decodes %20 but not +, so spaces (as in options) must stay %20
     kept = [(key, value) for key, value in query if key != "schema"]
     rest = urlencode(kept, quote_via=quote)
