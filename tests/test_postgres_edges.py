@@ -1,7 +1,9 @@
-"""Edges of the Postgres store's writes: a read model the server refuses after the
-events were sent, a session the server ends in the middle of an append, schemas whose
-names need quoting, migrations two processes run at once, and the arguments and states
-an append is refused in before the database is touched."""
+"""Edges of the Postgres store (incident/stores/postgres/): a read model the server
+refuses after the events were sent, a session the server ends in the middle of an
+append (its own pg_terminate_backend, from a trigger, so it lands deterministically),
+schemas whose names need quoting and those no statement could hold, migrations two
+processes run at once, a batch interrupted or left in doubt, waits on a closed store,
+and the arguments an append is refused with before the database is touched."""
 
 from __future__ import annotations
 
