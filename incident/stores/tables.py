@@ -237,14 +237,21 @@ SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", 
 def check_column_names(owner: str, columns: Sequence[Column]) -> None:
     """Refuse fields that could not each be a column of their own on every store: an
     empty or NUL-holding name, one past 63 bytes (Postgres would cut two such names to
-    one), two names apart only by case (SQLite ignores case in names) and the names of
-    Postgres's system columns."""
+    one), one holding a ``%`` (the Postgres driver takes it for a parameter's
+    placeholder), two names apart only by case (SQLite ignores case in names) and the
+    names of Postgres's system columns."""
     seen: dict[str, Column] = {}
     for column in columns:
         name, field = column.name, column.attribute
         if not name or "\x00" in name:
             why = "is empty" if not name else "holds a NUL character"
             raise IncidentError(f"{owner}.{field}: its column name {name!r} {why}")
+        if "%" in name:
+            raise IncidentError(
+                f"{owner}.{field}: its column name {name!r} holds a %, which the Postgres"
+                " driver takes for a parameter's placeholder; give it another encoded name"
+                " (msgspec.field(name=...))"
+            )
         if len(name.encode()) > MAX_NAME:
             raise IncidentError(
                 f"{owner}.{field}: its column name is longer than {MAX_NAME} bytes; "

@@ -424,7 +424,9 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
     def remember_rejection(
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
-        """Under the append lock, like an append's key, so the two cannot both win."""
+        """Under the append lock, like an append's key, so the two cannot both win. What
+        the key stored is returned once durable, as by ``outcome_for``: an append's may
+        still be in flight, and finding it leaves nothing of this commit's own to flush."""
         check_key(idempotency_key)
         self._db.ready()
         doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
@@ -433,6 +435,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._db.append_lock])
                 conn.execute(self._sql.remember_rejection, [idempotency_key, reason, detail])
             stored = self._outcome(conn, idempotency_key)
+            self._db.durability.after(conn.execute(WAL_POSITIONS).fetchone(), conn)
         assert stored is not None  # inserted, or there already
         return stored
 

@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from ..._forks import renew_in_forked_children
+from ...errors import StoreError
 from .inherited import opened
 
 #: the longest name Postgres keeps (NAMEDATALEN - 1 bytes): a longer schema is truncated,
@@ -41,6 +42,7 @@ class Listener:
         self._conninfo = conninfo
         self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
         self._conn: psycopg.Connection[Any] | None = None
+        self._closed = False  # for good: a wait after close() must not open another
         self._inherited: list[psycopg.Connection[Any]] = []
         self._renew()
         renew_in_forked_children(self.forked)
@@ -62,6 +64,8 @@ class Listener:
     def _connection(self) -> psycopg.Connection[Any]:
         """Under the lock: the connection, opened and LISTENing. A new one may have
         missed notifications since the last one died: it counts as a wake-up."""
+        if self._closed:
+            raise StoreError("Postgres failed waiting for appends: the store is closed")
         if self._conn is None or self._conn.closed:
             self._conn = opened(psycopg.connect(self._conninfo, autocommit=True))
             self._conn.execute(self._listen)
@@ -103,5 +107,6 @@ class Listener:
         return arrived()
 
     def close(self) -> None:
+        self._closed = True
         if self._conn is not None:
             self._conn.close()

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import msgspec
 from psycopg import sql
 
-from ...codec import encode
 from ...errors import IncidentError, StoreError
 from ...messages import Projection
 from ..arguments import readable_id
@@ -247,13 +246,14 @@ class PostgresProjectionStore:
 
     def write_many(self, conn: Connection, projections: Sequence[Projection]) -> None:
         """Upsert a batch's projections, one pipelined ``executemany`` per table rather than
-        a round trip per row (a catch-up may write tens of thousands)."""
-        by_type: dict[type[Projection], list[list[str]]] = {}
-        for projection in projections:
-            by_type.setdefault(type(projection), []).append([encode(projection).decode()])
-        for projection_type, rows in by_type.items():
+        a round trip per row (a catch-up may write tens of thousands); every row checked
+        first, as ``project`` checks it (Unstorable: nothing of the batch is sent)."""
+        by_table: dict[str, list[list[str]]] = {}
+        for upsert, payload in self.upserts(projections):
+            by_table.setdefault(upsert, []).append([payload])
+        for upsert, rows in by_table.items():
             with conn.cursor() as cursor:
-                cursor.executemany(self._table(projection_type).upsert, rows)
+                cursor.executemany(upsert, rows)
 
     def ensure_table(self, projection_type: type[Projection]) -> None:
         """Create (or, for a newer class, extend) the type's table on first use, as a read

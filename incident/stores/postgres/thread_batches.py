@@ -57,13 +57,9 @@ class ThreadBatches(Combiner[T, R]):
         one: Callable[[T], R],
         many: Callable[[list[T], Callable[[], None]], list[R | Exception]],
         interrupted: Callable[[T, BaseException], Exception],
-        *,
-        max_batch: int = MAX_BATCH,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._one, self._many, self._interrupted = one, many, interrupted
-        self.max_batch = max_batch
+        self.max_batch = MAX_BATCH
         self.batches = 0
         self.batched = 0
         super().__init__()

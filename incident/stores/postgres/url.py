@@ -30,7 +30,10 @@ def split_url(url: str) -> tuple[str, str | None]:
     except ValueError as error:  # "Invalid IPv6 URL": libpq refuses it as well
         raise StoreError(f"Not a usable Postgres URL: {error}") from None
     query = parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((value for key, value in query if key == "schema"), None)
+    named = list(dict.fromkeys(value for key, value in query if key == "schema"))
+    if len(named) > 1:  # which one was meant is anybody's guess
+        raise IncidentError(f"Two schemas for one store in the URL: {named[0]!r}, {named[1]!r}")
+    schema = named[0] if named else None
     # libpq decodes %20 but not +, so spaces (as in options) must stay %20
     kept = [(key, value) for key, value in query if key != "schema"]
     rest = urlencode(kept, quote_via=quote)
@@ -40,7 +43,9 @@ def split_url(url: str) -> tuple[str, str | None]:
 def checked_schema(schema: object) -> str:
     """``schema`` if incident can keep its tables there; else IncidentError saying why,
     before anything connects. Postgres would truncate a longer name (two long names would
-    share one schema), and keeps ``pg_`` names and information_schema for itself."""
+    share one schema), and keeps ``pg_`` names and information_schema for itself; the
+    driver reads a ``%`` in a statement as a parameter's placeholder, and a ``$$`` would
+    end the body of a function the migrations make there."""
     if not isinstance(schema, str):
         raise IncidentError(f"A schema is a name (a str), got {schema!r}")
     if not schema:
@@ -49,6 +54,10 @@ def checked_schema(schema: object) -> str:
         problem = "holds a control character (a NUL, a newline) or a lone surrogate"
     elif (size := len(schema.encode())) > MAX_NAME_BYTES:
         problem = f"is {size} bytes long; Postgres keeps names of at most {MAX_NAME_BYTES} bytes"
+    elif "%" in schema:
+        problem = "holds a %, which the Postgres driver takes for a parameter's placeholder"
+    elif "$$" in schema:
+        problem = "holds $$, which would end the body of the functions incident keeps there"
     elif schema.startswith("pg_") or schema == "information_schema":
         problem = "is a Postgres system schema (pg_* and information_schema are reserved)"
     else:
