@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import incident
 from incident.stores.postgres.thread_batches import ThreadBatches
 
 WAIT = 10.0  # seconds any step may take before the test fails
@@ -175,6 +176,24 @@ def test_a_batch_that_fails_as_a_whole_tells_every_caller(fake: Fake) -> None:
     assert all(caller.result() is fake.fail_many for caller in callers)
     fake.fail_many = None
     assert fake.batches.commit("after") == "after alone"  # the lead lapsed, nothing stuck
+
+
+def test_a_store_error_failing_a_batch_is_raised_as_its_own_copy_in_each_thread(
+    fake: Fake,
+) -> None:
+    """Each caller raises it on its own thread, and a raise writes the traceback into
+    the exception: one object shared by all would carry the others' frames."""
+    cause = ConnectionError("the server went away")
+    failure = incident.StoreError("the store failed")
+    failure.__cause__ = cause
+    fake.fail_many = failure
+    leader, callers = queue_behind(fake, "first", ["b", "c"])
+    assert leader.result() == "first alone"
+    errors = [caller.result() for caller in callers]
+    assert all(type(e) is incident.StoreError and e.args == failure.args for e in errors)
+    assert all(e.__cause__ is cause for e in errors)
+    assert len({id(failure), *map(id, errors)}) == 3
+    fake.fail_many = None
 
 
 def test_an_interrupted_batch_tells_the_others_their_outcome_is_unknown(fake: Fake) -> None:

@@ -12,8 +12,9 @@ from collections import deque
 from typing import Any, Generic, TypeVar
 
 from .._forks import renew_in_forked_children
+from ..errors import StoreError
 
-__all__ = ["DONE", "LEADS", "QUEUED", "TAKEN", "Combiner", "Ticket"]
+__all__ = ["DONE", "LEADS", "QUEUED", "TAKEN", "Combiner", "Ticket", "for_each_caller"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -23,6 +24,19 @@ QUEUED = 0  # waiting in the queue
 LEADS = 1  # first in the queue and handed the lead: it takes the next batch
 TAKEN = 2  # in a batch a leader is writing
 DONE = 3  # its outcome is final (the batch's transaction is over)
+
+
+def for_each_caller(error: Exception) -> Exception:
+    """The error that failed a whole batch, as one of its callers is to raise it: a
+    StoreError (a store closed, a server gone) is copied, cause and all, since each
+    caller raises it on its own thread or task and every raise writes its traceback into
+    the exception; another error (a caller's own, or one no copy could rebuild) is
+    passed on as it is."""
+    if type(error) is not StoreError:
+        return error
+    copied = StoreError(*error.args)
+    copied.__cause__ = error.__cause__
+    return copied
 
 
 class Ticket(Generic[T, R]):

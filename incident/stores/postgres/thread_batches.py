@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
+from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket, for_each_caller
 
 __all__ = ["MAX_BATCH", "ThreadBatches"]
 
@@ -139,7 +139,7 @@ class ThreadBatches(Combiner[T, R]):
         try:
             outcomes: list[Any] = self._many([t.item for t in batch], committed)
         except Exception as error:  # the batch's own failure: each caller is told
-            outcomes = [error] * len(batch)
+            outcomes = [for_each_caller(error) for _ in batch]
         except BaseException as error:  # interrupted: the others cannot know what landed
             for other in batch[1:]:
                 other.error = self._interrupted(other.item, error)

@@ -29,8 +29,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
-from ...errors import StoreError
-from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket
+from ..combining import DONE, QUEUED, TAKEN, Combiner, Ticket, for_each_caller
 from .database import Database
 
 __all__ = ["MAX_BATCH_EVENTS", "MAX_BATCH_REQUESTS", "GroupCommit"]
@@ -331,12 +330,8 @@ class GroupCommit(Combiner[T, R]):
         """The error as its caller sees it, a new one for each caller (each raises it on
         its own thread): a driver error becomes a StoreError naming the file, and a
         StoreError that failed a whole batch (a store closed) is copied."""
-        if type(error) is StoreError:
-            copied = StoreError(*error.args)
-            copied.__cause__ = error.__cause__
-            return copied
         if not isinstance(error, sqlite3.Error):
-            return error
+            return for_each_caller(error)
         translated = self._db.store_error(error)
         translated.__cause__ = error
         return translated
