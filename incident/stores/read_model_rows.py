@@ -5,6 +5,7 @@ before anything is written, on memory as on the durable stores)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -32,9 +33,15 @@ def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes
     (a str in an int field: a struct does not check its fields when built); and for
     columns, integers outside signed 64 bits, a naive datetime where the column holds
     instants, an aware one where it holds wall times (``tz=False``) or one that leaves
-    the calendar in UTC. Returns the key, the JSON and the row read back from it."""
+    the calendar in UTC. Returns the key, the JSON and the row read back from it.
+
+    A float ``-0.0`` is written as ``0.0``: neither a SQLite REAL column nor Postgres
+    (whose columns take rows as jsonb, which holds numbers as decimals) keeps the sign
+    of zero, so no store keeps it in a read model (it compares equal either way)."""
     key = projection_key(projection)
     data = storable.checked_json(projection, "read model")
+    if b"-0.0" in data:
+        data = unsigned_zeros(data)
     for column in spec.checked_columns:
         value = getattr(projection, column.attribute)
         if value is None:
@@ -55,6 +62,21 @@ def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes
     except msgspec.ValidationError as error:
         raise Unstorable(f"read model {type(projection).__name__}", None, str(error)) from None
     return key, data, row
+
+
+# a JSON string (skipped as it is) or the number -0.0 (no digit or exponent after it)
+_STRING_OR_NEGATIVE_ZERO = re.compile(rb'"(?:[^"\\]|\\.)*"|-0\.0(?![0-9eE])')
+
+
+def unsigned_zeros(data: bytes) -> bytes:
+    """msgspec's JSON with every number ``-0.0`` written ``0.0``, strings untouched.
+
+    >>> unsigned_zeros(b'{"a":-0.0,"b":[-0.05,-0.0],"c":"-0.0"}')
+    b'{"a":0.0,"b":[-0.05,0.0],"c":"-0.0"}'
+    """
+    return _STRING_OR_NEGATIVE_ZERO.sub(
+        lambda match: b"0.0" if match[0] == b"-0.0" else match[0], data
+    )
 
 
 def _column_rule(kind: Kind, value: Any) -> str | None:
