@@ -6,21 +6,28 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import decimal
 import enum
 import math
 import sys
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 from typing import Annotated, Any, ClassVar, Literal
 
+import hypothesis
 import msgspec
 import pytest
 from conftest import on_backends
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine
 
 import incident
-from incident import storable
+from incident import mapper, storable
 from incident.event_types import EventTypes
+from incident.examples import bank
 from incident.stores import checkpoint_store_for, read_model_rows
+from incident.testing.strategies import commands, invalid_commands
 
 # -- an Aggregate's name is refused where it is declared --------------------------------
 
@@ -531,3 +538,260 @@ def test_an_unreadable_event_date_is_a_corrupt_event(
     with pytest.raises(incident.CorruptEvent, match="bad envelope") as raised:
         list(event_store.read_all())
     assert raised.value.position == 1
+
+
+# -- holes in what was read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("after", "versions", "positions", "missing", "at", "problem"),
+    [
+        (
+            0,
+            [1, 2, 4],
+            [7, 8, 9],
+            3,
+            9,
+            "version 3 is missing: the stream goes from version 2 to 4",
+        ),
+        (0, [2, 3], [], 1, None, "version 1 is missing: the stream goes from version 0 to 2"),
+        (5, [6, 6], [1, 2], 7, 2, "version 7 is missing: the stream goes from version 6 to 6"),
+        (0, [1, 3, 2], [], 2, None, "version 2 is missing: the stream goes from version 1 to 3"),
+    ],
+)
+def test_gap_in_versions_names_the_first_missing_version(
+    after: int, versions: list[int], positions: list[int], missing: int, at: Any, problem: str
+) -> None:
+    found = mapper.gap_in_versions("s", after, versions, positions)
+    assert found is not None
+    assert (found.version, found.position, found.problem) == (missing, at, problem)
+    assert mapper.gap_in_versions("s", after, list(range(after + 1, after + 4))) is None
+    assert mapper.gap_in_versions("s", after, []) is None
+
+
+@pytest.mark.parametrize(
+    ("after", "positions", "missing", "problem"),
+    [
+        (0, [1, 2, 5], 3, "position 3 is missing from the log: it goes from 2 to 5"),
+        (-1, [2], 1, "position 1 is missing from the log: it goes from 0 to 2"),
+        (10, [11, 11], 12, "position 12 is missing from the log: it goes from 11 to 11"),
+    ],
+)
+def test_gap_in_positions_names_the_first_missing_position(
+    after: int, positions: list[int], missing: int, problem: str
+) -> None:
+    found = mapper.gap_in_positions(after, positions)
+    assert found is not None and (found.position, found.problem) == (missing, problem)
+    assert mapper.gap_in_positions(after, [max(after, 0) + 1, max(after, 0) + 2]) is None
+
+
+# -- owed follow-ups that fail again -------------------------------------------------------
+
+
+class _Outage:
+    """An inline handler that fails on MoneySent while ``broken``."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.handler = incident.EventHandler("outage")
+
+        @self.handler.listen(bank.MoneySent)
+        def fail(recorded: incident.Recorded[Any], state: Any) -> None:
+            if self.broken:
+                raise RuntimeError("down")
+
+
+def _inline_bank(store: incident.EventStore, outage: _Outage) -> incident.CommandHandler:
+    app = incident.CommandHandler(
+        store,
+        aggregates=[bank.bank_account, bank.transfer],
+        event_handlers=[bank.bank_projections, bank.money_transfer, outage.handler],
+    )
+    for account in ("A", "B"):
+        app.dispatch(bank.OpenAccount(aggregate_id=account))
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=100))
+    return app
+
+
+def _request() -> bank.RequestTransfer:
+    return bank.RequestTransfer(
+        aggregate_id="T1", source_account_number="A", destination_account_number="B", amount=30
+    )
+
+
+def test_owed_work_that_fails_again_stays_owed_with_its_error(
+    event_store: incident.EventStore,
+) -> None:
+    """complete_owed() and a dispatch again under the root's key, while the follow-up
+    still fails: the record stays owed, one attempt more each time, with the error; the
+    dispatch says FollowUpFailed; nothing of the follow-up is written."""
+    outage = _Outage()
+    app = _inline_bank(event_store, outage)
+    with pytest.raises(incident.FollowUpFailed):
+        app.dispatch(_request(), metadata={"idempotency_key": "t-1"})
+    assert [o.attempts for o in event_store.owed()] == [1]
+
+    assert app.complete_owed() == []
+    (owed,) = event_store.owed()
+    assert owed.attempts == 2 and owed.error is not None and "down" in owed.error
+
+    with pytest.raises(incident.FollowUpFailed, match="down") as failed:
+        app.dispatch(_request(), metadata={"idempotency_key": "t-1"})
+    assert [o.attempts for o in failed.value.owed] == [3]
+    assert [o.attempts for o in event_store.owed()] == [3]
+    assert [r.event_type for r in event_store.get("A")] == ["AccountOpened", "MoneyDeposited"]
+
+    outage.broken = False
+    assert [o.event_type for o in app.complete_owed()] == ["TransferRequested"]
+    assert event_store.owed() == []
+
+
+@on_backends(["sqlite"])
+def test_owed_work_whose_cause_left_the_log_stays_owed(
+    event_store: incident.EventStore,
+    edit_raw_event: Callable[[int, dict[str, object] | None], None],
+) -> None:
+    """A record owed for an event that is no longer in the log (its row deleted behind
+    the store's back) is not completed: it stays owed, saying so."""
+    outage = _Outage()
+    app = _inline_bank(event_store, outage)
+    with pytest.raises(incident.FollowUpFailed):
+        app.dispatch(_request())
+    (owed,) = event_store.owed()
+    edit_raw_event(owed.position, None)
+    outage.broken = False
+    assert app.complete_owed() == []
+    (still,) = event_store.owed()
+    assert still.error is not None and "not in the log" in still.error
+
+
+# -- validate_command: richer types given as their JSON spelling -------------------------
+
+
+class Plan(incident.Command):
+    aggregate_id: str
+    days: list[dt.date] = msgspec.field(default_factory=list)
+    owners: dict[str, uuid.UUID] = msgspec.field(default_factory=dict)
+
+
+def test_a_str_for_a_date_inside_a_list_or_dict_is_invalid_at_its_path() -> None:
+    """A str where a list item or dict value is declared a date or UUID passes msgspec's
+    conversion (JSON spells them so) but is still the wrong type, named by its path."""
+    with pytest.raises(incident.InvalidCommand) as in_list:
+        incident.validate_command(
+            Plan(aggregate_id="p", days=[dt.date(2024, 1, 1), "2024-01-02"])  # type: ignore[list-item]
+        )
+    assert in_list.value.field == "days[1]"
+    owner = "12345678-1234-5678-1234-567812345678"
+    with pytest.raises(incident.InvalidCommand) as in_dict:
+        incident.validate_command(Plan(aggregate_id="p", owners={"a": owner}))  # type: ignore[dict-item]
+    assert in_dict.value.field == "owners['a']"
+    fine = Plan(aggregate_id="p", days=[dt.date(2024, 1, 1)], owners={"a": uuid.UUID(owner)})
+    assert incident.validate_command(fine) is fine
+
+
+# -- specs ---------------------------------------------------------------------------------
+
+
+def test_spec_failures_say_what_happened_instead() -> None:
+    """then() on an invalid command says no events were expected; then_rejected() on an
+    invalid one says it was invalid; a diff shows only the fields that differ."""
+    from incident.testing import ScenarioFailed, diff_events, given
+
+    invalid = given(bank.bank_account).when(bank.DepositMoney(aggregate_id="A", amount=-1))
+    with pytest.raises(ScenarioFailed, match="expected no events, but the command is invalid"):
+        invalid.then()
+    with pytest.raises(ScenarioFailed, match="expected a rejection, but the command is invalid"):
+        invalid.then_rejected()
+    diff = diff_events(
+        [
+            bank.TransferRequested(
+                source_account_number="A", destination_account_number="B", amount=5
+            )
+        ],
+        [
+            bank.TransferRequested(
+                source_account_number="A", destination_account_number="C", amount=5
+            )
+        ],
+    )
+    assert "destination_account_number: expected 'B', got 'C'" in diff
+    assert "amount:" not in diff and "source_account_number:" not in diff
+
+
+# -- the state machine's stream check ------------------------------------------------------
+
+
+def test_aggregate_machine_refuses_no_streams_and_skips_unresolvable_ids() -> None:
+    """streams=() is a ValueError; a command type whose aggregate_id annotation cannot be
+    resolved is left to the run-level check instead of failing the declaration."""
+    from incident.testing import aggregate_machine
+
+    with pytest.raises(ValueError, match="streams= is empty"):
+        aggregate_machine(bank.bank_account, streams=())
+    loose = incident.Aggregate("core_edges_loose", initial=0)
+
+    class Poke(incident.Command):
+        aggregate_id: NotDefinedAnywhere  # type: ignore[name-defined]  # noqa: F821
+
+    @loose.execute(Poke)
+    def poke(state: int, command: Any) -> list[incident.Event]:
+        return []
+
+    machine = aggregate_machine(loose, st.just(Poke(aggregate_id="A")))
+    assert issubclass(machine, RuleBasedStateMachine)
+
+
+# -- strategies ------------------------------------------------------------------------------
+
+
+class Colours(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Everything(incident.Command):
+    aggregate_id: str
+    anything: Any = None
+    raw: bytes = b""
+    at: Annotated[dt.datetime, msgspec.Meta(tz=True)] | None = None
+    wall: Annotated[dt.datetime, msgspec.Meta(tz=False)] | None = None
+    day: dt.date | None = None
+    clock: dt.time | None = None
+    wait: dt.timedelta | None = None
+    ident: uuid.UUID | None = None
+    cost: decimal.Decimal | None = None
+    level: Literal["low", "high"] = "low"
+    colour: Colours = Colours.RED
+    pair: tuple[int, str] = (0, "")
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    seen: set[int] = msgspec.field(default_factory=set)
+    many: tuple[int, ...] = ()
+    step: Annotated[float, msgspec.Meta(ge=0, le=10, multiple_of=0.5)] = 0.0
+    above: Annotated[float, msgspec.Meta(gt=1.0)] = 2.0
+
+
+@hypothesis.settings(max_examples=40, deadline=None, database=None)
+@hypothesis.given(commands(Everything))
+def test_derived_commands_of_every_field_type_are_valid(command: Everything) -> None:
+    """commands() draws only commands validate_command accepts, whatever the field types."""
+    assert incident.validate_command(command) is command
+    assert 0 <= command.step <= 10 and command.step % 0.5 == 0 and command.above > 1.0
+
+
+@hypothesis.settings(max_examples=40, deadline=None, database=None)
+@hypothesis.given(invalid_commands(Everything))
+def test_derived_invalid_commands_of_every_field_type_are_invalid(command: Everything) -> None:
+    with pytest.raises(incident.InvalidCommand):
+        incident.validate_command(command)
+
+
+class Loose(incident.Command):
+    aggregate_id: Any
+    payload: Any = None
+
+
+def test_invalid_commands_of_a_type_that_accepts_anything_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="can be made invalid"):
+        invalid_commands(Loose)

@@ -80,11 +80,10 @@ def unsigned_zeros(data: bytes) -> bytes:
 
 
 def _column_rule(kind: Kind, value: Any) -> str | None:
-    """What a column of this kind cannot keep of ``value`` unchanged, or None."""
+    """What a column of this kind cannot keep of ``value`` unchanged, or None (an INT
+    column's value is an int out of range: the caller passes over the others)."""
     if kind is Kind.INT:
-        if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
-            return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
-        return None
+        return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
     if not isinstance(value, dt.datetime):
         return None
     offset = value.utcoffset()
