@@ -795,3 +795,31 @@ class Loose(incident.Command):
 def test_invalid_commands_of_a_type_that_accepts_anything_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="can be made invalid"):
         invalid_commands(Loose)
+
+
+def test_an_unstorable_projection_for_another_database_writes_no_events(
+    store_url: str, tmp_path: Any
+) -> None:
+    """Projections in another database are written after the events commit, so they are
+    checked inside the append: an Unstorable one leaves nothing written (the events
+    were kept before, though Unstorable says nothing was written)."""
+    elsewhere = "memory://" if store_url != "memory://" else f"sqlite:///{tmp_path / 'p.db'}"
+    with (
+        closing(incident.open_event_store(store_url)) as events,
+        closing(incident.open_projection_store(elsewhere)) as other,
+    ):
+        events.initialize()
+        assert not events.shares_database_with(other)
+        with pytest.raises(incident.Unstorable, match="finite"):
+            events.append_and_project(
+                "d",
+                [Drifted(x=1.0)],
+                expected_version=0,
+                aggregate="drift",
+                metadata=None,
+                projection_store=other,
+                project=lambda recorded: [Drift(aggregate_id="d", x=math.nan)],
+                idempotency_key="k-1",
+            )
+        assert events.version("d") == 0 and list(events.read_all()) == []
+        assert events.outcome_for("k-1") is None and other.all(Drift) == []

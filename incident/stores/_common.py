@@ -28,6 +28,7 @@ from .protocols import (
     ProjectFn,
     ProjectionStore,
 )
+from .read_model_rows import check_projections
 
 __all__ = [
     "AppendVerbs",
@@ -115,7 +116,11 @@ def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effe
     if project is None:
         return Effects()
     effects = project(recorded)
-    return effects if isinstance(effects, Effects) else Effects(list(effects))
+    effects = effects if isinstance(effects, Effects) else Effects(list(effects))
+    # refused here, inside the append, so that nothing is written: a projection store in
+    # another database would refuse them only once the events have committed
+    check_projections(effects.projections)
+    return effects
 
 
 def stamp(

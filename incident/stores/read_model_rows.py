@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -14,17 +15,35 @@ import msgspec
 from .. import storable
 from ..errors import IncidentError, Unstorable
 from ..messages import Projection
-from .tables import Kind, TableSpec, qualified
+from .tables import Kind, TableSpec, qualified, table_spec
 
 P = TypeVar("P", bound=Projection)
 
 __all__ = [
+    "check_projections",
     "newer_or_equal",
     "projection_json",
     "projection_key",
     "projection_version",
     "replacing_rows",
 ]
+
+
+_specs: weakref.WeakKeyDictionary[type[Projection], TableSpec] = weakref.WeakKeyDictionary()
+
+
+def check_projections(projections: Sequence[object]) -> None:
+    """Refuse (Unstorable, or IncidentError for a type no table can hold) what an
+    append's projections break of the rule, before the append commits: a projection
+    store in another database writes them only after the events, so refused there it
+    would leave the events written. Checks as every store does (:func:`projection_json`)."""
+    for projection in projections:
+        if isinstance(projection, Projection):
+            kind = type(projection)
+            spec = _specs.get(kind)
+            if spec is None:
+                spec = _specs[kind] = table_spec(kind)
+            projection_json(projection, spec)
 
 
 def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes, Projection]:
