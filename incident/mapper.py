@@ -61,8 +61,7 @@ def gap_in_versions(
     return CorruptEvent(
         positions[index] if positions else None,
         aggregate_id,
-        f"version {expected} is missing: the stream goes from version {expected - 1} "
-        f"to {version}",
+        f"version {expected} is missing: the stream goes from version {expected - 1} to {version}",
         version=expected,
     )
 

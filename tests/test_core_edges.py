@@ -823,3 +823,14 @@ def test_an_unstorable_projection_for_another_database_writes_no_events(
             )
         assert events.version("d") == 0 and list(events.read_all()) == []
         assert events.outcome_for("k-1") is None and other.all(Drift) == []
+
+
+@pytest.mark.parametrize("tag", ["we\x00ird", "we\udc80ird"])
+def test_an_event_type_name_no_store_keeps_is_refused_at_declaration(tag: str) -> None:
+    """The stored type name of an Event class with a NUL or a lone surrogate is a
+    RegistrationError where the class is defined (memory and SQLite stored it, and
+    Postgres failed with a StoreError at the first append)."""
+    with pytest.raises(incident.RegistrationError, match="stored event type name"):
+
+        class Weird(incident.Event, tag=tag):
+            pass
