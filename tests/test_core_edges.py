@@ -24,9 +24,11 @@ from hypothesis.stateful import RuleBasedStateMachine
 
 import incident
 from incident import mapper, storable
+from incident.event_handler import command_key, keyed_steps
 from incident.event_types import EventTypes
 from incident.examples import bank
 from incident.stores import checkpoint_store_for, read_model_rows
+from incident.stores.combining import DONE, LEADS, TAKEN, Combiner, Ticket
 from incident.testing.strategies import commands, invalid_commands
 
 # -- an Aggregate's name is refused where it is declared --------------------------------
@@ -834,3 +836,84 @@ def test_an_event_type_name_no_store_keeps_is_refused_at_declaration(tag: str) -
 
         class Weird(incident.Event, tag=tag):
             pass
+
+
+# -- the combining writers' queue ----------------------------------------------------------
+
+
+class _Lapses(Combiner[str, str]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lapses = 0
+
+    def lapsed(self) -> None:
+        self.lapses += 1
+
+
+def test_an_interrupted_caller_handed_the_lead_passes_it_on() -> None:
+    """abandon(): a queued ticket leaves the queue unwritten; one handed the lead hands
+    it to the next queued caller (whose sleep ends), or lets it lapse with nobody left;
+    one already taken stays with its batch."""
+    combiner = _Lapses()
+    first, second = Ticket[str, str]("a").sleeper(), Ticket[str, str]("b").sleeper()
+    combiner.queue.extend([first, second])
+    first.state = LEADS
+    combiner.abandon(first)
+    assert first.state == DONE and list(combiner.queue) == [second]
+    assert second.state == LEADS and second.wake.acquire(blocking=False)
+    assert combiner.lapses == 0
+
+    combiner.abandon(second)
+    assert list(combiner.queue) == [] and combiner.lapses == 1
+
+    queued, taken = Ticket[str, str]("c").sleeper(), Ticket[str, str]("d")
+    taken.state = TAKEN
+    combiner.queue.extend([queued])
+    combiner.abandon(taken)
+    combiner.abandon(queued)
+    assert list(combiner.queue) == [] and (queued.state, taken.state) == (DONE, DONE)
+    assert combiner.lapses == 1 and not queued.wake.acquire(blocking=False)
+
+
+# -- keyed steps ---------------------------------------------------------------------------
+
+
+def test_keyed_steps_flatten_nested_reactions_and_refuse_what_is_not_a_command() -> None:
+    """A tuple inside a reaction is its steps in order, keyed as if it were flat (a
+    repeat inside the inner tuple of a command before it is ``#2``: it had the first
+    one's key, so it did not run); no prefix gives no keys; a step that is not a
+    Command is a RegistrationError."""
+    a, b = bank.OpenAccount(aggregate_id="A"), bank.OpenAccount(aggregate_id="B")
+    nested = keyed_steps("p", (a, (b, a)))
+    assert nested == keyed_steps("p", (a, b, a))
+    assert [step for _, step in nested] == [a, b, a]
+    assert [key for key, _ in nested] == [
+        f"p/{command_key(a)}",
+        f"p/{command_key(b)}",
+        f"p/{command_key(a)}#2",
+    ]
+    assert keyed_steps(None, (a, incident.Attempt(b))) == [(None, a), (None, incident.Attempt(b))]
+    with pytest.raises(incident.RegistrationError, match="not a Command"):
+        keyed_steps("p", (a, "B"))
+
+
+def test_a_command_repeated_in_a_nested_branch_runs_each_time(store_url: str) -> None:
+    """An Attempt's branch may nest tuples: each command in it runs as often as it is
+    listed, as in a flat tuple (a repeat in the inner tuple shared the first one's key,
+    so it returned that outcome instead of running)."""
+    deposits = incident.EventHandler("core_edges_deposits")
+
+    @deposits.listen(bank.AccountOpened)
+    def deposit(recorded: incident.Recorded[Any], state: Any) -> incident.Attempt:
+        def dep(amount: int) -> bank.DepositMoney:
+            return bank.DepositMoney(aggregate_id=recorded.aggregate_id, amount=amount)
+
+        return incident.Attempt(dep(1), on_success=(dep(2), (dep(3), dep(2))))
+
+    with closing(incident.open_event_store(store_url)) as store:
+        app = incident.CommandHandler(
+            store, aggregates=[bank.bank_account], event_handlers=[deposits]
+        )
+        app.dispatch(bank.OpenAccount(aggregate_id="A"))
+        state: bank.AccountState = app.state("bank_account", "A")
+        assert state.balance == 1 + 2 + 3 + 2
