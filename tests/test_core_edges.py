@@ -917,3 +917,16 @@ def test_a_command_repeated_in_a_nested_branch_runs_each_time(store_url: str) ->
         app.dispatch(bank.OpenAccount(aggregate_id="A"))
         state: bank.AccountState = app.state("bank_account", "A")
         assert state.balance == 1 + 2 + 3 + 2
+
+
+class Unequal(incident.Event, tag="core_edges_unequal", eq=False):
+    n: int = 1
+
+
+def test_an_event_class_of_eq_false_is_stored(event_store: incident.EventStore) -> None:
+    """A class declared eq=False compares by identity, so its read-back copy is never
+    == the original: its fields are compared instead (a StopIteration escaped)."""
+    event_store.initialize()
+    event_store.append("s", [Unequal(n=2)], expected_version=0)
+    (recorded,) = event_store.read_all()
+    assert type(recorded.data) is Unequal and recorded.data.n == 2

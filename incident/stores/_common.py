@@ -65,7 +65,11 @@ def event_json(event: Event) -> tuple[str, Event]:
     except msgspec.ValidationError as error:
         raise Unstorable(f"event {type(event).__name__}", None, str(error)) from None
     if back != event:
-        field = next(f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f))
+        field = next(
+            (f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f)), None
+        )
+        if field is None:  # equal field by field: a class of eq=False compares identities
+            return text, back
         rule = (
             f"{storable.shown(getattr(event, field))} would come back as "
             f"{storable.shown(getattr(back, field))}"
