@@ -930,3 +930,14 @@ def test_an_event_class_of_eq_false_is_stored(event_store: incident.EventStore) 
     event_store.append("s", [Unequal(n=2)], expected_version=0)
     (recorded,) = event_store.read_all()
     assert type(recorded.data) is Unequal and recorded.data.n == 2
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True])
+def test_a_bad_worker_count_is_refused_before_the_store_opens(tmp_path: Any, workers: Any) -> None:
+    """open_async_event_store refuses a worker count that is not an int >= 0 with
+    InvalidArgument before it opens anything: no SQLite file is created (the store was
+    opened first, then left open when the count was refused)."""
+    path = tmp_path / "never.db"
+    with pytest.raises(incident.InvalidArgument, match="workers must be >= 0"):
+        incident.open_async_event_store(f"sqlite:///{path}", workers=workers)
+    assert not path.exists()
