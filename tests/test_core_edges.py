@@ -941,3 +941,19 @@ def test_a_bad_worker_count_is_refused_before_the_store_opens(tmp_path: Any, wor
     with pytest.raises(incident.InvalidArgument, match="workers must be >= 0"):
         incident.open_async_event_store(f"sqlite:///{path}", workers=workers)
     assert not path.exists()
+
+
+class Tenths(incident.Command):
+    aggregate_id: str
+    tenths: Annotated[float, msgspec.Meta(multiple_of=0.1)] = 0.0
+    narrow: Annotated[float, msgspec.Meta(multiple_of=0.1, ge=0.35, le=0.45)] = 0.4
+
+
+@hypothesis.settings(max_examples=100, deadline=None, database=None)
+@hypothesis.given(commands(Tenths))
+def test_derived_floats_of_a_step_msgspec_checks_inexactly_are_valid(command: Tenths) -> None:
+    """A float step that is not a power of two: commands() draws only what msgspec's
+    check accepts (3 * 0.1 is not, by it), and never overflows on a huge draw (it raised
+    OverflowError, or drew invalid commands)."""
+    assert incident.validate_command(command) is command
+    assert command.narrow == 0.4
