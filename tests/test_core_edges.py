@@ -29,6 +29,7 @@ from incident.event_types import EventTypes
 from incident.examples import bank
 from incident.stores import checkpoint_store_for, read_model_rows
 from incident.stores.combining import DONE, LEADS, TAKEN, Combiner, Ticket
+from incident.stores.unnumbered import Placeholders, PositionNotKnownYet
 from incident.testing.strategies import commands, invalid_commands
 
 # -- an Aggregate's name is refused where it is declared --------------------------------
@@ -957,3 +958,68 @@ def test_derived_floats_of_a_step_msgspec_checks_inexactly_are_valid(command: Te
     OverflowError, or drew invalid commands)."""
     assert incident.validate_command(command) is command
     assert command.narrow == 0.4
+
+
+def test_a_type_that_is_not_a_struct_has_no_table(store_url: str) -> None:
+    with (
+        closing(incident.open_projection_store(store_url)) as projections,
+        pytest.raises(incident.IncidentError, match="is not a msgspec Struct"),
+    ):
+        projections.all(dict)  # type: ignore[type-var]
+
+
+def test_an_append_under_a_used_key_writes_nothing(event_store: incident.EventStore) -> None:
+    """A second append under an idempotency key already used is DuplicateCommand
+    carrying the first outcome, whatever its expected version, and writes nothing."""
+    event_store.initialize()
+
+    def nothing(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
+        return []
+
+    first = event_store.append_and_project(
+        "s",
+        [Drifted(x=1.0)],
+        expected_version=0,
+        aggregate="drift",
+        metadata=None,
+        projection_store=event_store.projections(),
+        project=nothing,
+        idempotency_key="k-1",
+    )
+    with pytest.raises(incident.DuplicateCommand) as duplicate:
+        event_store.append_and_project(
+            "s",
+            [Drifted(x=2.0)],
+            expected_version=incident.ANY,
+            aggregate="drift",
+            metadata=None,
+            projection_store=event_store.projections(),
+            project=nothing,
+            idempotency_key="k-1",
+        )
+    assert [r.event_id for r in duplicate.value.recorded] == [r.event_id for r in first]
+    assert event_store.version("s") == 1
+
+
+def test_looking_at_a_placeholder_position_marks_the_append() -> None:
+    """An envelope's placeholder position refuses arithmetic and comparison, and even
+    its repr marks the append's inline work as position-dependent."""
+    placeholders = Placeholders()
+    recorded = incident.Recorded(
+        position=0,
+        event_id="e",
+        aggregate_id="s",
+        aggregate="drift",
+        version=1,
+        event_type="core_edges_drifted",
+        event_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+        data=Drifted(x=1.0),
+    )
+    (stand_in,) = placeholders.stand_in([recorded])
+    assert not placeholders.used
+    assert "not known yet" in repr(stand_in.position) and placeholders.used
+    again = Placeholders()
+    (other,) = again.stand_in([recorded])
+    with pytest.raises(PositionNotKnownYet):
+        other.position + 1
+    assert again.used
