@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar, get_type_hints, overload
 from .errors import RegistrationError, Rejected, RoutingError
 from .fp import accumulate
 from .messages import Command, Event, Recorded, event_type_name
+from .storable import problem_in, shown
 
 __all__ = ["Aggregate"]
 
@@ -93,7 +94,19 @@ class Aggregate(Generic[S]):
         ``type(initial)``; declare it when that says too little, e.g. ``dict[int,
         Decimal]`` for ``initial={}``). ``snapshot_version`` is part of the snapshot key:
         bump it when the meaning of the state changes in a way the code does not show, and
-        every older snapshot is ignored (see docs/snapshots.md)."""
+        every older snapshot is ignored (see docs/snapshots.md).
+
+        ``name`` is stored with every event of the aggregate's streams, so it is refused
+        here, not at the first dispatch, unless a non-empty str every store keeps (no
+        NUL, no lone surrogate: docs/storable.md)."""
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(
+                f"An Aggregate's name must be a non-empty str, got {shown(name)}"
+            )
+        if (problem := problem_in(name)) is not None:
+            raise RegistrationError(
+                f"Aggregate name {problem[1]}: it is stored with every event of its streams"
+            )
         if initial is None:
             # None is what an apply function that forgot its return gives: keeping it
             # out of every state is what lets a fold catch that at once
@@ -222,11 +235,6 @@ class Aggregate(Generic[S]):
     def upcasters(self) -> dict[tuple[str, int], Upcaster]:
         """(stored type name, from schema version) -> upcaster."""
         return dict(self._upcasters)
-
-    def registered_functions(self) -> dict[str, str]:
-        """Message name -> function qualname, for every registration (stable order)."""
-        pairs = [*self._executors.items(), *self._appliers.items()]
-        return {message.__name__: function.__qualname__ for message, function in pairs}
 
     # -- the pure domain contract -------------------------------------------
 

@@ -6,7 +6,7 @@ what should happen; the command handler (or a subscription) carries it out.
 """
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import msgspec
@@ -116,13 +116,11 @@ def keyed_steps(prefix: str | None, reaction: object) -> list[tuple[str | None, 
     >>> [key[-2:] for key, _ in keyed_steps("p", (a, a))][1]
     '#2'
     """
-    steps = reaction if isinstance(reaction, tuple | list) else (reaction,)
     keyed: list[tuple[str | None, Command | Attempt]] = []
     seen: dict[str, int] = {}
-    for step in steps:
-        if isinstance(step, tuple | list):
-            keyed.extend(keyed_steps(prefix, step))
-            continue
+    # a tuple inside the reaction is keyed as if it were flat: a command repeated there
+    # must count as a repeat, not take the key (and so the outcome) of the first one
+    for step in _steps(reaction):
         command = step.command if isinstance(step, Attempt) else step
         if not isinstance(command, Command):
             raise RegistrationError(f"A listener asked to dispatch {command!r}, not a Command")
@@ -134,6 +132,15 @@ def keyed_steps(prefix: str | None, reaction: object) -> list[tuple[str | None, 
         repeat = "" if seen[digest] == 1 else f"#{seen[digest]}"
         keyed.append((f"{prefix}/{digest}{repeat}", step))
     return keyed
+
+
+def _steps(reaction: object) -> Iterator[Any]:
+    """The steps of a reaction in order, tuples inside it opened."""
+    if isinstance(reaction, tuple | list):
+        for step in reaction:
+            yield from _steps(step)
+    else:
+        yield reaction
 
 
 class EventHandler:

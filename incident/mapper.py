@@ -55,18 +55,15 @@ def gap_in_versions(
         versions[0] == after + 1 and versions[-1] - versions[0] + 1 == len(versions)
     ):
         return None
-    expected = after + 1
-    for index, version in enumerate(versions):
-        if version != expected:
-            return CorruptEvent(
-                positions[index] if positions else None,
-                aggregate_id,
-                f"version {expected} is missing: the stream goes from version {expected - 1} "
-                f"to {version}",
-                version=expected,
-            )
-        expected += 1
-    return None
+    # the span is off, so some version is not the one before it plus one
+    index, version = next((i, v) for i, v in enumerate(versions) if v != after + 1 + i)
+    expected = after + 1 + index
+    return CorruptEvent(
+        positions[index] if positions else None,
+        aggregate_id,
+        f"version {expected} is missing: the stream goes from version {expected - 1} to {version}",
+        version=expected,
+    )
 
 
 def gap_in_positions(after: int, positions: Sequence[int]) -> CorruptEvent | None:
@@ -78,16 +75,14 @@ def gap_in_positions(after: int, positions: Sequence[int]) -> CorruptEvent | Non
         positions[0] == expected and positions[-1] - positions[0] + 1 == len(positions)
     ):
         return None
-    for position in positions:
-        if position != expected:
-            return CorruptEvent(
-                expected,
-                "",
-                f"position {expected} is missing from the log: it goes from {expected - 1} "
-                f"to {position}",
-            )
-        expected += 1
-    return None
+    # the span is off, so some position is not the one before it plus one
+    index, position = next((i, p) for i, p in enumerate(positions) if p != expected + i)
+    expected += index
+    return CorruptEvent(
+        expected,
+        "",
+        f"position {expected} is missing from the log: it goes from {expected - 1} to {position}",
+    )
 
 
 #: rows in ``ENVELOPE_COLUMNS`` (with aggregate_id last) -> their envelopes

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, datacl
 import msgspec
 
 from .errors import RegistrationError
+from .storable import problem_in
 
 __all__ = [
     "ANY",
@@ -34,7 +35,12 @@ class _KeywordOnly(msgspec.StructMeta):
         # msgspec.defstruct hands a custom metaclass its field names as __slots__, which
         # StructMeta itself then refuses; the fields are in __annotations__ all the same
         namespace = {key: value for key, value in namespace.items() if key != "__slots__"}
-        return super().__new__(mcls, name, bases, namespace, **options)
+        cls = super().__new__(mcls, name, bases, namespace, **options)
+        tag = cls.__struct_config__.tag
+        if isinstance(tag, str) and (problem := problem_in(tag)) is not None:
+            # the stored type name of every event of the class: refused where it is declared
+            raise RegistrationError(f"{name}'s stored event type name {problem[1]}")
+        return cls
 
 
 # Subclasses are frozen and keyword-only at runtime; dataclass_transform tells type checkers.

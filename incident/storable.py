@@ -10,7 +10,9 @@ and name the field.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -68,6 +70,8 @@ def problem_in(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | 
     """The first thing in ``value`` no store can keep and give back unchanged, as (path,
     rule), or None: a non-finite float, a NUL or lone surrogate in a str, or nesting
     deeper than MAX_DEPTH."""
+    if isinstance(value, enum.Enum) and not isinstance(value, str | int):
+        value = value.value  # written as its value
     if isinstance(value, str):
         rule = _str_problem(value)
         return None if rule is None else (path, f"{shown(value)} {rule}")
@@ -78,6 +82,8 @@ def problem_in(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | 
     items: Any = ()
     if isinstance(value, msgspec.Struct):
         items = ((f"{path}.{k}" if path else k, getattr(value, k)) for k in value.__struct_fields__)
+    elif (names := _object_fields(value)) is not None:  # a dataclass or attrs instance
+        items = ((f"{path}.{k}" if path else k, getattr(value, k)) for k in names)
     elif isinstance(value, Mapping):
         for key in value:
             if isinstance(key, str) and (rule := _str_problem(key)) is not None:
@@ -93,6 +99,16 @@ def problem_in(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | 
         if (found := problem_in(item, where, depth + 1)) is not None:
             return found
     return None
+
+
+def _object_fields(value: Any) -> list[str] | None:
+    """The field names msgspec writes of a dataclass or attrs instance, else None."""
+    if isinstance(value, type):
+        return None
+    if dataclasses.is_dataclass(value):
+        return [field.name for field in dataclasses.fields(value)]
+    attributes = getattr(type(value), "__attrs_attrs__", None)
+    return None if attributes is None else [attribute.name for attribute in attributes]
 
 
 def suspicious(data: bytes, plan: tuple[bool, bool, bool] = (True, True, True)) -> bool:
@@ -113,7 +129,7 @@ _NOTHING = (False, False, False)
 _SCALARS = (
     mi.IntType, mi.BoolType, mi.NoneType, mi.BytesType, mi.ByteArrayType, mi.MemoryViewType,
     mi.DateTimeType, mi.DateType, mi.TimeType, mi.TimeDeltaType, mi.UUIDType,
-    mi.DecimalType, mi.LiteralType, mi.EnumType,
+    mi.DecimalType, mi.LiteralType,
 )  # fmt: skip
 
 
@@ -139,6 +155,8 @@ def _plan(info: mi.Type, depth: int, seen: set[type[Any]]) -> tuple[bool, bool, 
         return (True, False, False)
     if isinstance(info, mi.FloatType):
         return (False, True, False)
+    if isinstance(info, mi.EnumType):  # written as its values, which may be anything flat
+        return (True, True, False)
     if depth > MAX_DEPTH:
         return _ALL
     parts: list[mi.Type] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import IncidentError
+from ..errors import IncidentError, InvalidArgument
 from .asynchronous import AsyncEventStore, AsyncProjectionStore
 from .memory import MemoryCheckpointStore, MemoryEventStore, MemoryProjectionStore
 from .protocols import (
@@ -130,10 +130,13 @@ def open_async_event_store(
     >>> open_async_event_store("memory://")
     AsyncEventStore(MemoryEventStore(0 events), workers=0)
     """
-    store = open_event_store(url, **options)
     scheme = _scheme(url)
     if workers is None:
         workers = 0 if scheme == "memory" else ASYNC_WORKERS
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        # before the store opens: nothing is created, no connection is left open
+        raise InvalidArgument(f"workers must be >= 0, got {workers!r}")
+    store = open_event_store(url, **options)
     if scheme.startswith("postgres"):  # reads on psycopg's async connections
         from .postgres.asynchronous import AsyncPostgresEventStore
 

@@ -28,6 +28,7 @@ from .protocols import (
     ProjectFn,
     ProjectionStore,
 )
+from .read_model_rows import check_projections
 
 __all__ = [
     "AppendVerbs",
@@ -64,7 +65,11 @@ def event_json(event: Event) -> tuple[str, Event]:
     except msgspec.ValidationError as error:
         raise Unstorable(f"event {type(event).__name__}", None, str(error)) from None
     if back != event:
-        field = next(f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f))
+        field = next(
+            (f for f in event.__struct_fields__ if getattr(back, f) != getattr(event, f)), None
+        )
+        if field is None:  # equal field by field: a class of eq=False compares identities
+            return text, back
         rule = (
             f"{storable.shown(getattr(event, field))} would come back as "
             f"{storable.shown(getattr(back, field))}"
@@ -115,7 +120,11 @@ def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effe
     if project is None:
         return Effects()
     effects = project(recorded)
-    return effects if isinstance(effects, Effects) else Effects(list(effects))
+    effects = effects if isinstance(effects, Effects) else Effects(list(effects))
+    # refused here, inside the append, so that nothing is written: a projection store in
+    # another database would refuse them only once the events have committed
+    check_projections(effects.projections)
+    return effects
 
 
 def stamp(

@@ -5,7 +5,9 @@ before anything is written, on memory as on the durable stores)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+import re
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -13,11 +15,12 @@ import msgspec
 from .. import storable
 from ..errors import IncidentError, Unstorable
 from ..messages import Projection
-from .tables import Kind, TableSpec, qualified
+from .tables import Kind, TableSpec, qualified, table_spec
 
 P = TypeVar("P", bound=Projection)
 
 __all__ = [
+    "check_projections",
     "newer_or_equal",
     "projection_json",
     "projection_key",
@@ -26,15 +29,38 @@ __all__ = [
 ]
 
 
+_specs: weakref.WeakKeyDictionary[type[Projection], TableSpec] = weakref.WeakKeyDictionary()
+
+
+def check_projections(projections: Sequence[object]) -> None:
+    """Refuse (Unstorable, or IncidentError for a type no table can hold) what an
+    append's projections break of the rule, before the append commits: a projection
+    store in another database writes them only after the events, so refused there it
+    would leave the events written. Checks as every store does (:func:`projection_json`)."""
+    for projection in projections:
+        if isinstance(projection, Projection):
+            kind = type(projection)
+            spec = _specs.get(kind)
+            if spec is None:
+                spec = _specs[kind] = table_spec(kind)
+            projection_json(projection, spec)
+
+
 def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes, Projection]:
     """A read model's JSON, refusing (Unstorable) what its table cannot keep unchanged:
     see :func:`incident.storable.checked_json`; what does not read back as its own type
     (a str in an int field: a struct does not check its fields when built); and for
     columns, integers outside signed 64 bits, a naive datetime where the column holds
     instants, an aware one where it holds wall times (``tz=False``) or one that leaves
-    the calendar in UTC. Returns the key, the JSON and the row read back from it."""
+    the calendar in UTC. Returns the key, the JSON and the row read back from it.
+
+    A float ``-0.0`` is written as ``0.0``: neither a SQLite REAL column nor Postgres
+    (whose columns take rows as jsonb, which holds numbers as decimals) keeps the sign
+    of zero, so no store keeps it in a read model (it compares equal either way)."""
     key = projection_key(projection)
     data = storable.checked_json(projection, "read model")
+    if b"-0.0" in data:
+        data = unsigned_zeros(data)
     for column in spec.checked_columns:
         value = getattr(projection, column.attribute)
         if value is None:
@@ -57,12 +83,26 @@ def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes
     return key, data, row
 
 
+# a JSON string (skipped as it is) or the number -0.0 (no digit or exponent after it)
+_STRING_OR_NEGATIVE_ZERO = re.compile(rb'"(?:[^"\\]|\\.)*"|-0\.0(?![0-9eE])')
+
+
+def unsigned_zeros(data: bytes) -> bytes:
+    """msgspec's JSON with every number ``-0.0`` written ``0.0``, strings untouched.
+
+    >>> unsigned_zeros(b'{"a":-0.0,"b":[-0.05,-0.0],"c":"-0.0"}')
+    b'{"a":0.0,"b":[-0.05,0.0],"c":"-0.0"}'
+    """
+    return _STRING_OR_NEGATIVE_ZERO.sub(
+        lambda match: b"0.0" if match[0] == b"-0.0" else match[0], data
+    )
+
+
 def _column_rule(kind: Kind, value: Any) -> str | None:
-    """What a column of this kind cannot keep of ``value`` unchanged, or None."""
+    """What a column of this kind cannot keep of ``value`` unchanged, or None (an INT
+    column's value is an int out of range: the caller passes over the others)."""
     if kind is Kind.INT:
-        if isinstance(value, int) and not storable.INT64_MIN <= value <= storable.INT64_MAX:
-            return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
-        return None
+        return f"{storable.shown(value)} does not fit a signed 64-bit integer column"
     if not isinstance(value, dt.datetime):
         return None
     offset = value.utcoffset()

@@ -9,7 +9,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import msgspec.inspect as mi
@@ -233,11 +233,23 @@ def _floats(info: mi.FloatType) -> SearchStrategy[float]:
         allow_infinity=False,
     )
     step = info.multiple_of
-    if step:
-        return values.map(lambda x: math.floor(x / step) * step).filter(
-            lambda x: (low is None or x >= low) and (high is None or x <= high)
-        )
-    return values
+    if not step:
+        return values
+    # k * step for whole k in the bounds (kept finite), and for k a power of two, which
+    # msgspec's check (the remainder of x / step is 0) accepts for any step: of k * 0.1,
+    # only powers of two pass it (3 * 0.1 is 0.30000000000000004)
+    span = float(2**60)
+    low_k = -(2**60) if low is None else math.ceil(max(min(low / step, span), -span))
+    high_k = 2**60 if high is None else math.floor(max(min(high / step, span), -span))
+    powers = st.tuples(st.sampled_from((1, -1)), st.integers(0, 60)).map(lambda p: p[0] * 2 ** p[1])
+    declared = Annotated[
+        float, msgspec.Meta(ge=info.ge, gt=info.gt, le=info.le, lt=info.lt, multiple_of=step)
+    ]
+    return (
+        (st.integers(low_k, high_k) | powers | st.just(0))
+        .map(lambda k: float(k) * step)
+        .filter(lambda x: math.isfinite(x) and _accepts(declared, x))
+    )
 
 
 def _text(**sizes: Any) -> SearchStrategy[str]:

@@ -121,8 +121,9 @@ class ProjectionTable:
     def row(self, projection: Projection) -> tuple[Any, ...]:
         """The column values of one projection, in column order (refuses what cannot be
         stored before anything is written)."""
-        projection_json(projection, self.spec)
-        values = msgspec.structs.astuple(projection)  # in field order, as the columns are
+        # the row as it reads back from its checked JSON (a -0.0 there is 0.0, as on
+        # every store), in field order, as the columns are
+        values = msgspec.structs.astuple(projection_json(projection, self.spec)[2])
         if not self._converted:
             return values
         row = list(values)
