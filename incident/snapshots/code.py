@@ -2,8 +2,9 @@
 
 A snapshot is only trusted when its ``code`` equals :func:`code_key` of the running
 code: a hash of everything that decides what the state is (the aggregate's
-``snapshot_version``, its state type, apply functions, upcasters and event types, and
-the functions, classes and constants of the user's own modules that they reach). The
+``snapshot_version``, its state type and initial state, apply functions, upcasters and
+event types, and the functions, classes and constants of the user's own modules that
+they reach, :mod:`incident.snapshots.names` says how). The
 hash is made of code and data, never of addresses or ids, so an unchanged program gets
 the same key in every process, and a changed one gets another, whose old snapshots are
 then ignored.
