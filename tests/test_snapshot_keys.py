@@ -228,6 +228,42 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         {"setup": "def make(k):\n    return lambda x: x * k\nh = make(2)"},
     ),
     (
+        "a date constant",
+        {"setup": "import datetime\nSTART = datetime.date(2024, 1, 1)", "body": "return START.day"},
+        {"setup": "import datetime\nSTART = datetime.date(2024, 1, 2)", "body": "return START.day"},
+    ),
+    (
+        "a default of ... or None",
+        {"setup": "def h(x, k=...):\n    return x if k is ... else -x"},
+        {"setup": "def h(x, k=None):\n    return x if k is ... else -x"},
+    ),
+    (
+        "a class in a set",
+        {"setup": "class A:\n    K = 1\nR = frozenset({A})", "body": "return next(iter(R)).K"},
+        {"setup": "class A:\n    K = 2\nR = frozenset({A})", "body": "return next(iter(R)).K"},
+    ),
+    (
+        "a module in a tuple",
+        {"setup": "import math, cmath\nR = (math,)", "body": "return R[0].sqrt(4)"},
+        {"setup": "import math, cmath\nR = (cmath,)", "body": "return R[0].sqrt(4)"},
+    ),
+    (
+        "a constant reached twice",
+        {
+            "setup": "class C(msgspec.Struct):\n    k: int\nCONF = C(k=1)\nSAME = CONF\n"
+            "h = lambda x: x * CONF.k * SAME.k"
+        },
+        {
+            "setup": "class C(msgspec.Struct):\n    k: int\nCONF = C(k=2)\nSAME = CONF\n"
+            "h = lambda x: x * CONF.k * SAME.k"
+        },
+    ),
+    (
+        "an annotation that does not resolve",
+        {"setup": "class P:\n    x: 'Nowhere'\n    K = 1", "body": "return state + P.K"},
+        {"setup": "class P:\n    x: 'Elsewhere'\n    K = 1", "body": "return state + P.K"},
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},
@@ -457,6 +493,40 @@ def test_a_helper_in_another_module_of_yours_is_followed(
     assert key(release(setup=setup, body=body)) != first
 
 
+def test_a_relative_import_in_a_package_module_is_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules_package: Callable[[str], None]
+) -> None:
+    """An apply function in a package's module that imports its helper relatively
+    (``from .rules import rate`` inside the function), and another that imports a
+    module already loaded (``from package import module``): the helper counts."""
+    source = """
+import incident
+from keyed_rules.sub import rules  # loaded before the function's own import
+
+
+class Added(incident.Event, tag="keyed.relative.Added"):
+    n: int
+
+
+agg = incident.Aggregate("relative", initial=0)
+
+
+@agg.apply(Added)
+def added(state: int, event: Added) -> int:
+    from .rules import rate
+    from keyed_rules.sub import rules
+    return state + rate(event.n) + rules.rate(0)
+"""
+    monkeypatch.syspath_prepend(str(tmp_path / "packages"))
+    keys = []
+    for rate in ("x", "x", "x * 3"):
+        rules_package(rate)
+        (tmp_path / "packages" / "keyed_rules" / "sub" / "aggregate.py").write_text(source)
+        module = importlib.import_module("keyed_rules.sub.aggregate")
+        keys.append(code_key(module.agg))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_an_import_that_fails_still_names_the_module(release: Importer) -> None:
     """An import the key cannot follow (it fails when the key is computed) keeps the
     name of what it imports in the key: another name, another key."""
@@ -619,6 +689,29 @@ def test_code_run_in_a_notebook_cell_is_followed() -> None:
     first = code_key(exec_aggregate(source, {"__name__": "notebook_cell", "RATE": 1}))
     assert code_key(exec_aggregate(source, {"__name__": "notebook_cell", "RATE": 1})) == first
     assert code_key(exec_aggregate(source, {"__name__": "notebook_cell", "RATE": 2})) != first
+
+
+@pytest.mark.parametrize("name", [None, "another_cell"])
+def test_a_helper_from_another_cell_or_exec_is_followed(name: str | None) -> None:
+    """A helper defined by other exec'd code (another notebook cell, or code exec'd
+    with no module name at all) is the user's: its body counts."""
+
+    def helper(body: str) -> Any:
+        cell: dict[str, Any] = {} if name is None else {"__name__": name}
+        exec(f"def h(x):\n    return {body}\n", cell)
+        return cell["h"]
+
+    source = """
+    agg = incident.Aggregate("cell", initial=0)
+    @agg.apply(Added)
+    def added(state, event):
+        return state + h(event.n)
+    """
+    keys = [
+        code_key(exec_aggregate(source, {"__name__": "notebook_cell", "h": helper(body)}))
+        for body in ("x", "x", "-x")
+    ]
+    assert keys[0] == keys[1] != keys[2]
 
 
 def test_a_closure_not_assigned_yet_then_assigned() -> None:

@@ -49,7 +49,7 @@ def code_key(aggregate: Aggregate[Any]) -> str:
     hasher.put("state")
     hasher.hint(aggregate.state_type, force=True)
     hasher.put("initial")  # every fold starts from it
-    hasher.value(aggregate.initial)
+    hasher.reference(aggregate.initial)
     for event_type, applier in sorted(
         aggregate.appliers.items(), key=lambda pair: event_type_name(pair[0])
     ):
@@ -94,16 +94,6 @@ def _plain_text(value: Any) -> str | None:
             return None
         return f"dict{{{','.join(f'{key}:{item}' for key, item in pairs)}}}"
     return None
-
-
-_REFERENCES = (
-    types.FunctionType,
-    types.MethodType,
-    type,
-    functools.partial,
-    property,
-    functools.cached_property,
-)
 
 
 class _CodeHasher:
@@ -176,6 +166,7 @@ class _CodeHasher:
             self.value(value)
 
     def value(self, value: Any, namespace: dict[str, Any] | None = None) -> None:
+        """Data, code and objects (functions and classes go through :meth:`reference`)."""
         text = _plain_text(value)
         if text is not None:
             self.put(text)
@@ -187,8 +178,6 @@ class _CodeHasher:
                 self.reference(item)
         elif isinstance(value, types.ModuleType):
             self.put("module", value.__name__)
-        elif isinstance(value, _REFERENCES):
-            self.reference(value)
         elif callable(wrapped := _wrapped(value)):  # functools.cache and friends
             self.put("wrapped", _name(value))
             self.reference(wrapped)
