@@ -264,6 +264,27 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         {"setup": "class P:\n    x: 'Elsewhere'\n    K = 1", "body": "return state + P.K"},
     ),
     (
+        "a singledispatch implementation",
+        {
+            "setup": "@functools.singledispatch\ndef h(x):\n    return x\n"
+            "@h.register\ndef _(x: int):\n    return x * 2"
+        },
+        {
+            "setup": "@functools.singledispatch\ndef h(x):\n    return x\n"
+            "@h.register\ndef _(x: int):\n    return x * 3"
+        },
+    ),
+    (
+        "a function attribute",
+        {"setup": "def h(x):\n    return x * h.k\nh.k = 1"},
+        {"setup": "def h(x):\n    return x * h.k\nh.k = 2"},
+    ),
+    (
+        "a string used as a value and a docstring",
+        {"setup": "def h(x):\n    'a'\n    return x * len('a')"},
+        {"setup": "def h(x):\n    'a'\n    return x * len('ab')"},
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},
@@ -391,8 +412,13 @@ def default_body(setup: str) -> str:
 KEEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
     (
         "a comment and blank lines",
-        {"setup": "X = 1"},
-        {"setup": "# a note\n\n\nX = 1  # and one here"},
+        {"setup": "RATE = 1"},
+        {"setup": "# a note\n\n\nRATE = 1  # and one here"},
+    ),
+    (
+        "a docstring",
+        {"setup": "def h(x):\n    'Doubles.'\n    return x * 2"},
+        {"setup": "def h(x):\n    'Twice x, for the bonus.'\n    return x * 2"},
     ),
     (
         "the order of unrelated definitions",
@@ -425,6 +451,8 @@ def test_a_change_that_leaves_the_fold_alone_keeps_the_key(
     release: Importer, before: dict[str, str], after: dict[str, str]
 ) -> None:
     """Snapshots stay usable across a change that cannot change a fold."""
+    for arguments in (before, after):
+        arguments.setdefault("body", default_body(arguments.get("setup", "")))
     assert key(release(**before)) == key(release(**after))
 
 
@@ -628,6 +656,19 @@ class Scaler:
 
 
 scale = Scaler()
+
+
+@functools.singledispatch
+def weigh(x: object) -> int:
+    'Any other thing weighs nothing.'
+    return 0
+
+
+@weigh.register
+def _(x: int) -> int:
+    return x
+
+
 board = incident.Aggregate("everything", initial=State())
 
 
@@ -636,7 +677,7 @@ def scored(state: State, event: Scored) -> State:
     from json import dumps  # an import in the function
     import keyed_helper
     return msgspec.structs.replace(
-        state, total=state.total + keyed_helper.bonus(rate(scale(event.n))) + len(dumps(1))
+        state, total=state.total + keyed_helper.bonus(rate(scale(weigh(event.n)))) + len(dumps(1))
     )
 """
 
@@ -651,7 +692,8 @@ print(code_key(keyed_everything.board))
 
 def test_the_key_of_everything_it_follows_is_the_same_in_every_process(tmp_path: Path) -> None:
     """Dataclass instances and their generated methods, Structs, sets of strings, a
-    cached helper, a callable object and a module imported inside the apply function:
+    cached helper, a singledispatch helper, a callable object and a module imported
+    inside the apply function:
     processes with other hash seeds compute the same key."""
     (tmp_path / "keyed_everything.py").write_text(EVERYTHING)
     (tmp_path / "keyed_helper.py").write_text("def bonus(x):\n    return x + 1\n")

@@ -210,9 +210,13 @@ class _CodeHasher:
         if not self._enter(function):
             return
         self.put("def", function.__qualname__)
-        self.code(function.__code__, function.__globals__)
+        self.code(function.__code__, function.__globals__, docstring=function.__doc__)
         self.value(function.__defaults__)
         self.value(function.__kwdefaults__)
+        for name, attribute in sorted(vars(function).items()):  # __wrapped__, registry...
+            self.put("attribute", name)
+            proxy = isinstance(attribute, types.MappingProxyType)
+            self.reference(dict(attribute) if proxy else attribute)
         for cell in function.__closure__ or ():
             try:
                 contents = cell.cell_contents
@@ -221,10 +225,12 @@ class _CodeHasher:
                 continue
             self.reference(contents)
 
-    def code(self, code: types.CodeType, namespace: dict[str, Any]) -> None:
-        """Bytecode, names and constants; nested code objects (lambdas, generator
-        expressions, comprehensions) by their own content, never their repr, which holds
-        an address."""
+    def code(
+        self, code: types.CodeType, namespace: dict[str, Any], docstring: str | None = None
+    ) -> None:
+        """Bytecode, names and constants (but a function's docstring, its first constant);
+        nested code objects (lambdas, generator expressions, comprehensions) by their own
+        content, never their repr, which holds an address."""
         self.put(
             "code",
             code.co_name,
@@ -239,7 +245,9 @@ class _CodeHasher:
             "|",
             *code.co_cellvars,
         )
-        for constant in code.co_consts:
+        for index, constant in enumerate(code.co_consts):
+            if index == 0 and docstring is not None and constant == docstring:
+                continue  # prose: were it also used as a value, the bytecode would say so
             self.value(constant, namespace)
         names = names_used(code)
         for name in names.globals:
