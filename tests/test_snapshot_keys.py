@@ -285,6 +285,42 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         {"setup": "def h(x):\n    'a'\n    return x * len('ab')"},
     ),
     (
+        "the object of a bound method",
+        {
+            "setup": "@dataclasses.dataclass\nclass P:\n    k: int\n    def f(self, x):\n"
+            "        return x * self.k\nh = P(k=1).f"
+        },
+        {
+            "setup": "@dataclasses.dataclass\nclass P:\n    k: int\n    def f(self, x):\n"
+            "        return x * self.k\nh = P(k=2).f"
+        },
+    ),
+    (
+        "a compiled pattern",
+        {"setup": "import re\nP = re.compile(r'\\d+')", "body": "return len(P.findall('a1'))"},
+        {"setup": "import re\nP = re.compile(r'\\d')", "body": "return len(P.findall('a1'))"},
+    ),
+    (
+        "an itemgetter",
+        {"setup": "import operator\nh = operator.itemgetter(0)", "body": "return h([1, 2])"},
+        {"setup": "import operator\nh = operator.itemgetter(1)", "body": "return h([1, 2])"},
+    ),
+    (
+        "a Fraction",
+        {"setup": "import fractions\nRATE = fractions.Fraction(1, 3)"},
+        {"setup": "import fractions\nRATE = fractions.Fraction(1, 4)"},
+    ),
+    (
+        "a range",
+        {"setup": "R = range(3)", "body": "return len(R)"},
+        {"setup": "R = range(4)", "body": "return len(R)"},
+    ),
+    (
+        "a SimpleNamespace's attribute",
+        {"setup": "import types\nCONF = types.SimpleNamespace(k=1)\nh = lambda x: x * CONF.k"},
+        {"setup": "import types\nCONF = types.SimpleNamespace(k=2)\nh = lambda x: x * CONF.k"},
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},

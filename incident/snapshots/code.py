@@ -16,8 +16,11 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import fractions
 import functools
 import hashlib
+import operator
+import re
 import types
 import typing
 import uuid
@@ -67,11 +70,16 @@ def _name(value: Any) -> str:
     return f"{module}:{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
+_SCALARS = fractions.Fraction | range
+# library objects whose repr says all they do, with no address in it
+_BY_REPR = (re.Pattern, operator.itemgetter, operator.attrgetter, operator.methodcaller)
+
+
 def _plain_text(value: Any) -> str | None:
     """A stable text for plain data (scalars, dates, decimals, enum members, and
     containers of them, sets sorted), or None for anything else."""
     if value is None or isinstance(
-        value, bool | int | float | complex | str | bytes | decimal.Decimal | uuid.UUID
+        value, bool | int | float | complex | str | bytes | decimal.Decimal | uuid.UUID | _SCALARS
     ):
         return f"{type(value).__name__}:{value!r}"
     if value is Ellipsis:
@@ -138,6 +146,9 @@ class _CodeHasher:
 
     def reference(self, value: Any, *, force: bool = False) -> None:
         """Whatever a name in user code resolves to."""
+        if isinstance(value, types.MethodType):  # its object counts: Pricing(rate=2).apply
+            self.put("bound")
+            self.reference(value.__self__)
         if isinstance(value, staticmethod | classmethod | types.MethodType):
             value = value.__func__
         if isinstance(value, functools.partial):
@@ -183,23 +194,28 @@ class _CodeHasher:
             self.reference(wrapped)
         elif callable(value) and hasattr(value, "__qualname__"):  # a builtin function
             self.put("callable", _name(value))
-        elif isinstance(value, msgspec.Struct) or dataclasses.is_dataclass(value):
+        elif isinstance(value, _BY_REPR):
+            self.put("repr", _name(type(value)), repr(value))
+        elif isinstance(value, msgspec.Struct | types.SimpleNamespace) or dataclasses.is_dataclass(
+            value
+        ):
             self._record(value)  # data: a constant, a default, the initial state
         else:  # an object: its class, not its contents (it may be a connection, a cache)
             self.put("object")
             self.reference(type(value))
 
     def _record(self, record: Any) -> None:
-        """A Struct or dataclass instance: its class and each field's value."""
+        """A Struct, dataclass or SimpleNamespace: its class and each field's value."""
         if not self._enter(record):
             return
         self.put("record")
         self.reference(type(record))
-        fields = (
-            record.__struct_fields__
-            if isinstance(record, msgspec.Struct)
-            else tuple(field.name for field in dataclasses.fields(record))
-        )
+        if isinstance(record, msgspec.Struct):
+            fields = record.__struct_fields__
+        elif isinstance(record, types.SimpleNamespace):
+            fields = tuple(vars(record))
+        else:
+            fields = tuple(field.name for field in dataclasses.fields(record))
         for field in fields:
             self.put("field", field)
             self.reference(getattr(record, field, None))
