@@ -7,7 +7,7 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import pytest
@@ -70,6 +70,10 @@ class Loose(msgspec.Struct):
     extra: Any = None
 
 
+class Described(msgspec.Struct):  # Any under Annotated metadata is Any all the same
+    extra: Annotated[dict, msgspec.Meta(title="free-form")] = {}  # type: ignore[type-arg]
+
+
 class Node(msgspec.Struct):
     value: int = 0
     next: Node | None = None
@@ -89,6 +93,14 @@ class Node(msgspec.Struct):
         ({"initial": (1, "a")}, "declare state_type=tuple[int, str]"),
         ({"initial": {"a": Mixed.A}}, "declare state_type=dict[K, V]"),
         ({"initial": Loose()}, "leaves state.extra open"),
+        (
+            {"initial": [], "state_type": list[Annotated[Any, msgspec.Meta(description="x")]]},
+            "leaves state's items open",
+        ),
+        (
+            {"initial": Described()},
+            "leaves state.extra's keys open",
+        ),
     ],
 )
 def test_a_state_that_would_not_come_back_is_refused(options: dict[str, Any], message: str) -> None:

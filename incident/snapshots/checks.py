@@ -102,6 +102,8 @@ def _open_part(
         children = [(f"{path}[{i}]", item) for i, item in enumerate(info.item_types)]
     elif isinstance(info, msgspec.inspect.UnionType):
         children = [(path, member) for member in info.types]
+    elif isinstance(info, msgspec.inspect.Metadata):  # Annotated[T, msgspec.Meta(...)]
+        children = [(path, info.type)]
     elif isinstance(info, _WITH_FIELDS):
         children = [(f"{path}.{field.name}", field.type) for field in info.fields]
     for where, child in children:
