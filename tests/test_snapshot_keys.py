@@ -462,6 +462,12 @@ KEEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
         {"setup": "def v():\n    pass\ndef u():\n    pass"},
     ),
     (
+        "type hints on a helper",
+        {"setup": "def h(x):\n    return x * 2"},
+        {"setup": "def h(x: int) -> int:\n    return x * 2"},
+    ),
+    ("an import nothing uses", {"setup": "RATE = 2"}, {"setup": "import json\nRATE = 2"}),
+    (
         "a helper nothing calls",
         {"setup": "def u():\n    return 1"},
         {"setup": "def u():\n    return 2"},
