@@ -321,6 +321,22 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         {"setup": "import types\nCONF = types.SimpleNamespace(k=2)\nh = lambda x: x * CONF.k"},
     ),
     (
+        "a decimal context",
+        {"setup": "import decimal\nCTX = decimal.Context(prec=4)", "body": "return CTX.prec"},
+        {"setup": "import decimal\nCTX = decimal.Context(prec=6)", "body": "return CTX.prec"},
+    ),
+    (
+        "a time zone",
+        {
+            "setup": "import datetime as dt\nTZ = dt.timezone(dt.timedelta(hours=2))",
+            "body": "return TZ.utcoffset(None).seconds",
+        },
+        {
+            "setup": "import datetime as dt\nTZ = dt.timezone(dt.timedelta(hours=3))",
+            "body": "return TZ.utcoffset(None).seconds",
+        },
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},
@@ -465,6 +481,15 @@ KEEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
         "type hints on a helper",
         {"setup": "def h(x):\n    return x * 2"},
         {"setup": "def h(x: int) -> int:\n    return x * 2"},
+    ),
+    (
+        "a decimal context's flags, set by the calculations it made",
+        {"setup": "import decimal\nCTX = decimal.Context(prec=2)", "body": "return CTX.prec"},
+        {
+            "setup": "import decimal\nCTX = decimal.Context(prec=2)\n"
+            "CTX.divide(decimal.Decimal(1), decimal.Decimal(3))",
+            "body": "return CTX.prec",
+        },
     ),
     ("an import nothing uses", {"setup": "RATE = 2"}, {"setup": "import json\nRATE = 2"}),
     (

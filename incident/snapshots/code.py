@@ -86,8 +86,12 @@ def _plain_text(value: Any) -> str | None:
         return "..."
     if isinstance(value, enum.Enum):
         return f"enum:{_name(type(value))}.{value.name}={_plain_text(value.value)}"
-    if isinstance(value, dt.date | dt.time | dt.timedelta):  # datetime is a date
-        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, dt.date | dt.time | dt.timedelta | dt.tzinfo):  # datetime is a date
+        return f"{type(value).__name__}:{_repr(value)}"
+    if isinstance(value, decimal.Context):  # its settings, not its flags (they change)
+        traps = sorted(trap.__name__ for trap, on in value.traps.items() if on)
+        settings = (value.prec, value.rounding, value.Emin, value.Emax, value.clamp)
+        return f"context:{settings}/{value.capitals}/{','.join(traps)}"
     if isinstance(value, tuple | list):
         items = [_plain_text(item) for item in value]
         return None if None in items else f"{type(value).__name__}[{','.join(items)}]"  # type: ignore[arg-type]
