@@ -337,6 +337,32 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         },
     ),
     (
+        "a method of an enum member's class",
+        {
+            "setup": "class E(enum.Enum):\n    A = 1\n    def twice(self):\n        return 2\n"
+            "DEFAULT = E.A",
+            "body": "return DEFAULT.twice()",
+        },
+        {
+            "setup": "class E(enum.Enum):\n    A = 1\n    def twice(self):\n        return 3\n"
+            "DEFAULT = E.A",
+            "body": "return DEFAULT.twice()",
+        },
+    ),
+    (
+        "a method of an int subclass's constant",
+        {
+            "setup": "class Cents(int):\n    def __add__(self, other):\n        return 1\n"
+            "FEE = Cents(5)",
+            "body": "return FEE + state",
+        },
+        {
+            "setup": "class Cents(int):\n    def __add__(self, other):\n        return 2\n"
+            "FEE = Cents(5)",
+            "body": "return FEE + state",
+        },
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},

@@ -185,6 +185,8 @@ class _CodeHasher:
         text = _plain_text(value)
         if text is not None:
             self.put(text)
+            if type(value).__module__ != "builtins":  # an enum's, an int subclass's methods
+                self.reference(type(value))
         elif isinstance(value, types.CodeType):
             self.code(value, namespace or {})
         elif isinstance(value, tuple | list | set | frozenset | dict):
