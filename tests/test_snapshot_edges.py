@@ -357,3 +357,41 @@ def test_an_event_the_aggregate_no_longer_applies_is_a_routing_error(
         new.dispatch(Bump(aggregate_id="R"))
     assert not isinstance(refused.value, incident.ForeignStream)
     assert [(r.version, r.event_type) for r in events.get("R")] == before
+
+
+class CountingSnapshotReads:
+    """Wraps a projection store and counts the snapshots read."""
+
+    def __init__(self, store: incident.ProjectionStore) -> None:
+        self._store = store
+        self.reads = 0
+
+    def get(self, model: type[Any], key: str) -> Any:
+        self.reads += model is Snapshot
+        return self._store.get(model, key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_snapshot_at_the_head_of_its_stream_is_read_once(
+    stores: tuple[incident.EventStore, incident.ProjectionStore],
+) -> None:
+    """A cold start whose snapshot is the latest version caches the state it read, so
+    the next read does not fetch the snapshot again, on every store."""
+    events, projections = stores
+    aggregate = counter()
+    writer = incident.CommandHandler(events, projections, aggregates=[aggregate], snapshot_every=2)
+    for _ in range(4):
+        writer.dispatch(Bump(aggregate_id="S"))
+    counting = CountingSnapshotReads(projections)
+    reader = incident.CommandHandler(
+        events,
+        counting,  # type: ignore[arg-type]
+        aggregates=[aggregate],
+        snapshot_every=2,
+    )
+    assert reader.state("edges", "S") == reader.state("edges", "S") == 4
+    assert counting.reads == 1
+    [bumped] = reader.dispatch(Bump(aggregate_id="S"))
+    assert bumped.version == 5 and reader.state("edges", "S") == 5

@@ -64,10 +64,9 @@ class StateLoader:
     def load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
         """(state, version): from the cache plus the events after it, else the whole stream."""
         key = (aggregate.name, aggregate_id)
+        cached = self.cache.get(key)
         state, version = (
-            self.cache.get(key)
-            or self._from_snapshot(aggregate, aggregate_id)
-            or (aggregate.initial, 0)
+            cached or self._from_snapshot(aggregate, aggregate_id) or (aggregate.initial, 0)
         )
         # the events alone (no envelopes), streamed; versions have no gaps
         try:
@@ -76,8 +75,8 @@ class StateLoader:
         except RoutingError:
             self._refuse_foreign_stream(aggregate, aggregate_id)
             raise
-        if count:
-            version += count
+        version += count
+        if count or (cached is None and version):  # a snapshot at the head is cached too
             self.cache.put(key, state, version)
         return state, version
 
