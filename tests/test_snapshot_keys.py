@@ -363,6 +363,11 @@ CHANGES: list[tuple[str, dict[str, str], dict[str, str]]] = [
         },
     ),
     (
+        "the object of a bound builtin method",
+        {"setup": "RATES = {'a': 1}\nh = RATES.get", "body": "return h('a')"},
+        {"setup": "RATES = {'a': 2}\nh = RATES.get", "body": "return h('a')"},
+    ),
+    (
         "a lambda in a comprehension",
         {"setup": "h = lambda x: sum([(lambda y: y)(i) for i in range(x)])"},
         {"setup": "h = lambda x: sum([(lambda y: -y)(i) for i in range(x)])"},
@@ -736,11 +741,12 @@ class State(msgspec.Struct, frozen=True):
 
 SETTINGS = Settings()
 TABLE = {"a": (1, 2), "b": {3, 4, 5}}
+SCALERS = frozenset({len, abs, Settings})  # not plain: hashed in an order of its own
 
 
 @functools.cache
 def rate(x: int) -> int:
-    return x * SETTINGS.rate + len(TABLE)
+    return x * SETTINGS.rate + len(TABLE) + len(SCALERS)
 
 
 class Scaler:

@@ -191,7 +191,10 @@ class _CodeHasher:
             self.code(value, namespace or {})
         elif isinstance(value, tuple | list | set | frozenset | dict):
             self.put(type(value).__name__)  # holding something not plain: each in turn
-            for item in value.items() if isinstance(value, dict) else value:
+            items = value.items() if isinstance(value, dict) else value
+            if isinstance(value, set | frozenset):  # in an order that is not the hashes'
+                items = sorted(value, key=lambda item: _plain_text(item) or _name(item))
+            for item in items:
                 self.reference(item)
         elif isinstance(value, types.ModuleType):
             self.put("module", value.__name__)
@@ -200,6 +203,9 @@ class _CodeHasher:
             self.reference(wrapped)
         elif callable(value) and hasattr(value, "__qualname__"):  # a builtin function
             self.put("callable", _name(value))
+            owner = getattr(value, "__self__", None)  # RATES.get: RATES counts
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.reference(owner)
         elif isinstance(value, _BY_REPR):
             self.put("repr", _name(type(value)), repr(value))
         elif isinstance(value, msgspec.Struct | types.SimpleNamespace) or dataclasses.is_dataclass(
