@@ -11,6 +11,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from ..errors import InvalidArgument
+
 __all__ = ["StateCache"]
 
 Key = tuple[str, str]  # (aggregate name, aggregate id)
@@ -29,8 +31,8 @@ class StateCache:
     """
 
     def __init__(self, size: int = 10_000) -> None:
-        if size < 0:
-            raise ValueError(f"cache size must be >= 0, got {size}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidArgument(f"cache size must be an int >= 0, got {size!r}")
         self.size = size
         self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()

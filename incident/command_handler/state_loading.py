@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..aggregate import Aggregate
-from ..errors import ForeignStream, RoutingError
+from ..errors import ForeignStream, InvalidArgument, RoutingError
 from ..snapshots import (
     Snapshot,
     check_snapshottable,
@@ -44,8 +44,14 @@ class StateLoader:
         snapshot_every: int | None,
         verify_snapshots: bool,
     ) -> None:
-        if snapshot_every is not None and snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be >= 1 or None, got {snapshot_every}")
+        if snapshot_every is not None and (
+            isinstance(snapshot_every, bool)
+            or not isinstance(snapshot_every, int)
+            or snapshot_every < 1
+        ):
+            raise InvalidArgument(
+                f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}"
+            )
         self.event_store, self.projection_store, self.cache = event_store, projection_store, cache
         self.snapshot_every, self.verify_snapshots = snapshot_every, verify_snapshots
         # the code key of each aggregate snapshotted: computed once, it walks the code
@@ -58,10 +64,9 @@ class StateLoader:
     def load(self, aggregate: Aggregate[Any], aggregate_id: str) -> tuple[Any, int]:
         """(state, version): from the cache plus the events after it, else the whole stream."""
         key = (aggregate.name, aggregate_id)
+        cached = self.cache.get(key)
         state, version = (
-            self.cache.get(key)
-            or self._from_snapshot(aggregate, aggregate_id)
-            or (aggregate.initial, 0)
+            cached or self._from_snapshot(aggregate, aggregate_id) or (aggregate.initial, 0)
         )
         # the events alone (no envelopes), streamed; versions have no gaps
         try:
@@ -70,8 +75,8 @@ class StateLoader:
         except RoutingError:
             self._refuse_foreign_stream(aggregate, aggregate_id)
             raise
-        if count:
-            version += count
+        version += count
+        if count or (cached is None and version):  # a snapshot at the head is cached too
             self.cache.put(key, state, version)
         return state, version
 

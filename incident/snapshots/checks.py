@@ -23,11 +23,6 @@ def check_snapshottable(aggregate: Aggregate[Any]) -> None:
     state that changes on the way (encoded, decoded as ``state_type``, compared)."""
     name, state_type, initial = aggregate.name, aggregate.state_type, aggregate.initial
     declare = f"declare Aggregate({name!r}, initial=..., state_type=...)"
-    if state_type is type(None):
-        raise RegistrationError(
-            f"{name}: initial=None says nothing about the state snapshots must read back; "
-            f"{declare} with the state's type, e.g. state_type=YourState | None"
-        )
     try:
         info = msgspec.inspect.type_info(state_type)
     except (TypeError, ValueError) as error:
@@ -47,7 +42,7 @@ def check_snapshottable(aggregate: Aggregate[Any]) -> None:
         raise RegistrationError(
             f"{name}: snapshots read the state back as {_type_text(state_type)}, which leaves "
             f"{where} open (a bare dict, list, tuple or set, Any or object comes back as "
-            f"plain JSON: str keys, lists); {_advice(initial)}"
+            f"plain JSON: str keys, lists); {_advice(initial, where)}"
         )
     try:
         _, decoded = round_trip(initial, state_type)
@@ -107,6 +102,8 @@ def _open_part(
         children = [(f"{path}[{i}]", item) for i, item in enumerate(info.item_types)]
     elif isinstance(info, msgspec.inspect.UnionType):
         children = [(path, member) for member in info.types]
+    elif isinstance(info, msgspec.inspect.Metadata):  # Annotated[T, msgspec.Meta(...)]
+        children = [(path, info.type)]
     elif isinstance(info, _WITH_FIELDS):
         children = [(f"{path}.{field.name}", field.type) for field in info.fields]
     for where, child in children:
@@ -122,17 +119,21 @@ def _type_text(hint: Any) -> str:
     return repr(hint).replace("typing.", "").replace("decimal.", "").replace("datetime.", "")
 
 
-def _advice(initial: Any) -> str:
-    """What to declare: spelled from the initial state when it holds a sample of each
-    part, else with placeholders and an example."""
+def _advice(initial: Any, where: str) -> str:
+    """What to declare: for a builtin container, spelled from the initial state when it
+    holds a sample of each part, else with placeholders and an example; for a class of
+    the user's (whose own field is open), that field's type."""
+    if type(initial) not in (dict, list, tuple, set, frozenset):
+        return (
+            f"give {where} a type that says what it holds (no Any, object or bare dict, "
+            "list, tuple or set)"
+        )
     spelled = _spell(initial)
     if "?" not in spelled:
         return f"declare state_type={spelled}"
     if isinstance(initial, dict):
         return "declare state_type=dict[K, V] with the key and value types, e.g. dict[int, Decimal]"
-    if isinstance(initial, list | tuple | set | frozenset):
-        return "declare the item type, e.g. state_type=list[int] or tuple[str, ...]"
-    return "declare a state_type whose every part says its type (no Any, no bare dict or list)"
+    return "declare the item type, e.g. state_type=list[int] or tuple[str, ...]"
 
 
 def _spell(value: Any) -> str:

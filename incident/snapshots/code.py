@@ -2,8 +2,9 @@
 
 A snapshot is only trusted when its ``code`` equals :func:`code_key` of the running
 code: a hash of everything that decides what the state is (the aggregate's
-``snapshot_version``, its state type, apply functions, upcasters and event types, and
-the functions, classes and constants of the user's own modules that they reach). The
+``snapshot_version``, its state type and initial state, apply functions, upcasters and
+event types, and the functions, classes and constants of the user's own modules that
+they reach, :mod:`incident.snapshots.names` says how). The
 hash is made of code and data, never of addresses or ids, so an unchanged program gets
 the same key in every process, and a changed one gets another, whose old snapshots are
 then ignored.
@@ -11,28 +12,31 @@ then ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
-import dis
 import enum
+import fractions
 import functools
 import hashlib
-import site
-import sys
-import sysconfig
+import operator
+import re
 import types
 import typing
 import uuid
-from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from ..aggregate import Aggregate
 from ..messages import event_type_name
+from .names import imported, names_used
+from .origin import is_library, own_packages
 
 __all__ = ["code_key"]
 
 # Bumped when the way the key is computed changes, so keys of the old way never match.
-_KEY_FORMAT = "incident-snapshot-key/2"
+_KEY_FORMAT = "incident-snapshot-key/3"
 
 
 def code_key(aggregate: Aggregate[Any]) -> str:
@@ -41,11 +45,14 @@ def code_key(aggregate: Aggregate[Any]) -> str:
     and upcaster, each event type (stored name, schema version, fields), and, followed
     through globals, closures and nested code, the functions, classes and constants of
     the user's modules they use (not incident's, the standard library's or those
-    installed in site-packages, except the aggregate's own package)."""
-    hasher = _CodeHasher(_own_packages(aggregate))
+    installed in site-packages, except the aggregate's own package), and the initial
+    state."""
+    hasher = _CodeHasher(own_packages(aggregate))
     hasher.put(_KEY_FORMAT, aggregate.name, str(aggregate.snapshot_version))
     hasher.put("state")
     hasher.hint(aggregate.state_type, force=True)
+    hasher.put("initial")  # every fold starts from it
+    hasher.reference(aggregate.initial)
     for event_type, applier in sorted(
         aggregate.appliers.items(), key=lambda pair: event_type_name(pair[0])
     ):
@@ -58,83 +65,33 @@ def code_key(aggregate: Aggregate[Any]) -> str:
     return hasher.hexdigest()[:16]
 
 
-def _own_packages(aggregate: Aggregate[Any]) -> frozenset[str]:
-    """The top-level packages the aggregate's functions live in: followed even when
-    installed into site-packages, as a deployed application often is."""
-    functions: list[Any] = [*aggregate.appliers.values(), *aggregate.upcasters.values()]
-    modules = {getattr(function, "__module__", None) or "" for function in functions}
-    return frozenset(
-        top for top in (name.partition(".")[0] for name in modules) if top and top != "incident"
-    )
-
-
-@functools.cache
-def _installed_paths() -> tuple[str, ...]:
-    paths = {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths.update(site.getsitepackages())
-    paths.add(site.getusersitepackages())
-    return tuple(str(Path(path).resolve()) for path in paths if path)
-
-
-def _is_library(module_name: str, own: frozenset[str]) -> bool:
-    """Whether a module is someone else's code: incident itself (not its examples), the
-    standard library, or anything installed; its functions count by name only."""
-    if module_name == "incident" or (
-        module_name.startswith("incident.") and not module_name.startswith("incident.examples")
-    ):
-        return True
-    top = module_name.partition(".")[0]
-    if top in own:
-        return False
-    if top in sys.stdlib_module_names or top == "builtins":
-        return True
-    module = sys.modules.get(module_name)
-    filename = getattr(module, "__file__", None)
-    if filename is None:  # __main__ of a notebook or a REPL, exec'd code: the user's
-        return False
-    path = Path(filename).resolve()
-    if {"site-packages", "dist-packages"} & set(path.parts):
-        return True
-    return any(path.is_relative_to(prefix) for prefix in _installed_paths())
-
-
-_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
-_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-
-
-@functools.lru_cache(maxsize=4096)
-def _names_used(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The global names a code object reads and the attribute names it reads, in order
-    of first use: co_names mixes them, and an attribute (``event.line``) must not be
-    looked up as a global that happens to share its name."""
-    globals_used: dict[str, None] = {}
-    attributes: dict[str, None] = {}
-    for instruction in dis.get_instructions(code):
-        if instruction.opname in _GLOBAL_LOADS:
-            globals_used[instruction.argval] = None
-        elif instruction.opname in _ATTRIBUTE_LOADS:
-            attributes[instruction.argval] = None
-    return tuple(globals_used), tuple(attributes)
-
-
 def _name(value: Any) -> str:
     module = getattr(value, "__module__", None) or "?"
     return f"{module}:{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
+_SCALARS = fractions.Fraction | range
+# library objects whose repr says all they do, with no address in it
+_BY_REPR = (re.Pattern, operator.itemgetter, operator.attrgetter, operator.methodcaller)
+
+
 def _plain_text(value: Any) -> str | None:
     """A stable text for plain data (scalars, dates, decimals, enum members, and
-    containers of them, sets and dicts sorted), or None for anything else."""
+    containers of them, sets sorted), or None for anything else."""
     if value is None or isinstance(
-        value, bool | int | float | complex | str | bytes | decimal.Decimal | uuid.UUID
+        value, bool | int | float | complex | str | bytes | decimal.Decimal | uuid.UUID | _SCALARS
     ):
         return f"{type(value).__name__}:{value!r}"
     if value is Ellipsis:
         return "..."
     if isinstance(value, enum.Enum):
         return f"enum:{_name(type(value))}.{value.name}={_plain_text(value.value)}"
-    if isinstance(value, dt.date | dt.time | dt.timedelta):  # datetime is a date
-        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, dt.date | dt.time | dt.timedelta | dt.tzinfo):  # datetime is a date
+        return f"{type(value).__name__}:{_repr(value)}"
+    if isinstance(value, decimal.Context):  # its settings, not its flags (they change)
+        traps = sorted(trap.__name__ for trap, on in value.traps.items() if on)
+        settings = (value.prec, value.rounding, value.Emin, value.Emax, value.clamp)
+        return f"context:{settings}/{value.capitals}/{','.join(traps)}"
     if isinstance(value, tuple | list):
         items = [_plain_text(item) for item in value]
         return None if None in items else f"{type(value).__name__}[{','.join(items)}]"  # type: ignore[arg-type]
@@ -143,11 +100,11 @@ def _plain_text(value: Any) -> str | None:
         if None in items:
             return None
         return f"{type(value).__name__}{{{','.join(sorted(items))}}}"  # type: ignore[arg-type]
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # in order: code may iterate it (sets, unordered, sorted)
         pairs = [(_plain_text(key), _plain_text(item)) for key, item in value.items()]
         if any(key is None or item is None for key, item in pairs):
             return None
-        return f"dict{{{','.join(sorted(f'{key}:{item}' for key, item in pairs))}}}"
+        return f"dict{{{','.join(f'{key}:{item}' for key, item in pairs)}}}"
     return None
 
 
@@ -186,13 +143,16 @@ class _CodeHasher:
         if not isinstance(module, str):  # code exec'd without a __name__: the user's
             return True
         if module not in self._library:
-            self._library[module] = _is_library(module, self._own)
+            self._library[module] = is_library(module, self._own)
         return not self._library[module]
 
     # -- values ---------------------------------------------------------------
 
     def reference(self, value: Any, *, force: bool = False) -> None:
         """Whatever a name in user code resolves to."""
+        if isinstance(value, types.MethodType):  # its object counts: Pricing(rate=2).apply
+            self.put("bound")
+            self.reference(value.__self__)
         if isinstance(value, staticmethod | classmethod | types.MethodType):
             value = value.__func__
         if isinstance(value, functools.partial):
@@ -204,6 +164,9 @@ class _CodeHasher:
             self.put("property")
             for accessor in (value.fget, value.fset, value.fdel):
                 self.reference(accessor)
+        elif isinstance(value, functools.cached_property):
+            self.put("cached_property")
+            self.reference(value.func)
         elif isinstance(value, types.FunctionType):
             if force or self._followed(value):
                 self.function(value)
@@ -218,25 +181,56 @@ class _CodeHasher:
             self.value(value)
 
     def value(self, value: Any, namespace: dict[str, Any] | None = None) -> None:
+        """Data, code and objects (functions and classes go through :meth:`reference`)."""
         text = _plain_text(value)
         if text is not None:
             self.put(text)
+            if type(value).__module__ != "builtins":  # an enum's, an int subclass's methods
+                self.reference(type(value))
         elif isinstance(value, types.CodeType):
             self.code(value, namespace or {})
         elif isinstance(value, tuple | list | set | frozenset | dict):
             self.put(type(value).__name__)  # holding something not plain: each in turn
-            for item in value.items() if isinstance(value, dict) else value:
+            items = value.items() if isinstance(value, dict) else value
+            if isinstance(value, set | frozenset):  # in an order that is not the hashes'
+                items = sorted(value, key=lambda item: _plain_text(item) or _name(item))
+            for item in items:
                 self.reference(item)
         elif isinstance(value, types.ModuleType):
             self.put("module", value.__name__)
-        elif isinstance(
-            value, types.FunctionType | type | functools.partial | property | types.MethodType
-        ):
-            self.reference(value)
+        elif callable(wrapped := _wrapped(value)):  # functools.cache and friends
+            self.put("wrapped", _name(value))
+            self.reference(wrapped)
         elif callable(value) and hasattr(value, "__qualname__"):  # a builtin function
             self.put("callable", _name(value))
-        else:  # an object: its type, not its contents (it may be a connection, a cache)
-            self.put("object", _name(type(value)))
+            owner = getattr(value, "__self__", None)  # RATES.get: RATES counts
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.reference(owner)
+        elif isinstance(value, _BY_REPR):
+            self.put("repr", _name(type(value)), repr(value))
+        elif isinstance(value, msgspec.Struct | types.SimpleNamespace) or dataclasses.is_dataclass(
+            value
+        ):
+            self._record(value)  # data: a constant, a default, the initial state
+        else:  # an object: its class, not its contents (it may be a connection, a cache)
+            self.put("object")
+            self.reference(type(value))
+
+    def _record(self, record: Any) -> None:
+        """A Struct, dataclass or SimpleNamespace: its class and each field's value."""
+        if not self._enter(record):
+            return
+        self.put("record")
+        self.reference(type(record))
+        if isinstance(record, msgspec.Struct):
+            fields = record.__struct_fields__
+        elif isinstance(record, types.SimpleNamespace):
+            fields = tuple(vars(record))
+        else:
+            fields = tuple(field.name for field in dataclasses.fields(record))
+        for field in fields:
+            self.put("field", field)
+            self.reference(getattr(record, field, None))
 
     # -- code -----------------------------------------------------------------
 
@@ -244,9 +238,13 @@ class _CodeHasher:
         if not self._enter(function):
             return
         self.put("def", function.__qualname__)
-        self.code(function.__code__, function.__globals__)
+        self.code(function.__code__, function.__globals__, docstring=function.__doc__)
         self.value(function.__defaults__)
         self.value(function.__kwdefaults__)
+        for name, attribute in sorted(vars(function).items()):  # __wrapped__, registry...
+            self.put("attribute", name)
+            proxy = isinstance(attribute, types.MappingProxyType)
+            self.reference(dict(attribute) if proxy else attribute)
         for cell in function.__closure__ or ():
             try:
                 contents = cell.cell_contents
@@ -255,10 +253,12 @@ class _CodeHasher:
                 continue
             self.reference(contents)
 
-    def code(self, code: types.CodeType, namespace: dict[str, Any]) -> None:
-        """Bytecode, names and constants; nested code objects (lambdas, generator
-        expressions, comprehensions) by their own content, never their repr, which holds
-        an address."""
+    def code(
+        self, code: types.CodeType, namespace: dict[str, Any], docstring: str | None = None
+    ) -> None:
+        """Bytecode, names and constants (but a function's docstring, its first constant);
+        nested code objects (lambdas, generator expressions, comprehensions) by their own
+        content, never their repr, which holds an address."""
         self.put(
             "code",
             code.co_name,
@@ -273,27 +273,40 @@ class _CodeHasher:
             "|",
             *code.co_cellvars,
         )
-        for constant in code.co_consts:
+        for index, constant in enumerate(code.co_consts):
+            if index == 0 and docstring is not None and constant == docstring:
+                continue  # prose: were it also used as a value, the bytecode would say so
             self.value(constant, namespace)
-        globals_used, attributes = _names_used(code)
-        for name in globals_used:
+        names = names_used(code)
+        for name in names.globals:
             if name in namespace:  # else a builtin
                 self.put("global", name)
                 found = namespace[name]
                 if isinstance(found, types.ModuleType):
-                    self._module(found, attributes)
+                    self._module(found, names.attributes)
                 else:
                     self.reference(found)
+        for name, level, fromlist in names.imports:  # an import inside a function
+            self.put("import", name, str(level), *fromlist)
+            module = imported(name, level, namespace)
+            for submodule in fromlist if hasattr(module, "__path__") else ():
+                if not hasattr(module, submodule):  # from package import module
+                    imported(f"{name}.{submodule}" if name else submodule, level, namespace)
+            if module is not None:
+                self._module(module, names.attributes)
 
     def _module(self, module: types.ModuleType, names: tuple[str, ...]) -> None:
         """A module used by user code: what the code may take from it, ``module.helper``
-        (any attribute the code reads that the module has)."""
+        or ``package.module.helper`` (any attribute the code reads that the module has)."""
         self.put("module", module.__name__)
         if not self._followed(module):
             return
         for name in names:
             found = getattr(module, name, None)
-            if found is not None and not isinstance(found, types.ModuleType):
+            if isinstance(found, types.ModuleType):
+                if found.__name__.startswith(f"{module.__name__}."):  # a submodule
+                    self._module(found, names)
+            elif found is not None:
                 self.put("attribute", name)
                 self.reference(found)
 
@@ -301,7 +314,7 @@ class _CodeHasher:
 
     def klass(self, cls: type) -> None:
         """A class: its bases, field layout and annotations, and what its body defines
-        (methods, constants, enum members)."""
+        (methods, special methods, nested classes, constants, enum members)."""
         if not self._enter(cls):
             return
         self.put("class", _name(cls), *(_name(base) for base in cls.__bases__))
@@ -327,14 +340,13 @@ class _CodeHasher:
             self.put("field", field)
             self.hint(hint)
         for name, member in sorted(vars(cls).items()):
-            if name.startswith("__") and name != "__post_init__":
+            # of the special names, the methods only (__init__, __add__, __post_init__...)
+            if name.startswith("__") and not isinstance(
+                member, types.FunctionType | staticmethod | classmethod
+            ):
                 continue
-            if isinstance(
-                member,
-                types.FunctionType | staticmethod | classmethod | property | enum.Enum,
-            ) or (_plain_text(member) is not None):
-                self.put("member", name)
-                self.reference(member)
+            self.put("member", name)
+            self.reference(member)
 
     def hint(self, hint: Any, *, force: bool = False) -> None:
         """A type annotation: its form and, for each class in it, the class."""
@@ -344,13 +356,28 @@ class _CodeHasher:
         if isinstance(hint, str | typing.ForwardRef):
             self.put("annotation", str(hint))
             return
+        if isinstance(hint, typing.NewType):
+            self.put("newtype", _name(hint))
+            self.hint(hint.__supertype__)
+            return
         origin = typing.get_origin(hint)
         self.put("generic", _name(origin) if origin is not None else _repr(hint))
+        if isinstance(origin, type):  # followed when it is the user's: Box[int]
+            self.reference(origin)
         for argument in typing.get_args(hint):
             if isinstance(argument, type) or typing.get_origin(argument) is not None:
                 self.hint(argument)  # followed only when it is user code, as a field's class
             else:  # Literal values, Annotated metadata, ...
                 self.put(_plain_text(argument) or _repr(argument))
+
+
+def _wrapped(value: Any) -> Any:
+    """What a wrapper object (``functools.cache``) wraps, read without running any
+    ``__getattr__`` of the object, or None."""
+    try:
+        return vars(value).get("__wrapped__")
+    except TypeError:  # no __dict__
+        return None
 
 
 def _repr(value: Any) -> str:
