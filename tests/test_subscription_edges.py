@@ -1,0 +1,473 @@
+"""Subscriptions at their edges: bad arguments, threads that do not stop, timeouts that
+must raise, errors of a run that must not outlive it, rows no store could keep, and the
+parts (fan-out, state cache, checkpoint stores) where they fail."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import incident
+from incident.examples import bank
+from incident.examples.bank import AccountOpened, AccountState, MoneyDeposited
+from incident.stores import checkpoint_store_for
+from incident.stores.memory import MemoryCheckpointStore
+from incident.subscriptions import last_position
+from incident.subscriptions.fan_out import FanOut
+from incident.subscriptions.states import merge_projections
+
+AGGREGATES = [bank.bank_account, bank.transfer]
+
+
+class Row(incident.Projection):
+    aggregate_id: str
+    balance: int
+    version: int
+
+
+def balances(name: str = "balances", fail_on: set[str] | None = None) -> incident.EventHandler:
+    """A handler writing each account's balance; it raises for the ids in ``fail_on``."""
+    handler = incident.EventHandler(name)
+
+    @handler.listen(AccountOpened, MoneyDeposited)
+    def row(recorded: incident.Recorded[Any], state: AccountState) -> Row:
+        if fail_on is not None and recorded.aggregate_id in fail_on:
+            raise RuntimeError(f"cannot handle {recorded.aggregate_id}")
+        return Row(
+            aggregate_id=recorded.aggregate_id, balance=state.balance, version=recorded.version
+        )
+
+    return handler
+
+
+@pytest.fixture
+def app(store_url: str) -> Iterator[incident.CommandHandler]:
+    application = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    yield application
+    application.event_store.close()
+
+
+def open_accounts(app: incident.CommandHandler, *numbers: str) -> None:
+    for number in numbers:
+        app.dispatch(bank.OpenAccount(aggregate_id=number))
+
+
+def rows(app: incident.CommandHandler) -> dict[str, int]:
+    return {row.aggregate_id: row.balance for row in app.projection_store.all(Row)}
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"batch_size": 0},
+        {"batch_size": 2.5},
+        {"retries": -1},
+        {"backoff": -0.1},
+        {"backoff": float("nan")},
+        {"on_failure": "ignore"},
+        {"concurrency": 0},
+    ],
+)
+def test_a_subscription_refuses_bad_arguments_as_invalid_argument(
+    app: incident.CommandHandler, options: dict[str, Any]
+) -> None:
+    """Bad options are refused when the subscription is made, as InvalidArgument (an
+    IncidentError and a ValueError), before anything is read or written: a negative
+    backoff would otherwise raise from a retry's sleep in the middle of a batch."""
+    open_accounts(app, "A")
+    with pytest.raises(incident.InvalidArgument) as refused:
+        incident.Subscription(balances(), app, **options)
+    assert isinstance(refused.value, ValueError)
+    assert checkpoint_store_for(app.event_store).checkpoints() == {}
+    assert rows(app) == {}
+
+
+def test_two_subscriptions_may_not_share_a_name(app: incident.CommandHandler) -> None:
+    with pytest.raises(incident.RegistrationError, match="Two subscriptions are named 'balances'"):
+        incident.Subscriptions(
+            [incident.Subscription(balances(), app), incident.Subscription(balances(), app)]
+        )
+
+
+# -- Subscriptions: start, stop, wait ----------------------------------------------------
+
+
+def runner_threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"incident-subscription-{name}"]
+
+
+def test_start_twice_runs_one_thread_per_subscription(app: incident.CommandHandler) -> None:
+    """A second start() while they run starts nothing more: one runner per subscription."""
+    subscriptions = incident.Subscriptions([incident.Subscription(balances(), app, idle=0.01)])
+    with subscriptions:
+        subscriptions.start()
+        assert len(runner_threads("balances")) == 1
+        open_accounts(app, "A")
+        subscriptions.wait_until_caught_up()
+    assert runner_threads("balances") == []
+    assert rows(app) == {"A": 0}
+
+
+def test_waiting_for_a_position_returns_once_it_is_processed(app: incident.CommandHandler) -> None:
+    """wait_until_caught_up(position) waits for that position, not for the end of the log;
+    one not reached in time raises TimeoutError."""
+    open_accounts(app, "A", "B")
+    subscription = incident.Subscription(balances(), app, batch_size=1)
+    subscriptions = incident.Subscriptions([subscription])
+    subscription.step()
+    subscriptions.wait_until_caught_up(1, timeout=0)  # the log goes on to 2
+    with pytest.raises(TimeoutError, match="balances is at 1, not 2"):
+        subscriptions.wait_until_caught_up(2, timeout=0.01)
+    subscriptions.catch_up()
+    subscriptions.wait_until_caught_up(2, timeout=0)
+
+
+def test_waiting_times_out_when_the_log_keeps_moving(app: incident.CommandHandler) -> None:
+    """Waiting for the end of the log waits again while the subscriptions' commands add
+    to it, but only until the timeout: a log that keeps moving raises TimeoutError
+    instead of keeping the caller waiting past it (or returning as if caught up)."""
+    subscription = incident.Subscription(balances(), app)
+    subscription.checkpoints.save("balances", 10**9, expected=0)  # far ahead of any end
+    ends = itertools.count(1)
+    # the end of the log, moving on at every look (for a while: a wait that ignores its
+    # timeout ends too, and fails below instead of hanging)
+    app.event_store.last_position = lambda: min(next(ends), 100_000)  # type: ignore[method-assign]
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            incident.Subscriptions([subscription]).wait_until_caught_up(timeout=0.05)
+        except BaseException as error:
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=8)
+    assert outcome and isinstance(outcome[0], TimeoutError)
+    assert "the log moved on" in str(outcome[0])
+
+
+def test_stop_that_times_out_raises_and_start_waits_for_the_threads_to_end(
+    app: incident.CommandHandler,
+) -> None:
+    """stop() with a listener still running after ``timeout`` raises TimeoutError naming
+    its thread instead of returning as if stopped; start() is refused until that thread
+    ends (two runners of one object would share its lock); stop() again waits for it,
+    and the batch it was in is committed."""
+    entered, release = threading.Event(), threading.Event()
+    handler = incident.EventHandler("slow")
+
+    @handler.listen(AccountOpened)
+    def row(recorded: incident.Recorded[Any], state: AccountState) -> Row:
+        entered.set()
+        release.wait(timeout=8)
+        return Row(aggregate_id=recorded.aggregate_id, balance=state.balance, version=1)
+
+    subscriptions = incident.Subscriptions([incident.Subscription(handler, app, idle=0.01)])
+    subscriptions.start()
+    try:
+        open_accounts(app, "A")
+        assert entered.wait(timeout=8)
+        with pytest.raises(TimeoutError, match="incident-subscription-slow still running"):
+            subscriptions.stop(timeout=0.01)
+        with pytest.raises(incident.IncidentError, match="still stopping"):
+            subscriptions.start()
+        assert len(runner_threads("slow")) == 1  # no second runner was started
+    finally:
+        release.set()
+    subscriptions.stop()
+    assert runner_threads("slow") == []
+    assert rows(app) == {"A": 0}
+    assert subscriptions["slow"].position == 1
+    with subscriptions:  # startable again once stopped
+        subscriptions.wait_until_caught_up()
+
+
+def test_a_failed_run_is_reported_and_a_restart_forgets_it(app: incident.CommandHandler) -> None:
+    """A runner that stops on an error records it and wait_until_caught_up raises it;
+    restarted (stop, fix, start), the new run is not blamed for the old run's error."""
+    broken = {"B"}
+    subscription = incident.Subscription(
+        balances(fail_on=broken), app, on_failure="stop", backoff=0, idle=0.01
+    )
+    subscriptions = incident.Subscriptions([subscription])
+    open_accounts(app, "A", "B", "C")
+    subscriptions.start()
+    with pytest.raises(incident.SubscriptionFailed, match="position 2"):
+        subscriptions.wait_until_caught_up(timeout=8)
+    subscriptions.stop()
+    assert isinstance(subscription.error, incident.SubscriptionFailed)
+    assert subscription.position == 1 and rows(app) == {"A": 0}
+    broken.clear()
+    with subscriptions:
+        subscriptions.wait_until_caught_up(timeout=8)
+        assert subscription.error is None
+    assert rows(app) == {"A": 0, "B": 0, "C": 0}
+
+
+def test_subscriptions_list_the_parked_events_of_every_handler(
+    app: incident.CommandHandler,
+) -> None:
+    first = incident.Subscription(balances("first", fail_on={"A"}), app, backoff=0)
+    second = incident.Subscription(balances("second", fail_on={"B"}), app, backoff=0)
+    subscriptions = incident.Subscriptions([first, second])
+    open_accounts(app, "A", "B")
+    assert subscriptions.catch_up() == 4
+    assert sorted((p.handler, p.position) for p in subscriptions.parked()) == [
+        ("first", 1),
+        ("second", 2),
+    ]
+
+
+def test_the_last_position_of_a_store_that_does_not_know_it_is_read(
+    app: incident.CommandHandler,
+) -> None:
+    """last_position() of an event store without last_position() reads the log to its
+    end (from ``after``): 0 for an empty log."""
+
+    class Plain:  # only read_all
+        def __init__(self, store: incident.EventStore) -> None:
+            self.read_all = store.read_all
+
+    plain: Any = Plain(app.event_store)
+    assert last_position(plain) == 0
+    open_accounts(app, "A", "B", "C")
+    assert last_position(plain) == 3
+    assert last_position(plain, after=2) == 3
+    assert last_position(plain, after=3) == 3
+
+
+# -- what a listener returns ---------------------------------------------------------------
+
+
+class Measured(incident.Projection):
+    aggregate_id: str
+    ratio: float
+
+
+@pytest.mark.parametrize(
+    "unstorable",
+    [
+        Measured(aggregate_id="B", ratio=float("nan")),
+        Measured(aggregate_id="B\x00", ratio=1.0),
+        Measured(aggregate_id="", ratio=1.0),
+    ],
+    ids=["nan", "nul-in-key", "empty-key"],
+)
+def test_a_row_no_store_can_keep_parks_its_event_and_the_rest_go_on(
+    app: incident.CommandHandler, unstorable: Measured
+) -> None:
+    """A listener that returns a read model no store could keep (Unstorable, or a key
+    that is no key) fails its event, which is retried and parked like any listener
+    error; the other events are handled and the checkpoint moves past them. (It used to
+    fail the batch's commit instead: the checkpoint never moved, and run() stopped.)"""
+    handler = incident.EventHandler("measures")
+
+    @handler.listen(AccountOpened)
+    def measure(recorded: incident.Recorded[Any], state: AccountState) -> Measured:
+        if recorded.aggregate_id == "B":
+            return unstorable
+        return Measured(aggregate_id=recorded.aggregate_id, ratio=1.0)
+
+    open_accounts(app, "A", "B", "C")
+    subscription = incident.Subscription(handler, app, backoff=0, retries=1)
+    assert subscription.catch_up() == 3
+    assert subscription.position == 3
+    [parked] = subscription.parked()
+    assert (parked.position, parked.aggregate_id, parked.attempts) == (2, "B", 2)
+    assert "IncidentError" in parked.error or "Unstorable" in parked.error
+    assert sorted(row.aggregate_id for row in app.projection_store.all(Measured)) == ["A", "C"]
+
+
+# -- the state cache ---------------------------------------------------------------------------
+
+
+def test_states_are_right_when_the_cache_keeps_one_aggregate(app: incident.CommandHandler) -> None:
+    """With ``cache_size`` 1, two streams in turn evict each other's state at every
+    event; each listener still gets the state right after its event (folded again)."""
+    seen: list[tuple[str, int]] = []
+    handler = incident.EventHandler("seen")
+
+    @handler.listen(MoneyDeposited)
+    def deposited(recorded: incident.Recorded[Any], state: AccountState) -> None:
+        seen.append((recorded.aggregate_id, state.balance))
+
+    open_accounts(app, "A", "B")
+    for amount in (1, 2, 4):
+        for number in "AB":
+            app.dispatch(bank.DepositMoney(aggregate_id=number, amount=amount))
+    subscription = incident.Subscription(handler, app, cache_size=10)
+    subscription.cache_size = 1
+    assert subscription.cache_size == 1
+    subscription.catch_up()
+    assert seen == [("A", 1), ("B", 1), ("A", 3), ("B", 3), ("A", 7), ("B", 7)]
+
+
+def test_events_of_an_aggregate_the_subscription_does_not_know_are_stepped_over(
+    app: incident.CommandHandler,
+) -> None:
+    """A subscription whose application knows fewer aggregates than wrote the log steps
+    over the events of the others it does not listen to (no state to keep for them)."""
+    open_accounts(app, "A")
+    app.dispatch(
+        bank.RequestTransfer(
+            aggregate_id="T",
+            source_account_number="A",
+            destination_account_number="B",
+            amount=1,
+        )
+    )
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))
+    accounts_only = incident.CommandHandler(app.event_store, aggregates=[bank.bank_account])
+    subscription = incident.Subscription(balances(), accounts_only)
+    subscription.catch_up()
+    assert subscription.position == last_position(app.event_store)
+    assert rows(app) == {"A": 5}
+
+
+def test_merging_a_batchs_projections_never_moves_a_row_backwards() -> None:
+    """Of two rows with one key in a batch, the later in log order wins unless it is
+    older by version, as the stores would keep it."""
+    pending: dict[Any, incident.Projection] = {}
+    merge_projections(pending, [Row(aggregate_id="A", balance=5, version=2)])
+    merge_projections(pending, [Row(aggregate_id="A", balance=1, version=1)])
+    assert pending[Row, "A"] == Row(aggregate_id="A", balance=5, version=2)
+    merge_projections(pending, [Row(aggregate_id="A", balance=7, version=2)])
+    assert pending[Row, "A"] == Row(aggregate_id="A", balance=7, version=2)
+
+    class Loose(incident.Projection):  # a version that is not an int: the stores' rule
+        aggregate_id: str
+        version: int | None = None
+
+    merge_projections(pending, [Loose(aggregate_id="A", version=3)])
+    merge_projections(pending, [Loose(aggregate_id="A")])
+    assert pending[Loose, "A"] == Loose(aggregate_id="A")
+
+
+# -- fan-out ---------------------------------------------------------------------------------
+
+
+def test_fan_out_on_one_thread_stops_at_an_error_that_halts() -> None:
+    """Run in the calling thread, units after a halting error are not started; an error
+    that does not halt lets the next units run. Errors come back by index."""
+    done: list[int] = []
+
+    def work(unit: int) -> None:
+        if unit in (1, 3):
+            raise KeyError(unit) if unit == 1 else RuntimeError(unit)
+        done.append(unit)
+
+    fan_out = FanOut(1, "edges")
+    errors = fan_out.run([0, 1, 2, 3, 4], work, halts=lambda e: isinstance(e, RuntimeError))
+    assert done == [0, 2]
+    assert sorted(errors) == [1, 3]
+    assert isinstance(errors[1], KeyError) and isinstance(errors[3], RuntimeError)
+
+
+def test_closing_a_fan_out_ends_its_threads() -> None:
+    fan_out = FanOut(2, "edges-close")
+    assert fan_out.run([0, 1, 2], lambda unit: None) == {}
+    assert any(t.name.startswith("incident-edges-close") for t in threading.enumerate())
+    fan_out.close()
+    assert not any(t.name.startswith("incident-edges-close") for t in threading.enumerate())
+    assert fan_out.run([0, 1], lambda unit: None) == {}  # new threads for the next wave
+    fan_out.close()
+
+
+# -- checkpoint stores -----------------------------------------------------------------------
+
+
+def test_memory_checkpoints_write_rows_to_a_projection_store_elsewhere(
+    app: incident.CommandHandler,
+) -> None:
+    """Checkpoints in memory with the rows in another store: the rows are written there
+    with every checkpoint, and a restart from the memory checkpoint writes nothing older."""
+    checkpoints = MemoryCheckpointStore()
+    open_accounts(app, "A")
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=3))
+    subscription = incident.Subscription(balances(), app, checkpoints=checkpoints)
+    subscription.catch_up()
+    assert checkpoints.load("balances") == 2
+    assert rows(app) == {"A": 3}
+    assert checkpoint_store_for(app.event_store).checkpoints() == {}
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+class ReleaseFails(MemoryCheckpointStore):
+    """Checkpoints whose handler lock fails as it is given up (a dropped connection)."""
+
+    def lock(self, handler: str) -> Any:
+        inner = super().lock(handler)
+
+        class Lock:
+            acquire, held = inner.acquire, inner.held
+
+            def release(self) -> None:
+                inner.release()
+                raise incident.StoreError("the session went away while releasing")
+
+        return Lock()
+
+
+def test_a_run_whose_lock_fails_to_release_still_ends_its_workers() -> None:
+    """run() ends by giving up the lock and letting the wave's worker threads go; a
+    release that fails (StoreError, raised) still lets them go: no thread left behind."""
+    app = incident.CommandHandler("memory://", aggregates=AGGREGATES)
+    open_accounts(app, "A", "B", "C")
+    subscription = incident.Subscription(
+        balances("workers"), app, checkpoints=ReleaseFails(), concurrency=2
+    )
+    subscription.catch_up()  # a wave of three streams: the pool's threads started
+    assert any(t.name.startswith("incident-workers_") for t in threading.enumerate())
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(incident.StoreError, match="while releasing"):
+        subscription.run(stop)
+    assert not any(t.name.startswith("incident-workers_") for t in threading.enumerate())
+    assert rows(app) == {"A": 0, "B": 0, "C": 0}
+
+
+class Bare:
+    """An application whose event store has neither wait_for_append nor last_position,
+    as a third-party store may (AppendNotifier is optional): it is polled."""
+
+    def __init__(self, app: incident.CommandHandler) -> None:
+        self.app = app
+        store = app.event_store
+
+        class Store:
+            read_all, events = store.read_all, store.events
+
+        self.event_store: Any = Store()
+        self.projection_store = app.projection_store
+        self.aggregates = app.aggregates
+
+    def follow_up(self, handler: str, cause: Any, steps: Any) -> None:
+        self.app.follow_up(handler, cause, steps)
+
+
+def test_a_store_that_cannot_notify_is_polled(app: incident.CommandHandler) -> None:
+    """Run on threads over a store without wait_for_append, a subscription polls: what
+    is appended while it runs is handled, and waiting for the end of the log works from
+    the log itself (no last_position to ask)."""
+    subscription = incident.Subscription(
+        balances(), Bare(app), checkpoints=checkpoint_store_for(app.event_store), idle=0.01
+    )
+    with incident.Subscriptions([subscription]) as subscriptions:
+        open_accounts(app, "A")
+        subscriptions.wait_until_caught_up(timeout=8)
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=2))
+        subscriptions.wait_until_caught_up(timeout=8)
+    assert rows(app) == {"A": 2}
+    assert subscription.position == 2
