@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import RAW_BACKENDS, on_backends
 
 import incident
+import incident.ids
 from incident.examples import bank
 from incident.examples.bank import AccountOpened, AccountState, MoneyDeposited
 from incident.stores import checkpoint_store_for
@@ -471,3 +473,74 @@ def test_a_store_that_cannot_notify_is_polled(app: incident.CommandHandler) -> N
         subscriptions.wait_until_caught_up(timeout=8)
     assert rows(app) == {"A": 2}
     assert subscription.position == 2
+
+
+# -- retrying what cannot be read --------------------------------------------------------------
+
+
+@on_backends(RAW_BACKENDS)
+@pytest.mark.parametrize("damage", ["deleted", "other_shape"])
+def test_retrying_a_damaged_event_keeps_it_parked_and_retries_the_other_streams(
+    store_url: str, edit_raw_event: Any, damage: str
+) -> None:
+    """A parked event whose row cannot be read fails again when retried, like a listener
+    that raises: it stays parked (one more attempt, the CorruptEvent as its error), its
+    stream held behind it, and the other streams' parked events are still retried. (It
+    used to end the whole retry at the damaged row with a CorruptEvent.)"""
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    open_accounts(app, "A")  # 1
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=100))  # 2
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=50))  # 3: damaged below
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=1))  # 4
+    open_accounts(app, "B")  # 5: a listener bug, fixed before the retry
+    app.event_store.close()
+    edit_raw_event(3, None if damage == "deleted" else {"data": '{"type": "MoneyWithdrawn"}'})
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    try:
+        broken = {"B"}
+        subscription = incident.Subscription(balances(fail_on=broken), app, backoff=0)
+        subscription.catch_up()
+        before = {p.position: p for p in subscription.parked()}
+        assert sorted(before) == [3, 4, 5]
+        broken.clear()
+        assert subscription.retry_parked() == [5]
+        after = {p.position: p for p in subscription.parked()}
+        assert sorted(after) == [3, 4]
+        assert after[3].attempts == before[3].attempts + 1
+        assert after[3].error.startswith("CorruptEvent")
+        assert (after[3].aggregate_id, after[3].event_id) == (
+            before[3].aggregate_id,
+            before[3].event_id,
+        )
+        assert rows(app) == {"A": 100, "B": 0}  # A waits at its last readable event
+        assert subscription.catch_up() == 0  # and the runner is not stopped by it
+    finally:
+        app.event_store.close()
+
+
+def test_retrying_an_event_the_log_no_longer_has_keeps_it_parked(
+    app: incident.CommandHandler,
+) -> None:
+    """A dead letter naming a position the log does not hold (a log restored from an
+    older backup) fails again when retried, with a CorruptEvent saying so; nothing is
+    handled in its place, and the stream's other events are not touched."""
+    open_accounts(app, "A")
+    subscription = incident.Subscription(balances(), app)
+    subscription.catch_up()
+    ghost = incident.Parked(
+        handler="balances",
+        position=99,
+        event_id="e-99",
+        aggregate_id="A",
+        event_type="MoneyDeposited",
+        error="RuntimeError: a bug",
+        attempts=1,
+        parked_at=incident.ids.utc_now(),
+    )
+    subscription.checkpoints.park(ghost)
+    assert subscription.retry_parked() == []
+    [parked] = subscription.parked()
+    assert (parked.position, parked.event_id, parked.attempts) == (99, "e-99", 2)
+    assert parked.error.startswith("CorruptEvent: Corrupt event at position 99")
+    assert parked.error.endswith("position 99 is missing from the log")
+    assert rows(app) == {"A": 0}
