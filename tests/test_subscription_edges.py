@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import RAW_BACKENDS, on_backends
+from conftest import RAW_BACKENDS, RawEvent, on_backends
 
 import incident
 import incident.ids
@@ -544,3 +544,162 @@ def test_retrying_an_event_the_log_no_longer_has_keeps_it_parked(
     assert parked.error.startswith("CorruptEvent: Corrupt event at position 99")
     assert parked.error.endswith("position 99 is missing from the log")
     assert rows(app) == {"A": 0}
+
+
+class Overtaken(MemoryCheckpointStore):
+    """Checkpoints another runner moves to ``by`` just before this one's first save."""
+
+    def __init__(self, by: int) -> None:
+        super().__init__()
+        self.by, self.overtaken = by, False
+
+    def save(self, handler: str, position: int, *, expected: int, **rest: Any) -> None:
+        if not self.overtaken:
+            self.overtaken = True
+            super().save(handler, self.by, expected=expected)
+        super().save(handler, position, expected=expected, **rest)
+
+
+def test_a_runner_overtaken_by_another_goes_on_from_where_the_other_got() -> None:
+    """A running subscription whose save finds the checkpoint moved by someone else
+    (CheckpointConflict) writes nothing of its batch, lets the lock go, and carries on
+    from the other's checkpoint: the events the other handled are not handled again,
+    and it does not stop."""
+    app = incident.CommandHandler("memory://", aggregates=AGGREGATES)
+    open_accounts(app, "A", "B", "C", "D", "E")
+    checkpoints = Overtaken(by=3)
+    subscription = incident.Subscription(balances(), app, checkpoints=checkpoints, idle=0.01)
+    with incident.Subscriptions([subscription]) as subscriptions:
+        subscriptions.wait_until_caught_up(timeout=8)
+    assert checkpoints.overtaken and subscription.error is None
+    assert subscription.position == 5
+    assert rows(app) == {"D": 0, "E": 0}  # 1-3 were the other's to write
+
+
+class Unreplaceable:
+    """A projection store that cannot swap a table (no replace_all)."""
+
+    def __init__(self, store: incident.ProjectionStore) -> None:
+        self.get, self.all, self.project = store.get, store.all, store.project
+
+
+def test_replay_into_a_store_that_cannot_swap_tables_is_refused_untouched(
+    app: incident.CommandHandler,
+) -> None:
+    open_accounts(app, "A")
+    reactor = Bare(app)
+    reactor.projection_store = Unreplaceable(app.projection_store)  # type: ignore[assignment]
+    reactor.event_store = app.event_store
+    subscription = incident.Subscription(balances(), reactor)
+    subscription.catch_up()
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=4))
+    with pytest.raises(incident.IncidentError, match="cannot replace tables"):
+        subscription.replay()
+    assert subscription.checkpoints.load("balances") == 1
+    assert rows(app) == {"A": 0}
+
+
+def test_replay_while_this_subscription_runs_pauses_the_run(
+    app: incident.CommandHandler,
+) -> None:
+    """replay() of a subscription whose own run() holds the handler's lock (in another
+    thread) uses that lock instead of refusing: the run waits for the replay, then goes
+    on from the rebuilt checkpoint."""
+    open_accounts(app, "A", "B")
+    subscription = incident.Subscription(balances(), app, idle=0.01)
+    with incident.Subscriptions([subscription]) as subscriptions:
+        subscriptions.wait_until_caught_up(timeout=8)
+        app.projection_store.project(Row(aggregate_id="Z", balance=9, version=1))  # stray
+        replayed = subscription.replay()
+        assert (replayed.position, replayed.written) == (2, {"Row": 2})
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=3))
+        subscriptions.wait_until_caught_up(timeout=8)
+    assert rows(app) == {"A": 3, "B": 0}
+
+
+def test_a_database_error_during_a_retry_leaves_the_dead_letters_as_they_were(
+    app: incident.CommandHandler,
+) -> None:
+    """A StoreError while retrying is the database, not the event: it is raised, the
+    entry keeps its attempts and error, and nothing is written for it."""
+    failing: list[BaseException] = [RuntimeError("a bug")]
+    handler = incident.EventHandler("balances")
+
+    @handler.listen(AccountOpened)
+    def row(recorded: incident.Recorded[Any], state: AccountState) -> Row:
+        if failing and recorded.aggregate_id == "A":
+            raise failing[0]
+        return Row(aggregate_id=recorded.aggregate_id, balance=0, version=recorded.version)
+
+    open_accounts(app, "A", "B")
+    subscription = incident.Subscription(handler, app, backoff=0, retries=0)
+    subscription.catch_up()
+    [before] = subscription.parked()
+    failing[0] = incident.StoreError("the database is down")
+    with pytest.raises(incident.StoreError, match="the database is down"):
+        subscription.retry_parked()
+    assert subscription.parked() == [before]
+    assert rows(app) == {"B": 0}
+    failing.clear()
+    assert subscription.retry_parked() == [1]
+    assert rows(app) == {"A": 0, "B": 0}
+
+
+class Unplaceable:
+    """An event store whose log raises a CorruptEvent that names no position."""
+
+    def __init__(self, store: incident.EventStore) -> None:
+        self.events = store.events
+
+    def read_all(self, after: int = 0, limit: int | None = None) -> Iterator[Any]:
+        raise incident.CorruptEvent(None, "", "the log's index is damaged")
+        yield  # a generator, as the stores' reads are
+
+
+def test_damage_a_batch_cannot_place_is_raised_and_moves_nothing(
+    app: incident.CommandHandler,
+) -> None:
+    """A CorruptEvent that names no position cannot be parked or stepped over: step()
+    raises it, with the checkpoint and the dead letters untouched."""
+    open_accounts(app, "A")
+    reactor = Bare(app)
+    reactor.event_store = Unplaceable(app.event_store)
+    checkpoints = checkpoint_store_for(app.event_store)
+    subscription = incident.Subscription(balances(), reactor, checkpoints=checkpoints)
+    with pytest.raises(incident.CorruptEvent, match="index is damaged"):
+        subscription.step()
+    assert checkpoints.load("balances") == 0 and subscription.parked() == []
+    assert rows(app) == {}
+
+
+@on_backends(RAW_BACKENDS)
+def test_an_event_of_an_aggregate_the_application_lacks_is_parked_with_why(
+    store_url: str, write_raw_event: Any
+) -> None:
+    """A listened event recorded under an aggregate name the application does not have
+    (written by other code, or a renamed aggregate) has no state to give the listener:
+    RoutingError, naming the aggregate, parks it; the log goes on."""
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    try:
+        open_accounts(app, "A")
+        write_raw_event(
+            RawEvent(
+                position=2,
+                aggregate_id="L",
+                version=1,
+                event_type="AccountOpened",
+                data='{"type": "AccountOpened", "account_number": "L"}',
+                aggregate="legacy_account",
+            )
+        )
+        open_accounts(app, "B")
+        subscription = incident.Subscription(balances(), app, backoff=0, retries=0)
+        subscription.catch_up()
+        assert subscription.position == 3
+        [parked] = subscription.parked()
+        assert (parked.position, parked.aggregate_id) == (2, "L")
+        assert parked.error.startswith("RoutingError")
+        assert "'legacy_account'" in parked.error
+        assert rows(app) == {"A": 0, "B": 0}
+    finally:
+        app.event_store.close()
