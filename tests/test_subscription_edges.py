@@ -4,16 +4,20 @@ parts (fan-out, state cache, checkpoint stores) where they fail."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import RAW_BACKENDS, RawEvent, on_backends
 
 import incident
 import incident.ids
+from incident.cli import main
 from incident.examples import bank
 from incident.examples.bank import AccountOpened, AccountState, MoneyDeposited
 from incident.stores import checkpoint_store_for
@@ -703,3 +707,99 @@ def test_an_event_of_an_aggregate_the_application_lacks_is_parked_with_why(
         assert rows(app) == {"A": 0, "B": 0}
     finally:
         app.event_store.close()
+
+
+# -- the shell ------------------------------------------------------------------------------
+
+HANDLERS_MODULE = """
+from typing import Any
+
+import incident
+from incident.examples.bank import AccountOpened, MoneyDeposited, bank_account, transfer
+
+broken = incident.EventHandler("broken")
+
+
+@broken.listen(AccountOpened, MoneyDeposited)
+def fails_for_b(recorded: Any, state: Any) -> list[Any]:
+    if recorded.aggregate_id == "B":
+        raise RuntimeError("still broken")
+    return []
+"""
+
+
+@pytest.fixture
+def handlers_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "edges_cli_handlers.py").write_text(HANDLERS_MODULE)
+    (tmp_path / "edges_cli_lonely.py").write_text(
+        "import incident\nlonely = incident.EventHandler('lonely')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "edges_cli_handlers"
+
+
+def test_retry_from_the_shell_lists_what_stays_parked(tmp_path: Path, handlers_module: str) -> None:
+    """`incident retry` names each entry still parked afterwards, failed or held."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    app = incident.CommandHandler(url, aggregates=AGGREGATES)
+    try:
+        open_accounts(app, "A", "B")
+        app.dispatch(bank.DepositMoney(aggregate_id="B", amount=1))
+        module = importlib.import_module(handlers_module)
+        incident.Subscription(module.broken, app, backoff=0, retries=0).catch_up()
+        result = CliRunner().invoke(main, ["retry", url, "--handler", f"{handlers_module}:broken"])
+        assert result.exit_code == 0, result.output
+        assert "0 of 2 parked events handled" in result.output
+        assert "still parked (failed): #2 AccountOpened: RuntimeError: still broken" in (
+            result.output
+        )
+        assert "still parked (held): #3 MoneyDeposited: held behind #2" in result.output
+    finally:
+        app.event_store.close()
+
+
+def test_replay_from_the_shell_counts_the_commands_it_did_not_send_again(
+    tmp_path: Path,
+) -> None:
+    """Replaying a process manager rebuilds without dispatching again what it had
+    dispatched, and says how many commands it left alone."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    app = bank.build(url, subscriptions=True)
+    try:
+        open_accounts(app, "A", "B")
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=10))
+        app.dispatch(
+            bank.RequestTransfer(
+                aggregate_id="T",
+                source_account_number="A",
+                destination_account_number="B",
+                amount=4,
+            )
+        )
+        app.subscriptions.catch_up()
+        head = last_position(app.event_store)
+        result = CliRunner().invoke(
+            main, ["replay", url, "--handler", "incident.examples.bank:money_transfer"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "commands for events it had already handled were not dispatched" in result.output
+        assert last_position(app.event_store) == head  # nothing was sent twice
+    finally:
+        app.event_store.close()
+
+
+@pytest.mark.parametrize(
+    ("handler", "says"),
+    [
+        ("edges_cli_handlers:missing", "Cannot load 'edges_cli_handlers:missing'"),
+        ("edges_cli_lonely:lonely", "No Aggregate in edges_cli_lonely; name them with"),
+    ],
+)
+def test_the_shell_refuses_a_handler_it_cannot_load_or_give_states(
+    tmp_path: Path, handlers_module: str, handler: str, says: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    result = CliRunner().invoke(main, ["replay", url, "--handler", handler])
+    assert result.exit_code == 1, result.output
+    assert says in result.output
+    assert not (tmp_path / "cli.db").exists()  # refused before any store was opened
