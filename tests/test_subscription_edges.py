@@ -803,3 +803,46 @@ def test_the_shell_refuses_a_handler_it_cannot_load_or_give_states(
     assert result.exit_code == 1, result.output
     assert says in result.output
     assert not (tmp_path / "cli.db").exists()  # refused before any store was opened
+
+
+@on_backends(RAW_BACKENDS)
+def test_a_damaged_event_read_again_after_a_reset_is_not_parked_twice(
+    store_url: str, edit_raw_event: Any
+) -> None:
+    """Set back to the start (reset) and restarted, a subscription reads its parked damaged event
+    again: it stays the one entry it was (same attempts, same error), its stream still
+    held, and the rest is handled again without moving any row backwards."""
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    open_accounts(app, "A")
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=5))  # 2: damaged below
+    app.dispatch(bank.DepositMoney(aggregate_id="A", amount=1))  # 3: held behind it
+    open_accounts(app, "B")
+    app.event_store.close()
+    edit_raw_event(2, {"data": '{"type": "MoneyWithdrawn"}'})
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    try:
+        subscription = incident.Subscription(balances(), app, backoff=0)
+        subscription.catch_up()
+        before = subscription.parked()
+        assert [(p.position, p.attempts) for p in before] == [(2, 1), (3, 0)]
+        subscription.checkpoints.reset("balances", 0)
+        subscription = incident.Subscription(balances(), app, backoff=0)  # restarted
+        assert subscription.catch_up() == 4
+        assert subscription.parked() == before
+        assert subscription.position == 4
+        assert rows(app) == {"A": 0, "B": 0}
+    finally:
+        app.event_store.close()
+
+
+@on_backends(["postgres"])
+def test_a_postgres_handler_lock_that_cannot_connect_raises_store_error(store_url: str) -> None:
+    """A lock attempt whose connection cannot be opened is a StoreError naming the
+    handler (run() waits for the database on it), and holds nothing."""
+    from incident.stores.postgres.checkpoints import PostgresHandlerLock
+
+    lock = PostgresHandlerLock("balances", "postgresql://postgres@127.0.0.1:1/test", key=7)
+    with pytest.raises(incident.StoreError, match="Postgres failed locking balances"):
+        lock.acquire(timeout=0)
+    assert not lock.held()
+    lock.release()  # nothing to close: a no-op
