@@ -21,7 +21,7 @@ from incident.cli import main
 from incident.examples import bank
 from incident.examples.bank import AccountOpened, AccountState, MoneyDeposited
 from incident.stores import checkpoint_store_for
-from incident.stores.memory import MemoryCheckpointStore
+from incident.stores.memory import MemoryCheckpointStore, MemoryProjectionStore
 from incident.subscriptions import last_position
 from incident.subscriptions.fan_out import FanOut
 from incident.subscriptions.states import merge_projections
@@ -846,3 +846,22 @@ def test_a_postgres_handler_lock_that_cannot_connect_raises_store_error(store_ur
         lock.acquire(timeout=0)
     assert not lock.held()
     lock.release()  # nothing to close: a no-op
+
+
+@on_backends(["memory", "postgres"])
+def test_a_conflicting_save_writes_no_rows_into_another_database(
+    event_store: incident.EventStore,
+) -> None:
+    """Checkpoints in one database, rows in another: a save whose checkpoint someone
+    else moved (CheckpointConflict) writes none of its rows there either. Rows written
+    first would let a runner that lost its checkpoint put older rows over the winner's
+    (a read model without a version has nothing else to stop them)."""
+    checkpoints = checkpoint_store_for(event_store)
+    elsewhere = MemoryProjectionStore()
+    checkpoints.save("balances", 5, expected=0)  # the winner's
+    stale = Row(aggregate_id="A", balance=1, version=2)
+    with pytest.raises(incident.CheckpointConflict):
+        checkpoints.save("balances", 3, expected=0, projections=[stale], projection_store=elsewhere)
+    assert elsewhere.all(Row) == [] and checkpoints.load("balances") == 5
+    checkpoints.save("balances", 6, expected=5, projections=[stale], projection_store=elsewhere)
+    assert elsewhere.all(Row) == [stale]

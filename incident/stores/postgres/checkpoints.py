@@ -107,10 +107,6 @@ class PostgresCheckpointStore:
         shared = isinstance(projection_store, PostgresProjectionStore) and (
             self.shares_database_with(projection_store)
         )
-        if projections and projection_store is not None and not shared:
-            # another database: projections first, so a crash re-applies, never skips
-            for projection in projections:
-                projection_store.project(projection)
         fresh: list[type[Projection]] = []
         doing = f"saving the checkpoint of {handler}"
         with self._db.connection(doing) as conn, conn.transaction():
@@ -118,6 +114,11 @@ class PostgresCheckpointStore:
             actual = int(row[0]) if row else 0
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
+            if projections and projection_store is not None and not shared:
+                # another database: its rows once the checkpoint is ours (locked), before
+                # it moves, so a crash re-applies them, never skips; a conflict writes none
+                for projection in projections:
+                    projection_store.project(projection)
             if shared and projections:
                 assert isinstance(projection_store, PostgresProjectionStore)
                 fresh = projection_store.prepare(conn, map(type, projections))
