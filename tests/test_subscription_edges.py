@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import RAW_BACKENDS, RawEvent, on_backends
+from conftest import RAW_BACKENDS, RawEvent, on_backends, postgres_server
 
 import incident
 import incident.ids
@@ -865,3 +865,52 @@ def test_a_conflicting_save_writes_no_rows_into_another_database(
     assert elsewhere.all(Row) == [] and checkpoints.load("balances") == 5
     checkpoints.save("balances", 6, expected=5, projections=[stale], projection_store=elsewhere)
     assert elsewhere.all(Row) == [stale]
+
+
+def test_two_first_saves_of_one_postgres_checkpoint_do_not_both_win(
+    postgres_url: str, postgres_admin: Any
+) -> None:
+    """A handler's first checkpoint has no row to lock. A save expecting 0 while another
+    first save is still committing (the row inserted, not yet visible) must see the
+    other's position once it commits and raise CheckpointConflict, not overwrite it."""
+    import psycopg
+
+    schema = postgres_url.rpartition("schema=")[2]
+    store = incident.open_event_store(postgres_url)
+    checkpoints = checkpoint_store_for(store)
+    checkpoints.initialize()
+    outcome: list[BaseException | None] = []
+
+    def save() -> None:
+        try:
+            checkpoints.save("balances", 3, expected=0)
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    other = psycopg.connect(postgres_server())  # the other runner, mid-commit
+    try:
+        other.execute(
+            f'INSERT INTO "{schema}".incident_checkpoints (handler, position, updated_at)'
+            " VALUES ('balances', 5, now())"
+        )
+        saver = threading.Thread(target=save, daemon=True)
+        saver.start()
+        for _ in range(800):  # until the save waits for the other's row (or is done)
+            waiting = postgres_admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND pid <> pg_backend_pid() AND query LIKE %s",
+                [f'%"{schema}"%incident_checkpoints%'],
+            ).fetchone()[0]
+            if waiting or outcome:
+                break
+            threading.Event().wait(0.01)
+        other.commit()
+        saver.join(timeout=8)
+    finally:
+        other.close()
+    try:
+        assert outcome and isinstance(outcome[0], incident.CheckpointConflict), outcome
+        assert checkpoints.load("balances") == 5
+    finally:
+        store.close()
