@@ -110,10 +110,12 @@ class Subscriptions(Mapping[str, Subscription]):
         while they run). Refused (IncidentError) while a ``stop()`` that timed out still
         has threads ending: a second runner of one Subscription object would share its
         lock, and the first to end would give it up under the other."""
-        if self._threads:
-            if self._stop.is_set():
+        if self._stop.is_set():  # stopped: only threads of a stop() that timed out are left
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            if self._threads:
                 still = ", ".join(t.name for t in self._threads)
                 raise IncidentError(f"Cannot start: {still} still stopping; stop() again first")
+        if self._threads:
             return
         self._stop.clear()
         for subscription in self._by_name.values():
