@@ -918,3 +918,40 @@ def test_two_first_saves_of_one_postgres_checkpoint_do_not_both_win(
         assert checkpoints.load("balances") == 5
     finally:
         store.close()
+
+
+@on_backends(RAW_BACKENDS)
+def test_healing_a_stream_up_to_a_damaged_event_does_not_stop_the_runner(
+    store_url: str, edit_raw_event: Any
+) -> None:
+    """A's #2 fails, #3 is held behind it, #4 cannot be read. Once #2 is skipped, the
+    runner's next step heals the stream: #3 is handled, #4 stays parked (one more
+    attempt), and the step goes on with the log instead of raising the CorruptEvent."""
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    open_accounts(app, "A")  # 1
+    for amount in (1, 2, 4):  # 2: fails, 3: held, 4: damaged below
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=amount))
+    app.event_store.close()
+    edit_raw_event(4, {"data": '{"type": "MoneyWithdrawn"}'})
+    app = incident.CommandHandler(store_url, aggregates=AGGREGATES)
+    try:
+        handler = incident.EventHandler("balances")
+
+        @handler.listen(AccountOpened, MoneyDeposited)
+        def row(recorded: incident.Recorded[Any], state: AccountState) -> Row:
+            if recorded.position == 2:
+                raise RuntimeError("a bug at #2")
+            return Row(
+                aggregate_id=recorded.aggregate_id, balance=state.balance, version=recorded.version
+            )
+
+        subscription = incident.Subscription(handler, app, backoff=0, retries=0)
+        subscription.catch_up()
+        assert [(p.position, p.attempts) for p in subscription.parked()] == [(2, 1), (3, 0), (4, 1)]
+        subscription.skip_parked(2)
+        open_accounts(app, "B")  # 5: more log for the next step
+        assert subscription.step() == 1
+        assert [(p.position, p.attempts) for p in subscription.parked()] == [(4, 2)]
+        assert rows(app) == {"A": 3, "B": 0}
+    finally:
+        app.event_store.close()
