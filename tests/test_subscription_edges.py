@@ -955,3 +955,14 @@ def test_healing_a_stream_up_to_a_damaged_event_does_not_stop_the_runner(
         assert rows(app) == {"A": 3, "B": 0}
     finally:
         app.event_store.close()
+
+
+def test_catch_up_until_a_position_stops_there(app: incident.CommandHandler) -> None:
+    """catch_up(until) processes batches until the checkpoint reaches ``until`` (the
+    batch that crosses it is finished), not to the end of the log."""
+    open_accounts(app, "A", "B", "C", "D")
+    subscription = incident.Subscription(balances(), app, batch_size=2)
+    assert subscription.catch_up(until=1) == 2
+    assert subscription.position == 2 and rows(app) == {"A": 0, "B": 0}
+    assert subscription.catch_up(until=2) == 0
+    assert subscription.catch_up() == 2 and subscription.position == 4
