@@ -268,7 +268,10 @@ def subscribe(
         except KeyboardInterrupt:
             pass
         finally:
-            running.stop()
+            try:
+                running.stop()
+            except TimeoutError as error:  # a listener that does not return: say which
+                raise click.ClickException(str(error)) from error
         failed = [s for s in running.values() if s.error is not None]
         if failed:
             raise click.ClickException(f"{failed[0].name} stopped: {failed[0].error}")

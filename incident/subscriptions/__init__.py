@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
-from ..errors import RegistrationError
+from ..errors import IncidentError, RegistrationError
 from ..stores import EventStore, Parked
 from .dead_letters import SubscriptionFailed
 from .replay import Replayed
@@ -106,11 +106,20 @@ class Subscriptions(Mapping[str, Subscription]):
         self.stop()
 
     def start(self) -> None:
-        """Run every subscription on its own daemon thread until ``stop()``."""
+        """Run every subscription on its own daemon thread until ``stop()`` (nothing more
+        while they run). Refused (IncidentError) while a ``stop()`` that timed out still
+        has threads ending: a second runner of one Subscription object would share its
+        lock, and the first to end would give it up under the other."""
+        if self._stop.is_set():  # stopped: only threads of a stop() that timed out are left
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            if self._threads:
+                still = ", ".join(t.name for t in self._threads)
+                raise IncidentError(f"Cannot start: {still} still stopping; stop() again first")
         if self._threads:
             return
         self._stop.clear()
         for subscription in self._by_name.values():
+            subscription.error = None  # a run that failed before is over; this one is new
             thread = threading.Thread(
                 target=_run_recording_errors,
                 args=(subscription, self._stop),
@@ -121,10 +130,17 @@ class Subscriptions(Mapping[str, Subscription]):
             self._threads.append(thread)
 
     def stop(self, timeout: float | None = 10.0) -> None:
+        """Ask every thread to stop after its batch and wait for them, ``timeout`` seconds
+        in all (None: as long as it takes). TimeoutError names those still running; they
+        stop after their batch, and ``stop()`` again waits for them."""
         self._stop.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
-        self._threads.clear()
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        if self._threads:
+            still = ", ".join(thread.name for thread in self._threads)
+            raise TimeoutError(f"{still} still running after {timeout}s")
 
     def catch_up(self) -> int:
         """Run every subscription in this thread until none has anything left (commands
@@ -153,6 +169,11 @@ class Subscriptions(Mapping[str, Subscription]):
             again = max((last_position(s.event_store) for s in self.values()), default=0)
             if again == target:
                 return
+            if time.monotonic() >= deadline:  # their commands keep the log moving
+                raise TimeoutError(
+                    f"the log moved on from {target} to {again} while the subscriptions "
+                    f"caught up, for {timeout}s"
+                )
 
     def parked(self) -> list[Parked]:
         return [parked for s in self._by_name.values() for parked in s.parked()]

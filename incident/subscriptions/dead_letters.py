@@ -33,6 +33,7 @@ from ..fp import groupby
 from ..ids import utc_now
 from ..messages import Projection, Recorded
 from ..stores import CheckpointStore, EventStore, Parked, ProjectionStore
+from ..stores._common import closing_iterator
 
 __all__ = [
     "DeadLetters",
@@ -281,13 +282,14 @@ class DeadLetters:
         for index, parked in enumerate(stream):
             if upto is not None and parked.position > upto:
                 return succeeded, stream[index:]
-            recorded = next(iter(self.event_store.read_all(after=parked.position - 1, limit=1)))
             try:
-                projections, _ = self.handle(recorded)
+                projections, _ = self.handle(read_one(self.event_store, parked.position))
             except StoreError:
                 raise  # the database, not this event: it stays as it was
-            except Exception as error:
-                failed = parked_entry(self.name, recorded, failure(error), parked.attempts + 1)
+            except Exception as error:  # a listener's, or a row that cannot be read
+                failed = msgspec.structs.replace(
+                    parked, error=failure(error), attempts=parked.attempts + 1, parked_at=utc_now()
+                )
                 self.checkpoints.park(failed)
                 return succeeded, [failed, *self._hold_again(stream[index + 1 :], failed)]
             for projection in projections:
@@ -339,6 +341,15 @@ def read_batch(
         if read < limit and after + 1 not in damaged:
             break  # the end of the log
     return batch
+
+
+def read_one(event_store: EventStore, position: int) -> Recorded[Any]:
+    """The event at ``position``; CorruptEvent when the log has no row there."""
+    with closing_iterator(event_store.read_all(after=position - 1, limit=1)) as read:
+        recorded = next(read, None)
+    if recorded is None or recorded.position != position:
+        raise CorruptEvent(position, "", f"position {position} is missing from the log")
+    return recorded
 
 
 def parked_entry(handler: str, recorded: Recorded[Any], error: str, attempts: int) -> Parked:

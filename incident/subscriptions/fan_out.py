@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from .._forks import renew_in_forked_children
+from ..errors import InvalidArgument
 from ..messages import Projection, Recorded
 from .dead_letters import SubscriptionFailed
 from .waves import Item, Unit, done_prefix
@@ -34,7 +35,7 @@ class FanOut:
 
     def __init__(self, concurrency: int, name: str) -> None:
         if type(concurrency) is not int or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+            raise InvalidArgument(f"concurrency must be an int >= 1, got {concurrency!r}")
         self.concurrency, self.name = concurrency, name
         self._pool: ThreadPoolExecutor | None = None
         self._opening = threading.Lock()

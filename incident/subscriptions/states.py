@@ -15,9 +15,10 @@ from ..event_handler import EventHandler
 from ..messages import Projection, Recorded
 from ..stores import EventStore
 from ..stores._common import closing_iterator
-from ..stores.read_model_rows import newer_or_equal
+from ..stores.read_model_rows import newer_or_equal, projection_json
+from ..stores.tables import TableSpec, table_spec
 
-__all__ = ["Pending", "StreamStates", "aggregates_for", "merge_projections"]
+__all__ = ["Pending", "RowRules", "StreamStates", "aggregates_for", "merge_projections"]
 
 # The projections to commit with the next checkpoint, one per (type, key).
 Pending = dict[tuple[type[Projection], str], Projection]
@@ -106,6 +107,22 @@ def aggregates_for(
             f"command handler applies ({', '.join(sorted(by_name)) or 'none'})"
         )
     return by_name
+
+
+class RowRules:
+    """Checks a listener's read model as every store would before it is kept. Refused
+    here (Unstorable, or IncidentError for a type no table can hold), it fails its own
+    event, to be retried and parked; at the batch's commit it would fail the whole batch,
+    each time it was read again, and the handler would never get past it."""
+
+    def __init__(self) -> None:
+        self._specs: dict[type[Projection], TableSpec] = {}
+
+    def check(self, projection: Projection) -> None:
+        spec = self._specs.get(type(projection))
+        if spec is None:  # the workers of a wave may both work it out: the same spec
+            spec = self._specs[type(projection)] = table_spec(type(projection))
+        projection_json(projection, spec)
 
 
 def merge_projections(pending: Pending, projections: list[Projection]) -> None:

@@ -12,17 +12,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import CheckpointConflict, CorruptEvent, IncidentError, StoreError
+from ..errors import CheckpointConflict, CorruptEvent, IncidentError, InvalidArgument, StoreError
 from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..messages import Projection, Recorded, event_type_name
 from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
-from ..stores.read_model_rows import projection_key
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
 from .reactor import Reactor
 from .replay import Replayed, rebuild
-from .states import Pending, StreamStates, aggregates_for, merge_projections
+from .states import Pending, RowRules, StreamStates, aggregates_for, merge_projections
 from .waves import Item, SequenceBy, split
 
 __all__ = ["Subscription"]
@@ -36,9 +35,7 @@ class Subscription:
     ``command_handler`` (a :class:`~incident.CommandHandler`, or any
     :class:`~incident.subscriptions.reactor.Reactor`) supplies the stores, the aggregates
     (to compute the state each listener receives) and the carrying out of returned
-    commands.
-    ``checkpoints`` defaults to the checkpoint store beside the event store.
-    """
+    commands. ``checkpoints`` defaults to the checkpoint store beside the event store."""
 
     def __init__(
         self,
@@ -56,10 +53,13 @@ class Subscription:
         concurrency: int = 1,
         sequence_by: SequenceBy | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for option, value, least in (("batch_size", batch_size, 1), ("retries", retries, 0)):
+            if type(value) is not int or value < least:
+                raise InvalidArgument(f"{option} must be an int >= {least}, got {value!r}")
+        if not backoff >= 0:  # a retry's sleep would raise in the middle of a batch
+            raise InvalidArgument(f"backoff must be a number of seconds >= 0, got {backoff!r}")
         if on_failure not in ("park", "stop"):
-            raise ValueError(f"on_failure must be 'park' or 'stop', got {on_failure!r}")
+            raise InvalidArgument(f"on_failure must be 'park' or 'stop', got {on_failure!r}")
         self.handler = handler
         self.name = handler.name
         self.command_handler = command_handler
@@ -84,6 +84,7 @@ class Subscription:
             on_failure=on_failure,
         )
         self._position: int | None = None
+        self._rows = RowRules()
         self._progress = threading.Condition()
         self._lock = self.checkpoints.lock(self.name)  # across processes: one runner
         # within this object: the states, _position and the dead letters are shared by
@@ -127,10 +128,9 @@ class Subscription:
     def catch_up(self, until: int | None = None) -> int:
         """Process batches until the end of the log (or ``until``); returns how many
         events were read. Runs in the calling thread and takes no handler lock (``run``
-        does), only this object's: a ``run()`` of this same object in another thread is
-        simply interleaved batch by batch. If a runner elsewhere moves the checkpoint
-        meanwhile, the save's compare-and-set raises CheckpointConflict and writes
-        nothing."""
+        does), only this object's: a ``run()`` of this object in another thread is
+        interleaved batch by batch. If a runner elsewhere moves the checkpoint meanwhile,
+        the save's compare-and-set raises CheckpointConflict and writes nothing."""
         total = 0
         while until is None or self.position < until:
             read = self.step()
@@ -213,9 +213,7 @@ class Subscription:
             self.handler.outputs(recorded, self._states.at(recorded)), projections
         )
         for projection in projections:
-            key = getattr(projection, "aggregate_id", None)
-            if type(key) is not str or not key:
-                projection_key(projection)  # raises: a row that cannot be stored fails
+            self._rows.check(projection)  # a row no store keeps fails its event, not the batch
         if steps:
             # keyed by handler, event, listener and the command itself: handled again, it
             # sends nothing twice, and takes the branch the first run took
@@ -283,8 +281,10 @@ class Subscription:
                     stop.wait(pause)
                     self._outage_pause = min(max(pause, 0.01) * 2, self.outage_backoff)
         finally:
-            self._lock.release()  # a standby stops trying: what it tried with is closed
-            self._fan_out.close()
+            try:
+                self._lock.release()  # a standby stops trying: what it tried with is closed
+            finally:
+                self._fan_out.close()  # even when the release failed: no worker left behind
 
     def _follow_log(self, stop: threading.Event) -> None:
         pause = 0.001

@@ -59,6 +59,10 @@ class PostgresCheckpointStore:
             " ON CONFLICT (handler) DO UPDATE SET position = EXCLUDED.position,"
             " updated_at = EXCLUDED.updated_at"
         ).format(checkpoints)
+        self._first = sql.SQL(
+            "INSERT INTO {} (handler, position, updated_at) VALUES (%s, 0, now())"
+            " ON CONFLICT (handler) DO NOTHING"
+        ).format(checkpoints)
         self._park = sql.SQL(
             f"INSERT INTO {{}} ({PARKED_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (handler, position) DO UPDATE SET error = EXCLUDED.error,"
@@ -107,17 +111,21 @@ class PostgresCheckpointStore:
         shared = isinstance(projection_store, PostgresProjectionStore) and (
             self.shares_database_with(projection_store)
         )
-        if projections and projection_store is not None and not shared:
-            # another database: projections first, so a crash re-applies, never skips
-            for projection in projections:
-                projection_store.project(projection)
         fresh: list[type[Projection]] = []
         doing = f"saving the checkpoint of {handler}"
         with self._db.connection(doing) as conn, conn.transaction():
             row = conn.execute(self._load + sql.SQL(" FOR UPDATE"), [handler]).fetchone()
+            if row is None:  # a first save: nothing to lock, unless a row is made to lock
+                conn.execute(self._first, [handler])  # waits for another first save's
+                row = conn.execute(self._load + sql.SQL(" FOR UPDATE"), [handler]).fetchone()
             actual = int(row[0]) if row else 0
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
+            if projections and projection_store is not None and not shared:
+                # another database: its rows once the checkpoint is ours (locked), before
+                # it moves, so a crash re-applies them, never skips; a conflict writes none
+                for projection in projections:
+                    projection_store.project(projection)
             if shared and projections:
                 assert isinstance(projection_store, PostgresProjectionStore)
                 fresh = projection_store.prepare(conn, map(type, projections))
