@@ -236,6 +236,12 @@ class Aggregate(Generic[S]):
         """(stored type name, from schema version) -> upcaster."""
         return dict(self._upcasters)
 
+    def registered_functions(self) -> dict[str, str]:
+        """Message name -> function qualname, for every registration (stable order):
+        what a notebook shows to say what the aggregate handles."""
+        pairs = [*self._executors.items(), *self._appliers.items()]
+        return {message.__name__: function.__qualname__ for message, function in pairs}
+
     # -- the pure domain contract -------------------------------------------
 
     def decide(self, state: S, command: Command) -> list[Event]:

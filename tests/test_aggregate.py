@@ -102,6 +102,24 @@ def test_annotation_and_explicit_forms_register_their_types() -> None:
     assert agg.initial == Total()
 
 
+def test_registered_functions_name_each_message_and_its_function() -> None:
+    """What the tour notebook shows: commands first, then events, in registration order."""
+    agg: incident.Aggregate[int] = incident.Aggregate("listed", initial=0)
+
+    @agg.execute
+    def add(state: int, cmd: Add) -> Added:
+        return Added(n=cmd.n)
+
+    @agg.apply
+    def added(state: int, event: Added) -> int:
+        return state + event.n
+
+    registered = agg.registered_functions()
+    assert list(registered) == ["Add", "Added"]
+    assert registered["Add"].endswith("<locals>.add")
+    assert registered["Added"].endswith("<locals>.added")
+
+
 def test_decorators_return_the_function_unchanged() -> None:
     """Registering a function leaves it callable as a plain function (for unit tests)."""
     agg: incident.Aggregate[int] = incident.Aggregate("plain", initial=0)
