@@ -8,12 +8,12 @@ import asyncio
 import datetime as dt
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import incident
-from incident.command_handler.asynchronous import TaskTurns
 from incident.examples import bank
 from incident.stores import AppendRequest, CommitCall, Committed, Owed
 from incident.stores.async_commits import CommitBatches
@@ -277,3 +277,279 @@ def test_a_cancelled_batch_writer_fails_its_commits_with_store_errors(store_url:
 
     asyncio.run(main())
     assert [(stream, version) for stream, version, _ in logged(store_url)] == [("B", 1)]
+
+
+# -- workers that stop ------------------------------------------------------------------
+
+
+def test_work_queued_when_the_workers_stop_gets_store_error() -> None:
+    """shutdown() lets the work under way finish, fails the work still queued with
+    StoreError (a task cancelled itself stays cancelled) and any asked for later."""
+
+    async def main() -> None:
+        workers = Workers(1)
+        started, release = threading.Event(), threading.Event()
+
+        def held() -> str:
+            started.set()
+            assert release.wait(WAIT)
+            return "done"
+
+        running = asyncio.ensure_future(workers.run(held))
+        await asyncio.wait_for(asyncio.to_thread(started.wait, WAIT), WAIT)
+        queued = asyncio.ensure_future(workers.run(lambda: "never"))
+        cancelled = asyncio.ensure_future(workers.run_batch(lambda: "never"))
+        await asyncio.sleep(0)  # both are handed to their pools
+        cancelled.cancel()
+        workers.shutdown()
+        release.set()
+        assert await asyncio.wait_for(running, WAIT) == "done"
+        with pytest.raises(incident.StoreError):
+            await asyncio.wait_for(queued, WAIT)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        for later in (workers.run, workers.run_batch):
+            with pytest.raises(incident.StoreError):
+                await later(lambda: "never")
+
+    asyncio.run(main())
+
+
+def test_workers_stopped_as_work_is_handed_to_them_say_store_error() -> None:
+    """Workers stopped (by another thread) between the check and the hand-over: the
+    pool's own refusal becomes the StoreError of a closed store."""
+
+    async def main() -> None:
+        workers = Workers(1)
+        pool = workers._pool
+        assert pool is not None
+        submit = pool.submit
+
+        def stopped_first(*args: Any, **kwargs: Any) -> Any:
+            workers.shutdown()  # as another thread's close() would, at this moment
+            return submit(*args, **kwargs)
+
+        pool.submit = stopped_first  # type: ignore[method-assign]
+        with pytest.raises(incident.StoreError, match="closed"):
+            await workers.run(lambda: "never")
+
+    asyncio.run(main())
+
+
+def test_workers_of_none_run_the_work_on_the_loop_until_they_stop() -> None:
+    async def main() -> None:
+        workers = Workers(0)
+        here = threading.current_thread()
+        assert await workers.run(threading.current_thread) is here
+        assert await workers.run_batch(threading.current_thread) is here
+        workers.shutdown()
+        for later in (workers.run, workers.run_batch):
+            with pytest.raises(incident.StoreError):
+                await later(threading.current_thread)
+
+    asyncio.run(main())
+
+
+# -- verbs the other suites leave out ---------------------------------------------------
+
+
+def test_owed_work_is_kept_listed_by_handler_and_settled(store_url: str) -> None:
+    async def main() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+            recorded = await store.append("A", deposit(1) + deposit(2), expected_version=0)
+            now = dt.datetime.now(dt.UTC)
+            for handler, r in [
+                ("mail", recorded[1]),
+                ("mail", recorded[0]),
+                ("audit", recorded[0]),
+            ]:
+                await store.owe(
+                    Owed(
+                        handler=handler,
+                        position=r.position,
+                        event_id=r.event_id,
+                        aggregate_id=r.aggregate_id,
+                        event_type=r.event_type,
+                        owed_at=now,
+                    )
+                )
+            assert [(o.handler, o.position) for o in await store.owed()] == [
+                ("audit", 1),
+                ("mail", 1),
+                ("mail", 2),
+            ]
+            assert [o.position for o in await store.owed("mail")] == [1, 2]
+            await store.settle("mail", 1)
+            await store.settle("mail", 7)  # owed nothing there: nothing changes
+            assert [(o.handler, o.position) for o in await store.owed()] == [
+                ("audit", 1),
+                ("mail", 2),
+            ]
+            assert await store.owed("nobody") == []
+
+    asyncio.run(main())
+
+
+def test_an_async_store_shares_its_database_with_its_own_projections_only(
+    store_url: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+            own = store.projections()
+            assert store.shares_database_with(own)
+            assert store.shares_database_with(own.sync)
+            other = f"sqlite:///{tmp_path}/other.db" if store_url == "memory://" else "memory://"
+            elsewhere = incident.open_async_projection_store(other)
+            assert not store.shares_database_with(elsewhere)
+            await elsewhere.close()
+
+    asyncio.run(main())
+
+
+def test_an_async_projection_store_closes_once_and_then_says_store_error(
+    store_url: str,
+) -> None:
+    row = bank.BankAccount(
+        aggregate_id="A",
+        account_number="A",
+        balance=3,
+        version=1,
+        event_id="e1",
+        event_date=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+    )
+
+    async def main() -> None:
+        async with incident.open_async_projection_store(store_url) as projections:
+            await projections.project(row)
+            assert await projections.get(bank.BankAccount, "A") == row
+            assert await projections.all(bank.BankAccount) == [row]
+        for verb in (
+            projections.project(row),
+            projections.get(bank.BankAccount, "A"),
+            projections.all(bank.BankAccount),
+        ):
+            with pytest.raises(incident.StoreError):
+                await verb
+        await projections.close()  # again: nothing to do
+
+    asyncio.run(main())
+    if store_url != "memory://":
+        store = incident.open_projection_store(store_url)
+        assert store.get(bank.BankAccount, "A") == row
+        store.close()
+
+
+class WithoutStream:
+    """A store of one's own with no ``stream`` (it is not part of EventStore)."""
+
+    def __init__(self, store: incident.EventStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self._store, name)
+
+
+def test_a_store_without_stream_is_streamed_a_page_at_a_time_from_get() -> None:
+    async def main() -> None:
+        sync = incident.open_event_store("memory://")
+        store = AsyncEventStore(WithoutStream(sync), workers=0, page_size=2)  # type: ignore[arg-type]
+        await store.append(
+            "A", [bank.MoneyDeposited(amount=n) for n in range(1, 6)], expected_version=0
+        )
+        assert [r.version async for r in store.stream("A", after=1)] == [2, 3, 4, 5]
+        assert [e.amount async for e in store.events("A")] == [1, 2, 3, 4, 5]
+        assert [r.version for r in await store.stream_page("A", 1, 2)] == [2, 3]
+        await store.close()
+
+    asyncio.run(main())
+
+
+# -- live tails let go --------------------------------------------------------------------
+
+
+def watchers() -> int:
+    """How many threads wait for appends on behalf of async tails (one per store)."""
+    return sum(t.name == "incident-append-watch" for t in threading.enumerate())
+
+
+async def no_watchers_but(count: int) -> None:
+    await until(lambda: watchers() == count)
+
+
+def test_an_async_tail_let_go_early_releases_what_it_held(store_url: str) -> None:
+    """A tail cancelled while it waits for an append leaves the store's watch (whose
+    thread ends once no tail waits), and one closed between events ends there; other
+    tails of the store carry on."""
+
+    async def main() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+            await store.append("A", deposit(1), expected_version=0)
+            await no_watchers_but(0)
+            waiting = asyncio.ensure_future(anext(store.subscribe(after=1, poll_interval=60)))
+            await no_watchers_but(1)  # it waits, and the watch's thread with it
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await no_watchers_but(0)
+
+            closed_early = store.subscribe(after=0, poll_interval=60)
+            assert (await anext(closed_early)).position == 1
+            await closed_early.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await anext(closed_early)
+            assert watchers() == 0
+
+            still = asyncio.ensure_future(anext(store.subscribe(after=1, poll_interval=60)))
+            await no_watchers_but(1)
+            await store.append("A", deposit(2), expected_version=1)
+            assert (await asyncio.wait_for(still, WAIT)).position == 2
+            await no_watchers_but(0)
+
+    asyncio.run(main())
+
+
+def test_a_tail_left_on_a_closed_loop_does_not_keep_other_tails_from_waking(
+    tmp_path: Path,
+) -> None:
+    """A tail whose event loop was closed under it, still waiting: an append wakes the
+    other tails of the store all the same (with a poll too long to save them)."""
+    store = incident.open_async_event_store(f"sqlite:///{tmp_path}/left.db")
+    abandoned = asyncio.new_event_loop()
+
+    async def start_waiting() -> asyncio.Future[Any]:
+        waiting = asyncio.ensure_future(anext(store.subscribe(after=0, poll_interval=60)))
+        await no_watchers_but(1)
+        return waiting
+
+    left = abandoned.run_until_complete(start_waiting())
+    abandoned.close()  # its tail still waits in the store's watch
+
+    async def main() -> None:
+        tail = asyncio.ensure_future(anext(store.subscribe(after=0, poll_interval=60)))
+        await store.append("A", deposit(1), expected_version=0)
+        assert (await asyncio.wait_for(tail, WAIT)).position == 1
+        await store.append("A", deposit(2), expected_version=1)
+        second = await asyncio.wait_for(anext(store.subscribe(after=1, poll_interval=60)), WAIT)
+        assert second.position == 2
+        await store.close()
+
+    asyncio.run(main())
+    assert not left.done()
+
+
+def test_a_tail_left_on_a_closed_loop_does_not_keep_the_watch_running() -> None:
+    """A tail whose event loop was closed under it waits for nothing any more: the
+    store's watch lets it go, and its thread ends, though the log never grows."""
+    store = incident.open_async_event_store("memory://")
+    abandoned = asyncio.new_event_loop()
+
+    async def start_waiting() -> asyncio.Future[Any]:
+        waiting = asyncio.ensure_future(anext(store.subscribe(after=0, poll_interval=60)))
+        await no_watchers_but(1)
+        return waiting
+
+    abandoned.run_until_complete(start_waiting())
+    abandoned.close()
+    asyncio.run(no_watchers_but(0))
