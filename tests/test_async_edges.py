@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import incident
+from incident.command_handler.asynchronous import TaskTurns
 from incident.examples import bank
 from incident.stores import AppendRequest, CommitCall, Committed, Owed
 from incident.stores.async_commits import CommitBatches
@@ -553,3 +554,64 @@ def test_a_tail_left_on_a_closed_loop_does_not_keep_the_watch_running() -> None:
     abandoned.run_until_complete(start_waiting())
     abandoned.close()
     asyncio.run(no_watchers_but(0))
+
+
+# -- the handler ----------------------------------------------------------------------------
+
+
+def test_an_async_handler_refuses_a_handler_both_inline_and_as_a_subscription() -> None:
+    """As the sync handler does: an event handler runs inline or durably, not both."""
+    for make in (incident.CommandHandler, incident.AsyncCommandHandler):
+        with pytest.raises(incident.RegistrationError, match="both inline and as a subscription"):
+            make(  # type: ignore[operator]
+                "memory://",
+                aggregates=[bank.bank_account, bank.transfer],
+                event_handlers=[bank.bank_projections],
+                subscriptions=[bank.bank_projections],
+            )
+
+
+def test_task_turns_forget_only_streams_no_task_is_taking_turns_at() -> None:
+    """Past ``size`` streams, the oldest idle one is forgotten, never one whose turn a
+    task holds (that would let a second task in beside it)."""
+
+    async def main() -> None:
+        turns = TaskTurns(size=1)
+        a, b = ("bank_account", "A"), ("bank_account", "B")
+        turns.collided(a)
+        async with turns.turn(a):
+            turns.collided(b)  # a is held: b, the only idle one, goes
+            assert turns.contended(a) and not turns.contended(b)
+        turns.collided(b)  # a is idle now, and older
+        assert turns.contended(b) and not turns.contended(a)
+        turns.collided(b)  # known: nothing is forgotten
+        assert turns.contended(b)
+
+    asyncio.run(main())
+
+
+def test_starting_subscriptions_twice_or_none_at_all_starts_nothing_more(tmp_path: Path) -> None:
+    def runners() -> int:
+        return sum(t.name.startswith("incident-sub") for t in threading.enumerate())
+
+    async def main() -> None:
+        url = f"sqlite:///{tmp_path}/subs.db"
+        async with bank.build_async(url) as plain:
+            assert len(plain.subscriptions) == 0
+            await plain.subscriptions.start()
+            assert runners() == 0
+        app = incident.AsyncCommandHandler(
+            url,
+            aggregates=[bank.bank_account, bank.transfer],
+            subscriptions=[bank.bank_projections],
+        )
+        async with app:
+            assert len(app.subscriptions) == 1
+            await app.subscriptions.start()
+            await app.subscriptions.start()
+            await app.dispatch(bank.OpenAccount(aggregate_id="S1"))
+            await app.subscriptions.wait_until_caught_up(timeout=WAIT)
+            assert runners() == 1
+        await until(lambda: runners() == 0)
+
+    asyncio.run(main())
