@@ -19,6 +19,7 @@ from incident.examples import bank
 from incident.stores import AppendRequest, CommitCall, Committed, Owed
 from incident.stores.async_commits import CommitBatches
 from incident.stores.asynchronous import AsyncEventStore, Workers
+from incident.testing.asynchronous import EventLoopThread
 from tests.conftest import on_backends
 
 BATCHED = ["postgres", "sqlite"]  # the stores whose commits go in batches
@@ -615,3 +616,34 @@ def test_starting_subscriptions_twice_or_none_at_all_starts_nothing_more(tmp_pat
         await until(lambda: runners() == 0)
 
     asyncio.run(main())
+
+
+# -- sync views of async stores -------------------------------------------------------------
+
+
+def test_a_sync_view_of_an_async_tail_follows_the_log_as_a_sync_tail_does(store_url: str) -> None:
+    """A suite written against the sync API runs unchanged on a view: its live tail
+    yields the log and then each new event, rather than waiting for an end that never
+    comes, and closing it lets the tail go."""
+    seen: list[int] = []
+    with EventLoopThread() as loop:
+        store = loop.view(incident.open_async_event_store(store_url))
+        store.append("A", deposit(1), expected_version=0)
+        live = store.subscribe(after=0, poll_interval=0.05)
+
+        def follow() -> None:
+            for recorded in live:
+                seen.append(recorded.position)
+                if len(seen) == 2:
+                    return
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        store.append("A", deposit(2), expected_version=1)
+        reader.join(WAIT)
+        assert seen == [1, 2]
+        live.close()
+        with pytest.raises(StopIteration):
+            next(live)
+        assert [r.position for r in store.read_all(after=1)] == [2]
+        store.close()
