@@ -647,3 +647,42 @@ def test_a_sync_view_of_an_async_tail_follows_the_log_as_a_sync_tail_does(store_
             next(live)
         assert [r.position for r in store.read_all(after=1)] == [2]
         store.close()
+
+
+def test_a_commit_under_a_used_idempotency_key_writes_nothing_and_says_what_it_came_to(
+    store_url: str,
+) -> None:
+    """On its own (the async Postgres store's one-round-trip paths, which the server
+    refuses for a used key) or among others: DuplicateCommand with the first outcome."""
+
+    async def main() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+
+            def keyed(stream: str, version: int) -> AppendRequest:
+                return AppendRequest(
+                    aggregate_id=stream,
+                    events=deposit(version + 1),
+                    expected_version=version,
+                    idempotency_key="once",
+                )
+
+            first = await store.commit(keyed("A", 0))
+            with pytest.raises(incident.DuplicateCommand) as alone:
+                await store.commit(keyed("A", 1))
+            together = await asyncio.gather(
+                store.commit(keyed("B", 0)),
+                store.commit(
+                    AppendRequest(aggregate_id="C", events=deposit(3), expected_version=0)
+                ),
+                return_exceptions=True,
+            )
+            assert isinstance(together[0], incident.DuplicateCommand)
+            assert isinstance(together[1], Committed)
+            for duplicate in (alone.value, together[0]):
+                assert [r.event_id for r in duplicate.recorded] == [  # type: ignore[union-attr]
+                    r.event_id for r in first.recorded
+                ]
+            assert [r.aggregate_id async for r in store.read_all()] == ["A", "C"]
+            assert await store.version("A") == 1
+
+    asyncio.run(main())
