@@ -686,3 +686,29 @@ def test_a_commit_under_a_used_idempotency_key_writes_nothing_and_says_what_it_c
             assert await store.version("A") == 1
 
     asyncio.run(main())
+
+
+def test_a_subscription_task_that_fails_says_why_as_the_sync_ones_do(tmp_path: Path) -> None:
+    """A started subscription whose loop ends with an error keeps it where
+    ``wait_until_caught_up`` raises it at once (no waiting for the timeout)."""
+
+    async def main() -> None:
+        app = incident.AsyncCommandHandler(
+            f"sqlite:///{tmp_path}/failing.db",
+            aggregates=[bank.bank_account, bank.transfer],
+            subscriptions=[bank.bank_projections],
+        )
+        async with app:
+            subscription = app.subscriptions["bank_projections"]
+
+            def broken() -> int:
+                raise RuntimeError("the subscription's own code failed (simulated)")
+
+            subscription.step = broken  # type: ignore[method-assign]
+            await app.dispatch(bank.OpenAccount(aggregate_id="F1"))
+            await app.subscriptions.start()
+            with pytest.raises(RuntimeError, match="simulated"):
+                await app.subscriptions.wait_until_caught_up(timeout=WAIT)
+            assert isinstance(subscription.error, RuntimeError)
+
+    asyncio.run(main())

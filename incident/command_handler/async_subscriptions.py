@@ -13,9 +13,11 @@ commands the handler returns are dispatched by the async handler on its event lo
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Protocol
 
 from ..aggregate import Aggregate
@@ -25,6 +27,8 @@ from ..stores import CheckpointStore, EventStore, ProjectionStore
 from ..subscriptions import Subscription, Subscriptions
 
 __all__ = ["AsyncSubscriptions", "LoopReactor"]
+
+log = logging.getLogger("incident.subscriptions")  # the sync runners' logger
 
 
 class _AsyncApp(Protocol):
@@ -66,6 +70,16 @@ async def _awaited(step: Awaitable[None]) -> None:
     await step
 
 
+def _run_recording_errors(subscription: Subscription, stop: threading.Event) -> None:
+    """A subscription's loop; an error that ends it is kept as ``subscription.error``
+    (which ``wait_until_caught_up`` raises) and logged, as ``Subscriptions.start`` does."""
+    try:
+        subscription.run(stop)
+    except BaseException as error:
+        subscription.error = error
+        log.exception("subscription %s stopped", subscription.name)
+
+
 class AsyncSubscriptions:
     """The durable subscriptions of an AsyncCommandHandler, by handler name
     (``subscriptions["name"]`` is its :class:`~incident.Subscription`)."""
@@ -102,8 +116,8 @@ class AsyncSubscriptions:
         self._stop.clear()
         self._threads = ThreadPoolExecutor(len(self.sync), thread_name_prefix="incident-sub")
         for name in self.sync:
-            run = self.sync[name].run
-            self._tasks.append(loop.run_in_executor(self._threads, run, self._stop))
+            run = partial(_run_recording_errors, self.sync[name], self._stop)
+            self._tasks.append(loop.run_in_executor(self._threads, run))
 
     async def stop(self) -> None:
         """Stop the tasks, each after the batch it is in."""
