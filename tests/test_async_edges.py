@@ -712,3 +712,20 @@ def test_a_subscription_task_that_fails_says_why_as_the_sync_ones_do(tmp_path: P
             assert isinstance(subscription.error, RuntimeError)
 
     asyncio.run(main())
+
+
+def test_an_async_handler_refused_closes_the_stores_it_opened(postgres_url: str) -> None:
+    """Refused in its constructor (two subscriptions of one name), the handler leaves
+    none of the stores it opened from the URL open: no pool, no session."""
+    schema = postgres_url.rsplit("schema=", 1)[1]
+
+    def pool_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith(f"incident:{schema}")]
+
+    with pytest.raises(incident.RegistrationError, match="Two subscriptions"):
+        incident.AsyncCommandHandler(
+            postgres_url,
+            aggregates=[bank.bank_account, bank.transfer],
+            subscriptions=[bank.bank_projections, bank.bank_projections],
+        )
+    asyncio.run(until(lambda: not pool_threads()))

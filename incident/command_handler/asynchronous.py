@@ -126,16 +126,16 @@ class AsyncCommandHandler(HandlerParts):
                 Tuning(retries, backoff, cache_size, snapshot_every, verify_snapshots),
                 subscriptions,
             )
+            self.adopt(core, snapshot_every, verify_snapshots)
+            self.turns = TaskTurns()
+            reactor = LoopReactor(self, events.sync, projections.sync)
+            #: the durable subscriptions, each an asyncio task once ``await start()``ed
+            self.subscriptions = AsyncSubscriptions(reactor, subscriptions, checkpoint_store)
         except BaseException:
             for store in self._opened:  # no loop to await on here: closed directly
                 store.sync.close()
                 store.workers.shutdown()
             raise
-        self.adopt(core, snapshot_every, verify_snapshots)
-        self.turns = TaskTurns()
-        reactor = LoopReactor(self, events.sync, projections.sync)
-        #: the durable subscriptions, each an asyncio task once ``await start()``ed
-        self.subscriptions = AsyncSubscriptions(reactor, subscriptions, checkpoint_store)
         # store work runs on the event store's workers, else the projection store's
         # (a memory event store beside a SQLite projection store)
         workers = events.workers
