@@ -441,14 +441,15 @@ def test_an_async_projection_store_closes_once_and_then_says_store_error(
         store.close()
 
 
-class WithoutStream:
-    """A store of one's own with no ``stream`` (it is not part of EventStore)."""
+class Without:
+    """A store of one's own lacking some verbs beyond EventStore's (``stream``, the
+    ``wait_for_append`` that wakes tails): the memory store with those hidden."""
 
-    def __init__(self, store: incident.EventStore) -> None:
-        self._store = store
+    def __init__(self, store: incident.EventStore, *hidden: str) -> None:
+        self._store, self._hidden = store, hidden
 
     def __getattr__(self, name: str) -> Any:
-        if name == "stream":
+        if name in self._hidden:
             raise AttributeError(name)
         return getattr(self._store, name)
 
@@ -456,7 +457,7 @@ class WithoutStream:
 def test_a_store_without_stream_is_streamed_a_page_at_a_time_from_get() -> None:
     async def main() -> None:
         sync = incident.open_event_store("memory://")
-        store = AsyncEventStore(WithoutStream(sync), workers=0, page_size=2)  # type: ignore[arg-type]
+        store = AsyncEventStore(Without(sync, "stream"), workers=0, page_size=2)  # type: ignore[arg-type]
         await store.append(
             "A", [bank.MoneyDeposited(amount=n) for n in range(1, 6)], expected_version=0
         )
@@ -729,3 +730,20 @@ def test_an_async_handler_refused_closes_the_stores_it_opened(postgres_url: str)
             subscriptions=[bank.bank_projections, bank.bank_projections],
         )
     asyncio.run(until(lambda: not pool_threads()))
+
+
+def test_a_tail_of_a_store_without_a_wake_up_is_woken_by_the_watch_all_the_same() -> None:
+    """With no ``wait_for_append`` to wait in, the watch wakes its tails every slice
+    to read for themselves, so an append reaches them well before their own poll."""
+
+    async def main() -> None:
+        sync = incident.open_event_store("memory://")
+        store = AsyncEventStore(Without(sync, "wait_for_append"), workers=0)  # type: ignore[arg-type]
+        tail = asyncio.ensure_future(anext(store.subscribe(after=0, poll_interval=3600)))
+        await no_watchers_but(1)  # it waits
+        await store.append("A", deposit(1), expected_version=0)
+        assert (await asyncio.wait_for(tail, WAIT)).position == 1
+        await no_watchers_but(0)
+        await store.close()
+
+    asyncio.run(main())
