@@ -116,6 +116,46 @@ def test_a_task_cancelled_while_its_commit_is_in_a_batch_is_still_written(store_
 
 
 @on_backends(BATCHED)
+def test_a_transfer_cancelled_while_its_commit_is_in_a_batch_is_written_whole(
+    store_url: str,
+) -> None:
+    """Cancelled once its commit was handed over, a dispatch that starts a process is
+    written with its read model and its owed follow-up in the one transaction (its task
+    carries out none of it); ``complete_owed`` then moves the money, exactly once."""
+
+    async def main() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+            app = bank.build_async(store)
+            for account in ("S", "D"):
+                await app.dispatch(bank.OpenAccount(aggregate_id=account))
+            await app.dispatch(bank.DepositMoney(aggregate_id="S", amount=50))
+            held = HeldBatches(store)
+            transfer = bank.RequestTransfer(
+                aggregate_id="T",
+                source_account_number="S",
+                destination_account_number="D",
+                amount=20,
+            )
+            task = asyncio.ensure_future(app.dispatch(transfer))
+            await asyncio.wait_for(held.entered.wait(), WAIT)
+            task.cancel()
+            held.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await until(lambda: held.batches.batches == 1)
+            assert [o.aggregate_id for o in await store.owed()] == ["T"]
+            assert await store.version("S") == 2  # nothing of the process ran yet
+            await app.complete_owed()
+            await app.complete_owed()  # nothing is owed any more: nothing moves twice
+            assert await store.owed() == []
+            projections = store.projections()
+            balances = [(await projections.get(bank.BankAccount, n)) for n in ("S", "D")]
+            assert [b.balance for b in balances if b is not None] == [30, 20]
+
+    asyncio.run(main())
+
+
+@on_backends(BATCHED)
 def test_a_batch_that_fails_as_a_whole_fails_its_callers_not_a_cancelled_one(
     store_url: str,
 ) -> None:
