@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -787,3 +789,53 @@ def test_a_tail_of_a_store_without_a_wake_up_is_woken_by_the_watch_all_the_same(
         await store.close()
 
     asyncio.run(main())
+
+
+# An application whose event loop ends with its subscriptions still started (no close())
+LOOP_ENDS_UNDER_SUBSCRIPTIONS = r"""
+import asyncio, sys
+import incident
+from incident.examples import bank
+
+async def main():
+    app = incident.AsyncCommandHandler(
+        sys.argv[1],
+        aggregates=[bank.bank_account, bank.transfer],
+        subscriptions=[bank.bank_projections, bank.money_transfer],
+    )
+    await app.subscriptions.start()
+    for account in ("S", "D"):
+        await app.dispatch(bank.OpenAccount(aggregate_id=account))
+    await app.dispatch(bank.DepositMoney(aggregate_id="S", amount=50))
+    await app.dispatch(
+        bank.RequestTransfer(
+            aggregate_id="T", source_account_number="S", destination_account_number="D", amount=20
+        )
+    )
+
+asyncio.run(main())
+"""
+
+
+def test_subscriptions_left_running_when_the_loop_ends_neither_hang_nor_park(
+    tmp_path: Path,
+) -> None:
+    """The loop ends (``asyncio.run`` returns) with the subscriptions started: the
+    process still exits, and the events whose follow-ups found no loop are not parked
+    (the loop's end is no fault of theirs): a handler run later carries them out."""
+    url = f"sqlite:///{tmp_path}/left-running.db"
+    done = subprocess.run(
+        [sys.executable, "-c", LOOP_ENDS_UNDER_SUBSCRIPTIONS, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "parked" not in done.stderr, done.stderr[-2000:]
+    with bank.build(url, subscriptions=True) as app:
+        app.subscriptions.catch_up()
+        assert app.subscriptions.parked() == []
+        transfer = app.projection_store.get(bank.Transfer, "T")
+        assert transfer is not None and transfer.status == "completed"
+        balances = [app.projection_store.get(bank.BankAccount, n) for n in ("S", "D")]
+        assert [b.balance for b in balances if b is not None] == [30, 20]
