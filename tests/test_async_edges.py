@@ -1,6 +1,8 @@
 """The edges of the async stores and handler: a task cancelled while its commit is in a
-batch, a batch that fails, a store closed under waiting commits, work queued on workers
-that stop, a live tail let go early, and the verbs the other suites do not call."""
+batch, a batch that fails (or whose writer is cancelled), a store closed under waiting
+commits, work queued on workers that stop, a live tail let go early (or left on a
+closed loop), sync views of tails, subscriptions that fail or outlive their loop, and
+the verbs the other suites do not call."""
 
 from __future__ import annotations
 
