@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import incident
+from incident.command_handler.async_subscriptions import LoopReactor
 from incident.command_handler.asynchronous import TaskTurns
 from incident.examples import bank
 from incident.stores import AppendRequest, CommitCall, Committed, Owed
@@ -841,3 +842,69 @@ def test_subscriptions_left_running_when_the_loop_ends_neither_hang_nor_park(
         assert transfer is not None and transfer.status == "completed"
         balances = [app.projection_store.get(bank.BankAccount, n) for n in ("S", "D")]
         assert [b.balance for b in balances if b is not None] == [30, 20]
+
+
+class WaitsForever:
+    """An application whose follow-ups never end (``LoopReactor`` needs no more)."""
+
+    aggregates: tuple[Any, ...] = ()
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    async def follow_up(self, handler: str, cause: Any, steps: Any) -> None:
+        self.started.set()
+        await asyncio.Event().wait()
+
+
+def cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+
+
+async def left_over() -> None:
+    """The running loop's other tasks, let end (a cancelled one's cancellation run)."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+def test_a_follow_up_whose_loop_ends_is_a_store_error_not_a_hang() -> None:
+    """A subscription's follow-up on a loop that is not running, that stops while it
+    waits, or that cancels it as it ends: a StoreError (waited out like an outage),
+    never a wait for ever on the subscription's thread."""
+    app = WaitsForever()
+    store = incident.open_event_store("memory://")
+    reactor = LoopReactor(app, store, store.projections())
+
+    def follow_up() -> BaseException | None:
+        try:
+            reactor.follow_up("h", None, [])  # type: ignore[arg-type]
+        except BaseException as error:
+            return error
+        return None
+
+    idle = asyncio.new_event_loop()
+    reactor.loop = idle
+    assert isinstance(follow_up(), incident.StoreError)
+    idle.close()
+
+    for ending in ("stop", "cancel"):
+        loop = asyncio.new_event_loop()
+        running = threading.Thread(target=loop.run_forever, daemon=True)
+        running.start()
+        reactor.loop, app.started = loop, threading.Event()
+        outcome: list[BaseException | None] = []
+        waiting = threading.Thread(target=lambda out=outcome: out.append(follow_up()), daemon=True)
+        waiting.start()
+        assert app.started.wait(WAIT)
+        if ending == "cancel":  # as asyncio.run does with the tasks left at its end
+            loop.call_soon_threadsafe(cancel_all, loop)
+            waiting.join(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        running.join(WAIT)
+        waiting.join(WAIT)
+        assert len(outcome) == 1 and isinstance(outcome[0], incident.StoreError), outcome
+        assert "has ended" in str(outcome[0])
+        loop.run_until_complete(left_over())
+        loop.close()
+    store.close()

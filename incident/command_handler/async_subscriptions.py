@@ -72,11 +72,11 @@ class LoopReactor:
         # subscription waits out (as for its database) rather than park the event
         if not loop.is_running():
             raise StoreError(LOOP_ENDED)
+        step = _awaited(self._app.follow_up(handler, cause, steps))
         try:
-            done = asyncio.run_coroutine_threadsafe(
-                _awaited(self._app.follow_up(handler, cause, steps)), loop
-            )
+            done = asyncio.run_coroutine_threadsafe(step, loop)
         except RuntimeError:  # closed since
+            step.close()
             raise StoreError(LOOP_ENDED) from None
         while not concurrent.futures.wait([done], timeout=LOOP_CHECK).done:
             if not loop.is_running():  # stopped without running it
