@@ -13,18 +13,29 @@ commands the handler returns are dispatched by the async handler on its event lo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ..aggregate import Aggregate
+from ..errors import StoreError
 from ..event_handler import EventHandler
 from ..messages import Recorded
 from ..stores import CheckpointStore, EventStore, ProjectionStore
 from ..subscriptions import Subscription, Subscriptions
 
 __all__ = ["AsyncSubscriptions", "LoopReactor"]
+
+log = logging.getLogger("incident.subscriptions")  # the sync runners' logger
+
+LOOP_ENDED = (
+    "The event loop of this AsyncCommandHandler has ended, so a follow-up cannot be "
+    "dispatched: stop its subscriptions (or close it) before its loop ends"
+)
+LOOP_CHECK = 0.5  # seconds between looks at whether the loop still runs, while waiting
 
 
 class _AsyncApp(Protocol):
@@ -54,16 +65,55 @@ class LoopReactor:
     def follow_up(
         self, handler: str, cause: Recorded[Any], steps: Sequence[tuple[str, Sequence[Any]]]
     ) -> None:
-        if self.loop is None:
+        loop = self.loop
+        if loop is None:
             raise RuntimeError("the subscriptions of an AsyncCommandHandler run from its loop")
-        done = asyncio.run_coroutine_threadsafe(
-            _awaited(self._app.follow_up(handler, cause, steps)), self.loop
-        )
-        done.result()
+        # a loop that has ended is no fault of the event's: a StoreError, which the
+        # subscription waits out (as for its database) rather than park the event
+        if not loop.is_running():
+            raise StoreError(LOOP_ENDED)
+        step = _awaited(self._app.follow_up(handler, cause, steps))
+        try:
+            done = asyncio.run_coroutine_threadsafe(step, loop)
+        except RuntimeError:  # closed since
+            step.close()
+            raise StoreError(LOOP_ENDED) from None
+        while not concurrent.futures.wait([done], timeout=LOOP_CHECK).done:
+            if not loop.is_running():  # stopped without running it
+                done.cancel()
+                raise StoreError(LOOP_ENDED)
+        try:
+            done.result()
+        except concurrent.futures.CancelledError:  # by the loop, as it ended
+            raise StoreError(LOOP_ENDED) from None
 
 
 async def _awaited(step: Awaitable[None]) -> None:
     await step
+
+
+def _run_recording_errors(
+    subscription: Subscription,
+    stop: threading.Event,
+    loop: asyncio.AbstractEventLoop,
+    done: asyncio.Future[None],
+) -> None:
+    """A subscription's loop, then ``done`` resolved on ``loop``; an error that ends it
+    is kept as ``subscription.error`` (which ``wait_until_caught_up`` raises) and
+    logged, as ``Subscriptions.start`` does."""
+    try:
+        subscription.run(stop)
+    except BaseException as error:
+        subscription.error = error
+        log.exception("subscription %s stopped", subscription.name)
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, done)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class AsyncSubscriptions:
@@ -81,8 +131,7 @@ class AsyncSubscriptions:
             Subscription(handler, reactor, checkpoints=checkpoints) for handler in handlers
         )
         self._stop = threading.Event()
-        self._tasks: list[asyncio.Future[None]] = []
-        self._threads: ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Future[None]] = []  # each done when its thread ends
 
     def __getitem__(self, name: str) -> Subscription:
         return self.sync[name]
@@ -100,10 +149,18 @@ class AsyncSubscriptions:
             return
         loop = self._bind()
         self._stop.clear()
-        self._threads = ThreadPoolExecutor(len(self.sync), thread_name_prefix="incident-sub")
         for name in self.sync:
-            run = self.sync[name].run
-            self._tasks.append(loop.run_in_executor(self._threads, run, self._stop))
+            # a daemon thread, as Subscriptions runs: a loop that ends with them still
+            # started (no stop()) does not keep the process from exiting
+            done: asyncio.Future[None] = loop.create_future()
+            thread = threading.Thread(
+                target=_run_recording_errors,
+                args=(self.sync[name], self._stop, loop, done),
+                name=f"incident-sub-{name}",
+                daemon=True,
+            )
+            thread.start()
+            self._tasks.append(done)
 
     async def stop(self) -> None:
         """Stop the tasks, each after the batch it is in."""
@@ -111,9 +168,6 @@ class AsyncSubscriptions:
         tasks, self._tasks = self._tasks, []
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)
-            self._threads = None
 
     async def catch_up(self) -> int:
         """Run every subscription until none has anything left; returns how many events

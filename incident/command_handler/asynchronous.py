@@ -59,10 +59,9 @@ class TaskTurns:
             return
         self._locks[stream] = asyncio.Lock()
         while len(self._locks) > self._size:
-            # the oldest idle one: forgetting a held lock would let two tasks in at once
-            idle = next((k for k, lock in self._locks.items() if not lock.locked()), None)
-            if idle is None:
-                break
+            # the oldest idle one (there is one: the lock just made): forgetting a held
+            # lock would let two tasks in at once
+            idle = next(k for k, lock in self._locks.items() if not lock.locked())
             del self._locks[idle]
 
     def turn(self, stream: Key) -> asyncio.Lock:
@@ -125,17 +124,18 @@ class AsyncCommandHandler(HandlerParts):
                 aggregates,
                 event_handlers,
                 Tuning(retries, backoff, cache_size, snapshot_every, verify_snapshots),
+                subscriptions,
             )
+            self.adopt(core, snapshot_every, verify_snapshots)
+            self.turns = TaskTurns()
+            reactor = LoopReactor(self, events.sync, projections.sync)
+            #: the durable subscriptions, each an asyncio task once ``await start()``ed
+            self.subscriptions = AsyncSubscriptions(reactor, subscriptions, checkpoint_store)
         except BaseException:
             for store in self._opened:  # no loop to await on here: closed directly
                 store.sync.close()
                 store.workers.shutdown()
             raise
-        self.adopt(core, snapshot_every, verify_snapshots)
-        self.turns = TaskTurns()
-        reactor = LoopReactor(self, events.sync, projections.sync)
-        #: the durable subscriptions, each an asyncio task once ``await start()``ed
-        self.subscriptions = AsyncSubscriptions(reactor, subscriptions, checkpoint_store)
         # store work runs on the event store's workers, else the projection store's
         # (a memory event store beside a SQLite projection store)
         workers = events.workers
@@ -148,9 +148,7 @@ class AsyncCommandHandler(HandlerParts):
     async def close(self) -> None:
         """Stop the subscriptions, then close the stores this handler opened from URLs;
         stores given as objects stay open (they are the caller's to close)."""
-        subscriptions = getattr(self, "subscriptions", None)
-        if subscriptions is not None:
-            await subscriptions.stop()
+        await self.subscriptions.stop()
         opened, self._opened = self._opened, []
         for store in opened:
             await store.close()

@@ -13,7 +13,10 @@ async Postgres store writes its batches on the loop itself, on async connections
 
 Each command stays its own: its version check, its all-or-nothing write and its
 error are its own (:mod:`incident.stores.sqlite.group_commit`), and a task is told
-only once the commit holding its append is durable.
+only once the commit holding its append is durable. Should the task that writes the
+batches be cancelled (the committing tasks were not), each task whose commit it had
+handed over gets CommitUnknown, and each still gathering a StoreError (nothing of it
+was written): none is left waiting, and none is told it was cancelled.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 
+from ..errors import CommitUnknown, StoreError
 from .protocols import CommitCall, Committed
 
 __all__ = ["MAX_BATCH", "CommitBatches", "CommitMany"]
@@ -29,6 +33,8 @@ __all__ = ["MAX_BATCH", "CommitBatches", "CommitMany"]
 #: commits handed over at a time (the group commit's own bound on one batch)
 MAX_BATCH = 64
 
+
+CANCELLED = "The task writing this event loop's batches of commits was cancelled"
 
 #: writes one batch: each call's outcome, in order
 CommitMany = Callable[[Sequence[CommitCall]], Awaitable[list[Committed | Exception]]]
@@ -96,9 +102,12 @@ class CommitBatches:
                         if not done.done():
                             done.set_exception(error)
                     continue
-                except BaseException:  # cancelled: the batch's fate is not known here
-                    for _, done in batch:
-                        done.cancel()
+                except BaseException:  # this task cancelled: the batch's fate is not known
+                    for call, done in batch:
+                        if not done.done():
+                            done.set_exception(
+                                CommitUnknown(CANCELLED, call.request.aggregate_id, [])
+                            )
                     raise
                 self.batches += 1
                 self.commits += len(batch)
@@ -113,5 +122,7 @@ class CommitBatches:
             lane.writer = None
             for _, done in lane.gathering:  # only when this task itself was cancelled
                 if not done.done():
-                    done.cancel()
+                    done.set_exception(
+                        StoreError(f"{CANCELLED}; nothing of this commit was written")
+                    )
             lane.gathering.clear()

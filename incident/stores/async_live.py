@@ -14,6 +14,7 @@ one per client, and its workers stay free for commands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -89,11 +90,14 @@ class AppendWatch:
                 lowest = min(after for after, _, _ in self._waiting)
             last = self._wait_past(lowest)
             with self._lock:
-                woken = [w for w in self._waiting if last is None or last > w[0]]
+                # a waiter whose loop was closed under it waits for nothing any more
+                woken = [
+                    w for w in self._waiting if last is None or last > w[0] or w[1].is_closed()
+                ]
                 for waiter in woken:
                     self._waiting.remove(waiter)
             for _, loop, future in woken:
-                if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
                     loop.call_soon_threadsafe(_resolve, future)
 
     def _wait_past(self, lowest: int) -> int | None:

@@ -12,20 +12,22 @@ concurrent tasks on the one loop)::
         list(store.read_all())                           # the async iterator, drained
 
 A view's method returns what the coroutine returns; an async iterator comes back as a
-list's iterator; an async store or handler comes back as a view of it.
+sync iterator whose items are awaited on the loop one at a time (so a view's live tail,
+``subscribe``, follows the log as a sync one does); an async store or handler comes
+back as a view of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ..command_handler.asynchronous import AsyncCommandHandler
 from ..stores import AsyncEventStore, AsyncProjectionStore
 
-__all__ = ["EventLoopThread", "SyncView"]
+__all__ = ["EventLoopThread", "Pulled", "SyncView"]
 
 T = TypeVar("T")
 
@@ -52,6 +54,9 @@ class EventLoopThread:
         return SyncView(target, self)
 
     def close(self) -> None:
+        """Close the async iterators left open on the loop (a tail not read to its end),
+        then stop the loop and close it."""
+        self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -91,7 +96,7 @@ class SyncView:
         if isinstance(value, Coroutine):
             value = self._loop.run(value)
         elif isinstance(value, AsyncIterator):
-            value = iter(self._loop.run(_drained(value)))
+            value = Pulled(value, self._loop)
         if isinstance(value, _VIEWED):
             return SyncView(value, self._loop)
         return value
@@ -105,5 +110,24 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-async def _drained(items: AsyncIterator[T]) -> list[T]:
-    return [item async for item in items]
+class Pulled(Iterator[T]):
+    """An async iterator as a sync one: each item awaited on the loop when it is asked
+    for, as a sync store streams its reads, so a live tail follows the log rather than
+    waiting for an end; ``close()`` closes the async iterator there."""
+
+    def __init__(self, items: AsyncIterator[T], loop: EventLoopThread) -> None:
+        self._items, self._loop = items, loop
+
+    def __iter__(self) -> Pulled[T]:
+        return self
+
+    def __next__(self) -> T:
+        try:
+            return self._loop.run(anext(self._items))
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            self._loop.run(aclose())
