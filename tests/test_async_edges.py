@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -908,3 +908,26 @@ def test_a_follow_up_whose_loop_ends_is_a_store_error_not_a_hang() -> None:
         loop.run_until_complete(left_over())
         loop.close()
     store.close()
+
+
+def test_a_store_error_failing_a_whole_batch_is_each_tasks_own_copy() -> None:
+    """Each task raises it, and a raise writes the traceback into the exception: one
+    object shared by every task of the batch would carry all their frames."""
+    cause = ConnectionError("the server went away")
+    seen: list[int] = []
+
+    async def commit_many(calls: Sequence[Any]) -> list[Any]:
+        seen.append(len(calls))
+        failure = incident.StoreError("the store failed")
+        failure.__cause__ = cause
+        raise failure
+
+    async def main() -> list[BaseException | Any]:
+        batches = CommitBatches(commit_many)
+        calls = [cast(Any, name) for name in ("a", "b", "c")]
+        return await asyncio.gather(*map(batches.commit, calls), return_exceptions=True)
+
+    errors = asyncio.run(main())
+    assert seen == [3]
+    assert all(type(e) is incident.StoreError and e.__cause__ is cause for e in errors)
+    assert len({id(e) for e in errors}) == 3

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import CommitUnknown, StoreError
+from .combining import for_each_caller
 from .protocols import CommitCall, Committed
 
 __all__ = ["MAX_BATCH", "CommitBatches", "CommitMany"]
@@ -100,7 +101,7 @@ class CommitBatches:
                 except Exception as error:  # the store failed as a whole
                     for _, done in batch:
                         if not done.done():
-                            done.set_exception(error)
+                            done.set_exception(for_each_caller(error))
                     continue
                 except BaseException:  # this task cancelled: the batch's fate is not known
                     for call, done in batch:
