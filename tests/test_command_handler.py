@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -766,3 +768,26 @@ def test_a_read_model_that_cannot_be_stored_takes_its_events_with_it(store_url: 
         ]
     finally:
         app.event_store.close()
+
+
+def test_a_handler_refused_closes_the_stores_it_opened(postgres_url: str) -> None:
+    """Refused in its constructor (two subscriptions of one name, found after the core
+    was built), the handler leaves none of the stores it opened from the URL open: no
+    pool, no session, no thread."""
+    from incident.examples import bank
+
+    schema = postgres_url.rsplit("schema=", 1)[1]
+
+    def pool_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith(f"incident:{schema}")]
+
+    with pytest.raises(incident.RegistrationError, match="Two subscriptions"):
+        incident.CommandHandler(
+            postgres_url,
+            aggregates=[bank.bank_account, bank.transfer],
+            subscriptions=[bank.bank_projections, bank.bank_projections],
+        )
+    deadline = time.monotonic() + 10
+    while pool_threads():
+        assert time.monotonic() < deadline, pool_threads()
+        time.sleep(0.01)

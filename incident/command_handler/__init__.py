@@ -96,17 +96,18 @@ class CommandHandler(HandlerParts):
                 Tuning(retries, backoff, cache_size, snapshot_every, verify_snapshots),
                 subscriptions,
             )
-        except BaseException:
+            self.event_store: EventStore = events
+            self.projection_store: ProjectionStore = projections
+            self.adopt(core, snapshot_every, verify_snapshots)
+            self.turns = Turns()
+            self._store_turn = getattr(events, "turn", None)  # Postgres: processes
+            self.subscriptions = Subscriptions(
+                Subscription(handler, self, checkpoints=checkpoint_store)
+                for handler in subscriptions
+            )
+        except BaseException:  # refused: nothing opened here is left open
             self.close()
             raise
-        self.event_store: EventStore = events
-        self.projection_store: ProjectionStore = projections
-        self.adopt(core, snapshot_every, verify_snapshots)
-        self.turns = Turns()
-        self._store_turn = getattr(events, "turn", None)  # Postgres: processes
-        self.subscriptions = Subscriptions(
-            Subscription(handler, self, checkpoints=checkpoint_store) for handler in subscriptions
-        )
 
     def __repr__(self) -> str:
         names = ", ".join(aggregate.name for aggregate in self.aggregates)
