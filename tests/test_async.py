@@ -386,12 +386,15 @@ def test_a_dispatch_leaves_the_loop_free_while_it_commits(store_url: str) -> Non
 def test_bad_options_and_urls_are_refused() -> None:
     with pytest.raises(incident.IncidentError, match="Not a store URL"):
         incident.open_async_event_store("bank.db")
-    with pytest.raises(ValueError, match="workers must be >= 0"):
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
         incident.open_async_event_store("memory://", workers=-1)
-    with pytest.raises(ValueError, match="page_size must be >= 1"):
+    with pytest.raises(ValueError, match="page_size must be an int >= 1"):
         incident.AsyncEventStore(incident.open_event_store("memory://"), workers=0, page_size=0)
-    with pytest.raises(ValueError, match="retries must be >= 0"):
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
         bank.build_async("memory://", retries=-1)
+    for retries in (1.5, True, "3"):
+        with pytest.raises(incident.InvalidArgument, match="retries must be an int >= 0"):
+            incident.CommandHandler("memory://", retries=retries)  # type: ignore[arg-type]
 
 
 @on_backends(["postgres"])

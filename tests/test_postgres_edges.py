@@ -510,8 +510,8 @@ NOWHERE = "postgresql://nobody@127.0.0.1:1/none"
     ("options", "says"),
     [
         ({"schema": 5}, "A schema is a name"),
-        ({"pool_size": 0}, "pool_size and batch_size must be >= 1"),
-        ({"batch_size": 0}, "pool_size and batch_size must be >= 1"),
+        ({"pool_size": 0}, "pool_size must be an int >= 1"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ],
 )
 def test_bad_options_are_refused_before_connecting(options: dict[str, Any], says: str) -> None:

@@ -312,9 +312,9 @@ def test_a_snapshot_interval_that_is_not_a_count_is_refused(store_url: str, ever
 @pytest.mark.parametrize("size", [-1, 1.5, True, None])
 def test_a_cache_size_that_is_not_a_count_is_refused(size: Any) -> None:
     """cache_size must be an int >= 0: InvalidArgument (still a ValueError)."""
-    with pytest.raises(incident.InvalidArgument, match="cache size"):
+    with pytest.raises(incident.InvalidArgument, match="cache_size"):
         incident.CommandHandler(aggregates=[counter()], cache_size=size)
-    with pytest.raises(ValueError, match="cache size"):
+    with pytest.raises(ValueError, match="cache_size"):
         StateCache(size)
 
 

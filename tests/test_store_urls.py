@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -39,6 +40,31 @@ def test_a_malformed_url_is_a_typed_error(url: str, error: type[Exception], says
     assert not isinstance(refused.value, ValueError)
     with pytest.raises(error, match=says):
         incident.open_async_event_store(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "says"),
+    [
+        (NOWHERE, {"bogus": 1}, "do not take these options"),
+        (NOWHERE, {"timeout": 0}, "timeout must be a number of seconds > 0"),
+        (NOWHERE, {"timeout": float("nan")}, "timeout must be a number of seconds > 0"),
+        (NOWHERE, {"pool_size": 2.5}, "pool_size must be an int >= 1"),
+        ("memory://", {"bogus": 1}, "takes no path or options"),
+        ("sqlite:///{tmp}/x.db", {"bogus": 1}, "Unknown SQLite store options"),
+        ("sqlite:///{tmp}/x.db", {"timeout": -5}, "timeout must be a number of seconds >= 0"),
+        ("sqlite:///{tmp}/x.db?timeout=nan", {}, "timeout must be a number of seconds >= 0"),
+        ("sqlite:///{tmp}/x.db", {"timeout": None}, "timeout and lock_poll are seconds"),
+    ],
+)
+def test_an_option_no_store_takes_is_an_incident_error_before_anything_opens(
+    url: str, options: dict[str, object], says: str, tmp_path: Path
+) -> None:
+    """A misspelt option or a meaningless number is refused as the caller's mistake
+    (an IncidentError, not a TypeError from inside a driver), and no file is made."""
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(incident.IncidentError, match=says):
+        incident.open_event_store(url, **options)
+    assert list(tmp_path.iterdir()) == []
 
 
 LONG = "incident_test_" + "x" * 50  # 64 bytes

@@ -28,6 +28,7 @@ from ..event_handler import EventHandler
 from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
 from ..ids import new_uuid
 from ..messages import Command, Recorded
+from ..options import check_count
 from ..plans import Blocking, Collided, OnStream, Pause, Plan
 from ..stores import AppendRequest, CommitCall, EventStore, Outcome, Owed, ProjectionStore
 from .inline_handlers import InlineHandlers
@@ -70,8 +71,7 @@ class HandlerCore:
         subscriptions: Sequence[EventHandler] = (),
     ) -> None:
         retries, backoff, cache_size, snapshot_every, verify_snapshots = tuning
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_count("retries", retries, 0)
         self.event_store, self.projection_store = event_store, projection_store
         self.aggregates = tuple(aggregates)
         self.event_handlers = tuple(event_handlers)

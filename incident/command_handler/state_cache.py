@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from ..errors import InvalidArgument
+from ..options import check_count
 
 __all__ = ["StateCache"]
 
@@ -31,8 +31,7 @@ class StateCache:
     """
 
     def __init__(self, size: int = 10_000) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidArgument(f"cache size must be an int >= 0, got {size!r}")
+        check_count("cache_size", size, 0)
         self.size = size
         self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..aggregate import Aggregate
-from ..errors import ForeignStream, InvalidArgument, RoutingError
+from ..errors import ForeignStream, RoutingError
+from ..options import check_count
 from ..snapshots import (
     Snapshot,
     check_snapshottable,
@@ -44,14 +45,7 @@ class StateLoader:
         snapshot_every: int | None,
         verify_snapshots: bool,
     ) -> None:
-        if snapshot_every is not None and (
-            isinstance(snapshot_every, bool)
-            or not isinstance(snapshot_every, int)
-            or snapshot_every < 1
-        ):
-            raise InvalidArgument(
-                f"snapshot_every must be an int >= 1 or None, got {snapshot_every!r}"
-            )
+        check_count("snapshot_every", snapshot_every, 1, none_too=True)
         self.event_store, self.projection_store, self.cache = event_store, projection_store, cache
         self.snapshot_every, self.verify_snapshots = snapshot_every, verify_snapshots
         # the code key of each aggregate snapshotted: computed once, it walks the code

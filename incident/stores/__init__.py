@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from ..errors import IncidentError, InvalidArgument
+from ..options import check_count
 from .asynchronous import AsyncEventStore, AsyncProjectionStore
 from .memory import MemoryCheckpointStore, MemoryEventStore, MemoryProjectionStore
 from .protocols import (
@@ -96,7 +98,12 @@ def open_event_store(url: str, **options: Any) -> EventStore:
     except ImportError as error:
         extra = " (pip install 'incident[postgres]')" if scheme.startswith("postgres") else ""
         raise IncidentError(f"Cannot open {scheme}:// stores: {error}{extra}") from error
-    store: EventStore = getattr(module, function_name)(url, **options)
+    opener = getattr(module, function_name)
+    try:  # a misspelt option is the caller's mistake, not a TypeError from inside
+        inspect.signature(opener).bind(url, **options)
+    except TypeError as error:
+        raise InvalidArgument(f"{scheme}:// stores do not take these options: {error}") from None
+    store: EventStore = opener(url, **options)
     return store
 
 
@@ -133,9 +140,8 @@ def open_async_event_store(
     scheme = _scheme(url)
     if workers is None:
         workers = 0 if scheme == "memory" else ASYNC_WORKERS
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        # before the store opens: nothing is created, no connection is left open
-        raise InvalidArgument(f"workers must be >= 0, got {workers!r}")
+    # before the store opens: nothing is created, no connection is left open
+    check_count("workers", workers, 0)
     store = open_event_store(url, **options)
     if scheme.startswith("postgres"):  # reads on psycopg's async connections
         from .postgres.asynchronous import AsyncPostgresEventStore

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from .._forks import renew_in_forked_children
 from ..errors import StoreError
 from ..messages import Event, Projection, Recorded
+from ..options import check_count
 from ._common import closing_iterator
 from .arguments import check_after, check_limit
 from .async_commits import CommitBatches
@@ -70,8 +71,7 @@ class Workers:
     directly on the event loop, for stores that never block (memory)."""
 
     def __init__(self, count: int) -> None:
-        if count < 0:
-            raise ValueError(f"workers must be >= 0, got {count}")
+        check_count("workers", count, 0)
         self.count = count
         self.closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -144,8 +144,7 @@ class AsyncEventStore:
     ``async with`` closes it. ``.sync`` is the sync store it runs."""
 
     def __init__(self, store: EventStore, *, workers: int, page_size: int = PAGE_SIZE) -> None:
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        check_count("page_size", page_size, 1)
         self.sync = store
         self.types = store.types
         self.workers = Workers(workers)

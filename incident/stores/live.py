@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from .._forks import renew_in_forked_children
 from ..errors import InvalidArgument
 from ..messages import Recorded
+from ..options import check_count
 
 __all__ = ["AppendSignal", "Live", "checked_tail_arguments", "follow", "signal_for"]
 
@@ -67,8 +68,7 @@ def checked_tail_arguments(after: Any, poll_interval: Any, batch_size: Any) -> N
         raise InvalidArgument(f"after must be a position (an int >= 0), got {after!r}")
     if not isinstance(poll_interval, int | float) or not poll_interval > 0:
         raise InvalidArgument(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgument(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size, 1)
 
 
 def _follow(

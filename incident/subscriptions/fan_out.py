@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from .._forks import renew_in_forked_children
-from ..errors import InvalidArgument
 from ..messages import Projection, Recorded
+from ..options import check_count
 from .dead_letters import SubscriptionFailed
 from .waves import Item, Unit, done_prefix
 
@@ -34,8 +34,7 @@ class FanOut:
     """
 
     def __init__(self, concurrency: int, name: str) -> None:
-        if type(concurrency) is not int or concurrency < 1:
-            raise InvalidArgument(f"concurrency must be an int >= 1, got {concurrency!r}")
+        check_count("concurrency", concurrency, 1)
         self.concurrency, self.name = concurrency, name
         self._pool: ThreadPoolExecutor | None = None
         self._opening = threading.Lock()

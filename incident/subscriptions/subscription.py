@@ -16,6 +16,7 @@ from ..errors import CheckpointConflict, CorruptEvent, IncidentError, InvalidArg
 from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..messages import Projection, Recorded, event_type_name
+from ..options import check_count
 from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
@@ -53,9 +54,8 @@ class Subscription:
         concurrency: int = 1,
         sequence_by: SequenceBy | None = None,
     ) -> None:
-        for option, value, least in (("batch_size", batch_size, 1), ("retries", retries, 0)):
-            if type(value) is not int or value < least:
-                raise InvalidArgument(f"{option} must be an int >= {least}, got {value!r}")
+        check_count("batch_size", batch_size, 1)
+        check_count("retries", retries, 0)
         if not backoff >= 0:  # a retry's sleep would raise in the middle of a batch
             raise InvalidArgument(f"backoff must be a number of seconds >= 0, got {backoff!r}")
         if on_failure not in ("park", "stop"):

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import math
+
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ...codec import EventTypes
 from ...errors import IncidentError, StoreError
+from ...options import check_count
 from .database import Database
 from .events import PostgresEventStore
 from .notify import MAX_NAME_BYTES
@@ -81,8 +84,10 @@ def open_postgres(
     if schema is not None and url_schema is not None and schema != url_schema:
         raise IncidentError(f"Two schemas for one store: {url_schema!r} in the URL, {schema!r}")
     schema = checked_schema(next(s for s in (schema, url_schema, "public") if s is not None))
-    if pool_size < 1 or batch_size < 1:
-        raise IncidentError(f"pool_size and batch_size must be >= 1, got {pool_size}, {batch_size}")
+    check_count("pool_size", pool_size, 1)
+    check_count("batch_size", batch_size, 1)
+    if not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+        raise IncidentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     try:
         conninfo_to_dict(conninfo)
     except psycopg.Error as error:

@@ -12,6 +12,7 @@ that transaction, each in a savepoint of its own, and so one fsync
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -266,8 +267,10 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
     try:
         timeout = float(settings.get("timeout", 30.0))
         lock_poll = float(settings.get("lock_poll", LOCK_POLL))
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise IncidentError(f"timeout and lock_poll are seconds: {error}") from error
+    if not 0 <= timeout < math.inf:
+        raise IncidentError(f"timeout must be a number of seconds >= 0, got {timeout}")
     if not 0 <= lock_poll <= 1:
         raise IncidentError(f"lock_poll must be between 0 and 1 second, got {lock_poll}")
     types = settings.get("types")
