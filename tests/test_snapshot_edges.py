@@ -19,6 +19,7 @@ from incident.snapshots import (
     code_key,
     first_difference,
     load_snapshot,
+    snapshot_key,
     take_snapshot,
 )
 
@@ -395,3 +396,25 @@ def test_a_snapshot_at_the_head_of_its_stream_is_read_once(
     assert counting.reads == 1
     [bumped] = reader.dispatch(Bump(aggregate_id="S"))
     assert bumped.version == 5 and reader.state("edges", "S") == 5
+
+
+def test_snapshots_of_names_and_ids_that_join_alike_are_kept_apart(
+    stores: tuple[incident.EventStore, incident.ProjectionStore],
+) -> None:
+    """Aggregate "a/b" with stream "c" and aggregate "a" with stream "b/c" are two
+    streams: each keeps its own snapshot (one key for both let the later overwrite the
+    other, which then folded its whole stream on every cold start)."""
+    events, projections = stores
+    nested, flat = counter("a/b"), counter("a")
+    with incident.CommandHandler(events, projections, aggregates=[nested], snapshot_every=2) as one:
+        for _ in range(2):
+            one.dispatch(Bump(aggregate_id="c"))
+    with incident.CommandHandler(events, projections, aggregates=[flat], snapshot_every=2) as two:
+        for _ in range(4):
+            two.dispatch(Bump(aggregate_id="b/c"))
+    kept = [
+        projections.get(Snapshot, snapshot_key(aggregate, aggregate_id))
+        for aggregate, aggregate_id in ((nested, "c"), (flat, "b/c"))
+    ]
+    assert [(s.aggregate, s.version) for s in kept if s is not None] == [("a/b", 2), ("a", 4)]
+    assert snapshot_key(counter("edges"), "A1") == "edges/A1"  # plain names keep their keys

@@ -1,7 +1,7 @@
 """Snapshots: an aggregate's state every N events, so a cold start reads the latest
 snapshot and only the events after it.
 
-A snapshot is a Projection row (key ``"<aggregate>/<id>"``), so every projection store
+A snapshot is a Projection row (key ``"<aggregate>/<id>"``: :func:`snapshot_key`), so every projection store
 keeps them, version-guarded, and on the event store's own database it commits in the
 same transaction as the event that triggered it.
 
@@ -56,7 +56,15 @@ class Snapshot(Projection):
 
 
 def snapshot_key(aggregate: Aggregate[Any], aggregate_id: str) -> str:
-    return f"{aggregate.name}/{aggregate_id}"
+    """``"<aggregate name>/<aggregate id>"``, with ``%`` and ``/`` escaped in the name,
+    so that the first ``/`` ends it: aggregate ``a/b`` with stream ``c`` and aggregate
+    ``a`` with stream ``b/c`` do not share a key (plain names keep theirs).
+
+    >>> snapshot_key(Aggregate("a/b", initial=0), "c")
+    'a%2Fb/c'
+    """
+    name = aggregate.name.replace("%", "%25").replace("/", "%2F")
+    return f"{name}/{aggregate_id}"
 
 
 def take_snapshot(
@@ -96,7 +104,7 @@ def load_snapshot(
     aggregate: Aggregate[Any], snapshot: Snapshot | None, code: str
 ) -> tuple[Any, int] | None:
     """(state, version) from a snapshot made by the same code, else None."""
-    if snapshot is None or snapshot.code != code:
+    if snapshot is None or snapshot.code != code or snapshot.aggregate != aggregate.name:
         return None
     try:
         state = state_decoder(aggregate.state_type).decode(snapshot.state)
