@@ -1,9 +1,9 @@
 """Snapshots: an aggregate's state every N events, so a cold start reads the latest
 snapshot and only the events after it.
 
-A snapshot is a Projection row (key ``"<aggregate>/<id>"``: :func:`snapshot_key`), so every projection store
-keeps them, version-guarded, and on the event store's own database it commits in the
-same transaction as the event that triggered it.
+A snapshot is a Projection row (key ``"<aggregate>/<id>"``: :func:`snapshot_key`), so
+every projection store keeps them, version-guarded, and on the event store's own
+database it commits in the same transaction as the event that triggered it.
 
 A snapshot is only trusted when its ``code`` equals :func:`code_key` of the running
 code, a hash of everything that decides what the state is (:mod:`incident.snapshots.code`),
