@@ -54,8 +54,10 @@ class InvalidCommand(IncidentError, ValueError):
 
 class InvalidArgument(IncidentError, ValueError):
     """An argument to a store's verb that no store could act on (a negative position, a
-    limit that is not a count, an id that is not a str): refused before anything is read
-    or written, alike on every store. Fix the call; retrying cannot help."""
+    limit that is not a count, an id that is not a str), or an option a handler,
+    subscription or store is built with that is not one (``retries=-1``, a misspelt
+    store option): refused before anything is opened, read or written, alike on every
+    store. Fix the call; retrying cannot help."""
 
 
 class Unstorable(IncidentError, ValueError):
