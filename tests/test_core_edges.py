@@ -939,7 +939,7 @@ def test_a_bad_worker_count_is_refused_before_the_store_opens(tmp_path: Any, wor
     InvalidArgument before it opens anything: no SQLite file is created (the store was
     opened first, then left open when the count was refused)."""
     path = tmp_path / "never.db"
-    with pytest.raises(incident.InvalidArgument, match="workers must be >= 0"):
+    with pytest.raises(incident.InvalidArgument, match="workers must be an int >= 0"):
         incident.open_async_event_store(f"sqlite:///{path}", workers=workers)
     assert not path.exists()
 
