@@ -114,7 +114,9 @@ def owed_from_row(row: Sequence[Any]) -> Owed:
     return msgspec.convert(dict(zip(Owed.__struct_fields__, row, strict=True)), Owed)
 
 
-def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effects:
+def effects_of(
+    project: ProjectFn | None, recorded: list[Recorded[Any]], *, checked: bool = True
+) -> Effects:
     """What ``project`` returns for an append, as Effects (a plain sequence is the
     projections alone)."""
     if project is None:
@@ -122,8 +124,11 @@ def effects_of(project: ProjectFn | None, recorded: list[Recorded[Any]]) -> Effe
     effects = project(recorded)
     effects = effects if isinstance(effects, Effects) else Effects(list(effects))
     # refused here, inside the append, so that nothing is written: a projection store in
-    # another database would refuse them only once the events have committed
-    check_projections(effects.projections)
+    # another database would refuse them only once the events have committed (one in
+    # the same database encodes them in the append's transaction, checking as it goes:
+    # ``checked=False``, not twice)
+    if checked:
+        check_projections(effects.projections)
     return effects
 
 

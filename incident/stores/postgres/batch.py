@@ -139,7 +139,7 @@ class BatchAppends:
                     first_version=version + 1,
                     metadata=request.metadata,
                 )
-                effects = effects_of(job.project, recorded)
+                effects = effects_of(job.project, recorded, checked=not job.shared)
                 owed = [owed_row(work) for work in effects.owed]
                 upserts = self._projections.upserts(effects.projections) if job.shared else []
             except Exception as error:  # this append's own: nothing of it was sent

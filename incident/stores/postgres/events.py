@@ -339,7 +339,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             stored = self._envelopes(rows)
             self._predictor.committed(stored[-1].position)
             if effects.owed:  # owed work holds its cause's envelope: the one stored
-                effects = effects_of(job.project, stored)
+                effects = effects_of(job.project, stored, checked=not job.shared)
             return stored, effects, fresh
         raise CommitUnknown(
             f"Postgres lost the connection {doing} ({first_line(lost.__cause__ or lost)})"

@@ -117,7 +117,7 @@ class NumberedAppends:
         # owed work holds its cause's envelope: made again with the real positions
         written: Written = (
             final,
-            effects_of(job.project, final) if effects.owed else effects,
+            effects_of(job.project, final, checked=not job.shared) if effects.owed else effects,
             [],
         )
         job.sent[-1] = written
@@ -130,7 +130,7 @@ class NumberedAppends:
         None if it looked at a position (or failed, which the ordinary path will show
         again on real positions), or a projection's table may need making."""
         try:
-            effects = effects_of(job.project, stand_ins)
+            effects = effects_of(job.project, stand_ins, checked=not job.shared)
             if placeholders.used:
                 return None
             projections = effects.projections if job.shared else []

@@ -192,7 +192,7 @@ class _Rows:
         upserts: list[tuple[str, tuple[Any, ...]]] = []
         owed: list[tuple[Any, ...]] = []
         if append.project is not None:
-            effects = effects_of(append.project, recorded)
+            effects = effects_of(append.project, recorded, checked=not append.together)
             if append.together:
                 upserts = self._projection_rows(effects)
             if effects.owed:
