@@ -298,6 +298,38 @@ def test_a_row_no_store_can_keep_parks_its_event_and_the_rest_go_on(
     assert sorted(row.aggregate_id for row in app.projection_store.all(Measured)) == ["A", "C"]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_row_refused_at_the_batch_commit_is_handled_again_without_sending_twice(
+    app: incident.CommandHandler, concurrency: int
+) -> None:
+    """Rows are checked once, when the batch commits; one refused there sends the batch
+    round again with each event's rows checked as they come. The command an earlier
+    event of the batch sent (and committed, with its checkpoint) is not sent again, and
+    only the event whose row no store keeps is parked."""
+    handler = incident.EventHandler("measures")
+
+    @handler.listen(AccountOpened)
+    def measure(recorded: incident.Recorded[Any], state: AccountState) -> Any:
+        ratio = float("nan") if recorded.aggregate_id == "B" else 1.0
+        row = Measured(aggregate_id=recorded.aggregate_id, ratio=ratio)
+        if recorded.aggregate_id == "A":
+            return [row, bank.DepositMoney(aggregate_id="A", amount=5)]
+        return row
+
+    open_accounts(app, "A", "B", "C")
+    subscription = incident.Subscription(
+        handler, app, backoff=0, retries=1, concurrency=concurrency
+    )
+    subscription.catch_up()
+    [parked] = subscription.parked()
+    assert (parked.position, parked.aggregate_id) == (2, "B")
+    assert sorted(row.aggregate_id for row in app.projection_store.all(Measured)) == ["A", "C"]
+    app.cache.clear()
+    assert app.state("bank_account", "A").balance == 5  # deposited once
+    deposits = [r for r in app.event_store.read_all() if r.event_type == "MoneyDeposited"]
+    assert len(deposits) == 1
+
+
 # -- the state cache ---------------------------------------------------------------------------
 
 

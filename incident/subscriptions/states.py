@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..aggregate import Aggregate
-from ..errors import RegistrationError, RoutingError
+from ..errors import IncidentError, InvalidArgument, RegistrationError, RoutingError, Unstorable
 from ..event_handler import EventHandler
 from ..messages import Projection, Recorded
 from ..stores import EventStore
@@ -18,7 +19,14 @@ from ..stores._common import closing_iterator
 from ..stores.read_model_rows import newer_or_equal, projection_json
 from ..stores.tables import TableSpec, table_spec
 
-__all__ = ["Pending", "RowRules", "StreamStates", "aggregates_for", "merge_projections"]
+__all__ = [
+    "Pending",
+    "RowRules",
+    "RowsRefused",
+    "StreamStates",
+    "aggregates_for",
+    "merge_projections",
+]
 
 # The projections to commit with the next checkpoint, one per (type, key).
 Pending = dict[tuple[type[Projection], str], Projection]
@@ -109,20 +117,46 @@ def aggregates_for(
     return by_name
 
 
+class RowsRefused(Exception):
+    """A batch's commit refused one of its read models (see :class:`RowRules`)."""
+
+
 class RowRules:
-    """Checks a listener's read model as every store would before it is kept. Refused
-    here (Unstorable, or IncidentError for a type no table can hold), it fails its own
-    event, to be retried and parked; at the batch's commit it would fail the whole batch,
-    each time it was read again, and the handler would never get past it."""
+    """Where a listener's read model is checked as every store checks it before it is
+    kept (Unstorable, or IncidentError for a type no table can hold). Checked when the
+    listener returns it (``each``), a refused row fails its own event, to be retried and
+    parked. A batch is first handled with ``each`` off (:meth:`at_commit`): the store
+    then checks each row once, at the commit, rather than every event's (many events
+    fold into one row); should it refuse one, nothing was written, :meth:`at_commit`
+    raises RowsRefused and the subscription handles the batch again with ``each`` on,
+    so the row fails its event instead of the batch every time it is read again."""
 
     def __init__(self) -> None:
         self._specs: dict[type[Projection], TableSpec] = {}
+        self.each = True
 
-    def check(self, projection: Projection) -> None:
-        spec = self._specs.get(type(projection))
-        if spec is None:  # the workers of a wave may both work it out: the same spec
-            spec = self._specs[type(projection)] = table_spec(type(projection))
-        projection_json(projection, spec)
+    def check(self, projections: list[Projection]) -> None:
+        if not self.each:
+            return
+        for projection in projections:
+            spec = self._specs.get(type(projection))
+            if spec is None:  # the workers of a wave may both work it out: the same spec
+                spec = self._specs[type(projection)] = table_spec(type(projection))
+            projection_json(projection, spec)
+
+    @contextmanager
+    def at_commit(self) -> Iterator[None]:
+        self.each = False
+        try:
+            yield
+        except (Unstorable, InvalidArgument) as error:
+            raise RowsRefused from error
+        except IncidentError as error:
+            if type(error) is not IncidentError:  # a table's rule is a plain one
+                raise
+            raise RowsRefused from error
+        finally:
+            self.each = True
 
 
 def merge_projections(pending: Pending, projections: list[Projection]) -> None:

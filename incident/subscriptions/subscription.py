@@ -22,7 +22,7 @@ from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
 from .reactor import Reactor
 from .replay import Replayed, rebuild
-from .states import Pending, RowRules, StreamStates, aggregates_for, merge_projections
+from .states import Pending, RowRules, RowsRefused, StreamStates, aggregates_for, merge_projections
 from .waves import Item, SequenceBy, split
 
 __all__ = ["Subscription"]
@@ -147,10 +147,13 @@ class Subscription:
     def _step(self) -> int:
         self._dead_letters.load()
         batch = read_batch(self.event_store, self.position, self.batch_size)
-        if self._fan_out.concurrency > 1:
-            self._wave(batch)
-        else:
-            self._one_by_one(batch)
+        handle = self._wave if self._fan_out.concurrency > 1 else self._one_by_one
+        try:
+            with self._rows.at_commit():
+                handle(batch)
+        except RowsRefused:  # handled again, each row checked as it comes: see RowRules
+            self._states.clear()
+            handle(read_batch(self.event_store, self.position, self.batch_size))
         return len(batch)
 
     def _one_by_one(self, batch: list[Item]) -> None:
@@ -208,18 +211,15 @@ class Subscription:
 
     def _handle(self, recorded: Recorded[Any]) -> tuple[list[Projection], bool]:
         projections: list[Projection] = []
-        dispatched = False
         steps = split_outputs(
             self.handler.outputs(recorded, self._states.at(recorded)), projections
         )
-        for projection in projections:
-            self._rows.check(projection)  # a row no store keeps fails its event, not the batch
+        self._rows.check(projections)  # a row no store keeps fails its event, not the batch
         if steps:
             # keyed by handler, event, listener and the command itself: handled again, it
             # sends nothing twice, and takes the branch the first run took
             self.command_handler.follow_up(self.name, recorded, steps)
-            dispatched = True
-        return projections, dispatched
+        return projections, bool(steps)
 
     def _commit(self, position: int, pending: Pending) -> None:
         parked = self._dead_letters.unsaved(position)
