@@ -339,11 +339,13 @@ class CheckpointStore(Protocol):
         parked: Sequence[Parked] = (),
     ) -> None:
         """Write ``projections`` and move the checkpoint from ``expected`` to ``position``:
-        in one transaction when the projection store shares this database, else the
-        projections first (so a crash in between re-applies idempotent upserts, never
-        skips). ``parked`` are the batch's dead letters (as ``park``), written in the
-        checkpoint's transaction. Raises CheckpointConflict, writing nothing (no dead
-        letter either), if the stored checkpoint is not ``expected``."""
+        in one transaction when the projection store shares this database, else inside
+        the checkpoint's transaction once the stored checkpoint has been checked (and is
+        held: no other save can move it meanwhile), before it moves (so a crash in
+        between re-applies idempotent upserts, never skips). ``parked`` are the batch's
+        dead letters (as ``park``), written in the checkpoint's transaction. Raises
+        CheckpointConflict, writing nothing (no dead letter, no row in another database
+        either), if the stored checkpoint is not ``expected``."""
         ...
 
     def reset(self, handler: str, position: int = 0) -> None:

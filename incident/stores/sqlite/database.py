@@ -27,7 +27,7 @@ from .projection_tables import ProjectionTable
 from .url import MEMORY
 from .write_lock import LOCK_POLL, begin_immediate
 
-__all__ = ["Database", "Savepoint", "WriteTransaction"]
+__all__ = ["Database", "LentTransaction", "Savepoint", "WriteTransaction"]
 
 # where a thread keeps its connections: reading (False) and writing (True)
 _SLOTS = {False: "conn", True: "writer"}
@@ -174,10 +174,24 @@ class Database:
         conn: sqlite3.Connection | None = getattr(self._local, _SLOTS[writes], None)
         return conn if conn is not None else self._thread_connection(writes=writes)
 
-    def transaction(self) -> WriteTransaction:
+    def transaction(self) -> WriteTransaction | LentTransaction:
         """``with database.transaction() as conn``: a write transaction holding SQLite's
-        write lock from its first statement, committed at the end or rolled back."""
-        return WriteTransaction(self)
+        write lock from its first statement, committed at the end or rolled back (inside
+        ``lend``, a savepoint in the lent one)."""
+        lent: sqlite3.Connection | None = getattr(self._local, "lent", None)
+        return WriteTransaction(self) if lent is None else LentTransaction(self, lent)
+
+    @contextmanager
+    def lend(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Inside a write transaction on ``conn``: this thread's transactions on this
+        database are savepoints in it until the block ends. A checkpoint's save writes
+        a projection store it does not recognise (a wrapper of one on this database)
+        that way, in its own transaction, instead of waiting for the lock it holds."""
+        self._local.lent = conn
+        try:
+            yield
+        finally:
+            self._local.lent = None
 
     def savepoint(self, conn: sqlite3.Connection) -> Savepoint:
         """``with database.savepoint(conn)``, inside a write transaction on ``conn``: what
@@ -319,6 +333,23 @@ class WriteTransaction:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._db._discard(self._conn)  # unusable now: the next use reconnects
+
+
+class LentTransaction:
+    """A transaction opened inside ``Database.lend``: a savepoint in the lent one, whose
+    writes commit with it (or are undone alone if the block raises)."""
+
+    __slots__ = ("_conn", "_savepoint")
+
+    def __init__(self, db: Database, conn: sqlite3.Connection) -> None:
+        self._conn, self._savepoint = conn, Savepoint(db, conn)
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._savepoint.__enter__()
+        return self._conn
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
+        self._savepoint.__exit__(kind, *rest)
 
 
 class Savepoint:
