@@ -25,7 +25,7 @@ from typing import IO, Any
 from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
-from .._common import parked_from_row, parked_row, poll
+from .._common import parked_from_row, parked_row, poll, write_elsewhere
 from ..protocols import Parked, ProjectionStore
 from .database import Database
 from .projection_tables import ProjectionTable
@@ -108,8 +108,7 @@ class SQLiteCheckpointStore:
                 # conflict writes none. One wrapping a store on this database writes in
                 # this transaction (lend), not waiting for the lock it holds.
                 with self._db.lend(conn):
-                    for projection in projections:
-                        projection_store.project(projection)
+                    write_elsewhere(projection_store, projections)
             if shared and projections:
                 _write_many(self._db, conn, projections)
             if parked:
