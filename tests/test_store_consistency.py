@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import on_backends
 
 import incident
 from incident.examples.bank import MoneyDeposited
@@ -20,6 +21,7 @@ from incident.ids import new_uuid
 from incident.stores import Effects, ReplaceableProjectionStore, checkpoint_store_for
 from incident.stores.memory import MemoryProjectionStore
 from incident.testing.asynchronous import EventLoopThread
+from incident.testing.contract.checkpoint_store import parked_event
 
 
 class Balance(incident.Projection):
@@ -322,3 +324,62 @@ def test_a_refused_save_through_a_wrapper_leaves_the_database_usable(
         checkpoints.save("balances", 1, expected=0, projections=good, projection_store=wrapper)  # type: ignore[arg-type]
         store.append("acc", [MoneyDeposited(amount=1)], expected_version=0)
         assert store.projections().all(Balance) == good and store.version("acc") == 1
+
+
+def test_a_checkpoint_writes_rows_through_a_wrapper_of_another_store_on_its_database(
+    store_url: str,
+) -> None:
+    """The wrapped store was opened on its own, on the event store's database (on
+    SQLite, another connection to the same file): the checkpoint's rows are written
+    through it, promptly (its writer does not wait for the lock the checkpoint's
+    transaction holds), and a refused batch leaves neither rows nor checkpoint."""
+    options = {"timeout": 2} if store_url.startswith("sqlite") else {}
+    with (
+        closing(incident.open_event_store(store_url)) as store,
+        closing(incident.open_event_store(store_url, **options)) as other,
+    ):
+        checkpoints = checkpoint_store_for(store)
+        wrapper = Wrapped(other.projections())
+        bad = [
+            Balance(aggregate_id="a", amount=1, version=1),
+            Balance(aggregate_id="b", amount=2**70, version=1),
+        ]
+        with pytest.raises(incident.Unstorable):
+            checkpoints.save("balances", 1, expected=0, projections=bad, projection_store=wrapper)  # type: ignore[arg-type]
+        assert other.projections().all(Balance) == [] and checkpoints.load("balances") == 0
+        good = [Balance(aggregate_id="a", amount=1, version=1)]
+        checkpoints.save("balances", 1, expected=0, projections=good, projection_store=wrapper)  # type: ignore[arg-type]
+        assert checkpoints.load("balances") == 1
+        assert other.projections().all(Balance) == good
+        other.projections().project(Balance(aggregate_id="c", amount=3, version=1))
+        assert [row.aggregate_id for row in other.projections().all(Balance)] == ["a", "c"]
+
+
+@on_backends(["sqlite"])
+@pytest.mark.parametrize("opened", ["the same store", "another store"])
+def test_a_table_made_through_a_wrapper_in_a_save_that_rolls_back_is_made_again(
+    store_url: str, opened: str
+) -> None:
+    """The wrapper's first row makes its table inside the checkpoint's transaction;
+    that transaction then fails (a dead letter the driver cannot bind) and rolls the
+    table back with everything else. The store that made it must not take it for made:
+    its next row makes it again, instead of failing on a missing table."""
+    with closing(incident.open_event_store(store_url)) as store:
+        other = store if opened == "the same store" else incident.open_event_store(store_url)
+        with closing(other):
+            checkpoints = checkpoint_store_for(store)
+            wrapper = Wrapped(other.projections())
+            row = Balance(aggregate_id="a", amount=1, version=1)
+            unbindable = msgspec.structs.replace(parked_event("balances", 1), attempts=object())
+            with pytest.raises(incident.StoreError):
+                checkpoints.save(
+                    "balances",
+                    1,
+                    expected=0,
+                    projections=[row],
+                    projection_store=wrapper,  # type: ignore[arg-type]
+                    parked=[unbindable],
+                )
+            assert checkpoints.load("balances") == 0 and checkpoints.parked() == []
+            other.projections().project(row)
+            assert other.projections().all(Balance) == [row]
