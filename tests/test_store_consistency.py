@@ -18,7 +18,7 @@ from conftest import on_backends
 import incident
 from incident.examples.bank import MoneyDeposited
 from incident.ids import new_uuid
-from incident.stores import Effects, ReplaceableProjectionStore, checkpoint_store_for
+from incident.stores import AppendRequest, Effects, ReplaceableProjectionStore, checkpoint_store_for
 from incident.stores.memory import MemoryProjectionStore
 from incident.testing.asynchronous import EventLoopThread
 from incident.testing.contract.checkpoint_store import parked_event
@@ -383,3 +383,31 @@ def test_a_table_made_through_a_wrapper_in_a_save_that_rolls_back_is_made_again(
             assert checkpoints.load("balances") == 0 and checkpoints.parked() == []
             other.projections().project(row)
             assert other.projections().all(Balance) == [row]
+
+
+@pytest.mark.parametrize("effects", ["not a projection", "owed work not for a uuid"])
+def test_an_async_commit_refuses_its_effects_and_writes_nothing(
+    store_url: str, effects: str
+) -> None:
+    """An async store's commit (batched with others, or alone) checks what ``project``
+    returns as the sync store does: InvalidArgument, and the events are not written."""
+
+    def project(recorded: list[incident.Recorded[Any]]) -> Effects:
+        if effects == "not a projection":
+            return Effects(projections=[Plain(aggregate_id="acc", amount=1, version=1)])  # type: ignore[list-item]
+        return Effects(owed=[owed(event_id="not-a-uuid", position=recorded[-1].position)])
+
+    request = AppendRequest(
+        aggregate_id="acc",
+        events=[MoneyDeposited(amount=1)],
+        expected_version=0,
+        aggregate="bank_account",
+    )
+    with EventLoopThread() as loop:
+        store = loop.view(incident.open_async_event_store(store_url))
+        try:
+            with pytest.raises(incident.InvalidArgument):
+                store.commit(request, projection_store=store.projections(), project=project)
+            assert store.version("acc") == 0 and store.owed() == []
+        finally:
+            store.close()
