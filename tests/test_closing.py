@@ -67,7 +67,7 @@ def every_verb(store: incident.EventStore) -> dict[str, Callable[[], object]]:
     owed = incident.stores.Owed(
         handler="h",
         position=1,
-        event_id="e",
+        event_id="00000000-0000-4000-8000-000000000001",  # a UUID, as every store needs
         aggregate_id="A",
         event_type="AccountOpened",
         owed_at=dt.datetime.now(dt.UTC),

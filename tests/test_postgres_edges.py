@@ -597,7 +597,7 @@ class NotAProjection(msgspec.Struct):
     aggregate_id: str
 
 
-@on_backends(["postgres"])  # memory and SQLite keep it (see the report of hunt-pg)
+@on_backends(["postgres"])  # every store, with InvalidArgument: tests/test_store_consistency.py
 def test_a_struct_that_is_not_a_projection_is_refused(event_store: incident.EventStore) -> None:
     """Refused before a table is made for it, with the store's own error."""
     with pytest.raises(incident.IncidentError, match=r"not an incident\.Projection"):

@@ -884,7 +884,7 @@ def test_a_postgres_handler_lock_that_cannot_connect_raises_store_error(store_ur
     lock.release()  # nothing to close: a no-op
 
 
-@on_backends(["memory", "postgres"])
+@on_backends(["memory", "postgres", "sqlite"])
 def test_a_conflicting_save_writes_no_rows_into_another_database(
     event_store: incident.EventStore,
 ) -> None:

@@ -17,7 +17,8 @@ from .. import storable
 from ..errors import Unstorable
 from ..ids import new_uuid, utc_now
 from ..mapper import gap_in_versions
-from ..messages import Event, Recorded, event_type_name
+from ..messages import Event, Projection, Recorded, event_type_name
+from .arguments import check_owed
 from .protocols import (
     AppendRequest,
     CommitCall,
@@ -129,6 +130,8 @@ def effects_of(
     # ``checked=False``, not twice)
     if checked:
         check_projections(effects.projections)
+    for work in effects.owed:
+        check_owed(work)
     return effects
 
 
@@ -244,6 +247,15 @@ def project_elsewhere(
     if projection_store is not None and not together:
         for projection in committed.effects.projections:
             projection_store.project(projection)
+
+
+def write_elsewhere(projection_store: ProjectionStore, projections: Sequence[Projection]) -> None:
+    """A checkpoint's rows for a projection store in another database, one ``project``
+    each, once every one has been checked as every store checks them: a row refused
+    leaves none of the batch written there."""
+    check_projections(projections)
+    for projection in projections:
+        projection_store.project(projection)
 
 
 def poll(attempt: Callable[[], bool], timeout: float | None, *, first: float, cap: float) -> bool:

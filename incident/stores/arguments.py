@@ -11,16 +11,21 @@ false CorruptEvent.
 - Writes: the aggregate id, the ``aggregate`` name and the idempotency key are refused
   as Unstorable when no store could keep them (docs/storable.md); ``expected_version``
   is ``incident.ANY`` or an int >= 0, and a stream not at it is a ConcurrencyError.
+  Owed work (``owe``, and an append's Effects) is refused as InvalidArgument unless
+  every store can keep each of its fields as given (:func:`check_owed`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Iterable
 
 from .. import storable
 from ..errors import ConcurrencyError, IncidentError, InvalidArgument, Unstorable
 from ..messages import ANY, Event
-from .protocols import AppendRequest
+from .protocols import AppendRequest, Owed
+from .unnumbered import Unnumbered
 
 __all__ = [
     "check_after",
@@ -28,6 +33,7 @@ __all__ = [
     "check_expected_version",
     "check_key",
     "check_limit",
+    "check_owed",
     "checked_events",
     "checked_request",
     "check_version_argument",
@@ -151,3 +157,58 @@ def checked_request(request: AppendRequest) -> list[Event]:
     if request.idempotency_key is not None:
         check_key(request.idempotency_key)
     return events
+
+
+INT32_MAX = 2**31 - 1  # Postgres keeps an owed row's attempts in an integer column
+
+
+def check_owed(owed: object) -> None:
+    """InvalidArgument unless every store keeps this owed work as given: an ``Owed``
+    whose ``event_id`` is a UUID as incident spells one (``str(uuid.UUID(...))``:
+    lower-case, with hyphens), ``position`` an int from 1 to 2**63 - 1 (or, inside an
+    append, a position the database has not given yet), ``handler`` and ``event_type``
+    non-empty strs without NUL or lone surrogates, ``aggregate_id`` an id every store
+    keeps (:func:`incident.storable.keepable_id`), ``error`` None or a str,
+    ``attempts`` an int from 0 to 2**31 - 1 and ``owed_at`` an aware datetime."""
+    if not isinstance(owed, Owed):
+        raise InvalidArgument(f"owed work must be an incident.Owed, got {storable.shown(owed)}")
+    problem = _owed_problem(owed)
+    if problem is not None:
+        raise InvalidArgument(f"owed work {problem}; nothing was written")
+
+
+def _owed_problem(owed: Owed) -> str | None:
+    shown = storable.shown
+    event_id, position, attempts = owed.event_id, owed.position, owed.attempts
+    if not isinstance(event_id, str) or not _canonical_uuid(event_id):
+        return f"needs an event_id that is a UUID in lower case, got {shown(event_id)}"
+    if not isinstance(position, Unnumbered) and not _count(position, 1, storable.INT64_MAX):
+        return f"needs a position that is an int from 1 to 2**63 - 1, got {shown(position)}"
+    for name in ("handler", "event_type"):
+        value = getattr(owed, name)
+        if not isinstance(value, str) or not value or storable.problem_in(value) is not None:
+            return f"needs a {name} that is a non-empty str every store keeps, got {shown(value)}"
+    aggregate_id = owed.aggregate_id
+    if not isinstance(aggregate_id, str) or not storable.keepable_id(aggregate_id):
+        return f"needs an aggregate_id every store keeps, got {shown(aggregate_id)}"
+    if owed.error is not None and not isinstance(owed.error, str):
+        return f"needs an error that is None or a str, got {shown(owed.error)}"
+    if not _count(attempts, 0, INT32_MAX):
+        return f"needs attempts that is an int from 0 to 2**31 - 1, got {shown(attempts)}"
+    when = owed.owed_at
+    if not isinstance(when, dt.datetime) or when.utcoffset() is None:
+        return f"needs an owed_at that is an aware datetime, got {shown(when)}"
+    return None
+
+
+def _count(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _canonical_uuid(text: str) -> bool:
+    if len(text) != 36:
+        return False
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False

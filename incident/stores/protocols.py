@@ -125,7 +125,10 @@ class ProjectionStore(Protocol):
 
     def project(self, projection: P) -> P:
         """Upsert; never replaces a stored projection of a higher ``version``. Returns the
-        projection now stored (the given one, or the newer one that won)."""
+        projection now stored (the given one, or the newer one that won). Anything that
+        is not an ``incident.Projection`` (a struct with the same fields, a dict) is
+        refused with InvalidArgument on every store, before a table is made or claimed
+        for its type; a value no store could keep, with Unstorable; nothing is written."""
         ...
 
     def get(self, projection_type: type[P], key: str) -> P | None: ...
@@ -168,7 +171,9 @@ class EventStore(Protocol):
         it): write ``request`` atomically, and ``project(recorded)``'s Effects with it,
         the projections in ``projection_store`` (in the same transaction when
         :meth:`shares_database_with` says so, else right after), the owed follow-ups in
-        this database, in the append's transaction, whatever the projection store."""
+        this database, in the append's transaction, whatever the projection store. The
+        projections and owed work are checked first, as ``project`` and ``owe`` check
+        them: refused (InvalidArgument, Unstorable), the events are not written either."""
         ...
 
     def append_and_project(
@@ -208,7 +213,15 @@ class EventStore(Protocol):
         ...
 
     def owe(self, owed: Owed) -> None:
-        """Keep (or update: its error and attempts) a record of owed work."""
+        """Keep (or update: its error and attempts) a record of owed work. Owed work no
+        store could keep as given is refused with InvalidArgument on every store, before
+        anything is written (the record already kept stays as it was): an ``event_id``
+        that is not a UUID spelled as incident spells one (lower case, with hyphens), a
+        ``position`` that is not an int from 1 to 2**63 - 1, a ``handler``, ``event_type``
+        or ``aggregate_id`` that is not a non-empty str every store keeps (no NUL, no
+        lone surrogate; an id of at most 255 characters), ``attempts`` outside 0 to
+        2**31 - 1, an ``error`` that is not None or a str, or a naive ``owed_at``
+        (:func:`incident.stores.arguments.check_owed`)."""
         ...
 
     def settle(self, handler: str, position: int) -> None:
@@ -274,7 +287,9 @@ class ReplaceableProjectionStore(Protocol):
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         """Atomically delete every stored ``projection_type`` and write ``projections``;
-        returns how many were written."""
+        returns how many were written. A ``projection_type`` or a row that is not an
+        ``incident.Projection`` is refused with InvalidArgument, as by ``project``, and
+        the table is left as it was."""
         ...
 
 
@@ -339,11 +354,16 @@ class CheckpointStore(Protocol):
         parked: Sequence[Parked] = (),
     ) -> None:
         """Write ``projections`` and move the checkpoint from ``expected`` to ``position``:
-        in one transaction when the projection store shares this database, else the
-        projections first (so a crash in between re-applies idempotent upserts, never
-        skips). ``parked`` are the batch's dead letters (as ``park``), written in the
-        checkpoint's transaction. Raises CheckpointConflict, writing nothing (no dead
-        letter either), if the stored checkpoint is not ``expected``."""
+        in one transaction when the projection store shares this database, else inside
+        the checkpoint's transaction once the stored checkpoint has been checked (and is
+        held: no other save can move it meanwhile), before it moves (so a crash in
+        between re-applies idempotent upserts, never skips). ``parked`` are the batch's
+        dead letters (as ``park``), written in the checkpoint's transaction. Raises
+        CheckpointConflict, writing nothing (no dead letter, no row in another database
+        either), if the stored checkpoint is not ``expected``. Every row is checked as
+        ``project`` checks it before any is written, wherever they go: one refused
+        (InvalidArgument for what is not a Projection, Unstorable) leaves the batch's
+        rows, its dead letters and the checkpoint unwritten."""
         ...
 
     def reset(self, handler: str, position: int = 0) -> None:

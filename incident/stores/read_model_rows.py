@@ -15,7 +15,7 @@ import msgspec
 from .. import storable
 from ..errors import IncidentError, Unstorable
 from ..messages import Projection
-from .tables import Kind, TableSpec, qualified, table_spec
+from .tables import Kind, TableSpec, check_projection_type, qualified, table_spec
 
 P = TypeVar("P", bound=Projection)
 
@@ -33,17 +33,18 @@ _specs: weakref.WeakKeyDictionary[type[Projection], TableSpec] = weakref.WeakKey
 
 
 def check_projections(projections: Sequence[object]) -> None:
-    """Refuse (Unstorable, or IncidentError for a type no table can hold) what an
-    append's projections break of the rule, before the append commits: a projection
-    store in another database writes them only after the events, so refused there it
-    would leave the events written. Checks as every store does (:func:`projection_json`)."""
+    """Refuse (Unstorable; InvalidArgument for what is not a Projection; IncidentError
+    for a type no table can hold) what an append's projections break of the rule,
+    before the append commits: a projection store in another database writes them only
+    after the events, so refused there it would leave the events written. Checks as
+    every store does (:func:`table_spec`, :func:`projection_json`)."""
     for projection in projections:
-        if isinstance(projection, Projection):
-            kind = type(projection)
-            spec = _specs.get(kind)
-            if spec is None:
-                spec = _specs[kind] = table_spec(kind)
-            projection_json(projection, spec)
+        kind: Any = type(projection)
+        spec = _specs.get(kind)
+        if spec is None:
+            spec = _specs[kind] = table_spec(kind)
+        assert isinstance(projection, Projection)  # table_spec refused any other type
+        projection_json(projection, spec)
 
 
 def projection_json(projection: Projection, spec: TableSpec) -> tuple[str, bytes, Projection]:
@@ -158,9 +159,11 @@ def newer_or_equal(candidate: Projection, stored: Projection | None) -> bool:
 def replacing_rows(projection_type: type[P], projections: Iterable[P]) -> list[P]:
     """The rows ``replace_all(projection_type, projections)`` keeps: each of that type
     (or of a class redefined under its name), else IncidentError before anything is
-    written; of rows of one key, the one ``project`` would leave (never an older one)."""
+    written (InvalidArgument for a row that is not a Projection); of rows of one key,
+    the one ``project`` would leave (never an older one)."""
     kept: dict[str, P] = {}
     for projection in projections:
+        check_projection_type(type(projection))
         if type(projection) is not projection_type and qualified(type(projection)) != (
             qualified(projection_type)
         ):

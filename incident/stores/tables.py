@@ -26,8 +26,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from ..errors import IncidentError
+from ..errors import IncidentError, InvalidArgument
 from ..messages import Projection
+from ..storable import shown
 
 __all__ = [
     "RESERVED_NAMES",
@@ -35,6 +36,7 @@ __all__ = [
     "Kind",
     "TableOwners",
     "TableSpec",
+    "check_projection_type",
     "check_table_name",
     "legacy_name",
     "qualified",
@@ -196,8 +198,10 @@ def check_table_name(name: str, *, owner: str, explicit: bool) -> None:
 
 
 def table_spec(projection_type: type[Projection]) -> TableSpec:
-    """The table of a Projection type, checked: refuses a name it may not take and a type
-    without an ``aggregate_id: str`` field."""
+    """The table of a Projection type, checked: refuses (InvalidArgument) a type that is
+    not a Projection, before anything is claimed for it, then a name it may not take and
+    a type without an ``aggregate_id: str`` field."""
+    check_projection_type(projection_type)
     owner = qualified(projection_type)
     declared = getattr(projection_type, "table_name", None)
     if declared is not None and not isinstance(declared, str):
@@ -206,8 +210,7 @@ def table_spec(projection_type: type[Projection]) -> TableSpec:
     name = declared if declared else snake_case(projection_type.__name__)
     check_table_name(name, owner=owner, explicit=explicit)
     info = mi.type_info(projection_type)
-    if not isinstance(info, mi.StructType):
-        raise IncidentError(f"{owner} is not a msgspec Struct, so it cannot be stored")
+    assert isinstance(info, mi.StructType)  # a Projection is a Struct
     columns = []
     for field in info.fields:
         kind = column_kind(field.type)
@@ -228,6 +231,33 @@ def table_spec(projection_type: type[Projection]) -> TableSpec:
         raise IncidentError(f"{owner} needs an aggregate_id: str field to be stored")
     check_column_names(owner, columns)
     return TableSpec(projection_type, name, tuple(columns), explicit)
+
+
+def check_projection_type(projection_type: object) -> None:
+    """InvalidArgument unless ``projection_type`` is an incident.Projection subclass: a
+    struct with a read model's fields is not one, so no store makes a table for it.
+
+    >>> try:
+    ...     check_projection_type(dict)
+    ... except InvalidArgument as error:
+    ...     print(str(error).split(",")[0])
+    builtins.dict is not a msgspec Struct
+    """
+    if isinstance(projection_type, type) and issubclass(projection_type, Projection):
+        return
+    if not isinstance(projection_type, type):
+        raise InvalidArgument(
+            f"{shown(projection_type)} is not a type: a read model is an incident.Projection"
+        )
+    owner = qualified(projection_type)
+    if not issubclass(projection_type, msgspec.Struct):
+        raise InvalidArgument(
+            f"{owner} is not a msgspec Struct, so it cannot be stored"
+            " (a read model is an incident.Projection)"
+        )
+    raise InvalidArgument(
+        f"{owner} is not an incident.Projection, so no store keeps it as a read model"
+    )
 
 
 #: columns Postgres gives every table: a field of one of these names cannot be a column

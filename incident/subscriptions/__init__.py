@@ -6,8 +6,8 @@ Inline handlers run inside ``dispatch``; a subscription runs one handler on its 
       -> the aggregate's state after each event (a fold, cached per aggregate)
       -> the listeners (pure) -> projections buffered, commands dispatched
       -> checkpoint saved with the buffered projections (one transaction when they share
-         a database, else projections first: upserts are version-guarded, so replaying
-         them after a crash changes nothing)
+         a database, else projections first once the checkpoint is checked: upserts
+         are version-guarded, so replaying them after a crash changes nothing)
 
 A listener that raises is retried with backoff; after ``retries`` the event is parked in
 the dead-letter store and the subscription goes on (or stops, with ``on_failure="stop"``).

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from ...errors import CheckpointConflict
 from ...messages import Projection
+from .._common import write_elsewhere
 from ..protocols import (
     Parked,
     ProjectionStore,
@@ -89,8 +90,7 @@ class MemoryCheckpointStore:
                 if isinstance(projection_store, MemoryProjectionStore):
                     projection_store.project_many(projections)
                 else:
-                    for projection in projections:
-                        projection_store.project(projection)
+                    write_elsewhere(projection_store, projections)
             for entry in parked:  # after the rows: a row refused leaves none of them
                 self._parked[entry.handler, entry.position] = entry
             self._positions[handler] = position

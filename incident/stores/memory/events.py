@@ -24,6 +24,7 @@ from ..arguments import (
     check_expected_version,
     check_key,
     check_limit,
+    check_owed,
     checked_request,
     readable_id,
     readable_key,
@@ -166,6 +167,7 @@ class MemoryEventStore(AppendVerbs, Live):
 
     def owe(self, owed: Owed) -> None:
         self.opened.check()
+        check_owed(owed)
         with self._lock:
             self._owed[owed.handler, owed.position] = owed
 

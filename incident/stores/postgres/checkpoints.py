@@ -20,7 +20,7 @@ from psycopg import sql
 from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
-from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll
+from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll, write_elsewhere
 from ..protocols import Parked, ProjectionStore
 from .database import Database
 from .inherited import opened
@@ -124,8 +124,7 @@ class PostgresCheckpointStore:
             if projections and projection_store is not None and not shared:
                 # another database: its rows once the checkpoint is ours (locked), before
                 # it moves, so a crash re-applies them, never skips; a conflict writes none
-                for projection in projections:
-                    projection_store.project(projection)
+                write_elsewhere(projection_store, projections)
             if shared and projections:
                 assert isinstance(projection_store, PostgresProjectionStore)
                 fresh = projection_store.prepare(conn, map(type, projections))

@@ -27,7 +27,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_expected_version, check_key, checked_request
+from ..arguments import check_expected_version, check_key, check_owed, checked_request
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -440,6 +440,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         return stored
 
     def owe(self, owed: Owed) -> None:
+        check_owed(owed)
         self._db.ready()
         with self._db.connection(f"recording the work {owed.handler} owes") as conn:
             conn.execute(self._sql.owe, owed_row(owed))

@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 import msgspec
 from psycopg import sql
 
-from ...errors import IncidentError, StoreError
+from ...errors import StoreError
 from ...messages import Projection
 from ..arguments import readable_id
 from ..protocols import ProjectionStore
-from ..read_model_rows import projection_json, projection_key, replacing_rows
+from ..read_model_rows import projection_json, replacing_rows
 from ..tables import Kind, TableSpec, legacy_name, qualified
 from .database import Database
 from .durability import durable_rows
@@ -187,17 +187,15 @@ class PostgresProjectionStore:
         for projection_type in types:
             self._tables.setdefault(projection_type, self._table(projection_type))
 
-    @staticmethod
-    def _check(projection: Projection) -> str:
-        key = projection_key(projection)
-        if not isinstance(projection, Projection):
-            raise IncidentError(f"Cannot store {projection!r}: not an incident.Projection")
-        return key
+    def _check(self, projection: Projection) -> tuple[_Table, str, str]:
+        """The projection's table, key and checked JSON: a type that is not a Projection
+        is refused (table_spec) before anything else is looked at."""
+        table = self._table(type(projection))
+        key, data, _ = projection_json(projection, table.spec)
+        return table, key, data.decode()
 
     def project(self, projection: P) -> P:
-        key = self._check(projection)
-        table = self._table(type(projection))
-        payload = projection_json(projection, table.spec)[1].decode()
+        table, key, payload = self._check(projection)
         self._db.ready()
         with self._db.connection(f"projecting {table.name} {key!r}") as conn:
             with conn.transaction():
@@ -214,8 +212,6 @@ class PostgresProjectionStore:
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         """Swap the whole table for ``projections`` in one transaction (replay)."""
         rows = replacing_rows(projection_type, projections)
-        for projection in rows:
-            self._check(projection)
         table = self._table(projection_type)
         self._db.ready()
         with self._db.connection(f"replacing {table.name}") as conn:
@@ -235,9 +231,8 @@ class PostgresProjectionStore:
         """Each projection's upsert statement and its checked JSON."""
         rows = []
         for projection in projections:
-            self._check(projection)
-            table = self._table(type(projection))
-            rows.append((table.upsert, projection_json(projection, table.spec)[1].decode()))
+            table, _, payload = self._check(projection)
+            rows.append((table.upsert, payload))
         return rows
 
     def known(self, types: Iterable[type[Projection]]) -> bool:

@@ -25,7 +25,7 @@ from typing import IO, Any
 from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
-from .._common import parked_from_row, parked_row, poll
+from .._common import parked_from_row, parked_row, poll, write_elsewhere
 from ..protocols import Parked, ProjectionStore
 from .database import Database
 from .projection_tables import ProjectionTable
@@ -97,15 +97,18 @@ class SQLiteCheckpointStore:
     ) -> None:
         self._ensure()
         shared = projection_store is not None and self.shares_database_with(projection_store)
-        if projections and projection_store is not None and not shared:
-            # another database: projections first, so a crash re-applies, never skips
-            for projection in projections:
-                projection_store.project(projection)
         with self._db.errors(), self._db.transaction() as conn:
             row = conn.execute(LOAD_CHECKPOINT, (handler,)).fetchone()
             actual = int(row[0]) if row else 0
             if actual != expected:
                 raise CheckpointConflict(handler, expected, actual)
+            if projections and projection_store is not None and not shared:
+                # another database: its rows once the checkpoint is ours (the write lock
+                # is held), before it moves, so a crash re-applies them, never skips; a
+                # conflict writes none. One wrapping a store on this database writes in
+                # this transaction (lend), not waiting for the lock it holds.
+                with self._db.lend(conn):
+                    write_elsewhere(projection_store, projections)
             if shared and projections:
                 _write_many(self._db, conn, projections)
             if parked:

@@ -6,6 +6,8 @@ as StoreError, the schema gate (``Database.migrate``) and the projection tables 
 exist.
 """
 
+# Long: the connections and the three kinds of write transaction (whole, savepoint, lent)
+# share one thread-local bookkeeping of the tables each made, which a rollback undoes.
 from __future__ import annotations
 
 import os
@@ -27,10 +29,12 @@ from .projection_tables import ProjectionTable
 from .url import MEMORY
 from .write_lock import LOCK_POLL, begin_immediate
 
-__all__ = ["Database", "Savepoint", "WriteTransaction"]
+__all__ = ["Database", "LentTransaction", "Savepoint", "WriteTransaction"]
 
 # where a thread keeps its connections: reading (False) and writing (True)
 _SLOTS = {False: "conn", True: "writer"}
+# this thread's write transactions lent to every store on their database (Database.lend)
+_lent = threading.local()
 
 
 class Database:
@@ -174,10 +178,38 @@ class Database:
         conn: sqlite3.Connection | None = getattr(self._local, _SLOTS[writes], None)
         return conn if conn is not None else self._thread_connection(writes=writes)
 
-    def transaction(self) -> WriteTransaction:
+    def transaction(self) -> WriteTransaction | LentTransaction:
         """``with database.transaction() as conn``: a write transaction holding SQLite's
-        write lock from its first statement, committed at the end or rolled back."""
+        write lock from its first statement, committed at the end or rolled back (inside
+        ``lend``, a savepoint in the lent one)."""
+        lent: dict[object, tuple[Database, sqlite3.Connection]] | None
+        if lent := getattr(_lent, "by_database", None):  # only while a save lends one
+            found = lent.get(self._lending_key())
+            if found is not None:
+                return LentTransaction(self, found[1], own=found[0] is self)
         return WriteTransaction(self)
+
+    @contextmanager
+    def lend(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Inside a write transaction on ``conn``: this thread's transactions on this
+        database, through any store opened on it, are savepoints in it until the block
+        ends. A checkpoint's save writes a projection store it does not recognise (a
+        wrapper of one on this file) that way, in its own transaction, instead of
+        waiting for the lock it holds."""
+        lent = _lent.__dict__.setdefault("by_database", {})
+        key = self._lending_key()
+        before, lent[key] = lent.get(key), (self, conn)
+        try:
+            yield
+        finally:
+            if before is None:
+                del lent[key]
+            else:
+                lent[key] = before
+
+    def _lending_key(self) -> object:
+        """The database a lent transaction writes: its file, or this in-memory one."""
+        return self if self.in_memory else os.path.realpath(self.path)
 
     def savepoint(self, conn: sqlite3.Connection) -> Savepoint:
         """``with database.savepoint(conn)``, inside a write transaction on ``conn``: what
@@ -319,6 +351,35 @@ class WriteTransaction:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._db._discard(self._conn)  # unusable now: the next use reconnects
+
+
+class LentTransaction:
+    """A transaction opened inside ``Database.lend``: a savepoint in the lent one, whose
+    writes commit with it (or are undone alone if the block raises). Opened through
+    another Database on the same file (``own`` false), the tables it made are forgotten
+    by that one at the end: the lender's transaction may still roll them back, so the
+    next writer checks them again."""
+
+    __slots__ = ("_conn", "_db", "_own", "_savepoint")
+
+    def __init__(self, db: Database, conn: sqlite3.Connection, *, own: bool) -> None:
+        self._db, self._conn, self._own = db, conn, own
+        self._savepoint = Savepoint(db, conn)
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self._own:
+            if self._db.closed:
+                raise StoreError(f"The SQLite store {self._db.path!r} is closed")
+            self._db._local.changed_tables = []
+        self._savepoint.__enter__()
+        return self._conn
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
+        try:
+            self._savepoint.__exit__(kind, *rest)
+        finally:
+            if not self._own:
+                self._db.forget_tables(self._db._local.changed_tables)
 
 
 class Savepoint:

@@ -28,7 +28,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_key, checked_request, readable_key
+from ..arguments import check_key, check_owed, checked_request, readable_key
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -184,6 +184,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         return [owed_from_row(row) for row in rows]
 
     def owe(self, owed: Owed) -> None:
+        check_owed(owed)
         self._write(OWE, owed_row(owed, date_text))
 
     def settle(self, handler: str, position: int) -> None:
