@@ -266,12 +266,6 @@ class DeadLetters:
         )
         return found
 
-    def unpark_upto(self, position: int) -> None:
-        """Drop every dead letter up to ``position`` (a replay handled them all)."""
-        for parked in self.parked():
-            if parked.position <= position:
-                self.checkpoints.unpark(self.name, parked.position)
-
     def retry_stream(
         self, stream: list[Parked], upto: int | None = None
     ) -> tuple[list[int], list[Parked]]:
