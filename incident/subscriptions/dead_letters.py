@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import msgspec
@@ -126,6 +126,11 @@ class DeadLetters:
                 _, stream = self.retry_stream(stream)
             left += stream
         return left
+
+    def turn(self) -> AbstractContextManager[bool]:
+        """Hold the handler's retry turn, waiting for a retry running elsewhere to end
+        (a replay: a retry after its swap would write its rows over the replayed ones)."""
+        return self._taking_turns(wait=True)
 
     @contextmanager
     def _taking_turns(self, *, wait: bool) -> Iterator[bool]:

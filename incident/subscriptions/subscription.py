@@ -344,7 +344,7 @@ class Subscription:
         target = self.projection_store
         if not isinstance(target, ReplaceableProjectionStore):
             raise IncidentError(f"{target!r} cannot replace tables, so it cannot be replayed into")
-        with self._guard, self._replaying():
+        with self._guard, self._replaying(), self._dead_letters.turn():
             self._position = self.checkpoints.load(self.name)
             done = replay_into(
                 self.handler,
