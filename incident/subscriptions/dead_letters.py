@@ -14,8 +14,8 @@ an older row over a newer one. A batch's dead letters are written with its check
 in the transaction that writes the rows the batch made (:meth:`DeadLetters.unsaved`): a
 retry elsewhere never sees an entry whose stream's earlier rows are still to come, and a
 runner whose checkpoint loses to another's (CheckpointConflict) leaves none. And
-retries, skips and the runner's healing take turns (one lock per handler, across
-processes).
+retries, skips, replays and the runner's healing take turns (one lock per handler,
+across processes).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Replay: a handler's projections rebuilt from the start of the log.
 
 :func:`rebuild` reads the whole log through the handler's listeners and collects the
-rows of each projection type; ``Subscription.replay`` then swaps each type's table for
-the rebuilt rows and moves the checkpoint to the end. Commands the listeners return for
-events the subscription had already handled are not dispatched again (a replay rebuilds
-read models, it does not re-run a process); for events past the old checkpoint, and for
-the parked and held ones it never handled, they are, as running would have.
+rows of each projection type; :func:`replay_into` then swaps each type's table for the
+rebuilt rows, moves the checkpoint to the end and empties the dead letters, in one
+checkpoint store ``reset`` (docs/subscriptions.md says what a kill leaves). Commands the
+listeners return for events the subscription had already handled are not dispatched
+again (a replay rebuilds read models, it does not re-run a process); for events past the
+old checkpoint, and for the parked and held ones it never handled, they are, as running
+would have.
 """
 
 from __future__ import annotations
