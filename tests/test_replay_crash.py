@@ -216,6 +216,47 @@ def test_a_replay_killed_inside_its_reset_rolls_all_of_it_back(
     recovers(app, store_url, after_run=NEW)
 
 
+def test_a_killed_replay_s_commands_take_effect_once(store_url: str) -> None:
+    """The commands a replay dispatches for events past the checkpoint (here a transfer
+    the process never handled) are keyed: killed before its reset, the replay leaves the
+    checkpoint where it was, and the runner that handles those events again, then the
+    next replay, move the money once."""
+    app = incident.CommandHandler(
+        store_url,
+        aggregates=[bank.bank_account, bank.transfer],
+        event_handlers=[bank.bank_projections],  # the accounts' rows inline
+    )
+    try:
+        app.dispatch(bank.OpenAccount(aggregate_id="A"))
+        app.dispatch(bank.DepositMoney(aggregate_id="A", amount=100))
+        app.dispatch(bank.OpenAccount(aggregate_id="B"))
+        app.dispatch(
+            bank.RequestTransfer(
+                aggregate_id="T1",
+                source_account_number="A",
+                destination_account_number="B",
+                amount=30,
+            )
+        )
+        dying = KilledAt(checkpoint_store_for(app.event_store), 0, after=False)
+        with pytest.raises(Killed):
+            incident.Subscription(
+                bank.money_transfer, app, checkpoints=cast(CheckpointStore, dying)
+            ).replay()
+        debited = app.projection_store.get(bank.BankAccount, "A")
+        assert debited is not None and debited.balance == 70  # dispatched, then killed
+        process = incident.Subscription(bank.money_transfer, app)
+        assert process.position == 0
+        process.catch_up()
+        process.replay()
+        process.catch_up()
+        balances = [app.projection_store.get(bank.BankAccount, key) for key in "AB"]
+        assert [row.balance if row else None for row in balances] == [70, 30]
+        assert app.state("transfer", "T1").status == "completed"
+    finally:
+        app.close()
+
+
 class Elsewhere:
     """The command handler, with its read models seen as another database's (a store
     that is not the checkpoints' kind) whose ``replace_all`` may die."""
