@@ -257,6 +257,49 @@ def test_a_killed_replay_s_commands_take_effect_once(store_url: str) -> None:
         app.close()
 
 
+class Opened(incident.Projection):
+    aggregate_id: str
+    generation: int
+
+
+class Ratio(incident.Projection):
+    aggregate_id: str
+    value: float
+
+
+two_tables = incident.EventHandler("two_tables")
+GENERATION = {"now": 1, "ratio": 1.0}
+
+
+@two_tables.listen(bank.AccountOpened)
+def opened(recorded: incident.Recorded[Any], state: Any) -> list[incident.Projection]:
+    return [
+        Opened(aggregate_id=recorded.aggregate_id, generation=int(GENERATION["now"])),
+        Ratio(aggregate_id=recorded.aggregate_id, value=GENERATION["ratio"]),
+    ]
+
+
+def test_a_replay_with_a_row_no_store_keeps_replaces_no_table(store_url: str) -> None:
+    """A rebuilt row that cannot be stored (a NaN), in the second of two tables, fails
+    the replay before anything is written: the first table keeps its rows too."""
+    app = incident.CommandHandler(store_url, aggregates=[bank.bank_account, bank.transfer])
+    try:
+        app.dispatch(bank.OpenAccount(aggregate_id="A"))
+        runner = incident.Subscription(two_tables, app)
+        runner.catch_up()
+        GENERATION.update(now=2, ratio=float("nan"))
+        try:
+            with pytest.raises(incident.IncidentError):
+                incident.Subscription(two_tables, app).replay()
+        finally:
+            GENERATION.update(now=1, ratio=1.0)
+        assert app.projection_store.all(Opened) == [Opened(aggregate_id="A", generation=1)]
+        assert app.projection_store.all(Ratio) == [Ratio(aggregate_id="A", value=1.0)]
+        assert runner.checkpoints.load(two_tables.name) == 1
+    finally:
+        app.close()
+
+
 class Elsewhere:
     """The command handler, with its read models seen as another database's (a store
     that is not the checkpoints' kind) whose ``replace_all`` may die."""
