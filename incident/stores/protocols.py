@@ -356,8 +356,8 @@ class CheckpointStore(Protocol):
         projection_store: ProjectionStore | None = None,
     ) -> None:
         """Set the checkpoint unconditionally (the caller holds the lock). A replay's
-        commit: with ``drop_parked``, every dead letter of ``handler`` goes in the same
-        transaction; with ``tables``, each projection type's table in
+        commit: with ``drop_parked``, every dead letter of ``handler`` is dropped in the
+        same transaction; with ``tables``, each projection type's table in
         ``projection_store`` is replaced by its rows (as ``replace_all``), in that
         transaction too when the projection store shares this database, else after it
         commits (:mod:`incident.stores.replacing` says why that order). Every row is
