@@ -56,8 +56,10 @@ def _inline_option(help: str) -> Callable[[F], F]:
 def replay(url: str, handler_path: str, aggregate_paths: tuple[str, ...]) -> None:
     """Rebuild a handler's projections from the start of the log at URL.
 
-    The rebuilt tables replace the old ones when the replay is done, and the handler's
-    checkpoint moves to the end of the log. The handler must not be running elsewhere.
+    The rebuilt tables replace the old ones when the replay is done, in the transaction
+    that moves the handler's checkpoint to the end of the log and empties its dead
+    letters: killed before, it changed nothing, and it can simply be run again. The
+    handler must not be running elsewhere.
     """
     out = console()
     handler = _load(handler_path, EventHandler)

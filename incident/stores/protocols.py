@@ -366,8 +366,22 @@ class CheckpointStore(Protocol):
         rows, its dead letters and the checkpoint unwritten."""
         ...
 
-    def reset(self, handler: str, position: int = 0) -> None:
-        """Set the checkpoint unconditionally (replay; the caller holds the lock)."""
+    def reset(
+        self,
+        handler: str,
+        position: int = 0,
+        *,
+        drop_parked: bool = False,
+        tables: Mapping[type[Projection], Sequence[Projection]] | None = None,
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
+        """Set the checkpoint unconditionally (the caller holds the lock). A replay's
+        commit: with ``drop_parked``, every dead letter of ``handler`` is dropped in the
+        same transaction; with ``tables``, each projection type's table in
+        ``projection_store`` is replaced by its rows (as ``replace_all``), in that
+        transaction too when the projection store shares this database, else after it
+        commits (:mod:`incident.stores.replacing` says why that order). Every row is
+        checked before anything is written (Unstorable, IncidentError)."""
         ...
 
     def checkpoints(self) -> dict[str, int]:

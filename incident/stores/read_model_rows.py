@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,6 +26,7 @@ __all__ = [
     "projection_key",
     "projection_version",
     "replacing_rows",
+    "replacing_tables",
 ]
 
 
@@ -175,3 +176,15 @@ def replacing_rows(projection_type: type[P], projections: Iterable[P]) -> list[P
         if newer_or_equal(projection, kept.get(key)):
             kept[key] = projection
     return list(kept.values())
+
+
+def replacing_tables(
+    tables: Mapping[type[Projection], Iterable[Projection]],
+) -> dict[type[Projection], list[Projection]]:
+    """The rows each table keeps when ``tables`` replace them (:func:`replacing_rows`),
+    every one checked as every store checks it (:func:`check_projections`): refused
+    before anything of any table is written."""
+    kept = {kind: replacing_rows(kind, rows) for kind, rows in tables.items()}
+    for rows in kept.values():
+        check_projections(rows)
+    return kept

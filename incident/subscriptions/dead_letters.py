@@ -14,8 +14,8 @@ an older row over a newer one. A batch's dead letters are written with its check
 in the transaction that writes the rows the batch made (:meth:`DeadLetters.unsaved`): a
 retry elsewhere never sees an entry whose stream's earlier rows are still to come, and a
 runner whose checkpoint loses to another's (CheckpointConflict) leaves none. And
-retries, skips and the runner's healing take turns (one lock per handler, across
-processes).
+retries, skips, replays and the runner's healing take turns (one lock per handler,
+across processes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import msgspec
@@ -126,6 +126,11 @@ class DeadLetters:
                 _, stream = self.retry_stream(stream)
             left += stream
         return left
+
+    def turn(self) -> AbstractContextManager[bool]:
+        """Hold the handler's retry turn, waiting for a retry running elsewhere to end
+        (a replay: a retry after its swap would write its rows over the replayed ones)."""
+        return self._taking_turns(wait=True)
 
     @contextmanager
     def _taking_turns(self, *, wait: bool) -> Iterator[bool]:
@@ -265,12 +270,6 @@ class DeadLetters:
             found.error,
         )
         return found
-
-    def unpark_upto(self, position: int) -> None:
-        """Drop every dead letter up to ``position`` (a replay handled them all)."""
-        for parked in self.parked():
-            if parked.position <= position:
-                self.checkpoints.unpark(self.name, parked.position)
 
     def retry_stream(
         self, stream: list[Parked], upto: int | None = None

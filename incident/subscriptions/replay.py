@@ -1,11 +1,13 @@
 """Replay: a handler's projections rebuilt from the start of the log.
 
 :func:`rebuild` reads the whole log through the handler's listeners and collects the
-rows of each projection type; ``Subscription.replay`` then swaps each type's table for
-the rebuilt rows and moves the checkpoint to the end. Commands the listeners return for
-events the subscription had already handled are not dispatched again (a replay rebuilds
-read models, it does not re-run a process); for events past the old checkpoint, and for
-the parked and held ones it never handled, they are, as running would have.
+rows of each projection type; :func:`replay_into` then swaps each type's table for the
+rebuilt rows, moves the checkpoint to the end and empties the dead letters, in one
+checkpoint store ``reset`` (docs/subscriptions.md says what a kill leaves). Commands the
+listeners return for events the subscription had already handled are not dispatched
+again (a replay rebuilds read models, it does not re-run a process); for events past the
+old checkpoint, and for the parked and held ones it never handled, they are, as running
+would have.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..fp import groupby, partition_all
 from ..messages import Projection, Recorded
+from ..stores import CheckpointStore
 from ..stores.read_model_rows import projection_key
+from .reactor import Reactor
 from .states import Pending, StreamStates, merge_projections
 
-__all__ = ["Rebuilt", "Replayed", "rebuild"]
+__all__ = ["Rebuilt", "Replayed", "rebuild", "replay_into"]
 
 FollowUp = Callable[[str, Recorded[Any], Sequence[tuple[str, Sequence[Any]]]], None]
 
@@ -83,3 +87,43 @@ def rebuild(
         if progress is not None:
             progress(len(batch))
     return Rebuilt(groupby(type, rebuilt.values()), position, skipped)
+
+
+def replay_into(
+    handler: EventHandler,
+    reactor: Reactor,
+    checkpoints: CheckpointStore,
+    states: StreamStates,
+    *,
+    already: int,
+    batch_size: int,
+    progress: Callable[[int], object] | None,
+) -> Replayed:
+    """Rebuild ``handler``'s projections from the start of the log (:func:`rebuild`) and
+    commit them with one ``checkpoints.reset``: each table swapped in the reactor's
+    projection store, the checkpoint at the end and the dead letters emptied (every
+    event was handled). That is one transaction when the read models share the
+    checkpoints' database. Otherwise the checkpoint and the dead letters commit first:
+    killed before the tables are swapped, the old tables miss the replayed events until
+    the next replay, but no older row is ever written over a newer one, as the other
+    order would let the runner and the stale dead letters do
+    (:mod:`incident.stores.replacing`)."""
+    rebuilt = rebuild(
+        handler,
+        reactor.event_store.read_all(),
+        states,
+        already=already,
+        follow_up=reactor.follow_up,
+        batch_size=batch_size,
+        progress=progress,
+        unhandled=frozenset(p.position for p in checkpoints.parked(handler.name)),
+    )
+    checkpoints.reset(
+        handler.name,
+        rebuilt.position,
+        drop_parked=True,
+        tables=rebuilt.tables,
+        projection_store=reactor.projection_store,
+    )
+    written = {t.__name__: len(rows) for t, rows in rebuilt.tables.items()}
+    return Replayed(handler.name, rebuilt.position, written, rebuilt.skipped_commands)

@@ -21,7 +21,7 @@ from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkp
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
 from .reactor import Reactor
-from .replay import Replayed, rebuild
+from .replay import Replayed, replay_into
 from .states import Pending, RowRules, RowsRefused, StreamStates, aggregates_for, merge_projections
 from .waves import Item, SequenceBy, split
 
@@ -331,37 +331,32 @@ class Subscription:
 
     def replay(self, progress: Callable[[int], object] | None = None) -> Replayed:
         """Rebuild this handler's projections from the start of the log, then swap each
-        projection type's table for the rebuilt one and move the checkpoint to the end.
+        projection type's table for the rebuilt one, move the checkpoint to the end and
+        empty the dead letters: in one transaction when the read models share the
+        checkpoints' database (see :func:`.replay.replay_into` for the other case).
 
         Commands the listeners return are dispatched only for events past the old
         checkpoint or parked (never handled): a replay rebuilds, it does not re-run.
         Holds the handler's lock, so nothing else runs it meanwhile; a listener error
-        aborts the replay with nothing replaced, success empties the dead letters.
-        ``progress`` gets the number of events read after each batch; the rebuilt rows
-        wait in memory for the swap.
+        aborts the replay with nothing replaced. ``progress`` gets the number of events
+        read after each batch; the rebuilt rows wait in memory for the swap.
         """
         target = self.projection_store
         if not isinstance(target, ReplaceableProjectionStore):
             raise IncidentError(f"{target!r} cannot replace tables, so it cannot be replayed into")
-        with self._guard, self._replaying():
-            already = self._position = self.checkpoints.load(self.name)
-            rebuilt = rebuild(
+        with self._guard, self._replaying(), self._dead_letters.turn():
+            self._position = self.checkpoints.load(self.name)
+            done = replay_into(
                 self.handler,
-                self.event_store.read_all(),
+                self.command_handler,
+                self.checkpoints,
                 self._states,
-                already=already,
-                follow_up=self.command_handler.follow_up,
+                already=self._position,
                 batch_size=self.batch_size,
                 progress=progress,
-                unhandled=frozenset(p.position for p in self._dead_letters.parked()),
             )
-            written = {
-                t.__name__: target.replace_all(t, rows) for t, rows in rebuilt.tables.items()
-            }
-            self.checkpoints.reset(self.name, rebuilt.position)
-            self._dead_letters.unpark_upto(rebuilt.position)  # every event was handled
-            self._moved_to(rebuilt.position)
-            return Replayed(self.name, rebuilt.position, written, rebuilt.skipped_commands)
+            self._moved_to(done.position)
+            return done
 
     @contextlib.contextmanager
     def _replaying(self) -> Iterator[None]:

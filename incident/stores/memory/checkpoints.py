@@ -13,6 +13,7 @@ from ..protocols import (
     Parked,
     ProjectionStore,
 )
+from ..replacing import Tables, checked_tables, replace_elsewhere
 from .opened import Opened
 from .projections import MemoryProjectionStore
 
@@ -95,10 +96,31 @@ class MemoryCheckpointStore:
                 self._parked[entry.handler, entry.position] = entry
             self._positions[handler] = position
 
-    def reset(self, handler: str, position: int = 0) -> None:
+    def reset(
+        self,
+        handler: str,
+        position: int = 0,
+        *,
+        drop_parked: bool = False,
+        tables: Tables | None = None,
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
         self.opened.check()
-        with self._lock:
+        shared = isinstance(projection_store, MemoryProjectionStore)
+        kept = checked_tables(tables, projection_store, shared)
+        swap = None
+        if kept and isinstance(projection_store, MemoryProjectionStore):
+            swap = projection_store.checked_tables(kept)  # every row checked first
+        with self._lock:  # readers see the old tables and checkpoint, or the new ones
+            if swap is not None:
+                assert isinstance(projection_store, MemoryProjectionStore)
+                projection_store.install(swap)
             self._positions[handler] = position
+            if drop_parked:
+                for key in [key for key in self._parked if key[0] == handler]:
+                    del self._parked[key]
+        if not shared:
+            replace_elsewhere(kept, projection_store)
 
     def checkpoints(self) -> dict[str, int]:
         self.opened.check()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -91,15 +91,31 @@ class MemoryProjectionStore:
                 self._project(spec, key, row, projection)
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
+        checked = self.checked_tables(
+            {projection_type: replacing_rows(projection_type, projections)}
+        )
+        self.install(checked)
+        return sum(map(len, checked.values()))
+
+    def checked_tables(
+        self, tables: Mapping[type[Projection], Iterable[Projection]]
+    ) -> dict[str, dict[str, Projection]]:
+        """Each table's rows (those ``replacing_rows`` keeps) checked and keyed, by table
+        name, ready for :meth:`install`; nothing is written."""
         self.opened.check()
-        spec = self._spec(projection_type)
-        table: dict[str, Projection] = {}
-        for projection in replacing_rows(projection_type, projections):
-            _, key, row = self._check(projection)
-            table[key] = row
+        checked: dict[str, dict[str, Projection]] = {}
+        for projection_type, projections in tables.items():
+            table = checked[self._spec(projection_type).name] = {}
+            for projection in projections:
+                _, key, row = self._check(projection)
+                table[key] = row
+        return checked
+
+    def install(self, checked: Mapping[str, dict[str, Projection]]) -> None:
+        """Swap the tables :meth:`checked_tables` made, all at once."""
+        self.opened.check()
         with self._lock:
-            self._tables[spec.name] = table
-        return len(table)
+            self._tables.update(checked)
 
     def get(self, projection_type: type[P], key: str) -> P | None:
         self.opened.check()

@@ -22,6 +22,7 @@ from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll, write_elsewhere
 from ..protocols import Parked, ProjectionStore
+from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
 from .inherited import opened
 from .projections import PostgresProjectionStore, writes_into
@@ -136,10 +137,36 @@ class PostgresCheckpointStore:
             assert isinstance(projection_store, PostgresProjectionStore)
             projection_store.remember(fresh)
 
-    def reset(self, handler: str, position: int = 0) -> None:
+    def reset(
+        self,
+        handler: str,
+        position: int = 0,
+        *,
+        drop_parked: bool = False,
+        tables: Tables | None = None,
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
         self._ensure()
-        with self._db.connection(f"resetting the checkpoint of {handler}") as conn:
+        shared = isinstance(projection_store, PostgresProjectionStore) and (
+            self.shares_database_with(projection_store)
+        )
+        kept = checked_tables(tables, projection_store, shared)
+        fresh: list[type[Projection]] = []
+        doing = f"resetting the checkpoint of {handler}"
+        with self._db.connection(doing) as conn, conn.transaction():
+            if shared and kept:
+                assert isinstance(projection_store, PostgresProjectionStore)
+                fresh = projection_store.swap(conn, kept)
+            if drop_parked:
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE handler = %s").format(self._parked), [handler]
+                )
             conn.execute(self._save, [handler, position])
+        if fresh:
+            assert isinstance(projection_store, PostgresProjectionStore)
+            projection_store.remember(fresh)
+        if not shared:
+            replace_elsewhere(kept, projection_store)
 
     def checkpoints(self) -> dict[str, int]:
         self._ensure()

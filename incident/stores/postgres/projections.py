@@ -5,7 +5,7 @@ checkpoint commits them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -216,11 +216,20 @@ class PostgresProjectionStore:
         self._db.ready()
         with self._db.connection(f"replacing {table.name}") as conn:
             with conn.transaction():
-                fresh = self.prepare(conn, [projection_type])
-                conn.execute(sql.SQL("DELETE FROM {}").format(table.table))
-                self.queue(conn, rows)
+                fresh = self.swap(conn, {projection_type: rows})
             self.remember(fresh)
         return len(rows)
+
+    def swap(
+        self, conn: Connection, tables: Mapping[type[Projection], Sequence[Projection]]
+    ) -> list[type[Projection]]:
+        """Inside the caller's transaction: each table emptied, then given its rows;
+        returns the types to :meth:`remember` once that transaction has committed."""
+        fresh = self.prepare(conn, tables)
+        for projection_type, rows in tables.items():
+            conn.execute(sql.SQL("DELETE FROM {}").format(self._table(projection_type).table))
+            self.queue(conn, rows)
+        return fresh
 
     def queue(self, conn: Connection, projections: Sequence[Projection]) -> None:
         """Inside an append's transaction: checks every row, then sends the upserts."""

@@ -27,9 +27,10 @@ from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import parked_from_row, parked_row, poll, write_elsewhere
 from ..protocols import Parked, ProjectionStore
+from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
 from .projection_tables import ProjectionTable
-from .projections import writes_into
+from .projections import encoded_tables, swap_tables, writes_into
 from .sql import (
     CHECKPOINT_TABLES,
     CHECKPOINTS,
@@ -39,6 +40,7 @@ from .sql import (
     SAVE_CHECKPOINT,
     TABLE_EXISTS,
     UNPARK,
+    UNPARK_ALL,
 )
 
 __all__ = ["SQLiteCheckpointStore", "SQLiteHandlerLock", "lock_path"]
@@ -117,10 +119,26 @@ class SQLiteCheckpointStore:
                 )
             conn.execute(SAVE_CHECKPOINT, (handler, position, _now()))
 
-    def reset(self, handler: str, position: int = 0) -> None:
+    def reset(
+        self,
+        handler: str,
+        position: int = 0,
+        *,
+        drop_parked: bool = False,
+        tables: Tables | None = None,
+        projection_store: ProjectionStore | None = None,
+    ) -> None:
         self._ensure()
+        shared = projection_store is not None and self.shares_database_with(projection_store)
+        kept = checked_tables(tables, projection_store, shared)
+        swap = encoded_tables(self._db, kept) if shared else []
         with self._db.errors(), self._db.transaction() as conn:
+            swap_tables(self._db, conn, swap)
+            if drop_parked:
+                conn.execute(UNPARK_ALL, (handler,))
             conn.execute(SAVE_CHECKPOINT, (handler, position, _now()))
+        if not shared:
+            replace_elsewhere(kept, projection_store)
 
     def checkpoints(self) -> dict[str, int]:
         rows = self._query(CHECKPOINTS)

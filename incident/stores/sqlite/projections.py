@@ -8,17 +8,18 @@ says whether they are). How a type becomes a table is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TypeVar
+import sqlite3
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from ...messages import Projection
 from ..arguments import readable_id
 from ..protocols import ProjectionStore
 from ..read_model_rows import projection_key, replacing_rows
 from .database import Database
-from .projection_tables import quote_identifier
+from .projection_tables import ProjectionTable, quote_identifier
 
-__all__ = ["SQLiteProjectionStore", "writes_into"]
+__all__ = ["SQLiteProjectionStore", "encoded_tables", "swap_tables", "writes_into"]
 
 P = TypeVar("P", bound=Projection)
 
@@ -47,13 +48,12 @@ class SQLiteProjectionStore:
 
     def replace_all(self, projection_type: type[P], projections: Iterable[P]) -> int:
         """Swap the whole table for ``projections`` in one transaction (replay)."""
-        table = self._db.table(projection_type)
-        rows = [table.row(p) for p in replacing_rows(projection_type, projections)]
+        rows = encoded_tables(
+            self._db, {projection_type: replacing_rows(projection_type, projections)}
+        )
         with self._db.errors(), self._db.transaction() as conn:
-            self._db.ensure_table(conn, table)
-            conn.execute(f"DELETE FROM {quote_identifier(table.name)}")
-            conn.executemany(table.upsert_sql, rows)
-        return len(rows)
+            swap_tables(self._db, conn, rows)
+        return len(rows[0][1])
 
     def get(self, projection_type: type[P], key: str) -> P | None:
         if not readable_id(key):
@@ -89,3 +89,25 @@ def writes_into(database: Database, projection_store: ProjectionStore) -> bool:
     return isinstance(projection_store, SQLiteProjectionStore) and database.same_as(
         projection_store._db
     )
+
+
+Encoded = list[tuple[ProjectionTable, list[tuple[Any, ...]]]]
+
+
+def encoded_tables(
+    database: Database, tables: Mapping[type[Projection], Iterable[Projection]]
+) -> Encoded:
+    """Each table and its rows, every one encoded before anything is written."""
+    encoded: Encoded = []
+    for projection_type, projections in tables.items():
+        table = database.table(projection_type)
+        encoded.append((table, [table.row(projection) for projection in projections]))
+    return encoded
+
+
+def swap_tables(database: Database, conn: sqlite3.Connection, encoded: Encoded) -> None:
+    """Inside the caller's write transaction: each table emptied, then given its rows."""
+    for table, rows in encoded:
+        database.ensure_table(conn, table)
+        conn.execute(f"DELETE FROM {quote_identifier(table.name)}")
+        conn.executemany(table.upsert_sql, rows)

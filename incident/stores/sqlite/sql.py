@@ -154,6 +154,7 @@ PARKED = (
     "ORDER BY handler, position"
 )
 UNPARK = "DELETE FROM incident_parked WHERE handler = ? AND position = ?"
+UNPARK_ALL = "DELETE FROM incident_parked WHERE handler = ?"
 
 
 def date_text(when: dt.datetime) -> str:

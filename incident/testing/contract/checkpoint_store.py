@@ -11,8 +11,10 @@ import pytest
 
 from ...errors import CheckpointConflict, IncidentError
 from ...examples.bank import BankAccount
+from ...messages import Projection
 from ...stores import CheckpointStore, MemoryProjectionStore, Parked, ProjectionStore
 from .fixtures import StoreFixtures
+from .other_database import ElsewhereProjections, UnreplaceableProjections
 from .projection_store import Reading, account_row
 
 __all__ = ["CheckpointStoreContract", "parked_event"]
@@ -77,6 +79,109 @@ class CheckpointStoreContract(StoreFixtures):
         assert checkpoint_store.checkpoints() == {"h": 9, "new": 4}
         checkpoint_store.save("h", 10, expected=9)
         assert checkpoint_store.load("h") == 10
+
+    def test_a_reset_can_drop_the_handlers_dead_letters(
+        self, checkpoint_store: CheckpointStore
+    ) -> None:
+        """``reset(drop_parked=True)`` (a replay, which handled every event) empties the
+        handler's dead letters with the checkpoint; other handlers keep theirs, and a
+        plain reset drops none."""
+        for handler, position in [("h", 2), ("h", 5), ("other", 3)]:
+            checkpoint_store.park(parked_event(handler, position))
+        checkpoint_store.reset("h", 4)
+        assert [p.position for p in checkpoint_store.parked("h")] == [2, 5]
+        checkpoint_store.reset("h", 9, drop_parked=True)
+        assert (checkpoint_store.load("h"), checkpoint_store.parked("h")) == (9, [])
+        assert [p.position for p in checkpoint_store.parked("other")] == [3]
+
+    def test_a_reset_swaps_tables_with_the_checkpoint(
+        self, checkpoint_store: CheckpointStore, projection_store: ProjectionStore
+    ) -> None:
+        """``reset(tables=...)`` replaces each given table by its rows (an older version
+        than the stored one included: a replay's rows win) and sets the checkpoint;
+        tables not given keep their rows."""
+        for row in [
+            account_row("A", version=5, balance=50),
+            account_row("B", version=1, balance=1),
+        ]:
+            projection_store.project(row)
+        projection_store.project(Reading(aggregate_id="kept", count=1))
+        checkpoint_store.park(parked_event("h", 2))
+        rebuilt = account_row("A", version=2, balance=20)
+        checkpoint_store.reset(
+            "h",
+            7,
+            drop_parked=True,
+            tables={BankAccount: [rebuilt]},
+            projection_store=projection_store,
+        )
+        assert projection_store.all(BankAccount) == [rebuilt]
+        assert [r.aggregate_id for r in projection_store.all(Reading)] == ["kept"]
+        assert (checkpoint_store.load("h"), checkpoint_store.parked("h")) == (7, [])
+
+    def test_a_reset_whose_rows_cannot_be_written_changes_nothing(
+        self, checkpoint_store: CheckpointStore, projection_store: ProjectionStore
+    ) -> None:
+        """A row of any table that cannot be kept fails the reset (an IncidentError: the
+        Postgres server refuses this one, a StoreError) and, in a shared database, leaves
+        every table, the checkpoint and the dead letters as they were."""
+        old = account_row("A", version=1, balance=10)
+        projection_store.project(old)
+        checkpoint_store.save("h", 3, expected=0, parked=[parked_event("h", 2)])
+        tables: dict[type[Projection], list[Projection]] = {
+            BankAccount: [account_row("B", version=1, balance=20)],
+            Reading: [Reading(aggregate_id="bad", count=2**63)],
+        }
+        with pytest.raises(IncidentError):
+            checkpoint_store.reset(
+                "h", 9, drop_parked=True, tables=tables, projection_store=projection_store
+            )
+        if checkpoint_store.shares_database_with(projection_store):
+            assert projection_store.all(BankAccount) == [old]
+            assert projection_store.all(Reading) == []
+            assert checkpoint_store.load("h") == 3
+            assert [p.position for p in checkpoint_store.parked("h")] == [2]
+
+    def test_a_reset_moves_the_checkpoint_before_tables_in_another_database(
+        self, checkpoint_store: CheckpointStore
+    ) -> None:
+        """With the read models elsewhere, the checkpoint and the emptied dead letters
+        commit first, then each table is swapped: killed in between, the runner goes on
+        from the end of the replay with nothing to retry, never writing a replayed
+        event's older row again (``incident.stores.replacing``)."""
+        checkpoint_store.park(parked_event("h", 2))
+        rows: dict[type[Projection], list[Projection]] = {
+            BankAccount: [account_row("A", version=1, balance=10)],
+            Reading: [Reading(aggregate_id="r")],
+        }
+        elsewhere = ElsewhereProjections(checkpoint_store)
+        checkpoint_store.reset("h", 9, drop_parked=True, tables=rows, projection_store=elsewhere)
+        assert elsewhere.seen == [("BankAccount", 9, 0), ("Reading", 9, 0)]
+        assert elsewhere.all(BankAccount) == rows[BankAccount]
+        failing = ElsewhereProjections(checkpoint_store, fail=True)
+        checkpoint_store.park(parked_event("h", 4))
+        with pytest.raises(RuntimeError, match="killed"):
+            checkpoint_store.reset("h", 12, drop_parked=True, tables=rows, projection_store=failing)
+        assert (checkpoint_store.load("h"), checkpoint_store.parked("h")) == (12, [])
+        assert failing.all(BankAccount) == []
+
+    def test_a_reset_refuses_tables_it_cannot_write(
+        self, checkpoint_store: CheckpointStore
+    ) -> None:
+        """Tables without a projection store, or for one elsewhere that cannot replace
+        tables, are refused (IncidentError) before anything is written."""
+        checkpoint_store.save("h", 3, expected=0, parked=[parked_event("h", 2)])
+        rows: dict[type[Projection], list[Projection]] = {
+            BankAccount: [account_row("A", version=1, balance=1)]
+        }
+        with pytest.raises(IncidentError, match="no projection_store"):
+            checkpoint_store.reset("h", 9, drop_parked=True, tables=rows)
+        with pytest.raises(IncidentError, match="cannot replace tables"):
+            checkpoint_store.reset(
+                "h", 9, drop_parked=True, tables=rows, projection_store=UnreplaceableProjections()
+            )
+        assert checkpoint_store.load("h") == 3
+        assert [p.position for p in checkpoint_store.parked("h")] == [2]
 
     def test_initialize_is_idempotent(self, checkpoint_store: CheckpointStore) -> None:
         """The first initialize says what it made; the next has nothing to do."""
