@@ -1,5 +1,7 @@
 """The store protocols: every backend (memory, SQLite, Postgres) implements these verbs."""
 
+# Long: the whole contract of a store, each verb with what it promises, in one place: it is
+# what a backend (ours or a user's) is written and tested against.
 from __future__ import annotations
 
 import datetime as dt
