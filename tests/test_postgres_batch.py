@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from bounded_loop import run_bounded
 from conftest import Admin, kill_backends
-from test_sqlite_group_commit import account
+from sqlite_batches import account
 
 import incident
 from incident.examples import bank

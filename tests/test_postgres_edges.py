@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import linecache
-import signal
 import subprocess
 import sys
 import threading
@@ -26,8 +25,9 @@ import psycopg
 import psycopg_pool
 import pytest
 from conftest import Admin, on_backends, postgres_server
+from interrupts import signal_main_when, sigusr1_raises
 from psycopg import sql
-from test_sqlite_group_commit import account
+from sqlite_batches import account
 
 import incident
 from incident.examples import bank
@@ -681,12 +681,6 @@ def test_a_commit_interrupted_while_queued_for_a_batch_is_never_written(
     and the store's next commits go through."""
     batches = store.thread_batches
     main = threading.main_thread()
-    raised: list[int] = []
-
-    def interrupt(signum: int, frame: Any) -> None:
-        if not raised:  # once: a signal sent again below finds it raised already
-            raised.append(signum)
-            raise Interrupted
 
     def waiting_for_its_turn() -> bool:
         """The main thread is in commit(), on the line that waits for the queue."""
@@ -697,28 +691,14 @@ def test_a_commit_interrupted_while_queued_for_a_batch_is_never_written(
             frame.f_code.co_filename, frame.f_lineno
         )
 
-    def signal_once_queued() -> None:
-        deadline = time.monotonic() + WAIT
-        while not waiting_for_its_turn() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        # a signal that lands just before the wait starts does not end it: send again
-        # until the commit has left the queue
-        while batches.queue and time.monotonic() < deadline:
-            signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
-            time.sleep(0.05)
-
-    assert threading.current_thread() is threading.main_thread()  # signals go there
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
+    with sigusr1_raises(Interrupted):
         with batches.mutex:
             batches.in_flight = batches.depth  # as if two commits were in flight
-        sender = threading.Thread(target=signal_once_queued)
-        sender.start()
+        # signalled once it waits for its turn, and again until it has left the queue
+        sender = signal_main_when(waiting_for_its_turn, again_while=lambda: bool(batches.queue))
         with pytest.raises(Interrupted):
             store.append("gone", [MoneyDeposited(amount=1)], expected_version=0)
         sender.join(WAIT)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
     with batches.mutex:
         assert not batches.queue
         batches.in_flight = 0  # the two imagined commits are over

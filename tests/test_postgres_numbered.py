@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_sqlite_group_commit import account as account_row
+from sqlite_batches import account as account_row
 
 import incident
 from incident.examples import bank

@@ -3,7 +3,7 @@ rows of a batch's appends go in with a statement per table, and each append stil
 its own key, version check and all-or-nothing outcome; when a bulk write fails the batch
 is written again one append at a time, so only the append whose rows fail fails.
 
-Batches are forced as in test_sqlite_group_commit (a first append held inside its
+Batches are forced by sqlite_batches.Batch (a first append held inside its
 ``project`` while the others queue, so they join its transaction); the connections
 record the INSERTs into the events table, so these tests fail if the bulk path silently
 stops being taken. Nothing here is timed.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sqlite_group_commit import Batch, account, deposit, in_threads, log, ready, recording
+from sqlite_batches import Batch, account, deposit, in_threads, log, ready, recording
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited

@@ -4,129 +4,50 @@ queued, a connection that cannot be opened or rolled back, the write lock's poll
 the handler locks. Each test checks the callers' outcomes and that the file holds
 exactly what they were told was written (incident.stores.sqlite, docs/writes.md).
 
-A failure is injected by a connection (``FaultyConnection``) that runs the rules armed in
-``FAULTS``: raise at a statement, before or after running it, or roll the whole
-transaction back first as SQLite does on a full disk. Batches are forced by holding a
-first append inside its ``project`` until the others wait behind it; nothing is timed.
+A failure is injected by a connection (``FaultyConnection``, in sqlite_batches) that runs
+the rules armed in ``faults``: raise at a statement, before or after running it, or roll
+the whole transaction back first as SQLite does on a full disk. Batches are forced by
+holding a first append inside its ``project`` until the others wait behind it; nothing
+is timed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import signal
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from interrupts import Interrupted, signal_main, signal_main_when, sigusr1_raises, wait_until
+from sqlite_batches import (
+    Batch,
+    Faults,
+    Result,
+    Rule,
+    account,
+    deposit,
+    deposits_for,
+    exactly,
+    faulty_connections,
+    ready,
+    writing,
+)
 
 import incident
 from incident.examples.bank import BankAccount, MoneyDeposited
-from incident.stores.protocols import AppendRequest, CommitCall, Committed, Outcome, Owed
+from incident.stores.protocols import CommitCall, Committed, Outcome, Owed
 from incident.stores.sqlite import SQLiteEventStore, open_sqlite
 from incident.stores.sqlite.checkpoints import lock_path
 from incident.stores.sqlite.sql import EVENT_ID_AT
-
-# -- a connection that fails where it is told to -------------------------------------------
-
-
-class Rule:
-    """Raise ``error`` at the next ``times`` statements ``matches`` accepts (on the thread
-    named ``thread``, when given): after running the statement (``after``), or having
-    rolled the transaction back first (``rollback``: a full disk)."""
-
-    def __init__(
-        self,
-        matches: Callable[[str], bool],
-        error: BaseException,
-        *,
-        times: int = 1,
-        after: bool = False,
-        rollback: bool = False,
-        thread: str | None = None,
-    ) -> None:
-        self.matches, self.error, self.times = matches, error, times
-        self.after, self.rollback, self.thread = after, rollback, thread
-        self.hits = 0
-
-
-class Faults:
-    def __init__(self) -> None:
-        self.rules: list[Rule] = []
-        self.statements: list[str] = []  # every statement run, in order
-        self.connections: list[sqlite3.Connection] = []
-        self.lock = threading.Lock()
-
-    def arm(self, rule: Rule) -> Rule:
-        with self.lock:
-            self.rules.append(rule)
-        return rule
-
-    def rule_for(self, sql: str) -> Rule | None:
-        with self.lock:
-            self.statements.append(sql)
-            for rule in self.rules:
-                ours = rule.thread is None or rule.thread == threading.current_thread().name
-                if rule.times and ours and rule.matches(sql):
-                    rule.times -= 1
-                    rule.hits += 1
-                    return rule
-        return None
-
-
-FAULTS = Faults()
-
-
-class FaultyConnection(sqlite3.Connection):
-    def _run(self, sql: str, run: Callable[[], sqlite3.Cursor]) -> sqlite3.Cursor:
-        rule = FAULTS.rule_for(sql)
-        if rule is None:
-            return run()
-        if rule.rollback and self.in_transaction:
-            super().execute("ROLLBACK")
-        if rule.after:
-            run()
-        raise rule.error
-
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        return self._run(sql, lambda: super(FaultyConnection, self).execute(sql, parameters))
-
-    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        return self._run(sql, lambda: super(FaultyConnection, self).executemany(sql, parameters))
 
 
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
     """Every connection the stores open from here on is a FaultyConnection."""
-    original = sqlite3.connect
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = original(*args, **kwargs, factory=FaultyConnection)
-        FAULTS.connections.append(conn)
-        return conn
-
-    monkeypatch.setattr(sqlite3, "connect", connect)
-    FAULTS.__init__()  # type: ignore[misc]
-    yield FAULTS
-    FAULTS.__init__()  # type: ignore[misc]
-
-
-def exactly(statement: str) -> Callable[[str], bool]:
-    return lambda sql: sql == statement
-
-
-def writing(table: str) -> Callable[[str], bool]:
-    return lambda sql: f'INSERT INTO "{table}"' in sql
-
-
-class Interrupted(BaseException):
-    """What Ctrl-C would raise, without being KeyboardInterrupt."""
-
-
-# -- stores, appends and batches ---------------------------------------------------------
+    yield from faulty_connections(monkeypatch)
 
 
 @pytest.fixture
@@ -134,34 +55,7 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'edges.db'}"
 
 
-def deposit(aggregate_id: str, events: int = 1, expected: object = 0) -> AppendRequest:
-    return AppendRequest(
-        aggregate_id=aggregate_id,
-        events=[MoneyDeposited(amount=1) for _ in range(events)],
-        expected_version=expected,
-        aggregate="bank_account",
-    )
-
-
-def account(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
-    last = recorded[-1]
-    return [
-        BankAccount(
-            aggregate_id=last.aggregate_id,
-            account_number=last.aggregate_id,
-            balance=last.version,
-            version=last.version,
-            event_id=last.event_id,
-            event_date=last.event_date,
-        )
-    ]
-
-
-def ready(url: str, **options: Any) -> SQLiteEventStore:
-    """A store whose tables (the BankAccount table too) exist already."""
-    store = open_sqlite(url, **options)
-    store.commit(deposit("setup"), projection_store=store.projections(), project=account)
-    return store
+# -- the log, and errors one each ------------------------------------------------------------
 
 
 def log_of(url: str) -> list[str]:
@@ -173,64 +67,6 @@ def log_of(url: str) -> list[str]:
         return [r.aggregate_id for r in events]
     finally:
         store.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
-
-
-Result = Committed | BaseException
-
-
-class Batch:
-    """A leader held inside its ``project`` (on a thread named "leader", its append of
-    ``events`` events) until :meth:`queue` has the other appends waiting behind it."""
-
-    def __init__(self, store: SQLiteEventStore, events: int = 1) -> None:
-        self.store = store
-        self.outcomes: dict[str, Result] = {}
-        self.threads: list[threading.Thread] = []
-        entered, self.release = threading.Event(), threading.Event()
-
-        def hold(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
-            entered.set()
-            assert self.release.wait(10)
-            return account(recorded)
-
-        self._start("leader", deposit("leader", events), hold)
-        assert entered.wait(10)
-
-    def _start(self, name: str, request: AppendRequest, project: Any) -> None:
-        def run() -> None:
-            try:
-                self.outcomes[name] = self.store.commit(
-                    request, projection_store=self.store.projections(), project=project
-                )
-            except BaseException as error:
-                self.outcomes[name] = error
-
-        thread = threading.Thread(target=run, name=name, daemon=True)  # none outlives a stall
-        self.threads.append(thread)
-        thread.start()
-
-    def enqueue(self, appends: dict[str, Any]) -> None:
-        for queued, (name, project) in enumerate(appends.items(), 1):
-            self._start(name, deposit(name), project)
-            wait_until(lambda q=queued: self.store.group.queued == q)
-
-    def finish(self) -> dict[str, Result]:
-        self.release.set()
-        for thread in self.threads:
-            thread.join(10)
-            assert not thread.is_alive()
-        return self.outcomes
-
-    def queue(self, appends: dict[str, Any]) -> dict[str, Result]:
-        self.enqueue(appends)
-        return self.finish()
 
 
 def store_errors(outcomes: dict[str, Result], *names: str) -> list[BaseException]:
@@ -257,7 +93,7 @@ def test_a_bulk_write_that_loses_the_transaction_fails_every_caller(
         faults.arm(Rule(writing("bank_account"), error, rollback=True))
         return account(recorded)
 
-    outcomes = Batch(store).queue({"a": full_disk_next, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=full_disk_next, b=account))
     for error in store_errors(outcomes, "leader", "a", "b"):
         assert "disk is full" in str(error)
     assert log_of(url) == ["setup"]
@@ -277,7 +113,7 @@ def test_a_savepoint_that_cannot_be_undone_fails_the_whole_batch(url: str, fault
         faults.arm(Rule(exactly("ROLLBACK TO incident_append"), sqlite3.OperationalError("stuck")))
         return account(recorded)
 
-    outcomes = Batch(store).queue({"a": failing_next, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=failing_next, b=account))
     store_errors(outcomes, "leader", "a", "b")
     assert log_of(url) == ["setup"]
     store.commit(deposit("after"), projection_store=store.projections(), project=account)
@@ -324,7 +160,7 @@ def test_a_leader_interrupted_before_commit_hands_its_batch_on(url: str, faults:
     line, and the next leader writes them, once each."""
     store = ready(url)
     faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
-    outcomes = Batch(store).queue({"a": account, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=account, b=account))
     assert isinstance(outcomes["leader"], Interrupted)
     assert isinstance(outcomes["a"], Committed) and isinstance(outcomes["b"], Committed)
     assert log_of(url) == ["setup", "a", "b"]
@@ -339,7 +175,7 @@ def test_a_leader_interrupted_after_commit_wakes_its_batch_with_results(
     to know it, so the others get their results and nothing is written twice."""
     store = ready(url)
     faults.arm(Rule(exactly("COMMIT"), Interrupted(), after=True, thread="leader"))
-    outcomes = Batch(store).queue({"a": account, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=account, b=account))
     assert isinstance(outcomes["leader"], Interrupted)
     assert isinstance(outcomes["a"], Committed) and isinstance(outcomes["b"], Committed)
     assert log_of(url) == ["setup", "leader", "a", "b"]
@@ -354,7 +190,7 @@ def test_a_batch_whose_fate_cannot_be_read_is_not_written_again(url: str, faults
     store = ready(url)
     faults.arm(Rule(exactly("COMMIT"), Interrupted(), after=True, thread="leader"))
     faults.arm(Rule(exactly(EVENT_ID_AT), sqlite3.OperationalError("disk I/O error (simulated)")))
-    outcomes = Batch(store).queue({"a": account, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=account, b=account))
     assert isinstance(outcomes["leader"], Interrupted)
     store_errors(outcomes, "a", "b")
     assert log_of(url) == ["setup", "leader", "a", "b"]  # each once
@@ -364,28 +200,15 @@ def test_commit_many_interrupted_while_it_waits_writes_nothing(url: str, faults:
     """A caller handing over several appends is interrupted while they wait behind a busy
     leader: none of them is written, and the queue is left empty."""
     store = ready(url)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
+    with sigusr1_raises(Interrupted):
         batch = Batch(store)
-        killer = threading.Thread(
-            target=lambda: (
-                wait_until(lambda: store.group.queued == 2),
-                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1),
-            )
-        )
-        killer.start()
+        killer = signal_main_when(lambda: store.group.queued == 2)
         calls = [CommitCall(deposit(n), store.projections(), account) for n in ("m1", "m2")]
         with pytest.raises(Interrupted):
             store.commit_many(calls)
         killer.join()
         assert store.group.queued == 0
         outcomes = batch.finish()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
     assert isinstance(outcomes["leader"], Committed)
     assert log_of(url) == ["setup", "leader"]
     store.commit(deposit("next"), projection_store=store.projections(), project=account)
@@ -403,7 +226,7 @@ def test_commits_queued_when_the_store_closes_fail_each_with_its_own_error(url: 
     store = ready(url)
     store.group.max_events = 3  # the leader's 3 events fill its batch: it takes no other
     batch = Batch(store, events=3)
-    batch.enqueue({"a": account, "b": account})
+    batch.enqueue(deposits_for(a=account, b=account))
     store.close()
     outcomes = batch.finish()
     assert isinstance(outcomes["leader"], Committed)
@@ -677,7 +500,7 @@ def test_an_interruption_raised_by_a_followers_project_goes_to_the_leader(
     def interrupts(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         raise Interrupted
 
-    outcomes = Batch(store).queue({"a": interrupts, "b": account})
+    outcomes = Batch(store).queue(deposits_for(a=interrupts, b=account))
     assert isinstance(outcomes["leader"], Interrupted)
     assert isinstance(outcomes["a"], Interrupted)
     assert isinstance(outcomes["b"], Committed)
@@ -788,25 +611,20 @@ def test_a_follower_gone_before_its_batch_aborts_is_not_handed_the_lead(
     would never take it, and every append behind it would wait for ever."""
     store = ready(url)
     abandoned = threading.Event()
-    main = threading.main_thread()
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
 
     def leaves(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
         # the main thread's project, run by the leader: its caller is interrupted now
-        signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+        signal_main()
         assert abandoned.wait(10)
         return account(recorded)
 
     faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
+    with sigusr1_raises(Interrupted):
         batch = Batch(store)
 
         def behind_main() -> None:
             wait_until(lambda: store.group.queued == 1)  # the main thread waits
-            batch._start("behind", deposit("behind"), account)
+            batch.start("behind", deposit("behind"), account)
             wait_until(lambda: store.group.queued == 2)
             batch.release.set()
 
@@ -817,8 +635,6 @@ def test_a_follower_gone_before_its_batch_aborts_is_not_handed_the_lead(
         abandoned.set()
         helper.join(10)
         outcomes = batch.finish()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
     assert isinstance(outcomes["leader"], Interrupted)
     assert isinstance(outcomes["behind"], Committed)
     assert log_of(url) == ["setup", "behind"]
@@ -836,7 +652,7 @@ def test_a_leader_interrupted_after_the_store_closed_still_wakes_its_batch(
     store = ready(url)
     faults.arm(Rule(exactly("COMMIT"), Interrupted(), thread="leader"))
     batch = Batch(store)
-    batch.enqueue({"a": account, "b": account})
+    batch.enqueue(deposits_for(a=account, b=account))
     store.close()
     outcomes = batch.finish()
     assert isinstance(outcomes["leader"], Interrupted)

@@ -1,25 +1,36 @@
 """Group commit on SQLite: concurrent appends share one transaction and one fsync, and
 each keeps its own outcome (incident.stores.sqlite.group_commit, docs/writes.md).
 
-A batch is forced by holding a first append inside its ``project`` while the others
-queue behind it, so that its writer takes them into its transaction; the connections
-count their COMMITs, so these tests fail if grouping silently stops happening. Nothing
-here is timed.
+A batch is forced (sqlite_batches.Batch) by holding a first append inside its
+``project`` while the others queue behind it, so that its writer takes them into its
+transaction; the connections count their COMMITs, so these tests fail if grouping
+silently stops happening. Nothing here is timed.
 """
 
 from __future__ import annotations
 
 import random
-import signal
 import sqlite3
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from interrupts import Interrupted, signal_main_when, sigusr1_raises, wait_until
+from sqlite_batches import (
+    Batch,
+    Faults,
+    Rule,
+    account,
+    deposit,
+    exactly,
+    faulty_connections,
+    in_threads,
+    log,
+    ready,
+)
 
 import incident
 from incident.examples import bank
@@ -27,186 +38,17 @@ from incident.examples.bank import BankAccount, DepositMoney, MoneyDeposited, Wi
 from incident.stores.protocols import AppendRequest, CommitCall, Committed
 from incident.stores.sqlite import SQLiteEventStore, open_sqlite
 
-# -- a connection that counts its COMMITs and can be made to fail ----------------------
-
-
-class Faults:
-    """What the counting connections do: record every COMMIT (by thread), fail the
-    COMMITs numbered in ``fail_commits``, and on writing into table ``full_table`` act as
-    SQLite does on a full disk (roll the whole transaction back and raise)."""
-
-    def __init__(self) -> None:
-        self.commits: list[str] = []
-        self.fail_commits: set[int] = set()
-        self.full_table: str | None = None
-        self.lock = threading.Lock()
-
-
-FAULTS = Faults()
-
-
-class CountingConnection(sqlite3.Connection):
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        if sql == "COMMIT":
-            with FAULTS.lock:
-                FAULTS.commits.append(threading.current_thread().name)
-                number = len(FAULTS.commits)
-            if number in FAULTS.fail_commits:
-                raise sqlite3.OperationalError("disk I/O error (simulated)")
-        elif FAULTS.full_table is not None and f'"{FAULTS.full_table}"' in sql:
-            super().execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full (simulated)")
-        return super().execute(sql, parameters)
-
-
-def connect_with(monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection]) -> None:
-    """Every connection the stores open from here on is a ``factory``."""
-    original = sqlite3.connect
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        return original(*args, **kwargs, factory=factory)
-
-    monkeypatch.setattr(sqlite3, "connect", connect)
-
-
-S = TypeVar("S")
-
-
-def recording(
-    monkeypatch: pytest.MonkeyPatch, factory: type[sqlite3.Connection], state: S
-) -> Iterator[S]:
-    """A fixture's body: connections made by ``factory``, writing into ``state``, which
-    starts afresh and is reset at the end."""
-    connect_with(monkeypatch, factory)
-    state.__init__()  # type: ignore[misc]
-    yield state
-    state.__init__()  # type: ignore[misc]
-
 
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
-    """Every connection the stores open from here on is a CountingConnection."""
-    yield from recording(monkeypatch, CountingConnection, FAULTS)
+    """Every connection the stores open from here on is a FaultyConnection, which
+    records the thread of each COMMIT, so that a test sees how many were shared."""
+    yield from faulty_connections(monkeypatch)
 
 
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'group.db'}"
-
-
-def deposit(aggregate_id: str, expected: object = 0, key: str | None = None) -> AppendRequest:
-    return AppendRequest(
-        aggregate_id=aggregate_id,
-        events=[MoneyDeposited(amount=1)],
-        expected_version=expected,
-        aggregate="bank_account",
-        idempotency_key=key,
-    )
-
-
-def account(recorded: Sequence[incident.Recorded[Any]]) -> list[incident.Projection]:
-    last = recorded[-1]
-    return [
-        BankAccount(
-            aggregate_id=last.aggregate_id,
-            account_number=last.aggregate_id,
-            balance=last.version,
-            version=last.version,
-            event_id=last.event_id,
-            event_date=last.event_date,
-        )
-    ]
-
-
-Outcome = Committed | BaseException
-
-
-class Batch:
-    """Holds a first append (the leader) inside its ``project`` until the appends given
-    to :meth:`queue` wait behind it, then lets it go: its writer takes them, in queue
-    order, into the same transaction, after its own append and before its COMMIT."""
-
-    def __init__(self, store: SQLiteEventStore) -> None:
-        self.store = store
-        self.outcomes: dict[str, Outcome] = {}
-        self.threads: list[threading.Thread] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-        def hold(recorded: list[incident.Recorded[Any]]) -> list[incident.Projection]:
-            self.entered.set()
-            assert self.release.wait(10)
-            return account(recorded)
-
-        self._start("leader", deposit("leader"), hold)
-        assert self.entered.wait(10)
-
-    def _start(self, name: str, request: AppendRequest, project: Any) -> None:
-        def run() -> None:
-            try:
-                self.outcomes[name] = self.store.commit(
-                    request, projection_store=self.store.projections(), project=project
-                )
-            except BaseException as error:
-                self.outcomes[name] = error
-
-        thread = threading.Thread(target=run, name=name)
-        self.threads.append(thread)
-        thread.start()
-
-    def queue(self, appends: dict[str, tuple[AppendRequest, Any]]) -> dict[str, Outcome]:
-        for queued, (name, (request, project)) in enumerate(appends.items(), 1):
-            self._start(name, request, project)
-            wait_until(lambda q=queued: self.store.group.queued == q)
-        self.release.set()
-        for thread in self.threads:
-            thread.join(10)
-            assert not thread.is_alive()
-        return self.outcomes
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
-
-
-def in_threads(
-    work: Callable[[int], None], count: int, store: SQLiteEventStore
-) -> list[incident.Recorded[Any]]:
-    """``work(0)`` ... ``work(count - 1)``, each on a thread of its own, to their end;
-    raises the first error one of them raised, else returns the log, checked gapless."""
-    failures: list[BaseException] = []
-
-    def run(worker: int) -> None:
-        try:
-            work(worker)
-        except BaseException as error:
-            failures.append(error)
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-        assert not thread.is_alive()
-    if failures:
-        raise failures[0]
-    events = list(store.read_all())
-    assert [r.position for r in events] == list(range(1, len(events) + 1))
-    return events
-
-
-def log(store: SQLiteEventStore) -> list[tuple[int, str]]:
-    return [(r.position, r.aggregate_id) for r in store.read_all()]
-
-
-def ready(url: str) -> SQLiteEventStore:
-    """A store whose tables (and the BankAccount table) exist already."""
-    store = open_sqlite(url)
-    store.commit(deposit("setup"), projection_store=store.projections(), project=account)
-    return store
 
 
 # -- one batch, several outcomes ---------------------------------------------------------
@@ -288,7 +130,8 @@ def test_a_failing_commit_fails_every_caller_of_the_batch(url: str, faults: Faul
     positions."""
     store = ready(url)
     faults.commits.clear()
-    faults.fail_commits = {1}  # the batch's, the leader's append in it
+    # the batch's COMMIT, the leader's append in it
+    faults.arm(Rule(exactly("COMMIT"), sqlite3.OperationalError("disk I/O error (simulated)")))
     outcomes = Batch(store).queue({name: (deposit(name), account) for name in ("a", "b", "c")})
     assert faults.commits == ["leader"]
     errors = [outcomes[name] for name in ("leader", "a", "b", "c")]
@@ -309,7 +152,14 @@ def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults:
         aggregate_id: str
 
     store = ready(url)
-    faults.full_table = "doomed"
+    full_disk = faults.arm(
+        Rule(
+            lambda sql: '"doomed"' in sql,
+            sqlite3.OperationalError("database or disk is full (simulated)"),
+            times=10**9,
+            rollback=True,
+        )
+    )
     outcomes = Batch(store).queue(
         {
             "before": (deposit("before"), account),
@@ -317,7 +167,7 @@ def test_a_transaction_sqlite_rolls_back_fails_the_whole_batch(url: str, faults:
             "after": (deposit("after"), account),
         }
     )
-    faults.full_table = None
+    full_disk.times = 0
     for name in ("leader", "before", "full", "after"):
         assert isinstance(outcomes[name], incident.StoreError), name
         assert "disk is full" in str(outcomes[name])
@@ -350,35 +200,18 @@ def test_an_in_memory_database_commits_alone() -> None:
 # -- a follower interrupted while it waits -----------------------------------------------
 
 
-class Interrupted(BaseException):
-    pass
-
-
 def test_an_interrupted_follower_writes_nothing_and_the_queue_goes_on(url: str) -> None:
     """A follower interrupted (here by a signal, as Ctrl-C would) before a leader took its
     append leaves the queue: nothing of it is written, the lead passes on, and the
     appends queued behind it commit."""
     store = ready(url)
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
+    with sigusr1_raises(Interrupted):
         batch = Batch(store)
-        killer = threading.Thread(
-            target=lambda: (
-                wait_until(lambda: store.group.queued == 1),
-                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1),
-            )
-        )
-        killer.start()
+        killer = signal_main_when(lambda: store.group.queued == 1)
         with pytest.raises(Interrupted):
             store.commit(deposit("main"), projection_store=store.projections(), project=account)
         killer.join()
         outcomes = batch.queue({"behind": (deposit("behind"), account)})
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
     assert isinstance(outcomes["leader"], Committed)
     assert isinstance(outcomes["behind"], Committed)
     assert log(store) == [(1, "setup"), (2, "leader"), (3, "behind")]
