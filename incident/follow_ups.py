@@ -28,6 +28,7 @@ from .errors import FollowUpFailed, IncidentError, Rejected, StoreError
 from .event_handler import Attempt, EventHandler, Output, flatten, keyed_steps
 from .messages import Command, Projection, Recorded
 from .plans import Blocking, Dispatch, Plan
+from .storable import error_text
 from .stores import EventStore, Owed
 from .stores._common import closing_iterator
 
@@ -72,7 +73,7 @@ class FollowUps:
             except Exception as error:
                 failed = yield from self._failed(owed, error)
                 still = [failed, *(o for o, _, _ in follow_ups[index + 1 :])]
-                raise FollowUpFailed(recorded, still, _problem(error)) from error
+                raise FollowUpFailed(recorded, still, error_text(error)) from error
             yield Blocking(partial(self._event_store.settle, owed.handler, owed.position))
 
     def complete_owed(self) -> Plan[list[Owed]]:
@@ -105,7 +106,7 @@ class FollowUps:
                     yield from self._complete(handler, owed)
                 except Exception as error:
                     failed = [(yield from self._failed(owed, error))]
-                    raise FollowUpFailed(recorded, failed, _problem(error)) from error
+                    raise FollowUpFailed(recorded, failed, error_text(error)) from error
 
     def _complete(self, handler: EventHandler, owed: Owed) -> Plan[None]:
         """Run ``handler``'s listeners on the cause again (they are pure: same event, same
@@ -127,7 +128,7 @@ class FollowUps:
         return cause, aggregate.evolve(before, cause)
 
     def _failed(self, owed: Owed, error: BaseException) -> Plan[Owed]:
-        failed = msgspec.structs.replace(owed, error=_problem(error), attempts=owed.attempts + 1)
+        failed = msgspec.structs.replace(owed, error=error_text(error), attempts=owed.attempts + 1)
         try:
             yield Blocking(partial(self._event_store.owe, failed))
         except StoreError:  # the root's transaction keeps it owed all the same
@@ -237,7 +238,3 @@ def owed_by(handler: str, cause: Recorded[Any]) -> Owed:
 
 def _branch(key: str | None, step: str) -> str | None:
     return None if key is None else f"{key}/{step}"
-
-
-def _problem(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"

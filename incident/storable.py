@@ -26,6 +26,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "check_id",
+    "error_text",
     "keepable_id",
     "event_json",
     "metadata_json",
@@ -274,3 +275,19 @@ def check_id(value: object, what: str = "aggregate_id") -> str:
     if (rule := _str_problem(value)) is not None:
         raise Unstorable(what, None, f"{shown(value)} {rule}")
     return value
+
+
+def error_text(error: BaseException) -> str:
+    r"""What a store keeps of an error (a parked event's, owed work's): its type and
+    message, with what no store keeps written as escapes (a NUL as ``\x00``, a lone
+    surrogate as ``\udcff``), so that recording a failure cannot fail too.
+
+    >>> print(error_text(ValueError("bad\x00byte")))
+    ValueError: bad\x00byte
+    """
+    try:
+        message = str(error)
+    except Exception:  # a broken __str__ must not hide the failure it describes
+        message = f"<{type(error).__name__} whose message cannot be read>"
+    text = f"{type(error).__name__}: {message}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

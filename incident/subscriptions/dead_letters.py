@@ -32,6 +32,7 @@ from ..errors import CorruptEvent, IncidentError, StoreError
 from ..fp import groupby
 from ..ids import utc_now
 from ..messages import Projection, Recorded
+from ..storable import error_text
 from ..stores import CheckpointStore, EventStore, Parked, ProjectionStore
 from ..stores._common import closing_iterator
 
@@ -40,7 +41,6 @@ __all__ = [
     "OnFailure",
     "SubscriptionFailed",
     "by_stream",
-    "failure",
     "parked_entry",
     "read_batch",
 ]
@@ -169,7 +169,7 @@ class DeadLetters:
                         recorded.event_type,
                         attempts,
                         retries + 1,
-                        error,
+                        error_text(error),  # a log line any handler can write
                     )
                     time.sleep(backoff * 2 ** (attempts - 1))
                     continue
@@ -194,7 +194,7 @@ class DeadLetters:
             event_id="",  # the row could not be read: its id is not known
             aggregate_id=damage.aggregate_id,
             event_type=damage.event_type or "",
-            error=failure(damage),
+            error=error_text(damage),
             attempts=1,
             parked_at=utc_now(),
         )
@@ -212,10 +212,10 @@ class DeadLetters:
             self.name,
             recorded.position,
             attempts,
-            error,
+            text := error_text(error),
             recorded.aggregate_id,
         )
-        parked = parked_entry(self.name, recorded, failure(error), attempts)
+        parked = parked_entry(self.name, recorded, text, attempts)
         self._unsaved.append(parked)
         # the stream's later events wait behind it: retried in order, they write the
         # read model in log order, never an older row over a newer one
@@ -287,7 +287,10 @@ class DeadLetters:
                 raise  # the database, not this event: it stays as it was
             except Exception as error:  # a listener's, or a row that cannot be read
                 failed = msgspec.structs.replace(
-                    parked, error=failure(error), attempts=parked.attempts + 1, parked_at=utc_now()
+                    parked,
+                    error=error_text(error),
+                    attempts=parked.attempts + 1,
+                    parked_at=utc_now(),
                 )
                 self.checkpoints.park(failed)
                 return succeeded, [failed, *self._hold_again(stream[index + 1 :], failed)]
@@ -362,10 +365,6 @@ def parked_entry(handler: str, recorded: Recorded[Any], error: str, attempts: in
         attempts=attempts,
         parked_at=utc_now(),
     )
-
-
-def failure(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _held_behind(head: Parked) -> str:
