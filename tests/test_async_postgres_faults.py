@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 import pytest
 from conftest import Admin
@@ -419,5 +420,79 @@ def test_an_append_whose_session_dies_is_stored_once_or_said_not_stored(
                 await store.append("acc", events, expected_version=0)
             again = await store.append("acc", events, expected_version=2)
             assert [r.position for r in again] == [3, 4]
+
+    run(main)
+
+
+# -- under an idempotency key ----------------------------------------------------------
+
+
+def keyed(aggregate_id: str, key: str) -> AppendRequest:
+    return msgspec.structs.replace(deposit(aggregate_id), idempotency_key=key)
+
+
+@pytest.mark.parametrize("when", ["before commit", "after commit"])
+def test_a_keyed_commit_whose_session_dies_is_stored_once_under_its_key(
+    postgres_url: str, postgres_admin: Admin, when: str
+) -> None:
+    """A lone commit under an idempotency key whose session dies before its COMMIT
+    (sent again, on the sync path) or after it (found by its ids): Committed, stored
+    once, and the key answers a retry with the events stored (DuplicateCommand), in a
+    batch with an unkeyed commit that keeps its own outcome."""
+
+    async def main() -> None:
+        async with open_store(postgres_url) as store:
+            await warm(store, "numbered")
+            if when == "before commit":
+                kill_at(postgres_admin, store.postgres.database.schema, ["acc"], 1)
+            else:
+                die_after_commit(store)
+            committed = await store.commit(keyed("acc", "k1"))
+            outcome = await store.outcome_for("k1")
+            assert outcome is not None
+            retry, other = await outcomes_of(store, [keyed("acc", "k1"), deposit("other")])
+            assert isinstance(retry, incident.DuplicateCommand), retry
+            assert [r.event_id for r in retry.recorded] == ids(committed)
+            rows = await log(store)
+            assert streams(rows) == ["acc", "acc", "other", "other"]
+            assert [e for _, _, _, e in rows] == ids(committed) + ids(other)
+
+    run(main)
+
+
+def test_a_keyed_retry_at_its_first_expected_version_is_duplicate_command(
+    store_url: str,
+) -> None:
+    """A command retried as it was sent (same key, same expected version, the stream
+    since moved by it) is DuplicateCommand carrying what the key stored, on every store:
+    the key is looked at before the version, so the caller learns it was stored, not
+    that it conflicted (Postgres's server-side appends check the version first)."""
+    with closing(incident.open_event_store(store_url)) as store:
+        store.types.register(*bank.bank_account.event_types)
+        first = store.commit(keyed("acc", "k1"))
+        for _ in range(2):
+            with pytest.raises(incident.DuplicateCommand) as caught:
+                store.commit(keyed("acc", "k1"))
+            assert caught.value.recorded == first.recorded
+        with pytest.raises(incident.ConcurrencyError):  # another key: a conflict
+            store.commit(keyed("acc", "k2"))
+        assert [r.event_id for r in store.read_all()] == ids(first)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_async_keyed_retry_at_its_first_expected_version_is_duplicate_command(
+    postgres_url: str, path: str
+) -> None:
+    """The same on the async store's lone append, numbered or predicted."""
+
+    async def main() -> None:
+        async with open_store(postgres_url) as store:
+            await warm(store, path)
+            known = await log(store)
+            first = await store.commit(keyed("acc", "k1"))
+            with pytest.raises(incident.DuplicateCommand) as caught:
+                await store.commit(keyed("acc", "k1"))
+            assert caught.value.recorded == first.recorded
+            assert [e for _, _, _, e in await log(store)] == [e for *_, e in known] + ids(first)
 
     run(main)
