@@ -40,11 +40,20 @@ class AppendJob:
 def raise_if_moved(job: AppendJob, error: psycopg.Error) -> None:
     """The server found the stream at another version than the append expected (the
     numbered and predicted appends check it in the server): the append's
-    ConcurrencyError, nothing written."""
-    if error.sqlstate == STREAM_MOVED:
+    ConcurrencyError, nothing written; unless its key is to be looked at first
+    (``key_first``)."""
+    if error.sqlstate == STREAM_MOVED and not key_first(job, error):
         actual = int(error.diag.message_detail or 0)
         version = job.request.expected_version
         raise ConcurrencyError(job.request.aggregate_id, version, actual) from None
+
+
+def key_first(job: AppendJob, error: psycopg.Error) -> bool:
+    """Whether a refusal sends the append the locked way, which reads its key before
+    its stream's version: the server checks the version first, but a used key is the
+    append's DuplicateCommand on every store whatever version it expected (a command
+    retried as it was first sent)."""
+    return error.sqlstate == STREAM_MOVED and job.request.idempotency_key is not None
 
 
 class InFlight:

@@ -23,7 +23,7 @@ from ...messages import Recorded
 from .._common import effects_of, owed_row, stamp
 from ..protocols import Effects
 from ..unnumbered import Placeholders, Unnumbered
-from .append_job import AppendJob, Committing, Written, raise_if_moved
+from .append_job import AppendJob, Committing, Written, key_first, raise_if_moved
 from .database import Database
 from .durability import FLUSH_IF_WAITED
 from .migrations import KEY_USED
@@ -100,12 +100,13 @@ class NumberedAppends:
     def declined(self, job: AppendJob, error: psycopg.Error) -> bool:
         """Whether the server's refusal of the message means "not this way" (the key was
         used, or the schema predates append_numbered): the append goes another way. A
-        moved stream is the append's ConcurrencyError (nothing was written)."""
+        moved stream is the append's ConcurrencyError (nothing was written), unless
+        its key is to be read first (``key_first``)."""
         if isinstance(error, psycopg.errors.UndefinedFunction):
             self.available = False  # a schema from before 0006, not migrated here
             return True
         raise_if_moved(job, error)
-        return error.sqlstate == KEY_USED
+        return error.sqlstate == KEY_USED or key_first(job, error)
 
     def committed(self, job: AppendJob, results: list[list[tuple[Any, ...]] | None]) -> Committing:
         """What the message wrote, once committed: the envelopes renumbered from the base

@@ -8,7 +8,7 @@ from __future__ import annotations
 import psycopg
 
 from .._common import effects_of, owed_row, stamp
-from .append_job import AppendJob, Written, raise_if_moved
+from .append_job import AppendJob, Written, key_first, raise_if_moved
 from .database import Database
 from .durability import ASYNC_COMMIT
 from .migrations import KEY_USED, LOG_MOVED
@@ -101,7 +101,8 @@ class PredictedAppends:
     def declined(self, job: AppendJob, error: psycopg.Error) -> bool:
         """Whether the server's refusal means "not this way", nothing written: another
         writer appended since the guess (the guess is dropped), the key was used, or the
-        schema predates begin_append. A moved stream is the append's ConcurrencyError."""
+        schema predates begin_append. A moved stream is the append's ConcurrencyError,
+        unless its key is to be read first (``key_first``)."""
         if isinstance(error, psycopg.errors.UndefinedFunction):
             self._predictor.unavailable()  # a schema from before 0003, not migrated here
             return True
@@ -109,4 +110,4 @@ class PredictedAppends:
         if error.sqlstate == LOG_MOVED:
             self._predictor.missed()
             return True
-        return error.sqlstate == KEY_USED
+        return error.sqlstate == KEY_USED or key_first(job, error)
