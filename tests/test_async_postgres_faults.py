@@ -496,3 +496,52 @@ def test_an_async_keyed_retry_at_its_first_expected_version_is_duplicate_command
             assert [e for _, _, _, e in await log(store)] == [e for *_, e in known] + ids(first)
 
     run(main)
+
+
+# -- the server refuses the flush after the COMMIT --------------------------------------
+
+
+def cancel_flush(store: AsyncPostgresEventStore) -> list[int]:
+    """The store's next wait for a flush past an append is cancelled by the server
+    instead (its own pg_cancel_backend: QueryCanceled, as a statement_timeout gives),
+    after the append's COMMIT, on a session that lives on."""
+    real, cancelled = store.flushed_past, []
+
+    async def refused(inserted: int, flushed: int, conn: psycopg.AsyncConnection[Any]) -> None:
+        if cancelled:
+            return await real(inserted, flushed, conn)
+        cancelled.append(conn.info.backend_pid)
+        await conn.execute("SELECT pg_cancel_backend(pg_backend_pid()), pg_sleep(5)")
+
+    store.flushed_past = refused  # type: ignore[method-assign]
+    return cancelled
+
+
+@pytest.mark.parametrize("path", [*PATHS, "batch"])
+def test_a_commit_whose_flush_the_server_refuses_is_not_sent_again(
+    postgres_url: str, path: str
+) -> None:
+    """The COMMIT went through and the wait for its flush fails with the server's own
+    error (the session intact): the appends are in the log, so none may be told a
+    StoreError (nothing stored) nor be sent again (an ANY append, which goes the
+    batch's way even alone, was stored twice): each is looked up, and Committed."""
+
+    async def main() -> None:
+        async with open_store(postgres_url) as store:
+            await warm(store, "numbered" if path == "numbered" else "predicted")
+            known = streams(await log(store))
+            cancelled = cancel_flush(store)
+            names = ["a", "b"] if path == "batch" else ["a"]
+            expected = incident.ANY if path == "batch" else 0  # ANY: never numbered
+            requests = [deposit(n, expected=expected) for n in names]
+            if path == "batch":
+                outcomes = await outcomes_of(store, requests)
+            else:
+                outcomes = await asyncio.gather(store.commit(requests[0]), return_exceptions=True)
+            assert len(cancelled) == 1
+            rows = await log(store)
+            assert streams(rows) == known + [n for n in names for _ in range(2)], outcomes
+            assert [e for o in outcomes for e in ids(o)] == [e for *_, e in rows[len(known) :]]
+            assert ids(await store.commit(deposit("a", expected=2)))
+
+    run(main)
