@@ -133,6 +133,7 @@ class AsyncBatchAppends:
         doing = f"appending {len(job.events)} event(s) to {job.request.aggregate_id!r}"
         db, predictor = self._sync.database, self._sync.predictor
         used: list[AsyncConnection] = []
+        committed = False  # the COMMIT went through: only its flush is awaited
         try:
             with db.in_flight.one() as alone:
                 async with self._store.connection(doing) as conn:
@@ -149,6 +150,7 @@ class AsyncBatchAppends:
                         return False
                     written, positions = committing
                     assert positions is not None
+                    committed = True
                     await self._store.flushed_past(lsn(positions[0]), lsn(positions[1]), conn)
         except NeedsTables:
             job.sent.clear()
@@ -157,7 +159,9 @@ class AsyncBatchAppends:
             outcomes[at] = error
             return True
         except StoreError as error:
-            if not (used and may_hide_a_commit(used[0], error.__cause__)):
+            # stored, its flush failed: looked up (the lookup waits for a flush), never
+            # sent again; or its COMMIT's reply may be what was lost
+            if not (committed or (used and may_hide_a_commit(used[0], error.__cause__))):
                 outcomes[at] = error  # the server's answer: its own error, as on the sync path
                 return True
             look_up = partial(self._sync.look_up_sent, job, doing, error)
@@ -208,17 +212,21 @@ class AsyncBatchAppends:
         jobs = list(prepared.items())
         doing = f"appending the events of {len(jobs)} command(s) in one transaction"
         used: list[AsyncConnection] = []
+        committed = False  # the COMMIT went through: only its flush is awaited
         try:
             with self._sync.database.in_flight.one():
                 async with self._store.connection(doing) as conn:
                     used.append(conn)
                     plan = self._batches.plan(jobs, outcomes)
                     written, row = await self._transaction(conn, plan, WAL_POSITIONS)
+                    committed = True
                     await self._store.flushed_past(lsn(row[0]), lsn(row[1]), conn)
         except NeedsTables:
             return  # rolled back: the whole batch goes to the sync path
         except StoreError as error:
-            if not (used and may_hide_a_commit(used[0], error.__cause__)):
+            # stored, its flush failed: looked up, never sent again; or its COMMIT's
+            # reply may be what was lost
+            if not (committed or (used and may_hide_a_commit(used[0], error.__cause__))):
                 return  # the server said no: nothing was written, one by one
             # the appends whose rows went out: their COMMIT may have been sent, so they
             # are looked up by their ids before anything goes again
