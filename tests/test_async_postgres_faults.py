@@ -3,9 +3,10 @@ postgres/asynchronous.py), as a caller of ``AsyncEventStore.commit`` sees them: 
 session the server ends in the middle of a lone append or of a batch of the loop's
 commits (its own pg_terminate_backend, from a trigger on the events table for chosen
 streams, as test_postgres_edges.py does for the sync store, so it lands
-deterministically), a session ended after its COMMIT, a lost session whose outcome
-cannot be looked up in time, a message the server keeps refusing as out of step with
-the session's prepared statements, and a store renewed as in a forked child.
+deterministically), a session ended after its COMMIT, a flush the server refuses after
+the COMMIT, a lost session whose outcome cannot be looked up in time, a message the
+server keeps refusing as out of step with the session's prepared statements, a keyed
+command retried as first sent, and a store renewed as in a forked child.
 
 Each caller gets its own typed outcome (StoreError when nothing was stored,
 CommitUnknown only when the store could not find out), nothing is half written, the
