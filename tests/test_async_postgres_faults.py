@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import closing, contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
@@ -24,13 +25,15 @@ import psycopg
 import pytest
 from conftest import Admin
 from psycopg import sql
+from sqlite_batches import account
 from test_postgres_edges import trigger
 
 import incident
 from incident.examples import bank
-from incident.examples.bank import MoneyDeposited
+from incident.examples.bank import BankAccount, MoneyDeposited
+from incident.stores.postgres import batch as batch_module
 from incident.stores.postgres.asynchronous import AsyncPostgresEventStore
-from incident.stores.protocols import AppendRequest, Committed
+from incident.stores.protocols import AppendRequest, CommitCall, Committed
 
 pytestmark = pytest.mark.postgres
 
@@ -544,5 +547,42 @@ def test_a_commit_whose_flush_the_server_refuses_is_not_sent_again(
             assert streams(rows) == known + [n for n in names for _ in range(2)], outcomes
             assert [e for o in outcomes for e in ids(o)] == [e for *_, e in rows[len(known) :]]
             assert ids(await store.commit(deposit("a", expected=2)))
+
+    run(main)
+
+
+@pytest.mark.parametrize("driver", ["sync", "handed over"])
+def test_a_batch_whose_flush_the_server_refuses_on_the_workers_is_not_sent_again(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """The sync store's batch (``commit_many``, to which the async store hands a batch
+    needing a projection table it has not seen) sends its flush after the COMMIT in the
+    same pipeline: refused by the server there, the batch is in the log, so each append
+    is looked up, Committed, and never sent again (ANY appends would be stored twice)."""
+    refused = "SELECT pg_cancel_backend(pg_backend_pid())::text, pg_sleep(5)::text"
+    requests = [deposit(n, expected=incident.ANY) for n in "ab"]
+
+    async def main() -> None:
+        async with open_store(postgres_url) as store:
+            await store.initialize()
+            projections = store.projections()
+            monkeypatch.setattr(batch_module, "FLUSH_NOW", refused)
+            if driver == "sync":
+                calls = [CommitCall(r, store.postgres.projections(), account) for r in requests]
+                outcomes: list[Any] = await store.run(partial(store.postgres.commit_many, calls))
+            else:
+                outcomes = await asyncio.gather(
+                    *(
+                        store.commit(r, projection_store=projections, project=account)
+                        for r in requests
+                    ),
+                    return_exceptions=True,
+                )
+                assert store.appends.handed_over == 2
+            monkeypatch.undo()
+            rows = await log(store)
+            assert streams(rows) == ["a", "a", "b", "b"], outcomes
+            assert [e for o in outcomes for e in ids(o)] == [e for *_, e in rows]
+            assert [p.aggregate_id for p in await projections.all(BankAccount)] == ["a", "b"]
 
     run(main)
