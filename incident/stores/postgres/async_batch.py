@@ -22,7 +22,8 @@ What goes to the workers:
 - a batch the server refused (a row it cannot store): nothing of it was written, and
   each append goes again by itself, so the one at fault fails alone;
 - a batch whose connection died: it is looked up by its events' ids (``resolve_lost``)
-  and what is not in the log goes again.
+  and what is not in the log goes again. (One whose flush failed after its COMMIT is
+  looked up too, and never goes again.)
 
 An append is acknowledged only once the WAL flush covers its commit, as on the sync
 path: the COMMIT is asynchronous (the schema's lock is let go before the flush) and the

@@ -13,9 +13,10 @@ commands it holds.
 
 What the server refuses (a row that cannot be stored) rolls the whole transaction back:
 nothing of the batch was written, and each append goes again by itself, so the one at
-fault fails alone. A connection lost in the batch is resolved by the events' ids, as
-for a single append: the batch is in the log whole (one transaction) or not at all, and
-if not, each append goes again by itself. Appends under an idempotency key go by
+fault fails alone. A connection lost in the batch, or a flush refused after its COMMIT
+went through, is resolved by the events' ids, as for a single append: the batch is in
+the log whole (one transaction) or not at all, and if not, each append goes again by
+itself. Appends under an idempotency key go by
 themselves (their key's earlier outcome is read under the lock).
 """
 
@@ -35,7 +36,7 @@ from .durability import ASYNC_COMMIT, FLUSH_NOW, WAL_POSITIONS
 from .plans import Plan, Step, Tables, run
 from .prediction import Predictor
 from .projections import PostgresProjectionStore
-from .session import Connection, may_hide_a_commit, one_sync_transaction
+from .session import Afterwards, Connection, may_hide_a_commit, one_sync_transaction
 from .sql import EventStatements, event_row
 
 __all__ = ["BatchAppends", "BatchWritten"]
@@ -77,6 +78,7 @@ class BatchAppends:
         outcomes: Outcomes = {}
         written: list[tuple[int, AppendJob]] = []
         used: list[Connection] = []
+        afterwards = Afterwards()
         then = FLUSH_NOW if committed is None else WAL_POSITIONS
         # while the store predicts, this process's appends take turns, so that a batch
         # never makes a lone append's guess of the last position wrong
@@ -92,7 +94,10 @@ class BatchAppends:
                     committed()
                 self._db.durability.after(afterwards.row, conn)
         except StoreError as error:
-            if not (used and may_hide_a_commit(used[0], error.__cause__)):
+            # committed, its flush failed: looked up, never sent again; or its COMMIT's
+            # reply may be what was lost
+            lost = used and may_hide_a_commit(used[0], error.__cause__)
+            if not (afterwards.committed or lost):
                 return outcomes  # the server said no: nothing was written, one by one
             return self.resolve_lost(written, outcomes, doing, error)
         return self.settle(written, outcomes)

@@ -52,9 +52,11 @@ def fetch_value(conn: Connection, query: Query, *params: Any) -> Any:
 
 
 class Afterwards:
-    """What one_sync_transaction's ``then`` statement returned, once the block is over."""
+    """What one_sync_transaction's ``then`` statement returned, once the block is over,
+    and whether its COMMIT went through (also when ``then`` failed after it)."""
 
     row: tuple[Any, ...] | None = None
+    committed = False
 
 
 @contextmanager
@@ -81,6 +83,9 @@ def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterat
                 # the pipeline quietly (its sync then says it was aborted), raise it below
                 failed = error
     except BaseException:
+        # the sync found a failure: after the COMMIT (``then``'s) if no transaction is left
+        idle = conn.info.transaction_status == TransactionStatus.IDLE
+        afterwards.committed = failed is None and idle
         roll_back(conn)
         if failed is not None:
             raise failed from None  # not the "pipeline aborted" that followed it
@@ -88,6 +93,7 @@ def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterat
     if failed is not None:
         roll_back(conn)
         raise failed
+    afterwards.committed = True
     if cursor is not None:
         afterwards.row = cursor.fetchone()
 
