@@ -52,6 +52,7 @@ from .projections import PostgresProjectionStore, writes_into
 from .reads import PostgresEventReads
 from .session import (
     Connection,
+    after_commit,
     fetch_value,
     first_line,
     give_turn,
@@ -298,7 +299,10 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
             written, positions = committing
             # committed, not yet acknowledged: only once its WAL is flushed (shared with
             # every append that committed meanwhile), outside the turn and the lock
-            self._db.durability.after(positions, conn)
+            try:
+                self._db.durability.after(positions, conn)
+            except psycopg.Error as error:  # stored all the same: looked up, never resent
+                raise after_commit(conn, error) from None
         except DuplicateCommand:
             # what the key stored may still be in flight: say so only once it is durable
             self._db.durability.after(conn.execute(WAL_POSITIONS).fetchone(), conn)

@@ -59,6 +59,27 @@ class Afterwards:
     committed = False
 
 
+class FailedAfterCommit(psycopg.OperationalError):
+    """A statement after an append's COMMIT failed on a live session (its flush
+    cancelled, say): the append is stored, whether it is flushed is not known here. The
+    store looks it up (:func:`may_hide_a_commit`) rather than say nothing was stored."""
+
+
+def after_commit(conn: Connection, error: BaseException) -> BaseException:
+    """``error``, as FailedAfterCommit when it came once the transaction had committed:
+    the session alive and outside any transaction (before the COMMIT, a failure leaves
+    the transaction aborted, not ended)."""
+    if not isinstance(error, psycopg.Error) or isinstance(error, OUT_OF_STEP):
+        return error  # out of step: nothing of the message ran
+    if conn.broken or conn.closed:
+        return error
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        return error
+    failed = FailedAfterCommit(f"after the COMMIT: {error}")
+    failed.__cause__ = error
+    return failed
+
+
 @contextmanager
 def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterator[Afterwards]:
     """BEGIN, the block's statements and COMMIT in one pipeline, synced once at the end
@@ -257,7 +278,7 @@ def may_hide_a_commit(conn: psycopg.BaseConnection[Any], error: BaseException | 
     the driver lost track of it (a kill can also surface as "cannot exit pipeline mode
     while busy", the connection not yet marked broken), so the reply may be what was
     lost. An error the server sent (a conflict, a constraint) is an answer."""
-    if conn.broken or conn.closed:
+    if conn.broken or conn.closed or isinstance(error, FailedAfterCommit):
         return True
     if isinstance(error, psycopg.InterfaceError):
         return True
