@@ -2,7 +2,9 @@
 live session (cancelled, as a statement_timeout or an operator's pg_cancel_backend
 does) is stored: the store looks it up once it is durable and acknowledges it, instead
 of a StoreError saying nothing was stored (after which a retry without a key stored it
-twice). Here the shared wait for the WAL flush after the COMMIT fails."""
+twice). Each place a lone append's flush can fail: the statement sent after the COMMIT
+of a numbered, a predicted synchronous or a locked append, and the shared wait for the
+WAL flush afterwards."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 import incident
 from incident.examples.bank import MoneyDeposited
-from incident.stores.postgres import durability
+from incident.stores.postgres import durability, events, numbered
 
 
 @pytest.fixture
@@ -25,8 +27,40 @@ def store(postgres_url: str) -> Iterator[Any]:
     opened.close()
 
 
+# cancelled by the server itself while it sleeps: QueryCanceled on a live session
+REFUSED = "SELECT pg_cancel_backend(pg_backend_pid())::text, pg_sleep(5)::text"
+
+
 def deposits(store: Any) -> list[tuple[str, int]]:
     return [(r.aggregate_id, r.version) for r in store.read_all()]
+
+
+@pytest.mark.parametrize(
+    ("module", "statement", "before", "expected"),
+    [
+        (numbered, "FLUSH_IF_WAITED", 0, 0),  # a fresh store numbers its first append
+        (events, "FLUSHED", 1, 1),  # alone and predicting: a synchronous commit
+        (events, "WAL_POSITIONS", 1, incident.ANY),  # ANY goes the locked way
+    ],
+    ids=["numbered", "predicted", "locked"],
+)
+def test_an_append_whose_flush_is_refused_after_its_commit_is_stored_once(
+    store: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    module: Any,
+    statement: str,
+    before: int,
+    expected: Any,
+) -> None:
+    for _ in range(before):  # the locked way: the store predicts after it
+        store.append("A", [MoneyDeposited(amount=1)], expected_version=incident.ANY)
+    real = getattr(module, statement)
+    monkeypatch.setattr(module, statement, REFUSED)
+    recorded = store.append("A", [MoneyDeposited(amount=2)], expected_version=expected)
+    monkeypatch.setattr(module, statement, real)
+    assert [r.version for r in recorded] == [before + 1]
+    assert deposits(store) == [("A", v) for v in range(1, before + 2)]
+    store.append("A", [MoneyDeposited(amount=3)], expected_version=before + 1)  # works again
 
 
 def test_an_append_whose_wait_for_the_flush_fails_after_its_commit_is_stored_once(

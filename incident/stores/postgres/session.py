@@ -103,13 +103,15 @@ def one_sync_transaction(conn: Connection, *, then: str | None = None) -> Iterat
                 # a statement failed and its error came back before the block ended: end
                 # the pipeline quietly (its sync then says it was aborted), raise it below
                 failed = error
-    except BaseException:
+    except BaseException as error:
         # the sync found a failure: after the COMMIT (``then``'s) if no transaction is left
         idle = conn.info.transaction_status == TransactionStatus.IDLE
         afterwards.committed = failed is None and idle
         roll_back(conn)
         if failed is not None:
             raise failed from None  # not the "pipeline aborted" that followed it
+        if afterwards.committed:
+            raise after_commit(conn, error) from None
         raise
     if failed is not None:
         roll_back(conn)
@@ -135,8 +137,11 @@ def one_message_transaction(
             results.append(cursor.fetchall() if cursor.description else None)
             if not cursor.nextset():
                 break
-    except BaseException:
+    except BaseException as error:
+        late = after_commit(conn, error)  # ``then`` failed, after the COMMIT
         roll_back(conn)
+        if late is not error:
+            raise late from None
         raise
     return results[1:-2] + results[-1:]  # neither BEGIN's nor COMMIT's
 
