@@ -1,0 +1,281 @@
+"""Promises README.md and docs/*.md make that no other test pinned, each on every store it
+applies to. Each test's docstring quotes the promise and names the doc it comes from."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from typing import ClassVar
+
+import msgspec
+import pytest
+from conftest import DURABLE_BACKENDS, on_backends
+
+import incident
+from incident.examples import bank
+from incident.testing.contract.projection_store import account_row
+
+# -- a small aggregate of this module's own ---------------------------------------------
+
+
+class Note(incident.Event, tag="doc_promises.Noted"):
+    schema_version: ClassVar[int] = 2
+    text: str
+
+
+class Seal(incident.Event, tag="doc_promises.Sealed"):
+    pass
+
+
+class Write(incident.Command):
+    aggregate_id: str
+    text: str
+
+
+class Close(incident.Command):
+    aggregate_id: str
+
+
+class Pad(msgspec.Struct, frozen=True):
+    notes: int = 0
+    sealed: bool = False
+
+
+notepad = incident.Aggregate("doc_promises_pad", initial=Pad())
+
+
+@notepad.execute
+def write(state: Pad, cmd: Write) -> Note:
+    return Note(text=cmd.text)
+
+
+@notepad.execute
+def close(state: Pad, cmd: Close) -> Seal:
+    return Seal()
+
+
+@notepad.apply
+def noted(state: Pad, event: Note) -> Pad:
+    return msgspec.structs.replace(state, notes=state.notes + 1)
+
+
+@notepad.apply
+def sealed(state: Pad, event: Seal) -> Pad:
+    return msgspec.structs.replace(state, sealed=True)
+
+
+@notepad.terminal
+def is_sealed(state: Pad) -> bool:
+    return state.sealed
+
+
+def log(store: incident.EventStore) -> list[tuple[int, str, int, str]]:
+    return [(r.position, r.aggregate_id, r.version, r.event_type) for r in store.read_all()]
+
+
+# -- README.md ----------------------------------------------------------------------------
+
+
+def test_a_conflict_says_where_the_stream_is_and_that_nothing_was_written(store_url: str) -> None:
+    """README.md, Errors: ConcurrencyError, "the stream moved on: `Stream 'ACC1' is at
+    version 3, expected 2; nothing was written`"."""
+    with closing(incident.open_event_store(store_url)) as store:
+        store.append("ACC1", [bank.MoneyDeposited(amount=n) for n in (1, 2, 3)], expected_version=0)
+        before = log(store)
+        with pytest.raises(incident.ConcurrencyError) as refused:
+            store.append("ACC1", [bank.MoneyDeposited(amount=4)], expected_version=2)
+        assert "Stream 'ACC1' is at version 3, expected 2; nothing was written" in str(
+            refused.value
+        )
+        assert log(store) == before
+
+
+def test_a_rejection_decided_on_a_cached_state_is_checked_against_the_store(
+    store_url: str,
+) -> None:
+    """README.md, State cache: "A rejection decided on a cached state is checked against
+    the store before it is raised." Another writer made the withdrawal possible: the
+    command succeeds instead of being refused on the stale cache."""
+    with closing(incident.open_event_store(store_url)) as store:
+        cached = incident.CommandHandler(store, aggregates=[bank.bank_account])
+        other = incident.CommandHandler(store, aggregates=[bank.bank_account])
+        cached.dispatch(bank.OpenAccount(aggregate_id="A"))
+        assert cached.state("bank_account", "A").balance == 0  # cached at balance 0
+        other.dispatch(bank.DepositMoney(aggregate_id="A", amount=10))
+        recorded = cached.dispatch(bank.WithdrawMoney(aggregate_id="A", amount=5))
+        assert [(r.version, r.event_type) for r in recorded] == [(3, "MoneyWithdrawn")]
+        assert cached.state("bank_account", "A").balance == 5
+
+
+def test_a_commit_whose_read_model_is_unstorable_writes_no_event(store_url: str) -> None:
+    """README.md, Stores: "a command's events and the read models its handlers return
+    commit in one transaction: no event without its projections"; Storable values:
+    "read-model integers past 64 bits are refused with Unstorable before anything is
+    written"."""
+    with closing(incident.open_event_store(store_url)) as store:
+        store.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+        before = log(store)
+        huge = account_row("A", version=2, balance=2**70)
+        with pytest.raises(incident.Unstorable):
+            store.append_and_project(
+                "A",
+                [bank.MoneyDeposited(amount=5)],
+                expected_version=1,
+                aggregate="bank_account",
+                metadata=None,
+                projection_store=store.projections(),
+                project=lambda recorded: [huge],
+            )
+        assert log(store) == before
+        assert store.projections().all(bank.BankAccount) == []
+        store.append("A", [bank.MoneyDeposited(amount=5)], expected_version=1)  # still usable
+
+
+# -- docs/read-models.md ------------------------------------------------------------------
+
+
+def test_a_field_added_later_reads_old_rows_with_its_default(store_url: str) -> None:
+    """docs/read-models.md: "A field added to the class later gets its column on first
+    use; old rows hold NULL there, and a field that cannot be None reads back with its
+    default." (A class defined again under its module and name takes its table over.)"""
+
+    class Ledger(incident.Projection):
+        aggregate_id: str
+        balance: int
+
+    with closing(incident.open_projection_store(store_url)) as projections:
+        projections.project(Ledger(aggregate_id="A", balance=1))
+
+        class Ledger(incident.Projection):  # type: ignore[no-redef]  # a notebook cell run again
+            aggregate_id: str
+            balance: int
+            owner: str = "nobody"
+            note: str | None = None
+
+        projections.project(Ledger(aggregate_id="B", balance=2, owner="Bo", note="hi"))
+        old = Ledger(aggregate_id="A", balance=1)
+        new = Ledger(aggregate_id="B", balance=2, owner="Bo", note="hi")
+        assert projections.get(Ledger, "A") == old
+        assert projections.all(Ledger) == [old, new]
+        assert all(type(row) is Ledger for row in projections.all(Ledger))
+
+
+@pytest.mark.parametrize(
+    "column", ["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid", "a%b", ""]
+)
+def test_a_field_no_store_could_keep_as_a_column_is_refused_before_any_write(
+    store_url: str, column: str
+) -> None:
+    """docs/read-models.md: "A field that could not be a column of its own on every store:
+    an encoded name that is empty, holds a NUL or a `%` ...;
+    (msgspec itself refuses a NUL in a field name) or the name of a column
+    Postgres gives every table (`tableoid`, `xmin`, `cmin`, `xmax`, `cmax`, `ctid`,
+    `oid`)" raises IncidentError "on the type's first use with a store, read or write,
+    before anything is written" (the append that projects it included)."""
+    misfit = msgspec.defstruct(
+        "Misfit",
+        [("aggregate_id", str), ("value", int, msgspec.field(default=0, name=column))],
+        bases=(incident.Projection,),
+        module="doc_promises.read_models",
+    )
+    with closing(incident.open_event_store(store_url)) as store:
+        projections = store.projections()
+        with pytest.raises(incident.IncidentError):
+            projections.get(misfit, "a")
+        with pytest.raises(incident.IncidentError):
+            store.append_and_project(
+                "A",
+                [bank.AccountOpened(account_number="A")],
+                expected_version=0,
+                aggregate="bank_account",
+                metadata=None,
+                projection_store=projections,
+                project=lambda recorded: [misfit(aggregate_id="A")],
+            )
+        assert log(store) == []
+
+
+def test_an_append_projecting_a_bad_table_name_writes_no_event(store_url: str) -> None:
+    """docs/read-models.md: "A `table_name` that is not a plain SQL identifier" raises
+    IncidentError "on the type's first use with a store, read or write, before anything
+    is written": an append that projects it writes none of its events."""
+
+    class Shouty(incident.Projection):
+        aggregate_id: str
+        table_name: ClassVar[str] = "Shouty-Rows"
+
+    with closing(incident.open_event_store(store_url)) as store:
+        store.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+        before = log(store)
+        with pytest.raises(incident.IncidentError, match="not a plain SQL identifier"):
+            store.append_and_project(
+                "A",
+                [bank.MoneyDeposited(amount=1)],
+                expected_version=1,
+                aggregate="bank_account",
+                metadata=None,
+                projection_store=store.projections(),
+                project=lambda recorded: [Shouty(aggregate_id="A")],
+            )
+        assert log(store) == before
+
+
+# -- docs/evolution.md --------------------------------------------------------------------
+
+
+def test_every_command_to_a_terminated_stream_is_rejected(store_url: str) -> None:
+    """docs/evolution.md, Terminal states: "From then on every command to it is rejected
+    with the reason `aggregate_terminated`" (and nothing is written)."""
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        app.dispatch(Write(aggregate_id="P", text="a"))
+        app.dispatch(Close(aggregate_id="P"))
+        for command in (Write(aggregate_id="P", text="b"), Close(aggregate_id="P")):
+            with pytest.raises(incident.Rejected) as refused:
+                app.dispatch(command)
+            assert refused.value.reason == "aggregate_terminated"
+        assert app.event_store.version("P") == 2
+        # a cold handler (nothing cached) refuses it the same way
+        cold = incident.CommandHandler(app.event_store, aggregates=[notepad])
+        with pytest.raises(incident.Rejected, match="aggregate_terminated"):
+            cold.dispatch(Write(aggregate_id="P", text="c"))
+        assert app.event_store.version("P") == 2
+
+
+def _store_at_schema_version(url: str, version: int) -> None:
+    """Writes one doc_promises.Noted event at position 1 as a release whose class was at
+    ``version`` would."""
+    old = msgspec.defstruct(
+        "Note",
+        [("text", str)],
+        bases=(incident.Event,),
+        tag="doc_promises.Noted",
+        module="doc_promises.old_release",
+    )
+    old.schema_version = version  # type: ignore[attr-defined]
+    with closing(incident.open_event_store(url)) as store:
+        store.append("P", [old(text="old")], expected_version=0, aggregate=notepad.name)
+
+
+@on_backends(DURABLE_BACKENDS)  # the memory store keeps Python objects: nothing old
+@pytest.mark.parametrize(
+    ("stored_at", "says"), [(1, r"upcast\('doc_promises.Noted', 1\)"), (3, "newer")]
+)
+def test_a_payload_no_upcaster_brings_to_this_code_is_corrupt_and_blocks_writes(
+    store_url: str, stored_at: int, says: str
+) -> None:
+    """docs/evolution.md: "A payload stored at a version with no upcaster to the next one
+    raises `CorruptEvent` naming the position and the decorator to add; a payload from a
+    newer release than the running code is refused the same way." A command on that
+    stream fails with it and writes nothing (docs/integrity.md: "commands on that stream
+    fail with it")."""
+    _store_at_schema_version(store_url, stored_at)
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        with pytest.raises(incident.CorruptEvent, match=says) as refused:
+            app.event_store.get("P")
+        assert refused.value.position == 1
+        with pytest.raises(incident.CorruptEvent, match=says):
+            list(app.event_store.read_all())
+        with pytest.raises(incident.CorruptEvent, match=says):
+            app.dispatch(Write(aggregate_id="P", text="new"))
+        assert app.event_store.version("P") == 1
+        app.dispatch(Write(aggregate_id="Q", text="other"))  # other streams are not affected
+        assert [r.aggregate_id for r in app.event_store.read_all(after=1)] == ["Q"]
