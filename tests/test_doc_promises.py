@@ -3,15 +3,19 @@ applies to. Each test's docstring quotes the promise and names the doc it comes 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
 from conftest import DURABLE_BACKENDS, on_backends
+from sqlite_batches import Faults, account, deposit, faulty_connections, ready
 
 import incident
 from incident.examples import bank
+from incident.stores.protocols import CommitCall, Committed
 from incident.testing.contract.projection_store import account_row
 
 # -- a small aggregate of this module's own ---------------------------------------------
@@ -279,3 +283,37 @@ def test_a_payload_no_upcaster_brings_to_this_code_is_corrupt_and_blocks_writes(
         assert app.event_store.version("P") == 1
         app.dispatch(Write(aggregate_id="Q", text="other"))  # other streams are not affected
         assert [r.aggregate_id for r in app.event_store.read_all(after=1)] == ["Q"]
+
+
+# -- docs/writes.md -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
+    """Every SQLite connection opened from here on records its COMMITs."""
+    yield from faulty_connections(monkeypatch)
+
+
+def test_a_shared_sqlite_commit_is_bounded_at_64_appends_or_4096_events(
+    tmp_path: Path, faults: Faults
+) -> None:
+    """docs/writes.md, Who commits: the leader "takes everything queued, in queue order, up
+    to 64 appends or 4,096 events (its own append first, whatever its size)". Appends
+    handed over together (commit_many, as the async stores do) keep the event bound as
+    well as the count bound."""
+    store = ready(f"sqlite:///{tmp_path / 'bounds.db'}")
+    assert (store.group.max_requests, store.group.max_events) == (64, 4096)
+    store.group.max_events = 5
+    faults.commits.clear()
+    sizes = {"a": 3, "b": 3, "c": 9, "d": 1, "e": 1}
+    requests = [(deposit(name, events=size), account) for name, size in sizes.items()]
+    calls = [CommitCall(request, store.projections(), project) for request, project in requests]
+    outcomes = store.commit_many(calls)
+    assert all(isinstance(outcome, Committed) for outcome in outcomes)
+    # a (3), then b (3 + 9 > 5), then c alone (9, whatever its size), then d and e (2)
+    assert len(faults.commits) == 4
+    assert [stream for _, stream, _, _ in log(store)[1:]] == [
+        name for name, size in sizes.items() for _ in range(size)
+    ]
+    assert [r.position for r in store.read_all()] == list(range(1, 2 + sum(sizes.values())))
+    store.close()
