@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
@@ -317,3 +317,24 @@ def test_a_shared_sqlite_commit_is_bounded_at_64_appends_or_4096_events(
     ]
     assert [r.position for r in store.read_all()] == list(range(1, 2 + sum(sizes.values())))
     store.close()
+
+
+# -- docs/errors.md -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opener",
+    [incident.open_event_store, incident.open_projection_store, incident.open_async_event_store],
+)
+@pytest.mark.parametrize("options", [{"bogus": 1}, {"timeout": -1}])
+def test_a_misspelt_or_meaningless_store_option_is_invalid_argument(
+    store_url: str, opener: Any, options: dict[str, object], tmp_path: Path
+) -> None:
+    """docs/errors.md: InvalidArgument (also a ValueError) when "a handler, subscription
+    or store was built with an option that is not one (`retries=-1`, `batch_size=1.5`, a
+    misspelt store option); raised before anything is opened or written"; README.md,
+    Errors: "the same on every store". (The memory store takes no option at all.)"""
+    with pytest.raises(incident.InvalidArgument) as refused:
+        opener(store_url, **options)
+    assert isinstance(refused.value, ValueError)
+    assert list(tmp_path.iterdir()) == []

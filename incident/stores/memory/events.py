@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from ...codec import EventTypes
-from ...errors import DuplicateCommand, IncidentError
+from ...errors import DuplicateCommand, IncidentError, InvalidArgument
 from ...messages import Event, Recorded
 from .._common import (
     AppendVerbs,
@@ -233,5 +233,7 @@ class MemoryEventStore(AppendVerbs, Live):
 def open_memory(url: str, **options: Any) -> MemoryEventStore:
     """``memory://``: a fresh in-process store per call."""
     if url.rstrip("/") != "memory:" or options:
-        raise IncidentError(f"memory:// takes no path or options, got {url!r} {options or ''}")
+        # an option is the caller's mistake (InvalidArgument); a path, a URL that names nothing
+        error = InvalidArgument if options or "?" in url else IncidentError
+        raise error(f"memory:// takes no path or options, got {url!r} {options or ''}")
     return MemoryEventStore()
