@@ -3,6 +3,7 @@ applies to. Each test's docstring quotes the promise and names the doc it comes 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -338,3 +339,30 @@ def test_a_misspelt_or_meaningless_store_option_is_invalid_argument(
         opener(store_url, **options)
     assert isinstance(refused.value, ValueError)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- docs/live.md -------------------------------------------------------------------------
+
+
+def test_a_tail_whose_store_closes_raises_out_of_the_loop(store_url: str) -> None:
+    """docs/live.md: "A store that fails (closed, the server unreachable) raises out of the
+    loop." A tail that has yielded the log and waits for more gets StoreError once its
+    store is closed; it neither ends quietly nor waits for ever."""
+    store = incident.open_event_store(store_url)
+    store.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
+    tail = store.subscribe(after=0, poll_interval=0.05)
+    assert next(tail).position == 1
+    raised: list[BaseException] = []
+
+    def wait_for_the_next() -> None:
+        try:
+            next(tail)
+        except BaseException as error:  # StopIteration included: the test names it
+            raised.append(error)
+
+    waiting = threading.Thread(target=wait_for_the_next, daemon=True)
+    waiting.start()  # it may be reading or waiting when the store closes: StoreError either way
+    store.close()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert [type(error) for error in raised] == [incident.StoreError]
