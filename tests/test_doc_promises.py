@@ -58,6 +58,17 @@ def close(state: Pad, cmd: Close) -> Seal:
     return Seal()
 
 
+class KeyedWrite(incident.Command):
+    aggregate_id: str
+    text: str
+    idempotency_key: str
+
+
+@notepad.execute
+def keyed_write(state: Pad, cmd: KeyedWrite) -> Note:
+    return Note(text=cmd.text)
+
+
 @notepad.apply
 def noted(state: Pad, event: Note) -> Pad:
     return msgspec.structs.replace(state, notes=state.notes + 1)
@@ -133,6 +144,24 @@ def test_a_commit_whose_read_model_is_unstorable_writes_no_event(store_url: str)
         assert log(store) == before
         assert store.projections().all(bank.BankAccount) == []
         store.append("A", [bank.MoneyDeposited(amount=5)], expected_version=1)  # still usable
+
+
+def test_an_idempotency_key_field_on_the_command_stores_its_events_once(store_url: str) -> None:
+    """README.md, Idempotent commands: "`dispatch(cmd, metadata={"idempotency_key":
+    "pay-42"})` (or an `idempotency_key` field on the command) stores the events once; a
+    retry ... gets the first call's outcome back"."""
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        first = app.dispatch(KeyedWrite(aggregate_id="P", text="a", idempotency_key="w-1"))
+        again = app.dispatch(KeyedWrite(aggregate_id="P", text="a", idempotency_key="w-1"))
+        assert [r.event_id for r in again] == [r.event_id for r in first]
+        assert app.event_store.version("P") == 1
+        assert app.event_store.outcome_for("w-1") is not None
+        # a cold handler on the same store (nothing cached) finds the key too
+        cold = incident.CommandHandler(app.event_store, aggregates=[notepad])
+        third = cold.dispatch(KeyedWrite(aggregate_id="P", text="a", idempotency_key="w-1"))
+        assert [r.event_id for r in third] == [r.event_id for r in first]
+        app.dispatch(KeyedWrite(aggregate_id="P", text="b", idempotency_key="w-2"))
+        assert [r.version for r in app.event_store.get("P")] == [1, 2]
 
 
 # -- docs/read-models.md ------------------------------------------------------------------
