@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import msgspec
 import pytest
-from conftest import DURABLE_BACKENDS, on_backends
+from conftest import DURABLE_BACKENDS, Admin, on_backends
 from sqlite_batches import Faults, account, deposit, faulty_connections, ready
 
 import incident
@@ -395,3 +395,36 @@ def test_a_tail_whose_store_closes_raises_out_of_the_loop(store_url: str) -> Non
     waiting.join(10)
     assert not waiting.is_alive()
     assert [type(error) for error in raised] == [incident.StoreError]
+
+
+def test_a_store_without_create_tables_renames_no_old_table(
+    postgres_url: str, postgres_admin: Admin
+) -> None:
+    """docs/read-models.md, Tables made by earlier releases: "A store opened with
+    `create_tables=False` renames nothing: run `ALTER TABLE ... RENAME TO ...` with a
+    role that may." The old table keeps its name and its rows; the read is refused with
+    a StoreError pointing at what to run, not answered from an empty new table."""
+    schema = postgres_url.rsplit("schema=", 1)[1]
+    postgres_admin.execute(f'CREATE SCHEMA "{schema}"')
+    postgres_admin.execute(
+        f'CREATE TABLE "{schema}".archive_ledger (aggregate_id text PRIMARY KEY, total bigint)'
+    )
+    postgres_admin.execute(f'INSERT INTO "{schema}".archive_ledger VALUES (%s, 1)', ["a"])
+
+    class ArchiveLedger(incident.Projection):
+        aggregate_id: str
+        table_name: ClassVar[str] = "archive_ledgers"
+        total: int = 0
+
+    store = incident.open_projection_store(postgres_url, create_tables=False)
+    with closing(store), pytest.raises(incident.StoreError):
+        store.all(ArchiveLedger)
+    tables = {
+        name
+        for (name,) in postgres_admin.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", [schema]
+        ).fetchall()
+    }
+    assert tables == {"archive_ledger"}
+    rows = postgres_admin.execute(f'SELECT * FROM "{schema}".archive_ledger').fetchall()
+    assert rows == [("a", 1)]
