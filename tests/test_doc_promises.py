@@ -3,6 +3,9 @@ applies to. Each test's docstring quotes the promise and names the doc it comes 
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -10,12 +13,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
+import psycopg
 import pytest
 from conftest import DURABLE_BACKENDS, Admin, on_backends
 from sqlite_batches import Faults, account, deposit, faulty_connections, ready
 
 import incident
 from incident.examples import bank
+from incident.stores.postgres import split_url
 from incident.stores.protocols import CommitCall, Committed
 from incident.testing.contract.projection_store import account_row
 
@@ -397,6 +402,65 @@ def test_a_tail_whose_store_closes_raises_out_of_the_loop(store_url: str) -> Non
     assert [type(error) for error in raised] == [incident.StoreError]
 
 
+class PadRow(msgspec.Struct, frozen=True):
+    """A read model's shape that is not an incident.Projection."""
+
+    aggregate_id: str
+    notes: int = 0
+
+
+def test_an_inline_listener_returning_a_plain_struct_is_refused_and_writes_nothing(
+    store_url: str,
+) -> None:
+    """docs/read-models.md, What is refused: anything that is not an
+    `incident.Projection` ("a `msgspec.Struct` with the same fields, a dict") ... "A
+    listener that returns one is refused earlier, with `RegistrationError`"; the
+    command's events are not written either (docs/writes.md: "An append that fails ...
+    leaves nothing behind")."""
+    rows = incident.EventHandler("doc_promises_rows")
+
+    @rows.listen(Note)
+    def row(recorded: incident.Recorded[Note], state: Pad) -> PadRow:
+        return PadRow(aggregate_id=recorded.aggregate_id, notes=state.notes)
+
+    with incident.CommandHandler(store_url, aggregates=[notepad], event_handlers=[rows]) as app:
+        with pytest.raises(incident.RegistrationError, match="row"):
+            app.dispatch(Write(aggregate_id="P", text="a"))
+        assert app.event_store.version("P") == 0
+        assert log(app.event_store) == []
+
+
+@on_backends(DURABLE_BACKENDS)
+def test_a_table_is_named_by_the_class_and_its_columns_by_the_encoded_names(
+    store_url: str, tmp_path: Path
+) -> None:
+    """docs/read-models.md, What the table is: "Name: ... else the class name in
+    snake_case (`BankAccount` -> `bank_account`, `HTTPStatusView` -> `http_status_view`)";
+    "Columns: one per field, named like the field's encoded name (msgspec `rename`
+    applies)"; "`X | None` is stored like `X`, NULL for None"."""
+
+    class HTTPStatusView(incident.Projection):
+        aggregate_id: str
+        status_code: int = msgspec.field(default=0, name="code")
+        note: str | None = None
+
+    with closing(incident.open_projection_store(store_url)) as projections:
+        projections.project(HTTPStatusView(aggregate_id="r", status_code=404))
+        assert projections.get(HTTPStatusView, "r") == HTTPStatusView(
+            aggregate_id="r", status_code=404
+        )
+    if store_url.startswith("sqlite"):
+        with closing(sqlite3.connect(tmp_path / "store.db")) as conn:
+            rows = conn.execute("SELECT aggregate_id, code, note FROM http_status_view").fetchall()
+    else:
+        conninfo, schema = split_url(store_url)
+        with psycopg.connect(conninfo) as conn:
+            rows = conn.execute(
+                f'SELECT aggregate_id, code, note FROM "{schema}".http_status_view'
+            ).fetchall()
+    assert [tuple(row) for row in rows] == [("r", 404, None)]
+
+
 def test_a_store_without_create_tables_renames_no_old_table(
     postgres_url: str, postgres_admin: Admin
 ) -> None:
@@ -428,3 +492,27 @@ def test_a_store_without_create_tables_renames_no_old_table(
     assert tables == {"archive_ledger"}
     rows = postgres_admin.execute(f'SELECT * FROM "{schema}".archive_ledger').fetchall()
     assert rows == [("a", 1)]
+
+
+def test_the_pools_reconnection_log_is_silent_unless_logging_is_configured() -> None:
+    """docs/errors.md, Pool timeouts: "incident attaches a `NullHandler` to `psycopg`, so
+    nothing is printed to stderr unless your application configured logging; handlers
+    you install still receive these records". (The pool, and psycopg with it, is loaded
+    when a Postgres store is opened.)"""
+    script = (
+        "import logging, sys\n"
+        "import incident\n"
+        "incident.open_event_store('postgresql://nobody@127.0.0.1:1/none')  # no connection yet\n"
+        "logging.getLogger('psycopg.pool').warning('error connecting in pool')\n"
+        "got = []\n"
+        "class Keep(logging.Handler):\n"
+        "    def emit(self, record): got.append(record.getMessage())\n"
+        "logging.getLogger().addHandler(Keep())\n"
+        "logging.getLogger('psycopg.pool').warning('again')\n"
+        "print(got)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stderr == ""
+    assert done.stdout.strip() == "['again']"
