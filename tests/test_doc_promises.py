@@ -279,6 +279,42 @@ def test_every_command_to_a_terminated_stream_is_rejected(store_url: str) -> Non
         assert app.event_store.version("P") == 2
 
 
+class StampLetter(incident.Command):
+    aggregate_id: str
+
+
+class StampParcel(incident.Command):
+    aggregate_id: str
+
+
+class Stamped(incident.Event, tag="doc_promises.Stamped"):
+    pass
+
+
+def stamper(name: str, command: type[incident.Command]) -> incident.Aggregate[int]:
+    aggregate: incident.Aggregate[int] = incident.Aggregate(name, initial=0)
+    aggregate.execute(command)(lambda state, cmd: Stamped())
+    aggregate.apply(Stamped)(lambda state, event: state + 1)
+    return aggregate
+
+
+def test_two_aggregates_may_share_an_event_class(store_url: str) -> None:
+    """docs/evolution.md, Names and ids: "Two aggregates may share an Event class, but two
+    different classes stored under one name are refused": one class in two aggregates,
+    in one command handler or in two on one store, is no clash, and both read it."""
+    with closing(incident.open_event_store(store_url)) as store:
+        letters = stamper("doc_promises_letter", StampLetter)
+        parcels = stamper("doc_promises_parcel", StampParcel)
+        one = incident.CommandHandler(store, aggregates=[letters])
+        two = incident.CommandHandler(store, aggregates=[parcels])
+        one.dispatch(StampLetter(aggregate_id="L1"))
+        two.dispatch(StampParcel(aggregate_id="P1"))
+        both = incident.CommandHandler(store, aggregates=[letters, parcels])
+        assert (both.state(letters, "L1"), both.state(parcels, "P1")) == (1, 1)
+        assert [type(r.data) for r in store.read_all()] == [Stamped, Stamped]
+        assert store.types.registered()["doc_promises.Stamped"] is Stamped
+
+
 def _store_at_schema_version(url: str, version: int) -> None:
     """Writes one doc_promises.Noted event at position 1 as a release whose class was at
     ``version`` would."""
