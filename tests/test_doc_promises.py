@@ -3,6 +3,8 @@ applies to. Each test's docstring quotes the promise and names the doc it comes 
 
 from __future__ import annotations
 
+import asyncio
+import math
 import sqlite3
 import subprocess
 import sys
@@ -229,6 +231,38 @@ def test_a_field_no_store_could_keep_as_a_column_is_refused_before_any_write(
                 metadata=None,
                 projection_store=projections,
                 project=lambda recorded: [misfit(aggregate_id="A")],
+            )
+        assert log(store) == []
+
+
+def test_a_derived_table_name_past_63_characters_is_refused_before_any_write(
+    store_url: str,
+) -> None:
+    """docs/read-models.md: "A name longer than 63 characters, declared or derived
+    (Postgres would cut it short, and two long names could then meet)" raises
+    IncidentError on the type's first use, read or write, before anything is written."""
+    long_name = "Ledger" + "Of" * 29  # ledger_of_of_...: 6 + 29 * 3 = 93 characters
+    ledger = msgspec.defstruct(
+        long_name,
+        [("aggregate_id", str)],
+        bases=(incident.Projection,),
+        module="doc_promises.read_models",
+    )
+    with closing(incident.open_event_store(store_url)) as store:
+        projections = store.projections()
+        with pytest.raises(incident.IncidentError, match="63"):
+            projections.all(ledger)
+        with pytest.raises(incident.IncidentError, match="63"):
+            projections.project(ledger(aggregate_id="a"))
+        with pytest.raises(incident.IncidentError, match="63"):
+            store.append_and_project(
+                "A",
+                [bank.AccountOpened(account_number="A")],
+                expected_version=0,
+                aggregate="bank_account",
+                metadata=None,
+                projection_store=projections,
+                project=lambda recorded: [ledger(aggregate_id="A")],
             )
         assert log(store) == []
 
@@ -552,3 +586,22 @@ def test_the_pools_reconnection_log_is_silent_unless_logging_is_configured() -> 
     )
     assert done.stderr == ""
     assert done.stdout.strip() == "['again']"
+
+
+@pytest.mark.parametrize("poll_interval", [math.inf, math.nan, -1.0])
+def test_a_poll_interval_that_is_not_a_finite_time_is_refused_when_subscribing(
+    store_url: str, poll_interval: float
+) -> None:
+    """docs/live.md: "Bad arguments (..., `poll_interval <= 0`, ...) raise `ValueError`
+    when you call it, not at the first event." An endless poll_interval was taken and the
+    tail then failed at its first wait with a bare OverflowError, not incident's error."""
+    store = incident.open_event_store(store_url)
+    with closing(store), pytest.raises(incident.InvalidArgument, match="poll_interval"):
+        store.subscribe(after=0, poll_interval=poll_interval)
+
+    async def subscribe_async() -> None:
+        async with incident.open_async_event_store(store_url) as store:
+            store.subscribe(after=0, poll_interval=poll_interval)
+
+    with pytest.raises(incident.InvalidArgument, match="poll_interval"):
+        asyncio.run(subscribe_async())
