@@ -605,3 +605,61 @@ def test_a_poll_interval_that_is_not_a_finite_time_is_refused_when_subscribing(
 
     with pytest.raises(incident.InvalidArgument, match="poll_interval"):
         asyncio.run(subscribe_async())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"backoff": -1},
+        {"backoff": math.nan},
+        {"backoff": math.inf},
+        {"backoff": "0.1"},
+        {"backoff": True},
+    ],
+)
+def test_a_command_handler_built_with_a_bad_backoff_is_refused(
+    store_url: str, options: dict[str, object]
+) -> None:
+    """docs/errors.md: InvalidArgument when "a handler, subscription or store was built
+    with an option that is not one ...; raised before anything is opened or written". A
+    backoff that is not a finite number of seconds >= 0 was taken and failed the first
+    conflict's retry with a bare TypeError or ValueError from its sleep."""
+    with pytest.raises(incident.InvalidArgument, match="backoff"):
+        incident.CommandHandler(store_url, aggregates=[notepad], **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"backoff": math.inf},
+        {"idle": 0},
+        {"idle": -1},
+        {"idle": math.inf},
+        {"idle": math.nan},
+        {"idle": "1"},
+        {"outage_backoff": -1},
+        {"outage_backoff": math.nan},
+        {"outage_backoff": math.inf},
+        {"cache_size": -1},
+        {"cache_size": 1.5},
+    ],
+)
+def test_a_subscription_built_with_an_option_that_is_not_one_is_refused(
+    store_url: str, options: dict[str, object]
+) -> None:
+    """docs/errors.md: InvalidArgument when "a handler, subscription or store was built
+    with an option that is not one (`retries=-1`, `batch_size=1.5`, ...); raised before
+    anything is opened or written": a pause that is not a finite number of seconds (idle
+    > 0, backoff and outage_backoff >= 0) or a cache size that is not a count; nothing is
+    checkpointed."""
+    handler = incident.EventHandler("doc_promises_options")
+
+    @handler.listen(Note)
+    def nothing(recorded: incident.Recorded[Note], state: Pad) -> None:
+        return None
+
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        with pytest.raises(incident.InvalidArgument, match=next(iter(options))):
+            incident.Subscription(handler, app, **options)  # type: ignore[arg-type]
+        checkpoints = incident.stores.checkpoint_store_for(app.event_store)
+        assert checkpoints.load("doc_promises_options") == 0

@@ -28,7 +28,7 @@ from ..event_handler import EventHandler
 from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
 from ..ids import new_uuid
 from ..messages import Command, Recorded
-from ..options import check_count
+from ..options import check_count, check_seconds
 from ..plans import Blocking, Collided, OnStream, Pause, Plan
 from ..stores import AppendRequest, CommitCall, EventStore, Outcome, Owed, ProjectionStore
 from .inline_handlers import InlineHandlers
@@ -72,6 +72,7 @@ class HandlerCore:
     ) -> None:
         retries, backoff, cache_size, snapshot_every, verify_snapshots = tuning
         check_count("retries", retries, 0)
+        check_seconds("backoff", backoff)  # a conflict's retry sleeps for it
         self.event_store, self.projection_store = event_store, projection_store
         self.aggregates = tuple(aggregates)
         self.event_handlers = tuple(event_handlers)
