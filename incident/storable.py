@@ -26,6 +26,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "check_id",
+    "check_metadata",
     "error_text",
     "keepable_id",
     "event_json",
@@ -235,9 +236,17 @@ def _metadata_problem(value: Any, path: str, depth: int) -> tuple[str, str] | No
     )
 
 
+def check_metadata(metadata: object) -> None:
+    """Unstorable unless ``metadata`` is None or a mapping (a list of pairs would come
+    back as a dict it never was)."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise Unstorable("metadata", None, f"must be a mapping or None, got {shown(metadata)}")
+
+
 def metadata_json(metadata: Mapping[str, Any] | None) -> str:
     """The metadata as JSON text, refusing (Unstorable) anything but plain JSON values
     that come back as they are: every store checks it the same way."""
+    check_metadata(metadata)
     if not metadata:
         return "{}"
     plain = dict(metadata)

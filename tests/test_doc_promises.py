@@ -663,3 +663,24 @@ def test_a_subscription_built_with_an_option_that_is_not_one_is_refused(
             incident.Subscription(handler, app, **options)  # type: ignore[arg-type]
         checkpoints = incident.stores.checkpoint_store_for(app.event_store)
         assert checkpoints.load("doc_promises_options") == 0
+
+
+@pytest.mark.parametrize("metadata", [[1], "ab", [("user", "ann")], 5, []])
+def test_metadata_that_is_not_a_mapping_is_unstorable_and_writes_nothing(
+    store_url: str, metadata: object
+) -> None:
+    """README.md, Storable values: "metadata that is not plain JSON ... [is] refused with
+    `Unstorable` before anything is written"; Errors: "Every error is an
+    `incident.IncidentError`". Metadata that is not a mapping raised a bare TypeError or
+    ValueError from `dict()`, or (a list of pairs) was stored as a dict it never was."""
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        with pytest.raises(incident.Unstorable, match="metadata"):
+            app.event_store.append(
+                "P",
+                [Note(text="a")],
+                expected_version=0,
+                metadata=metadata,  # type: ignore[arg-type]
+            )
+        with pytest.raises(incident.Unstorable, match="metadata"):
+            app.dispatch(Write(aggregate_id="P", text="a"), metadata=metadata)  # type: ignore[arg-type]
+        assert log(app.event_store) == []

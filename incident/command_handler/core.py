@@ -143,6 +143,7 @@ class HandlerCore:
         """``CommandHandler.dispatch``, as a plan."""
         validate_command(command)
         aggregate = self.aggregate_for(command)
+        storable.check_metadata(metadata)
         meta = dict(metadata or {})
         meta.setdefault("correlation_id", new_uuid())
         meta.setdefault("causation_id", None)

@@ -154,6 +154,7 @@ def checked_request(request: AppendRequest) -> list[Event]:
     events = checked_events(request.aggregate_id, request.events)
     check_version_argument(request.expected_version)
     check_aggregate_name(request.aggregate)
+    storable.check_metadata(request.metadata)
     if request.idempotency_key is not None:
         check_key(request.idempotency_key)
     return events
