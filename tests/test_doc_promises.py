@@ -684,3 +684,29 @@ def test_metadata_that_is_not_a_mapping_is_unstorable_and_writes_nothing(
         with pytest.raises(incident.Unstorable, match="metadata"):
             app.dispatch(Write(aggregate_id="P", text="a"), metadata=metadata)  # type: ignore[arg-type]
         assert log(app.event_store) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"expected_version": -1}, "expected_version"),
+        ({"expected_version": 1.0}, "expected_version"),
+        ({"expected_version": True}, "expected_version"),
+        ({"expected_version": None}, "expected_version"),
+        ({"events": [Write(aggregate_id="P", text="a")]}, "not an Event"),
+        ({"events": "ab"}, "not an Event"),
+    ],
+)
+def test_an_append_argument_no_store_can_act_on_is_invalid_argument(
+    store_url: str, arguments: dict[str, object], says: str
+) -> None:
+    """docs/errors.md: `InvalidArgument` (also a `ValueError`), "a store's verb was called
+    with an argument no store can act on ...; raised before anything is opened or
+    written". An expected version that is not a version, or something that is not an
+    Event among the events, was a bare IncidentError."""
+    call: dict[str, Any] = {"events": [Note(text="a")], "expected_version": 0, **arguments}
+    with closing(incident.open_event_store(store_url)) as store:
+        with pytest.raises(incident.InvalidArgument, match=says) as refused:
+            store.append("P", call["events"], expected_version=call["expected_version"])
+        assert isinstance(refused.value, ValueError)
+        assert log(store) == []

@@ -9,8 +9,9 @@ false CorruptEvent.
   store could keep (see :func:`incident.storable.keepable_id`) reads as nothing: no
   stream or key can have it.
 - Writes: the aggregate id, the ``aggregate`` name and the idempotency key are refused
-  as Unstorable when no store could keep them (docs/storable.md); ``expected_version``
-  is ``incident.ANY`` or an int >= 0, and a stream not at it is a ConcurrencyError.
+  as Unstorable when no store could keep them (docs/storable.md), so is metadata that
+  is not a mapping; ``expected_version`` is ``incident.ANY`` or an int >= 0 and each
+  event an Event (else InvalidArgument), and a stream not at it is a ConcurrencyError.
   Owed work (``owe``, and an append's Effects) is refused as InvalidArgument unless
   every store can keep each of its fields as given (:func:`check_owed`).
 """
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 
 from .. import storable
-from ..errors import ConcurrencyError, IncidentError, InvalidArgument, Unstorable
+from ..errors import ConcurrencyError, InvalidArgument, Unstorable
 from ..messages import ANY, Event
 from .protocols import AppendRequest, Owed
 from .unnumbered import Unnumbered
@@ -126,11 +127,11 @@ def check_expected_version(aggregate_id: str, expected: object, actual: int) -> 
 
 
 def check_version_argument(expected: object) -> None:
-    """IncidentError unless ``expected`` is ANY or an int >= 0 (a version)."""
+    """InvalidArgument unless ``expected`` is ANY or an int >= 0 (a version)."""
     if expected is ANY:
         return
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
-        raise IncidentError(
+        raise InvalidArgument(
             f"expected_version must be an int >= 0 or incident.ANY, got {expected!r}"
         )
 
@@ -142,7 +143,7 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
     checked = list(events)
     for event in checked:
         if not isinstance(event, Event):
-            raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
+            raise InvalidArgument(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
     return checked
 
 
