@@ -710,3 +710,18 @@ def test_an_append_argument_no_store_can_act_on_is_invalid_argument(
             store.append("P", call["events"], expected_version=call["expected_version"])
         assert isinstance(refused.value, ValueError)
         assert log(store) == []
+
+
+@pytest.mark.parametrize("rows", [None, 5])
+def test_replace_all_given_no_rows_at_all_is_invalid_argument_and_keeps_the_table(
+    store_url: str, rows: object
+) -> None:
+    """docs/read-models.md, What is refused: anything that is not an
+    `incident.Projection` given to `replace_all` "is refused with
+    `incident.InvalidArgument` on every store ... before anything is written". Rows that
+    are not even an iterable raised a bare TypeError."""
+    with closing(incident.open_projection_store(store_url)) as projections:
+        kept = projections.project(account_row("A", version=1, balance=10))
+        with pytest.raises(incident.InvalidArgument, match="replace_all"):
+            projections.replace_all(bank.BankAccount, rows)  # type: ignore[arg-type]
+        assert projections.all(bank.BankAccount) == [kept]
