@@ -725,3 +725,36 @@ def test_replace_all_given_no_rows_at_all_is_invalid_argument_and_keeps_the_tabl
         with pytest.raises(incident.InvalidArgument, match="replace_all"):
             projections.replace_all(bank.BankAccount, rows)  # type: ignore[arg-type]
         assert projections.all(bank.BankAccount) == [kept]
+
+
+@pytest.mark.parametrize(
+    ("verb", "arguments"),
+    [
+        ("save", {"handler": "h", "position": -1, "expected": 0}),
+        ("save", {"handler": "h", "position": 1.5, "expected": 0}),
+        ("save", {"handler": "h", "position": True, "expected": 0}),
+        ("save", {"handler": "h", "position": 2**63, "expected": 0}),
+        ("save", {"handler": "h", "position": 1, "expected": -1}),
+        ("save", {"handler": "h", "position": 1, "expected": None}),
+        ("save", {"handler": 7, "position": 1, "expected": 0}),
+        ("reset", {"handler": "h", "position": -1}),
+        ("reset", {"handler": "h", "position": 1.5}),
+        ("reset", {"handler": None, "position": 1}),
+        ("load", {"handler": 7}),
+    ],
+)
+def test_a_checkpoint_that_is_not_a_position_is_invalid_argument_and_writes_nothing(
+    store_url: str, verb: str, arguments: dict[str, Any]
+) -> None:
+    """docs/errors.md: `InvalidArgument`, "a store's verb was called with an argument no
+    store can act on ...; raised before anything is opened or written". A checkpoint
+    store saved or reset a checkpoint of -1 or 1.5 (which the subscription then could
+    not read from), and took a handler name that is not a str."""
+    with closing(incident.open_event_store(store_url)) as store:
+        checkpoints = incident.stores.checkpoint_store_for(store)
+        checkpoints.save("h", 3, expected=0)
+        arguments = dict(arguments)  # the parameters are shared by the backends
+        handler = arguments.pop("handler")
+        with pytest.raises(incident.InvalidArgument):
+            getattr(checkpoints, verb)(handler, **arguments)
+        assert checkpoints.checkpoints() == {"h": 3}

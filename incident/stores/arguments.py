@@ -161,6 +161,20 @@ def checked_request(request: AppendRequest) -> list[Event]:
     return events
 
 
+def check_checkpoint(handler: object, **positions: object) -> None:
+    """InvalidArgument unless ``handler`` is a str and each of ``positions`` (a
+    checkpoint's position, or the one a save expects) a position every store keeps: an
+    int from 0 to 2**63 - 1. A checkpoint store checks before it reads or writes."""
+    if not isinstance(handler, str):
+        raise InvalidArgument(f"a handler is named by a str, got {storable.shown(handler)}")
+    for name, value in positions.items():
+        if not _count(value, 0, storable.INT64_MAX):
+            raise InvalidArgument(
+                f"{name} must be a position (an int from 0 to 2**63 - 1), got "
+                f"{storable.shown(value)}; nothing was written"
+            )
+
+
 INT32_MAX = 2**31 - 1  # Postgres keeps an owed row's attempts in an integer column
 
 
