@@ -29,6 +29,7 @@ __all__ = [
     "check_metadata",
     "error_text",
     "keepable_id",
+    "kept_text",
     "event_json",
     "metadata_json",
     "problem_in",
@@ -298,5 +299,14 @@ def error_text(error: BaseException) -> str:
         message = str(error)
     except Exception:  # a broken __str__ must not hide the failure it describes
         message = f"<{type(error).__name__} whose message cannot be read>"
-    text = f"{type(error).__name__}: {message}"
+    return kept_text(f"{type(error).__name__}: {message}")
+
+
+def kept_text(text: str) -> str:
+    r"""``text`` with what no store keeps written as escapes (a NUL as ``\x00``, a lone
+    surrogate as ``\udcff``): every store keeps the result and gives it back as it is.
+
+    >>> print(kept_text("bad\x00byte"))
+    bad\x00byte
+    """
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

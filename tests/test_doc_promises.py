@@ -76,6 +76,20 @@ def keyed_write(state: Pad, cmd: KeyedWrite) -> Note:
     return Note(text=cmd.text)
 
 
+# rejections whose text no store keeps as it is (a command's fields cannot carry it)
+REFUSALS = [("bad\x00reason", None), ("closed", "a\x00detail"), ("sur\udc80", "and\udc81")]
+
+
+class Refuse(incident.Command):
+    aggregate_id: str
+    refusal: int
+
+
+@notepad.execute
+def refuse(state: Pad, cmd: Refuse) -> Note:
+    raise incident.Rejected(*REFUSALS[cmd.refusal])
+
+
 @notepad.apply
 def noted(state: Pad, event: Note) -> Pad:
     return msgspec.structs.replace(state, notes=state.notes + 1)
@@ -758,3 +772,48 @@ def test_a_checkpoint_that_is_not_a_position_is_invalid_argument_and_writes_noth
         with pytest.raises(incident.InvalidArgument):
             getattr(checkpoints, verb)(handler, **arguments)
         assert checkpoints.checkpoints() == {"h": 3}
+
+
+@pytest.mark.parametrize(
+    ("refusal", "kept"),
+    [
+        (0, ("bad\\x00reason", None)),
+        (1, ("closed", "a\\x00detail")),
+        (2, ("sur\\udc80", "and\\udc81")),
+    ],
+)
+def test_a_keyed_rejection_whose_reason_no_store_keeps_is_still_a_rejection(
+    store_url: str, refusal: int, kept: tuple[str, str | None]
+) -> None:
+    """README.md, Idempotent commands: a retry "gets the first call's outcome back: ...
+    its rejection (the reason is remembered under the key ...)"; docs/errors.md:
+    `Rejected` is "don't retry: a business rule said no", `StoreError` "retry once the
+    database is back". A rejection whose reason or detail held a NUL or a lone surrogate
+    was a StoreError (Postgres) or a bare UnicodeEncodeError (SQLite, Postgres) when
+    remembered, every time; it is remembered with those escaped, alike on every store,
+    as a parked event's error is."""
+    with incident.CommandHandler(store_url, aggregates=[notepad]) as app:
+        command = Refuse(aggregate_id="P", refusal=refusal)
+        with pytest.raises(incident.Rejected) as first:
+            app.dispatch(command, metadata={"idempotency_key": "r-1"})
+        # the caller sees the rejection as raised
+        assert (first.value.reason, first.value.detail) == REFUSALS[refusal]
+        stored = app.event_store.outcome_for("r-1")
+        assert stored is not None and (stored.rejected, stored.detail) == kept
+        with pytest.raises(incident.Rejected) as again:
+            app.dispatch(command, metadata={"idempotency_key": "r-1"})
+        assert (again.value.reason, again.value.detail) == kept
+        assert log(app.event_store) == []
+
+
+@pytest.mark.parametrize(("reason", "detail"), [("a\x00b", None), ("ok", "\udc80"), (7, None)])
+def test_a_store_refuses_a_rejection_it_could_not_give_back(
+    store_url: str, reason: object, detail: object
+) -> None:
+    """README.md, Storable values: "what a store accepts it gives back unchanged, on every
+    store: ... NUL, lone surrogates ... are refused with `Unstorable` before anything is
+    written". remember_rejection stored them on one store and failed on another."""
+    with closing(incident.open_event_store(store_url)) as store:
+        with pytest.raises(incident.Unstorable):
+            store.remember_rejection("r-1", reason, detail)  # type: ignore[arg-type]
+        assert store.outcome_for("r-1") is None

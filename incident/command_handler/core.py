@@ -162,7 +162,10 @@ class HandlerCore:
             # remembered, so a replay of the key takes this branch again whatever the
             # state by then; a racing twin that succeeded first wins instead
             remember = self.event_store.remember_rejection
-            stored = yield Blocking(partial(remember, key, rejection.reason, rejection.detail))
+            # kept as every store keeps text: a NUL or a lone surrogate escaped
+            detail = None if rejection.detail is None else storable.kept_text(str(rejection.detail))
+            reason = storable.kept_text(str(rejection.reason))
+            stored = yield Blocking(partial(remember, key, reason, detail))
             if stored.rejected is None:
                 return (yield from self._replay_outcome(command, stored))
             raise

@@ -161,6 +161,19 @@ def checked_request(request: AppendRequest) -> list[Event]:
     return events
 
 
+def check_rejection(reason: object, detail: object) -> None:
+    """Unstorable unless a remembered rejection's ``reason`` is a str and its ``detail``
+    None or a str, each without a NUL or a lone surrogate (no store could give them
+    back)."""
+    for what, text in (("rejection reason", reason), ("rejection detail", detail)):
+        if text is None and what == "rejection detail":
+            continue
+        if not isinstance(text, str):
+            raise Unstorable(what, None, f"must be a str, got {storable.shown(text)}")
+        if (problem := storable.problem_in(text)) is not None:
+            raise Unstorable(what, None, problem[1])
+
+
 def check_checkpoint(handler: object, **positions: object) -> None:
     """InvalidArgument unless ``handler`` is a str and each of ``positions`` (a
     checkpoint's position, or the one a save expects) a position every store keeps: an

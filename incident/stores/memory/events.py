@@ -25,6 +25,7 @@ from ..arguments import (
     check_key,
     check_limit,
     check_owed,
+    check_rejection,
     checked_request,
     readable_id,
     readable_key,
@@ -155,6 +156,7 @@ class MemoryEventStore(AppendVerbs, Live):
     ) -> Outcome:
         self.opened.check()
         check_key(idempotency_key)
+        check_rejection(reason, detail)
         with self._lock:
             found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
         return found._replace(recorded=list(found.recorded))

@@ -28,7 +28,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_key, check_owed, checked_request, readable_key
+from ..arguments import check_key, check_owed, check_rejection, checked_request, readable_key
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -171,6 +171,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
         check_key(idempotency_key)
+        check_rejection(reason, detail)
         if not self._db.schema_ready:
             self._db.migrate()
         with self._db.errors(), self._db.transaction() as conn:
