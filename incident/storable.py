@@ -26,8 +26,10 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "check_id",
+    "check_metadata",
     "error_text",
     "keepable_id",
+    "kept_text",
     "event_json",
     "metadata_json",
     "problem_in",
@@ -235,9 +237,17 @@ def _metadata_problem(value: Any, path: str, depth: int) -> tuple[str, str] | No
     )
 
 
+def check_metadata(metadata: object) -> None:
+    """Unstorable unless ``metadata`` is None or a mapping (a list of pairs would come
+    back as a dict it never was)."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise Unstorable("metadata", None, f"must be a mapping or None, got {shown(metadata)}")
+
+
 def metadata_json(metadata: Mapping[str, Any] | None) -> str:
     """The metadata as JSON text, refusing (Unstorable) anything but plain JSON values
     that come back as they are: every store checks it the same way."""
+    check_metadata(metadata)
     if not metadata:
         return "{}"
     plain = dict(metadata)
@@ -289,5 +299,14 @@ def error_text(error: BaseException) -> str:
         message = str(error)
     except Exception:  # a broken __str__ must not hide the failure it describes
         message = f"<{type(error).__name__} whose message cannot be read>"
-    text = f"{type(error).__name__}: {message}"
+    return kept_text(f"{type(error).__name__}: {message}")
+
+
+def kept_text(text: str) -> str:
+    r"""``text`` with what no store keeps written as escapes (a NUL as ``\x00``, a lone
+    surrogate as ``\udcff``): every store keeps the result and gives it back as it is.
+
+    >>> print(kept_text("bad\x00byte"))
+    bad\x00byte
+    """
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

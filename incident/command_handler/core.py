@@ -28,7 +28,7 @@ from ..event_handler import EventHandler
 from ..follow_ups import IDEMPOTENCY_KEY, FollowUp, FollowUps
 from ..ids import new_uuid
 from ..messages import Command, Recorded
-from ..options import check_count
+from ..options import check_count, check_seconds
 from ..plans import Blocking, Collided, OnStream, Pause, Plan
 from ..stores import AppendRequest, CommitCall, EventStore, Outcome, Owed, ProjectionStore
 from .inline_handlers import InlineHandlers
@@ -72,6 +72,7 @@ class HandlerCore:
     ) -> None:
         retries, backoff, cache_size, snapshot_every, verify_snapshots = tuning
         check_count("retries", retries, 0)
+        check_seconds("backoff", backoff)  # a conflict's retry sleeps for it
         self.event_store, self.projection_store = event_store, projection_store
         self.aggregates = tuple(aggregates)
         self.event_handlers = tuple(event_handlers)
@@ -142,6 +143,7 @@ class HandlerCore:
         """``CommandHandler.dispatch``, as a plan."""
         validate_command(command)
         aggregate = self.aggregate_for(command)
+        storable.check_metadata(metadata)
         meta = dict(metadata or {})
         meta.setdefault("correlation_id", new_uuid())
         meta.setdefault("causation_id", None)
@@ -160,7 +162,10 @@ class HandlerCore:
             # remembered, so a replay of the key takes this branch again whatever the
             # state by then; a racing twin that succeeded first wins instead
             remember = self.event_store.remember_rejection
-            stored = yield Blocking(partial(remember, key, rejection.reason, rejection.detail))
+            # kept as every store keeps text: a NUL or a lone surrogate escaped
+            detail = None if rejection.detail is None else storable.kept_text(str(rejection.detail))
+            reason = storable.kept_text(str(rejection.reason))
+            stored = yield Blocking(partial(remember, key, reason, detail))
             if stored.rejected is None:
                 return (yield from self._replay_outcome(command, stored))
             raise

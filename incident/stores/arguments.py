@@ -9,8 +9,9 @@ false CorruptEvent.
   store could keep (see :func:`incident.storable.keepable_id`) reads as nothing: no
   stream or key can have it.
 - Writes: the aggregate id, the ``aggregate`` name and the idempotency key are refused
-  as Unstorable when no store could keep them (docs/storable.md); ``expected_version``
-  is ``incident.ANY`` or an int >= 0, and a stream not at it is a ConcurrencyError.
+  as Unstorable when no store could keep them (docs/storable.md), so is metadata that
+  is not a mapping; ``expected_version`` is ``incident.ANY`` or an int >= 0 and each
+  event an Event (else InvalidArgument), and a stream not at it is a ConcurrencyError.
   Owed work (``owe``, and an append's Effects) is refused as InvalidArgument unless
   every store can keep each of its fields as given (:func:`check_owed`).
 """
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 
 from .. import storable
-from ..errors import ConcurrencyError, IncidentError, InvalidArgument, Unstorable
+from ..errors import ConcurrencyError, InvalidArgument, Unstorable
 from ..messages import ANY, Event
 from .protocols import AppendRequest, Owed
 from .unnumbered import Unnumbered
@@ -126,11 +127,11 @@ def check_expected_version(aggregate_id: str, expected: object, actual: int) -> 
 
 
 def check_version_argument(expected: object) -> None:
-    """IncidentError unless ``expected`` is ANY or an int >= 0 (a version)."""
+    """InvalidArgument unless ``expected`` is ANY or an int >= 0 (a version)."""
     if expected is ANY:
         return
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
-        raise IncidentError(
+        raise InvalidArgument(
             f"expected_version must be an int >= 0 or incident.ANY, got {expected!r}"
         )
 
@@ -142,7 +143,7 @@ def checked_events(aggregate_id: str, events: Iterable[Event]) -> list[Event]:
     checked = list(events)
     for event in checked:
         if not isinstance(event, Event):
-            raise IncidentError(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
+            raise InvalidArgument(f"Cannot append {event!r} to {aggregate_id!r}: not an Event")
     return checked
 
 
@@ -154,9 +155,37 @@ def checked_request(request: AppendRequest) -> list[Event]:
     events = checked_events(request.aggregate_id, request.events)
     check_version_argument(request.expected_version)
     check_aggregate_name(request.aggregate)
+    storable.check_metadata(request.metadata)
     if request.idempotency_key is not None:
         check_key(request.idempotency_key)
     return events
+
+
+def check_rejection(reason: object, detail: object) -> None:
+    """Unstorable unless a remembered rejection's ``reason`` is a str and its ``detail``
+    None or a str, each without a NUL or a lone surrogate (no store could give them
+    back)."""
+    for what, text in (("rejection reason", reason), ("rejection detail", detail)):
+        if text is None and what == "rejection detail":
+            continue
+        if not isinstance(text, str):
+            raise Unstorable(what, None, f"must be a str, got {storable.shown(text)}")
+        if (problem := storable.problem_in(text)) is not None:
+            raise Unstorable(what, None, problem[1])
+
+
+def check_checkpoint(handler: object, **positions: object) -> None:
+    """InvalidArgument unless ``handler`` is a str and each of ``positions`` (a
+    checkpoint's position, or the one a save expects) a position every store keeps: an
+    int from 0 to 2**63 - 1. A checkpoint store checks before it reads or writes."""
+    if not isinstance(handler, str):
+        raise InvalidArgument(f"a handler is named by a str, got {storable.shown(handler)}")
+    for name, value in positions.items():
+        if not _count(value, 0, storable.INT64_MAX):
+            raise InvalidArgument(
+                f"{name} must be a position (an int from 0 to 2**63 - 1), got "
+                f"{storable.shown(value)}; nothing was written"
+            )
 
 
 INT32_MAX = 2**31 - 1  # Postgres keeps an owed row's attempts in an integer column

@@ -24,6 +24,7 @@ MoneyDeposited(amount=5)
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -66,8 +67,11 @@ def checked_tail_arguments(after: Any, poll_interval: Any, batch_size: Any) -> N
     it starts."""
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise InvalidArgument(f"after must be a position (an int >= 0), got {after!r}")
-    if not isinstance(poll_interval, int | float) or not poll_interval > 0:
-        raise InvalidArgument(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+    # an endless one would overflow the first wait: a wake-up that never came, never read
+    if not isinstance(poll_interval, int | float) or not 0 < poll_interval < math.inf:
+        raise InvalidArgument(
+            f"poll_interval must be > 0 seconds and finite, got {poll_interval!r}"
+        )
     check_count("batch_size", batch_size, 1)
 
 

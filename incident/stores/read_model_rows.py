@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .. import storable
-from ..errors import IncidentError, Unstorable
+from ..errors import IncidentError, InvalidArgument, Unstorable
 from ..messages import Projection
 from .tables import Kind, TableSpec, check_projection_type, qualified, table_spec
 
@@ -162,6 +162,11 @@ def replacing_rows(projection_type: type[P], projections: Iterable[P]) -> list[P
     (or of a class redefined under its name), else IncidentError before anything is
     written (InvalidArgument for a row that is not a Projection); of rows of one key,
     the one ``project`` would leave (never an older one)."""
+    if not isinstance(projections, Iterable):
+        raise InvalidArgument(
+            f"replace_all({getattr(projection_type, '__name__', projection_type)!r}, ...) "
+            f"needs an iterable of rows, got {storable.shown(projections)}"
+        )
     kept: dict[str, P] = {}
     for projection in projections:
         check_projection_type(type(projection))

@@ -16,7 +16,7 @@ from ..errors import CheckpointConflict, CorruptEvent, IncidentError, InvalidArg
 from ..event_handler import EventHandler
 from ..follow_ups import split_outputs
 from ..messages import Projection, Recorded, event_type_name
-from ..options import check_count
+from ..options import check_count, check_seconds
 from ..stores import CheckpointStore, Parked, ReplaceableProjectionStore, checkpoint_store_for
 from .dead_letters import DeadLetters, OnFailure, SubscriptionFailed, read_batch
 from .fan_out import FanOut
@@ -56,8 +56,11 @@ class Subscription:
     ) -> None:
         check_count("batch_size", batch_size, 1)
         check_count("retries", retries, 0)
-        if not backoff >= 0:  # a retry's sleep would raise in the middle of a batch
-            raise InvalidArgument(f"backoff must be a number of seconds >= 0, got {backoff!r}")
+        check_count("cache_size", cache_size, 0)
+        # a retry's sleep, or a wait, would raise in the middle of a batch
+        check_seconds("backoff", backoff)
+        check_seconds("idle", idle, positive=True)
+        check_seconds("outage_backoff", outage_backoff)
         if on_failure not in ("park", "stop"):
             raise InvalidArgument(f"on_failure must be 'park' or 'stop', got {on_failure!r}")
         self.handler = handler

@@ -9,6 +9,7 @@ from typing import TypeVar
 from ...errors import CheckpointConflict
 from ...messages import Projection
 from .._common import write_elsewhere
+from ..arguments import check_checkpoint
 from ..protocols import (
     Parked,
     ProjectionStore,
@@ -68,6 +69,7 @@ class MemoryCheckpointStore:
         return f"MemoryCheckpointStore({self._positions})"
 
     def load(self, handler: str) -> int:
+        check_checkpoint(handler)
         self.opened.check()
         with self._lock:
             return self._positions.get(handler, 0)
@@ -82,6 +84,7 @@ class MemoryCheckpointStore:
         projection_store: ProjectionStore | None = None,
         parked: Sequence[Parked] = (),
     ) -> None:
+        check_checkpoint(handler, position=position, expected=expected)
         self.opened.check()
         with self._lock:
             actual = self._positions.get(handler, 0)
@@ -105,6 +108,7 @@ class MemoryCheckpointStore:
         tables: Tables | None = None,
         projection_store: ProjectionStore | None = None,
     ) -> None:
+        check_checkpoint(handler, position=position)
         self.opened.check()
         shared = isinstance(projection_store, MemoryProjectionStore)
         kept = checked_tables(tables, projection_store, shared)

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from ...codec import EventTypes
-from ...errors import DuplicateCommand, IncidentError
+from ...errors import DuplicateCommand, IncidentError, InvalidArgument
 from ...messages import Event, Recorded
 from .._common import (
     AppendVerbs,
@@ -25,6 +25,7 @@ from ..arguments import (
     check_key,
     check_limit,
     check_owed,
+    check_rejection,
     checked_request,
     readable_id,
     readable_key,
@@ -155,6 +156,7 @@ class MemoryEventStore(AppendVerbs, Live):
     ) -> Outcome:
         self.opened.check()
         check_key(idempotency_key)
+        check_rejection(reason, detail)
         with self._lock:
             found = self._keys.setdefault(idempotency_key, Outcome([], reason, detail))
         return found._replace(recorded=list(found.recorded))
@@ -233,5 +235,7 @@ class MemoryEventStore(AppendVerbs, Live):
 def open_memory(url: str, **options: Any) -> MemoryEventStore:
     """``memory://``: a fresh in-process store per call."""
     if url.rstrip("/") != "memory:" or options:
-        raise IncidentError(f"memory:// takes no path or options, got {url!r} {options or ''}")
+        # an option is the caller's mistake (InvalidArgument); a path, a URL that names nothing
+        error = InvalidArgument if options or "?" in url else IncidentError
+        raise error(f"memory:// takes no path or options, got {url!r} {options or ''}")
     return MemoryEventStore()

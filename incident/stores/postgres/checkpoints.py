@@ -21,6 +21,7 @@ from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll, write_elsewhere
+from ..arguments import check_checkpoint
 from ..protocols import Parked, ProjectionStore
 from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
@@ -93,6 +94,7 @@ class PostgresCheckpointStore:
             self.initialize()
 
     def load(self, handler: str) -> int:
+        check_checkpoint(handler)
         self._ensure()
         with self._db.connection(f"loading the checkpoint of {handler}") as conn:
             row = conn.execute(self._load, [handler]).fetchone()
@@ -108,6 +110,7 @@ class PostgresCheckpointStore:
         projection_store: ProjectionStore | None = None,
         parked: Sequence[Parked] = (),
     ) -> None:
+        check_checkpoint(handler, position=position, expected=expected)
         self._ensure()
         shared = isinstance(projection_store, PostgresProjectionStore) and (
             self.shares_database_with(projection_store)
@@ -146,6 +149,7 @@ class PostgresCheckpointStore:
         tables: Tables | None = None,
         projection_store: ProjectionStore | None = None,
     ) -> None:
+        check_checkpoint(handler, position=position)
         self._ensure()
         shared = isinstance(projection_store, PostgresProjectionStore) and (
             self.shares_database_with(projection_store)

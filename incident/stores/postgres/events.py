@@ -27,7 +27,13 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_expected_version, check_key, check_owed, checked_request
+from ..arguments import (
+    check_expected_version,
+    check_key,
+    check_owed,
+    check_rejection,
+    checked_request,
+)
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -432,6 +438,7 @@ class PostgresEventStore(PostgresEventReads, AppendVerbs, Live):
         the key stored is returned once durable, as by ``outcome_for``: an append's may
         still be in flight, and finding it leaves nothing of this commit's own to flush."""
         check_key(idempotency_key)
+        check_rejection(reason, detail)
         self._db.ready()
         doing = f"remembering the rejection of idempotency key {idempotency_key!r}"
         with self._db.connection(doing) as conn:

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ...codec import EventTypes
-from ...errors import IncidentError, StoreError
+from ...errors import IncidentError, InvalidArgument, StoreError
 from ...options import check_count
 from .database import Database
 from .events import PostgresEventStore
@@ -86,7 +86,7 @@ def open_postgres(
     check_count("pool_size", pool_size, 1)
     check_count("batch_size", batch_size, 1)
     if not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
-        raise IncidentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
     try:
         conninfo_to_dict(conninfo)
     except psycopg.Error as error:

@@ -26,6 +26,7 @@ from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import parked_from_row, parked_row, poll, write_elsewhere
+from ..arguments import check_checkpoint
 from ..protocols import Parked, ProjectionStore
 from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
@@ -84,6 +85,7 @@ class SQLiteCheckpointStore:
         return rows
 
     def load(self, handler: str) -> int:
+        check_checkpoint(handler)
         rows = self._query(LOAD_CHECKPOINT, (handler,))
         return int(rows[0][0]) if rows else 0
 
@@ -97,6 +99,7 @@ class SQLiteCheckpointStore:
         projection_store: ProjectionStore | None = None,
         parked: Sequence[Parked] = (),
     ) -> None:
+        check_checkpoint(handler, position=position, expected=expected)
         self._ensure()
         shared = projection_store is not None and self.shares_database_with(projection_store)
         with self._db.errors(), self._db.transaction() as conn:
@@ -128,6 +131,7 @@ class SQLiteCheckpointStore:
         tables: Tables | None = None,
         projection_store: ProjectionStore | None = None,
     ) -> None:
+        check_checkpoint(handler, position=position)
         self._ensure()
         shared = projection_store is not None and self.shares_database_with(projection_store)
         kept = checked_tables(tables, projection_store, shared)

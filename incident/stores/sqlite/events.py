@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ...codec import EventTypes
-from ...errors import IncidentError
+from ...errors import InvalidArgument
 from .._common import (
     AppendVerbs,
     event_json,
@@ -28,7 +28,7 @@ from .._common import (
     owed_row,
     project_elsewhere,
 )
-from ..arguments import check_key, check_owed, checked_request, readable_key
+from ..arguments import check_key, check_owed, check_rejection, checked_request, readable_key
 from ..live import Live
 from ..protocols import (
     AppendRequest,
@@ -171,6 +171,7 @@ class SQLiteEventStore(EventReads, AppendVerbs, Live):
         self, idempotency_key: str, reason: str, detail: str | None = None
     ) -> Outcome:
         check_key(idempotency_key)
+        check_rejection(reason, detail)
         if not self._db.schema_ready:
             self._db.migrate()
         with self._db.errors(), self._db.transaction() as conn:
@@ -256,26 +257,26 @@ def open_sqlite(url: str, **options: Any) -> SQLiteEventStore:
     settings.update(options)
     unknown = set(settings) - {"synchronous", "timeout", "lock_poll", "types"}
     if unknown:
-        raise IncidentError(
+        raise InvalidArgument(
             f"Unknown SQLite store options {sorted(unknown)}; "
             "known: synchronous, timeout, lock_poll, types"
         )
     synchronous = str(settings.get("synchronous", "FULL")).upper()
     if synchronous not in SYNCHRONOUS:
-        raise IncidentError(
+        raise InvalidArgument(
             f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {settings['synchronous']!r}"
         )
     try:
         timeout = float(settings.get("timeout", 30.0))
         lock_poll = float(settings.get("lock_poll", LOCK_POLL))
     except (TypeError, ValueError) as error:
-        raise IncidentError(f"timeout and lock_poll are seconds: {error}") from error
+        raise InvalidArgument(f"timeout and lock_poll are seconds: {error}") from error
     if not 0 <= timeout < math.inf:
-        raise IncidentError(f"timeout must be a number of seconds >= 0, got {timeout}")
+        raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout}")
     if not 0 <= lock_poll <= 1:
-        raise IncidentError(f"lock_poll must be between 0 and 1 second, got {lock_poll}")
+        raise InvalidArgument(f"lock_poll must be between 0 and 1 second, got {lock_poll}")
     types = settings.get("types")
     if types is not None and not isinstance(types, EventTypes):
-        raise IncidentError(f"types must be an incident.EventTypes, got {types!r}")
+        raise InvalidArgument(f"types must be an incident.EventTypes, got {types!r}")
     database = Database(path, synchronous=synchronous, timeout=timeout, lock_poll=lock_poll)
     return SQLiteEventStore(database, types=types)

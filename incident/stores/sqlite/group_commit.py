@@ -138,7 +138,11 @@ class GroupCommit(Combiner[T, R]):
             ticket.sleeper()
         with self.mutex:
             idle = not self.busy
-            alone = idle and len(tickets) <= self.max_requests
+            fits = len(tickets) == 1 or (
+                len(tickets) <= self.max_requests
+                and sum(ticket.size for ticket in tickets) <= self.max_events
+            )
+            alone = idle and fits
             self.busy = True
             if alone:  # no batch in flight: these are the batch
                 for ticket in tickets:
