@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from ..aggregate import Aggregate
 from ..codec import validate_command
@@ -116,7 +118,9 @@ class Outcome(Generic[S]):
         self.error = error
 
     def then(self, *expected: Event) -> S:
-        """Assert that exactly ``expected`` were decided (none: nothing was decided).
+        """Assert that exactly ``expected`` were decided (none: nothing was decided):
+        each of the same type, equal, and written alike (``10`` is not ``10.0``, ``True``
+        not ``1``, an offset not another one for the same instant, as on a store).
 
         Returns the state after them, for further assertions."""
         if self.error is not None:
@@ -124,7 +128,7 @@ class Outcome(Generic[S]):
                 f"expected {_count(expected)}, but {_describe_error(self.error)}",
                 expected=expected,
             )
-        if list(self.events) != list(expected):
+        if not _same_events(expected, self.events):
             raise self.failure(
                 "the decided events differ from the expected ones",
                 expected=expected,
@@ -218,9 +222,26 @@ def _field_changes(old: Event, new: Event) -> list[str]:
     changes = []
     for name in old.__struct_fields__:
         before, after = getattr(old, name), getattr(new, name)
-        if before != after:
+        if not _exactly(before, after):
             changes.append(f"{name}: expected {before!r}, got {after!r}")
     return changes
+
+
+def _same_events(expected: Sequence[Event], actual: Sequence[Event]) -> bool:
+    return len(expected) == len(actual) and all(map(_exactly, expected, actual))
+
+
+def _exactly(left: Any, right: Any) -> bool:
+    """Equal, of one type, and the same JSON: ``==`` alone takes ``10.0`` for ``10``,
+    ``True`` for ``1``, ``-0.0`` for ``0.0``, ``Decimal("1.00")`` for ``Decimal("1.0")``
+    and one instant at two offsets for the same value, and a store keeps them apart."""
+    if type(left) is not type(right) or left != right:
+        return False
+    try:
+        written = [msgspec.json.encode(v, order="deterministic") for v in (left, right)]
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return True  # not JSON at all: == is all there is to go by
+    return written[0] == written[1]
 
 
 def _count(events: Sequence[Event]) -> str:
