@@ -4,6 +4,7 @@ commands that fail it, and events."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.util
 import math
 import re
@@ -201,12 +202,18 @@ def _valid(info: mi.Type) -> SearchStrategy[Any]:
         case mi.UnionType():
             return st.one_of(*(_valid(member) for member in info.types))
         case mi.StructType():
-            cls = info.cls
-            return st.deferred(lambda: _struct(cls, {}))  # deferred: structs may nest
+            return _nested(info.cls)
         case _:
             raise TypeError(
                 f"Cannot derive a strategy for {info!r}; pass one for this field by name"
             )
+
+
+@functools.cache
+def _nested(cls: type[Any]) -> SearchStrategy[Any]:
+    # deferred, and one strategy a type: a struct that nests itself then refers to the
+    # strategy being built rather than deriving a new one without end
+    return st.deferred(lambda: _struct(cls, {}))
 
 
 def _integers(info: mi.IntType) -> SearchStrategy[int]:
@@ -253,8 +260,13 @@ def _floats(info: mi.FloatType) -> SearchStrategy[float]:
 
 
 def _text(**sizes: Any) -> SearchStrategy[str]:
-    # no NUL: no store keeps one (docs/storable.md), so validate_command refuses it
-    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), **sizes)
+    return st.text(_characters(), **sizes)
+
+
+def _characters() -> SearchStrategy[str]:
+    # no NUL nor lone surrogate: no store keeps one (docs/storable.md), so
+    # validate_command refuses them
+    return st.characters(codec="utf-8", exclude_characters="\x00")
 
 
 def _strings(info: mi.StrType) -> SearchStrategy[str]:
@@ -262,7 +274,7 @@ def _strings(info: mi.StrType) -> SearchStrategy[str]:
     if info.pattern is None:
         return _text(min_size=low, max_size=high)
     # msgspec matches patterns with re.search, which is what from_regex generates for
-    return st.from_regex(info.pattern).filter(
+    return st.from_regex(info.pattern, alphabet=_characters()).filter(
         lambda s: len(s) >= low and (high is None or len(s) <= high)
     )
 
