@@ -242,3 +242,19 @@ def test_the_contract_passes_the_memory_store_as_it_is() -> None:
         "test_plain_metadata_comes_back_unchanged",
     ):
         getattr(EventStoreContract(), test)(BrokenStore("nothing"))
+
+
+class PositionAsVersionStore(MemoryEventStore):
+    """A store whose version() is the log position of the stream's last event."""
+
+    def version(self, aggregate_id: str) -> int:
+        return max((r.position for r in super().get(aggregate_id)), default=0)
+
+
+def test_the_contract_fails_on_a_version_that_gives_the_position() -> None:
+    """Position and version are one number while a test has one stream: a version()
+    that gave the position passed every test."""
+    with pytest.raises(AssertionError):
+        EventStoreContract().test_read_all_is_gapless_in_commit_order_and_pages(
+            PositionAsVersionStore()
+        )
