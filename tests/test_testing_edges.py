@@ -11,13 +11,14 @@ from typing import Annotated, Any
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis.stateful import run_state_machine_as_test
 from msgspec.structs import replace
 
 import incident
 from incident.examples.bank import AccountOpened, DepositMoney, MoneyDeposited, bank_account
 from incident.messages import ANY, Recorded
 from incident.stores import MemoryEventStore
-from incident.testing import ScenarioFailed, commands, diff_events
+from incident.testing import ScenarioFailed, aggregate_machine, commands, diff_events
 from incident.testing import given as given_events
 from incident.testing.contract import EventStoreContract
 from incident.testing.contract.event_store import Everything
@@ -258,3 +259,37 @@ def test_the_contract_fails_on_a_version_that_gives_the_position() -> None:
         EventStoreContract().test_read_all_is_gapless_in_commit_order_and_pages(
             PositionAsVersionStore()
         )
+
+
+# -- the machine fails an aggregate that decides what no store keeps ---------------------------
+
+
+class Halve(incident.Command):
+    aggregate_id: str
+    n: Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+
+class Halved(incident.Event):
+    n: int
+
+
+halver = incident.Aggregate("halver", initial=0)
+
+
+@halver.execute
+def halve(total: int, command: Halve) -> Halved:
+    return Halved(n=command.n / 2)  # type: ignore[arg-type]  # a float in an int field
+
+
+@halver.apply
+def halved(total: int, event: Halved) -> int:
+    return total + 1
+
+
+def test_the_machine_fails_an_event_no_store_would_keep() -> None:
+    """An event holding a float in an int field folds fine, but every store refuses it at
+    the append (Unstorable): the machine fails the run, naming the field."""
+    machine = aggregate_machine(halver, settings=settings(max_examples=20, database=None))
+    with pytest.raises(AssertionError, match="no store would keep") as caught:
+        run_state_machine_as_test(machine)
+    assert "Halved" in str(caught.value)
