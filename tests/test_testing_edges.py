@@ -293,3 +293,12 @@ def test_the_machine_fails_an_event_no_store_would_keep() -> None:
     with pytest.raises(AssertionError, match="no store would keep") as caught:
         run_state_machine_as_test(machine)
     assert "Halved" in str(caught.value)
+
+
+def test_then_fails_when_the_decided_event_is_one_no_store_keeps() -> None:
+    """Expecting the very event decided is no proof: Halved(n=1.0) equals itself, yet the
+    append of it is refused, so then() fails, naming why."""
+    outcome = given_events(halver).when(Halve(aggregate_id="h", n=2))
+    with pytest.raises(ScenarioFailed, match="no store would keep") as caught:
+        outcome.then(Halved(n=1.0))  # type: ignore[arg-type]
+    assert "Expected `int`, got `float`" in str(caught.value)

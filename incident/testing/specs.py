@@ -10,8 +10,9 @@ import msgspec
 
 from ..aggregate import Aggregate
 from ..codec import validate_command
-from ..errors import InvalidCommand, Rejected
+from ..errors import InvalidCommand, Rejected, Unstorable
 from ..messages import Command, Event
+from ..stores._common import event_json
 
 __all__ = ["Outcome", "Scenario", "ScenarioFailed", "diff_events", "given"]
 
@@ -120,7 +121,8 @@ class Outcome(Generic[S]):
     def then(self, *expected: Event) -> S:
         """Assert that exactly ``expected`` were decided (none: nothing was decided):
         each of the same type, equal, and written alike (``10`` is not ``10.0``, ``True``
-        not ``1``, an offset not another one for the same instant, as on a store).
+        not ``1``, an offset not another one for the same instant, as on a store), and
+        each one a store keeps (``Unstorable`` at the append fails the spec too).
 
         Returns the state after them, for further assertions."""
         if self.error is not None:
@@ -134,6 +136,13 @@ class Outcome(Generic[S]):
                 expected=expected,
                 diff=True,
             )
+        for event in self.events:
+            try:
+                event_json(event)
+            except Unstorable as error:
+                raise self.failure(
+                    f"it decided an event no store would keep ({error})", expected=expected
+                ) from None
         return self.scenario.aggregate.fold(self.events, self.scenario.state)
 
     def then_rejected(self, reason: str | None = None) -> Rejected:
