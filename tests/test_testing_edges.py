@@ -17,10 +17,10 @@ from msgspec.structs import replace
 import incident
 from incident.examples.bank import AccountOpened, DepositMoney, MoneyDeposited, bank_account
 from incident.messages import ANY, Recorded
-from incident.stores import MemoryEventStore
+from incident.stores import MemoryEventStore, MemoryProjectionStore
 from incident.testing import ScenarioFailed, aggregate_machine, commands, diff_events
 from incident.testing import given as given_events
-from incident.testing.contract import EventStoreContract
+from incident.testing.contract import EventStoreContract, ProjectionStoreContract
 from incident.testing.contract.event_store import Everything
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -302,3 +302,35 @@ def test_then_fails_when_the_decided_event_is_one_no_store_keeps() -> None:
     with pytest.raises(ScenarioFailed, match="no store would keep") as caught:
         outcome.then(Halved(n=1.0))  # type: ignore[arg-type]
     assert "Expected `int`, got `float`" in str(caught.value)
+
+
+class LooseProjections(MemoryProjectionStore):
+    """A projection store that reads ints back as floats and bools as ints."""
+
+    def get(self, projection_type: type[Any], key: str) -> Any:
+        return _loosened(super().get(projection_type, key))
+
+    def all(self, projection_type: type[Any]) -> list[Any]:
+        return [_loosened(row) for row in super().all(projection_type)]
+
+
+def _loosened(row: Any) -> Any:
+    if row is None:
+        return None
+    changes = {
+        name: float(value) if type(value) is int else int(value)
+        for name in row.__struct_fields__
+        if type(value := getattr(row, name)) in (int, bool) and name != "version"
+    }
+    return replace(row, **changes)
+
+
+@pytest.mark.parametrize(
+    "test",
+    ["test_projection_upsert_get_all", "test_a_value_not_of_its_declared_type_is_refused"],
+)
+def test_the_projection_contract_fails_on_columns_read_back_of_another_type(test: str) -> None:
+    """balance 10.0 for 10, ok 1 for True: equal with ==, and not what was projected."""
+    with pytest.raises(AssertionError):
+        getattr(ProjectionStoreContract(), test)(LooseProjections())
+    getattr(ProjectionStoreContract(), test)(MemoryProjectionStore())  # unbroken, it passes
