@@ -394,3 +394,42 @@ def test_a_pulled_iterator_without_aclose_closes_quietly() -> None:
         assert next(pulled) == 2
         pulled.close()
         assert list(pulled) == [1, 0]
+
+
+class Note(incident.Command):
+    aggregate_id: str  # no constraint: "" and 300 characters pass validate_command
+    text: str = ""
+
+
+class Noted(incident.Event):
+    text: str
+
+
+notes = incident.Aggregate("notes", initial=0)
+
+
+@notes.execute
+def note(count: int, command: Note) -> Noted:
+    return Noted(text=command.text)
+
+
+@notes.apply
+def noted(count: int, event: Noted) -> int:
+    return count + 1
+
+
+def test_generated_commands_have_ids_a_store_keeps() -> None:
+    """commands() feeds a dispatch: an id no store keeps ("" or past 255 characters)
+    would fail it with Unstorable although the command passed validate_command."""
+    handler = incident.CommandHandler(incident.open_event_store("memory://"), aggregates=[notes])
+
+    @FAST
+    @given(commands(notes))
+    def check(command: Note) -> None:
+        assert 0 < len(command.aggregate_id) <= 255
+        handler.dispatch(command)
+
+    try:
+        check()
+    finally:
+        handler.event_store.close()

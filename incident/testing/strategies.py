@@ -19,6 +19,7 @@ from ..aggregate import Aggregate
 from ..codec import validate_command
 from ..errors import InvalidCommand
 from ..messages import Command, Event
+from ..storable import keepable_id
 
 __all__ = ["HAVE_HYPOTHESIS", "commands", "events", "invalid_commands", "require_hypothesis"]
 # Specs need nothing more; strategies and the machine need hypothesis (incident[testing]).
@@ -44,7 +45,8 @@ Fields = Mapping[str, Any]  # field name -> a strategy, or a plain value to alwa
 
 
 def commands(*sources: Aggregate[Any] | type[Command], **fields: Any) -> SearchStrategy[Any]:
-    """Commands that pass :func:`incident.validate_command`, derived from their types.
+    """Commands that pass :func:`incident.validate_command`, derived from their types,
+    with an ``aggregate_id`` every store keeps (so a dispatch does not refuse it).
 
     ``sources`` are aggregates (all the commands they execute) or command types. Each
     keyword names a field and gives a strategy (or a plain value) to use for it in every
@@ -148,7 +150,14 @@ def _struct(struct_type: type[Any], fields: Fields) -> SearchStrategy[Any]:
         f.name: _strategy(fields[f.name]) if f.name in fields else _valid(f.type)
         for f in info.fields
     }
+    if issubclass(struct_type, Command) and "aggregate_id" in drawn.keys() - fields.keys():
+        # validate_command takes "" or 300 characters for a bare str; no store keeps them
+        drawn["aggregate_id"] = drawn["aggregate_id"].filter(_keepable)
     return st.builds(struct_type, **drawn)
+
+
+def _keepable(value: object) -> bool:
+    return isinstance(value, str) and keepable_id(value)
 
 
 def _valid(info: mi.Type) -> SearchStrategy[Any]:
