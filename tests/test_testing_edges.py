@@ -433,3 +433,11 @@ def test_generated_commands_have_ids_a_store_keeps() -> None:
         check()
     finally:
         handler.event_store.close()
+
+
+def test_given_commands_fail_on_an_event_no_store_keeps() -> None:
+    """A history built by commands is what the store would hold: one that decides an
+    event the append would refuse fails the spec's setup."""
+    with pytest.raises(ScenarioFailed, match="a given command decided an event no store keeps"):
+        given_events(halver).given_commands(Halve(aggregate_id="h", n=2))
+    assert opened.given_commands(deposit).state.balance == 10  # a kept one is history

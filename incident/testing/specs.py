@@ -72,6 +72,8 @@ class Scenario(Generic[S]):
                 raise outcome.failure(
                     f"a given command was refused: {_describe_error(outcome.error)}"
                 )
+            if (unkept := _unkept(outcome.events)) is not None:
+                raise outcome.failure(f"a given command decided an event no store keeps ({unkept})")
             scenario = scenario.given(*outcome.events)
         return scenario
 
@@ -136,13 +138,8 @@ class Outcome(Generic[S]):
                 expected=expected,
                 diff=True,
             )
-        for event in self.events:
-            try:
-                event_json(event)
-            except Unstorable as error:
-                raise self.failure(
-                    f"it decided an event no store would keep ({error})", expected=expected
-                ) from None
+        if (unkept := _unkept(self.events)) is not None:
+            raise self.failure(f"it decided an event no store would keep ({unkept})")
         return self.scenario.aggregate.fold(self.events, self.scenario.state)
 
     def then_rejected(self, reason: str | None = None) -> Rejected:
@@ -234,6 +231,16 @@ def _field_changes(old: Event, new: Event) -> list[str]:
         if not _exactly(before, after):
             changes.append(f"{name}: expected {before!r}, got {after!r}")
     return changes
+
+
+def _unkept(events: Sequence[Event]) -> Unstorable | None:
+    """Why the first of ``events`` that no store keeps would be refused at the append."""
+    for event in events:
+        try:
+            event_json(event)
+        except Unstorable as error:
+            return error
+    return None
 
 
 def _same_events(expected: Sequence[Event], actual: Sequence[Event]) -> bool:
