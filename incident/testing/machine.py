@@ -13,8 +13,9 @@ import msgspec
 
 from ..aggregate import Aggregate
 from ..codec import validate_command
-from ..errors import InvalidCommand, Rejected
+from ..errors import InvalidCommand, Rejected, Unstorable
 from ..messages import Command, Event
+from ..stores._common import event_json
 from .strategies import HAVE_HYPOTHESIS, require_hypothesis
 from .strategies import commands as derive_commands  # its parameter "commands" hides the name
 
@@ -53,7 +54,9 @@ def aggregate_machine(
       and that no execute or apply function changed the state it was given in place
       (states must compare by value, as msgspec Structs and dataclasses do);
     - that deciding the same command on the same state again gives the same events
-      (an execute function that reads the clock or draws randomness fails this).
+      (an execute function that reads the clock or draws randomness fails this);
+    - that every decided event is one a store keeps (docs/storable.md: a float in an
+      ``int`` field, ``nan``, a NUL... would be refused as ``Unstorable`` at the append).
 
     ``commands`` defaults to :func:`commands` of the aggregate aimed at ``streams``;
     a command type whose ``aggregate_id`` refuses every stream is a ValueError here.
@@ -97,7 +100,11 @@ def aggregate_machine(
 
         @rule(command=chosen)
         def dispatch(self, command: Command) -> None:
+            self.decide(command)
+            # counted once handled: a step that failed a check is not "nothing checked"
             tally["commands"] += 1
+
+        def decide(self, command: Command) -> None:
             try:
                 validate_command(command)
             except InvalidCommand as error:
@@ -120,6 +127,7 @@ def aggregate_machine(
                 f"first  {decided!r}\nsecond {again!r}"
             )
             for event in decided:
+                _storable(aggregate.name, command, event)
                 before = copy.deepcopy(state)
                 evolved = aggregate.evolve(state, event)
                 _unchanged(state, before, f"applying {type(event).__name__}")
@@ -188,6 +196,15 @@ def _check_streams(aggregate: Aggregate[Any], streams: Sequence[str]) -> None:
             f"valid for its streams {tuple(streams)!r} (its aggregate_id refuses each of "
             "them); pass streams= matching your ids"
         )
+
+
+def _storable(name: str, command: Command, event: Event) -> None:
+    try:
+        event_json(event)
+    except Unstorable as error:
+        raise AssertionError(
+            f"{name} decided an event no store would keep, for {command!r}: {error}"
+        ) from None
 
 
 def _unchanged(state: Any, before: Any, doing: str) -> None:

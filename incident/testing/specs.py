@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from ..aggregate import Aggregate
 from ..codec import validate_command
-from ..errors import InvalidCommand, Rejected
+from ..errors import InvalidCommand, Rejected, Unstorable
 from ..messages import Command, Event
+from ..stores._common import event_json
 
 __all__ = ["Outcome", "Scenario", "ScenarioFailed", "diff_events", "given"]
 
@@ -69,6 +72,8 @@ class Scenario(Generic[S]):
                 raise outcome.failure(
                     f"a given command was refused: {_describe_error(outcome.error)}"
                 )
+            if (unkept := _unkept(outcome.events)) is not None:
+                raise outcome.failure(f"a given command decided an event no store keeps ({unkept})")
             scenario = scenario.given(*outcome.events)
         return scenario
 
@@ -116,7 +121,10 @@ class Outcome(Generic[S]):
         self.error = error
 
     def then(self, *expected: Event) -> S:
-        """Assert that exactly ``expected`` were decided (none: nothing was decided).
+        """Assert that exactly ``expected`` were decided (none: nothing was decided):
+        each of the same type, equal, and written alike (``10`` is not ``10.0``, ``True``
+        not ``1``, an offset not another one for the same instant, as on a store), and
+        each one a store keeps (``Unstorable`` at the append fails the spec too).
 
         Returns the state after them, for further assertions."""
         if self.error is not None:
@@ -124,12 +132,14 @@ class Outcome(Generic[S]):
                 f"expected {_count(expected)}, but {_describe_error(self.error)}",
                 expected=expected,
             )
-        if list(self.events) != list(expected):
+        if not _same_events(expected, self.events):
             raise self.failure(
                 "the decided events differ from the expected ones",
                 expected=expected,
                 diff=True,
             )
+        if (unkept := _unkept(self.events)) is not None:
+            raise self.failure(f"it decided an event no store would keep ({unkept})")
         return self.scenario.aggregate.fold(self.events, self.scenario.state)
 
     def then_rejected(self, reason: str | None = None) -> Rejected:
@@ -218,9 +228,36 @@ def _field_changes(old: Event, new: Event) -> list[str]:
     changes = []
     for name in old.__struct_fields__:
         before, after = getattr(old, name), getattr(new, name)
-        if before != after:
+        if not _exactly(before, after):
             changes.append(f"{name}: expected {before!r}, got {after!r}")
     return changes
+
+
+def _unkept(events: Sequence[Event]) -> Unstorable | None:
+    """Why the first of ``events`` that no store keeps would be refused at the append."""
+    for event in events:
+        try:
+            event_json(event)
+        except Unstorable as error:
+            return error
+    return None
+
+
+def _same_events(expected: Sequence[Event], actual: Sequence[Event]) -> bool:
+    return len(expected) == len(actual) and all(map(_exactly, expected, actual))
+
+
+def _exactly(left: Any, right: Any) -> bool:
+    """Equal, of one type, and the same JSON: ``==`` alone takes ``10.0`` for ``10``,
+    ``True`` for ``1``, ``-0.0`` for ``0.0``, ``Decimal("1.00")`` for ``Decimal("1.0")``
+    and one instant at two offsets for the same value, and a store keeps them apart."""
+    if type(left) is not type(right) or left != right:
+        return False
+    try:
+        written = [msgspec.json.encode(v, order="deterministic") for v in (left, right)]
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return True  # not JSON at all: == is all there is to go by
+    return written[0] == written[1]
 
 
 def _count(events: Sequence[Event]) -> str:

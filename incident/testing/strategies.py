@@ -4,6 +4,7 @@ commands that fail it, and events."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.util
 import math
 import re
@@ -18,6 +19,7 @@ from ..aggregate import Aggregate
 from ..codec import validate_command
 from ..errors import InvalidCommand
 from ..messages import Command, Event
+from ..storable import keepable_id
 
 __all__ = ["HAVE_HYPOTHESIS", "commands", "events", "invalid_commands", "require_hypothesis"]
 # Specs need nothing more; strategies and the machine need hypothesis (incident[testing]).
@@ -43,7 +45,8 @@ Fields = Mapping[str, Any]  # field name -> a strategy, or a plain value to alwa
 
 
 def commands(*sources: Aggregate[Any] | type[Command], **fields: Any) -> SearchStrategy[Any]:
-    """Commands that pass :func:`incident.validate_command`, derived from their types.
+    """Commands that pass :func:`incident.validate_command`, derived from their types,
+    with an ``aggregate_id`` every store keeps (so a dispatch does not refuse it).
 
     ``sources`` are aggregates (all the commands they execute) or command types. Each
     keyword names a field and gives a strategy (or a plain value) to use for it in every
@@ -147,7 +150,14 @@ def _struct(struct_type: type[Any], fields: Fields) -> SearchStrategy[Any]:
         f.name: _strategy(fields[f.name]) if f.name in fields else _valid(f.type)
         for f in info.fields
     }
+    if issubclass(struct_type, Command) and "aggregate_id" in drawn.keys() - fields.keys():
+        # validate_command takes "" or 300 characters for a bare str; no store keeps them
+        drawn["aggregate_id"] = drawn["aggregate_id"].filter(_keepable)
     return st.builds(struct_type, **drawn)
+
+
+def _keepable(value: object) -> bool:
+    return isinstance(value, str) and keepable_id(value)
 
 
 def _valid(info: mi.Type) -> SearchStrategy[Any]:
@@ -201,12 +211,18 @@ def _valid(info: mi.Type) -> SearchStrategy[Any]:
         case mi.UnionType():
             return st.one_of(*(_valid(member) for member in info.types))
         case mi.StructType():
-            cls = info.cls
-            return st.deferred(lambda: _struct(cls, {}))  # deferred: structs may nest
+            return _nested(info.cls)
         case _:
             raise TypeError(
                 f"Cannot derive a strategy for {info!r}; pass one for this field by name"
             )
+
+
+@functools.cache
+def _nested(cls: type[Any]) -> SearchStrategy[Any]:
+    # deferred, and one strategy a type: a struct that nests itself then refers to the
+    # strategy being built rather than deriving a new one without end
+    return st.deferred(lambda: _struct(cls, {}))
 
 
 def _integers(info: mi.IntType) -> SearchStrategy[int]:
@@ -253,8 +269,13 @@ def _floats(info: mi.FloatType) -> SearchStrategy[float]:
 
 
 def _text(**sizes: Any) -> SearchStrategy[str]:
-    # no NUL: no store keeps one (docs/storable.md), so validate_command refuses it
-    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), **sizes)
+    return st.text(_characters(), **sizes)
+
+
+def _characters() -> SearchStrategy[str]:
+    # no NUL nor lone surrogate: no store keeps one (docs/storable.md), so
+    # validate_command refuses them
+    return st.characters(codec="utf-8", exclude_characters="\x00")
 
 
 def _strings(info: mi.StrType) -> SearchStrategy[str]:
@@ -262,7 +283,7 @@ def _strings(info: mi.StrType) -> SearchStrategy[str]:
     if info.pattern is None:
         return _text(min_size=low, max_size=high)
     # msgspec matches patterns with re.search, which is what from_regex generates for
-    return st.from_regex(info.pattern).filter(
+    return st.from_regex(info.pattern, alphabet=_characters()).filter(
         lambda s: len(s) >= low and (high is None or len(s) <= high)
     )
 
