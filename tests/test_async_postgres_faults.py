@@ -251,10 +251,19 @@ def test_a_batch_lost_and_not_looked_up_in_time_tells_each_caller_commit_unknown
             with no_lookup(store):
                 a, stale, b = await outcomes_of(store, requests)
             assert isinstance(stale, incident.ConcurrencyError) and stale.actual == 2
-            for outcome, stream in ((a, "a"), (b, "b")):
-                assert isinstance(outcome, incident.CommitUnknown), outcome
+            unknown = [
+                (o, s) for o, s in ((a, "a"), (b, "b")) if isinstance(o, incident.CommitUnknown)
+            ]
+            assert unknown and unknown[0][1] == "a", (a, b)  # a's rows always went out
+            for outcome, stream in unknown:
                 assert outcome.aggregate_id == stream and len(outcome.event_ids) == 2
-            assert not set(a.event_ids) & set(b.event_ids)  # type: ignore[union-attr]
+            if len(unknown) == 2:
+                assert not set(a.event_ids) & set(b.event_ids)  # type: ignore[union-attr]
+            else:
+                # the session died before b's rows were all sent (a busy machine): no
+                # COMMIT went, so b is sent again on the workers, where the held pool
+                # refuses it before anything is sent: a StoreError, truthfully
+                assert type(b) is incident.StoreError and "busy" in str(b), b
             assert streams(await log(store)) == PRELUDE
             retried = await outcomes_of(store, [requests[0], requests[2]])
             rows = await log(store)
