@@ -28,16 +28,19 @@ NOWHERE = "postgresql://nobody@127.0.0.1:1/none"
     [
         ("sqlite:///tmp/a\x00b.db", incident.IncidentError, "cannot hold a NUL"),
         ("sqlite://[::1/x.db", incident.IncidentError, "Not an SQLite URL"),
-        ("postgresql://[::1/test", incident.StoreError, "Not a usable Postgres URL"),
-        (f"{NOWHERE}?nosuch=1", incident.StoreError, "Not a usable Postgres URL"),
+        ("postgresql://[::1/test", incident.InvalidArgument, "Not a usable Postgres URL"),
+        (f"{NOWHERE}?nosuch=1", incident.InvalidArgument, "Not a usable Postgres URL"),
     ],
 )
 def test_a_malformed_url_is_a_typed_error(url: str, error: type[Exception], says: str) -> None:
     """A NUL in an SQLite path and an unclosed IPv6 bracket used to leak a bare
-    ValueError: they are the parser's own error for a bad URL of that backend."""
+    ValueError: they are the parser's own error for a bad URL of that backend. A URL
+    libpq cannot use is the caller's to fix (InvalidArgument), not a StoreError, which
+    says to try again once the database is back."""
     with pytest.raises(error, match=says) as refused:
         incident.open_event_store(url)
-    assert not isinstance(refused.value, ValueError)
+    assert isinstance(refused.value, incident.IncidentError)
+    assert not isinstance(refused.value, incident.StoreError)
     with pytest.raises(error, match=says):
         incident.open_async_event_store(url)
 

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ...codec import EventTypes
-from ...errors import IncidentError, InvalidArgument, StoreError
+from ...errors import IncidentError, InvalidArgument
 from ...options import check_count
 from .database import Database
 from .events import PostgresEventStore
@@ -30,7 +30,7 @@ def split_url(url: str) -> tuple[str, str | None]:
     try:
         parts = urlsplit(url)
     except ValueError as error:  # "Invalid IPv6 URL": libpq refuses it as well
-        raise StoreError(f"Not a usable Postgres URL: {error}") from None
+        raise InvalidArgument(f"Not a usable Postgres URL: {error}") from None
     query = parse_qsl(parts.query, keep_blank_values=True)
     named = list(dict.fromkeys(value for key, value in query if key == "schema"))
     if len(named) > 1:  # which one was meant is anybody's guess
@@ -90,7 +90,7 @@ def open_postgres(
     try:
         conninfo_to_dict(conninfo)
     except psycopg.Error as error:
-        raise StoreError(f"Not a usable Postgres URL: {first_line(error)}") from error
+        raise InvalidArgument(f"Not a usable Postgres URL: {first_line(error)}") from error
     db = Database(
         conninfo, schema=schema, pool_size=pool_size, create_tables=create_tables, timeout=timeout
     )
