@@ -18,7 +18,13 @@ from conftest import on_backends
 import incident
 from incident.examples.bank import MoneyDeposited
 from incident.ids import new_uuid
-from incident.stores import AppendRequest, Effects, ReplaceableProjectionStore, checkpoint_store_for
+from incident.stores import (
+    AppendRequest,
+    Effects,
+    Parked,
+    ReplaceableProjectionStore,
+    checkpoint_store_for,
+)
 from incident.stores.memory import MemoryProjectionStore
 from incident.testing.asynchronous import EventLoopThread
 from incident.testing.contract.checkpoint_store import parked_event
@@ -358,19 +364,22 @@ def test_a_checkpoint_writes_rows_through_a_wrapper_of_another_store_on_its_data
 @on_backends(["sqlite"])
 @pytest.mark.parametrize("opened", ["the same store", "another store"])
 def test_a_table_made_through_a_wrapper_in_a_save_that_rolls_back_is_made_again(
-    store_url: str, opened: str
+    store_url: str, opened: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wrapper's first row makes its table inside the checkpoint's transaction;
-    that transaction then fails (a dead letter the driver cannot bind) and rolls the
-    table back with everything else. The store that made it must not take it for made:
-    its next row makes it again, instead of failing on a missing table."""
+    that transaction then fails (writing its dead letter fails in the driver) and rolls
+    the table back with everything else. The store that made it must not take it for
+    made: its next row makes it again, instead of failing on a missing table."""
+    from incident.stores.sqlite import checkpoints as sqlite_checkpoints
+
+    monkeypatch.setattr(sqlite_checkpoints, "PARK", "INSERT INTO nowhere VALUES (?)")
     with closing(incident.open_event_store(store_url)) as store:
         other = store if opened == "the same store" else incident.open_event_store(store_url)
         with closing(other):
             checkpoints = checkpoint_store_for(store)
             wrapper = Wrapped(other.projections())
             row = Balance(aggregate_id="a", amount=1, version=1)
-            unbindable = msgspec.structs.replace(parked_event("balances", 1), attempts=object())
+            unbindable = parked_event("balances", 1)
             with pytest.raises(incident.StoreError):
                 checkpoints.save(
                     "balances",
@@ -380,6 +389,7 @@ def test_a_table_made_through_a_wrapper_in_a_save_that_rolls_back_is_made_again(
                     projection_store=wrapper,  # type: ignore[arg-type]
                     parked=[unbindable],
                 )
+            monkeypatch.undo()
             assert checkpoints.load("balances") == 0 and checkpoints.parked() == []
             other.projections().project(row)
             assert other.projections().all(Balance) == [row]
@@ -411,3 +421,58 @@ def test_an_async_commit_refuses_its_effects_and_writes_nothing(
             assert store.version("acc") == 0 and store.owed() == []
         finally:
             store.close()
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+def parked(**changes: Any) -> Parked:
+    fields: dict[str, Any] = {
+        "handler": "mailer",
+        "position": 1,
+        "event_id": new_uuid(),
+        "aggregate_id": "acc",
+        "event_type": "MoneyDeposited",
+        "error": "RuntimeError: boom",
+        "attempts": 1,
+        "parked_at": dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC),
+    }
+    return Parked(**(fields | changes))
+
+
+KEPT_IN_A_DEAD_LETTER = {
+    "event id not a uuid",
+    "event id a uuid spelled otherwise",
+    "aggregate id empty",
+    "aggregate id too long",
+    "event type empty",
+}
+MALFORMED_PARKED = {
+    name: {("parked_at" if key == "owed_at" else key): value for key, value in changes.items()}
+    for name, changes in MALFORMED.items()
+    # a damaged row's dead letter knows neither its event's id nor always its stream
+    if "error" not in changes and name not in KEPT_IN_A_DEAD_LETTER
+} | {
+    "error None": {"error": None},
+    "error with a NUL": {"error": "Runtime\x00Error"},
+    "error with a lone surrogate": {"error": "bad \udcff"},
+}
+
+
+@pytest.mark.parametrize("changes", MALFORMED_PARKED.values(), ids=MALFORMED_PARKED.keys())
+def test_park_and_save_refuse_a_dead_letter_no_store_could_keep(
+    event_store: incident.EventStore, changes: dict[str, Any]
+) -> None:
+    """InvalidArgument on every store, before anything is written (Postgres failed with
+    a driver StoreError, SQLite with a bare UnicodeEncodeError, memory kept it): the
+    dead letter already kept is left as it was, and a save carrying one moves nothing."""
+    checkpoints = checkpoint_store_for(event_store)
+    first = parked()
+    checkpoints.park(first)
+    bad = msgspec.structs.replace(first, **changes)
+    with pytest.raises(incident.InvalidArgument):
+        checkpoints.park(bad)
+    with pytest.raises(incident.InvalidArgument):
+        checkpoints.save("mailer", 5, expected=0, parked=[bad])
+    assert checkpoints.parked() == [first]
+    assert checkpoints.load("mailer") == 0

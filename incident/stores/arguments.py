@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from .. import storable
 from ..errors import ConcurrencyError, InvalidArgument, Unstorable
 from ..messages import ANY, Event
-from .protocols import AppendRequest, Owed
+from .protocols import AppendRequest, Owed, Parked
 from .unnumbered import Unnumbered
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "check_key",
     "check_limit",
     "check_owed",
+    "check_parked",
     "checked_events",
     "checked_request",
     "check_version_argument",
@@ -197,36 +198,62 @@ def check_owed(owed: object) -> None:
     lower-case, with hyphens), ``position`` an int from 1 to 2**63 - 1 (or, inside an
     append, a position the database has not given yet), ``handler`` and ``event_type``
     non-empty strs without NUL or lone surrogates, ``aggregate_id`` an id every store
-    keeps (:func:`incident.storable.keepable_id`), ``error`` None or a str,
+    keeps (:func:`incident.storable.keepable_id`), ``error`` None or such a str,
     ``attempts`` an int from 0 to 2**31 - 1 and ``owed_at`` an aware datetime."""
     if not isinstance(owed, Owed):
         raise InvalidArgument(f"owed work must be an incident.Owed, got {storable.shown(owed)}")
-    problem = _owed_problem(owed)
+    problem = _record_problem(owed, owed.owed_at, "owed_at", dead_letter=False)
     if problem is not None:
         raise InvalidArgument(f"owed work {problem}; nothing was written")
 
 
-def _owed_problem(owed: Owed) -> str | None:
+def check_parked(parked: object) -> None:
+    """InvalidArgument unless every store keeps this dead letter as given: a ``Parked``
+    whose fields follow :func:`check_owed`'s rules, except that its ``event_id``,
+    ``aggregate_id`` and ``event_type`` may be any str every store keeps, empty too (a
+    damaged row's are not known), its ``error`` is a str (incident's are
+    :func:`incident.storable.error_text`) and ``parked_at`` an aware datetime."""
+    if not isinstance(parked, Parked):
+        raise InvalidArgument(f"a dead letter must be a Parked, got {storable.shown(parked)}")
+    problem = _record_problem(parked, parked.parked_at, "parked_at", dead_letter=True)
+    if problem is not None:
+        raise InvalidArgument(f"a dead letter {problem}; nothing was written")
+
+
+def _record_problem(
+    record: Owed | Parked, when: object, when_name: str, *, dead_letter: bool
+) -> str | None:
+    """What an owed-work or dead-letter record breaks of the rules above, or None."""
     shown = storable.shown
-    event_id, position, attempts = owed.event_id, owed.position, owed.attempts
-    if not isinstance(event_id, str) or not _canonical_uuid(event_id):
+    event_id, position, attempts = record.event_id, record.position, record.attempts
+    if dead_letter:
+        for name in ("event_id", "aggregate_id", "event_type"):
+            value = getattr(record, name)
+            if not isinstance(value, str) or storable.problem_in(value) is not None:
+                return f"needs an {name} that is a str every store keeps, got {shown(value)}"
+    elif not isinstance(event_id, str) or not _canonical_uuid(event_id):
         return f"needs an event_id that is a UUID in lower case, got {shown(event_id)}"
     if not isinstance(position, Unnumbered) and not _count(position, 1, storable.INT64_MAX):
         return f"needs a position that is an int from 1 to 2**63 - 1, got {shown(position)}"
-    for name in ("handler", "event_type"):
-        value = getattr(owed, name)
+    for name in ("handler",) if dead_letter else ("handler", "event_type"):
+        value = getattr(record, name)
         if not isinstance(value, str) or not value or storable.problem_in(value) is not None:
             return f"needs a {name} that is a non-empty str every store keeps, got {shown(value)}"
-    aggregate_id = owed.aggregate_id
-    if not isinstance(aggregate_id, str) or not storable.keepable_id(aggregate_id):
+    aggregate_id = record.aggregate_id
+    if not dead_letter and (
+        not isinstance(aggregate_id, str) or not storable.keepable_id(aggregate_id)
+    ):
         return f"needs an aggregate_id every store keeps, got {shown(aggregate_id)}"
-    if owed.error is not None and not isinstance(owed.error, str):
-        return f"needs an error that is None or a str, got {shown(owed.error)}"
+    error = record.error
+    if not (error is None and not dead_letter) and (
+        not isinstance(error, str) or storable.problem_in(error) is not None
+    ):
+        none = "" if dead_letter else "None or "
+        return f"needs an error that is {none}a str every store keeps, got {shown(error)}"
     if not _count(attempts, 0, INT32_MAX):
         return f"needs attempts that is an int from 0 to 2**31 - 1, got {shown(attempts)}"
-    when = owed.owed_at
     if not isinstance(when, dt.datetime) or when.utcoffset() is None:
-        return f"needs an owed_at that is an aware datetime, got {shown(when)}"
+        return f"needs a {when_name} that is an aware datetime, got {shown(when)}"
     return None
 
 

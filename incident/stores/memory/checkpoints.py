@@ -9,7 +9,7 @@ from typing import TypeVar
 from ...errors import CheckpointConflict
 from ...messages import Projection
 from .._common import write_elsewhere
-from ..arguments import check_checkpoint
+from ..arguments import check_checkpoint, check_parked
 from ..protocols import (
     Parked,
     ProjectionStore,
@@ -85,6 +85,8 @@ class MemoryCheckpointStore:
         parked: Sequence[Parked] = (),
     ) -> None:
         check_checkpoint(handler, position=position, expected=expected)
+        for entry in parked:
+            check_parked(entry)
         self.opened.check()
         with self._lock:
             actual = self._positions.get(handler, 0)
@@ -132,6 +134,7 @@ class MemoryCheckpointStore:
             return dict(self._positions)
 
     def park(self, parked: Parked) -> None:
+        check_parked(parked)
         self.opened.check()
         with self._lock:
             self._parked[parked.handler, parked.position] = parked

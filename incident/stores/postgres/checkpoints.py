@@ -21,7 +21,7 @@ from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import PARKED_COLUMNS, parked_from_row, parked_row, poll, write_elsewhere
-from ..arguments import check_checkpoint
+from ..arguments import check_checkpoint, check_parked
 from ..protocols import Parked, ProjectionStore
 from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
@@ -111,6 +111,8 @@ class PostgresCheckpointStore:
         parked: Sequence[Parked] = (),
     ) -> None:
         check_checkpoint(handler, position=position, expected=expected)
+        for entry in parked:
+            check_parked(entry)
         self._ensure()
         shared = isinstance(projection_store, PostgresProjectionStore) and (
             self.shares_database_with(projection_store)
@@ -179,6 +181,7 @@ class PostgresCheckpointStore:
         return {handler: int(position) for handler, position in rows}
 
     def park(self, parked: Parked) -> None:
+        check_parked(parked)
         self._ensure()
         with self._db.connection(f"parking #{parked.position} of {parked.handler}") as conn:
             conn.execute(self._park, parked_row(parked))

@@ -26,7 +26,7 @@ from ..._forks import renew_in_forked_children
 from ...errors import CheckpointConflict, StoreError
 from ...messages import Projection
 from .._common import parked_from_row, parked_row, poll, write_elsewhere
-from ..arguments import check_checkpoint
+from ..arguments import check_checkpoint, check_parked
 from ..protocols import Parked, ProjectionStore
 from ..replacing import Tables, checked_tables, replace_elsewhere
 from .database import Database
@@ -100,6 +100,8 @@ class SQLiteCheckpointStore:
         parked: Sequence[Parked] = (),
     ) -> None:
         check_checkpoint(handler, position=position, expected=expected)
+        for entry in parked:
+            check_parked(entry)
         self._ensure()
         shared = projection_store is not None and self.shares_database_with(projection_store)
         with self._db.errors(), self._db.transaction() as conn:
@@ -149,6 +151,7 @@ class SQLiteCheckpointStore:
         return {handler: int(position) for handler, position in rows}
 
     def park(self, parked: Parked) -> None:
+        check_parked(parked)
         self._ensure()
         with self._db.errors(), self._db.transaction() as conn:
             conn.execute(PARK, parked_row(parked, dt.datetime.isoformat))
