@@ -16,8 +16,7 @@ from ..event_handler import EventHandler
 from ..messages import Projection, Recorded
 from ..stores import EventStore
 from ..stores._common import closing_iterator
-from ..stores.read_model_rows import newer_or_equal, projection_json
-from ..stores.tables import TableSpec, table_spec
+from ..stores.read_model_rows import check_projections, newer_or_equal
 
 __all__ = [
     "Pending",
@@ -132,17 +131,11 @@ class RowRules:
     so the row fails its event instead of the batch every time it is read again."""
 
     def __init__(self) -> None:
-        self._specs: dict[type[Projection], TableSpec] = {}
         self.each = True
 
     def check(self, projections: list[Projection]) -> None:
-        if not self.each:
-            return
-        for projection in projections:
-            spec = self._specs.get(type(projection))
-            if spec is None:  # the workers of a wave may both work it out: the same spec
-                spec = self._specs[type(projection)] = table_spec(type(projection))
-            projection_json(projection, spec)
+        if self.each:
+            check_projections(projections)  # as an append checks its own
 
     @contextmanager
     def at_commit(self) -> Iterator[None]:
