@@ -109,6 +109,25 @@ def log(store: incident.EventStore) -> list[tuple[int, str, int, str]]:
     return [(r.position, r.aggregate_id, r.version, r.event_type) for r in store.read_all()]
 
 
+def append_projecting(
+    store: incident.EventStore,
+    event: incident.Event,
+    expected_version: int,
+    row: Any,
+    projections: incident.ProjectionStore | None = None,
+) -> None:
+    """One event appended to account A with ``row`` as its read model, in one commit."""
+    store.append_and_project(
+        "A",
+        [event],
+        expected_version=expected_version,
+        aggregate="bank_account",
+        metadata=None,
+        projection_store=store.projections() if projections is None else projections,
+        project=lambda recorded: [row],
+    )
+
+
 # -- README.md ----------------------------------------------------------------------------
 
 
@@ -153,15 +172,7 @@ def test_a_commit_whose_read_model_is_unstorable_writes_no_event(store_url: str)
         before = log(store)
         huge = account_row("A", version=2, balance=2**70)
         with pytest.raises(incident.Unstorable):
-            store.append_and_project(
-                "A",
-                [bank.MoneyDeposited(amount=5)],
-                expected_version=1,
-                aggregate="bank_account",
-                metadata=None,
-                projection_store=store.projections(),
-                project=lambda recorded: [huge],
-            )
+            append_projecting(store, bank.MoneyDeposited(amount=5), 1, huge)
         assert log(store) == before
         assert store.projections().all(bank.BankAccount) == []
         store.append("A", [bank.MoneyDeposited(amount=5)], expected_version=1)  # still usable
@@ -237,14 +248,12 @@ def test_a_field_no_store_could_keep_as_a_column_is_refused_before_any_write(
         with pytest.raises(incident.IncidentError):
             projections.get(misfit, "a")
         with pytest.raises(incident.IncidentError):
-            store.append_and_project(
-                "A",
-                [bank.AccountOpened(account_number="A")],
-                expected_version=0,
-                aggregate="bank_account",
-                metadata=None,
-                projection_store=projections,
-                project=lambda recorded: [misfit(aggregate_id="A")],
+            append_projecting(
+                store,
+                bank.AccountOpened(account_number="A"),
+                0,
+                misfit(aggregate_id="A"),
+                projections,
             )
         assert log(store) == []
 
@@ -269,14 +278,12 @@ def test_a_derived_table_name_past_63_characters_is_refused_before_any_write(
         with pytest.raises(incident.IncidentError, match="63"):
             projections.project(ledger(aggregate_id="a"))
         with pytest.raises(incident.IncidentError, match="63"):
-            store.append_and_project(
-                "A",
-                [bank.AccountOpened(account_number="A")],
-                expected_version=0,
-                aggregate="bank_account",
-                metadata=None,
-                projection_store=projections,
-                project=lambda recorded: [ledger(aggregate_id="A")],
+            append_projecting(
+                store,
+                bank.AccountOpened(account_number="A"),
+                0,
+                ledger(aggregate_id="A"),
+                projections,
             )
         assert log(store) == []
 
@@ -294,15 +301,7 @@ def test_an_append_projecting_a_bad_table_name_writes_no_event(store_url: str) -
         store.append("A", [bank.AccountOpened(account_number="A")], expected_version=0)
         before = log(store)
         with pytest.raises(incident.IncidentError, match="not a plain SQL identifier"):
-            store.append_and_project(
-                "A",
-                [bank.MoneyDeposited(amount=1)],
-                expected_version=1,
-                aggregate="bank_account",
-                metadata=None,
-                projection_store=store.projections(),
-                project=lambda recorded: [Shouty(aggregate_id="A")],
-            )
+            append_projecting(store, bank.MoneyDeposited(amount=1), 1, Shouty(aggregate_id="A"))
         assert log(store) == before
 
 
